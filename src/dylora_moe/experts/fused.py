@@ -1,0 +1,180 @@
+"""Fused mixture of LoRA experts: one backbone pass, every adapted layer adds the routed experts' deltas.
+
+The spec mixes experts at the output: one full forward per expert, then a weighted sum of logits. Here
+each adapted linear layer computes
+
+    y = W x + sum_e w_e * s_e * B_e A_e x
+
+for all routed experts at once, as forward hooks on peft's LoRA layers (whose own adapter path is switched
+off). Dense routing concatenates the experts' A and B along the rank axis, so the whole pool costs two
+matmuls of rank sum(r_e); sparse routing gathers only the selected experts per sample and runs batched
+matmuls, so samples of one batch may use different experts. Stacked weights are cached between forwards
+while they cannot change (no gradient flows into them) and rebuilt when the manager's version moves.
+
+Axis key: B batch, T tokens, I in-features, O out-features, S experts in the active set, R rank,
+K experts per sample (top-k), N flattened tokens.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from peft.tuners.lora import LoraLayer
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+
+from .manager import ExpertManager
+
+
+class MixturePlan(NamedTuple):
+    """The routing of one forward, in positions of the stacked active set.
+
+    ``weights`` is set for dense routing ([B, S] per sequence or [B, T, S] per token); ``indices`` and
+    ``topk_weights`` for sparse routing ([B, K] or [B, T, K], positions into ``active``).
+    """
+
+    active: tuple[str, ...]  # adapter names, in stack order
+    weights: Tensor | None = None
+    indices: Tensor | None = None
+    topk_weights: Tensor | None = None
+    cacheable: bool = True
+
+
+class ConcatStack(NamedTuple):
+    A: Tensor  # [sum R, I]
+    B: Tensor  # [O, sum R]
+    owner: Tensor  # [sum R] position in the active set of each rank row
+    scale: Tensor  # [sum R] LoRA scaling of the owning expert
+
+
+class PaddedStack(NamedTuple):
+    A: Tensor  # [S, R, I], rows past an expert's rank are zero
+    B: Tensor  # [S, O, R]
+    scale: Tensor  # [S]
+
+
+def stack_concat(layer: LoraLayer, names: list[str]) -> ConcatStack:
+    As, Bs, owner, scale = [], [], [], []
+    for pos, name in enumerate(names):
+        if name not in layer.lora_A:
+            continue
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight  # [R, I], [O, R]
+        As.append(a)
+        Bs.append(b)
+        owner += [pos] * a.shape[0]
+        scale += [layer.scaling[name]] * a.shape[0]
+    device, dtype = As[0].device, As[0].dtype
+    return ConcatStack(
+        torch.cat(As, 0),
+        torch.cat(Bs, 1),
+        torch.tensor(owner, device=device),
+        torch.tensor(scale, device=device, dtype=dtype),
+    )
+
+
+def stack_padded(layer: LoraLayer, names: list[str]) -> PaddedStack:
+    present = [n for n in names if n in layer.lora_A]
+    ref = layer.lora_A[present[0]].weight
+    rank = max(layer.lora_A[n].weight.shape[0] for n in present)
+    in_f, out_f = ref.shape[1], layer.lora_B[present[0]].weight.shape[0]
+    As, Bs, scale = [], [], []
+    for name in names:
+        if name not in layer.lora_A:
+            As.append(ref.new_zeros(rank, in_f))
+            Bs.append(ref.new_zeros(out_f, rank))
+            scale.append(0.0)
+            continue
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        pad = rank - a.shape[0]
+        As.append(torch.nn.functional.pad(a, (0, 0, 0, pad)))  # [R, I]
+        Bs.append(torch.nn.functional.pad(b, (0, pad)))  # [O, R]
+        scale.append(layer.scaling[name])
+    return PaddedStack(torch.stack(As), torch.stack(Bs), torch.tensor(scale, device=ref.device, dtype=ref.dtype))
+
+
+def dense_delta(x: Tensor, st: ConcatStack, weights: Tensor) -> Tensor:
+    """sum_e w_e s_e B_e A_e x for every expert; ``weights`` is [B, S] or [B, T, S]."""
+    h = x @ st.A.T  # [B, T, sum R]
+    coef = weights.index_select(-1, st.owner) * st.scale  # [B, sum R] or [B, T, sum R]
+    if coef.dim() == 2:
+        coef = coef.unsqueeze(1)  # [B, 1, sum R]
+    return (h * coef) @ st.B.T  # [B, T, O]
+
+
+def sparse_sequence_delta(x: Tensor, st: PaddedStack, indices: Tensor, weights: Tensor) -> Tensor:
+    """Each sample uses only its K selected experts; ``indices``/``weights`` are [B, K]."""
+    b, k = indices.shape
+    r = st.A.shape[1]
+    a = st.A[indices].reshape(b, k * r, -1)  # [B, K*R, I]
+    bw = st.B[indices].permute(0, 2, 1, 3).reshape(b, -1, k * r)  # [B, K, O, R] -> [B, O, K*R]
+    coef = (weights * st.scale[indices]).repeat_interleave(r, dim=1)  # [B, K*R]
+    h = torch.bmm(x, a.transpose(1, 2)) * coef.unsqueeze(1)  # [B, T, K*R]
+    return torch.bmm(h, bw.transpose(1, 2))  # [B, T, O]
+
+
+def sparse_token_delta(x: Tensor, st: PaddedStack, indices: Tensor, weights: Tensor) -> Tensor:
+    """Each token uses only its K selected experts; ``indices``/``weights`` are [B, T, K]."""
+    bsz, t, i = x.shape
+    flat = x.reshape(-1, i)  # [N, I]
+    idx = indices.reshape(flat.shape[0], -1)  # [N, K]
+    w = weights.reshape(flat.shape[0], -1)  # [N, K]
+    out = flat.new_zeros(flat.shape[0], st.B.shape[1])  # [N, O]
+    for pos in idx.unique().tolist():
+        tok, slot = (idx == pos).nonzero(as_tuple=True)
+        coef = (w[tok, slot] * st.scale[pos]).unsqueeze(1)  # [n, 1]
+        out = out.index_add(0, tok, ((flat[tok] @ st.A[pos].T) * coef) @ st.B[pos].T)
+    return out.reshape(bsz, t, -1)  # [B, T, O]
+
+
+class ExpertMixture:
+    """Adds the routed experts' deltas to every adapted layer while a plan is set."""
+
+    def __init__(self, manager: ExpertManager) -> None:
+        self.manager = manager
+        self.plan: MixturePlan | None = None
+        self._handles: dict[int, RemovableHandle] = {}
+        self._cache: dict[int, tuple[tuple, ConcatStack | PaddedStack]] = {}
+
+    def sync(self) -> None:
+        """Hook any LoRA layer that peft created since the last call."""
+        for layer in self.manager.layers():
+            if id(layer) not in self._handles:
+                self._handles[id(layer)] = layer.register_forward_hook(self._hook)
+        self._cache.clear()
+
+    def set_plan(self, plan: MixturePlan | None) -> None:
+        if plan is not None and not plan.cacheable:
+            # The experts may change after this forward (an optimizer step): stale stacks must not survive.
+            self.manager.touch()
+        self.plan = plan
+
+    def _stack(self, layer: LoraLayer, padded: bool) -> ConcatStack | PaddedStack:
+        plan = self.plan
+        names = list(plan.active)
+        if not plan.cacheable:
+            return stack_padded(layer, names) if padded else stack_concat(layer, names)
+        key = (plan.active, padded, self.manager.version)
+        hit = self._cache.get(id(layer))
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                stack = stack_padded(layer, names) if padded else stack_concat(layer, names)
+            hit = (key, stack)
+            self._cache[id(layer)] = hit
+        return hit[1]
+
+    def _hook(self, layer: LoraLayer, args: tuple, output: Tensor) -> Tensor | None:
+        plan = self.plan
+        if plan is None:
+            return None
+        first = next((name for name in plan.active if name in layer.lora_A), None)
+        if first is None:
+            return None
+        x = layer.lora_dropout[first](args[0].to(layer.lora_A[first].weight.dtype))
+        if plan.indices is None:
+            delta = dense_delta(x, self._stack(layer, padded=False), plan.weights)
+        elif plan.indices.dim() == 2:
+            delta = sparse_sequence_delta(x, self._stack(layer, padded=True), plan.indices, plan.topk_weights)
+        else:
+            delta = sparse_token_delta(x, self._stack(layer, padded=True), plan.indices, plan.topk_weights)
+        return output + delta.to(output.dtype)

@@ -1,0 +1,212 @@
+"""The expert pool: peft LoRA adapters on the frozen backbone, created, activated, offloaded and deleted.
+
+Every expert is an ordinary peft adapter named ``expert_<id>``; ids grow and are never reused. The
+manager owns the ``PeftModel`` wrapper (created with the first expert) but the adapted modules live in
+the backbone itself, so the rest of the system keeps calling the backbone directly.
+
+Offloading (spec 3.3, memory optimisation): when ``offload_device`` is set, the weights of experts that the
+current batch does not use are moved there and the module keeps an empty ``meta`` placeholder, so an
+accelerator holds only the experts in use. The same code runs on CPU (tests offload to ``cpu`` and see the
+placeholders), and ``onload`` restores the exact tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from transformers import PreTrainedModel
+
+from ..config import ExpertConfig
+from .targets import decoder_layers, detect_target_modules
+
+logger = logging.getLogger(__name__)
+
+
+def expert_name(expert_id: int) -> str:
+    return f"expert_{expert_id}"
+
+
+class ExpertManager:
+    """Creates and tracks the LoRA experts of one backbone.
+
+    Args:
+        backbone: the frozen causal LM; adapters are injected into it in place.
+        config: rank, alpha, dropout, target modules, offload device.
+        first_layer: experts adapt decoder layers ``>= first_layer`` only (0: all layers).
+    """
+
+    def __init__(self, backbone: PreTrainedModel, config: ExpertConfig, *, first_layer: int = 0) -> None:
+        self.backbone = backbone
+        self.config = config
+        self.first_layer = first_layer
+        self.target_modules = detect_target_modules(backbone, config.target_modules)
+        self.num_layers = len(decoder_layers(backbone))
+        if first_layer >= self.num_layers:
+            raise ValueError(f"route_layer={first_layer} leaves no layer to adapt ({self.num_layers} layers)")
+        self.peft_model: PeftModel | None = None
+        self.expert_ids: list[int] = []
+        self.ranks: dict[int, int] = {}
+        self.next_id = 0
+        self.current_expert_id: int | None = None
+        # Bumped whenever expert weights may have changed; caches of stacked weights key on it.
+        self.version = 0
+        self.trainable_ids: frozenset[int] = frozenset()
+        self._offloaded: dict[int, dict[str, torch.Tensor]] = {}
+        self._layers: list[LoraLayer] = []
+
+    # ------------------------------------------------------------------ pool
+    def lora_config(self, rank: int) -> LoraConfig:
+        layers = list(range(self.first_layer, self.num_layers)) if self.first_layer > 0 else None
+        return LoraConfig(
+            r=rank,
+            lora_alpha=self.config.alpha * rank / self.config.rank,
+            lora_dropout=self.config.dropout,
+            target_modules=list(self.target_modules),
+            layers_to_transform=layers,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+
+    def create_expert(self, rank: int | None = None) -> int:
+        """Add a new randomly initialised expert (B = 0, so it starts as the identity) and return its id."""
+        rank = rank or self.config.rank
+        expert_id = self.next_id
+        name = expert_name(expert_id)
+        config = self.lora_config(rank)
+        # peft freezes everything but adapters and activates the new one; keep our own trainability.
+        grads = {n: p.requires_grad for n, p in self.backbone.named_parameters()}
+        if self.peft_model is None:
+            self.peft_model = get_peft_model(self.backbone, config, adapter_name=name)
+        else:
+            self.peft_model.add_adapter(name, config)
+        for n, p in self.backbone.named_parameters():
+            p.requires_grad_(grads.get(n, False))
+        self.next_id += 1
+        self.expert_ids.append(expert_id)
+        self.ranks[expert_id] = rank
+        self._refresh()
+        if self.config.offload_device is not None:
+            self.offload([expert_id])
+        return expert_id
+
+    def delete_expert(self, expert_id: int) -> None:
+        self._check(expert_id)
+        self.onload([expert_id])
+        self.peft_model.delete_adapter(expert_name(expert_id))
+        self.expert_ids.remove(expert_id)
+        del self.ranks[expert_id]
+        self.trainable_ids = self.trainable_ids - {expert_id}
+        if self.current_expert_id == expert_id:
+            self.current_expert_id = None
+        self._refresh()
+
+    def set_active_expert(self, expert_id: int) -> None:
+        """Make one expert the only active peft adapter (single-expert forward), offloading the previous one."""
+        self._check(expert_id)
+        previous = self.current_expert_id
+        self.onload([expert_id])
+        self.peft_model.base_model.enable_adapter_layers()
+        self.peft_model.base_model.set_adapter(expert_name(expert_id))
+        self.current_expert_id = expert_id
+        if previous is not None and previous != expert_id and self.config.offload_device is not None:
+            self.offload([previous])
+        self.set_trainable([])
+
+    def disable_adapters(self) -> None:
+        """Switch off peft's own adapter path: the fused mixture adds the experts' deltas itself."""
+        if self.peft_model is not None:
+            self.peft_model.base_model.disable_adapter_layers()
+        self.current_expert_id = None
+
+    def set_trainable(self, expert_ids: Iterable[int]) -> None:
+        """Only the given experts' LoRA weights receive gradients; every other expert stays frozen."""
+        self.trainable_ids = frozenset(expert_ids)
+        wanted = {expert_name(e) for e in self.trainable_ids}
+        for layer in self._layers:
+            for name in self.names():
+                for p in (*layer.lora_A[name].parameters(), *layer.lora_B[name].parameters()):
+                    p.requires_grad_(name in wanted)
+        self.touch()
+
+    def parameters(self, expert_id: int) -> Iterator[nn.Parameter]:
+        name = expert_name(expert_id)
+        for layer in self._layers:
+            if name in layer.lora_A:
+                yield from layer.lora_A[name].parameters()
+                yield from layer.lora_B[name].parameters()
+
+    def num_parameters(self, expert_id: int) -> int:
+        self.onload([expert_id])
+        return sum(p.numel() for p in self.parameters(expert_id))
+
+    # ---------------------------------------------------------------- state
+    def names(self) -> list[str]:
+        return [expert_name(e) for e in self.expert_ids]
+
+    def layers(self) -> list[LoraLayer]:
+        return self._layers
+
+    def touch(self) -> None:
+        """Record that expert weights may have changed (after an optimizer step, a load, a move)."""
+        self.version += 1
+
+    def _refresh(self) -> None:
+        self._layers = [m for m in self.backbone.modules() if isinstance(m, LoraLayer)]
+        self.touch()
+
+    def _check(self, expert_id: int) -> None:
+        if expert_id not in self.ranks:
+            raise KeyError(f"no expert with id {expert_id}; experts are {self.expert_ids}")
+
+    # -------------------------------------------------------------- offload
+    def is_resident(self, expert_id: int) -> bool:
+        return expert_id not in self._offloaded
+
+    def _adapter_tensors(self, expert_id: int) -> Iterator[tuple[str, nn.Module, str]]:
+        """(key, owning module, attribute) of every weight of one expert."""
+        name = expert_name(expert_id)
+        for i, layer in enumerate(self._layers):
+            if name not in layer.lora_A:
+                continue
+            for part, modules in (("A", layer.lora_A), ("B", layer.lora_B)):
+                for attr, _ in modules[name].named_parameters(recurse=False):
+                    yield f"{i}.{part}.{attr}", modules[name], attr
+
+    def offload(self, expert_ids: Iterable[int]) -> None:
+        """Move the experts' weights to ``offload_device``; the modules keep ``meta`` placeholders."""
+        device = self.config.offload_device
+        if device is None:
+            return
+        for expert_id in expert_ids:
+            if expert_id in self._offloaded:
+                continue
+            store = {}
+            for key, module, attr in self._adapter_tensors(expert_id):
+                param = getattr(module, attr)
+                store[key] = param.data.to(device)
+                param.data = torch.empty_like(param.data, device="meta")
+            self._offloaded[expert_id] = store
+        self.touch()
+
+    def onload(self, expert_ids: Iterable[int]) -> None:
+        """Bring offloaded experts back to the device of the backbone weights they adapt."""
+        for expert_id in list(expert_ids):
+            store = self._offloaded.pop(expert_id, None)
+            if store is None:
+                continue
+            for key, module, attr in self._adapter_tensors(expert_id):
+                layer_device = self._layers[int(key.split(".", 1)[0])].get_base_layer().weight.device
+                getattr(module, attr).data = store[key].to(layer_device)
+            self.touch()
+
+    def ensure_resident(self, expert_ids: Iterable[int]) -> None:
+        """Onload exactly ``expert_ids`` and, when offloading is on, offload every other expert."""
+        wanted = set(expert_ids)
+        self.onload(wanted)
+        if self.config.offload_device is not None:
+            self.offload([e for e in self.expert_ids if e not in wanted and self.is_resident(e)])

@@ -1,0 +1,369 @@
+"""``DyLoRAMoE``: a frozen causal LM, a growing pool of LoRA experts, the hybrid router and the novelty detector.
+
+The forward pass runs the backbone once. The gate reads the input of decoder layer ``route_layer`` (experts
+adapt only the layers from there on, so that prefix does not depend on the routing); a forward pre-hook on
+that layer computes the routing mid-pass and hands it to the fused mixture, whose hooks add the routed
+experts' deltas in every adapted layer. With ``route_layer=None`` the gate reads the frozen backbone's final
+hidden states as in the spec, at the price of a second pass. ``mixing="reference"`` keeps the spec's
+output-level mixing (one pass per expert) as a check.
+
+During generation the routing of a sequence is decided on its prompt and pinned for every new token, so
+generation with the KV cache equals generation without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .backbone import load_backbone, untie_lm_head
+from .config import DyLoRAConfig
+from .events import EXPERT_CREATED, EXPERT_DELETED, SKILL_RECOGNISED, EventLog
+from .experts import ExpertManager, ExpertMixture, MixturePlan, decoder_layers, expert_rank
+from .novelty import NoveltyDetector, NoveltyResult, SkillLibrary
+from .routing import DynamicHybridRouter, RouterOutput
+
+
+@dataclass
+class DyLoRAOutput(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` plus how the batch was routed.
+
+    routing_weights: [B, E] or [B, T, E] mixing weights over experts (zeros for unselected experts).
+    router_logits: gate logits of the same shape, for auxiliary losses.
+    routing_strategy: ``dense`` or ``sparse``.
+    """
+
+    routing_weights: Tensor | None = None
+    router_logits: Tensor | None = None
+    routing_strategy: str | None = None
+
+
+class _RoutingComputed(Exception):
+    """Stops a forward pass once the routing hook has run (routing-only passes)."""
+
+
+@dataclass
+class _Scope:
+    attention_mask: Tensor | None
+    pin: bool = False
+    stop: bool = False
+    routing: RouterOutput | None = None
+
+
+class DyLoRAMoE(nn.Module):
+    """The whole system around one backbone.
+
+    Build it with ``DyLoRAMoE.from_config(DyLoRAConfig(...))`` (loads the backbone) or pass an already loaded
+    backbone and tokenizer (tests use tiny models built from a config).
+    """
+
+    def __init__(
+        self,
+        backbone: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        config: DyLoRAConfig | None = None,
+        *,
+        events: EventLog | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config or DyLoRAConfig()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.events = events or EventLog()
+        backbone.config.use_cache = True
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        if self.config.trainable_lm_head:
+            untie_lm_head(backbone)
+        route_layer = self.config.router.route_layer
+        layers = decoder_layers(backbone)
+        if route_layer is not None and route_layer >= len(layers):
+            raise ValueError(f"route_layer={route_layer} but the model has {len(layers)} decoder layers")
+        self.experts = ExpertManager(backbone, self.config.expert, first_layer=route_layer or 0)
+        self.mixture = ExpertMixture(self.experts)
+        weight = next(backbone.parameters())
+        self.router = DynamicHybridRouter(
+            backbone.config.hidden_size,
+            top_k=self.config.router.top_k,
+            temperature=self.config.router.temperature,
+            events=self.events,
+        ).to(weight.device)
+        self.library = SkillLibrary()
+        self.novelty = NoveltyDetector(self.library, self.config.novelty.similarity_threshold)
+        self._scope: _Scope | None = None
+        if route_layer is not None:
+            layers[route_layer].register_forward_pre_hook(self._route_hook, with_kwargs=True)
+
+    @classmethod
+    def from_config(cls, config: DyLoRAConfig | None = None, **kwargs) -> DyLoRAMoE:
+        config = config or DyLoRAConfig()
+        backbone, tokenizer = load_backbone(config.model, dtype=config.dtype, device=config.device)
+        return cls(backbone, tokenizer, config, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts.expert_ids)
+
+    # ------------------------------------------------------------------ experts
+    def create_expert(self, rank: int | None = None) -> int:
+        """Add an expert to the pool and a column to the gate; returns the expert id."""
+        expert_id = self.experts.create_expert(rank)
+        self.experts.disable_adapters()
+        self.mixture.sync()
+        self.router.add_expert()
+        return expert_id
+
+    def delete_expert(self, expert_id: int) -> None:
+        column = self.column(expert_id)
+        self.experts.delete_expert(expert_id)
+        self.mixture.sync()
+        self.router.remove_expert(column)
+        skills = self.library.remove_expert(expert_id)
+        self.events.emit(EXPERT_DELETED, expert_id=expert_id, skills=skills)
+
+    def column(self, expert_id: int) -> int:
+        """The router column of an expert."""
+        if expert_id not in self.experts.expert_ids:
+            raise KeyError(f"no expert with id {expert_id}; experts are {self.experts.expert_ids}")
+        return self.experts.expert_ids.index(expert_id)
+
+    def mark_mature(self, expert_id: int, mature: bool = True) -> None:
+        self.router.set_maturity(self.column(expert_id), mature)
+
+    def set_trainable(self, experts: Sequence[int] = (), *, router: bool = True) -> None:
+        """Gradients flow only into the given experts and (optionally) the gate; the backbone stays frozen."""
+        self.experts.set_trainable(experts)
+        for p in self.router.parameters():
+            p.requires_grad_(router)
+
+    @contextlib.contextmanager
+    def single_expert(self, expert_id: int) -> Iterator[None]:
+        """Run the backbone with exactly one expert, through peft's own adapter path."""
+        self.experts.set_active_expert(expert_id)
+        try:
+            yield
+        finally:
+            self.experts.disable_adapters()
+
+    # ------------------------------------------------------------------ skills
+    @torch.no_grad()
+    def embed(self, data: Sequence[str] | Tensor | dict) -> tuple[Tensor, int]:
+        """Skill embedding (spec 3.1.3): mean over examples and tokens of the unit-normalised final hidden
+        states of the frozen backbone. Returns the [H] embedding and the number of examples used."""
+        cfg = self.config.novelty
+        batches, count = self._batches(data, cfg.max_examples, cfg.max_length, cfg.batch_size), 0
+        total = None
+        for input_ids, mask in batches:
+            with self._plain():
+                hidden = self.backbone.base_model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            unit = nn.functional.normalize(hidden.float(), dim=-1)  # [B, T, H]
+            per_example = (unit * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # [B, H]
+            total = per_example.sum(0) if total is None else total + per_example.sum(0)
+            count += input_ids.shape[0]
+        if count == 0:
+            raise ValueError("skill data is empty: give at least one example")
+        return total / count, count
+
+    def add_new_skill(self, data: Sequence[str] | Tensor | dict, name: str | None = None) -> NoveltyResult:
+        """Spec 3.1.3: embed the data; when novel, mark the previous expert mature and create an expert, a gate
+        column and a library entry; otherwise fold the data into the nearest known skill."""
+        embedding, count = self.embed(data)
+        nearest, similarity = self.novelty.nearest(embedding)
+        if similarity is not None and similarity >= self.novelty.similarity_threshold:
+            skill = self.library.update_skill(nearest, embedding, count)
+            self.events.emit(SKILL_RECOGNISED, skill_id=skill.skill_id, name=name or skill.name,
+                             expert_id=skill.expert_id, similarity=similarity)
+            return NoveltyResult(False, skill.skill_id, skill.expert_id, nearest, similarity,
+                                 self.experts.ranks[skill.expert_id])
+        if self.experts.expert_ids:
+            self.mark_mature(self.experts.expert_ids[-1])
+        cfg = self.config
+        rank = expert_rank(cfg.expert.rank_rule, cfg.expert.rank, cfg.expert.max_rank, similarity,
+                           cfg.novelty.similarity_threshold)
+        expert_id = self.create_expert(rank)
+        skill = self.library.add_skill(embedding, expert_id=expert_id, name=name, examples=count)
+        self.events.emit(EXPERT_CREATED, expert_id=expert_id, skill_id=skill.skill_id, name=skill.name,
+                         rank=rank, nearest_skill=nearest, similarity=similarity, experts=self.num_experts)
+        return NoveltyResult(True, skill.skill_id, expert_id, nearest, similarity, rank)
+
+    def _batches(self, data, limit: int, max_length: int, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        if isinstance(data, Tensor):
+            data = {"input_ids": data}
+        if isinstance(data, dict):
+            ids = data["input_ids"][:limit].to(self.device)
+            mask = data.get("attention_mask")
+            mask = torch.ones_like(ids) if mask is None else mask[:limit].to(self.device)
+            for i in range(0, ids.shape[0], batch_size):
+                yield ids[i : i + batch_size], mask[i : i + batch_size]
+            return
+        if self.tokenizer is None:
+            raise ValueError("text data needs a tokenizer; pass token ids or build the model with a tokenizer")
+        texts = [t for t in list(data)[:limit] if isinstance(t, str) and t.strip()]
+        for i in range(0, len(texts), batch_size):
+            enc = self.tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True,
+                                 truncation=True, max_length=max_length)
+            yield enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    # ------------------------------------------------------------------ routing
+    def route(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> RouterOutput:
+        """The routing of a batch, without running the experts (a prefix pass up to ``route_layer``)."""
+        if self.config.router.route_layer is None:
+            return self._route_final(input_ids, attention_mask)
+        with self._plain(), self._routing_scope(attention_mask, stop=True) as scope:
+            with contextlib.suppress(_RoutingComputed):
+                self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return scope.routing
+
+    def _route_hidden(self, hidden: Tensor, attention_mask: Tensor | None) -> RouterOutput:
+        if self.config.router.granularity == "token":
+            return self.router(hidden)  # [B, T, E]
+        if attention_mask is None or attention_mask.shape[1] != hidden.shape[1]:
+            return self.router(hidden.mean(1))  # [B, E]
+        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)  # [B, T, 1]
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # [B, H]
+        return self.router(pooled)
+
+    @torch.no_grad()
+    def _frozen_final_hidden(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        with self._plain():
+            out = self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state  # [B, T, H]
+
+    def _route_final(self, input_ids: Tensor, attention_mask: Tensor | None) -> RouterOutput:
+        return self._route_hidden(self._frozen_final_hidden(input_ids, attention_mask), attention_mask)
+
+    def _route_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        scope = self._scope
+        if scope is None or (scope.pin and scope.routing is not None):
+            return
+        hidden = args[0] if args else kwargs["hidden_states"]
+        scope.routing = self._route_hidden(hidden, scope.attention_mask)
+        if scope.stop:
+            raise _RoutingComputed
+        self._apply_routing(scope.routing)
+
+    def _apply_routing(self, routing: RouterOutput) -> None:
+        ids = self.experts.expert_ids
+        cacheable = not (torch.is_grad_enabled() and self.experts.trainable_ids)
+        if routing.indices is None:
+            self.experts.ensure_resident(ids)
+            plan = MixturePlan(tuple(self.experts.names()), weights=routing.weights, cacheable=cacheable)
+        else:
+            used = routing.indices.unique()  # sorted columns selected by some sample
+            remap = torch.full((len(ids),), -1, dtype=torch.long, device=used.device)
+            remap[used] = torch.arange(len(used), device=used.device)
+            names = self.experts.names()
+            active = [ids[c] for c in used.tolist()]
+            self.experts.ensure_resident(active)
+            plan = MixturePlan(tuple(names[c] for c in used.tolist()), indices=remap[routing.indices],
+                               topk_weights=routing.topk_weights, cacheable=cacheable)
+        self.mixture.set_plan(plan)
+
+    @contextlib.contextmanager
+    def _routing_scope(self, attention_mask: Tensor | None, *, pin: bool = False, stop: bool = False,
+                       routing: RouterOutput | None = None) -> Iterator[_Scope]:
+        outer, plan = self._scope, self.mixture.plan
+        self._scope = _Scope(attention_mask, pin=pin, stop=stop, routing=routing)
+        try:
+            yield self._scope
+        finally:
+            self._scope = outer
+            self.mixture.set_plan(plan)
+
+    @contextlib.contextmanager
+    def _plain(self) -> Iterator[None]:
+        """The frozen backbone alone: no routing, no expert deltas."""
+        outer, plan = self._scope, self.mixture.plan
+        self._scope = None
+        self.mixture.set_plan(None)
+        try:
+            yield
+        finally:
+            self._scope = outer
+            self.mixture.set_plan(plan)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        **kwargs,
+    ) -> DyLoRAOutput:
+        """input_ids, attention_mask, labels: [B, T]. Other keyword arguments go to the backbone."""
+        if self.num_experts == 0:
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+            return DyLoRAOutput(loss=out.loss, logits=out.logits, past_key_values=out.past_key_values)
+        if self.config.mixing == "reference":
+            return self._reference_forward(input_ids, attention_mask, labels)
+        pinned = self._scope is not None and self._scope.pin
+        scope_cm = contextlib.nullcontext(self._scope) if pinned else self._routing_scope(attention_mask)
+        with scope_cm as scope:
+            if self.config.router.route_layer is None and scope.routing is None:
+                scope.routing = self._route_final(input_ids, attention_mask)
+                self._apply_routing(scope.routing)
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+            routing = scope.routing
+        return DyLoRAOutput(loss=out.loss, logits=out.logits, past_key_values=out.past_key_values,
+                            routing_weights=routing.weights, router_logits=routing.logits,
+                            routing_strategy=routing.strategy)
+
+    def _reference_forward(self, input_ids: Tensor, attention_mask: Tensor | None,
+                           labels: Tensor | None) -> DyLoRAOutput:
+        """Spec 3.1.2: one full pass per routed expert, logits mixed with the routing weights."""
+        routing = self.route(input_ids, attention_mask)
+        weights = routing.weights  # [B, E] or [B, T, E]
+        logits = None
+        for column, expert_id in enumerate(list(self.experts.expert_ids)):
+            w = weights[..., column]
+            if not bool((w != 0).any()):
+                continue
+            with self._plain(), self.single_expert(expert_id):
+                part = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            w = w[:, None, None] if w.dim() == 1 else w[..., None]  # broadcast over [B, T, V]
+            logits = w * part if logits is None else logits + w * part
+        loss = None
+        if labels is not None:
+            loss = self.backbone.loss_function(logits=logits, labels=labels,
+                                               vocab_size=self.backbone.config.vocab_size)
+        return DyLoRAOutput(loss=loss, logits=logits, routing_weights=routing.weights,
+                            router_logits=routing.logits, routing_strategy=routing.strategy)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
+        """``transformers`` generation through the fused path; each sequence is routed on its prompt (per-token
+        routing routes every new token as it comes). The KV cache is used unless ``use_cache=False``."""
+        if self.num_experts == 0:
+            return self.backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        per_sequence = self.config.router.granularity == "sequence"
+        with self._routing_scope(attention_mask, pin=per_sequence) as scope:
+            if self.config.router.route_layer is None:
+                scope.routing = self._route_final(input_ids, attention_mask)
+                self._apply_routing(scope.routing)
+            return self.backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def complete(self, prompts: Sequence[str], *, max_new_tokens: int = 64, chat: bool = True) -> list[str]:
+        """Greedy completions of text prompts (the chat template is applied when ``chat`` and available)."""
+        tok = self.tokenizer
+        if chat and tok.chat_template:
+            prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p in prompts]
+        side, tok.padding_side = tok.padding_side, "left"
+        try:
+            enc = tok(list(prompts), return_tensors="pt", padding=True).to(self.device)
+        finally:
+            tok.padding_side = side
+        out = self.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                            pad_token_id=tok.pad_token_id)
+        return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

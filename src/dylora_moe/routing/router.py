@@ -1,0 +1,142 @@
+"""The dynamic hybrid router (spec 3.2): dense while any expert is new, sparse top-k once all are mature.
+
+A linear gate maps hidden states to one logit per expert. While any expert's maturity is 0 the router
+mixes every expert with a softmax of ``logits / temperature`` (dense collaboration); once all are mature it
+keeps the top-k logits and softmaxes over those only (sparse delegation). ``add_expert`` grows the gate
+without touching the rows of existing experts, so their logits are unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ..events import EXPERT_MATURED, ROUTING_STRATEGY_CHANGED, EventLog
+
+DENSE = "dense"
+SPARSE = "sparse"
+
+
+class RouterOutput(NamedTuple):
+    """Routing of a batch over all experts (columns in the router's expert order).
+
+    weights: [..., E] mixing weights, zero for experts a sparse router did not select.
+    logits: [..., E] gate logits before temperature.
+    indices: [..., K] selected experts in sparse mode, ``None`` in dense mode.
+    topk_weights: [..., K] the weights of ``indices``.
+    strategy: ``dense`` or ``sparse``.
+    """
+
+    weights: Tensor
+    logits: Tensor
+    indices: Tensor | None
+    topk_weights: Tensor | None
+    strategy: str
+
+
+class DynamicHybridRouter(nn.Module):
+    """Gate + maturity state.
+
+    Args:
+        hidden_size: width of the hidden states that feed the gate.
+        num_experts: initial number of experts (usually 0: experts arrive with skills).
+        top_k: experts per sample in sparse mode.
+        temperature: divides the logits before the softmax.
+        events: where strategy changes are reported.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int = 0,
+        *,
+        top_k: int = 1,
+        temperature: float = 1.0,
+        events: EventLog | None = None,
+    ) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.top_k = top_k
+        self.temperature = temperature
+        self.events = events or EventLog()
+        self.gate = nn.Linear(hidden_size, num_experts)
+        self.register_buffer("expert_maturity", torch.zeros(num_experts, dtype=torch.long))
+        self._strategy = self.strategy
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate.out_features
+
+    @property
+    def strategy(self) -> str:
+        return DENSE if bool((self.expert_maturity == 0).any()) else SPARSE
+
+    def forward(self, hidden: Tensor) -> RouterOutput:
+        """hidden: [..., H] (a pooled [B, H] or per-token [B, T, H]) -> routing over [..., E]."""
+        logits = self.gate(hidden.to(self.gate.weight.dtype))  # [..., E]
+        scaled = logits / self.temperature
+        if self.strategy == DENSE:
+            return RouterOutput(torch.softmax(scaled, dim=-1), logits, None, None, DENSE)
+        k = min(self.top_k, self.num_experts)
+        top, indices = scaled.topk(k, dim=-1)  # [..., K]
+        topk_weights = torch.softmax(top, dim=-1)
+        weights = torch.zeros_like(scaled).scatter(-1, indices, topk_weights)  # [..., E]
+        return RouterOutput(weights, logits, indices, topk_weights, SPARSE)
+
+    # ------------------------------------------------------------- experts
+    def add_expert(self) -> int:
+        """Append one expert (maturity 0); old gate rows and biases are copied unchanged."""
+        old = self.gate
+        new = nn.Linear(self.hidden_size, old.out_features + 1).to(old.weight.device, old.weight.dtype)
+        with torch.no_grad():
+            new.weight[: old.out_features].copy_(old.weight)
+            new.bias[: old.out_features].copy_(old.bias)
+        new.weight.requires_grad_(old.weight.requires_grad)
+        new.bias.requires_grad_(old.bias.requires_grad)
+        self.gate = new
+        self.expert_maturity = torch.cat([self.expert_maturity, self.expert_maturity.new_zeros(1)])
+        self._note_strategy()
+        return self.num_experts - 1
+
+    def remove_expert(self, column: int) -> None:
+        keep = [i for i in range(self.num_experts) if i != column]
+        old = self.gate
+        new = nn.Linear(self.hidden_size, len(keep)).to(old.weight.device, old.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(old.weight[keep])
+            new.bias.copy_(old.bias[keep])
+        self.gate = new
+        self.expert_maturity = self.expert_maturity[keep]
+        self._note_strategy()
+
+    def set_maturity(self, column: int, mature: bool = True) -> None:
+        if self.expert_maturity[column].item() != int(mature):
+            self.expert_maturity[column] = int(mature)
+            if mature:
+                self.events.emit(EXPERT_MATURED, column=column)
+        self._note_strategy()
+
+    def _note_strategy(self) -> None:
+        strategy = self.strategy
+        if strategy != self._strategy:
+            self.events.emit(
+                ROUTING_STRATEGY_CHANGED, previous=self._strategy, strategy=strategy, experts=self.num_experts
+            )
+            self._strategy = strategy
+
+    # --------------------------------------------------------------- state
+    def resize(self, num_experts: int) -> None:
+        """Reshape to ``num_experts`` empty columns (before loading a saved state)."""
+        device, dtype = self.gate.weight.device, self.gate.weight.dtype
+        self.gate = nn.Linear(self.hidden_size, num_experts).to(device, dtype)
+        self.expert_maturity = torch.zeros(num_experts, dtype=torch.long, device=device)
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False):
+        n = state_dict["gate.weight"].shape[0]
+        if n != self.num_experts:
+            self.resize(n)
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._strategy = self.strategy
+        return result
