@@ -219,9 +219,9 @@ class DyLoRAMoE(nn.Module):
         """The routing of a batch, without running the experts (a prefix pass up to ``route_layer``)."""
         if self.config.router.route_layer is None:
             return self._route_final(input_ids, attention_mask)
-        with self._plain(), self._routing_scope(attention_mask, stop=True) as scope:
-            with contextlib.suppress(_RoutingComputed):
-                self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        with (self._plain(), self._routing_scope(attention_mask, stop=True) as scope,
+              contextlib.suppress(_RoutingComputed)):
+            self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return scope.routing
 
     def _route_hidden(self, hidden: Tensor, attention_mask: Tensor | None) -> RouterOutput:

@@ -7,7 +7,8 @@ the backbone itself, so the rest of the system keeps calling the backbone direct
 Offloading (spec 3.3, memory optimisation): when ``offload_device`` is set, the weights of experts that the
 current batch does not use are moved there and the module keeps an empty ``meta`` placeholder, so an
 accelerator holds only the experts in use. The same code runs on CPU (tests offload to ``cpu`` and see the
-placeholders), and ``onload`` restores the exact tensors.
+placeholders), and ``onload`` restores the exact tensors. Offloading replaces parameter objects, so it is
+for serving and evaluation; training keeps its experts resident.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from ..config import ExpertConfig
 from .targets import decoder_layers, detect_target_modules
@@ -45,6 +47,11 @@ class ExpertManager:
         self.config = config
         self.first_layer = first_layer
         self.target_modules = detect_target_modules(backbone, config.target_modules)
+        # GPT-2 style Conv1D layers store weights transposed; peft needs to know.
+        self.fan_in_fan_out = any(
+            isinstance(m, Conv1D) and any(n.endswith("." + s) for s in self.target_modules)
+            for n, m in backbone.named_modules()
+        )
         self.num_layers = len(decoder_layers(backbone))
         if first_layer >= self.num_layers:
             raise ValueError(f"route_layer={first_layer} leaves no layer to adapt ({self.num_layers} layers)")
@@ -56,7 +63,7 @@ class ExpertManager:
         # Bumped whenever expert weights may have changed; caches of stacked weights key on it.
         self.version = 0
         self.trainable_ids: frozenset[int] = frozenset()
-        self._offloaded: dict[int, dict[str, torch.Tensor]] = {}
+        self._offloaded: dict[int, dict[str, tuple[torch.Tensor, bool]]] = {}
         self._layers: list[LoraLayer] = []
 
     # ------------------------------------------------------------------ pool
@@ -69,6 +76,7 @@ class ExpertManager:
             target_modules=list(self.target_modules),
             layers_to_transform=layers,
             bias="none",
+            fan_in_fan_out=self.fan_in_fan_out,
             task_type="CAUSAL_LM",
         )
 
@@ -111,7 +119,7 @@ class ExpertManager:
         previous = self.current_expert_id
         self.onload([expert_id])
         self.peft_model.base_model.enable_adapter_layers()
-        self.peft_model.base_model.set_adapter(expert_name(expert_id))
+        self.peft_model.set_adapter(expert_name(expert_id))
         self.current_expert_id = expert_id
         if previous is not None and previous != expert_id and self.config.offload_device is not None:
             self.offload([previous])
@@ -188,8 +196,8 @@ class ExpertManager:
             store = {}
             for key, module, attr in self._adapter_tensors(expert_id):
                 param = getattr(module, attr)
-                store[key] = param.data.to(device)
-                param.data = torch.empty_like(param.data, device="meta")
+                store[key] = (param.data.to(device), param.requires_grad)
+                setattr(module, attr, nn.Parameter(torch.empty_like(param, device="meta"), param.requires_grad))
             self._offloaded[expert_id] = store
         self.touch()
 
@@ -201,7 +209,8 @@ class ExpertManager:
                 continue
             for key, module, attr in self._adapter_tensors(expert_id):
                 layer_device = self._layers[int(key.split(".", 1)[0])].get_base_layer().weight.device
-                getattr(module, attr).data = store[key].to(layer_device)
+                data, requires_grad = store[key]
+                setattr(module, attr, nn.Parameter(data.to(layer_device), requires_grad))
             self.touch()
 
     def ensure_resident(self, expert_ids: Iterable[int]) -> None:

@@ -8,6 +8,7 @@ without touching the rows of existing experts, so their logits are unchanged.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import torch
@@ -61,7 +62,7 @@ class DynamicHybridRouter(nn.Module):
         self.top_k = top_k
         self.temperature = temperature
         self.events = events or EventLog()
-        self.gate = nn.Linear(hidden_size, num_experts)
+        self.gate = _linear(hidden_size, num_experts)
         self.register_buffer("expert_maturity", torch.zeros(num_experts, dtype=torch.long))
         self._strategy = self.strategy
 
@@ -71,7 +72,9 @@ class DynamicHybridRouter(nn.Module):
 
     @property
     def strategy(self) -> str:
-        return DENSE if bool((self.expert_maturity == 0).any()) else SPARSE
+        # An empty pool counts as dense: no expert has matured yet.
+        mature = self.num_experts > 0 and bool((self.expert_maturity == 1).all())
+        return SPARSE if mature else DENSE
 
     def forward(self, hidden: Tensor) -> RouterOutput:
         """hidden: [..., H] (a pooled [B, H] or per-token [B, T, H]) -> routing over [..., E]."""
@@ -89,7 +92,7 @@ class DynamicHybridRouter(nn.Module):
     def add_expert(self) -> int:
         """Append one expert (maturity 0); old gate rows and biases are copied unchanged."""
         old = self.gate
-        new = nn.Linear(self.hidden_size, old.out_features + 1).to(old.weight.device, old.weight.dtype)
+        new = _linear(self.hidden_size, old.out_features + 1).to(old.weight.device, old.weight.dtype)
         with torch.no_grad():
             new.weight[: old.out_features].copy_(old.weight)
             new.bias[: old.out_features].copy_(old.bias)
@@ -103,7 +106,7 @@ class DynamicHybridRouter(nn.Module):
     def remove_expert(self, column: int) -> None:
         keep = [i for i in range(self.num_experts) if i != column]
         old = self.gate
-        new = nn.Linear(self.hidden_size, len(keep)).to(old.weight.device, old.weight.dtype)
+        new = _linear(self.hidden_size, len(keep)).to(old.weight.device, old.weight.dtype)
         with torch.no_grad():
             new.weight.copy_(old.weight[keep])
             new.bias.copy_(old.bias[keep])
@@ -130,7 +133,7 @@ class DynamicHybridRouter(nn.Module):
     def resize(self, num_experts: int) -> None:
         """Reshape to ``num_experts`` empty columns (before loading a saved state)."""
         device, dtype = self.gate.weight.device, self.gate.weight.dtype
-        self.gate = nn.Linear(self.hidden_size, num_experts).to(device, dtype)
+        self.gate = _linear(self.hidden_size, num_experts).to(device, dtype)
         self.expert_maturity = torch.zeros(num_experts, dtype=torch.long, device=device)
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False):
@@ -140,3 +143,9 @@ class DynamicHybridRouter(nn.Module):
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         self._strategy = self.strategy
         return result
+
+
+def _linear(hidden_size: int, num_experts: int) -> nn.Linear:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")  # an empty pool
+        return nn.Linear(hidden_size, num_experts)

@@ -1,0 +1,68 @@
+"""Tiny models built from configs, offline, seeded: the fixtures every unit test uses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from dylora_moe import DyLoRAConfig, DyLoRAMoE, ExpertConfig, RouterConfig
+
+VOCAB = 128
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return GPT2LMHeadModel(config).eval()
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per printable ASCII character; ids 0-2 are pad/bos/eos."""
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({chr(c): c - 28 for c in range(32, 127)})  # ids 4..98
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+def build(backbone=None, **router) -> DyLoRAMoE:
+    """A DyLoRA-MoE on a tiny Llama; ``router`` overrides RouterConfig fields."""
+    config = DyLoRAConfig(model="tiny", expert=ExpertConfig(rank=4, alpha=8, dropout=0.0),
+                          router=RouterConfig(**router))
+    return DyLoRAMoE(backbone if backbone is not None else tiny_llama(), char_tokenizer(), config)
+
+
+def randomise_experts(model: DyLoRAMoE, seed: int = 0) -> None:
+    """Give every expert non-zero B so that experts differ (peft starts B at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.experts.layers():
+            for name in layer.lora_B:
+                for mod in (layer.lora_A[name], layer.lora_B[name]):
+                    mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * 0.3)
+    model.experts.touch()
+
+
+def batch(bsz: int = 3, t: int = 10, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, VOCAB, (bsz, t), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # a left-padded row
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture
+def model() -> DyLoRAMoE:
+    return build()

@@ -1,0 +1,118 @@
+"""The expert pool on peft: target detection, creation, activation, trainability, offload, deletion."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+from dylora_moe import ExpertConfig, ExpertManager
+from dylora_moe.experts import detect_target_modules
+from tests.conftest import batch, build, randomise_experts, tiny_gpt2, tiny_llama
+
+
+def test_target_detection_per_architecture():
+    assert detect_target_modules(tiny_llama(), "attention") == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert detect_target_modules(tiny_llama(), "mlp") == ["gate_proj", "up_proj", "down_proj"]
+    assert detect_target_modules(tiny_gpt2(), "all-linear") == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                            num_attention_heads=4, intermediate_size=64))
+    assert detect_target_modules(neox, "attention") == ["attention.query_key_value", "attention.dense"]
+    assert detect_target_modules(tiny_llama(), ["q_proj"]) == ["q_proj"]
+
+
+def test_unknown_target_modules_name_the_model_layers():
+    with pytest.raises(ValueError, match="q_proj"):
+        detect_target_modules(tiny_llama(), ["nonexistent"])
+
+
+def test_create_expert_uses_configured_rank_and_targets():
+    manager = ExpertManager(tiny_llama(), ExpertConfig(rank=4, alpha=8))
+    a, b = manager.create_expert(), manager.create_expert(rank=8)
+    assert (a, b) == (0, 1) and manager.ranks == {0: 4, 1: 8}
+    layer = manager.layers()[0]
+    assert layer.lora_A["expert_0"].weight.shape[0] == 4 and layer.lora_A["expert_1"].weight.shape[0] == 8
+    # a larger rank keeps the scaling of the base rank
+    assert layer.scaling["expert_0"] == layer.scaling["expert_1"] == 2.0
+    assert len(manager.layers()) == 2 * 4  # two layers, q/k/v/o
+
+
+def test_route_layer_limits_experts_to_later_layers():
+    model = build(route_layer=1)
+    model.create_expert()
+    names = [n for n, m in model.backbone.named_modules() if m in model.experts.layers()]
+    assert names and all(".layers.1." in n for n in names)
+
+
+def test_single_expert_matches_peft_active_adapter():
+    model = build()
+    for _ in range(3):
+        model.create_expert()
+    randomise_experts(model)
+    inputs = batch()
+    with torch.no_grad():
+        outputs = []
+        for e in model.experts.expert_ids:
+            with model.single_expert(e):
+                assert model.experts.peft_model.active_adapter == f"expert_{e}"
+                outputs.append(model.backbone(**inputs).logits)
+        plain = model.backbone(**inputs).logits  # adapters are off again
+    assert not torch.allclose(outputs[0], outputs[1])
+    assert not torch.allclose(plain, outputs[0])
+
+
+def test_set_trainable_touches_only_the_given_expert():
+    model = build()
+    for _ in range(3):
+        model.create_expert()
+    model.set_trainable([1], router=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("expert_1" in n for n in trainable)
+
+
+def test_offload_moves_adapter_tensors_and_back():
+    model = build()
+    model.experts.config.offload_device = "cpu"
+    for _ in range(3):
+        model.create_expert()
+    randomise_experts(model)
+    inputs = batch()
+    with torch.no_grad():
+        reference = [model.backbone.get_input_embeddings()]  # keep a handle: the backbone never moves
+        model.experts.onload(model.experts.expert_ids)
+        for e in model.experts.expert_ids:
+            model.mark_mature(e)
+        expected = {}
+        for e in model.experts.expert_ids:
+            with model.single_expert(e):
+                expected[e] = model.backbone(**inputs).logits
+        model.experts.offload(model.experts.expert_ids)
+    # offloaded: the modules hold meta placeholders, the manager holds the real tensors on the offload device
+    assert all(p.device.type == "meta" for e in (0, 1, 2) for p in model.experts.parameters(e))
+    assert all(not model.experts.is_resident(e) for e in (0, 1, 2))
+    with torch.no_grad():
+        out = model(**inputs)
+    used = {model.experts.expert_ids[c] for c in out.routing_weights.argmax(-1).tolist()}
+    for e in model.experts.expert_ids:
+        assert model.experts.is_resident(e) == (e in used)
+        assert all((p.device.type == "cpu") == (e in used) for p in model.experts.parameters(e))
+    with torch.no_grad():
+        for e in model.experts.expert_ids:
+            with model.single_expert(e):
+                torch.testing.assert_close(model.backbone(**inputs).logits, expected[e])
+    assert reference[0] is model.backbone.get_input_embeddings()
+
+
+def test_delete_expert_removes_adapter_gate_column_and_skills():
+    model = build()
+    model.novelty.similarity_threshold = 1.0
+    model.add_new_skill(["abc def"])
+    model.add_new_skill(["0123 456"])
+    model.add_new_skill(["%%% &&& ***"])
+    model.delete_expert(1)
+    assert model.experts.expert_ids == [0, 2] and model.router.num_experts == 2
+    assert all("expert_1" not in layer.lora_A for layer in model.experts.layers())
+    assert sorted(s.expert_id for s in model.library.skills.values()) == [0, 2]
+    assert model.create_expert() == 3  # ids are never reused
+    with pytest.raises(KeyError, match="no expert with id 1"):
+        model.delete_expert(1)

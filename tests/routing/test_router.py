@@ -1,0 +1,94 @@
+"""Dense while any expert is new, sparse once all are mature; growing the gate keeps old logits."""
+
+from __future__ import annotations
+
+import torch
+
+from dylora_moe.events import ROUTING_STRATEGY_CHANGED
+from dylora_moe.routing import DENSE, SPARSE, DynamicHybridRouter
+
+
+def router_with(n: int, **kw) -> DynamicHybridRouter:
+    torch.manual_seed(0)
+    r = DynamicHybridRouter(16, **kw)
+    for _ in range(n):
+        r.add_expert()
+    return r
+
+
+def test_strategy_follows_maturity():
+    r = router_with(3, top_k=2)
+    h = torch.randn(5, 16)
+    out = r(h)
+    assert out.strategy == DENSE and out.indices is None
+    assert (out.weights > 0).all()
+    torch.testing.assert_close(out.weights.sum(-1), torch.ones(5))
+    r.set_maturity(0)
+    r.set_maturity(1)
+    assert r(h).strategy == DENSE  # one expert is still new
+    r.set_maturity(2)
+    out = r(h)
+    assert out.strategy == SPARSE
+    assert ((out.weights > 0).sum(-1) == 2).all()
+    torch.testing.assert_close(out.weights.sum(-1), torch.ones(5))
+    # the kept experts are the two largest logits, weighted by a softmax over those two only
+    top, idx = out.logits.topk(2, dim=-1)
+    assert torch.equal(out.indices, idx)
+    torch.testing.assert_close(out.topk_weights, torch.softmax(top, -1))
+    r.add_expert()  # a new immature expert switches back to dense
+    assert r(h).strategy == DENSE
+
+
+def test_temperature_scales_logits():
+    r = router_with(3, temperature=2.0)
+    h = torch.randn(4, 16)
+    out = r(h)
+    torch.testing.assert_close(out.weights, torch.softmax(out.logits / 2.0, -1))
+
+
+def test_add_expert_leaves_old_logits_unchanged():
+    r = router_with(3)
+    h = torch.randn(7, 16)
+    before = r(h).logits
+    r.add_expert()
+    after = r(h).logits
+    assert after.shape == (7, 4)
+    torch.testing.assert_close(after[:, :3], before, rtol=0, atol=1e-6)
+    assert r.expert_maturity.tolist() == [0, 0, 0, 0]
+
+
+def test_per_token_routing_shapes():
+    r = router_with(4, top_k=1)
+    for c in range(4):
+        r.set_maturity(c)
+    out = r(torch.randn(2, 5, 16))
+    assert out.weights.shape == (2, 5, 4) and out.indices.shape == (2, 5, 1)
+
+
+def test_strategy_change_is_logged_once_per_change():
+    r = router_with(2)
+    r.set_maturity(0)
+    r.set_maturity(1)
+    r.set_maturity(1)
+    r.add_expert()
+    changes = [(e["previous"], e["strategy"]) for e in r.events.of(ROUTING_STRATEGY_CHANGED)]
+    assert changes == [(DENSE, SPARSE), (SPARSE, DENSE)]
+
+
+def test_state_round_trip_into_a_fresh_router():
+    r = router_with(3, top_k=2)
+    r.set_maturity(0)
+    h = torch.randn(4, 16)
+    fresh = DynamicHybridRouter(16, top_k=2)
+    fresh.load_state_dict(r.state_dict())
+    assert fresh.num_experts == 3
+    assert fresh.expert_maturity.tolist() == [1, 0, 0]
+    torch.testing.assert_close(fresh(h).weights, r(h).weights)
+
+
+def test_remove_expert_drops_its_column():
+    r = router_with(3)
+    h = torch.randn(4, 16)
+    before = r(h).logits
+    r.remove_expert(1)
+    torch.testing.assert_close(r(h).logits, before[:, [0, 2]], rtol=0, atol=1e-6)

@@ -1,0 +1,127 @@
+"""The whole system on tiny models: frozen backbone under training, routing API, KV-cache generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dylora_moe import DyLoRAConfig, DyLoRAMoE
+from tests.conftest import batch, build, char_tokenizer, randomise_experts, tiny_gpt2, tiny_llama
+
+
+def grown(backbone=None, n=3, **router):
+    model = build(backbone, **router)
+    for _ in range(n):
+        model.create_expert()
+    randomise_experts(model)
+    return model
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_training_changes_only_the_new_expert_and_the_gate(make):
+    model = grown(make())
+    new = model.experts.expert_ids[-1]
+    frozen = {n: p.detach().clone() for n, p in model.backbone.named_parameters() if "lora_" not in n}
+    experts_before = {n: p.detach().clone() for n, p in model.backbone.named_parameters() if "lora_" in n}
+    gate_before = model.router.gate.weight.detach().clone()
+    model.set_trainable([new], router=True)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    inputs = batch(bsz=4, t=12)
+    losses = []
+    for _ in range(5):
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for n, p in model.backbone.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), f"frozen weight {n} changed"
+        else:
+            changed = not torch.equal(p, experts_before[n])
+            assert changed == (f"expert_{new}" in n), n
+    assert not torch.equal(model.router.gate.weight, gate_before)
+
+
+def test_eval_after_training_sees_the_updated_weights():
+    """Stacked-weight caches must not serve weights from before an optimizer step."""
+    model = grown(top_k=1)
+    for e in model.experts.expert_ids:
+        model.mark_mature(e)  # top-1, where the reference mode is exact
+    inputs = batch()
+    with torch.no_grad():
+        before = model(**inputs).logits
+    model.set_trainable(model.experts.expert_ids, router=False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    opt.step()
+    with torch.no_grad():
+        after = model(**inputs).logits
+        model.config.mixing = "reference"
+        reference = model(**inputs).logits
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_route_matches_the_forward_routing():
+    model = grown()
+    inputs = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model.route(**inputs).weights, model(**inputs).routing_weights)
+
+
+def test_no_experts_is_the_plain_backbone():
+    model = build()
+    inputs = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, model.backbone(**inputs).logits)
+
+
+@pytest.mark.parametrize("router", [
+    dict(), dict(top_k=1, mature=True), dict(granularity="token"), dict(route_layer=None),
+    dict(route_layer=1, top_k=2, mature=True),
+])
+def test_generation_with_cache_equals_without(router):
+    mature = router.pop("mature", False)
+    model = grown(**router)
+    if mature:
+        for e in model.experts.expert_ids:
+            model.mark_mature(e)
+    inputs = batch(bsz=3, t=6, seed=2)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with_cache = model.generate(**inputs, use_cache=True, **kwargs)
+    without = model.generate(**inputs, use_cache=False, **kwargs)
+    assert with_cache.shape == (3, 14)
+    assert torch.equal(with_cache, without)
+    # the experts matter: the plain backbone continues differently
+    plain = model.backbone.generate(**inputs, **kwargs)
+    assert not torch.equal(plain, with_cache)
+
+
+def test_first_token_of_generation_matches_forward():
+    model = grown()
+    inputs = batch(bsz=2, t=7, seed=4)
+    with torch.no_grad():
+        expected = model(**inputs).logits[:, -1].argmax(-1)
+    out = model.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=0)
+    assert torch.equal(out[:, -1], expected)
+
+
+def test_complete_decodes_text():
+    model = grown()
+    texts = model.complete(["abc", "hello world"], max_new_tokens=4, chat=False)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+def test_trainable_lm_head_is_untied_and_trainable():
+    model = DyLoRAMoE(tiny_llama(), char_tokenizer(), DyLoRAConfig(model="tiny", trainable_lm_head=True))
+    head = model.backbone.get_output_embeddings()
+    assert head.weight.requires_grad
+    assert head.weight.data_ptr() != model.backbone.get_input_embeddings().weight.data_ptr()
+
+
+def test_route_layer_beyond_the_model_is_rejected():
+    with pytest.raises(ValueError, match="decoder layers"):
+        build(route_layer=5)
