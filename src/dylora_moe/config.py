@@ -110,7 +110,7 @@ class NoveltyConfig:
         batch_size: examples per forward pass while embedding.
     """
 
-    similarity_threshold: float = field(default=0.9, metadata={"help": "cosine similarity below = novel"})
+    similarity_threshold: float = field(default=0.99, metadata={"help": "cosine similarity below = novel"})
     max_examples: int = field(default=64, metadata={"help": "examples embedded per skill"})
     max_length: int = field(default=256, metadata={"help": "tokens per embedded example"})
     batch_size: int = field(default=8, metadata={"help": "examples per embedding batch"})

@@ -54,6 +54,7 @@ class _Scope:
     pin: bool = False
     stop: bool = False
     routing: RouterOutput | None = None
+    hidden: Tensor | None = None
 
 
 class DyLoRAMoE(nn.Module):
@@ -217,21 +218,38 @@ class DyLoRAMoE(nn.Module):
     # ------------------------------------------------------------------ routing
     def route(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> RouterOutput:
         """The routing of a batch, without running the experts (a prefix pass up to ``route_layer``)."""
+        return self._route_hidden(self._routing_hidden(input_ids, attention_mask), attention_mask)
+
+    @torch.no_grad()
+    def routing_features(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """What the gate reads: pooled [B, H] (sequence routing) or per-token [B, T, H] hidden states. They do
+        not depend on the experts, so stored examples keep their features as the pool grows."""
+        hidden = self._routing_hidden(input_ids, attention_mask)
+        if self.config.router.granularity == "token":
+            return hidden
+        return self._pool(hidden, attention_mask)
+
+    def _routing_hidden(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
         if self.config.router.route_layer is None:
-            return self._route_final(input_ids, attention_mask)
+            return self._frozen_final_hidden(input_ids, attention_mask)
         with (self._plain(), self._routing_scope(attention_mask, stop=True) as scope,
               contextlib.suppress(_RoutingComputed)):
             self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return scope.routing
+        return scope.hidden
+
+    @staticmethod
+    def _pool(hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """Masked mean over tokens: [B, T, H] -> [B, H]."""
+        if attention_mask is None or attention_mask.shape[1] != hidden.shape[1]:
+            return hidden.mean(1)
+        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)  # [B, T, 1]
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
     def _route_hidden(self, hidden: Tensor, attention_mask: Tensor | None) -> RouterOutput:
         if self.config.router.granularity == "token":
             return self.router(hidden)  # [B, T, E]
-        if attention_mask is None or attention_mask.shape[1] != hidden.shape[1]:
-            return self.router(hidden.mean(1))  # [B, E]
-        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)  # [B, T, 1]
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # [B, H]
-        return self.router(pooled)
+        # The gate is linear, so routing the mean hidden state equals averaging the per-token logits.
+        return self.router(self._pool(hidden, attention_mask))  # [B, E]
 
     @torch.no_grad()
     def _frozen_final_hidden(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
@@ -239,17 +257,15 @@ class DyLoRAMoE(nn.Module):
             out = self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state  # [B, T, H]
 
-    def _route_final(self, input_ids: Tensor, attention_mask: Tensor | None) -> RouterOutput:
-        return self._route_hidden(self._frozen_final_hidden(input_ids, attention_mask), attention_mask)
-
     def _route_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         scope = self._scope
         if scope is None or (scope.pin and scope.routing is not None):
             return
         hidden = args[0] if args else kwargs["hidden_states"]
-        scope.routing = self._route_hidden(hidden, scope.attention_mask)
         if scope.stop:
+            scope.hidden = hidden
             raise _RoutingComputed
+        scope.routing = self._route_hidden(hidden, scope.attention_mask)
         self._apply_routing(scope.routing)
 
     def _apply_routing(self, routing: RouterOutput) -> None:
@@ -310,7 +326,7 @@ class DyLoRAMoE(nn.Module):
         scope_cm = contextlib.nullcontext(self._scope) if pinned else self._routing_scope(attention_mask)
         with scope_cm as scope:
             if self.config.router.route_layer is None and scope.routing is None:
-                scope.routing = self._route_final(input_ids, attention_mask)
+                scope.routing = self.route(input_ids, attention_mask)
                 self._apply_routing(scope.routing)
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
             routing = scope.routing
@@ -349,7 +365,7 @@ class DyLoRAMoE(nn.Module):
         per_sequence = self.config.router.granularity == "sequence"
         with self._routing_scope(attention_mask, pin=per_sequence) as scope:
             if self.config.router.route_layer is None:
-                scope.routing = self._route_final(input_ids, attention_mask)
+                scope.routing = self.route(input_ids, attention_mask)
                 self._apply_routing(scope.routing)
             return self.backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 

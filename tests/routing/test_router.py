@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dylora_moe.events import ROUTING_STRATEGY_CHANGED
@@ -92,3 +93,18 @@ def test_remove_expert_drops_its_column():
     before = r(h).logits
     r.remove_expert(1)
     torch.testing.assert_close(r(h).logits, before[:, [0, 2]], rtol=0, atol=1e-6)
+
+
+def test_fit_gate_learns_labelled_features_and_keeps_old_classes():
+    from dylora_moe.routing.fit import fit_gate
+
+    torch.manual_seed(0)
+    r = router_with(3)
+    centers = torch.randn(3, 16) * 3
+    labels = torch.arange(3).repeat_interleave(20)
+    feats = centers[labels] + torch.randn(60, 16) * 0.5 + 10.0  # offset: fitting must cope with uncentred input
+    losses = fit_gate(r, feats, labels, steps=100)
+    assert losses[-1] < 0.1 * losses[0]
+    assert (r(feats).weights.argmax(-1) == labels).float().mean() == 1.0
+    with pytest.raises(ValueError, match="one target column"):
+        fit_gate(r, feats, labels[:5])

@@ -1,0 +1,153 @@
+"""Forward and decode cost of the mixture against a single peft LoRA, on the same machine in the same run.
+
+    python benchmarks/forward_cost.py                      # default model, batch 4 x 128 tokens
+    python benchmarks/forward_cost.py --experts 1,4 --repeats 1 --out /tmp/fc.json   # a quick look
+
+For each pool size N it times one inference forward (routing included) in three modes: ``reference`` (the
+spec's output-level mixing, one full pass per expert), ``dense`` (fused, every expert immature) and
+``top1`` (fused, every expert mature, top-1). ``ratio`` is seconds / the single-LoRA forward measured in
+this run. Decode times greedy generation with the KV cache at batch 1. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from peft import get_peft_model
+
+from dylora_moe import DyLoRAConfig, DyLoRAMoE, ExpertConfig, RouterConfig, load_backbone
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default", help="HF id, local path or 'default'")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--experts", default="1,4,8,16,32", help="comma-separated pool sizes")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per cell (median reported)")
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--decode-prompt", type=int, default=32, help="prompt length for the decode test")
+    p.add_argument("--decode-experts", type=int, default=8, help="pool size for the decode test")
+    p.add_argument("--rank", type=int, default=ExpertConfig.rank)
+    p.add_argument("--targets", default=ExpertConfig.target_modules, help="attention | mlp | all-linear")
+    p.add_argument("--route-layer", type=int, default=RouterConfig.route_layer)
+    p.add_argument("--out", default="results/forward_cost.json")
+    return p.parse_args(argv)
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up: allocations, stacked-weight caches
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def randomise(params) -> None:
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.02)
+
+
+def single_lora_baseline(args, model: DyLoRAMoE, inputs, prompt) -> tuple[float, float]:
+    backbone, _ = load_backbone(args.model, device="cpu")
+    lora = model.experts.lora_config(args.rank)
+    peft_model = get_peft_model(backbone, lora, adapter_name="single").eval()
+    randomise(p for n, p in peft_model.named_parameters() if "lora_" in n)
+    with torch.no_grad():
+        forward = timed(lambda: peft_model(**inputs), args.repeats)
+    decode = decode_rate(lambda **kw: peft_model.generate(**kw), prompt, args)
+    return forward, decode
+
+
+def decode_rate(generate, prompt, args) -> float:
+    kwargs = dict(max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens, do_sample=False,
+                  pad_token_id=0, use_cache=True)
+    with torch.no_grad():
+        seconds = timed(lambda: generate(**prompt, **kwargs), args.repeats)
+    return args.decode_tokens / seconds
+
+
+def grow_to(model: DyLoRAMoE, n: int) -> None:
+    while model.num_experts < n:
+        e = model.create_expert()
+        randomise(model.experts.parameters(e))
+    model.experts.touch()
+
+
+def set_maturity(model: DyLoRAMoE, mature: bool) -> None:
+    for e in model.experts.expert_ids:
+        model.mark_mature(e, mature)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    config = DyLoRAConfig(model=args.model, device="cpu",
+                          expert=ExpertConfig(rank=args.rank, target_modules=args.targets, dropout=0.0),
+                          router=RouterConfig(top_k=1, route_layer=args.route_layer))
+    model = DyLoRAMoE.from_config(config).eval()
+    vocab = model.backbone.config.vocab_size
+    ids = torch.randint(100, vocab, (args.batch, args.seq_len))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    prompt_ids = torch.randint(100, vocab, (1, args.decode_prompt))
+    prompt = {"input_ids": prompt_ids, "attention_mask": torch.ones_like(prompt_ids)}
+
+    base_s, base_decode = single_lora_baseline(args, model, inputs, prompt)
+    print(f"single LoRA forward {args.batch}x{args.seq_len}: {base_s:.3f}s; decode {base_decode:.1f} tok/s")
+    rows = []
+    for n in [int(x) for x in args.experts.split(",")]:
+        grow_to(model, n)
+        for mode in ("reference", "dense", "top1"):
+            model.config.mixing = "reference" if mode == "reference" else "fused"
+            set_maturity(model, mode == "top1")
+            with torch.no_grad():
+                seconds = timed(lambda: model(**inputs), args.repeats)
+            rows.append({"experts": n, "mode": mode, "seconds": seconds, "ratio": seconds / base_s})
+            print(f"  N={n:<3d} {mode:<9s} {seconds:7.3f}s  ratio {seconds / base_s:5.2f}", flush=True)
+
+    model.config.mixing = "fused"
+    while model.num_experts > args.decode_experts:
+        model.delete_expert(model.experts.expert_ids[-1])
+    grow_to(model, args.decode_experts)
+    set_maturity(model, False)
+    dense = decode_rate(model.generate, prompt, args)
+    set_maturity(model, True)
+    top1 = decode_rate(model.generate, prompt, args)
+    result = {
+        "model": args.model, "batch": args.batch, "seq_len": args.seq_len, "single_lora_s": base_s,
+        "rank": args.rank, "targets": args.targets, "route_layer": args.route_layer,
+        "threads": torch.get_num_threads(), "rows": rows,
+        "decode": {"experts": args.decode_experts, "tokens": args.decode_tokens,
+                   "single_lora_tok_s": base_decode, "dense_tok_s": dense, "top1_tok_s": top1},
+    }
+    print_table(result)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return result
+
+
+def print_table(result: dict) -> None:
+    sizes = sorted({r["experts"] for r in result["rows"]})
+    cell = {(r["experts"], r["mode"]): r for r in result["rows"]}
+    print(f"\nforward {result['batch']}x{result['seq_len']}, ratio to single LoRA ({result['single_lora_s']:.3f}s)")
+    print("| experts | reference | dense | top1 |\n|---:|---:|---:|---:|")
+    for n in sizes:
+        print(f"| {n} | " + " | ".join(f"{cell[n, m]['ratio']:.2f}" for m in ("reference", "dense", "top1")) + " |")
+    d = result["decode"]
+    print(f"\ndecode, batch 1, {d['experts']} experts: single LoRA {d['single_lora_tok_s']:.1f} tok/s, "
+          f"dense {d['dense_tok_s']:.1f} ({d['dense_tok_s'] / d['single_lora_tok_s']:.2f}x), "
+          f"top1 {d['top1_tok_s']:.1f} ({d['top1_tok_s'] / d['single_lora_tok_s']:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
