@@ -269,20 +269,24 @@ class DyLoRAMoE(nn.Module):
         self._apply_routing(scope.routing)
 
     def _apply_routing(self, routing: RouterOutput) -> None:
-        ids = self.experts.expert_ids
+        ids, names = self.experts.expert_ids, self.experts.names()
         cacheable = not (torch.is_grad_enabled() and self.experts.trainable_ids)
         if routing.indices is None:
             self.experts.ensure_resident(ids)
-            plan = MixturePlan(tuple(self.experts.names()), weights=routing.weights, cacheable=cacheable)
+            plan = MixturePlan(tuple(names), weights=routing.weights, cacheable=cacheable)
         else:
-            used = routing.indices.unique()  # sorted columns selected by some sample
-            remap = torch.full((len(ids),), -1, dtype=torch.long, device=used.device)
-            remap[used] = torch.arange(len(used), device=used.device)
-            names = self.experts.names()
-            active = [ids[c] for c in used.tolist()]
-            self.experts.ensure_resident(active)
-            plan = MixturePlan(tuple(names[c] for c in used.tolist()), indices=remap[routing.indices],
-                               topk_weights=routing.topk_weights, cacheable=cacheable)
+            used = routing.indices.unique().tolist()  # sorted columns selected by some sample
+            self.experts.ensure_resident([ids[c] for c in used])
+            active = tuple(names[c] for c in used)
+            if len(used) == routing.indices.shape[-1]:
+                # Every sample selected the same experts (always so at batch 1): the dense path over just
+                # those experts is exact and skips the per-sample gather.
+                plan = MixturePlan(active, weights=routing.weights[..., used], cacheable=cacheable)
+            else:
+                remap = torch.full((len(ids),), -1, dtype=torch.long, device=routing.indices.device)
+                remap[used] = torch.arange(len(used), device=remap.device)
+                plan = MixturePlan(active, indices=remap[routing.indices], topk_weights=routing.topk_weights,
+                                   cacheable=cacheable)
         self.mixture.set_plan(plan)
 
     @contextlib.contextmanager

@@ -1,5 +1,5 @@
 """Skill data: where examples come from and how they become model inputs."""
 
-from .sources import Example, humaneval, verilogeval
+from .sources import Example, codealpaca, humaneval, humaneval_x, mbpp, nl2bash, spider, verilogeval
 
-__all__ = ["Example", "humaneval", "verilogeval"]
+__all__ = ["Example", "codealpaca", "humaneval", "humaneval_x", "mbpp", "nl2bash", "spider", "verilogeval"]

@@ -64,3 +64,64 @@ def verilogeval(split: str = "Human") -> list[Example]:
     }
     return [Example(f"// {descriptions.get(r['task_id'], '').strip()}\n\n{r['prompt']}", r["canonical_solution"],
                     {"task_id": r["task_id"], "test": r["test"]}) for r in rows]
+
+
+# ---------------------------------------------------------------- sources in a data directory
+# A data directory such as ../shared/data holds public datasets as their authors publish them; none of
+# them ships with this package. Each reader names the file it needs when it is missing.
+
+HUMANEVAL_X_LANGUAGES = ("python", "js", "cpp", "java")
+
+
+def data_file(data_dir: str | Path, relative: str) -> Path:
+    path = Path(data_dir) / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: pass --data-dir pointing at a folder with {relative}")
+    return path
+
+
+def mbpp(data_dir: str | Path) -> list[Example]:
+    """MBPP (974 problems, CC-BY-4.0): the task text and its first test as prompt, the code as response."""
+    rows = read_jsonl(data_file(data_dir, "mbpp/mbpp.jsonl"))
+    return [Example(f'"""{r["text"]}\n{r["test_list"][0]}\n"""\n', r["code"].replace("\r\n", "\n") + "\n",
+                    {"task_id": r["task_id"], "test_list": r["test_list"],
+                     "test_setup_code": r.get("test_setup_code", "")}) for r in rows]
+
+
+def humaneval_x(data_dir: str | Path, language: str = "js") -> list[Example]:
+    """HumanEval-X (164 problems per language, Apache-2.0): prompt and reference solution."""
+    if language not in HUMANEVAL_X_LANGUAGES:
+        choices = ", ".join(HUMANEVAL_X_LANGUAGES)
+        raise ValueError(f"HumanEval-X language {language!r} is not available; choose {choices}")
+    rows = read_jsonl(data_file(data_dir, f"humaneval-x/humaneval_{language}.jsonl.gz"))
+    return [Example(r["prompt"], r["canonical_solution"], {"task_id": r["task_id"], "test": r["test"],
+                                                           "language": language}) for r in rows]
+
+
+def spider(data_dir: str | Path) -> list[Example]:
+    """Spider dev (1,034 questions, CC BY-SA 4.0): schema and question as prompt, the gold SQL as response."""
+    with data_file(data_dir, "spider/spider_dev.json").open(encoding="utf-8") as fh:
+        rows = json.load(fh)
+    examples = []
+    for r in rows:
+        schema = "\n".join(f"-- {table}({', '.join(cols)})" for table, cols in r["db_tables"].items())
+        prompt = f"-- database: {r['db']}\n{schema}\n-- question: {r['query']}\n"
+        examples.append(Example(prompt, r["gold"].strip() + ";\n", {"db": r["db"], "hardness": r["hardness"]}))
+    return examples
+
+
+def nl2bash(data_dir: str | Path) -> list[Example]:
+    """NL2Bash (12,607 pairs, MIT): the description as a comment prompt, the command as response."""
+    nl = data_file(data_dir, "nl2bash/all.nl").read_text(encoding="utf-8").splitlines()
+    cm = data_file(data_dir, "nl2bash/all.cm").read_text(encoding="utf-8").splitlines()
+    if len(nl) != len(cm):
+        raise ValueError(f"nl2bash/all.nl has {len(nl)} lines but all.cm has {len(cm)}: the files must be aligned")
+    return [Example(f"# {d.strip()}\n", c.strip() + "\n") for d, c in zip(nl, cm, strict=True) if d.strip()]
+
+
+def codealpaca(data_dir: str | Path) -> list[Example]:
+    """CodeAlpaca 2k (CC BY-NC 4.0): instruction (+ input) as prompt, output as response."""
+    with data_file(data_dir, "codealpaca/code_alpaca_2k.json").open(encoding="utf-8") as fh:
+        rows = json.load(fh)
+    return [Example(r["instruction"] + (f"\n{r['input']}" if r.get("input") else "") + "\n", r["output"] + "\n")
+            for r in rows]

