@@ -14,16 +14,15 @@ pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def model():
     config = DyLoRAConfig(device="cpu")
-    config.novelty.max_examples = 8
-    config.novelty.max_length = 128
+    config.novelty.max_examples = 16
     return DyLoRAMoE.from_config(config).eval()
 
 
 def test_default_model_adds_skills_routes_and_generates(model):
     assert model.backbone.config.num_hidden_layers == 30
-    python = model.add_new_skill([e.text for e in humaneval()[:8]], name="python")
-    verilog = model.add_new_skill([e.text for e in verilogeval()[:8]], name="verilog")
-    again = model.add_new_skill([e.text for e in humaneval()[8:16]], name="python again")
+    python = model.add_new_skill(humaneval()[:16], name="python")
+    verilog = model.add_new_skill(verilogeval()[:16], name="verilog")
+    again = model.add_new_skill(humaneval()[16:32], name="python again")
     assert python.is_novel and verilog.is_novel and not again.is_novel
     assert again.expert_id == python.expert_id and model.num_experts == 2
     assert model.router.strategy == "dense"

@@ -14,6 +14,7 @@ RANK_RULES = ("fixed", "novelty")
 GRANULARITIES = ("sequence", "token")
 MIXING_MODES = ("fused", "reference")
 DTYPES = ("float32", "bfloat16", "float16")
+EMBED_ON = ("response", "text")
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -105,12 +106,17 @@ class NoveltyConfig:
     Args:
         similarity_threshold: data whose embedding has a cosine similarity below this with every known skill
             is a new skill.
+        embed_on: which part of an example is embedded: ``response`` (what the skill produces: code in one
+            language, SQL, shell...) or ``text`` (prompt + response, the spec's choice). Prompts of different
+            skills often share their language (English task statements), which pulls their embeddings
+            together; ``benchmarks/novelty_margin.py`` measures both.
         max_examples: at most this many examples of a skill are embedded.
         max_length: examples are truncated to this many tokens when embedded.
         batch_size: examples per forward pass while embedding.
     """
 
-    similarity_threshold: float = field(default=0.99, metadata={"help": "cosine similarity below = novel"})
+    similarity_threshold: float = field(default=0.985, metadata={"help": "cosine similarity below = novel"})
+    embed_on: str = field(default="response", metadata={"help": "response | text"})
     max_examples: int = field(default=64, metadata={"help": "examples embedded per skill"})
     max_length: int = field(default=256, metadata={"help": "tokens per embedded example"})
     batch_size: int = field(default=8, metadata={"help": "examples per embedding batch"})
@@ -118,6 +124,7 @@ class NoveltyConfig:
     def __post_init__(self) -> None:
         if not -1.0 <= self.similarity_threshold <= 1.0:
             raise ValueError(f"similarity_threshold must be in [-1, 1], got {self.similarity_threshold}")
+        _choice("embed_on", self.embed_on, EMBED_ON)
         for name in ("max_examples", "max_length", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

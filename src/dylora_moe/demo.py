@@ -79,7 +79,7 @@ def run(out: Path, *, model_name: str = "default", max_examples: int = 48, new_t
         for skill in DEFAULT_STREAM:
             progress.update(task, description=f"embedding {skill.name}")
             train, held_out = split(skill.load()[skill.start : skill.stop])
-            result = model.add_new_skill([e.text for e in train[:max_examples]], name=skill.name)
+            result = model.add_new_skill(train[:max_examples], name=skill.name)
             decisions.append((skill, result, train, held_out))
             progress.advance(task)
     console.print(novelty_table(decisions))

@@ -24,10 +24,12 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .backbone import load_backbone, untie_lm_head
 from .config import DyLoRAConfig
+from .data.sources import Example
 from .events import EXPERT_CREATED, EXPERT_DELETED, SKILL_RECOGNISED, EventLog
 from .experts import ExpertManager, ExpertMixture, MixturePlan, decoder_layers, expert_rank
 from .novelty import NoveltyDetector, NoveltyResult, SkillLibrary
 from .routing import DynamicHybridRouter, RouterOutput
+from .routing.losses import rehearsal_loss
 
 
 @dataclass
@@ -37,11 +39,13 @@ class DyLoRAOutput(CausalLMOutputWithPast):
     routing_weights: [B, E] or [B, T, E] mixing weights over experts (zeros for unselected experts).
     router_logits: gate logits of the same shape, for auxiliary losses.
     routing_strategy: ``dense`` or ``sparse``.
+    rehearsal_loss: gate cross-entropy on stored routing features, when the forward was given some.
     """
 
     routing_weights: Tensor | None = None
     router_logits: Tensor | None = None
     routing_strategy: str | None = None
+    rehearsal_loss: Tensor | None = None
 
 
 class _RoutingComputed(Exception):
@@ -158,9 +162,10 @@ class DyLoRAMoE(nn.Module):
 
     # ------------------------------------------------------------------ skills
     @torch.no_grad()
-    def embed(self, data: Sequence[str] | Tensor | dict) -> tuple[Tensor, int]:
+    def embed(self, data: Sequence[str | Example] | Tensor | dict) -> tuple[Tensor, int]:
         """Skill embedding (spec 3.1.3): mean over examples and tokens of the unit-normalised final hidden
-        states of the frozen backbone. Returns the [H] embedding and the number of examples used."""
+        states of the frozen backbone. ``Example`` items are embedded on the part ``novelty.embed_on`` names;
+        strings and token ids as given. Returns the [H] embedding and the number of examples used."""
         cfg = self.config.novelty
         batches, count = self._batches(data, cfg.max_examples, cfg.max_length, cfg.batch_size), 0
         total = None
@@ -175,7 +180,7 @@ class DyLoRAMoE(nn.Module):
             raise ValueError("skill data is empty: give at least one example")
         return total / count, count
 
-    def add_new_skill(self, data: Sequence[str] | Tensor | dict, name: str | None = None) -> NoveltyResult:
+    def add_new_skill(self, data: Sequence[str | Example] | Tensor | dict, name: str | None = None) -> NoveltyResult:
         """Spec 3.1.3: embed the data; when novel, mark the previous expert mature and create an expert, a gate
         column and a library entry; otherwise fold the data into the nearest known skill."""
         embedding, count = self.embed(data)
@@ -209,7 +214,9 @@ class DyLoRAMoE(nn.Module):
             return
         if self.tokenizer is None:
             raise ValueError("text data needs a tokenizer; pass token ids or build the model with a tokenizer")
-        texts = [t for t in list(data)[:limit] if isinstance(t, str) and t.strip()]
+        on_response = self.config.novelty.embed_on == "response"
+        texts = [(d.response if on_response else d.text) if isinstance(d, Example) else d for d in list(data)[:limit]]
+        texts = [t for t in texts if isinstance(t, str) and t.strip()]
         for i in range(0, len(texts), batch_size):
             enc = self.tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True,
                                  truncation=True, max_length=max_length)
@@ -318,9 +325,20 @@ class DyLoRAMoE(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         labels: Tensor | None = None,
+        rehearsal: tuple[Tensor, Tensor] | None = None,
         **kwargs,
     ) -> DyLoRAOutput:
-        """input_ids, attention_mask, labels: [B, T]. Other keyword arguments go to the backbone."""
+        """input_ids, attention_mask, labels: [B, T]. ``rehearsal`` = (features [M, H], expert columns [M]) of
+        stored examples adds the gate's cross-entropy on them as ``rehearsal_loss`` (inside the forward, so a
+        DDP-wrapped model reduces its gradient like any other). Other keyword arguments go to the backbone."""
+        out = self._forward(input_ids, attention_mask, labels, **kwargs)
+        if rehearsal is not None:
+            features, columns = rehearsal
+            out.rehearsal_loss = rehearsal_loss(self.router(features).logits, columns, self.router.temperature)
+        return out
+
+    def _forward(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor | None,
+                 **kwargs) -> DyLoRAOutput:
         if self.num_experts == 0:
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
             return DyLoRAOutput(loss=out.loss, logits=out.logits, past_key_values=out.past_key_values)

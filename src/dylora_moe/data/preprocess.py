@@ -1,0 +1,78 @@
+"""Examples -> token ids with ``datasets``: chat formatting, loss only on response tokens, optional packing.
+
+Prompt and response are tokenised separately and concatenated, so the boundary is exact whatever the
+tokenizer merges. Labels are ``-100`` on prompt tokens. With packing (spec 4.1) whole examples are
+concatenated into blocks of at most ``max_length`` tokens; the first token of every packed example is
+never a label, so no example is trained to follow the previous one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import datasets
+from transformers import PreTrainedTokenizerBase
+
+from .sources import Example
+
+IGNORE = -100
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool) -> str:
+    """The prompt as the model sees it: a user turn of the chat template when asked for and available."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt
+
+
+def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example, *, chat: bool,
+                   max_length: int) -> dict[str, list[int]] | None:
+    """input_ids / labels of one example, truncated to ``max_length``; ``None`` if no response token fits."""
+    prompt_ids = tokenizer(render_prompt(tokenizer, example.prompt, chat), add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        response_ids = [*response_ids, tokenizer.eos_token_id]
+    if tokenizer.bos_token_id is not None and not chat and getattr(tokenizer, "add_bos_token", False):
+        prompt_ids = [tokenizer.bos_token_id, *prompt_ids]
+    ids = (prompt_ids + response_ids)[:max_length]
+    labels = ([IGNORE] * len(prompt_ids) + response_ids)[:max_length]
+    if all(label == IGNORE for label in labels):
+        return None
+    return {"input_ids": ids, "labels": labels}
+
+
+def pack(rows: Sequence[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
+    """Greedy packing of whole examples into blocks of at most ``max_length`` tokens."""
+    blocks: list[dict[str, list[int]]] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    for row in rows:
+        if ids and len(ids) + len(row["input_ids"]) > max_length:
+            blocks.append({"input_ids": ids, "labels": labels})
+            ids, labels = [], []
+        ids = ids + row["input_ids"]
+        labels = [*labels, IGNORE, *row["labels"][1:]]  # never predict an example from the one before
+    if ids:
+        blocks.append({"input_ids": ids, "labels": labels})
+    return blocks
+
+
+def build_dataset(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], *, max_length: int = 256,
+                  chat: bool = True, packing: bool = False) -> datasets.Dataset:
+    """A ``datasets.Dataset`` with ``input_ids``, ``attention_mask`` and ``labels`` columns."""
+    if not examples:
+        raise ValueError("no examples to tokenise: the skill's split is empty")
+    raw = datasets.Dataset.from_list([{"prompt": e.prompt, "response": e.response} for e in examples])
+
+    def encode(record):
+        row = encode_example(tokenizer, Example(record["prompt"], record["response"]), chat=chat,
+                             max_length=max_length)
+        return row or {"input_ids": [], "labels": []}
+
+    encoded = raw.map(encode, remove_columns=raw.column_names, desc="tokenising")
+    encoded = encoded.filter(lambda r: len(r["input_ids"]) > 0)
+    if len(encoded) == 0:
+        raise ValueError(f"every example was truncated away at max_length={max_length}: raise max_length")
+    rows = pack(list(encoded), max_length) if packing else list(encoded)
+    return datasets.Dataset.from_list([{**r, "attention_mask": [1] * len(r["input_ids"])} for r in rows])

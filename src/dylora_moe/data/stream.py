@@ -1,0 +1,258 @@
+"""Skill streams: an ordered list of skills, each with a source, a format and a train/eval split.
+
+A stream is written in YAML (see ``configs/streams/``) or built from the same dataclasses in Python. The
+stream says where data comes from; it says nothing about novelty: the detector decides whether a step
+brings a new skill or more of a known one.
+
+    name: demo
+    skills:
+      - name: python
+        source: {type: builtin, name: humaneval, stop: 82}
+      - name: sql
+        source: {type: builtin, name: spider, stop: 200}
+        requires_data_dir: true
+      - name: my-notes
+        source: {type: file, path: notes.jsonl}
+        format: {prompt: "{question}", response: "{answer}"}
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import from_dict
+from .sources import (
+    Example,
+    codealpaca,
+    humaneval,
+    humaneval_x,
+    mbpp,
+    nl2bash,
+    read_jsonl,
+    spider,
+    verilogeval,
+)
+
+SOURCE_TYPES = ("builtin", "file", "hf")
+# name -> (reader, needs a data directory)
+BUILTINS: dict[str, tuple[Callable[..., list[Example]], bool]] = {
+    "humaneval": (lambda data_dir, **kw: humaneval(), False),
+    "verilogeval": (lambda data_dir, split="Human", **kw: verilogeval(split), False),
+    "mbpp": (lambda data_dir, **kw: mbpp(data_dir), True),
+    "humaneval-x": (lambda data_dir, language="js", **kw: humaneval_x(data_dir, language), True),
+    "spider": (lambda data_dir, **kw: spider(data_dir), True),
+    "nl2bash": (lambda data_dir, **kw: nl2bash(data_dir), True),
+    "codealpaca": (lambda data_dir, **kw: codealpaca(data_dir), True),
+}
+
+
+@dataclass
+class SkillSource:
+    """Where a skill's examples come from.
+
+    Args:
+        type: ``builtin`` (a reader of this package), ``file`` (local JSON/JSONL/CSV/text) or ``hf`` (a
+            Hugging Face dataset, for machines with hub access or a local dataset cache).
+        name: builtin name (humaneval, verilogeval, mbpp, humaneval-x, spider, nl2bash, codealpaca) or the
+            HF dataset name.
+        path: file path for ``file`` sources (relative paths resolve against the stream file's folder).
+        config: HF dataset config. split: HF split, or the VerilogEval split (Human / Machine).
+        language: HumanEval-X language (python, js, cpp, java).
+        start, stop: the slice of the source's examples this skill uses.
+    """
+
+    type: str = "builtin"
+    name: str | None = None
+    path: str | None = None
+    config: str | None = None
+    split: str | None = None
+    language: str | None = None
+    start: int = 0
+    stop: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.type not in SOURCE_TYPES:
+            raise ValueError(f"source type {self.type!r} is not supported; choose one of {', '.join(SOURCE_TYPES)}")
+        if self.type == "builtin" and self.name not in BUILTINS:
+            raise ValueError(f"unknown builtin source {self.name!r}; choose one of {', '.join(BUILTINS)}")
+        if self.type == "file" and not self.path:
+            raise ValueError("a file source needs `path`")
+        if self.type == "hf" and not self.name:
+            raise ValueError("an hf source needs `name` (the dataset id)")
+
+
+@dataclass
+class SkillFormat:
+    """How a record becomes prompt and response: ``str.format`` templates over the record's columns.
+
+    Builtin sources already have ``prompt`` and ``response`` columns. ``chat`` wraps the prompt in the
+    model's chat template (when it has one) as a user turn.
+    """
+
+    prompt: str = "{prompt}"
+    response: str = "{response}"
+    chat: bool = True
+
+
+@dataclass
+class SkillSpec:
+    """One step of a stream.
+
+    Args:
+        name: label in reports.
+        source, format: see ``SkillSource`` and ``SkillFormat``.
+        eval_share: share of the examples held out for evaluation (chosen by content hash, so an example is
+            never in both splits, even when a later step repeats the skill with other examples).
+        max_train, max_eval: caps on the number of examples used.
+        requires_data_dir: skip this step (with a notice) when no data directory is given.
+    """
+
+    name: str
+    source: SkillSource = field(default_factory=SkillSource)
+    format: SkillFormat = field(default_factory=SkillFormat)
+    eval_share: float = 0.2
+    max_train: int | None = None
+    max_eval: int | None = None
+    requires_data_dir: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.source, dict):
+            self.source = from_dict(SkillSource, self.source)
+        if isinstance(self.format, dict):
+            self.format = from_dict(SkillFormat, self.format)
+        if not 0.0 < self.eval_share < 1.0:
+            raise ValueError(f"skill {self.name!r}: eval_share must be in (0, 1), got {self.eval_share}")
+
+
+@dataclass
+class StreamSpec:
+    name: str
+    skills: list[SkillSpec]
+
+    def __post_init__(self) -> None:
+        self.skills = [from_dict(SkillSpec, s) if isinstance(s, dict) else s for s in self.skills]
+        if not self.skills:
+            raise ValueError(f"stream {self.name!r} has no skills")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def active(self, data_dir: str | Path | None) -> list[SkillSpec]:
+        """The steps that run: those needing a data directory only when one is given."""
+        return [s for s in self.skills if data_dir or not s.requires_data_dir]
+
+
+def load_stream(path: str | Path) -> StreamSpec:
+    """Read and validate a stream file; every problem is reported with the file and the skill it is in."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"stream file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict) or not isinstance(data.get("skills"), list):
+        raise ValueError(f"{path}: expected a mapping with a `skills` list (and optionally `name`)")
+    skills = []
+    for i, raw in enumerate(data["skills"]):
+        if not isinstance(raw, dict) or "name" not in raw:
+            raise ValueError(f"{path}: skill #{i} must be a mapping with a `name`")
+        try:
+            skill = from_dict(SkillSpec, raw)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: skill #{i} ({raw.get('name')}): {err}") from err
+        if skill.source.type == "file" and not Path(skill.source.path).is_absolute():
+            skill.source.path = str(path.parent / skill.source.path)
+        skills.append(skill)
+    return StreamSpec(name=data.get("name", path.stem), skills=skills)
+
+
+# ---------------------------------------------------------------- examples
+def load_examples(skill: SkillSpec, data_dir: str | Path | None = None) -> list[Example]:
+    """The formatted examples of one skill (its slice of the source), before the train/eval split."""
+    src = skill.source
+    if src.type == "builtin":
+        reader, needs_dir = BUILTINS[src.name]
+        if needs_dir and data_dir is None:
+            raise FileNotFoundError(f"skill {skill.name!r}: source {src.name} reads a data directory; pass --data-dir")
+        kwargs = {k: v for k, v in (("split", src.split), ("language", src.language)) if v}
+        records = [{"prompt": e.prompt, "response": e.response, **e.meta} for e in reader(data_dir, **kwargs)]
+    elif src.type == "file":
+        records = read_records(Path(src.path))
+    else:
+        records = read_hf(src)
+    records = records[src.start : src.stop]
+    examples = [format_record(skill, r, i) for i, r in enumerate(records)]
+    examples = [e for e in examples if e.prompt.strip() or e.response.strip()]
+    if not examples:
+        raise ValueError(f"skill {skill.name!r}: the source gave no examples (check start/stop and the file)")
+    return examples
+
+
+def format_record(skill: SkillSpec, record: dict[str, Any], index: int) -> Example:
+    try:
+        prompt = skill.format.prompt.format(**record)
+        response = skill.format.response.format(**record)
+    except KeyError as err:
+        columns = ", ".join(sorted(record))
+        raise ValueError(f"skill {skill.name!r}: record {index} has no column {err}; its columns are: {columns}. "
+                         "Map them with `format: {prompt: ..., response: ...}`") from err
+    meta = {k: v for k, v in record.items() if k not in ("prompt", "response")}
+    return Example(prompt, response, meta)
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Records of a local file: .jsonl/.jsonl.gz, .json (a list, or a dict holding one), .csv, or .txt (one
+    example per line, as ``response`` with an empty ``prompt``)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} not found")
+    name = path.name.lower()
+    try:
+        if name.endswith((".jsonl", ".jsonl.gz")):
+            return read_jsonl(path)
+        if name.endswith(".json"):
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict):
+                data = next((v for v in data.values() if isinstance(v, list)), None)
+            if not isinstance(data, list):
+                raise ValueError("expected a list of records")
+            return data
+        if name.endswith(".csv"):
+            with path.open(newline="", encoding="utf-8") as fh:
+                return list(csv.DictReader(fh))
+        if name.endswith(".txt"):
+            lines = path.read_text(encoding="utf-8").splitlines()
+            return [{"prompt": "", "response": line} for line in lines if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, csv.Error) as err:
+        raise ValueError(f"cannot read {path}: {err}") from err
+    raise ValueError(f"{path}: unsupported file type; use .jsonl, .json, .csv or .txt")
+
+
+def read_hf(src: SkillSource) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(src.name, src.config, split=src.split or "train")
+    except Exception as err:  # datasets raises many types for unreachable or unknown datasets
+        raise ValueError(f"cannot load Hugging Face dataset {src.name!r} ({src.config}, {src.split}): {err}. "
+                         "Without hub access use a file source or a builtin one.") from err
+    return [dict(r) for r in ds]
+
+
+def split_examples(examples: list[Example], eval_share: float) -> tuple[list[Example], list[Example]]:
+    """Train/eval split by a hash of each example's content: stable across runs and slices, never leaking."""
+    train, held = [], []
+    for e in examples:
+        h = int(hashlib.sha256(e.text.encode("utf-8")).hexdigest()[:8], 16) / 0xFFFFFFFF
+        (held if h < eval_share else train).append(e)
+    if not train or not held:
+        raise ValueError(f"{len(examples)} examples are too few to split with eval_share={eval_share}")
+    return train, held

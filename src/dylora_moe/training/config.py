@@ -1,0 +1,56 @@
+"""Training configuration of the continual loop: the two phases, the router, rehearsal, logging."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TrainingConfig:
+    """How each skill is learned (spec 4.3-4.5).
+
+    Args:
+        seed_steps, seed_lr: phase 1, few-shot high-rate seeding of a new expert.
+        consolidation_steps, consolidation_lr: phase 2, low-rate consolidation; a recognised (not novel)
+            skill gets only this phase, on the expert it was matched to.
+        router_lr: learning rate of the gate, trained in parallel with the expert in both phases.
+        batch_size, grad_accum: optimizer batch = batch_size * grad_accum sequences (per process).
+        max_length: tokens per training sequence. packing: pack whole examples into sequences.
+        rehearsal_per_skill: routing features of this many training examples per skill are kept, and the
+            gate rehearses all of them at every step so it does not forget where earlier skills go.
+        rehearsal_weight: weight of that cross-entropy in the loss (0 turns rehearsal off).
+        balance_weight: weight of the load-balancing auxiliary loss (Switch Transformer form), 0 = off.
+        eval_batch_size: sequences per evaluation forward.
+        report_to: Trainer loggers (tensorboard, wandb, mlflow when installed; "none" for none).
+        seed: seeds expert initialisation and data order.
+        logging_steps: Trainer logging interval.
+    """
+
+    seed_steps: int = field(default=8, metadata={"help": "phase-1 (seeding) optimizer steps"})
+    seed_lr: float = field(default=2e-3, metadata={"help": "phase-1 learning rate"})
+    consolidation_steps: int = field(default=16, metadata={"help": "phase-2 (consolidation) optimizer steps"})
+    consolidation_lr: float = field(default=3e-4, metadata={"help": "phase-2 learning rate"})
+    router_lr: float = field(default=1e-2, metadata={"help": "gate learning rate"})
+    batch_size: int = field(default=4, metadata={"help": "sequences per step and process"})
+    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
+    max_length: int = field(default=256, metadata={"help": "tokens per training sequence"})
+    packing: bool = field(default=False, metadata={"help": "pack examples into full sequences"})
+    rehearsal_per_skill: int = field(default=64, metadata={"help": "stored routing samples per skill"})
+    rehearsal_weight: float = field(default=1.0, metadata={"help": "weight of router rehearsal loss"})
+    balance_weight: float = field(default=0.0, metadata={"help": "weight of load-balancing loss"})
+    eval_batch_size: int = field(default=8, metadata={"help": "sequences per eval forward"})
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={"help": "Trainer loggers"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    logging_steps: int = field(default=4, metadata={"help": "Trainer logging interval"})
+
+    def __post_init__(self) -> None:
+        if self.seed_steps < 0 or self.consolidation_steps < 0 or self.seed_steps + self.consolidation_steps == 0:
+            raise ValueError("seed_steps and consolidation_steps must be >= 0 and not both 0")
+        for name in ("seed_lr", "consolidation_lr", "router_lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if isinstance(self.report_to, str):
+            self.report_to = [self.report_to]

@@ -1,0 +1,85 @@
+"""``DyLoRATrainer``: the Hugging Face Trainer with the two-phase schedule and the router's extra losses.
+
+Only the documented extension points change: ``create_optimizer`` (one group for the trainable expert, one
+for the gate), ``create_scheduler`` (the two-phase ``LambdaLR``), ``compute_loss`` (router rehearsal and
+the optional load-balancing loss) and ``log`` (their running means).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Trainer
+
+from ..routing.losses import load_balancing_loss
+from .config import TrainingConfig
+from .rehearsal import RoutingMemory
+from .schedule import two_phase_scheduler
+
+
+class DyLoRATrainer(Trainer):
+    """Trains the experts and gate that require gradients on one skill.
+
+    Args:
+        training: rates, phase lengths and loss weights.
+        seed_steps: steps of phase 1 for this run (0 for a recognised skill: consolidation only).
+        memory: stored routing features rehearsed by the gate at every step.
+    """
+
+    def __init__(self, *args, training: TrainingConfig, seed_steps: int, memory: RoutingMemory | None = None,
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.training = training
+        self.seed_steps = seed_steps
+        self.memory = memory
+        self._extra: dict[str, list[float]] = {}
+
+    def _core(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            core = self._core()
+            router = {id(p) for p in core.router.parameters()}
+            experts = [p for p in core.parameters() if p.requires_grad and id(p) not in router]
+            gate = [p for p in core.router.parameters() if p.requires_grad]
+            groups = [{"params": experts, "lr": self.training.seed_lr}]
+            if gate:
+                groups.append({"params": gate, "lr": self.training.router_lr, "weight_decay": 0.0})
+            self.optimizer = torch.optim.AdamW(groups, weight_decay=self.args.weight_decay)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            optimizer = optimizer or self.optimizer
+            self.lr_scheduler = two_phase_scheduler(
+                optimizer, seed_steps=self.seed_steps, seed_lr=self.training.seed_lr,
+                consolidation_lr=self.training.consolidation_lr,
+                constant_groups=tuple(range(1, len(optimizer.param_groups))),
+            )
+        return self.lr_scheduler
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        core = self._core()
+        if self.memory is not None and self.training.rehearsal_weight > 0:
+            inputs = {**inputs, "rehearsal": self.memory.batch(core.experts.expert_ids, core.device)}
+        outputs = model(**inputs)
+        loss = outputs.loss
+        self._note("task_loss", loss)
+        if outputs.rehearsal_loss is not None:
+            loss = loss + self.training.rehearsal_weight * outputs.rehearsal_loss
+            self._note("rehearsal_loss", outputs.rehearsal_loss)
+        if self.training.balance_weight > 0 and outputs.router_logits is not None:
+            balance = load_balancing_loss(outputs.router_logits, core.router.temperature)
+            loss = loss + self.training.balance_weight * balance
+            self._note("balance_loss", balance)
+        return (loss, outputs) if return_outputs else loss
+
+    def _note(self, name: str, value: torch.Tensor) -> None:
+        self._extra.setdefault(name, []).append(float(value.detach()))
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        for name, values in self._extra.items():
+            if values:
+                logs[name] = sum(values) / len(values)
+        self._extra = {}
+        super().log(logs, *args, **kwargs)
