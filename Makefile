@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(VENV)/bin/dylora demo --out runs/demo
+	$(VENV)/bin/dylora train --stream configs/streams/default.yaml --out runs/demo $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 test: setup
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -8,10 +8,24 @@ from dylora_moe.cli import main
 
 
 def test_unknown_model_exits_2_with_a_message(tmp_path, capsys):
-    assert main(["demo", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
+    (tmp_path / "s.yaml").write_text("skills:\n  - name: he\n    source: {type: builtin, name: humaneval}\n")
+    argv = ["train", "--stream", str(tmp_path / "s.yaml"), "--model", str(tmp_path / "missing"), "--out", str(tmp_path)]
+    assert main(argv) == 2
     assert "cannot load model" in capsys.readouterr().err
 
 
 def test_a_command_is_required():
     with pytest.raises(SystemExit):
         main([])
+
+
+def test_train_dry_run_validates_a_stream(tmp_path, capsys):
+    import json
+
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"prompt": f"p{i}", "response": f"r{i}"})
+                                                for i in range(30)))
+    (tmp_path / "s.yaml").write_text("skills:\n  - name: a\n    source: {type: file, path: a.jsonl}\n")
+    assert main(["train", "--stream", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o"), "--dry-run"]) == 0
+    (tmp_path / "bad.yaml").write_text("skills:\n  - name: a\n    source: {type: file, path: missing.jsonl}\n")
+    assert main(["train", "--stream", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "o"), "--dry-run"]) == 2
+    assert "missing.jsonl not found" in capsys.readouterr().err

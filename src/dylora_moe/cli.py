@@ -1,25 +1,35 @@
-"""The ``dylora`` command line: ``main(argv) -> int``."""
+"""The ``dylora`` command line: ``main(argv) -> int``.
+
+    dylora train --stream configs/streams/default.yaml --out runs/demo [--data-dir ../shared/data]
+    dylora train --stream my.yaml --out runs/x --dry-run        # validate the stream and its data only
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.table import Table
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dylora", description="Continual skill acquisition with LoRA experts.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="add a stream of real skills to the default model and show the routing")
-    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for report.md and events.jsonl")
-    demo.add_argument("--model", default="default", help="HF model id, local folder or 'default'")
-    demo.add_argument("--max-examples", type=int, default=48, help="training examples embedded per skill")
-    demo.add_argument("--new-tokens", type=int, default=48, help="tokens per sample completion")
+    train = sub.add_parser("train", help="run a skill stream through the model and write a report")
+    train.add_argument("--stream", type=Path, required=True, help="stream YAML (see configs/streams/)")
+    train.add_argument("--out", type=Path, required=True, help="output folder (report, plots, logs, events)")
+    train.add_argument("--model", default=None, help="HF model id, local folder or 'default' (overrides the stream)")
+    train.add_argument("--data-dir", default=None, help="folder with datasets for builtin sources (../shared/data)")
+    train.add_argument("--dry-run", action="store_true", help="validate the stream and load its data, no training")
+    train.add_argument("--seed-steps", type=int, default=None, help="override training.seed_steps")
+    train.add_argument("--consolidation-steps", type=int, default=None, help="override training.consolidation_steps")
+    train.add_argument("--max-train", type=int, default=None, help="cap training examples per skill")
     return parser
 
 
@@ -29,15 +39,99 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])
     try:
-        if args.command == "demo":
-            from .demo import run
-
-            run(args.out, model_name=args.model, max_examples=args.max_examples, new_tokens=args.new_tokens,
-                console=Console())
+        if args.command == "train":
+            return train(args, Console())
     except (ValueError, FileNotFoundError, KeyError) as err:
-        console.print(f"[red]error:[/] {err}")
+        console.print(f"[red]error:[/] {err}", soft_wrap=True, markup=True)
         return 2
     return 0
+
+
+def train(args: argparse.Namespace, console: Console) -> int:
+    from .config import DyLoRAConfig
+    from .data.stream import load_examples, load_stream, split_examples
+    from .training.config import TrainingConfig
+
+    stream = load_stream(args.stream)
+    system = DyLoRAConfig.from_dict({**stream.system, **({"model": args.model} if args.model else {})})
+    overrides = {k: v for k, v in (("seed_steps", args.seed_steps),
+                                   ("consolidation_steps", args.consolidation_steps)) if v is not None}
+    training = TrainingConfig(**{**stream.training, **overrides})
+    skills = stream.active(args.data_dir)
+    skipped = [s.name for s in stream.skills if s not in skills]
+    if skipped:
+        console.print(f"skipping {', '.join(skipped)}: they need --data-dir")
+    if args.max_train is not None:
+        for s in skills:
+            s.max_train = min(s.max_train or args.max_train, args.max_train)
+    if args.dry_run:
+        table = Table(title=f"stream {stream.name} (dry run)")
+        for col in ("step", "skill", "source", "examples", "train", "eval"):
+            table.add_column(col)
+        for i, s in enumerate(skills):
+            examples = load_examples(s, args.data_dir)
+            tr, ev = split_examples(examples, s.eval_share)
+            table.add_row(str(i), s.name, s.source.name or s.source.path or "", str(len(examples)),
+                          str(len(tr[: s.max_train])), str(len(ev[: s.max_eval])))
+        console.print(table)
+        console.print(f"model {system.model}; training {training}")
+        return 0
+    return run_training(args, stream, system, training, console)
+
+
+def run_training(args, stream, system, training, console: Console) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .evaluation.report import write_report
+    from .model import DyLoRAMoE
+    from .training.loop import ContinualLearner
+
+    start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "events.jsonl").unlink(missing_ok=True)
+    with console.status(f"loading {system.model} (the first run converts the default model, ~20 s)"):
+        model = DyLoRAMoE.from_config(system).eval()
+    model.events.attach_file(args.out / "events.jsonl")
+    console.print(f"loaded {system.model} on {model.device} in {time.perf_counter() - start:.1f}s")
+    learner = ContinualLearner(model, stream, training, args.out, data_dir=args.data_dir)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("stream", total=len(learner.skills))
+
+        def say(message: str) -> None:
+            progress.update(task, description=message)
+            progress.console.print(message)
+
+        for i in range(len(learner.skills)):
+            learner.run_step(i, say)
+            progress.advance(task)
+    seconds = time.perf_counter() - start
+    summary = write_report(args.out, learner.records, stream=stream.name, model=system.model,
+                           experts=model.experts.expert_ids, seconds=seconds, sources=DATA_NOTE)
+    console.print(summary_table(summary))
+    console.print(f"[bold]done in {seconds:.0f}s[/]: {summary['experts']} experts, routing accuracy "
+                  f"{summary['routing_accuracy']:.3f}, BWT {summary['bwt_loss']:+.4f} nats")
+    console.print(f"report: {args.out / 'report.md'}")
+    return 0
+
+
+def summary_table(summary: dict) -> Table:
+    table = Table(title=f"{summary['stream']}: loss after the whole stream")
+    for col in ("step", "skill", "novel", "expert", "loss just learned", "final loss", "routed right"):
+        table.add_column(col)
+    last = summary["loss_matrix"][-1]
+    for j, skill in enumerate(summary["skills"]):
+        table.add_row(str(j), skill, "yes" if summary["novel"][j] else "no", str(summary["expert_of_skill"][j]),
+                      f"{summary['loss_matrix'][j][j]:.3f}", f"{last[j]:.3f}",
+                      f"{summary['routing_accuracy_per_skill'][j]:.2f}")
+    return table
+
+
+DATA_NOTE = ("HumanEval (MIT, openai/human-eval); VerilogEval (Apache-2.0, NVIDIA); MBPP (CC-BY-4.0, "
+             "google-research); HumanEval-X (Apache-2.0, THUDM/CodeGeeX); Spider (CC BY-SA 4.0) in InterCode form "
+             "(MIT); NL2Bash (MIT, TellinaTool); CodeAlpaca (CC BY-NC 4.0). "
+             "Each is used only when the stream names it.")
 
 
 if __name__ == "__main__":

@@ -236,6 +236,16 @@ class DyLoRAMoE(nn.Module):
             return hidden
         return self._pool(hidden, attention_mask)
 
+    @torch.no_grad()
+    def routing_features_for(self, texts: Sequence[str], *, max_length: int = 256, batch_size: int = 8) -> Tensor:
+        """``routing_features`` of raw texts, tokenised as the model sees them: [N, H]."""
+        rows = []
+        for i in range(0, len(texts), batch_size):
+            enc = self.tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True,
+                                 truncation=True, max_length=max_length, add_special_tokens=False)
+            rows.append(self.routing_features(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)))
+        return torch.cat(rows)
+
     def _routing_hidden(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
         if self.config.router.route_layer is None:
             return self._frozen_final_hidden(input_ids, attention_mask)

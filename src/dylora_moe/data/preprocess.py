@@ -48,11 +48,12 @@ def pack(rows: Sequence[dict[str, list[int]]], max_length: int) -> list[dict[str
     ids: list[int] = []
     labels: list[int] = []
     for row in rows:
-        if ids and len(ids) + len(row["input_ids"]) > max_length:
+        row_ids, row_labels = row["input_ids"][:max_length], row["labels"][:max_length]
+        if ids and len(ids) + len(row_ids) > max_length:
             blocks.append({"input_ids": ids, "labels": labels})
             ids, labels = [], []
-        ids = ids + row["input_ids"]
-        labels = [*labels, IGNORE, *row["labels"][1:]]  # never predict an example from the one before
+        ids = ids + row_ids
+        labels = [*labels, IGNORE, *row_labels[1:]]  # never predict an example from the one before
     if ids:
         blocks.append({"input_ids": ids, "labels": labels})
     return blocks

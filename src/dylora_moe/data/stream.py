@@ -134,8 +134,13 @@ class SkillSpec:
 
 @dataclass
 class StreamSpec:
+    """A named list of skills; optional ``system`` (DyLoRAConfig fields) and ``training`` (TrainingConfig
+    fields) sections let one file describe a whole experiment."""
+
     name: str
     skills: list[SkillSpec]
+    system: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.skills = [from_dict(SkillSpec, s) if isinstance(s, dict) else s for s in self.skills]
@@ -172,7 +177,12 @@ def load_stream(path: str | Path) -> StreamSpec:
         if skill.source.type == "file" and not Path(skill.source.path).is_absolute():
             skill.source.path = str(path.parent / skill.source.path)
         skills.append(skill)
-    return StreamSpec(name=data.get("name", path.stem), skills=skills)
+    unknown = sorted(set(data) - {"name", "skills", "system", "training"})
+    if unknown:
+        raise ValueError(f"{path}: unknown top-level key(s) {', '.join(unknown)}; "
+                         "allowed: name, skills, system, training")
+    return StreamSpec(name=data.get("name", path.stem), skills=skills, system=data.get("system") or {},
+                      training=data.get("training") or {})
 
 
 # ---------------------------------------------------------------- examples

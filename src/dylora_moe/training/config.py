@@ -19,6 +19,9 @@ class TrainingConfig:
         rehearsal_per_skill: routing features of this many training examples per skill are kept, and the
             gate rehearses all of them at every step so it does not forget where earlier skills go.
         rehearsal_weight: weight of that cross-entropy in the loss (0 turns rehearsal off).
+        router_fit_steps: steps of a supervised gate fit on the stored features before the expert trains (so
+            the new skill routes to its new expert from the first step and the expert gets the whole gradient)
+            and after it (so every stored skill routes to its expert); 0 turns it off.
         balance_weight: weight of the load-balancing auxiliary loss (Switch Transformer form), 0 = off.
         eval_batch_size: sequences per evaluation forward.
         report_to: Trainer loggers (tensorboard, wandb, mlflow when installed; "none" for none).
@@ -37,6 +40,7 @@ class TrainingConfig:
     packing: bool = field(default=False, metadata={"help": "pack examples into full sequences"})
     rehearsal_per_skill: int = field(default=64, metadata={"help": "stored routing samples per skill"})
     rehearsal_weight: float = field(default=1.0, metadata={"help": "weight of router rehearsal loss"})
+    router_fit_steps: int = field(default=200, metadata={"help": "gate fit steps before/after each skill"})
     balance_weight: float = field(default=0.0, metadata={"help": "weight of load-balancing loss"})
     eval_batch_size: int = field(default=8, metadata={"help": "sequences per eval forward"})
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={"help": "Trainer loggers"})

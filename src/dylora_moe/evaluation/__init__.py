@@ -1,0 +1,1 @@
+"""Measurement: pure metric functions, in-loop evaluation, reports and plots."""

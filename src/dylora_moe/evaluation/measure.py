@@ -1,0 +1,43 @@
+"""In-loop measurement: eval loss on response tokens, and where each skill's examples are routed."""
+
+from __future__ import annotations
+
+import datasets
+import torch
+from transformers import DataCollatorForSeq2Seq
+
+from ..model import DyLoRAMoE
+
+
+def collator(model: DyLoRAMoE) -> DataCollatorForSeq2Seq:
+    """Pads input_ids with the pad token, attention_mask with 0 and labels with -100."""
+    return DataCollatorForSeq2Seq(model.tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
+
+
+@torch.no_grad()
+def eval_loss(model: DyLoRAMoE, dataset: datasets.Dataset, batch_size: int = 8) -> float:
+    """Token-weighted mean cross-entropy (nats) over the response tokens of ``dataset``."""
+    collate = collator(model)
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(dataset), batch_size):
+        batch = collate([dataset[k] for k in range(i, min(i + batch_size, len(dataset)))])
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]  # [B, T-1]
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+        total += float(losses)
+        count += int((labels != -100).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def routed_experts(model: DyLoRAMoE, features: torch.Tensor) -> list[int]:
+    """Top-1 expert id for each feature row [N, H] under the current routing strategy."""
+    if model.num_experts == 0:
+        return []
+    columns = model.router(features.to(model.device)).weights.argmax(-1).tolist()
+    return [model.experts.expert_ids[c] for c in columns]

@@ -1,0 +1,186 @@
+"""The continual-learning loop (spec 4 and lifecycle phases 4.1-4.5).
+
+For each step of a skill stream: the novelty detector decides whether the data is a new skill (phase 1);
+a new skill gets an expert (phase 2) trained with high-rate seeding (phase 3) then low-rate consolidation
+(phase 4), the gate learning in parallel while it rehearses where earlier skills go (phase 5); a known
+skill continues training its expert at the consolidation rate. After each step every skill seen so far is
+evaluated (loss on response tokens, routing of its held-out prompts), filling the loss matrix.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import transformers
+from transformers import TrainingArguments
+
+from ..data.preprocess import build_dataset, render_prompt
+from ..data.sources import Example
+from ..data.stream import SkillSpec, StreamSpec, load_examples, split_examples
+from ..evaluation.measure import collator, eval_loss, routed_experts
+from ..evaluation.metrics import routing_entropy
+from ..model import DyLoRAMoE
+from ..novelty import NoveltyResult
+from ..routing.fit import fit_gate
+from .config import TrainingConfig
+from .rehearsal import RoutingMemory
+from .trainer import DyLoRATrainer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepData:
+    """One stream step's data: the formatted examples and their token datasets."""
+
+    skill: SkillSpec
+    train: list[Example]
+    held_out: list[Example]
+    train_set: datasets.Dataset
+    eval_set: datasets.Dataset
+
+
+@dataclass
+class StepRecord:
+    """What happened at one step and what was measured after it."""
+
+    step: int
+    skill: str
+    novelty: NoveltyResult
+    train_examples: int
+    eval_examples: int
+    train_seconds: float
+    losses: list[float | None]  # eval loss on every stream step's skill (None: not yet seen)
+    routing: list[dict[int, float]]  # per seen step: expert id -> share of its held-out prompts
+    routing_entropy: list[float]
+    experts: int
+    train_log: list[dict] = field(default_factory=list)
+
+
+class ContinualLearner:
+    """Runs a stream through a ``DyLoRAMoE``.
+
+    Args:
+        model: the system (its tokenizer formats the data).
+        stream: the skills, in order.
+        training: rates, steps, rehearsal, logging.
+        out_dir: Trainer logs go to ``out_dir/logs``.
+        data_dir: folder of the datasets builtin sources read (e.g. ../shared/data).
+        before_skill, after_skill: hooks called with (step, skill) and (step, StepRecord).
+    """
+
+    def __init__(self, model: DyLoRAMoE, stream: StreamSpec, training: TrainingConfig, out_dir: str | Path, *,
+                 data_dir: str | Path | None = None, before_skill: Callable | None = None,
+                 after_skill: Callable | None = None) -> None:
+        self.model = model
+        self.stream = stream
+        self.training = training
+        self.out_dir = Path(out_dir)
+        self.data_dir = data_dir
+        self.skills = stream.active(data_dir)
+        self.memory = RoutingMemory(training.rehearsal_per_skill, seed=training.seed)
+        self.steps: list[StepData] = []
+        self.records: list[StepRecord] = []
+        self.before_skill = before_skill
+        self.after_skill = after_skill
+
+    # ------------------------------------------------------------------ data
+    def prepare(self, skill: SkillSpec) -> StepData:
+        examples = load_examples(skill, self.data_dir)
+        train, held = split_examples(examples, skill.eval_share)
+        train, held = train[: skill.max_train], held[: skill.max_eval]
+        cfg, tok = self.training, self.model.tokenizer
+        chat = skill.format.chat
+        return StepData(skill, train, held,
+                        build_dataset(tok, train, max_length=cfg.max_length, chat=chat, packing=cfg.packing),
+                        build_dataset(tok, held, max_length=cfg.max_length, chat=chat, packing=False))
+
+    def prompts(self, step: StepData, examples: list[Example]) -> list[str]:
+        return [render_prompt(self.model.tokenizer, e.prompt, step.skill.format.chat) for e in examples]
+
+    # ------------------------------------------------------------------ loop
+    def run(self, progress: Callable[[str], None] | None = None) -> list[StepRecord]:
+        for i in range(len(self.records), len(self.skills)):
+            self.run_step(i, progress)
+        return self.records
+
+    def run_step(self, i: int, progress: Callable[[str], None] | None = None) -> StepRecord:
+        say = progress or (lambda msg: logger.info(msg))
+        skill = self.skills[i]
+        if self.before_skill:
+            self.before_skill(i, skill)
+        say(f"[{i + 1}/{len(self.skills)}] loading {skill.name}")
+        data = self.prepare(skill)
+        self.steps.append(data)
+        transformers.set_seed(self.training.seed + i)  # identical experts on every process of a DDP run
+        result = self.model.add_new_skill(data.train, name=skill.name)
+        verdict = "new skill -> expert" if result.is_novel else "recognised as skill"
+        say(f"[{i + 1}/{len(self.skills)}] {skill.name}: {verdict} {result.expert_id} "
+            f"(similarity {result.similarity if result.similarity is None else round(result.similarity, 4)})")
+        self.remember(data, result)
+        start = time.perf_counter()
+        self.fit_router()
+        train_log = self.train_expert(i, data, result)
+        self.fit_router()
+        seconds = time.perf_counter() - start
+        self.model.mark_mature(result.expert_id)
+        say(f"[{i + 1}/{len(self.skills)}] evaluating {i + 1} skill(s)")
+        record = self.measure(i, data, result, seconds)
+        record.train_log = train_log
+        self.records.append(record)
+        if self.after_skill:
+            self.after_skill(i, record)
+        return record
+
+    def remember(self, data: StepData, result: NoveltyResult) -> None:
+        """Store routing features of the skill's training sequences and of their prompts alone (what the gate
+        sees when generating), for gate rehearsal."""
+        sample = data.train[: self.training.rehearsal_per_skill]
+        texts = [self.prompts(data, [e])[0] + e.response for e in sample] + self.prompts(data, sample)
+        feats = self.model.routing_features_for(texts, max_length=self.training.max_length)
+        self.memory.add(result.skill_id, result.expert_id, feats)
+
+    def fit_router(self) -> None:
+        batch = self.memory.batch(self.model.experts.expert_ids, self.model.device)
+        if batch is not None and self.training.router_fit_steps > 0 and self.training.rehearsal_weight > 0:
+            fit_gate(self.model.router, *batch, steps=self.training.router_fit_steps)
+
+    def train_expert(self, i: int, data: StepData, result: NoveltyResult) -> list[dict]:
+        cfg = self.training
+        seed_steps = cfg.seed_steps if result.is_novel else 0
+        self.model.set_trainable([result.expert_id], router=True)
+        self.model.train()
+        args = TrainingArguments(
+            output_dir=str(self.out_dir / "logs" / f"step_{i}"),
+            max_steps=seed_steps + cfg.consolidation_steps, per_device_train_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.seed_lr, weight_decay=0.0,
+            logging_steps=cfg.logging_steps, report_to=cfg.report_to, save_strategy="no", seed=cfg.seed + i,
+            remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False, warmup_steps=0,
+            max_grad_norm=1.0, run_name=f"{self.stream.name}-step{i}-{data.skill.name}",
+        )
+        trainer = DyLoRATrainer(model=self.model, args=args, train_dataset=data.train_set,
+                                data_collator=collator(self.model), training=cfg, seed_steps=seed_steps,
+                                memory=self.memory)
+        trainer.train()
+        self.model.set_trainable([], router=False)
+        self.model.eval()
+        return [entry for entry in trainer.state.log_history if "loss" in entry or "task_loss" in entry]
+
+    def measure(self, i: int, data: StepData, result: NoveltyResult, seconds: float) -> StepRecord:
+        losses: list[float | None] = [None] * len(self.skills)
+        routing, entropy = [], []
+        for j, step in enumerate(self.steps):
+            losses[j] = eval_loss(self.model, step.eval_set, self.training.eval_batch_size)
+            feats = self.model.routing_features_for(self.prompts(step, step.held_out),
+                                                    max_length=self.training.max_length)
+            chosen = routed_experts(self.model, feats)
+            shares = {e: chosen.count(e) / len(chosen) for e in sorted(set(chosen))}
+            routing.append(shares)
+            entropy.append(routing_entropy(list(shares.values())))
+        return StepRecord(i, data.skill.name, result, len(data.train), len(data.held_out), seconds, losses,
+                          routing, entropy, self.model.num_experts)

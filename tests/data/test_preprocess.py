@@ -1,0 +1,54 @@
+"""Tokenisation: loss only on response tokens, truncation, packing that never crosses examples' labels."""
+
+from __future__ import annotations
+
+import pytest
+
+from dylora_moe.data.preprocess import IGNORE, build_dataset, encode_example, pack
+from dylora_moe.data.sources import Example
+from tests.conftest import char_tokenizer
+
+
+def test_loss_only_on_response_tokens():
+    tok = char_tokenizer()
+    row = encode_example(tok, Example("ab=", "cd"), chat=False, max_length=64)
+    assert row["input_ids"] == tok("ab=cd", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert row["labels"] == [IGNORE] * 3 + row["input_ids"][3:]
+
+
+def test_truncation_and_fully_truncated_examples():
+    tok = char_tokenizer()
+    row = encode_example(tok, Example("abcd", "efgh"), chat=False, max_length=6)
+    assert len(row["input_ids"]) == 6 and row["labels"][4:] == row["input_ids"][4:]
+    assert encode_example(tok, Example("abcdefgh", "xy"), chat=False, max_length=5) is None
+
+
+def test_packing_never_crosses_examples():
+    tok = char_tokenizer()
+    examples = [Example(f"p{i}:", f"r{i}" * (i + 1)) for i in range(12)]
+    rows = [encode_example(tok, e, chat=False, max_length=24) for e in examples]
+    blocks = pack(rows, max_length=24)
+    assert all(len(b["input_ids"]) <= 24 for b in blocks)
+    flat_ids = [t for b in blocks for t in b["input_ids"]]
+    assert flat_ids == [t for r in rows for t in r["input_ids"]]  # every example whole, in order
+    starts, pos = set(), 0
+    for r in rows:
+        starts.add(pos)
+        pos += len(r["input_ids"])
+    flat_labels = [lab for b in blocks for lab in b["labels"]]
+    for i, (tok_id, lab) in enumerate(zip(flat_ids, flat_labels, strict=True)):
+        assert lab in (IGNORE, tok_id)  # a label is always the token at its own position
+        if i in starts:
+            assert lab == IGNORE  # the first token of an example is never predicted from the one before
+
+
+def test_build_dataset_columns_and_errors():
+    tok = char_tokenizer()
+    ds = build_dataset(tok, [Example("a=", "b"), Example("c=", "d")], max_length=16, chat=False)
+    assert set(ds.column_names) == {"input_ids", "attention_mask", "labels"} and len(ds) == 2
+    packed = build_dataset(tok, [Example("a=", "b"), Example("c=", "d")], max_length=16, chat=False, packing=True)
+    assert len(packed) == 1
+    with pytest.raises(ValueError, match="empty"):
+        build_dataset(tok, [], max_length=16)
+    with pytest.raises(ValueError, match="raise max_length"):
+        build_dataset(tok, [Example("abcdefgh", "x")], max_length=4, chat=False)

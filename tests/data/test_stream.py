@@ -1,0 +1,99 @@
+"""Stream files: validation with clear errors, every file format, column mapping, leak-free splits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dylora_moe.data.stream import SkillSpec, load_examples, load_stream, read_records, split_examples
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_stream_file_round_trip(tmp_path):
+    write(tmp_path / "qa.jsonl", "\n".join(json.dumps({"q": f"q{i}", "a": f"a{i}"}) for i in range(20)))
+    stream = load_stream(write(tmp_path / "s.yaml", """
+name: mine
+training: {seed_steps: 2}
+skills:
+  - name: qa
+    source: {type: file, path: qa.jsonl}
+    format: {prompt: "Q: {q}", response: "{a}", chat: false}
+  - name: sql
+    source: {type: builtin, name: spider}
+    requires_data_dir: true
+"""))
+    assert stream.name == "mine" and stream.training == {"seed_steps": 2}
+    assert [s.name for s in stream.active(None)] == ["qa"]
+    assert len(stream.active("/data")) == 2
+    examples = load_examples(stream.skills[0])
+    assert examples[3].prompt == "Q: q3" and examples[3].response == "a3"
+
+
+@pytest.mark.parametrize("text, match", [
+    ("skills: [", "not valid YAML"),
+    ("name: x", "`skills` list"),
+    ("skills:\n  - source: {type: file, path: a.jsonl}", "must be a mapping with a `name`"),
+    ("skills:\n  - name: a\n    source: {type: builtin, name: nope}", "unknown builtin source 'nope'"),
+    ("skills:\n  - name: a\n    source: {type: ftp}", "source type 'ftp'"),
+    ("skills:\n  - name: a\n    sauce: 1", r"skill #0 \(a\).*sauce"),
+    ("skills: []\nextra: 1", "unknown top-level key"),
+    ("skills: []", "has no skills"),
+])
+def test_bad_stream_files_are_named(tmp_path, text, match):
+    with pytest.raises(ValueError, match=match):
+        load_stream(write(tmp_path / "bad.yaml", text))
+
+
+def test_missing_stream_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_stream(tmp_path / "none.yaml")
+
+
+def test_every_file_format(tmp_path):
+    rows = [{"prompt": "p1", "response": "r1"}, {"prompt": "p2", "response": "r2"}]
+    write(tmp_path / "a.jsonl", "\n".join(json.dumps(r) for r in rows))
+    write(tmp_path / "a.json", json.dumps({"data": rows}))
+    write(tmp_path / "a.csv", "prompt,response\np1,r1\np2,r2\n")
+    write(tmp_path / "a.txt", "r1\n\nr2\n")
+    for name in ("a.jsonl", "a.json", "a.csv"):
+        assert read_records(tmp_path / name) == rows
+    assert [r["response"] for r in read_records(tmp_path / "a.txt")] == ["r1", "r2"]
+    with pytest.raises(ValueError, match="unsupported file type"):
+        read_records(write(tmp_path / "a.xml", "<a/>"))
+    with pytest.raises(ValueError, match="cannot read"):
+        read_records(write(tmp_path / "b.json", "{not json"))
+
+
+def test_missing_column_names_the_columns(tmp_path):
+    write(tmp_path / "a.jsonl", json.dumps({"question": "q", "answer": "a"}))
+    skill = SkillSpec("x", source={"type": "file", "path": str(tmp_path / "a.jsonl")})
+    with pytest.raises(ValueError, match="no column 'prompt'; its columns are: answer, question"):
+        load_examples(skill)
+
+
+def test_empty_source_is_an_error(tmp_path):
+    write(tmp_path / "a.jsonl", "")
+    with pytest.raises(ValueError, match="gave no examples"):
+        load_examples(SkillSpec("x", source={"type": "file", "path": str(tmp_path / "a.jsonl")}))
+
+
+def test_builtin_needing_data_dir_says_so():
+    with pytest.raises(FileNotFoundError, match="--data-dir"):
+        load_examples(SkillSpec("x", source={"type": "builtin", "name": "mbpp"}))
+
+
+def test_split_is_deterministic_and_never_leaks():
+    examples = load_examples(SkillSpec("he", source={"type": "builtin", "name": "humaneval"}))
+    train, held = split_examples(examples, 0.2)
+    again_train, _ = split_examples(list(reversed(examples)), 0.2)
+    assert {e.text for e in train} == {e.text for e in again_train}
+    assert not {e.text for e in train} & {e.text for e in held}
+    assert 0.1 < len(held) / len(examples) < 0.3
+    # a later step with an overlapping slice puts every shared example on the same side
+    half_train, _ = split_examples(examples[40:], 0.2)
+    assert not {e.text for e in half_train} & {e.text for e in held}

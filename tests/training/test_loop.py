@@ -1,0 +1,116 @@
+"""The continual loop on a tiny model: two-phase rates, rehearsal, recognised skills, frozen backbone, report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from dylora_moe.data.stream import StreamSpec
+from dylora_moe.evaluation.report import write_report
+from dylora_moe.training import ContinualLearner, TrainingConfig
+from tests.conftest import build
+
+
+def skill_file(tmp_path, name, make, n=40):
+    path = tmp_path / f"{name}.jsonl"
+    path.write_text("\n".join(json.dumps(make(i)) for i in range(n)), encoding="utf-8")
+    return {"name": name, "source": {"type": "file", "path": str(path)}, "format": {"chat": False}}
+
+
+def digits(i):
+    return {"prompt": f"{i}+{i}=", "response": f"{2 * i}"}
+
+
+def letters(i):
+    word = "".join(chr(97 + (i * k) % 26) for k in range(1, 5))
+    return {"prompt": f"UP {word}:", "response": word.upper() + "!!"}
+
+
+def small_config(**kw):
+    base = dict(seed_steps=3, consolidation_steps=3, batch_size=4, max_length=32, report_to=["none"],
+                logging_steps=1, eval_batch_size=16)
+    return TrainingConfig(**{**base, **kw})
+
+
+class LrRecorder(TrainerCallback):
+    def __init__(self):
+        self.lrs = []
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kw):
+        self.lrs.append([g["lr"] for g in optimizer.param_groups])
+
+
+def test_two_phase_schedule_produces_the_configured_rates(tmp_path, monkeypatch):
+    recorder = LrRecorder()
+    import dylora_moe.training.loop as loop
+
+    real = loop.DyLoRATrainer
+
+    def with_recorder(*args, **kwargs):
+        trainer = real(*args, **kwargs)
+        trainer.add_callback(recorder)
+        return trainer
+
+    monkeypatch.setattr(loop, "DyLoRATrainer", with_recorder)
+    stream = StreamSpec("s", [skill_file(tmp_path, "digits", digits)])
+    cfg = small_config(seed_steps=2, consolidation_steps=3, seed_lr=1e-2, consolidation_lr=1e-3, router_lr=5e-3)
+    ContinualLearner(build(), stream, cfg, tmp_path / "out").run()
+    expected = [[1e-2, 5e-3]] * 2 + [[1e-3, 5e-3]] * 3
+    assert len(recorder.lrs) == len(expected)
+    for got, want in zip(recorder.lrs, expected, strict=True):
+        assert got == pytest.approx(want)
+
+
+def run_two_skills(tmp_path, *, second_recognised=False, **cfg):
+    stream = StreamSpec("s", [skill_file(tmp_path, "digits", digits), skill_file(tmp_path, "letters", letters)])
+    model = build()
+    model.novelty.similarity_threshold = 0.999
+    frozen = [(p, p.detach().clone()) for p in model.backbone.parameters()]  # objects survive peft injection
+    learner = ContinualLearner(model, stream, small_config(**cfg), tmp_path / "out")
+    learner.run_step(0)
+    after_first = {n: p.detach().clone() for n, p in model.backbone.named_parameters() if "lora_" in n}
+    if second_recognised:
+        model.novelty.similarity_threshold = -1.0
+    learner.run_step(1)
+    return model, learner, frozen, after_first
+
+
+def test_stream_keeps_backbone_bit_identical_and_old_expert_untouched(tmp_path):
+    model, learner, frozen, after_first = run_two_skills(tmp_path)
+    assert model.num_experts == 2
+    assert all(torch.equal(p, before) for p, before in frozen)
+    for n, p in model.backbone.named_parameters():
+        if "expert_0" in n:
+            assert torch.equal(p, after_first[n]), n
+    assert [r.novelty.is_novel for r in learner.records] == [True, True]
+
+
+def test_rehearsal_keeps_earlier_skills_routed(tmp_path):
+    _, learner, _, _ = run_two_skills(tmp_path)
+    final = learner.records[-1]
+    assert final.routing[0].get(0, 0.0) == 1.0  # digits' held-out prompts still go to expert 0
+    assert final.routing[1].get(1, 0.0) == 1.0
+    assert final.losses[0] == pytest.approx(learner.records[0].losses[0], abs=1e-4)  # no forgetting
+
+
+def test_recognised_skill_trains_its_expert_and_creates_none(tmp_path):
+    model, learner, _, after_first = run_two_skills(tmp_path, second_recognised=True)
+    assert model.num_experts == 1 and not learner.records[1].novelty.is_novel
+    changed = [n for n, p in model.backbone.named_parameters() if "lora_" in n and not torch.equal(p, after_first[n])]
+    assert changed and all("expert_0" in n for n in changed)
+    steps = [e["step"] for e in learner.records[1].train_log if "loss" in e]
+    assert max(steps) == 3  # consolidation only
+
+
+def test_report_files(tmp_path):
+    model, learner, _, _ = run_two_skills(tmp_path)
+    summary = write_report(tmp_path / "report", learner.records, stream="s", model="tiny",
+                           experts=model.experts.expert_ids, seconds=1.0)
+    assert summary["experts"] == 2 and summary["skills"] == ["digits", "letters"]
+    assert summary["loss_matrix"][0][1] is None and summary["routing_accuracy"] == 1.0
+    assert summary["bwt_loss"] == pytest.approx(0.0, abs=1e-4)
+    for name in ("summary.json", "report.md", "loss_matrix.png", "routing.png", "experts.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 0
