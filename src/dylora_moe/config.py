@@ -6,6 +6,7 @@ the same dataclasses feed the Python API, the CLI and YAML files. ``DyLoRAConfig
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -163,6 +164,10 @@ class DyLoRAConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def to_json_string(self) -> str:
+        """JSON text of the config (trackers such as the Trainer's TensorBoard callback record it)."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DyLoRAConfig:

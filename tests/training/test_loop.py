@@ -65,6 +65,8 @@ def test_two_phase_schedule_produces_the_configured_rates(tmp_path, monkeypatch)
 
 
 def run_two_skills(tmp_path, *, second_recognised=False, **cfg):
+    """Two skills through a tiny model; TensorBoard logging on, as in a real run."""
+    cfg.setdefault("report_to", ["tensorboard"])
     stream = StreamSpec("s", [skill_file(tmp_path, "digits", digits), skill_file(tmp_path, "letters", letters)])
     model = build()
     model.novelty.similarity_threshold = 0.999
@@ -114,3 +116,4 @@ def test_report_files(tmp_path):
     assert summary["bwt_loss"] == pytest.approx(0.0, abs=1e-4)
     for name in ("summary.json", "report.md", "loss_matrix.png", "routing.png", "experts.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0
+    assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents.*"))
