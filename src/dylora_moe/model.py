@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .backbone import load_backbone, untie_lm_head
+from .checkpoint import load_pretrained, save_pretrained
 from .config import DyLoRAConfig
 from .data.sources import Example
 from .events import EXPERT_CREATED, EXPERT_DELETED, SKILL_RECOGNISED, EventLog
@@ -110,6 +112,17 @@ class DyLoRAMoE(nn.Module):
         config = config or DyLoRAConfig()
         backbone, tokenizer = load_backbone(config.model, dtype=config.dtype, device=config.device)
         return cls(backbone, tokenizer, config, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, backbone: PreTrainedModel | None = None,
+                        tokenizer: PreTrainedTokenizerBase | None = None, **overrides) -> DyLoRAMoE:
+        """Load a system written by ``save_pretrained`` (the backbone is loaded from the saved config's
+        ``model`` unless one is given); ``overrides`` replace saved DyLoRAConfig fields."""
+        return load_pretrained(cls, path, backbone=backbone, tokenizer=tokenizer, **overrides)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Experts as standard peft adapter folders, plus router, skill library and config; atomic."""
+        return save_pretrained(self, path)
 
     @property
     def device(self) -> torch.device:

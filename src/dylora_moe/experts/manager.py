@@ -102,6 +102,23 @@ class ExpertManager:
             self.offload([expert_id])
         return expert_id
 
+    def load_expert(self, expert_id: int, folder: str, rank: int) -> None:
+        """Add a saved expert (a peft adapter folder) under its original id."""
+        name = expert_name(expert_id)
+        grads = {n: p.requires_grad for n, p in self.backbone.named_parameters()}
+        if self.peft_model is None:
+            self.peft_model = PeftModel.from_pretrained(self.backbone, str(folder), adapter_name=name)
+        else:
+            self.peft_model.load_adapter(str(folder), adapter_name=name)
+        for n, p in self.backbone.named_parameters():
+            p.requires_grad_(grads.get(n, False))
+        self.expert_ids.append(expert_id)
+        self.ranks[expert_id] = rank
+        self.next_id = max(self.next_id, expert_id + 1)
+        self._refresh()
+        if self.config.offload_device is not None:
+            self.offload([expert_id])
+
     def delete_expert(self, expert_id: int) -> None:
         self._check(expert_id)
         self.onload([expert_id])
