@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from dylora_moe.cli import main
@@ -12,6 +14,8 @@ def test_unknown_model_exits_2_with_a_message(tmp_path, capsys):
     argv = ["train", "--stream", str(tmp_path / "s.yaml"), "--model", str(tmp_path / "missing"), "--out", str(tmp_path)]
     assert main(argv) == 2
     assert "cannot load model" in capsys.readouterr().err
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "error" and "cannot load model" in events[-1]["error"]
 
 
 def test_a_command_is_required():
@@ -20,8 +24,6 @@ def test_a_command_is_required():
 
 
 def test_train_dry_run_validates_a_stream(tmp_path, capsys):
-    import json
-
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"prompt": f"p{i}", "response": f"r{i}"})
                                                 for i in range(30)))
     (tmp_path / "s.yaml").write_text("skills:\n  - name: a\n    source: {type: file, path: a.jsonl}\n")

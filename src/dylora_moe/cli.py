@@ -38,13 +38,34 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])
+    quiet_libraries()
     try:
         if args.command == "train":
             return train(args, Console())
     except (ValueError, FileNotFoundError, KeyError) as err:
         console.print(f"[red]error:[/] {err}", soft_wrap=True, markup=True)
+        record_error(args, err)
         return 2
     return 0
+
+
+def quiet_libraries() -> None:
+    """Our own progress display replaces the libraries' per-file bars (tokenising, loading weights)."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def record_error(args: argparse.Namespace, err: Exception) -> None:
+    """Append the error to the run's event log when the run has an output folder."""
+    out = getattr(args, "out", None)
+    if out is not None and Path(out).is_dir():
+        from .events import ERROR, EventLog
+
+        EventLog(Path(out) / "events.jsonl").emit(ERROR, command=args.command, error=str(err),
+                                                   kind=type(err).__name__)
 
 
 def train(args: argparse.Namespace, console: Console) -> int:
@@ -80,18 +101,27 @@ def train(args: argparse.Namespace, console: Console) -> int:
 
 
 def run_training(args, stream, system, training, console: Console) -> int:
+    """Under torchrun/accelerate every process runs the loop (the Trainer syncs the experts with DDP); only the
+    main process writes events, the report and the saved system."""
+    import torch
+    from accelerate import PartialState
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .evaluation.report import write_report
     from .model import DyLoRAMoE
     from .training.loop import ContinualLearner
 
+    state = PartialState(cpu=system.device == "cpu" or not torch.cuda.is_available())
+    main_process = state.is_main_process
+    console.quiet = not main_process
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "events.jsonl").unlink(missing_ok=True)
+    if main_process:
+        (args.out / "events.jsonl").unlink(missing_ok=True)
     with console.status(f"loading {system.model} (the first run converts the default model, ~20 s)"):
         model = DyLoRAMoE.from_config(system).eval()
-    model.events.attach_file(args.out / "events.jsonl")
+    if main_process:
+        model.events.attach_file(args.out / "events.jsonl")
     console.print(f"loaded {system.model} on {model.device} in {time.perf_counter() - start:.1f}s")
     learner = ContinualLearner(model, stream, training, args.out, data_dir=args.data_dir)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -107,12 +137,17 @@ def run_training(args, stream, system, training, console: Console) -> int:
             learner.run_step(i, say)
             progress.advance(task)
     seconds = time.perf_counter() - start
+    if not main_process:
+        state.wait_for_everyone()
+        return 0
+    model.save_pretrained(args.out / "system")
     summary = write_report(args.out, learner.records, stream=stream.name, model=system.model,
                            experts=model.experts.expert_ids, seconds=seconds, sources=DATA_NOTE)
+    state.wait_for_everyone()
     console.print(summary_table(summary))
     console.print(f"[bold]done in {seconds:.0f}s[/]: {summary['experts']} experts, routing accuracy "
                   f"{summary['routing_accuracy']:.3f}, BWT {summary['bwt_loss']:+.4f} nats")
-    console.print(f"report: {args.out / 'report.md'}")
+    console.print(f"report: {args.out / 'report.md'}; system: {args.out / 'system'}")
     return 0
 
 

@@ -97,3 +97,9 @@ def test_split_is_deterministic_and_never_leaks():
     # a later step with an overlapping slice puts every shared example on the same side
     half_train, _ = split_examples(examples[40:], 0.2)
     assert not {e.text for e in half_train} & {e.text for e in held}
+
+
+def test_unreachable_hf_dataset_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ValueError, match="without hub access use a file source"):
+        load_examples(SkillSpec("x", source={"type": "hf", "name": "no-such-org/no-such-dataset"}))

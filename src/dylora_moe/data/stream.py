@@ -253,7 +253,7 @@ def read_hf(src: SkillSource) -> list[dict[str, Any]]:
         ds = datasets.load_dataset(src.name, src.config, split=src.split or "train")
     except Exception as err:  # datasets raises many types for unreachable or unknown datasets
         raise ValueError(f"cannot load Hugging Face dataset {src.name!r} ({src.config}, {src.split}): {err}. "
-                         "Without hub access use a file source or a builtin one.") from err
+                         "without hub access use a file source or a builtin one.") from err
     return [dict(r) for r in ds]
 
 

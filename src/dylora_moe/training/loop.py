@@ -162,7 +162,7 @@ class ContinualLearner:
             gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.seed_lr, weight_decay=0.0,
             logging_steps=cfg.logging_steps, report_to=cfg.report_to, save_strategy="no", seed=cfg.seed + i,
             remove_unused_columns=False, dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
-            disable_tqdm=False, warmup_steps=0,
+            disable_tqdm=False, warmup_steps=0, use_cpu=self.model.device.type == "cpu",
             max_grad_norm=1.0, run_name=f"{self.stream.name}-step{i}-{data.skill.name}",
         )
         trainer = DyLoRATrainer(model=self.model, args=args, train_dataset=data.train_set,
