@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,12 +32,15 @@ FORMAT_VERSION = 1
 MANIFEST = "dylora.json"
 
 
-def save_pretrained(model, path: str | Path) -> Path:
-    """Write ``model`` (a ``DyLoRAMoE``) to ``path`` atomically."""
+def save_pretrained(model, path: str | Path, extra: Callable[[Path], None] | None = None) -> Path:
+    """Write ``model`` (a ``DyLoRAMoE``) to ``path`` atomically; ``extra(folder)`` may add files (a training
+    loop's progress) that must change together with the weights."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
+        if extra is not None:
+            extra(tmp)
         _write(model, tmp)
         _swap_in(tmp, path)
     except BaseException:
@@ -66,18 +70,39 @@ def _write(model, out: Path) -> None:
 
 
 def _swap_in(tmp: Path, path: Path) -> None:
+    _restore_old(path)
     if not path.exists():
         os.replace(tmp, path)
         return
-    old = path.with_name(f".{path.name}.old")
+    old = _old(path)
     shutil.rmtree(old, ignore_errors=True)
     os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _old(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def recover(path: str | Path) -> None:
+    """Finish what a save killed mid-way left: put back the previous checkpoint if the swap was cut between
+    its two renames, and remove half-written temporary folders."""
+    path = Path(path)
+    _restore_old(path)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _restore_old(path: Path) -> None:
+    old = _old(path)
+    if not path.exists() and (old / MANIFEST).is_file():
+        os.replace(old, path)
+
+
 def read_manifest(path: str | Path) -> dict:
     path = Path(path)
+    recover(path)
     manifest = path / MANIFEST
     if not manifest.is_file():
         raise FileNotFoundError(f"{path} is not a saved DyLoRA-MoE system (no {MANIFEST}); "

@@ -2,19 +2,28 @@
 
     dylora train --stream configs/streams/default.yaml --out runs/demo [--data-dir ../shared/data]
     dylora train --stream my.yaml --out runs/x --dry-run        # validate the stream and its data only
+    dylora train --resume runs/demo                              # continue after the last completed step
+    dylora experts list runs/demo; dylora skills history runs/demo 0
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
+
+from .data.stream import load_stream
+from .registry_cli import add_parsers as add_registry_parsers
+from .registry_cli import experts, skills
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,14 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="run a skill stream through the model and write a report")
-    train.add_argument("--stream", type=Path, required=True, help="stream YAML (see configs/streams/)")
-    train.add_argument("--out", type=Path, required=True, help="output folder (report, plots, logs, events)")
+    train.add_argument("--stream", type=Path, help="stream YAML (see configs/streams/)")
+    train.add_argument("--out", type=Path, help="output folder (report, plots, logs, events, system, store)")
+    train.add_argument("--resume", type=Path, default=None, metavar="DIR",
+                       help="continue the run in DIR after its last completed step (same stream and options)")
     train.add_argument("--model", default=None, help="HF model id, local folder or 'default' (overrides the stream)")
     train.add_argument("--data-dir", default=None, help="folder with datasets for builtin sources (../shared/data)")
     train.add_argument("--dry-run", action="store_true", help="validate the stream and load its data, no training")
     train.add_argument("--seed-steps", type=int, default=None, help="override training.seed_steps")
     train.add_argument("--consolidation-steps", type=int, default=None, help="override training.consolidation_steps")
     train.add_argument("--max-train", type=int, default=None, help="cap training examples per skill")
+    add_registry_parsers(sub)
     return parser
 
 
@@ -42,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return train(args, Console())
+        if args.command == "experts":
+            return experts(args, Console())
+        if args.command == "skills":
+            return skills(args, Console())
     except (ValueError, FileNotFoundError, KeyError) as err:
         console.print(f"[red]error:[/] {err}", soft_wrap=True, markup=True)
         record_error(args, err)
@@ -68,11 +84,46 @@ def record_error(args: argparse.Namespace, err: Exception) -> None:
                                                    kind=type(err).__name__)
 
 
+RUN_OPTIONS = ("model", "data_dir", "seed_steps", "consolidation_steps", "max_train")
+
+
+def resolve_run(args: argparse.Namespace) -> None:
+    """Set up ``args`` for a new run or a resumed one.
+
+    ``--resume DIR`` reuses the stream and options the run in DIR was started with; a new run records them."""
+    if args.resume is not None:
+        run_file = args.resume / "run.json"
+        if not run_file.is_file():
+            raise FileNotFoundError(f"{args.resume} has no run.json: it is not a `dylora train` output folder")
+        saved = json.loads(run_file.read_text(encoding="utf-8"))
+        args.out, args.stream = args.resume, args.resume / "stream.yaml"
+        for key in RUN_OPTIONS:
+            setattr(args, key, saved[key])
+        return
+    if args.stream is None or args.out is None:
+        raise ValueError("give --stream and --out for a new run, or --resume DIR to continue one")
+    if args.dry_run:
+        return
+    if (args.out / "run.json").is_file():
+        raise ValueError(f"{args.out} already holds a run: continue it with --resume {args.out}, "
+                         "or choose another --out")
+    args.out.mkdir(parents=True, exist_ok=True)
+    # the stream as loaded (file paths made absolute), so --resume reads the same data from any folder
+    (args.out / "stream.yaml").write_text(yaml.safe_dump(load_stream(args.stream).to_dict(), sort_keys=False))
+    # run.json marks the folder as a run; written last and atomically so a killed start leaves none
+    tmp = args.out / "run.json.tmp"
+    tmp.write_text(json.dumps({k: getattr(args, k) for k in RUN_OPTIONS}, indent=2))
+    os.replace(tmp, args.out / "run.json")
+
+
 def train(args: argparse.Namespace, console: Console) -> int:
     from .config import DyLoRAConfig
-    from .data.stream import load_examples, load_stream, split_examples
+    from .data.stream import load_examples, split_examples
     from .training.config import TrainingConfig
 
+    if args.stream is not None:
+        load_stream(args.stream)  # a bad stream file fails before anything is written
+    resolve_run(args)
     stream = load_stream(args.stream)
     system = DyLoRAConfig.from_dict({**stream.system, **({"model": args.model} if args.model else {})})
     overrides = {k: v for k, v in (("seed_steps", args.seed_steps),
@@ -102,53 +153,78 @@ def train(args: argparse.Namespace, console: Console) -> int:
 
 def run_training(args, stream, system, training, console: Console) -> int:
     """Under torchrun/accelerate every process runs the loop (the Trainer syncs the experts with DDP); only the
-    main process writes events, the report and the saved system."""
+    main process writes events, checkpoints, the store and the report. After every step the system and the
+    loop's progress are checkpointed together in ``OUT/system``, so ``--resume`` loses no completed step."""
     import torch
     from accelerate import PartialState
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .evaluation.report import write_report
     from .model import DyLoRAMoE
+    from .store import SkillStore
     from .training.loop import ContinualLearner
+    from .training.progress import has_progress, restore_progress, save_progress
 
     state = PartialState(cpu=system.device == "cpu" or not torch.cuda.is_available())
     main_process = state.is_main_process
     console.quiet = not main_process
     start = time.perf_counter()
-    args.out.mkdir(parents=True, exist_ok=True)
-    if main_process:
-        (args.out / "events.jsonl").unlink(missing_ok=True)
+    checkpoint = args.out / "system"
+    resuming = has_progress(checkpoint)
     with console.status(f"loading {system.model} (the first run converts the default model, ~20 s)"):
-        model = DyLoRAMoE.from_config(system).eval()
+        model = DyLoRAMoE.from_pretrained(checkpoint) if resuming else DyLoRAMoE.from_config(system)
+    model.eval()
+    store = SkillStore(args.out / "store.db") if main_process else None
     if main_process:
         model.events.attach_file(args.out / "events.jsonl")
-    console.print(f"loaded {system.model} on {model.device} in {time.perf_counter() - start:.1f}s")
+        model.events.subscribe(store.record_event)
     learner = ContinualLearner(model, stream, training, args.out, data_dir=args.data_dir)
+    done = restore_progress(learner, checkpoint) if resuming else 0
+    console.print(f"loaded {system.model} on {model.device} in {time.perf_counter() - start:.1f}s"
+                  + (f"; resuming after step {done}" if resuming else ""))
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task("stream", total=len(learner.skills))
+        task = progress.add_task("stream", total=len(learner.skills), completed=done)
 
         def say(message: str) -> None:
             progress.update(task, description=message)
             progress.console.print(message)
 
-        for i in range(len(learner.skills)):
-            learner.run_step(i, say)
+        for i in range(done, len(learner.skills)):
+            record = learner.run_step(i, say)
+            if main_process:
+                save_progress(learner, checkpoint)
+                register_step(store, learner, record, checkpoint)
+            state.wait_for_everyone()
             progress.advance(task)
     seconds = time.perf_counter() - start
     if not main_process:
-        state.wait_for_everyone()
         return 0
-    model.save_pretrained(args.out / "system")
     summary = write_report(args.out, learner.records, stream=stream.name, model=system.model,
                            experts=model.experts.expert_ids, seconds=seconds, sources=DATA_NOTE)
-    state.wait_for_everyone()
     console.print(summary_table(summary))
     console.print(f"[bold]done in {seconds:.0f}s[/]: {summary['experts']} experts, routing accuracy "
                   f"{summary['routing_accuracy']:.3f}, BWT {summary['bwt_loss']:+.4f} nats")
-    console.print(f"report: {args.out / 'report.md'}; system: {args.out / 'system'}")
+    console.print(f"report: {args.out / 'report.md'}; system: {checkpoint}; store: {args.out / 'store.db'}")
     return 0
+
+
+def register_step(store, learner, record, checkpoint: Path) -> None:
+    """Mirror a checkpointed step into the store: skill, its data as a new version, the expert's row."""
+    model, data = learner.model, learner.steps[record.step]
+    novelty = record.novelty
+    skill = model.library.skills[novelty.skill_id]
+    store.add_skill(skill.skill_id, skill.name, skill.embedding.numpy())
+    store.add_skill_data(skill.skill_id, [(e.prompt, e.response) for e in data.train], novelty.expert_id)
+    peft_config = model.experts.peft_model.peft_config[f"expert_{novelty.expert_id}"].to_dict()
+    store.register_expert(
+        novelty.expert_id, skill_id=skill.skill_id, lora_config=json.loads(json.dumps(peft_config, default=str)),
+        storage_path=str(checkpoint / "experts" / f"expert_{novelty.expert_id}"), rank=novelty.rank,
+        maturity_state=int(model.router.expert_maturity[model.column(novelty.expert_id)]),
+        training={"step": record.step, "skill": record.skill, "train_seconds": record.train_seconds,
+                  "examples": record.train_examples, "novel": novelty.is_novel},
+        eval_metrics={"loss": record.losses[record.step]})
 
 
 def summary_table(summary: dict) -> Table:

@@ -120,9 +120,10 @@ class DyLoRAMoE(nn.Module):
         ``model`` unless one is given); ``overrides`` replace saved DyLoRAConfig fields."""
         return load_pretrained(cls, path, backbone=backbone, tokenizer=tokenizer, **overrides)
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Experts as standard peft adapter folders, plus router, skill library and config; atomic."""
-        return save_pretrained(self, path)
+    def save_pretrained(self, path: str | Path, extra=None) -> Path:
+        """Experts as standard peft adapter folders, plus router, skill library and config; atomic.
+        ``extra(folder)`` may write more files that must change together with the weights."""
+        return save_pretrained(self, path, extra=extra)
 
     @property
     def device(self) -> torch.device:

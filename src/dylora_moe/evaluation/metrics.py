@@ -24,7 +24,7 @@ def routing_entropy(counts: Sequence[float]) -> float:
     total = float(sum(counts))
     if total <= 0:
         return 0.0
-    return -sum((c / total) * math.log(c / total) for c in counts if c > 0)
+    return max(0.0, -sum((c / total) * math.log(c / total) for c in counts if c > 0))
 
 
 def routing_accuracy(correct: Sequence[int], totals: Sequence[int]) -> float:

@@ -47,10 +47,13 @@ def plot_loss_matrix(summary: dict, path: Path) -> None:
     values = [[float("nan") if v is None else v for v in row] for row in summary["loss_matrix"]]
     fig, ax = plt.subplots(figsize=(1.2 * len(skills) + 3, 0.8 * len(skills) + 2))
     im = ax.imshow(values, cmap="viridis_r")
+    seen = [v for row in values for v in row if v == v]  # v == v: not NaN
+    low, span = min(seen), (max(seen) - min(seen)) or 1.0
     for i, row in enumerate(values):
         for j, v in enumerate(row):
-            if v == v:  # not NaN
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w", fontsize=8)
+            if v == v:
+                light = (v - low) / span < 0.6  # viridis_r is light at the low end
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="k" if light else "w", fontsize=8)
     ax.set_xticks(range(len(skills)), [f"{j}: {s}" for j, s in enumerate(skills)], rotation=30, ha="right")
     ax.set_yticks(range(len(skills)), [f"after {i}" for i in range(len(skills))])
     ax.set_title("eval loss (nats) on skill j after stream step i")

@@ -15,8 +15,8 @@ class RoutingMemory:
 
     def __init__(self, per_skill: int = 64, seed: int = 0) -> None:
         self.per_skill = per_skill
+        self.seed = seed
         self.skills: dict[int, tuple[int, Tensor]] = {}
-        self._generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
         return sum(f.shape[0] for _, f in self.skills.values())
@@ -27,7 +27,9 @@ class RoutingMemory:
         if skill_id in self.skills:
             features = torch.cat([self.skills[skill_id][1], features])
         if features.shape[0] > self.per_skill:
-            keep = torch.randperm(features.shape[0], generator=self._generator)[: self.per_skill].sort().values
+            # Seeded by what is being sampled, not by a running generator, so a resumed run samples the same.
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + skill_id * 1_009 + features.shape[0])
+            keep = torch.randperm(features.shape[0], generator=generator)[: self.per_skill].sort().values
             features = features[keep]
         self.skills[skill_id] = (expert_id, features)
 
@@ -43,9 +45,12 @@ class RoutingMemory:
         columns = torch.cat([torch.full((f.shape[0],), c, dtype=torch.long) for f, c in rows]).to(device)
         return features, columns
 
-    def state_dict(self) -> dict:
-        return {"per_skill": self.per_skill, "skills": {s: (e, f) for s, (e, f) in self.skills.items()}}
+    def tensors(self) -> dict[str, Tensor]:
+        """Flat safetensors-ready form: ``skill_<id>_expert_<id>`` -> features."""
+        return {f"skill_{s}_expert_{e}": f.contiguous() for s, (e, f) in self.skills.items()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.per_skill = state["per_skill"]
-        self.skills = {int(s): (int(e), f) for s, (e, f) in state["skills"].items()}
+    def load_tensors(self, tensors: dict[str, Tensor]) -> None:
+        self.skills = {}
+        for key, features in tensors.items():
+            _, skill, _, expert = key.split("_")
+            self.skills[int(skill)] = (int(expert), features)

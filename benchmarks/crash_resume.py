@@ -1,0 +1,147 @@
+"""Kill a training run at random moments, resume it each time, and compare with an uninterrupted run.
+
+    python benchmarks/crash_resume.py                     # 10 kills on a tiny model, a few minutes
+    python benchmarks/crash_resume.py --kills 20 --seed 3
+
+A tiny Llama (built from a config, saved to a temporary folder) learns a 3-step stream of file skills with
+`dylora train`. The reference run goes uninterrupted. The crash run is started, SIGKILLed after a random
+delay, and resumed with `dylora train --resume`, again and again, then finishes. At the end the registry
+(expert rows), the expert weight files and the system's outputs on a fixed batch must equal the reference:
+prints `kills=N lost=L duplicated=D mismatched=M` and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import batch, char_tokenizer, tiny_llama  # noqa: E402
+
+from dylora_moe import DyLoRAMoE  # noqa: E402
+from dylora_moe.store import SkillStore  # noqa: E402
+
+STREAM = """
+name: crash
+system:
+  novelty: {similarity_threshold: 0.9}
+  expert: {rank: 4, dropout: 0.0}
+training: {seed_steps: 3, consolidation_steps: 3, batch_size: 4, max_length: 32, report_to: [none]}
+skills:
+  - {name: digits, source: {type: file, path: digits.jsonl}, format: {chat: false}}
+  - {name: letters, source: {type: file, path: letters.jsonl}, format: {chat: false}}
+  - {name: digits-again, source: {type: file, path: digits2.jsonl}, format: {chat: false}}
+"""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kills", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results/crash_resume.json")
+    return p.parse_args(argv)
+
+
+def setup(work: Path) -> None:
+    tiny_llama().save_pretrained(work / "model")
+    char_tokenizer().save_pretrained(work / "model")
+    rows = {"digits": [{"prompt": f"{i}+{i}=", "response": f"{2 * i}"} for i in range(40)],
+            "digits2": [{"prompt": f"{i} + {i} =", "response": f"{2 * i}"} for i in range(40)],
+            "letters": [{"prompt": f"up {chr(97 + i % 26)}{chr(97 + i // 26)}:",
+                         "response": f"{chr(65 + i % 26)}{chr(65 + i // 26)}!"} for i in range(40)]}
+    for name, items in rows.items():
+        (work / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in items))
+    (work / "stream.yaml").write_text(STREAM)
+
+
+def command(work: Path, out: Path) -> list[str]:
+    base = [sys.executable, "-m", "dylora_moe.cli", "train"]
+    if (out / "run.json").is_file():
+        return [*base, "--resume", str(out)]
+    return [*base, "--stream", str(work / "stream.yaml"), "--out", str(out), "--model", str(work / "model")]
+
+
+def run(work: Path, out: Path, kill_after: float | None = None) -> tuple[bool, float]:
+    """Run (or resume) to the end, or SIGKILL after ``kill_after`` seconds; returns (finished, seconds)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
+    start = time.perf_counter()
+    proc = subprocess.Popen(command(work, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=kill_after)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return False, time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"run failed ({proc.returncode}): {err.decode()[-2000:]}")
+    return True, time.perf_counter() - start
+
+
+def registry(out: Path) -> list[tuple]:
+    store = SkillStore(out / "store.db")
+    experts = [(e.expert_id, e.skill_id, e.rank, e.version, e.maturity_state) for e in store.experts()]
+    data = [(s.skill_id, h["version"], h["rows"]) for s in store.skills() for h in store.history(s.skill_id)]
+    return experts + data
+
+
+def weights(out: Path) -> dict[str, bytes]:
+    files = sorted((out / "system" / "experts").glob("*/adapter_model.safetensors"))
+    return {p.parent.name: p.read_bytes() for p in files}
+
+
+@torch.no_grad()
+def outputs(out: Path) -> torch.Tensor:
+    return DyLoRAMoE.from_pretrained(out / "system").eval()(**batch(bsz=4)).logits
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    rng = random.Random(args.seed)
+    work = Path(tempfile.mkdtemp(prefix="crash-resume-"))
+    setup(work)
+    _, reference_seconds = run(work, work / "reference")
+    print(f"reference run: {reference_seconds:.1f}s", flush=True)
+    kills, moments = 0, []
+    crash = work / "crash"
+    while kills < args.kills:
+        delay = rng.uniform(0.2, reference_seconds)
+        finished, _ = run(work, crash, kill_after=delay)
+        if finished:  # it got to the end before the kill: start over to keep killing mid-run
+            print(f"  finished before the kill at {delay:.1f}s; restarting from scratch", flush=True)
+            shutil.rmtree(crash)
+            continue
+        kills += 1
+        moments.append(round(delay, 2))
+        print(f"  kill {kills} after {delay:.1f}s", flush=True)
+    run(work, crash)
+    ref_registry, crash_registry = registry(work / "reference"), registry(crash)
+    ref_weights, crash_weights = weights(work / "reference"), weights(crash)
+    lost = len(set(ref_weights) - set(crash_weights)) + len(set(ref_registry) - set(crash_registry))
+    duplicated = len(set(crash_weights) - set(ref_weights)) + len(crash_registry) - len(set(crash_registry)) \
+        + len(set(crash_registry) - set(ref_registry))
+    mismatched = sum(ref_weights[k] != crash_weights[k] for k in set(ref_weights) & set(crash_weights))
+    mismatched += int(not torch.allclose(outputs(work / "reference"), outputs(crash)))
+    result = {"kills": kills, "lost": lost, "duplicated": duplicated, "mismatched": mismatched,
+              "kill_moments_s": moments, "reference_seconds": reference_seconds, "work_dir": str(work)}
+    print(f"kills={kills} lost={lost} duplicated={duplicated} mismatched={mismatched}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""``dylora experts ...`` and ``dylora skills ...``: inspect and manage a run's registry and saved experts.
+
+    dylora experts list runs/demo
+    dylora experts show runs/demo 1
+    dylora experts export runs/demo 1 exported/verilog     # a peft adapter folder (peft, vLLM, ... load it)
+    dylora experts delete runs/demo 1
+    dylora skills list runs/demo
+    dylora skills history runs/demo 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def add_parsers(sub) -> None:
+    experts = sub.add_parser("experts", help="list, show, export or delete a run's experts")
+    ex = experts.add_subparsers(dest="action", required=True)
+    for action in ("list", "show", "export", "delete"):
+        p = ex.add_parser(action)
+        p.add_argument("run", type=Path, help="a `dylora train` output folder")
+        if action != "list":
+            p.add_argument("expert_id", type=int)
+        if action == "export":
+            p.add_argument("dest", type=Path, help="folder to write the peft adapter to")
+    skills = sub.add_parser("skills", help="list skills, show one, or its data history")
+    sk = skills.add_subparsers(dest="action", required=True)
+    for action in ("list", "show", "history"):
+        p = sk.add_parser(action)
+        p.add_argument("run", type=Path, help="a `dylora train` output folder")
+        if action != "list":
+            p.add_argument("skill_id", type=int)
+
+
+def open_store(run: Path):
+    from .store import SkillStore
+
+    if not (run / "store.db").is_file():
+        raise FileNotFoundError(f"{run} has no store.db: give a `dylora train` output folder")
+    return SkillStore(run / "store.db")
+
+
+def experts(args: argparse.Namespace, console: Console) -> int:
+    store = open_store(args.run)
+    if args.action == "list":
+        table = Table(title=f"experts in {args.run}")
+        for col in ("expert", "skill", "rank", "mature", "version", "eval loss", "weights"):
+            table.add_column(col)
+        names = {s.skill_id: s.name for s in store.skills()}
+        for row in store.experts():
+            present = (Path(row.storage_path) / "adapter_model.safetensors").is_file()
+            loss = row.eval_metrics.get("loss")
+            table.add_row(str(row.expert_id), f"{row.skill_id}: {names.get(row.skill_id, '?')}", str(row.rank),
+                          "yes" if row.maturity_state else "no", str(row.version),
+                          "-" if loss is None else f"{loss:.3f}", "ok" if present else "[red]missing[/]")
+        console.print(table)
+        return 0
+    row = store.expert(args.expert_id)
+    if args.action == "show":
+        console.print_json(json.dumps({
+            "expert_id": row.expert_id, "skill_id": row.skill_id, "rank": row.rank, "version": row.version,
+            "maturity_state": row.maturity_state, "storage_path": row.storage_path,
+            "created_at": str(row.created_at), "lora_config": row.lora_config,
+            "training_history": row.training_history, "eval_metrics": row.eval_metrics}, default=str))
+        return 0
+    if args.action == "export":
+        return export(row, args.dest, console)
+    return delete(args.run, store, args.expert_id, console)
+
+
+def export(row, dest: Path, console: Console) -> int:
+    from .checkpoint import check_adapter
+
+    source = Path(row.storage_path)
+    check_adapter(source)
+    if dest.exists():
+        raise ValueError(f"{dest} already exists: choose a new folder")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy2(source / name, tmp / name)
+    tmp.rename(dest)
+    console.print(f"expert {row.expert_id} -> {dest} (load with PeftModel.from_pretrained(base_model, '{dest}'))")
+    return 0
+
+
+def delete(run: Path, store, expert_id: int, console: Console) -> int:
+    """Remove the expert from the saved system (atomically, keeping the run's progress) and then from the
+    registry; the skill data it was trained on stays, versioned, in the store."""
+    from safetensors.torch import load_file, save_file
+
+    from .model import DyLoRAMoE
+    from .training.progress import MEMORY, PROGRESS
+    from .training.rehearsal import RoutingMemory
+
+    system = run / "system"
+    model = DyLoRAMoE.from_pretrained(system)
+    model.delete_expert(expert_id)
+
+    def keep_progress(folder: Path) -> None:
+        if (system / PROGRESS).is_file():
+            shutil.copy2(system / PROGRESS, folder / PROGRESS)
+            memory = RoutingMemory()
+            memory.load_tensors(load_file(str(system / MEMORY)))
+            memory.drop_expert(expert_id)
+            save_file(memory.tensors(), str(folder / MEMORY))
+
+    model.save_pretrained(system, extra=keep_progress)
+    store.delete_expert(expert_id)
+    console.print(f"deleted expert {expert_id}; {model.num_experts} experts remain")
+    return 0
+
+
+def skills(args: argparse.Namespace, console: Console) -> int:
+    store = open_store(args.run)
+    if args.action == "list":
+        table = Table(title=f"skills in {args.run}")
+        for col in ("skill", "name", "versions", "examples", "experts"):
+            table.add_column(col)
+        for row in store.skills():
+            history = store.history(row.skill_id)
+            experts_of = sorted({h["expert_id"] for h in history if h["expert_id"] is not None})
+            table.add_row(str(row.skill_id), row.name, str(len({h["version"] for h in history})),
+                          str(sum(h["rows"] for h in history)), ", ".join(map(str, experts_of)))
+        console.print(table)
+        return 0
+    row = store.skill(args.skill_id)
+    if args.action == "history":
+        table = Table(title=f"data versions of skill {row.skill_id} ({row.name})")
+        for col in ("version", "examples", "expert", "created"):
+            table.add_column(col)
+        for h in store.history(row.skill_id):
+            table.add_row(str(h["version"]), str(h["rows"]), str(h["expert_id"]), str(h["created_at"]))
+        console.print(table)
+        return 0
+    data = store.skill_data(row.skill_id)
+    console.print(f"skill {row.skill_id} ({row.name}), created {row.created_at}, {len(data)} examples")
+    for item in data[:3]:
+        console.print(f"[bold]v{item.version}[/] {item.input_data[:200]!r} -> {item.output_data[:200]!r}")
+    return 0

@@ -1,0 +1,63 @@
+"""Crash-safe progress of a continual run: the system and the loop's state change together, atomically.
+
+After every completed step the learner writes one checkpoint folder: the saved system (experts, router,
+library, config) plus ``progress.json`` (the stream's identity and the step records) and
+``routing_memory.safetensors``. The folder is swapped in by renames, so after a crash the checkpoint is the
+state right after the last completed step, and ``resume`` continues with the next step; every step seeds
+its own randomness, so a resumed run computes what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from ..checkpoint import read_manifest, recover
+from ..novelty import NoveltyResult
+from .loop import ContinualLearner, StepRecord
+
+PROGRESS = "progress.json"
+MEMORY = "routing_memory.safetensors"
+
+
+def save_progress(learner: ContinualLearner, path: str | Path) -> Path:
+    """Checkpoint the learner's model and state after its last completed step."""
+
+    def extra(folder: Path) -> None:
+        state = {"stream": learner.stream.name, "skills": [s.name for s in learner.skills],
+                 "completed": len(learner.records), "records": [asdict(r) for r in learner.records]}
+        save_file(learner.memory.tensors() or {}, str(folder / MEMORY))
+        (folder / PROGRESS).write_text(json.dumps(state, indent=2, default=str), encoding="utf-8")
+
+    return learner.model.save_pretrained(path, extra=extra)
+
+
+def has_progress(path: str | Path) -> bool:
+    recover(path)
+    return (Path(path) / PROGRESS).is_file()
+
+
+def restore_progress(learner: ContinualLearner, path: str | Path) -> int:
+    """Load records and routing memory into ``learner`` (whose model was loaded from ``path``) and re-read the
+    data of the completed steps; returns the number of completed steps."""
+    path = Path(path)
+    read_manifest(path)
+    state = json.loads((path / PROGRESS).read_text(encoding="utf-8"))
+    names = [s.name for s in learner.skills]
+    if state["stream"] != learner.stream.name or state["skills"][: len(names)] != names[: len(state["skills"])]:
+        raise ValueError(f"{path} holds progress of stream {state['stream']!r} with skills {state['skills']}, "
+                         f"not of {learner.stream.name!r} with {names}: resume with the same stream file")
+    learner.records = [record_from_dict(r) for r in state["records"]]
+    learner.memory.load_tensors(load_file(str(path / MEMORY)))
+    learner.steps = [learner.prepare(skill) for skill in learner.skills[: state["completed"]]]
+    return state["completed"]
+
+
+def record_from_dict(data: dict) -> StepRecord:
+    data = dict(data)
+    data["novelty"] = NoveltyResult(**data["novelty"])
+    data["routing"] = [{int(k): v for k, v in shares.items()} for shares in data["routing"]]
+    return StepRecord(**data)

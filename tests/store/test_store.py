@@ -1,0 +1,127 @@
+"""The store on SQLite (always) and on PostgreSQL (when a server can be started): schema, versions, errors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from dylora_moe.store import SCHEMA_VERSION, SkillStore
+
+
+def postgres_url() -> str | None:
+    """A throwaway PostgreSQL server from Debian's package, or None (with the reason printed)."""
+    if os.environ.get("DYLORA_TEST_POSTGRES_URL"):
+        return os.environ["DYLORA_TEST_POSTGRES_URL"]
+    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not bins:
+        return None
+    return "spawn:" + str(bins[-1].parent)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path):
+    if request.param == "sqlite":
+        yield str(tmp_path / "store.db")
+        return
+    found = postgres_url()
+    if found is None:
+        pytest.skip("no PostgreSQL server: install Debian's postgresql package (.ci/run does) to run these")
+    if not found.startswith("spawn:"):
+        yield found
+        return
+    pytest.importorskip("psycopg", reason="psycopg is needed for PostgreSQL")
+    bindir = Path(found.removeprefix("spawn:"))
+    data = Path(tempfile.mkdtemp(prefix="pg-"))
+    sock = Path(tempfile.mkdtemp(prefix="pgsock-"))
+    user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if user:
+        shutil.chown(data, "postgres")
+        shutil.chown(sock, "postgres")
+    subprocess.run([*user, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust"],
+                   check=True, capture_output=True, timeout=120)
+    port = "55433"
+    # -l: the server logs to a file, so it holds no pipe of ours open
+    subprocess.run([*user, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(data / "server.log"),
+                    "-o", f"-k {sock} -p {port} -h ''", "-w", "start"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    try:
+        yield f"postgresql+psycopg://postgres@/postgres?host={sock}&port={port}"
+    finally:
+        subprocess.run([*user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+        shutil.rmtree(data, ignore_errors=True)
+        shutil.rmtree(sock, ignore_errors=True)
+
+
+def test_new_store_has_the_current_schema(url):
+    store = SkillStore(url)
+    assert store.schema_version == SCHEMA_VERSION
+    assert SkillStore(url).schema_version == SCHEMA_VERSION  # reopening changes nothing
+
+
+def test_skill_data_is_versioned_and_deduplicated(url):
+    store = SkillStore(url)
+    store.add_skill(0, "python", [0.5, -1.0])
+    first = store.add_skill_data(0, [("a", "1"), ("b", "2"), ("a", "1")], expert_id=0)
+    assert (first.version, first.added, first.duplicates) == (1, 2, 1)
+    second = store.add_skill_data(0, [("b", "2"), ("c", "3")], expert_id=0)
+    assert (second.version, second.added, second.duplicates) == (2, 1, 1)
+    nothing = store.add_skill_data(0, [("c", "3")])
+    assert nothing.version is None and nothing.added == 0
+    assert [r.input_data for r in store.skill_data(0, version=1)] == ["a", "b"]
+    assert [r.input_data for r in store.skill_data(0)] == ["a", "b", "c"]
+    assert [(h["version"], h["rows"]) for h in store.history(0)] == [(1, 2), (2, 1)]
+    assert store.embedding(store.skill(0)).tolist() == [0.5, -1.0]
+    with pytest.raises(KeyError, match="add the skill first"):
+        store.add_skill_data(7, [("x", "y")])
+
+
+def test_expert_registry(url):
+    store = SkillStore(url)
+    store.add_skill(0, "python")
+    store.register_expert(0, skill_id=0, lora_config={"r": 8}, storage_path="experts/expert_0", rank=8,
+                          training={"steps": 24})
+    store.register_expert(0, skill_id=0, lora_config={"r": 8}, storage_path="experts/expert_0", rank=8,
+                          maturity_state=1, training={"steps": 16}, eval_metrics={"loss": 0.5})
+    row = store.expert(0)
+    assert (row.version, row.maturity_state, len(row.training_history)) == (2, 1, 2)
+    assert row.eval_metrics == {"loss": 0.5}
+    store.delete_expert(0)
+    assert store.experts() == []
+    with pytest.raises(KeyError, match="no expert with id 0"):
+        store.expert(0)
+
+
+def test_events_are_recorded(url):
+    store = SkillStore(url)
+    store.record_event({"time": 1.0, "event": "expert_created", "expert_id": 3})
+    assert [(e.event, e.payload) for e in store.events()] == [("expert_created", {"expert_id": 3})]
+
+
+def test_newer_schema_is_refused_and_untouched(tmp_path):
+    path = tmp_path / "store.db"
+    SkillStore(path)
+    engine = create_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE dylora_schema SET version = :v"), {"v": SCHEMA_VERSION + 1})
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="newer dylora-moe"):
+        SkillStore(path)
+    assert path.read_bytes() == before
+
+
+def test_foreign_database_is_refused_and_untouched(tmp_path):
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE customers (id INTEGER)")
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="not a dylora-moe store"):
+        SkillStore(path)
+    assert path.read_bytes() == before

@@ -1,0 +1,104 @@
+"""`dylora train` end to end on a tiny local model, then the registry commands and resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dylora_moe import DyLoRAMoE
+from dylora_moe.cli import main
+from dylora_moe.store import SkillStore
+from tests.conftest import batch, char_tokenizer, tiny_llama
+
+STREAM = """
+name: tiny
+system:
+  novelty: {similarity_threshold: 0.9}
+  expert: {rank: 4, dropout: 0.0}
+training: {seed_steps: 2, consolidation_steps: 2, batch_size: 4, max_length: 32, report_to: [none]}
+skills:
+  - {name: digits, source: {type: file, path: digits.jsonl}, format: {chat: false}}
+  - {name: letters, source: {type: file, path: letters.jsonl}, format: {chat: false}}
+  - {name: digits-again, source: {type: file, path: digits2.jsonl}, format: {chat: false}}
+"""
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    tiny_llama().save_pretrained(root / "model")
+    char_tokenizer().save_pretrained(root / "model")
+    rows = {"digits": [{"prompt": f"{i}+{i}=", "response": f"{2 * i}"} for i in range(30)],
+            "digits2": [{"prompt": f"{i} + {i} =", "response": f"{2 * i}"} for i in range(30)],
+            "letters": [{"prompt": f"up {chr(97 + i % 26)}{chr(97 + i // 26)}:",
+                         "response": f"{chr(65 + i % 26)}{chr(65 + i // 26)}!"} for i in range(30)]}
+    for name, items in rows.items():
+        (root / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in items))
+    (root / "s.yaml").write_text(STREAM)
+    code = main(["train", "--stream", str(root / "s.yaml"), "--out", str(root / "out"), "--model", str(root / "model")])
+    assert code == 0
+    return root
+
+
+def test_run_writes_report_system_store_and_events(run):
+    out = run / "out"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skills"] == ["digits", "letters", "digits-again"]
+    assert summary["novel"] == [True, True, False] and summary["experts"] == 2
+    store = SkillStore(out / "store.db")
+    assert [e.expert_id for e in store.experts()] == [0, 1]
+    assert [h["version"] for h in store.history(0)] == [1, 2]  # the repeated skill added a data version
+    assert store.expert(0).version == 2  # trained twice: two history entries
+    events = [json.loads(line)["event"] for line in (out / "events.jsonl").read_text().splitlines()]
+    assert events.count("expert_created") == 2 and "skill_recognised" in events
+    assert {e.event for e in store.events()} >= {"expert_created", "skill_recognised"}
+    loaded = DyLoRAMoE.from_pretrained(out / "system")
+    assert loaded.experts.expert_ids == [0, 1]
+
+
+def test_resume_of_a_finished_run_adds_nothing(run, capsys):
+    out = run / "out"
+    before = (out / "system" / "experts" / "expert_1" / "adapter_model.safetensors").read_bytes()
+    assert main(["train", "--resume", str(out)]) == 0
+    assert (out / "system" / "experts" / "expert_1" / "adapter_model.safetensors").read_bytes() == before
+    assert [e.expert_id for e in SkillStore(out / "store.db").experts()] == [0, 1]
+    assert "resuming after step 3" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_new_run_refuses_an_occupied_folder(run, capsys):
+    argv = ["train", "--stream", str(run / "s.yaml"), "--out", str(run / "out"), "--model", str(run / "model")]
+    assert main(argv) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_registry_commands(run, tmp_path, capsys):
+    out = run / "out"
+    assert main(["experts", "list", str(out)]) == 0
+    assert main(["experts", "show", str(out), "1"]) == 0
+    assert main(["skills", "list", str(out)]) == 0
+    assert main(["skills", "history", str(out), "0"]) == 0
+    assert main(["skills", "show", str(out), "0"]) == 0
+    text = capsys.readouterr().out
+    assert "letters" in text and "digits" in text
+    assert main(["experts", "export", str(out), "1", str(tmp_path / "exported")]) == 0
+    from peft import PeftModel
+
+    plain = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "exported"))
+    model = DyLoRAMoE.from_pretrained(out / "system")
+    with torch.no_grad(), model.single_expert(1):
+        torch.testing.assert_close(plain(**batch()).logits, model.backbone(**batch()).logits)
+    assert main(["experts", "show", str(out), "9"]) == 2
+    assert "no expert with id 9" in capsys.readouterr().err
+
+
+def test_delete_expert_keeps_the_rest(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "out"
+    shutil.copytree(run / "out", copy)
+    assert main(["experts", "delete", str(copy), "1"]) == 0
+    assert [e.expert_id for e in SkillStore(copy / "store.db").experts()] == [0]
+    assert DyLoRAMoE.from_pretrained(copy / "system").experts.expert_ids == [0]
+    assert DyLoRAMoE.from_pretrained(run / "out" / "system").experts.expert_ids == [0, 1]
