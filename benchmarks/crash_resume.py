@@ -4,10 +4,11 @@
     python benchmarks/crash_resume.py --kills 20 --seed 3
 
 A tiny Llama (built from a config, saved to a temporary folder) learns a 3-step stream of file skills with
-`dylora train`. The reference run goes uninterrupted. The crash run is started, SIGKILLed after a random
-delay, and resumed with `dylora train --resume`, again and again, then finishes. At the end the registry
-(expert rows), the expert weight files and the system's outputs on a fixed batch must equal the reference:
-prints `kills=N lost=L duplicated=D mismatched=M` and writes JSON.
+`dylora train`. The reference run goes uninterrupted. A crash run is started, SIGKILLed after a random
+delay, and resumed with `dylora train --resume`, again and again, until it finishes; then its registry
+(expert and skill-data rows), expert weight files (byte for byte) and outputs on a fixed batch are compared
+with the reference. Crash runs repeat until the kills add up to --kills. Prints
+`kills=N lost=L duplicated=D mismatched=M` and writes JSON.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import argparse
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -115,28 +115,31 @@ def main(argv=None) -> dict:
     setup(work)
     _, reference_seconds = run(work, work / "reference")
     print(f"reference run: {reference_seconds:.1f}s", flush=True)
-    kills, moments = 0, []
-    crash = work / "crash"
+    # Each crash run is killed at random moments and resumed until it finishes, then compared with the
+    # reference; crash runs repeat until the kills add up to --kills, so every kill is in a compared run.
+    kills, moments, lost, duplicated, mismatched, runs = 0, [], 0, 0, 0, 0
+    ref_registry, ref_weights = registry(work / "reference"), weights(work / "reference")
+    ref_outputs = outputs(work / "reference")
     while kills < args.kills:
-        delay = rng.uniform(0.2, reference_seconds)
-        finished, _ = run(work, crash, kill_after=delay)
-        if finished:  # it got to the end before the kill: start over to keep killing mid-run
-            print(f"  finished before the kill at {delay:.1f}s; restarting from scratch", flush=True)
-            shutil.rmtree(crash)
-            continue
-        kills += 1
-        moments.append(round(delay, 2))
-        print(f"  kill {kills} after {delay:.1f}s", flush=True)
-    run(work, crash)
-    ref_registry, crash_registry = registry(work / "reference"), registry(crash)
-    ref_weights, crash_weights = weights(work / "reference"), weights(crash)
-    lost = len(set(ref_weights) - set(crash_weights)) + len(set(ref_registry) - set(crash_registry))
-    duplicated = len(set(crash_weights) - set(ref_weights)) + len(crash_registry) - len(set(crash_registry)) \
-        + len(set(crash_registry) - set(ref_registry))
-    mismatched = sum(ref_weights[k] != crash_weights[k] for k in set(ref_weights) & set(crash_weights))
-    mismatched += int(not torch.allclose(outputs(work / "reference"), outputs(crash)))
+        crash = work / f"crash{runs}"
+        runs += 1
+        while True:
+            delay = rng.uniform(0.2, reference_seconds)
+            finished, _ = run(work, crash, kill_after=delay)
+            if finished:
+                break
+            kills += 1
+            moments.append(round(delay, 2))
+            print(f"  run {runs}: kill {kills} after {delay:.1f}s", flush=True)
+        crash_registry, crash_weights = registry(crash), weights(crash)
+        lost += len(set(ref_weights) - set(crash_weights)) + len(set(ref_registry) - set(crash_registry))
+        duplicated += (len(set(crash_weights) - set(ref_weights)) + len(crash_registry) - len(set(crash_registry))
+                       + len(set(crash_registry) - set(ref_registry)))
+        mismatched += sum(ref_weights[k] != crash_weights[k] for k in set(ref_weights) & set(crash_weights))
+        mismatched += int(not torch.allclose(ref_outputs, outputs(crash)))
     result = {"kills": kills, "lost": lost, "duplicated": duplicated, "mismatched": mismatched,
-              "kill_moments_s": moments, "reference_seconds": reference_seconds, "work_dir": str(work)}
+              "crash_runs": runs, "kill_moments_s": moments, "reference_seconds": reference_seconds,
+              "work_dir": str(work)}
     print(f"kills={kills} lost={lost} duplicated={duplicated} mismatched={mismatched}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
