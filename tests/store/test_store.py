@@ -125,3 +125,23 @@ def test_foreign_database_is_refused_and_untouched(tmp_path):
     with pytest.raises(ValueError, match="not a dylora-moe store"):
         SkillStore(path)
     assert path.read_bytes() == before
+
+
+def test_older_schema_is_migrated_in_one_transaction(tmp_path, monkeypatch):
+    import dylora_moe.store.store as store_module
+
+    path = tmp_path / "store.db"
+    SkillStore(path).add_skill(0, "python")
+    ran = []
+
+    def add_note_column(conn):
+        conn.execute(text("ALTER TABLE skills ADD COLUMN note TEXT"))
+        ran.append(True)
+
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    monkeypatch.setattr(store_module, "MIGRATIONS", {SCHEMA_VERSION: add_note_column})
+    migrated = SkillStore(path)
+    assert ran == [True] and migrated.schema_version == SCHEMA_VERSION + 1
+    assert [s.name for s in migrated.skills()] == ["python"]  # data survives the migration
+    SkillStore(path)
+    assert ran == [True]  # already at the new version: nothing runs again
