@@ -14,7 +14,6 @@ with the reference. Crash runs repeat until the kills add up to --kills. Prints
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import signal
@@ -26,25 +25,15 @@ from pathlib import Path
 
 import torch
 
+from results import write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import batch, char_tokenizer, tiny_llama  # noqa: E402
+from tests.conftest import batch, write_tiny_run  # noqa: E402
 
 from dylora_moe import DyLoRAMoE  # noqa: E402
 from dylora_moe.store import SkillStore  # noqa: E402
-
-STREAM = """
-name: crash
-system:
-  novelty: {similarity_threshold: 0.9}
-  expert: {rank: 4, dropout: 0.0}
-training: {seed_steps: 3, consolidation_steps: 3, batch_size: 4, max_length: 32, report_to: [none]}
-skills:
-  - {name: digits, source: {type: file, path: digits.jsonl}, format: {chat: false}}
-  - {name: letters, source: {type: file, path: letters.jsonl}, format: {chat: false}}
-  - {name: digits-again, source: {type: file, path: digits2.jsonl}, format: {chat: false}}
-"""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,18 +42,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/crash_resume.json")
     return p.parse_args(argv)
-
-
-def setup(work: Path) -> None:
-    tiny_llama().save_pretrained(work / "model")
-    char_tokenizer().save_pretrained(work / "model")
-    rows = {"digits": [{"prompt": f"{i}+{i}=", "response": f"{2 * i}"} for i in range(40)],
-            "digits2": [{"prompt": f"{i} + {i} =", "response": f"{2 * i}"} for i in range(40)],
-            "letters": [{"prompt": f"up {chr(97 + i % 26)}{chr(97 + i // 26)}:",
-                         "response": f"{chr(65 + i % 26)}{chr(65 + i // 26)}!"} for i in range(40)]}
-    for name, items in rows.items():
-        (work / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in items))
-    (work / "stream.yaml").write_text(STREAM)
 
 
 def command(work: Path, out: Path) -> list[str]:
@@ -112,7 +89,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="crash-resume-"))
-    setup(work)
+    write_tiny_run(work, n=40, steps=3)
     _, reference_seconds = run(work, work / "reference")
     print(f"reference run: {reference_seconds:.1f}s", flush=True)
     # Each crash run is killed at random moments and resumed until it finishes, then compared with the
@@ -141,8 +118,7 @@ def main(argv=None) -> dict:
               "crash_runs": runs, "kill_moments_s": moments, "reference_seconds": reference_seconds,
               "work_dir": str(work)}
     print(f"kills={kills} lost={lost} duplicated={duplicated} mismatched={mismatched}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     return result
 
 

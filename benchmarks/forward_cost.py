@@ -12,15 +12,14 @@ this run. Decode times greedy generation with the KV cache at batch 1. Prints a 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from peft import get_peft_model
 
 from dylora_moe import DyLoRAConfig, DyLoRAMoE, ExpertConfig, RouterConfig, load_backbone
+from results import write_json
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -129,10 +128,7 @@ def main(argv=None) -> dict:
                    "single_lora_tok_s": base_decode, "dense_tok_s": dense, "top1_tok_s": top1},
     }
     print_table(result)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(args.out, result)
     return result
 
 

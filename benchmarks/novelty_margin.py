@@ -12,13 +12,12 @@ whether the configured threshold decides it right. Prints the matrices and write
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 
 from dylora_moe import DyLoRAConfig, DyLoRAMoE
 from dylora_moe.data import humaneval, humaneval_x, mbpp, nl2bash, spider, verilogeval
+from results import write_json
 
 # (set, set, same skill?)
 PAIRS = [
@@ -69,10 +68,7 @@ def main(argv=None) -> dict:
         print("| pair | same skill | similarity | decided right |\n|---|---|---:|---|")
         for p in pairs:
             print(f"| {p['a']} / {p['b']} | {p['same_skill']} | {p['similarity']:.4f} | {p['right']} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(args.out, result)
     return result
 
 

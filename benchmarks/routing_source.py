@@ -14,15 +14,14 @@ distinct classes here, which makes the test harder than the system needs. Prints
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 
 from dylora_moe import DyLoRAConfig, DyLoRAMoE, DynamicHybridRouter
 from dylora_moe.data import humaneval, humaneval_x, mbpp, nl2bash, spider, verilogeval
 from dylora_moe.routing.fit import fit_gate
+from results import write_json
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -92,10 +91,7 @@ def main(argv=None) -> dict:
     for r in rows:
         per_skill = " | ".join(f"{v:.2f}" for v in r["per_skill"].values())
         print(f"| {r['source']} | {r['accuracy']:.3f} | {per_skill} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(args.out, result)
     return result
 
 

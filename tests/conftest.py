@@ -71,3 +71,33 @@ def batch(bsz: int = 3, t: int = 10, seed: int = 0) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def model() -> DyLoRAMoE:
     return build()
+
+
+TINY_STREAM = """
+name: tiny
+system:
+  novelty: {{similarity_threshold: 0.9}}
+  expert: {{rank: 4, dropout: 0.0}}
+training: {{seed_steps: {steps}, consolidation_steps: {steps}, batch_size: 4, max_length: 32, report_to: [none]}}
+skills:
+  - {{name: digits, source: {{type: file, path: digits.jsonl}}, format: {{chat: false}}}}
+  - {{name: letters, source: {{type: file, path: letters.jsonl}}, format: {{chat: false}}}}
+  - {{name: digits-again, source: {{type: file, path: digits2.jsonl}}, format: {{chat: false}}}}
+"""
+
+
+def write_tiny_run(root, n: int = 30, steps: int = 2):
+    """A tiny model folder and a 3-step file stream (the last step repeats the first skill with other
+    prompts) in ``root``; returns the stream file. Used by the CLI tests and the crash-resume benchmark."""
+    import json
+
+    tiny_llama().save_pretrained(root / "model")
+    char_tokenizer().save_pretrained(root / "model")
+    rows = {"digits": [{"prompt": f"{i}+{i}=", "response": f"{2 * i}"} for i in range(n)],
+            "digits2": [{"prompt": f"{i} + {i} =", "response": f"{2 * i}"} for i in range(n)],
+            "letters": [{"prompt": f"up {chr(97 + i % 26)}{chr(97 + i // 26)}:",
+                         "response": f"{chr(65 + i % 26)}{chr(65 + i // 26)}!"} for i in range(n)]}
+    for name, items in rows.items():
+        (root / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in items))
+    (root / "stream.yaml").write_text(TINY_STREAM.format(steps=steps))
+    return root / "stream.yaml"

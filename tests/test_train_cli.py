@@ -10,34 +10,15 @@ import torch
 from dylora_moe import DyLoRAMoE
 from dylora_moe.cli import main
 from dylora_moe.store import SkillStore
-from tests.conftest import batch, char_tokenizer, tiny_llama
-
-STREAM = """
-name: tiny
-system:
-  novelty: {similarity_threshold: 0.9}
-  expert: {rank: 4, dropout: 0.0}
-training: {seed_steps: 2, consolidation_steps: 2, batch_size: 4, max_length: 32, report_to: [none]}
-skills:
-  - {name: digits, source: {type: file, path: digits.jsonl}, format: {chat: false}}
-  - {name: letters, source: {type: file, path: letters.jsonl}, format: {chat: false}}
-  - {name: digits-again, source: {type: file, path: digits2.jsonl}, format: {chat: false}}
-"""
+from tests.conftest import batch, tiny_llama, write_tiny_run
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
-    tiny_llama().save_pretrained(root / "model")
-    char_tokenizer().save_pretrained(root / "model")
-    rows = {"digits": [{"prompt": f"{i}+{i}=", "response": f"{2 * i}"} for i in range(30)],
-            "digits2": [{"prompt": f"{i} + {i} =", "response": f"{2 * i}"} for i in range(30)],
-            "letters": [{"prompt": f"up {chr(97 + i % 26)}{chr(97 + i // 26)}:",
-                         "response": f"{chr(65 + i % 26)}{chr(65 + i // 26)}!"} for i in range(30)]}
-    for name, items in rows.items():
-        (root / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in items))
-    (root / "s.yaml").write_text(STREAM)
-    code = main(["train", "--stream", str(root / "s.yaml"), "--out", str(root / "out"), "--model", str(root / "model")])
+    write_tiny_run(root)
+    code = main(["train", "--stream", str(root / "stream.yaml"), "--out", str(root / "out"),
+                 "--model", str(root / "model")])
     assert code == 0
     return root
 
@@ -68,7 +49,7 @@ def test_resume_of_a_finished_run_adds_nothing(run, capsys):
 
 
 def test_a_new_run_refuses_an_occupied_folder(run, capsys):
-    argv = ["train", "--stream", str(run / "s.yaml"), "--out", str(run / "out"), "--model", str(run / "model")]
+    argv = ["train", "--stream", str(run / "stream.yaml"), "--out", str(run / "out"), "--model", str(run / "model")]
     assert main(argv) == 2
     assert "--resume" in capsys.readouterr().err
 
