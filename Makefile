@@ -23,7 +23,9 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# A fresh run each time; `dylora train --resume runs/demo` continues an interrupted one instead.
 demo: setup
+	rm -rf runs/demo
 	$(VENV)/bin/dylora train --stream configs/streams/default.yaml --out runs/demo $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 test: setup
