@@ -321,10 +321,10 @@ class DyLoRAMoE(nn.Module):
         self.mixture.set_plan(plan)
 
     @contextlib.contextmanager
-    def _routing_scope(self, attention_mask: Tensor | None, *, pin: bool = False, stop: bool = False,
-                       routing: RouterOutput | None = None) -> Iterator[_Scope]:
+    def _routing_scope(self, attention_mask: Tensor | None, *, pin: bool = False,
+                       stop: bool = False) -> Iterator[_Scope]:
         outer, plan = self._scope, self.mixture.plan
-        self._scope = _Scope(attention_mask, pin=pin, stop=stop, routing=routing)
+        self._scope = _Scope(attention_mask, pin=pin, stop=stop)
         try:
             yield self._scope
         finally:
