@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 
+# Tests never reach a model hub; an unknown name must fail fast with our message. Set before the HF
+# libraries are imported: they read it once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from dylora_moe import DyLoRAConfig, DyLoRAMoE, ExpertConfig, RouterConfig
-
-# Tests never reach a model hub; an unknown name must fail fast with our message.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 VOCAB = 128
 

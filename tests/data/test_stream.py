@@ -99,7 +99,6 @@ def test_split_is_deterministic_and_never_leaks():
     assert not {e.text for e in half_train} & {e.text for e in held}
 
 
-def test_unreachable_hf_dataset_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+def test_unreachable_hf_dataset_is_a_clear_error():
     with pytest.raises(ValueError, match="without hub access use a file source"):
         load_examples(SkillSpec("x", source={"type": "hf", "name": "no-such-org/no-such-dataset"}))

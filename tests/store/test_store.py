@@ -7,6 +7,7 @@ import shutil
 import sqlite3
 import subprocess
 import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -15,29 +16,19 @@ from sqlalchemy import create_engine, text
 from dylora_moe.store import SCHEMA_VERSION, SkillStore
 
 
-def postgres_url() -> str | None:
-    """A throwaway PostgreSQL server from Debian's package, or None (with the reason printed)."""
-    if os.environ.get("DYLORA_TEST_POSTGRES_URL"):
-        return os.environ["DYLORA_TEST_POSTGRES_URL"]
+def postgres_bindir() -> Path | None:
+    """The binaries of Debian's PostgreSQL package, if it is installed."""
     bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    if not bins:
-        return None
-    return "spawn:" + str(bins[-1].parent)
+    return bins[-1].parent if bins else None
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request, tmp_path):
-    if request.param == "sqlite":
-        yield str(tmp_path / "store.db")
-        return
-    found = postgres_url()
-    if found is None:
+@pytest.fixture(scope="module")
+def postgres_server():
+    """One throwaway PostgreSQL server for the module: a URL template with ``{db}``, or a skip with the reason."""
+    bindir = postgres_bindir()
+    if bindir is None:
         pytest.skip("no PostgreSQL server: install Debian's postgresql package (.ci/run does) to run these")
-    if not found.startswith("spawn:"):
-        yield found
-        return
     pytest.importorskip("psycopg", reason="psycopg is needed for PostgreSQL")
-    bindir = Path(found.removeprefix("spawn:"))
     data = Path(tempfile.mkdtemp(prefix="pg-"))
     sock = Path(tempfile.mkdtemp(prefix="pgsock-"))
     user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
@@ -52,12 +43,26 @@ def url(request, tmp_path):
                     "-o", f"-k {sock} -p {port} -h ''", "-w", "start"], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
     try:
-        yield f"postgresql+psycopg://postgres@/postgres?host={sock}&port={port}"
+        yield f"postgresql+psycopg://postgres@/{{db}}?host={sock}&port={port}"
     finally:
         subprocess.run([*user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
         shutil.rmtree(data, ignore_errors=True)
         shutil.rmtree(sock, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path):
+    """A fresh, empty store location: a SQLite file, or a new database on the module's PostgreSQL server."""
+    if request.param == "sqlite":
+        return str(tmp_path / "store.db")
+    template = request.getfixturevalue("postgres_server")
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    engine = create_engine(template.format(db="postgres"), isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return template.format(db=name)
 
 
 def test_new_store_has_the_current_schema(url):
