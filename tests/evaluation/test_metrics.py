@@ -6,14 +6,47 @@ import math
 
 import pytest
 
-from dylora_moe.evaluation.metrics import bwt_loss, routing_accuracy, routing_entropy
+from dylora_moe.evaluation.metrics import (
+    average_accuracy,
+    backward_transfer,
+    bwt_loss,
+    forgetting,
+    forward_transfer,
+    novelty_scores,
+    routing_accuracy,
+    routing_entropy,
+)
+
+# accuracy after step i on skill j; the upper triangle is the score before the skill is trained
+ACC = [[0.8, 0.1, 0.2],
+       [0.6, 0.9, 0.3],
+       [0.7, 0.5, 0.9]]
+LOSS = [[1.0, None, None], [1.2, 2.0, None], [1.5, 1.9, 0.5]]
 
 
-def test_bwt_loss():
-    matrix = [[1.0, None, None], [1.2, 2.0, None], [1.5, 1.9, 0.5]]
-    # skill 0: 1.5 - 1.0 = 0.5; skill 1: 1.9 - 2.0 = -0.1 -> mean 0.2
-    assert bwt_loss(matrix) == pytest.approx(0.2)
-    assert bwt_loss([[3.0]]) == 0.0
+def test_accuracy_metrics_by_hand():
+    assert average_accuracy(ACC) == pytest.approx((0.7 + 0.5 + 0.9) / 3)
+    # BWT: ((0.7 - 0.8) + (0.5 - 0.9)) / 2
+    assert backward_transfer(ACC) == pytest.approx(-0.25)
+    # FWT with base scores b = (0.0, 0.05, 0.1): ((0.1 - 0.05) + (0.3 - 0.1)) / 2
+    assert forward_transfer(ACC, [0.0, 0.05, 0.1]) == pytest.approx(0.125)
+    # forgetting: skill 0 best 0.8 (steps 0-1), final 0.7 -> 0.1; skill 1 best 0.9, final 0.5 -> 0.4
+    assert forgetting(ACC) == pytest.approx(0.25)
+
+
+def test_loss_metrics_share_the_sign_convention():
+    # skill 0: 1.5 - 1.0 = +0.5 nats worse; skill 1: 1.9 - 2.0 = -0.1 (better) -> mean +0.2 nats of forgetting
+    assert bwt_loss(LOSS) == pytest.approx(0.2)
+    assert backward_transfer(LOSS, higher_is_better=False) == pytest.approx(-0.2)
+    # forgetting on loss: skill 0 best (lowest) 1.0 then 1.5 -> 0.5; skill 1 best 2.0, final 1.9 -> -0.1
+    assert forgetting(LOSS, higher_is_better=False) == pytest.approx(0.2)
+    assert bwt_loss([[3.0]]) == 0.0 and forgetting([[3.0]]) == 0.0
+
+
+def test_forward_transfer_on_loss():
+    matrix = [[1.0, 3.0], [1.0, 2.0]]
+    # base loss on skill 1 is 3.5; after step 0 it is 3.0: 0.5 nats better -> positive transfer
+    assert forward_transfer(matrix, [2.0, 3.5], higher_is_better=False) == pytest.approx(0.5)
 
 
 def test_routing_entropy():
@@ -26,3 +59,12 @@ def test_routing_entropy():
 def test_routing_accuracy_pools_examples():
     assert routing_accuracy([9, 1], [10, 10]) == pytest.approx(0.5)
     assert routing_accuracy([], []) == 0.0
+
+
+def test_novelty_scores():
+    labels = ["py", "js", "sql", "py"]  # truly novel: T T T F
+    assert novelty_scores([True, True, True, False], labels) == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
+    # a missed JS (merged into py) and a spurious new expert for the repeat
+    scores = novelty_scores([True, False, True, True], labels)
+    assert scores["precision"] == pytest.approx(2 / 3) and scores["recall"] == pytest.approx(2 / 3)
+    assert scores["f1"] == pytest.approx(2 / 3)

@@ -1,7 +1,10 @@
 """Pure continual-learning metrics over a score matrix ``R[i][j]`` = score on skill j after stream step i.
 
-Entries for skills not yet seen may be ``None``. Loss-like matrices: lower is better, so a positive
-``bwt_loss`` means forgetting (the loss rose after later steps).
+Sign convention: every function takes ``higher_is_better``. For accuracy-like scores (pass@1, exact match)
+it is ``True`` and the formulas are the papers'. For loss-like scores (nats) it is ``False`` and scores are
+negated first, so that for both kinds a negative BWT and a positive forgetting mean the same thing: the
+model got worse on earlier skills. ``bwt_loss`` keeps the loss-native sign used in run summaries (final -
+just learned: positive = forgetting). Entries for skills not yet seen may be ``None``.
 """
 
 from __future__ import annotations
@@ -12,11 +15,46 @@ from collections.abc import Sequence
 Matrix = Sequence[Sequence[float | None]]
 
 
+def _oriented(matrix: Matrix, higher_is_better: bool) -> list[list[float | None]]:
+    sign = 1.0 if higher_is_better else -1.0
+    return [[None if v is None else sign * v for v in row] for row in matrix]
+
+
+def average_accuracy(matrix: Matrix) -> float:
+    """ACC: mean score over all skills after the last step (in the matrix's own units, either kind)."""
+    last = matrix[-1]
+    return sum(last) / len(last)
+
+
+def backward_transfer(matrix: Matrix, higher_is_better: bool = True) -> float:
+    """BWT (Lopez-Paz & Ranzato 2017): mean over j < T-1 of R[T-1][j] - R[j][j] (oriented)."""
+    r = _oriented(matrix, higher_is_better)
+    last = len(r) - 1
+    deltas = [r[last][j] - r[j][j] for j in range(last)]
+    return sum(deltas) / len(deltas) if deltas else 0.0
+
+
+def forward_transfer(matrix: Matrix, base: Sequence[float], higher_is_better: bool = True) -> float:
+    """FWT (Lopez-Paz & Ranzato 2017): mean over j >= 1 of R[j-1][j] - b[j], with b the untrained base
+    model's score on skill j (oriented). Needs the entries above the diagonal."""
+    r = _oriented(matrix, higher_is_better)
+    b = [v if higher_is_better else -v for v in base]
+    deltas = [r[j - 1][j] - b[j] for j in range(1, len(r))]
+    return sum(deltas) / len(deltas) if deltas else 0.0
+
+
+def forgetting(matrix: Matrix, higher_is_better: bool = True) -> float:
+    """Average forgetting (Chaudhry et al. 2018): mean over j < T-1 of max_{l < T-1} R[l][j] - R[T-1][j]
+    (oriented, over the steps at which j had been seen)."""
+    r = _oriented(matrix, higher_is_better)
+    last = len(r) - 1
+    drops = [max(r[step][j] for step in range(j, last)) - r[last][j] for j in range(last)]
+    return sum(drops) / len(drops) if drops else 0.0
+
+
 def bwt_loss(matrix: Matrix) -> float:
     """Mean over all but the last skill of (final loss - loss right after learning it); 0.0 for one skill."""
-    last = len(matrix) - 1
-    deltas = [matrix[last][j] - matrix[j][j] for j in range(last)]
-    return sum(deltas) / len(deltas) if deltas else 0.0
+    return -backward_transfer(matrix, higher_is_better=False)
 
 
 def routing_entropy(counts: Sequence[float]) -> float:
@@ -31,3 +69,20 @@ def routing_accuracy(correct: Sequence[int], totals: Sequence[int]) -> float:
     """Share of all examples routed to their own skill's expert, pooled over skills."""
     n = sum(totals)
     return sum(correct) / n if n else 0.0
+
+
+def novelty_scores(predicted_novel: Sequence[bool], true_skills: Sequence[str]) -> dict[str, float]:
+    """Precision, recall and F1 of the novelty decisions of a stream whose true skill labels are known: a
+    step is truly novel when its label has not appeared at an earlier step."""
+    seen: set[str] = set()
+    truth = []
+    for label in true_skills:
+        truth.append(label not in seen)
+        seen.add(label)
+    tp = sum(p and t for p, t in zip(predicted_novel, truth, strict=True))
+    fp = sum(p and not t for p, t in zip(predicted_novel, truth, strict=True))
+    fn = sum(t and not p for p, t in zip(predicted_novel, truth, strict=True))
+    precision = tp / (tp + fp) if tp + fp else 1.0
+    recall = tp / (tp + fn) if tp + fn else 1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1}
