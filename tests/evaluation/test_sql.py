@@ -1,0 +1,70 @@
+"""Spider execution scoring: the MySQL dump converts to SQLite, gold queries run, matches are strict."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from dylora_moe.evaluation.sql import execution_match, mysql_dump_to_sqlite, run_query, split_statements
+
+DATA_DIR = Path(os.environ.get("DYLORA_DATA_DIR", Path(__file__).resolve().parents[3] / "shared" / "data"))
+DUMP = DATA_DIR / "spider" / "spider_dev_dbs.mysql.sql"
+
+SMALL_DUMP = r"""
+-- a comment; with a semicolon
+CREATE DATABASE IF NOT EXISTS `shop` /*!40100 DEFAULT CHARACTER SET utf8mb4 */;
+USE `shop`;
+/*!40101 SET NAMES utf8 */;
+DROP TABLE IF EXISTS `item`;
+CREATE TABLE `item` (
+  `id` int NOT NULL AUTO_INCREMENT,
+  `name` text COLLATE utf8mb4_general_ci,
+  `price` double DEFAULT NULL,
+  PRIMARY KEY (`id`,`name`(255)),
+  KEY `item_name` (`name`(20))
+) ENGINE=InnoDB AUTO_INCREMENT=3 DEFAULT CHARSET=utf8mb4;
+LOCK TABLES `item` WRITE;
+INSERT INTO `item` VALUES (1,'O\'Brien; \"tea\"',2.5),(2,'cake',4);
+UNLOCK TABLES;
+"""
+
+
+def test_small_dump_converts(tmp_path):
+    assert split_statements("a 'x;y' ; b -- c;\n; /* d; */ e")[:2] == ["a 'x;y'", "b"]
+    dump = tmp_path / "d.sql"
+    dump.write_text(SMALL_DUMP)
+    files = mysql_dump_to_sqlite(dump, tmp_path / "db")
+    rows = run_query(files["shop"], "SELECT name, price FROM item ORDER BY id")
+    assert rows == [("O'Brien; \"tea\"", 2.5), ("cake", 4.0)]
+
+
+def test_queries_are_read_only_and_confined(tmp_path):
+    dump = tmp_path / "d.sql"
+    dump.write_text(SMALL_DUMP)
+    db = mysql_dump_to_sqlite(dump, tmp_path / "db")["shop"]
+    gold = "SELECT name FROM item"
+    assert not execution_match(db, "DELETE FROM item", gold)
+    assert not execution_match(db, f"ATTACH DATABASE '{tmp_path / 'x.db'}' AS x", gold)
+    assert not (tmp_path / "x.db").exists()
+    assert len(run_query(db, gold)) == 2
+
+
+@pytest.mark.skipif(not DUMP.is_file(), reason=f"Spider data not found in {DATA_DIR} (set DYLORA_DATA_DIR)")
+def test_every_spider_gold_query_runs_and_matching_is_strict(tmp_path):
+    files = mysql_dump_to_sqlite(DUMP, tmp_path)
+    assert len(files) == 20
+    examples = json.loads((DATA_DIR / "spider" / "spider_dev.json").read_text())
+    for ex in examples:
+        run_query(files[ex["db"]], ex["gold"])  # raises if any gold query fails on the converted databases
+    first = examples[0]  # ordered: names by final tables made
+    db = files[first["db"]]
+    assert execution_match(db, first["gold"], first["gold"])
+    assert not execution_match(db, first["gold"].replace("ORDER BY T2.Final_Table_Made",
+                                                         "ORDER BY T2.Final_Table_Made DESC"), first["gold"])
+    assert not execution_match(db, "SELECT Name FROM people LIMIT 1", first["gold"])
+    assert not execution_match(db, "SELEC nonsense", first["gold"])
+    unordered = next(e for e in examples if "order by" not in e["gold"].lower() and "count" in e["gold"].lower())
+    assert execution_match(files[unordered["db"]], unordered["gold"], unordered["gold"])
