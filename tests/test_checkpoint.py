@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from peft import PeftModel
 
 from dylora_moe import DyLoRAMoE
-from dylora_moe.checkpoint import load_plain_peft
 from tests.conftest import batch, build, char_tokenizer, randomise_experts, tiny_llama
 
 
@@ -49,7 +49,7 @@ def test_each_expert_loads_with_plain_peft(tmp_path):
     for expert_id in model.experts.expert_ids:
         with torch.no_grad(), model.single_expert(expert_id):
             expected = model.backbone(**inputs).logits
-        plain = load_plain_peft(tiny_llama(), tmp_path / "system" / "experts" / f"expert_{expert_id}")
+        plain = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "system" / "experts" / f"expert_{expert_id}"))
         with torch.no_grad():
             torch.testing.assert_close(plain(**inputs).logits, expected)
 

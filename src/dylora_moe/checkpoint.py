@@ -21,7 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -152,7 +151,3 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} is corrupt or unreadable ({err}); restore it from a copy or retrain") from err
 
-
-def load_plain_peft(base_model, folder: str | Path) -> PeftModel:
-    """One exported expert on a fresh base model with nothing but peft (what other tools do)."""
-    return PeftModel.from_pretrained(base_model, str(folder))

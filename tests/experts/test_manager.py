@@ -78,7 +78,6 @@ def test_offload_moves_adapter_tensors_and_back():
     randomise_experts(model)
     inputs = batch()
     with torch.no_grad():
-        reference = [model.backbone.get_input_embeddings()]  # keep a handle: the backbone never moves
         model.experts.onload(model.experts.expert_ids)
         for e in model.experts.expert_ids:
             model.mark_mature(e)
@@ -100,7 +99,6 @@ def test_offload_moves_adapter_tensors_and_back():
         for e in model.experts.expert_ids:
             with model.single_expert(e):
                 torch.testing.assert_close(model.backbone(**inputs).logits, expected[e])
-    assert reference[0] is model.backbone.get_input_embeddings()
 
 
 def test_delete_expert_removes_adapter_gate_column_and_skills():

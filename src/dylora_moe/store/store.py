@@ -94,10 +94,13 @@ class SkillStore:
             return list(s.scalars(select(SkillRow).order_by(SkillRow.skill_id)))
 
     def skill(self, skill_id: int) -> SkillRow:
+        return self._get(SkillRow, skill_id, "skill")
+
+    def _get(self, table, key: int, what: str):
         with self.session() as s:
-            row = s.get(SkillRow, skill_id)
+            row = s.get(table, key)
         if row is None:
-            raise KeyError(f"no skill with id {skill_id} in {self.url}")
+            raise KeyError(f"no {what} with id {key} in {self.url}")
         return row
 
     @staticmethod
@@ -166,18 +169,12 @@ class SkillStore:
             return list(s.scalars(select(ExpertRow).order_by(ExpertRow.expert_id)))
 
     def expert(self, expert_id: int) -> ExpertRow:
-        with self.session() as s:
-            row = s.get(ExpertRow, expert_id)
-        if row is None:
-            raise KeyError(f"no expert with id {expert_id} in {self.url}")
-        return row
+        return self._get(ExpertRow, expert_id, "expert")
 
     def delete_expert(self, expert_id: int) -> None:
+        row = self.expert(expert_id)
         with self.session() as s:
-            row = s.get(ExpertRow, expert_id)
-            if row is None:
-                raise KeyError(f"no expert with id {expert_id} in {self.url}")
-            s.delete(row)
+            s.delete(s.merge(row))
 
     # ------------------------------------------------------------ events
     def record_event(self, record: dict) -> None:

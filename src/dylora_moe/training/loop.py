@@ -44,6 +44,7 @@ class StepData:
     held_out: list[Example]
     train_set: datasets.Dataset
     eval_set: datasets.Dataset
+    held_out_features: torch.Tensor | None = None  # routing features of held-out prompts (expert-independent)
 
 
 @dataclass
@@ -142,7 +143,8 @@ class ContinualLearner:
         """Store routing features of the skill's training sequences and of their prompts alone (what the gate
         sees when generating), for gate rehearsal."""
         sample = data.train[: self.training.rehearsal_per_skill]
-        texts = [self.prompts(data, [e])[0] + e.response for e in sample] + self.prompts(data, sample)
+        prompts = self.prompts(data, sample)
+        texts = [p + e.response for p, e in zip(prompts, sample, strict=True)] + prompts
         feats = self.model.routing_features_for(texts, max_length=self.training.max_length)
         self.memory.add(result.skill_id, result.expert_id, feats)
 
@@ -178,9 +180,10 @@ class ContinualLearner:
         routing, entropy = [], []
         for j, step in enumerate(self.steps):
             losses[j] = eval_loss(self.model, step.eval_set, self.training.eval_batch_size)
-            feats = self.model.routing_features_for(self.prompts(step, step.held_out),
-                                                    max_length=self.training.max_length)
-            chosen = routed_experts(self.model, feats)
+            if step.held_out_features is None:
+                step.held_out_features = self.model.routing_features_for(self.prompts(step, step.held_out),
+                                                                         max_length=self.training.max_length)
+            chosen = routed_experts(self.model, step.held_out_features)
             shares = {e: chosen.count(e) / len(chosen) for e in sorted(set(chosen))}
             routing.append(shares)
             entropy.append(routing_entropy(list(shares.values())))

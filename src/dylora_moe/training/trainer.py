@@ -31,6 +31,7 @@ class DyLoRATrainer(Trainer):
         self.training = training
         self.seed_steps = seed_steps
         self.memory = memory
+        self._rehearsal = None  # the memory does not change while one skill trains: batch it once
         self._extra: dict[str, list[float]] = {}
 
     def _core(self):
@@ -61,7 +62,9 @@ class DyLoRATrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         core = self._core()
         if self.memory is not None and self.training.rehearsal_weight > 0:
-            inputs = {**inputs, "rehearsal": self.memory.batch(core.experts.expert_ids, core.device)}
+            if self._rehearsal is None:
+                self._rehearsal = self.memory.batch(core.experts.expert_ids, core.device)
+            inputs = {**inputs, "rehearsal": self._rehearsal}
         outputs = model(**inputs)
         loss = outputs.loss
         self._note("task_loss", loss)
