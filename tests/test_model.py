@@ -17,9 +17,11 @@ def grown(backbone=None, n=3, **router):
     return model
 
 
+@pytest.mark.parametrize("mixing", ["fused", "reference"])
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
-def test_training_changes_only_the_new_expert_and_the_gate(make):
+def test_training_changes_only_the_new_expert_and_the_gate(make, mixing):
     model = grown(make())
+    model.config.mixing = mixing
     new = model.experts.expert_ids[-1]
     frozen = {n: p.detach().clone() for n, p in model.backbone.named_parameters() if "lora_" not in n}
     experts_before = {n: p.detach().clone() for n, p in model.backbone.named_parameters() if "lora_" in n}
@@ -63,6 +65,32 @@ def test_eval_after_training_sees_the_updated_weights():
         reference = model(**inputs).logits
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("granularity", ["sequence", "token"])
+def test_force_expert_runs_exactly_one_expert_or_none(granularity):
+    model = grown(granularity=granularity)
+    inputs = batch()
+    chosen = model.experts.expert_ids[1]
+    with torch.no_grad():
+        with model.force_expert(chosen):
+            forced = model(**inputs)
+            generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        with model._plain(), model.single_expert(chosen):
+            alone = model.backbone(**inputs).logits
+        with model.force_expert(None):
+            nothing = model(**inputs).logits
+        with model._plain():
+            plain = model.backbone(**inputs).logits
+            plain_generated = model.backbone.generate(**inputs, max_new_tokens=3, do_sample=False)
+        routed = model(**inputs).logits
+    torch.testing.assert_close(forced.logits, alone, rtol=1e-5, atol=1e-5)
+    assert forced.routing_weights[..., 1].eq(1).all() and forced.routing_weights.sum(-1).eq(1).all()
+    torch.testing.assert_close(nothing, plain, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(routed, forced.logits)  # the gate is back outside the block
+    assert generated.shape == plain_generated.shape
+    with pytest.raises(KeyError, match="no expert with id 99"), model.force_expert(99):
+        pass
 
 
 def test_route_matches_the_forward_routing():

@@ -50,6 +50,9 @@ class DyLoRAOutput(CausalLMOutputWithPast):
     rehearsal_loss: Tensor | None = None
 
 
+_NO_EXPERT = -1  # force_expert(None)
+
+
 class _RoutingComputed(Exception):
     """Stops a forward pass once the routing hook has run (routing-only passes)."""
 
@@ -104,6 +107,7 @@ class DyLoRAMoE(nn.Module):
         self.library = SkillLibrary()
         self.novelty = NoveltyDetector(self.library, self.config.novelty.similarity_threshold)
         self._scope: _Scope | None = None
+        self._forced: int | None = None  # router column every sequence is sent to (force_expert)
         if route_layer is not None:
             layers[route_layer].register_forward_pre_hook(self._route_hook, with_kwargs=True)
 
@@ -173,6 +177,18 @@ class DyLoRAMoE(nn.Module):
             yield
         finally:
             self.experts.disable_adapters()
+
+    @contextlib.contextmanager
+    def force_expert(self, expert_id: int | None) -> Iterator[None]:
+        """Send every sequence (every token, with per-token routing) to ``expert_id`` with weight 1, without
+        consulting the gate: oracle routing in benchmarks, or a caller that names its expert. ``None``: no
+        expert at all (the frozen model's output, through the same path)."""
+        column = _NO_EXPERT if expert_id is None else self.column(expert_id)
+        outer, self._forced = self._forced, column
+        try:
+            yield
+        finally:
+            self._forced = outer
 
     # ------------------------------------------------------------------ skills
     @torch.no_grad()
@@ -277,10 +293,23 @@ class DyLoRAMoE(nn.Module):
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
     def _route_hidden(self, hidden: Tensor, attention_mask: Tensor | None) -> RouterOutput:
+        if self._forced is not None:
+            return self._forced_routing(hidden)
         if self.config.router.granularity == "token":
             return self.router(hidden)  # [B, T, E]
         # The gate is linear, so routing the mean hidden state equals averaging the per-token logits.
         return self.router(self._pool(hidden, attention_mask))  # [B, E]
+
+    def _forced_routing(self, hidden: Tensor) -> RouterOutput:
+        lead = hidden.shape[:-1] if self.config.router.granularity == "token" else hidden.shape[:1]  # [B] or [B, T]
+        dtype, device = self.router.gate.weight.dtype, hidden.device
+        weights = torch.zeros(*lead, self.num_experts, dtype=dtype, device=device)  # [..., E]
+        if self._forced == _NO_EXPERT:
+            return RouterOutput(weights, weights.clone(), None, None, "dense")  # every delta weighted 0
+        weights[..., self._forced] = 1.0
+        indices = torch.full((*lead, 1), self._forced, dtype=torch.long, device=device)  # [..., 1]
+        return RouterOutput(weights, weights.clone(), indices, torch.ones(*lead, 1, dtype=dtype, device=device),
+                            "sparse")
 
     @torch.no_grad()
     def _frozen_final_hidden(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:

@@ -113,6 +113,9 @@ class SkillSpec:
             never in both splits, even when a later step repeats the skill with other examples).
         max_train, max_eval: caps on the number of examples used.
         requires_data_dir: skip this step (with a notice) when no data directory is given.
+        label: the true skill, for evaluation only (benchmarks score novelty decisions and oracle routing
+            against it; the learner never reads it). Defaults to ``name``; steps that bring more of an
+            earlier skill share its label.
     """
 
     name: str
@@ -122,8 +125,10 @@ class SkillSpec:
     max_train: int | None = None
     max_eval: int | None = None
     requires_data_dir: bool = False
+    label: str | None = None
 
     def __post_init__(self) -> None:
+        self.label = self.label or self.name
         if isinstance(self.source, dict):
             self.source = from_dict(SkillSource, self.source)
         if isinstance(self.format, dict):

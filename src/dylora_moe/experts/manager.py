@@ -140,23 +140,27 @@ class ExpertManager:
         self.current_expert_id = expert_id
         if previous is not None and previous != expert_id and self.config.offload_device is not None:
             self.offload([previous])
-        self.set_trainable([])
+        self._apply_trainable()  # peft's set_adapter makes the active adapter trainable: keep ours
 
     def disable_adapters(self) -> None:
         """Switch off peft's own adapter path: the fused mixture adds the experts' deltas itself."""
         if self.peft_model is not None:
             self.peft_model.base_model.disable_adapter_layers()
+            self._apply_trainable()  # peft freezes every adapter when it disables them: keep ours trainable
         self.current_expert_id = None
 
     def set_trainable(self, expert_ids: Iterable[int]) -> None:
         """Only the given experts' LoRA weights receive gradients; every other expert stays frozen."""
         self.trainable_ids = frozenset(expert_ids)
+        self._apply_trainable()
+        self.touch()
+
+    def _apply_trainable(self) -> None:
         wanted = {expert_name(e) for e in self.trainable_ids}
         for layer in self._layers:
             for name in self.names():
                 for p in (*layer.lora_A[name].parameters(), *layer.lora_B[name].parameters()):
                     p.requires_grad_(name in wanted)
-        self.touch()
 
     def parameters(self, expert_id: int) -> Iterator[nn.Parameter]:
         name = expert_name(expert_id)

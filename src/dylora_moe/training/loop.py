@@ -4,11 +4,18 @@ For each step of a skill stream: the novelty detector decides whether the data i
 a new skill gets an expert (phase 2) trained with high-rate seeding (phase 3) then low-rate consolidation
 (phase 4), the gate learning in parallel while it rehearses where earlier skills go (phase 5); a known
 skill continues training its expert at the consolidation rate. After each step every skill seen so far is
-evaluated (loss on response tokens, routing of its held-out prompts), filling the loss matrix.
+evaluated (loss on response tokens, routing of its held-out prompts), filling the loss matrix; with
+``evaluate_ahead`` the skills still to come are evaluated too (the upper triangle, which forward transfer
+needs).
+
+Baselines (``evaluation/baselines.py``) reuse the loop through four overridable methods: ``assign`` (which
+expert a step trains), ``training_set``, ``eval_routing`` (pinned routing at evaluation) and the class
+attribute ``trains_router``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -74,11 +81,14 @@ class ContinualLearner:
         out_dir: Trainer logs go to ``out_dir/logs``.
         data_dir: folder of the datasets builtin sources read (e.g. ../shared/data).
         before_skill, after_skill: hooks called with (step, skill) and (step, StepRecord).
+        evaluate_ahead: after each step also evaluate the skills not yet seen (the full loss matrix).
     """
+
+    trains_router = True  # the gate trains with the expert and is fitted on the routing memory
 
     def __init__(self, model: DyLoRAMoE, stream: StreamSpec, training: TrainingConfig, out_dir: str | Path, *,
                  data_dir: str | Path | None = None, before_skill: Callable | None = None,
-                 after_skill: Callable | None = None) -> None:
+                 after_skill: Callable | None = None, evaluate_ahead: bool = False) -> None:
         self.model = model
         self.stream = stream
         self.training = training
@@ -87,6 +97,8 @@ class ContinualLearner:
         self.skills = stream.active(data_dir)
         self.memory = RoutingMemory(training.rehearsal_per_skill, seed=training.seed)
         self.steps: list[StepData] = []
+        self.evaluate_ahead = evaluate_ahead
+        self._ahead: dict[int, StepData] = {}  # data of steps not yet run, prepared for evaluate_ahead
         self.records: list[StepRecord] = []
         self.before_skill = before_skill
         self.after_skill = after_skill
@@ -117,10 +129,10 @@ class ContinualLearner:
         if self.before_skill:
             self.before_skill(i, skill)
         say(f"[{i + 1}/{len(self.skills)}] loading {skill.name}")
-        data = self.prepare(skill)
+        data = self._ahead.pop(i, None) or self.prepare(skill)
         self.steps.append(data)
         transformers.set_seed(self.training.seed + i)  # identical experts on every process of a DDP run
-        result = self.model.add_new_skill(data.train, name=skill.name)
+        result = self.assign(i, data)
         verdict = "new skill -> expert" if result.is_novel else "recognised as skill"
         say(f"[{i + 1}/{len(self.skills)}] {skill.name}: {verdict} {result.expert_id} "
             f"(similarity {result.similarity if result.similarity is None else round(result.similarity, 4)})")
@@ -139,6 +151,19 @@ class ContinualLearner:
             self.after_skill(i, record)
         return record
 
+    # ------------------------------------------------------------------ overridable by baselines
+    def assign(self, i: int, data: StepData) -> NoveltyResult:
+        """Which expert step ``i`` trains: the novelty detector decides (spec 3.1.3)."""
+        return self.model.add_new_skill(data.train, name=data.skill.name)
+
+    def training_set(self, i: int, data: StepData) -> datasets.Dataset:
+        """What step ``i`` trains on: the step's own data."""
+        return data.train_set
+
+    def eval_routing(self, j: int) -> contextlib.AbstractContextManager:
+        """How evaluation of step ``j``'s skill is routed: by the gate (a baseline may pin an expert)."""
+        return contextlib.nullcontext()
+
     def remember(self, data: StepData, result: NoveltyResult) -> None:
         """Store routing features of the skill's training sequences and of their prompts alone (what the gate
         sees when generating), for gate rehearsal."""
@@ -149,6 +174,8 @@ class ContinualLearner:
         self.memory.add(result.skill_id, result.expert_id, feats)
 
     def fit_router(self) -> None:
+        if not self.trains_router:
+            return
         batch = self.memory.batch(self.model.experts.expert_ids, self.model.device)
         if batch is not None and self.training.router_fit_steps > 0 and self.training.rehearsal_weight > 0:
             fit_gate(self.model.router, *batch, steps=self.training.router_fit_steps)
@@ -156,7 +183,7 @@ class ContinualLearner:
     def train_expert(self, i: int, data: StepData, result: NoveltyResult) -> list[dict]:
         cfg = self.training
         seed_steps = cfg.seed_steps if result.is_novel else 0
-        self.model.set_trainable([result.expert_id], router=True)
+        self.model.set_trainable([result.expert_id], router=self.trains_router)
         self.model.train()
         args = TrainingArguments(
             output_dir=str(self.out_dir / "logs" / f"step_{i}"),
@@ -167,9 +194,9 @@ class ContinualLearner:
             disable_tqdm=False, warmup_steps=0, use_cpu=self.model.device.type == "cpu",
             max_grad_norm=1.0, run_name=f"{self.stream.name}-step{i}-{data.skill.name}",
         )
-        trainer = DyLoRATrainer(model=self.model, args=args, train_dataset=data.train_set,
+        trainer = DyLoRATrainer(model=self.model, args=args, train_dataset=self.training_set(i, data),
                                 data_collator=collator(self.model), training=cfg, seed_steps=seed_steps,
-                                memory=self.memory)
+                                memory=self.memory if self.trains_router else None)
         trainer.train()
         self.model.set_trainable([], router=False)
         self.model.eval()
@@ -179,7 +206,7 @@ class ContinualLearner:
         losses: list[float | None] = [None] * len(self.skills)
         routing, entropy = [], []
         for j, step in enumerate(self.steps):
-            losses[j] = eval_loss(self.model, step.eval_set, self.training.eval_batch_size)
+            losses[j] = self.evaluate(j, step)
             if step.held_out_features is None:
                 step.held_out_features = self.model.routing_features_for(self.prompts(step, step.held_out),
                                                                          max_length=self.training.max_length)
@@ -187,5 +214,15 @@ class ContinualLearner:
             shares = {e: chosen.count(e) / len(chosen) for e in sorted(set(chosen))}
             routing.append(shares)
             entropy.append(routing_entropy(list(shares.values())))
+        if self.evaluate_ahead:
+            for j in range(len(self.steps), len(self.skills)):
+                if j not in self._ahead:
+                    self._ahead[j] = self.prepare(self.skills[j])
+                losses[j] = self.evaluate(j, self._ahead[j])
         return StepRecord(i, data.skill.name, result, len(data.train), len(data.held_out), seconds, losses,
                           routing, entropy, self.model.num_experts)
+
+    def evaluate(self, j: int, step: StepData) -> float:
+        """Eval loss on step ``j``'s held-out examples, routed as ``eval_routing`` says."""
+        with self.eval_routing(j):
+            return eval_loss(self.model, step.eval_set, self.training.eval_batch_size)

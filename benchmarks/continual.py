@@ -1,0 +1,164 @@
+"""Every method of the continual-learning benchmark on one stream, side by side, same data and budget.
+
+    python benchmarks/continual.py --stream configs/streams/shared-code.yaml --data-dir ../shared/data \\
+        --out results/shared-code
+    python benchmarks/continual.py --stream configs/streams/default.yaml --out runs/bench --methods dylora,base \\
+        --consolidation-steps 4 --max-train 16 --pass-limit 4 --humaneval-limit 8     # a quick look
+
+Methods (see ``dylora_moe.evaluation.baselines``): dylora, spec_reference, sequential_lora, joint_lora,
+oracle_experts, base. Each trains with the stream's steps and rates (or the overrides below) and LoRA experts of
+the configured rank. Each method's raw measurements are kept in OUT/methods/NAME.json as soon as it finishes:
+a rerun with the same OUT skips finished methods (delete the file to redo one). ``--jobs 2`` runs two methods
+at a time in separate processes, each with half the cores. Writes OUT/results.json, OUT/report.md and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dylora_moe.config import DyLoRAConfig
+from dylora_moe.data.stream import load_stream
+from dylora_moe.evaluation import benchmark_report
+from dylora_moe.evaluation.baselines import METHODS
+from dylora_moe.evaluation.benchmark import BenchmarkConfig, results_from, run_method
+from dylora_moe.training.config import TrainingConfig
+from results import write_json
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stream", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--data-dir", default=None, help="datasets folder (../shared/data) for the steps that need it")
+    p.add_argument("--model", default=None, help="model (default: the stream's, else the embedded default)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--seed-steps", type=int, default=None)
+    p.add_argument("--consolidation-steps", type=int, default=None)
+    p.add_argument("--max-train", type=int, default=None, help="cap training examples per step")
+    p.add_argument("--max-eval", type=int, default=None, help="cap held-out examples per step")
+    p.add_argument("--pass-limit", type=int, default=BenchmarkConfig.pass_limit,
+                   help="held-out problems per step scored by greedy decoding at the end (0: none)")
+    p.add_argument("--humaneval-limit", type=int, default=BenchmarkConfig.humaneval_limit,
+                   help="HumanEval problems for the retention score (0: none)")
+    p.add_argument("--jobs", type=int, default=1, help="methods run at once, in separate processes")
+    p.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def configs(args: argparse.Namespace):
+    stream = load_stream(args.stream)
+    system = DyLoRAConfig.from_dict({**stream.system, **({"model": args.model} if args.model else {})})
+    overrides = {k: v for k, v in (("seed_steps", args.seed_steps),
+                                   ("consolidation_steps", args.consolidation_steps)) if v is not None}
+    training = TrainingConfig(**{**stream.training, **overrides, "report_to": ["none"]})
+    for skill in stream.skills:
+        if args.max_train is not None:
+            skill.max_train = min(skill.max_train or args.max_train, args.max_train)
+        if args.max_eval is not None:
+            skill.max_eval = min(skill.max_eval or args.max_eval, args.max_eval)
+    bench = BenchmarkConfig(pass_limit=args.pass_limit, humaneval_limit=args.humaneval_limit)
+    return stream, system, training, bench
+
+
+def run_one(args: argparse.Namespace, name: str) -> dict:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    stream, system, training, bench = configs(args)
+    started = time.perf_counter()
+    raw = run_method(name, stream, system, training, args.out, data_dir=args.data_dir, bench=bench,
+                     progress=lambda msg: print(f"[{time.perf_counter() - started:6.0f}s] {msg}", flush=True))
+    path = args.out / "methods" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(raw, indent=2) + "\n")
+    os.replace(tmp, path)
+    print(f"{name}: done in {raw['seconds']:.0f}s", flush=True)
+    return raw
+
+
+def run_parallel(args: argparse.Namespace, names: list[str], argv: list[str]) -> None:
+    """Run methods in child processes of this script, ``--jobs`` at a time."""
+    threads = max(1, (os.cpu_count() or 2) // args.jobs)
+    pending, running = list(names), []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            name = pending.pop(0)
+            log = (args.out / "methods" / f"{name}.log").open("w")
+            cmd = [sys.executable, __file__, *argv, "--methods", name, "--jobs", "1", "--threads", str(threads)]
+            running.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+            print(f"started {name} (log: {log.name})", flush=True)
+        time.sleep(5)
+        for item in list(running):
+            name, proc, log = item
+            if proc.poll() is not None:
+                running.remove(item)
+                log.close()
+                if proc.returncode != 0:
+                    raise SystemExit(f"{name} failed (exit {proc.returncode}); see {log.name}")
+                print(f"finished {name}", flush=True)
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(names) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    stream, system, _, _ = configs(args)  # a bad stream or option fails before any work
+    (args.out / "methods").mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    todo = [n for n in names if not (args.out / "methods" / f"{n}.json").is_file()]
+    if args.threads is None and args.jobs > 1 and len(todo) > 1:
+        base_argv = strip_option(strip_option(argv, "--methods"), "--jobs")
+        run_parallel(args, todo, base_argv)
+    else:
+        for name in todo:
+            run_one(args, name)
+    if args.threads is not None:
+        return  # a child process: the parent merges
+    raw = {}
+    for name in METHODS:
+        path = args.out / "methods" / f"{name}.json"
+        if path.is_file():
+            raw[name] = json.loads(path.read_text())
+    results = results_from(raw, stream=stream.name, model=system.model)
+    seconds = sum(r.get("seconds", 0.0) for r in raw.values())
+    results["total_seconds"] = seconds
+    results["wall_seconds_this_invocation"] = time.perf_counter() - started
+    write_json(args.out / "results.json", results)
+    command = "python benchmarks/continual.py " + " ".join(argv)
+    benchmark_report.write(args.out, results, command=command, seconds=seconds)
+    for name, m in results["methods"].items():
+        he = m.get("humaneval")
+        print(f"{name:16s} acc={m['acc']:.4f} bwt={m['bwt']:+.4f} forgetting={m['forgetting']:+.4f} "
+              f"fwt={m['fwt'] if m['fwt'] is None else round(m['fwt'], 4)} routing={m['routing_accuracy']} "
+              f"humaneval={he and he['score']} experts={m['experts']}")
+    print(f"report: {args.out / 'report.md'}")
+
+
+def strip_option(argv: list[str], option: str) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == option:
+            skip = True
+            continue
+        if a.startswith(option + "="):
+            continue
+        out.append(a)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The continual-learning benchmark: every method of ``baselines.py`` on one stream, scored the same way.
+
+``run_method`` trains one method through the stream and returns its raw measurements (the full loss matrix,
+routing, novelty decisions, sizes, times, and greedy-decoding scores of the final system);
+``results_from`` turns the raw measurements of all methods into the metrics of ``results.json``. The matrix
+is the eval loss (nats) on every step's held-out examples after every step, the cells above the diagonal
+included, so forward transfer is measured against the untrained model (``base``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..backbone import cache_dir
+from ..config import DyLoRAConfig
+from ..data.sources import humaneval
+from ..data.stream import StreamSpec
+from ..model import DyLoRAMoE
+from ..training.config import TrainingConfig
+from ..training.loop import ContinualLearner, StepRecord
+from .baselines import LEARNERS, spec_reference
+from .generation import Checker, check_python_example, checker_for, score_examples
+from .measure import eval_loss
+from .metrics import average_accuracy, backward_transfer, forgetting, forward_transfer, novelty_scores
+
+
+@dataclass
+class BenchmarkConfig:
+    """Sizes of the benchmark beyond the stream's own.
+
+    Args:
+        pass_limit: held-out problems per step scored by greedy decoding on the final system (0: none).
+        humaneval_limit: HumanEval problems for the retention score of the final system (0: none).
+        generation_batch: prompts per generation batch.
+        spider_cache: where the Spider dev databases are converted to SQLite (default: under the package cache,
+            ``$DYLORA_CACHE``; never inside a results folder, since they hold the dataset).
+    """
+
+    pass_limit: int = 16
+    humaneval_limit: int = 40
+    generation_batch: int = 16
+    spider_cache: str = field(default_factory=lambda: str(cache_dir() / "spider-sqlite"))
+
+
+def method_configs(name: str, system: DyLoRAConfig, training: TrainingConfig) -> tuple[DyLoRAConfig, TrainingConfig]:
+    if name == "spec_reference":
+        return spec_reference(system, training)
+    return system, training
+
+
+def run_method(name: str, stream: StreamSpec, system: DyLoRAConfig, training: TrainingConfig, out: Path, *,
+               data_dir: str | Path | None = None, bench: BenchmarkConfig | None = None,
+               progress: Callable[[str], None] | None = None, model: DyLoRAMoE | None = None) -> dict:
+    """Run one method and return its raw measurements (JSON-ready)."""
+    bench = bench or BenchmarkConfig()
+    say = progress or (lambda msg: None)
+    system, training = method_configs(name, system, training)
+    model = model or DyLoRAMoE.from_config(system)
+    model.eval()
+    start = time.perf_counter()
+    if name == "base":
+        learner = ContinualLearner(model, stream, training, out / "logs" / name, data_dir=data_dir)
+        steps = [learner.prepare(skill) for skill in learner.skills]
+        row = [eval_loss(model, s.eval_set, training.eval_batch_size) for s in steps]
+        matrix = [list(row) for _ in steps]
+        records: list[StepRecord] = []
+        learner.steps = steps
+    else:
+        learner = LEARNERS[name](model, stream, training, out / "logs" / name, data_dir=data_dir,
+                                 evaluate_ahead=True)
+        records = learner.run(lambda msg: say(f"{name}: {msg}"))
+        matrix = [list(r.losses) for r in records]
+    train_seconds = time.perf_counter() - start
+    say(f"{name}: scoring the final system by greedy decoding")
+    skills = learner.skills
+    raw = {
+        "method": name,
+        "skills": [s.name for s in skills],
+        "labels": [s.label for s in skills],
+        "matrix": matrix,
+        "experts": model.num_experts,
+        "trainable_params": trainable_params(model, learner),
+        "train_seconds": train_seconds if records else 0.0,
+        "novel": [r.novelty.is_novel for r in records],
+        "expert_of_step": [r.novelty.expert_id for r in records],
+        "final_routing": [{str(k): v for k, v in shares.items()} for shares in records[-1].routing] if records else [],
+        "uses_router": bool(records) and learner.trains_router,
+        "generation": final_generation(model, learner, data_dir, bench),
+    }
+    if bench.humaneval_limit > 0:
+        raw["humaneval"] = humaneval_retention(model, bench)
+    raw["seconds"] = time.perf_counter() - start
+    return raw
+
+
+def trainable_params(model: DyLoRAMoE, learner: ContinualLearner) -> int:
+    experts = sum(model.experts.num_parameters(e) for e in model.experts.expert_ids)
+    router = sum(p.numel() for p in model.router.parameters()) if learner.trains_router and experts else 0
+    return experts + router
+
+
+def final_generation(model: DyLoRAMoE, learner: ContinualLearner, data_dir, bench: BenchmarkConfig) -> list[dict]:
+    """Greedy-decoding score of the final system on the first ``pass_limit`` held-out examples of each step."""
+    if bench.pass_limit <= 0:
+        return []
+    scores, checkers = [], {}
+    steps = learner.steps if learner.steps else [learner.prepare(s) for s in learner.skills]
+    for j, step in enumerate(steps):
+        source = step.skill.source
+        key = (source.type, source.name, source.language)
+        if key not in checkers:
+            checkers[key] = checker_for(step.skill, data_dir=data_dir, cache=bench.spider_cache)
+        checker: Checker = checkers[key]
+        with learner.eval_routing(j):
+            result = score_examples(model, step.held_out[: bench.pass_limit], checker,
+                                    chat=step.skill.format.chat, batch_size=bench.generation_batch)
+        scores.append({"skill": step.skill.name, "metric": result.metric, "checker": checker.name,
+                       "score": result.score, "n": len(result.passed)})
+    return scores
+
+
+def humaneval_retention(model: DyLoRAMoE, bench: BenchmarkConfig) -> dict:
+    """pass@1 (greedy) on the first ``humaneval_limit`` HumanEval problems: a pretrained ability no method
+    trains on in a stream without HumanEval."""
+    problems = humaneval()[: bench.humaneval_limit]
+    result = score_examples(model, problems, Checker("python", check_python_example, max_new_tokens=256),
+                            batch_size=bench.generation_batch)
+    return {"metric": "pass@1", "score": result.score, "n": len(problems)}
+
+
+# ---------------------------------------------------------------- metrics of all methods
+def results_from(raw: dict[str, dict], *, stream: str, model: str) -> dict:
+    """``results.json``: per method the matrix and ACC/BWT/FWT/forgetting in loss units (lower loss is better:
+    ``acc`` is the mean final loss, negative ``bwt`` and positive ``forgetting`` mean forgetting), routing
+    accuracy where a gate routes, and the generation scores."""
+    base = raw.get("base")
+    base_row = base["matrix"][0] if base else None
+    methods = {}
+    for name, r in raw.items():
+        matrix = r["matrix"]
+        entry = {
+            "matrix": matrix,
+            "metric": "loss",
+            "acc": average_accuracy(matrix),
+            "bwt": backward_transfer(matrix, higher_is_better=False),
+            "fwt": forward_transfer(matrix, base_row, higher_is_better=False) if base_row else None,
+            "forgetting": forgetting(matrix, higher_is_better=False),
+            "routing_accuracy": gate_routing_accuracy(r) if r.get("uses_router") else None,
+            "experts": r["experts"],
+            "trainable_params": r["trainable_params"],
+            "train_seconds": r["train_seconds"],
+            "generation": r.get("generation", []),
+            "generation_mean": mean_score(r.get("generation", [])),
+            "humaneval": r.get("humaneval"),
+        }
+        if r.get("novel"):
+            entry["novelty"] = novelty_scores(r["novel"], r["labels"])
+        methods[name] = entry
+    skills = next(iter(raw.values()))["skills"] if raw else []
+    labels = next(iter(raw.values()))["labels"] if raw else []
+    return {"stream": stream, "model": model, "skills": skills, "labels": labels, "methods": methods}
+
+
+def gate_routing_accuracy(r: dict) -> float:
+    """Mean over steps of the share of the step's held-out prompts the final gate routes (top-1) to the expert
+    its true label was first given."""
+    first_expert: dict[str, int] = {}
+    for label, expert in zip(r["labels"], r["expert_of_step"], strict=True):
+        first_expert.setdefault(label, expert)
+    shares = [routed.get(str(first_expert[label]), 0.0)
+              for label, routed in zip(r["labels"], r["final_routing"], strict=True)]
+    return sum(shares) / len(shares)
+
+
+def mean_score(generation: Sequence[dict]) -> float | None:
+    return sum(g["score"] for g in generation) / len(generation) if generation else None

@@ -1,0 +1,166 @@
+"""Greedy-decoding evaluation of a skill's held-out examples, scored by execution where the data allows.
+
+Each skill gets a checker from its source: Python problems (MBPP, HumanEval, HumanEval-X Python) run the
+candidate with the dataset's tests, JavaScript (HumanEval-X JS) runs with Node, SQL (Spider) compares
+execution results on the dev databases; anything else is scored by exact match of the normalised first line.
+Candidates run only in the sandbox of ``execution.py``; nothing generated is imported or evaluated here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..backbone import cache_dir
+from ..data.preprocess import render_prompt
+from ..data.sources import Example
+from ..data.stream import SkillSpec
+from ..model import DyLoRAMoE
+from .execution import check_javascript, check_python
+from .sql import execution_match, mysql_dump_to_sqlite
+
+FENCE = re.compile(r"```[\w+-]*\n(.*?)(?:```|\Z)", re.DOTALL)
+KEEP_TOP_LEVEL = ("def ", "class ", "import ", "from ", "@", " ", "\t", "#")
+
+
+@dataclass
+class Checker:
+    """How one skill's completions are scored: ``check(example, completion) -> passed``."""
+
+    name: str  # python, javascript, sql or exact_match
+    check: Callable[[Example, str], bool]
+    max_new_tokens: int = 192
+    executes: bool = True  # False: exact match only
+
+
+@dataclass
+class GenerationScore:
+    metric: str  # pass@1 or exact_match
+    score: float
+    passed: list[bool] = field(default_factory=list)
+
+
+def extract_code(completion: str) -> str:
+    """The first fenced code block of a completion when it has one, else the completion itself."""
+    match = FENCE.search(completion)
+    return match.group(1) if match else completion
+
+
+def trim_python(code: str) -> str:
+    """Drop what follows the program: the first top-level statement that is not a definition or import
+    (example calls, prints, a half-written line at the token limit)."""
+    kept = []
+    for line in code.splitlines():
+        if line.strip() and not line.startswith(KEEP_TOP_LEVEL):
+            break
+        kept.append(line)
+    return "\n".join(kept).rstrip() + "\n"
+
+
+def python_program(example: Example, completion: str) -> str:
+    """HumanEval-style prompts end in a docstring (a valid body), so a body or a whole new definition both
+    follow it; MBPP prompts are a task statement in a string, also valid before the code."""
+    return example.prompt + trim_python(extract_code(completion))
+
+
+def javascript_program(example: Example, completion: str) -> str:
+    code = extract_code(completion)
+    declaration = next((line for line in example.prompt.splitlines() if re.match(r"\s*(const|function) ", line)),
+                       None)
+    whole = declaration is not None and declaration.strip() in code  # the model wrote the whole function
+    program = code if whole else example.prompt + code
+    kept = []
+    for line in program.splitlines():
+        kept.append(line)
+        if line.rstrip() in ("}", "};") and declaration is not None and declaration in "\n".join(kept):
+            break  # the function is closed: what follows is usage or a cut-off line
+    return "\n".join(kept) + "\n"
+
+
+def check_python_example(example: Example, completion: str) -> bool:
+    meta = example.meta
+    if "test_list" in meta:  # MBPP
+        tests = meta.get("test_setup_code", "") + "\n" + "\n".join(meta["test_list"])
+    else:  # HumanEval / HumanEval-X Python: a check(candidate) function
+        tests = f"{meta['test']}\ncheck({meta['entry_point']})" if "entry_point" in meta else meta["test"]
+    return check_python(python_program(example, completion), tests).passed
+
+
+def check_javascript_example(example: Example, completion: str) -> bool:
+    return check_javascript(javascript_program(example, completion), example.meta["test"]).passed
+
+
+def first_statement(completion: str) -> str:
+    code = extract_code(completion).strip()
+    return code.split(";")[0].strip()
+
+
+def normalise(text: str) -> str:
+    lines = [line for line in extract_code(text).strip().splitlines() if line.strip()]
+    return " ".join(lines[0].split()) if lines else ""
+
+
+def exact_match(example: Example, completion: str) -> bool:
+    return normalise(completion) == normalise(example.response)
+
+
+def sql_checker(data_dir: str | Path, cache: str | Path) -> Checker:
+    """Spider: execution match on the dev databases, converted once from the MySQL dump into ``cache``."""
+    dbs = mysql_dump_to_sqlite(Path(data_dir) / "spider" / "spider_dev_dbs.mysql.sql", cache)
+
+    def check(example: Example, completion: str) -> bool:
+        db = dbs.get(example.meta["db"])
+        if db is None:
+            raise KeyError(f"database {example.meta['db']!r} is not in the Spider dump")
+        return execution_match(db, first_statement(completion), example.response.strip().rstrip(";"))
+
+    return Checker("sql", check, max_new_tokens=96)
+
+
+def checker_for(skill: SkillSpec, *, data_dir: str | Path | None = None,
+                cache: str | Path | None = None) -> Checker:
+    """The checker a skill's source allows."""
+    src = skill.source
+    if src.type == "builtin":
+        if src.name in ("mbpp", "humaneval") or (src.name == "humaneval-x" and src.language == "python"):
+            return Checker("python", check_python_example)
+        if src.name == "humaneval-x" and (src.language or "js") == "js":
+            return Checker("javascript", check_javascript_example)
+        if src.name == "spider" and data_dir is not None:
+            return sql_checker(data_dir, cache or cache_dir() / "spider-sqlite")
+    return Checker("exact_match", exact_match, max_new_tokens=96, executes=False)
+
+
+@torch.no_grad()
+def greedy_completions(model: DyLoRAMoE, prompts: Sequence[str], *, max_new_tokens: int,
+                       batch_size: int = 16, max_prompt_tokens: int = 1024) -> list[str]:
+    """Greedy completions of already rendered prompts (left-padded batches through ``model.generate``)."""
+    tok = model.tokenizer
+    side, tok.padding_side = tok.padding_side, "left"
+    out: list[str] = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            enc = tok(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True, truncation=True,
+                      max_length=max_prompt_tokens, add_special_tokens=False).to(model.device)
+            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            out += tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tok.padding_side = side
+    return out
+
+
+def score_examples(model: DyLoRAMoE, examples: Sequence[Example], checker: Checker, *, chat: bool = True,
+                   batch_size: int = 16) -> GenerationScore:
+    """pass@1 (greedy, one candidate per problem) or exact match over ``examples``."""
+    if not examples:
+        raise ValueError("no examples to score")
+    prompts = [render_prompt(model.tokenizer, e.prompt, chat) for e in examples]
+    completions = greedy_completions(model, prompts, max_new_tokens=checker.max_new_tokens, batch_size=batch_size)
+    passed = [bool(checker.check(e, c)) for e, c in zip(examples, completions, strict=True)]
+    metric = "pass@1" if checker.executes else "exact_match"
+    return GenerationScore(metric, sum(passed) / len(passed), passed)

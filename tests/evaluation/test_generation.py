@@ -1,0 +1,117 @@
+"""Greedy-decoding scores: code extraction, program assembly and every checker on real and broken programs."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from dylora_moe.data.sources import Example, humaneval
+from dylora_moe.data.stream import SkillSpec
+from dylora_moe.evaluation.generation import (
+    Checker,
+    check_javascript_example,
+    check_python_example,
+    checker_for,
+    exact_match,
+    extract_code,
+    first_statement,
+    javascript_program,
+    score_examples,
+    trim_python,
+)
+from tests.conftest import build
+
+JS_PROMPT = "/* Add two numbers.\n>>> add(2, 3)\n5\n*/\nconst add = (x, y) => {\n"
+JS_TEST = ("const testAdd = () => {\n  console.assert(add(2, 3) === 5)\n  console.assert(add(0, 0) === 0)\n}\n"
+           "testAdd()\n")
+MBPP = Example('"""Write a function to square a number.\nassert square(3) == 9\n"""\n',
+               "def square(x):\n    return x * x\n",
+               {"test_list": ["assert square(3) == 9", "assert square(-2) == 4"], "test_setup_code": ""})
+
+
+def test_extract_code_takes_the_first_fenced_block_or_everything():
+    assert extract_code("Here:\n```python\nx = 1\n```\nmore\n```\ny\n```") == "x = 1\n"
+    assert extract_code("```js\nlet a\n") == "let a\n"  # unterminated fence at the token limit
+    assert extract_code("    return 1\n") == "    return 1\n"
+
+
+def test_trim_python_keeps_definitions_and_drops_usage():
+    code = "import math\n\ndef f(x):\n    return x\n\n# helper\ndef g():\n    pass\nprint(f(2))\nassert f(1) =="
+    assert trim_python(code) == "import math\n\ndef f(x):\n    return x\n\n# helper\ndef g():\n    pass\n"
+    assert trim_python("    return x + 1\n\nprint(") == "    return x + 1\n"
+
+
+def test_humaneval_reference_bodies_pass_and_wrong_ones_fail():
+    problems = humaneval()[:3]
+    for p in problems:
+        assert check_python_example(p, p.response), p.meta["task_id"]
+        assert check_python_example(p, f"```python\n{p.response}```\nExplanation follows.")
+        assert not check_python_example(p, "    return None\n")
+
+
+def test_humaneval_accepts_a_whole_redefinition_after_the_prompt():
+    p = humaneval()[0]  # has_close_elements
+    whole = ("```python\nfrom typing import List\n\ndef has_close_elements(numbers: List[float], threshold: float)"
+             " -> bool:\n" + p.response + "```\n\nprint(has_close_elements([1.0, 2.0], 0.5))")
+    assert check_python_example(p, whole)
+
+
+def test_mbpp_runs_every_listed_test():
+    assert check_python_example(MBPP, "def square(x):\n    return x * x\n")
+    assert not check_python_example(MBPP, "def square(x):\n    return 9\n")  # passes only the first test
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js")
+def test_javascript_body_or_whole_function_pass_and_wrong_fails():
+    ex = Example(JS_PROMPT, "  return x + y;\n}\n", {"test": JS_TEST})
+    assert check_javascript_example(ex, ex.response)
+    assert check_javascript_example(ex, "```javascript\nconst add = (x, y) => {\n  return x + y;\n}\n```")
+    assert check_javascript_example(ex, "  return x + y;\n}\nconsole.log(add(1, 2)); add(")  # cut-off usage
+    assert not check_javascript_example(ex, "  return x - y;\n}\n")
+
+
+def test_javascript_program_keeps_the_function_and_cuts_what_follows():
+    ex = Example(JS_PROMPT, "", {"test": JS_TEST})
+    program = javascript_program(ex, "  return x + y;\n}\nconsole.log(1)\n")
+    assert program.endswith("return x + y;\n}\n") and "console.log" not in program
+
+
+def test_exact_match_and_sql_statement_normalisation():
+    ex = Example("# list files\n", "ls -la\n")
+    assert exact_match(ex, "```bash\nls   -la\n```\nThis lists files.")
+    assert not exact_match(ex, "ls\n")
+    assert first_statement("```sql\nSELECT count(*) FROM singer;\nSELECT 1;\n```") == "SELECT count(*) FROM singer"
+
+
+def test_checker_for_follows_the_source():
+    def skill(**source):
+        return SkillSpec("s", source=source)
+
+    assert checker_for(skill(type="builtin", name="mbpp")).name == "python"
+    assert checker_for(skill(type="builtin", name="humaneval")).name == "python"
+    assert checker_for(skill(type="builtin", name="humaneval-x", language="js")).name == "javascript"
+    assert checker_for(skill(type="builtin", name="humaneval-x", language="python")).name == "python"
+    assert checker_for(skill(type="builtin", name="nl2bash")).name == "exact_match"
+    assert checker_for(skill(type="builtin", name="spider")).name == "exact_match"  # no data dir: no databases
+    assert not checker_for(skill(type="builtin", name="verilogeval")).executes
+
+
+def test_score_examples_decodes_greedily_and_scores_each_problem():
+    model = build()
+    model.create_expert()
+    examples = [Example("ab", "x"), Example("cd", "y"), Example("ef", "z")]
+    seen = []
+
+    def check(example, completion):
+        seen.append((example.prompt, completion))
+        return example.prompt == "cd"
+
+    result = score_examples(model, examples, Checker("probe", check, max_new_tokens=4), chat=False, batch_size=2)
+    assert result.metric == "pass@1" and result.passed == [False, True, False]
+    assert result.score == pytest.approx(1 / 3)
+    assert [p for p, _ in seen] == ["ab", "cd", "ef"]
+    again = score_examples(model, examples, Checker("probe", lambda e, c: True, max_new_tokens=4), chat=False)
+    assert again.score == 1.0
+    with pytest.raises(ValueError, match="no examples"):
+        score_examples(model, [], Checker("probe", check))
