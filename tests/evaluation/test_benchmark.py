@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -44,6 +45,9 @@ def test_gate_routing_accuracy_counts_the_expert_each_label_was_first_given():
     r = raw([[0.0] * 3] * 3, expert_of_step=[0, 1, 2], final_routing=[{"0": 1.0}, {"1": 0.5, "0": 0.5}, {"0": 0.75}])
     # step 2 repeats label a, whose expert is 0 (a new expert 2 made for it does not count as right)
     assert gate_routing_accuracy(r) == pytest.approx((1.0 + 0.5 + 0.75) / 3)
+    entropy = results_from({"dylora": {**r, "uses_router": True}}, stream="s", model="m")["methods"]["dylora"][
+        "routing_entropy"]
+    assert entropy == pytest.approx([0.0, math.log(2), 0.0])  # shares per step, normalised
 
 
 def test_a_tiny_benchmark_runs_every_method_and_writes_the_report(tmp_path):

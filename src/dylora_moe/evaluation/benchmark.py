@@ -24,7 +24,7 @@ from ..training.loop import ContinualLearner, StepRecord
 from .baselines import LEARNERS, spec_reference
 from .generation import Checker, check_python_example, checker_for, score_examples
 from .measure import eval_loss
-from .metrics import average_accuracy, backward_transfer, forgetting, forward_transfer, novelty_scores
+from .metrics import average_accuracy, backward_transfer, forgetting, forward_transfer, novelty_scores, routing_entropy
 
 
 @dataclass
@@ -149,6 +149,8 @@ def results_from(raw: dict[str, dict], *, stream: str, model: str) -> dict:
             "fwt": forward_transfer(matrix, base_row, higher_is_better=False) if base_row else None,
             "forgetting": forgetting(matrix, higher_is_better=False),
             "routing_accuracy": gate_routing_accuracy(r) if r.get("uses_router") else None,
+            "routing_entropy": ([routing_entropy(list(shares.values())) for shares in r["final_routing"]]
+                                if r.get("uses_router") else None),
             "experts": r["experts"],
             "trainable_params": r["trainable_params"],
             "train_seconds": r["train_seconds"],
