@@ -4,6 +4,7 @@
     dylora train --stream my.yaml --out runs/x --dry-run        # validate the stream and its data only
     dylora train --resume runs/demo                              # continue after the last completed step
     dylora experts list runs/demo; dylora skills history runs/demo 0
+    dylora serve runs/demo [--host 127.0.0.1 --port 8000]        # OpenAI-compatible HTTP server
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from rich.table import Table
 from .data.stream import load_stream
 from .registry_cli import add_parsers as add_registry_parsers
 from .registry_cli import experts, skills
+from .serving.cli import add_parser as add_serve_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--consolidation-steps", type=int, default=None, help="override training.consolidation_steps")
     train.add_argument("--max-train", type=int, default=None, help="cap training examples per skill")
     add_registry_parsers(sub)
+    add_serve_parser(sub)
     return parser
 
 
@@ -58,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
             return experts(args, Console())
         if args.command == "skills":
             return skills(args, Console())
+        if args.command == "serve":
+            from .serving.cli import serve
+
+            return serve(args)
     except (ValueError, FileNotFoundError, KeyError) as err:
         console.print(f"[red]error:[/] {err}", soft_wrap=True, markup=True)
         record_error(args, err)

@@ -1,0 +1,262 @@
+"""The FastAPI app: OpenAI-compatible completions with per-request routing, the registry, skill uploads.
+
+    POST /v1/completions, /v1/chat/completions   OpenAI shapes (``stream: true`` for server-sent events)
+    GET  /v1/models, /experts, /skills, /jobs/{id}, /health, /metrics
+    POST /skills                                  learn a skill in the background (API key required)
+
+Every completion says how it was routed: the ``X-DyLoRA-Routing`` header (JSON) and a ``routing`` field in
+the body (and in the first and last chunk of a stream): strategy, granularity and the experts with their
+weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from .auth import check_key
+from .config import ServerConfig
+from .engine import Engine, Generation, GenerationRequest
+from .errors import APIError, install
+from .jobs import JobManager
+from .metrics import Metrics
+from .middleware import Observe
+from .schemas import ChatMessage, ChatRequest, CompletionRequest, parse
+from .system import ServedSystem
+from .uploads import read_upload
+
+ROUTING_HEADER = "X-DyLoRA-Routing"
+
+
+def create_app(system: ServedSystem | str | Path, config: ServerConfig | None = None) -> FastAPI:
+    """An app serving ``system`` (a ServedSystem, or a run/system folder to load). The generation worker and
+    the skill-job worker start now and stop with the app's lifespan."""
+    config = config or ServerConfig()
+    system = system if isinstance(system, ServedSystem) else ServedSystem(system)
+    metrics = Metrics()
+    metrics.observe_system(system.model)
+    engine = Engine(system, config, metrics)
+    jobs = JobManager(system, config, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        engine.close()
+        jobs.close()
+
+    app = FastAPI(title="dylora-moe", version="0.1.0", lifespan=lifespan)
+    app.state.system, app.state.config, app.state.metrics = system, config, metrics
+    app.state.engine, app.state.jobs = engine, jobs
+    app.add_middleware(Observe, metrics=metrics, config=config)
+    install(app, metrics.error)
+
+    # ------------------------------------------------------------------ OpenAI-compatible
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [model_card(system, config)]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str) -> dict:
+        check_model(model_id, config)
+        return model_card(system, config)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = parse(CompletionRequest, await request.body())
+        check_model(body.model, config)
+        req = GenerationRequest(body.text(), max_tokens(body.max_tokens, config), body.temperature, body.top_p,
+                                body.stops(), chat=False, param="prompt")
+        return await respond(engine, req, body, "text_completion", config)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = parse(ChatRequest, await request.body())
+        check_model(body.model, config)
+        body.check_unsupported()
+        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        req = GenerationRequest(render_chat(system.model.tokenizer, body.messages),
+                                max_tokens(limit, config, param), body.temperature, body.top_p, body.stops(),
+                                chat=True, param="messages")
+        return await respond(engine, req, body, "chat.completion", config)
+
+    # ------------------------------------------------------------------ the system
+    @app.get("/experts")
+    async def experts() -> dict:
+        return experts_list(system)
+
+    @app.get("/skills")
+    async def skills() -> dict:
+        model = system.model
+        data = [{"skill_id": s.skill_id, "name": s.name, "expert_id": s.expert_id, "examples": s.examples}
+                for s in model.library.skills.values()]
+        return {"object": "list", "data": data}
+
+    @app.post("/skills", status_code=202)
+    async def learn_skill(request: Request) -> JSONResponse:
+        check_key(request, config.api_key)
+        upload = read_upload(await request.body(), request.headers.get("content-type", ""),
+                             dict(request.query_params), config)
+        job = jobs.submit(upload)
+        return JSONResponse(job.to_dict(), status_code=202, headers={"Location": f"/jobs/{job.id}"})
+
+    @app.get("/jobs")
+    async def job_list() -> dict:
+        return {"object": "list", "data": [j.to_dict() for j in jobs.jobs.values()]}
+
+    @app.get("/jobs/{job_id}")
+    async def job(job_id: str) -> dict:
+        return jobs.get(job_id).to_dict()
+
+    @app.get("/health")
+    async def health() -> dict:
+        model = system.model
+        running = sum(j.status in ("queued", "running") for j in jobs.jobs.values())
+        return {"status": "ok", "model": config.model_name, "base_model": model.config.model,
+                "experts": model.num_experts, "routing_strategy": strategy(model), "system_version": system.version,
+                "skill_jobs_pending": running}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+# ---------------------------------------------------------------------- helpers
+def strategy(model) -> str:
+    return model.router.strategy if model.num_experts else "none"
+
+
+def model_card(system: ServedSystem, config: ServerConfig) -> dict:
+    model = system.model
+    return {"id": config.model_name, "object": "model", "created": 0, "owned_by": "dylora-moe",
+            "base_model": model.config.model, "experts": model.num_experts}
+
+
+def experts_list(system: ServedSystem) -> dict:
+    model = system.model
+    skills: dict[int, list[dict]] = {}
+    for s in model.library.skills.values():
+        skills.setdefault(s.expert_id, []).append({"skill_id": s.skill_id, "name": s.name})
+    maturity = model.router.expert_maturity.tolist()
+    data = [{"expert_id": e, "column": c, "rank": model.experts.ranks[e], "mature": bool(maturity[c]),
+             "skills": skills.get(e, [])} for c, e in enumerate(model.experts.expert_ids)]
+    return {"object": "list", "data": data, "routing_strategy": strategy(model), "top_k": model.router.top_k,
+            "system_version": system.version}
+
+
+def check_model(name: str, config: ServerConfig) -> None:
+    if name != config.model_name:
+        raise APIError(404, f"model {name!r} is not served here; use {config.model_name!r} (GET /v1/models lists it)",
+                       param="model", code="model_not_found")
+
+
+def max_tokens(value: int | None, config: ServerConfig, param: str = "max_tokens") -> int:
+    if value is None:
+        return config.default_max_tokens
+    if not 1 <= value <= config.max_tokens_cap:
+        raise APIError(400, f"{param} must be between 1 and {config.max_tokens_cap}, got {value}", param=param,
+                       code="invalid_value")
+    return value
+
+
+def render_chat(tokenizer, messages: list[ChatMessage]) -> str:
+    """The conversation as the model reads it: its chat template, or ``role: content`` lines ending with
+    ``assistant:`` for a model without one."""
+    turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        except Exception as err:  # jinja raises its own errors for conversations a template refuses
+            raise APIError(400, f"the model's chat template refused these messages: {err}", param="messages") from err
+    return "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:"
+
+
+def routing_header(routing: dict) -> dict[str, str]:
+    return {ROUTING_HEADER: json.dumps(routing, separators=(",", ":"))}
+
+
+def usage(gen: Generation) -> dict:
+    return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
+            "total_tokens": gen.prompt_tokens + gen.completion_tokens}
+
+
+def choice(kind: str, text: str | None, finish_reason: str | None, first: bool = False) -> dict:
+    """One choice of a response (``chat.completion``, ``text_completion``) or of a stream chunk."""
+    if kind == "chat.completion":
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": finish_reason}
+    if kind == "chat.completion.chunk":
+        delta = {"role": "assistant", "content": ""} if first else {} if text is None else {"content": text}
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+
+
+async def respond(engine: Engine, req: GenerationRequest, body, kind: str, config: ServerConfig) -> Response:
+    rid = f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    if body.stream:
+        return await stream(engine, req, body, kind, rid, created, config)
+    gen = await asyncio.wrap_future(engine.submit(req))
+    content = {"id": rid, "object": kind, "created": created, "model": config.model_name,
+               "choices": [choice(kind, gen.text, gen.finish_reason)], "usage": usage(gen),
+               "routing": gen.routing}
+    return JSONResponse(content, headers=routing_header(gen.routing))
+
+
+async def stream(engine: Engine, req: GenerationRequest, body, kind: str, rid: str, created: int,
+                 config: ServerConfig) -> Response:
+    """Server-sent events: ``data: {chunk}`` lines, then ``data: [DONE]``. The routing is known before the
+    first token, so it goes into the response headers as for any other completion."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    req.on_event = lambda kind_, payload: loop.call_soon_threadsafe(events.put_nowait, (kind_, payload))
+    future = asyncio.wrap_future(engine.submit(req))
+    future.add_done_callback(lambda _: events.put_nowait(("done", None)))
+    first, routing = await events.get()
+    if first == "done":  # refused before generation started (bad prompt): a normal error response
+        future.result()
+    chunk_kind = "chat.completion.chunk" if kind.startswith("chat") else "text_completion"
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(text: str | None, finish: str | None = None, first: bool = False, **extra) -> str:
+        data = {"id": rid, "object": chunk_kind, "created": created, "model": config.model_name,
+                "choices": [choice(chunk_kind, text, finish, first=first)], **extra}
+        return f"data: {json.dumps(data)}\n\n"
+
+    async def body_iter():
+        try:
+            yield chunk("", first=True, routing=routing)
+            while True:
+                kind_, payload = await events.get()
+                if kind_ == "delta":
+                    yield chunk(payload)
+                elif kind_ == "done":
+                    break
+            try:
+                gen = future.result()
+            except APIError as err:
+                yield f"data: {json.dumps(err.body())}\n\n"
+            except Exception as err:
+                yield f"data: {json.dumps(APIError(500, f'generation failed ({type(err).__name__})').body())}\n\n"
+            else:
+                yield chunk(None, gen.finish_reason, routing=routing)
+                if include_usage:
+                    data = {"id": rid, "object": chunk_kind, "created": created, "model": config.model_name,
+                            "choices": [], "usage": usage(gen)}
+                    yield f"data: {json.dumps(data)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            req.cancelled = True  # a client that went away stops its generation at the next token
+
+    return StreamingResponse(body_iter(), media_type="text/event-stream",
+                             headers={**routing_header(routing), "Cache-Control": "no-cache"})

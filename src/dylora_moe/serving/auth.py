@@ -1,0 +1,26 @@
+"""API key check for mutating endpoints: ``Authorization: Bearer KEY``, compared in constant time."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Request
+
+from .config import API_KEY_ENV
+from .errors import APIError
+
+CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+def check_key(request: Request, api_key: str | None) -> None:
+    """Raise 403 when the server has no key (mutations are off), 401 when the request's key is missing or wrong."""
+    if not api_key:
+        raise APIError(403, f"this endpoint changes the served system and the server has no API key: start it with "
+                            f"{API_KEY_ENV}=... or --api-key ... and send `Authorization: Bearer <key>`",
+                       code="api_key_not_configured")
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise APIError(401, "missing API key: send `Authorization: Bearer <key>`", code="missing_api_key",
+                       headers=CHALLENGE)
+    if not hmac.compare_digest(token.strip().encode("utf-8"), api_key.encode("utf-8")):
+        raise APIError(401, "invalid API key", code="invalid_api_key", headers=CHALLENGE)

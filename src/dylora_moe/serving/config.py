@@ -1,0 +1,58 @@
+"""Server options: limits on what a request may ask for, batching, and the size of live skill training."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from ..training.config import TrainingConfig
+
+API_KEY_ENV = "DYLORA_API_KEY"
+
+
+@dataclass
+class ServerConfig:
+    """How ``dylora serve`` answers requests and learns uploaded skills.
+
+    Args:
+        model_name: the id clients put in ``model`` (``/v1/models`` lists it).
+        api_key: key that mutating endpoints (``POST /skills``) require as ``Authorization: Bearer KEY``;
+            ``None`` reads ``DYLORA_API_KEY``; with neither, those endpoints are refused.
+        max_body_bytes: largest request body of a completion request.
+        max_upload_bytes: largest skill upload body.
+        max_tokens_cap: largest ``max_tokens`` a request may ask for. default_max_tokens: when it asks none.
+        max_prompt_tokens: longest prompt (also capped by the model's context minus ``max_tokens``).
+        max_batch: requests generated together in one batch (each sequence is still routed on its own).
+        max_upload_examples, max_example_chars: caps on a skill upload.
+        max_pending_jobs: skill jobs queued or running at once; more are refused with 429.
+        training: how an uploaded skill is learned (steps, batch, sequence length); small by default.
+    """
+
+    model_name: str = "dylora-moe"
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    max_upload_bytes: int = 8 << 20
+    max_tokens_cap: int = 512
+    default_max_tokens: int = 64
+    max_prompt_tokens: int = 4096
+    max_batch: int = 8
+    max_upload_examples: int = 2000
+    max_example_chars: int = 20_000
+    max_pending_jobs: int = 4
+    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(
+        seed_steps=8, consolidation_steps=16, batch_size=4, max_length=256, router_fit_steps=200,
+        report_to=["none"], logging_steps=4))
+
+    def __post_init__(self) -> None:
+        if self.api_key is None:
+            self.api_key = os.environ.get(API_KEY_ENV) or None
+        for name in ("max_body_bytes", "max_upload_bytes", "max_tokens_cap", "default_max_tokens",
+                     "max_prompt_tokens", "max_batch", "max_upload_examples", "max_example_chars",
+                     "max_pending_jobs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.default_max_tokens > self.max_tokens_cap:
+            raise ValueError(f"default_max_tokens={self.default_max_tokens} exceeds max_tokens_cap="
+                             f"{self.max_tokens_cap}: lower it or raise the cap")
+        if isinstance(self.training, dict):
+            self.training = TrainingConfig(**{"report_to": ["none"], **self.training})

@@ -1,0 +1,96 @@
+"""ASGI middleware: request body limits (413 before the body is read) and per-request metrics and logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from .config import ServerConfig
+from .errors import APIError
+from .metrics import Metrics
+
+logger = logging.getLogger("dylora_moe.serving")
+
+UPLOAD_PATHS = ("/skills",)
+QUIET_PATHS = ("/metrics", "/health")  # logged at debug level: scrapers and probes call them all the time
+
+
+class Observe:
+    def __init__(self, app, metrics: Metrics, config: ServerConfig) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.config = config
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), 500
+        upload = scope["path"] in UPLOAD_PATHS
+        limit = self.config.max_upload_bytes if upload else self.config.max_body_bytes
+
+        async def observed_send(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            receive = await self._limited(scope, receive, limit, upload)
+            if receive is None:
+                error = APIError(413, f"the request body is larger than this server's limit of {limit} bytes"
+                                      + (" for skill uploads: split the upload" if upload else ""),
+                                 code="request_too_large")
+                self.metrics.error("request_too_large", 413)
+                await _send_json(observed_send, error.status, error.body())
+                return
+            await self.app(scope, receive, observed_send)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", "unmatched")
+            seconds = time.perf_counter() - start
+            self.metrics.latency.labels(endpoint, scope["method"], str(status)).observe(seconds)
+            level = logging.DEBUG if scope["path"] in QUIET_PATHS else logging.INFO
+            logger.log(level, "request", extra={"fields": {
+                "event": "request", "method": scope["method"], "path": scope["path"], "endpoint": endpoint,
+                "status": status, "ms": round(seconds * 1000, 2)}})
+
+    @staticmethod
+    async def _limited(scope, receive, limit: int, upload: bool):
+        """``receive`` when the declared length fits; ``None`` when the body is too large. A body without a
+        declared length is read here up to the limit and replayed."""
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            return receive if declared.isdigit() and int(declared) <= limit else None
+        if scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            return receive
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return receive
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay
+
+
+async def _send_json(send, status: int, body: dict) -> None:
+    data = json.dumps(body).encode("utf-8")
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})

@@ -1,0 +1,136 @@
+"""Request bodies (pydantic) and their parsing with clear 4xx errors.
+
+Bodies are read and parsed here rather than by FastAPI so that every problem, from malformed JSON to a
+wrong field type, is answered in OpenAI's error shape naming the field. Fields OpenAI clients may send
+that this server does not use (``user``, penalties, ``seed``...) are accepted and ignored; fields whose
+meaning it cannot honour (``n > 1``, ``logprobs``, ``echo``) are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+
+from .errors import APIError, validation_message
+
+Number = StrictInt | StrictFloat
+
+
+class StreamOptions(BaseModel):
+    include_usage: StrictBool = False
+
+
+class _Generation(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr
+    max_tokens: StrictInt | None = None
+    temperature: Number | None = Field(default=None, ge=0, le=2)
+    top_p: Number | None = Field(default=None, gt=0, le=1)
+    n: StrictInt = 1
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    logprobs: object = None
+
+    def stops(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4:
+            raise APIError(400, f"stop takes at most 4 sequences, got {len(stops)}", param="stop")
+        return tuple(s for s in stops if s)
+
+    def check_unsupported(self) -> None:
+        if self.n != 1:
+            raise APIError(400, f"n={self.n} is not supported: this server returns one choice per request (n=1)",
+                           param="n")
+        if self.logprobs not in (None, False, 0):
+            raise APIError(400, "logprobs are not supported by this server; leave logprobs unset", param="logprobs")
+
+
+class CompletionRequest(_Generation):
+    prompt: StrictStr | list[StrictStr]
+    echo: StrictBool = False
+    suffix: StrictStr | None = None
+
+    def text(self) -> str:
+        self.check_unsupported()
+        if self.echo:
+            raise APIError(400, "echo is not supported by this server; leave it false", param="echo")
+        if self.suffix:
+            raise APIError(400, "suffix (insertion) is not supported by this server", param="suffix")
+        if isinstance(self.prompt, list):
+            if len(self.prompt) != 1:
+                raise APIError(400, f"prompt must be one string (or a list of exactly one), got a list of "
+                                    f"{len(self.prompt)}: send one request per prompt", param="prompt")
+            return self.prompt[0]
+        return self.prompt
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatRequest(_Generation):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = None
+
+
+class UploadExample(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: StrictStr = ""
+    response: StrictStr
+
+
+class SkillUpload(BaseModel):
+    """``POST /skills`` as JSON; ``chat`` renders prompts with the model's chat template (as training does)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr
+    examples: list[UploadExample]
+    chat: StrictBool = True
+
+
+SKILL_NAME = re.compile(r"^[\w.\- ]{1,64}$")
+
+
+def parse_json(raw: bytes) -> object:
+    if not raw.strip():
+        raise APIError(400, "the request body is empty: send a JSON object", code="invalid_json")
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError as err:
+        raise APIError(400, f"the request body is not UTF-8 text: {err}", code="invalid_json") from err
+    except json.JSONDecodeError as err:
+        raise APIError(400, f"the request body is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}",
+                       code="invalid_json") from err
+
+
+def parse(model: type[BaseModel], raw: bytes | object) -> BaseModel:
+    """Validate a body (raw bytes or already decoded JSON) against ``model``; errors become 400s."""
+    data = parse_json(raw) if isinstance(raw, bytes) else raw
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}",
+                       code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        message, param = validation_message(err.errors())
+        raise APIError(400, message, param=param, code="invalid_value") from err

@@ -1,0 +1,109 @@
+"""OpenAI-shaped responses, streaming, routing in header and body, the registry endpoints, metrics."""
+
+from __future__ import annotations
+
+import json
+
+from dylora_moe.serving import ROUTING_HEADER
+from tests.serving.conftest import MODEL
+
+
+def routing_of(response) -> dict:
+    header = json.loads(response.headers[ROUTING_HEADER])
+    return header
+
+
+def test_completion_is_openai_shaped_and_says_how_it_was_routed(client):
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "3+3=", "max_tokens": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-") and body["model"] == MODEL
+    (choice,) = body["choices"]
+    assert isinstance(choice["text"], str) and choice["finish_reason"] in ("stop", "length") and choice["index"] == 0
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == 4 and 1 <= usage["completion_tokens"] <= 5
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert body["routing"] == routing_of(r)
+    assert body["routing"]["strategy"] == "sparse"  # the only expert is mature
+    assert body["routing"]["experts"] == [{"expert_id": 0, "skill": "digits", "weight": 1.0}]
+
+
+def test_chat_completion_without_a_chat_template_renders_roles(client):
+    messages = [{"role": "system", "content": "Add."}, {"role": "user", "content": [{"type": "text", "text": "2+2="}]}]
+    r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    message = body["choices"][0]["message"]
+    assert message["role"] == "assistant" and isinstance(message["content"], str)
+    # "system: Add.\nuser: 2+2=\nassistant:" with one token per character
+    assert body["usage"]["prompt_tokens"] == len("system: Add.\nuser: 2+2=\nassistant:")
+    assert body["routing"] == routing_of(r) and body["routing"]["experts"][0]["expert_id"] == 0
+
+
+def sse(text: str) -> list:
+    events = [line.removeprefix("data: ") for line in text.split("\n\n") if line.strip()]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_streamed_chat_matches_the_plain_answer(client):
+    request = {"model": MODEL, "messages": [{"role": "user", "content": "5+5="}], "max_tokens": 6}
+    plain = client.post("/v1/chat/completions", json=request).json()
+    r = client.post("/v1/chat/completions", json={**request, "stream": True, "stream_options": {"include_usage": True}})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    chunks = sse(r.text)
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[0]["routing"] == routing_of(r) == plain["routing"]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == plain["choices"][0]["message"]["content"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]
+
+
+def test_streamed_completion(client):
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "7+7=", "max_tokens": 4, "stream": True})
+    chunks = sse(r.text)
+    assert all(c["object"] == "text_completion" for c in chunks)
+    plain = client.post("/v1/completions", json={"model": MODEL, "prompt": "7+7=", "max_tokens": 4}).json()
+    assert "".join(c["choices"][0]["text"] for c in chunks) == plain["choices"][0]["text"]
+    assert routing_of(r) == plain["routing"]
+
+
+def test_stop_sequences_cut_the_text(client):
+    request = {"model": MODEL, "prompt": "4+4=", "max_tokens": 8}
+    full = client.post("/v1/completions", json=request).json()["choices"][0]["text"]
+    assert len(full) >= 4
+    stop = full[2:4]
+    cut = client.post("/v1/completions", json={**request, "stop": [stop]}).json()["choices"][0]
+    assert cut["text"] == full[: full.find(stop)] and cut["finish_reason"] == "stop"
+    chunks = sse(client.post("/v1/completions", json={**request, "stop": stop, "stream": True}).text)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == cut["text"]
+
+
+def test_sampling_is_accepted(client):
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "1+1=", "max_tokens": 3, "temperature": 0.8,
+                                             "top_p": 0.9, "user": "someone", "presence_penalty": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+
+
+def test_models_experts_skills_health(client):
+    models = client.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == [MODEL] and models["object"] == "list"
+    assert client.get(f"/v1/models/{MODEL}").json()["id"] == MODEL
+    experts = client.get("/experts").json()
+    assert experts["data"][0]["expert_id"] == 0 and experts["data"][0]["mature"] is True
+    assert experts["data"][0]["skills"] == [{"skill_id": 0, "name": "digits"}]
+    assert client.get("/skills").json()["data"][0]["name"] == "digits"
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["experts"] >= 1
+
+
+def test_metrics_count_requests_tokens_and_routing(client):
+    client.post("/v1/completions", json={"model": MODEL, "prompt": "2+2=", "max_tokens": 2})
+    text = client.get("/metrics").text
+    assert 'dylora_request_seconds_bucket{endpoint="/v1/completions",le="0.005",method="POST",status="200"}' in text
+    for name in ("dylora_generated_tokens_total", "dylora_experts", 'dylora_routing_strategy{strategy="sparse"} 1.0',
+                 'dylora_expert_routed_total{expert="0"}', "dylora_generation_tokens_per_second_bucket"):
+        assert name in text, name

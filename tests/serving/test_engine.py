@@ -1,0 +1,95 @@
+"""The generation worker: batches route every sequence on its own prompt and respect per-request limits."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+
+import pytest
+from fastapi.testclient import TestClient
+
+from dylora_moe.data.sources import Example
+from dylora_moe.serving import ServedSystem, create_app
+from dylora_moe.serving.config import ServerConfig
+from dylora_moe.serving.engine import Engine, GenerationRequest, safe_prefix
+from dylora_moe.serving.errors import APIError
+from dylora_moe.serving.jobs import JobManager
+from dylora_moe.serving.metrics import Metrics
+from dylora_moe.serving.uploads import Upload
+from tests.serving.conftest import learned_run, letters, server_config, upload, wait
+
+
+@pytest.fixture(scope="module")
+def two_experts(tmp_path_factory):
+    """A system with digits (expert 0) and letters (expert 1)."""
+    run = learned_run(tmp_path_factory.mktemp("engine"))
+    with TestClient(create_app(run, server_config())) as client:
+        assert wait(client, upload(client, "letters", letters())["id"])["status"] == "succeeded"
+    return ServedSystem(run)
+
+
+def requests(*specs) -> list[GenerationRequest]:
+    return [GenerationRequest(prompt, max_tokens, stop=stop) for prompt, max_tokens, stop in specs]
+
+
+def test_a_batch_routes_each_sequence_on_its_own_prompt(two_experts):
+    engine = Engine(two_experts, ServerConfig(), Metrics())
+    try:
+        alone = requests(("up cd:", 6, ()), ("12+12=", 3, ()))
+        for r in alone:
+            engine._serve([r])
+        batch = requests(("up cd:", 6, ()), ("12+12=", 3, ()), ("up x", 1, ()))
+        engine._serve(batch)
+        results = [r.future.result(timeout=0) for r in batch]
+        assert [g.routing["experts"][0]["expert_id"] for g in results] == [1, 0, 1]
+        for single, batched in zip(alone, results[:2], strict=True):
+            assert single.future.result().routing == batched.routing
+            assert single.future.result().text == batched.text  # left padding changes nothing
+        assert [g.completion_tokens <= m for g, m in zip(results, (6, 3, 1), strict=True)] == [True] * 3
+        assert results[2].completion_tokens == 1
+    finally:
+        engine.close()
+
+
+def test_a_bad_prompt_in_a_batch_fails_alone(two_experts):
+    engine = Engine(two_experts, ServerConfig(), Metrics())
+    try:
+        good, bad = requests(("1+1=", 2, ()), ("9" * 200, 2, ()))
+        engine._serve([good, bad])
+        assert good.future.result().completion_tokens >= 1
+        with pytest.raises(APIError, match="200 tokens"):
+            bad.future.result()
+    finally:
+        engine.close()
+
+
+def test_the_worker_answers_submitted_requests(two_experts):
+    engine = Engine(two_experts, ServerConfig(max_batch=4), Metrics())
+    try:
+        futures: list[Future] = [engine.submit(GenerationRequest(p, 2)) for p in ("1+1=", "up a", "3+3=", "up b")]
+        routed = [f.result(timeout=60).routing["experts"][0]["expert_id"] for f in futures]
+        assert routed == [0, 1, 0, 1]
+    finally:
+        engine.close()
+    with pytest.raises(APIError, match="shutting down"):
+        engine.submit(GenerationRequest("1+1=", 1))
+
+
+def test_safe_prefix_holds_back_partial_stop_strings():
+    assert safe_prefix("hello wor", ("world",)) == "hello "
+    assert safe_prefix("hello world!", ("world",)) == "hello "
+    assert safe_prefix("abc\ufffd", ()) == "abc"
+    assert safe_prefix("abc", ("x", "cd")) == "ab"
+
+
+def test_job_manager_refuses_when_too_many_jobs_wait(two_experts):
+    jobs = JobManager(two_experts, server_config(max_pending_jobs=1), Metrics())
+    release = threading.Event()
+    jobs._run = lambda job: release.wait(30)  # the first job holds the worker
+    try:
+        jobs.submit(Upload("a", [Example("p", "r")], False))
+        with pytest.raises(APIError, match="already queued or running"):
+            jobs.submit(Upload("b", [Example("p", "r")], False))
+    finally:
+        release.set()
+        jobs.close()

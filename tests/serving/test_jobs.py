@@ -1,0 +1,108 @@
+"""Live skill acquisition: an upload becomes a background job; a novel skill gets a new expert that later
+requests route to, a known one continues its expert; serving goes on meanwhile; everything is persisted."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+from fastapi.testclient import TestClient
+
+from dylora_moe import DyLoRAMoE
+from dylora_moe.serving import ServedSystem, create_app
+from dylora_moe.store import SkillStore
+from tests.serving.conftest import AUTH, MODEL, digits, empty_run, learned_run, letters, server_config, upload, wait
+
+
+def top_expert(client, prompt: str) -> int:
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert json.loads(r.headers["X-DyLoRA-Routing"]) == r.json()["routing"]
+    return r.json()["routing"]["experts"][0]["expert_id"]
+
+
+def test_a_novel_skill_gets_an_expert_that_later_requests_route_to(tmp_path):
+    run = learned_run(tmp_path)
+    with TestClient(create_app(run, server_config())) as client:
+        assert [e["expert_id"] for e in client.get("/experts").json()["data"]] == [0]
+        served, stop = [], threading.Event()
+
+        def keep_serving() -> None:  # requests while the job trains: all answered, by the old or the new system
+            while not stop.is_set():
+                served.append(client.post("/v1/completions", json={"model": MODEL, "prompt": "2+2=",
+                                                                   "max_tokens": 2}).status_code)
+
+        thread = threading.Thread(target=keep_serving)
+        thread.start()
+        try:
+            job = upload(client, "letters", letters())
+            assert job["status"] in ("queued", "running") and job["progress"]["steps_done"] == 0
+            job = wait(client, job["id"])
+        finally:
+            stop.set()
+            thread.join()
+        assert job["status"] == "succeeded", job
+        assert job["result"]["novel"] is True and job["result"]["expert_id"] == 1
+        assert job["progress"] == {"steps_done": 4, "steps_total": 4}  # 2 seeding + 2 consolidation steps
+        assert served and set(served) == {200}
+        assert [e["expert_id"] for e in client.get("/experts").json()["data"]] == [0, 1]
+        assert top_expert(client, "up cd:") == 1
+        assert top_expert(client, "12+12=") == 0
+
+        # more of a known skill: no new expert, its expert continues (consolidation only)
+        again = wait(client, upload(client, "digits-again", digits(30, spaced=True))["id"])
+        assert again["status"] == "succeeded"
+        assert again["result"]["novel"] is False and again["result"]["expert_id"] == 0
+        assert again["progress"]["steps_total"] == 2
+        assert len(client.get("/experts").json()["data"]) == 2
+        assert [s["name"] for s in client.get("/skills").json()["data"]] == ["digits", "letters"]
+        metrics = client.get("/metrics").text
+        assert 'dylora_skill_acquisitions_total{outcome="novel"} 1.0' in metrics
+        assert 'dylora_skill_acquisitions_total{outcome="recognised"} 1.0' in metrics
+        assert "dylora_experts 2.0" in metrics
+
+    # persisted: the system folder, its routing memory and the store all know both experts
+    reloaded = ServedSystem(run)
+    assert reloaded.model.experts.expert_ids == [0, 1] and not reloaded.unrehearsable()
+    store = SkillStore(run / "store.db")
+    assert [e.expert_id for e in store.experts()] == [0, 1]
+    assert store.expert(0).version == 2  # trained by two uploads
+    assert [h["version"] for h in store.history(0)] == [1, 2]
+    assert {"expert_created", "skill_recognised"} <= {e.event for e in store.events()}
+    events = [json.loads(line)["event"] for line in (run / "events.jsonl").read_text().splitlines()]
+    assert events.count("expert_created") == 2
+
+
+def test_a_jsonl_upload_to_a_system_folder_without_a_store(tmp_path):
+    system = empty_run(tmp_path) / "system"
+    lines = "\n".join(json.dumps(e) for e in digits(12)).encode()
+    with TestClient(create_app(system, server_config())) as client:
+        r = client.post("/skills", params={"name": "digits", "chat": "false"}, content=lines,
+                        headers={**AUTH, "Content-Type": "application/x-ndjson"})
+        assert r.status_code == 202 and r.headers["Location"] == f"/jobs/{r.json()['id']}"
+        assert wait(client, r.json()["id"])["status"] == "succeeded"
+        assert client.get("/jobs").json()["data"][0]["skill"] == "digits"
+    assert DyLoRAMoE.from_pretrained(system).experts.expert_ids == [0]
+    assert not (system / "store.db").exists()
+
+
+def test_a_failed_job_reports_why_and_changes_nothing(tmp_path, run_dir):
+    with TestClient(create_app(run_dir, server_config())) as client:
+        before = client.get("/experts").json()["data"]
+        long_prompt = [{"prompt": "x" * 40, "response": "y"}]  # truncated away at max_length=32
+        job = wait(client, upload(client, "too-long", long_prompt)["id"])
+        assert job["status"] == "failed" and "max_length" in job["error"]
+        assert client.get("/experts").json()["data"] == before
+        assert 'dylora_skill_jobs_total{status="failed"} 1.0' in client.get("/metrics").text
+        ok = client.post("/v1/completions", json={"model": MODEL, "prompt": "1+1=", "max_tokens": 1})
+        assert ok.status_code == 200
+
+
+def test_a_system_without_routing_memory_refuses_uploads(tmp_path):
+    run = empty_run(tmp_path)
+    model = DyLoRAMoE.from_pretrained(run / "system")
+    model.add_new_skill(["12", "34"], name="numbers")  # an expert whose routing features were never stored
+    model.save_pretrained(run / "system")
+    with TestClient(create_app(run, server_config())) as client:
+        r = client.post("/skills", json={"name": "letters", "examples": letters(4)}, headers=AUTH)
+        assert r.status_code == 409 and "routing_memory" in r.json()["error"]["message"]
