@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from dylora_moe.config import DyLoRAConfig
 from dylora_moe.data.stream import StreamSpec
@@ -71,3 +72,17 @@ def test_spec_reference_is_the_design_document_configuration():
     assert system.novelty.embed_on == "text"
     assert training.rehearsal_weight == 0 and training.router_fit_steps == 0
     assert system.expert == DyLoRAConfig().expert and training.seed_steps == small_config().seed_steps
+
+
+def test_oracle_trains_the_label_expert_alone_whatever_the_gate_prefers(tmp_path):
+    model = build()
+    learner = OracleExperts(model, stream(tmp_path), small_config(), tmp_path / "o")
+    learner.run_step(0)
+    learner.run_step(1)
+    with torch.no_grad():
+        model.router.gate.bias.copy_(torch.tensor([-50.0, 50.0]))  # the gate sends everything to expert 1
+    before = {e: [p.detach().clone() for p in model.experts.parameters(e)] for e in (0, 1)}
+    learner.run_step(2)  # digits again: trains expert 0
+    changed = {e: any(not torch.equal(a, b) for a, b in zip(before[e], model.experts.parameters(e), strict=True))
+               for e in (0, 1)}
+    assert changed == {0: True, 1: False}

@@ -56,6 +56,10 @@ class LabelledLearner(ContinualLearner):
         labels = list(self.expert_of_label)
         return NoveltyResult(novel, labels.index(label), expert, None, None, self.model.experts.ranks[expert])
 
+    def train_expert(self, i: int, data: StepData, result: NoveltyResult) -> list[dict]:
+        with self.model.force_expert(result.expert_id):  # the expert trains alone, whatever the gate says
+            return super().train_expert(i, data, result)
+
 
 class SequentialLoRA(LabelledLearner):
     shared = True
