@@ -63,6 +63,19 @@ def test_a_bad_prompt_in_a_batch_fails_alone(two_experts):
         engine.close()
 
 
+def test_an_abandoned_or_untokenisable_request_does_not_fail_its_batch(two_experts):
+    engine = Engine(two_experts, ServerConfig(), Metrics())
+    try:
+        abandoned, bad, good = requests(("1+1=", 2, ()), ("1+\ud800", 2, ()), ("2+2=", 2, ()))
+        assert abandoned.future.cancel()  # its client went away while it waited in the queue
+        engine._serve([abandoned, bad, good])
+        assert good.future.result(timeout=0).completion_tokens >= 1
+        with pytest.raises(APIError, match="could not be tokenised"):
+            bad.future.result(timeout=0)
+    finally:
+        engine.close()
+
+
 def test_the_worker_answers_submitted_requests(two_experts):
     engine = Engine(two_experts, ServerConfig(max_batch=4), Metrics())
     try:

@@ -27,6 +27,33 @@ def test_malformed_json(client):
     assert "empty" in error_of(client.post("/v1/chat/completions", content=b""), 400)["message"]
 
 
+def test_deeply_nested_json(client):
+    r = client.post("/v1/completions", content=b"[" * 100_000, headers={"Content-Type": "application/json"})
+    assert "nested too deeply" in error_of(r, 400)["message"]
+    lines = b'{"prompt": "a", "response": "b"}\n' + b"[" * 100_000
+    r = client.post("/skills", content=lines, params={"name": "x"},
+                    headers={**AUTH, "Content-Type": "application/x-ndjson"})
+    assert "line 2" in error_of(r, 400)["message"]
+
+
+def test_text_the_tokenizer_cannot_encode(client):
+    # a lone surrogate is valid JSON but not Unicode text: the tokenizer refuses it
+    body = b'{"model": "dylora-moe", "prompt": "1+\\ud800", "max_tokens": 2}'
+    r = client.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert error_of(r, 400)["param"] == "prompt"
+    body = b'{"model": "dylora-moe", "messages": [{"role": "user", "content": "\\ud800"}], "stream": true}'
+    r = client.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+    assert error_of(r, 400)["param"] == "messages"
+
+
+def test_a_tiny_temperature_is_greedy(client):
+    greedy = complete(client, max_tokens=3).json()["choices"][0]["text"]
+    for temperature in (1e-300, 1e-40):  # logits / temperature would overflow to inf and sampling would fail
+        r = complete(client, max_tokens=3, temperature=temperature)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == greedy
+
+
 def test_unknown_model(client):
     error = error_of(client.post("/v1/completions", json={"model": "gpt-9", "prompt": "hi"}), 404)
     assert "'gpt-9' is not served here" in error["message"] and error["code"] == "model_not_found"
@@ -90,6 +117,7 @@ def test_unknown_endpoint_and_method(client):
     (b'{"name": "x", "examples": [{"prompt": "a", "response": 3}]}', "application/json", 400, "examples.0.response"),
     (b'{"name": "x", "examples": [{"prompt": "a", "response": "  "}]}', "application/json", 400, "response is empty"),
     (b'{"name": "x/../y", "examples": [{"prompt": "a", "response": "b"}]}', "application/json", 400, "not allowed"),
+    (b'{"name": "x\\n", "examples": [{"prompt": "a", "response": "b"}]}', "application/json", 400, "not allowed"),
     (b'{"name": "x", "examples": [], "run": "rm -rf /"}', "application/json", 400, "run"),
     (b'{"name": "x", "examples": [', "application/json", 400, "not valid JSON"),
     (b'{"prompt": "a", "response": "b"}\nnot json\n', "application/x-ndjson", 400, "line 2"),

@@ -31,6 +31,9 @@ from .system import ServedSystem
 
 logger = logging.getLogger("dylora_moe.serving")
 
+# Below this a temperature is greedy decoding: logits divided by it overflow to inf and sampling fails.
+MIN_TEMPERATURE = 1e-4
+
 
 @dataclass
 class GenerationRequest:
@@ -39,7 +42,7 @@ class GenerationRequest:
 
     prompt: str
     max_tokens: int
-    temperature: float | None = None  # None or 0: greedy
+    temperature: float | None = None  # None, 0 or below MIN_TEMPERATURE: greedy
     top_p: float | None = None
     stop: tuple[str, ...] = ()
     chat: bool = False  # the prompt is a rendered chat template (no BOS added)
@@ -52,7 +55,7 @@ class GenerationRequest:
 
     @property
     def sampling(self) -> tuple[float, float] | None:
-        if not self.temperature:
+        if not self.temperature or self.temperature < MIN_TEMPERATURE:
             return None
         return float(self.temperature), float(self.top_p or 1.0)
 
@@ -110,6 +113,9 @@ class Engine:
                         r.future.set_exception(err)
 
     def _serve(self, batch: list[GenerationRequest]) -> None:
+        # A request whose future was cancelled (its client went away while it waited) is dropped; the others
+        # are marked running, so a late cancel can no longer make setting their result fail.
+        batch = [r for r in batch if r.future.set_running_or_notify_cancel()]
         with self.system.lock, torch.no_grad():
             model = self.system.model
             ready = [r for r in batch if self._prepare(model, r)]
@@ -123,7 +129,12 @@ class Engine:
     def _prepare(self, model: DyLoRAMoE, r: GenerationRequest) -> bool:
         """Tokenise and check the prompt against the limits; a bad one gets its 400 and is dropped."""
         tok = model.tokenizer
-        ids = tok(r.prompt, add_special_tokens=False)["input_ids"]
+        try:
+            ids = tok(r.prompt, add_special_tokens=False)["input_ids"]
+        except Exception as err:  # e.g. a lone surrogate ("\\ud800" in the JSON): valid JSON, not Unicode text
+            r.future.set_exception(APIError(400, f"{r.param} could not be tokenised ({type(err).__name__}): send "
+                                                 "valid Unicode text", param=r.param, code="invalid_text"))
+            return False
         if not r.chat and tok.bos_token_id is not None and getattr(tok, "add_bos_token", False):
             ids = [tok.bos_token_id, *ids]
         context = getattr(model.backbone.config, "max_position_embeddings", None) or 1 << 30

@@ -108,7 +108,7 @@ class SkillUpload(BaseModel):
     chat: StrictBool = True
 
 
-SKILL_NAME = re.compile(r"^[\w.\- ]{1,64}$")
+SKILL_NAME = re.compile(r"^[\w.\- ]{1,64}\Z")  # \Z: "$" would let a trailing newline through
 
 
 def parse_json(raw: bytes) -> object:
@@ -121,6 +121,8 @@ def parse_json(raw: bytes) -> object:
     except json.JSONDecodeError as err:
         raise APIError(400, f"the request body is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}",
                        code="invalid_json") from err
+    except RecursionError as err:  # the decoder recurses once per nesting level: "[[[[..." exhausts the stack
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from err
 
 
 def parse(model: type[BaseModel], raw: bytes | object) -> BaseModel:
