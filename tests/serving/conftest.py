@@ -1,5 +1,5 @@
 """A tiny served system: a tiny Llama saved to a folder, a run folder whose first skill (digits) was learned
-through ``POST /skills``, and helpers to upload skills and wait for their jobs."""
+through ``POST /skills``, and functions to upload skills and wait for their jobs."""
 
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from dylora_moe.serving import ROUTING_HEADER
 from tests.serving.conftest import MODEL
 
@@ -100,10 +102,41 @@ def test_models_experts_skills_health(client):
     assert health["status"] == "ok" and health["experts"] >= 1
 
 
+def metric_values(client) -> dict:
+    """``{(sample name, sorted labels): value}`` of every sample on ``/metrics``."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(client.get("/metrics").text) for s in family.samples}
+
+
 def test_metrics_count_requests_tokens_and_routing(client):
-    client.post("/v1/completions", json={"model": MODEL, "prompt": "2+2=", "max_tokens": 2})
-    text = client.get("/metrics").text
-    assert 'dylora_request_seconds_bucket{endpoint="/v1/completions",le="0.005",method="POST",status="200"}' in text
-    for name in ("dylora_generated_tokens_total", "dylora_experts", 'dylora_routing_strategy{strategy="sparse"} 1.0',
-                 'dylora_expert_routed_total{expert="0"}', "dylora_generation_tokens_per_second_bucket"):
-        assert name in text, name
+    before = metric_values(client)
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "2+2=", "max_tokens": 2})
+    usage = r.json()["usage"]
+    after = metric_values(client)
+
+    def grew(name: str, labels: tuple = ()) -> float:
+        return after[(name, labels)] - before.get((name, labels), 0.0)
+
+    latency = (("endpoint", "/v1/completions"), ("method", "POST"), ("status", "200"))
+    assert grew("dylora_request_seconds_count", latency) == 1
+    assert grew("dylora_prompt_tokens_total") == usage["prompt_tokens"] == 4
+    assert grew("dylora_generated_tokens_total") == usage["completion_tokens"] >= 1
+    assert grew("dylora_generation_tokens_per_second_count") == 1
+    assert grew("dylora_expert_routed_total", (("expert", "0"),)) == 1
+    assert grew("dylora_expert_routing_weight_total", (("expert", "0"),)) == 1.0
+    assert after[("dylora_experts", ())] == 1
+    assert after[("dylora_routing_strategy", (("strategy", "sparse"),))] == 1
+    assert after[("dylora_routing_strategy", (("strategy", "dense"),))] == 0
+
+
+def test_an_error_during_a_stream_is_reported_and_counted(client, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("broken")
+
+    monkeypatch.setattr("dylora_moe.serving.engine.generation_config", broken)  # fails after the routing is sent
+    before = metric_values(client)
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "8+8=", "max_tokens": 2, "stream": True})
+    events = [line.removeprefix("data: ") for line in r.text.split("\n\n") if line.strip()]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "generation_failed"
+    key = ("dylora_errors_total", (("kind", "generation_failed"), ("status", "500")))
+    assert metric_values(client)[key] - before.get(key, 0.0) == 1

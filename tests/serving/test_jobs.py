@@ -80,8 +80,10 @@ def test_a_jsonl_upload_to_a_system_folder_without_a_store(tmp_path):
         r = client.post("/skills", params={"name": "digits", "chat": "false"}, content=lines,
                         headers={**AUTH, "Content-Type": "application/x-ndjson"})
         assert r.status_code == 202 and r.headers["Location"] == f"/jobs/{r.json()['id']}"
-        assert wait(client, r.json()["id"])["status"] == "succeeded"
+        done = wait(client, r.json()["id"])
+        assert done["status"] == "succeeded" and done["examples"] == 12
         assert client.get("/jobs").json()["data"][0]["skill"] == "digits"
+        assert client.app.state.jobs.jobs[done["id"]].examples == []  # a finished job does not keep its upload
     assert DyLoRAMoE.from_pretrained(system).experts.expert_ids == [0]
     assert not (system / "store.db").exists()
 

@@ -131,7 +131,7 @@ def create_app(system: ServedSystem | str | Path, config: ServerConfig | None = 
     return app
 
 
-# ---------------------------------------------------------------------- helpers
+# ---------------------------------------------------------------------- building blocks
 def strategy(model) -> str:
     return model.router.strategy if model.num_experts else "none"
 
@@ -244,10 +244,11 @@ async def stream(engine: Engine, req: GenerationRequest, body, kind: str, rid: s
                     break
             try:
                 gen = future.result()
-            except APIError as err:
-                yield f"data: {json.dumps(err.body())}\n\n"
-            except Exception as err:
-                yield f"data: {json.dumps(APIError(500, f'generation failed ({type(err).__name__})').body())}\n\n"
+            except Exception as err:  # the status (200) is sent: the error goes into the stream, and is counted
+                error = err if isinstance(err, APIError) else APIError(
+                    500, f"generation failed ({type(err).__name__}); see the server log", code="generation_failed")
+                engine.metrics.error(error.code or error.type, error.status)
+                yield f"data: {json.dumps(error.body())}\n\n"
             else:
                 yield chunk(None, gen.finish_reason, routing=routing)
                 if include_usage:

@@ -60,9 +60,13 @@ class SkillJob:
     finished: float | None = None
     result: dict | None = None
     error: str | None = None
+    example_count: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.example_count = len(self.examples)
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "object": "skill.job", "skill": self.skill, "examples": len(self.examples),
+        return {"id": self.id, "object": "skill.job", "skill": self.skill, "examples": self.example_count,
                 "status": self.status, "stage": self.stage,
                 "progress": {"steps_done": self.steps_done, "steps_total": self.steps_total},
                 "created": self.created, "started": self.started, "finished": self.finished,
@@ -126,7 +130,8 @@ class JobManager:
                 logger.exception("skill job failed", extra={"fields": {"event": "error", "job": job.id,
                                                                        "skill": job.skill, "kind": type(err).__name__}})
             finally:
-                job.finished = time.time()
+                # up to KEEP_FINISHED jobs stay listed: without this each would hold its whole upload in memory
+                job.finished, job.examples = time.time(), []
 
     def _run(self, job: SkillJob) -> None:
         cfg = self.config.training
