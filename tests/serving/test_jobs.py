@@ -108,3 +108,19 @@ def test_a_system_without_routing_memory_refuses_uploads(tmp_path):
     with TestClient(create_app(run, server_config())) as client:
         r = client.post("/skills", json={"name": "letters", "examples": letters(4)}, headers=AUTH)
         assert r.status_code == 409 and "routing_memory" in r.json()["error"]["message"]
+
+
+def test_a_store_failure_after_the_swap_is_reported_but_the_skill_stays_learned(tmp_path, monkeypatch):
+    import dylora_moe.serving.jobs as jobs
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(jobs, "register", broken)
+    run = learned_run(tmp_path)
+    with TestClient(create_app(run, server_config())) as client:
+        job = wait(client, upload(client, "letters", letters())["id"])
+        assert job["status"] == "succeeded" and job["result"]["store_error"] == "OSError: disk full"
+        assert [e["expert_id"] for e in client.get("/experts").json()["data"]] == [0, 1]  # served
+        assert 'kind="store_write_failed"' in client.get("/metrics").text
+    assert DyLoRAMoE.from_pretrained(run / "system").experts.expert_ids == [0, 1]  # saved

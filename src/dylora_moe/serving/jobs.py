@@ -159,14 +159,21 @@ class JobManager:
         self.metrics.swaps.inc()
         self.metrics.observe_system(model)
         loss = next((e.get("loss", e.get("task_loss")) for e in reversed(train_log)), None)
+        store_error = None
         if self.system.store is not None:
-            register(self.system, model, job, result, loss)
+            try:
+                register(self.system, model, job, result, loss)
+            except Exception as err:  # the new system is saved and served already: only the registry lags behind
+                store_error = f"{type(err).__name__}: {err}"
+                self.metrics.error("store_write_failed", 500)
+                logger.exception("skill learned but not registered", extra={"fields": {
+                    "event": "error", "job": job.id, "skill": job.skill, "kind": type(err).__name__}})
         self.metrics.acquisitions.labels("novel" if result.is_novel else "recognised").inc()
         self.metrics.jobs.labels(SUCCEEDED).inc()
         job.result = {"novel": result.is_novel, "expert_id": result.expert_id, "skill_id": result.skill_id,
                       "nearest_skill": result.nearest_skill, "similarity": result.similarity, "rank": result.rank,
                       "experts": model.num_experts, "routing_strategy": model.router.strategy,
-                      "train_loss": loss}
+                      "train_loss": loss, "store_error": store_error}
         job.status, job.stage, job.steps_done = SUCCEEDED, "done", job.steps_total
         logger.info("skill learned", extra={"fields": {"event": "skill_job_succeeded", "job": job.id,
                                                        "skill": job.skill, **job.result}})
