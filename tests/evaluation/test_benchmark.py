@@ -25,7 +25,10 @@ def test_results_from_computes_loss_metrics_against_the_base_row():
     m = [[1.0, 2.5, 1.2],
          [1.5, 1.0, 1.4],
          [1.1, 1.2, 1.0]]
-    results = results_from({"base": raw(base), "dylora": raw(m, novel=[True, True, False])}, stream="s", model="m")
+    dylora = raw(m, novel=[True, True, False], uses_router=True, expert_of_step=[0, 1, 0],
+                 final_routing=[{"0": 1.0}, {"1": 1.0}, {"0": 1.0}])
+    told = raw(m, novel=[True, True, False], uses_router=False)  # a label baseline: told, not detecting
+    results = results_from({"base": raw(base), "dylora": dylora, "oracle_experts": told}, stream="s", model="m")
     d = results["methods"]["dylora"]
     assert d["metric"] == "loss" and d["matrix"] == m
     assert d["acc"] == pytest.approx((1.1 + 1.2 + 1.0) / 3)
@@ -36,7 +39,9 @@ def test_results_from_computes_loss_metrics_against_the_base_row():
     # forgetting: best (lowest) earlier loss vs final: skill a best 1.0 -> 1.1, skill b best 1.0 -> 1.2
     assert d["forgetting"] == pytest.approx((0.1 + 0.2) / 2)
     assert d["novelty"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
-    assert d["routing_accuracy"] is None  # no gate measurements given
+    assert d["routing_accuracy"] == 1.0 and d["routing_entropy"] == [0.0, 0.0, 0.0]
+    o = results["methods"]["oracle_experts"]
+    assert "novelty" not in o and o["routing_accuracy"] is None and "final_routing" not in o
     b = results["methods"]["base"]
     assert b["bwt"] == 0 and b["fwt"] == 0 and b["forgetting"] == 0
 

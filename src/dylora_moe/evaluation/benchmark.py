@@ -135,7 +135,9 @@ def humaneval_retention(model: DyLoRAMoE, bench: BenchmarkConfig) -> dict:
 def results_from(raw: dict[str, dict], *, stream: str, model: str) -> dict:
     """``results.json``: per method the matrix and ACC/BWT/FWT/forgetting in loss units (lower loss is better:
     ``acc`` is the mean final loss, negative ``bwt`` and positive ``forgetting`` mean forgetting), routing
-    accuracy where a gate routes, and the generation scores."""
+    accuracy, entropy and final routing shares where a gate routes, novelty precision/recall/F1 where a
+    detector decides, and the generation scores. ``train_seconds`` is the wall time of the method's pass
+    through the stream: training, gate fitting and the evaluation of every skill after every step."""
     base = raw.get("base")
     base_row = base["matrix"][0] if base else None
     methods = {}
@@ -158,8 +160,10 @@ def results_from(raw: dict[str, dict], *, stream: str, model: str) -> dict:
             "generation_mean": mean_score(r.get("generation", [])),
             "humaneval": r.get("humaneval"),
         }
-        if r.get("novel"):
+        if r.get("novel") and r.get("uses_router"):  # the label baselines are told the truth: nothing to score
             entry["novelty"] = novelty_scores(r["novel"], r["labels"])
+        if r.get("uses_router"):
+            entry["final_routing"] = r["final_routing"]
         methods[name] = entry
     skills = next(iter(raw.values()))["skills"] if raw else []
     labels = next(iter(raw.values()))["labels"] if raw else []

@@ -97,14 +97,17 @@ def render(results: dict, *, command: str, seconds: float, notes: list[str]) -> 
     names = ordered(results["methods"])
     skills = results["skills"]
     lines = [f"# Continual-learning benchmark: {results['stream']}", "",
-             f"Model `{results['model']}`; {len(skills)} stream steps; {len(names)} methods; {seconds / 60:.0f} min.",
+             f"Model `{results['model']}`; {len(skills)} stream steps; {len(names)} methods; {seconds / 60:.0f} min of "
+             "method time (summed over methods; `--jobs 2` runs two at once).",
              "", "```bash", command, "```", "",
              "Scores are eval loss (nats) on each step's held-out examples; `acc` is the mean loss over all steps "
              "after the last one (lower is better), `bwt` is backward transfer (negative: forgetting), "
              "`forgetting` the mean drop from each skill's best (positive: forgetting), `fwt` forward transfer "
              "against the untrained model (positive: earlier skills helped). Generation scores are greedy "
              "decoding on the final system: pass@1 by execution for Python, JavaScript and SQL, exact match "
-             "otherwise; HumanEval pass@1 measures a pretrained ability the stream does not train.", "",
+             "otherwise; HumanEval pass@1 measures a pretrained ability the stream does not train. `train s` is "
+             "the wall time of the method's pass through the stream (training, gate fitting and the evaluation "
+             "of every skill after every step).", "",
              "| method | acc (loss) | bwt | forgetting | fwt | routing acc. | generation (mean) | HumanEval pass@1 "
              "| experts | trainable params | train s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -137,6 +140,15 @@ def render(results: dict, *, command: str, seconds: float, notes: list[str]) -> 
         for name in novelty:
             s = results["methods"][name]["novelty"]
             lines.append(f"| {name} | {s['precision']:.2f} | {s['recall']:.2f} | {s['f1']:.2f} |")
+    gated = [n for n in names if results["methods"][n].get("final_routing")]
+    if gated:
+        lines += ["", "## Where the final gate routes each step's held-out prompts (top-1 shares by expert)", "",
+                  "| method | " + " | ".join(f"{j}: {s}" for j, s in enumerate(skills)) + " |",
+                  "|---|" + "---|" * len(skills)]
+        for name in gated:
+            cells = [", ".join(f"e{e}: {v:.2f}" for e, v in sorted(shares.items(), key=lambda kv: -kv[1]))
+                     for shares in results["methods"][name]["final_routing"]]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "![score matrices](matrices.png)", "", "![per-skill loss](skills.png)", "",
               "![comparison](comparison.png)", ""]
     return "\n".join(lines)
