@@ -107,8 +107,7 @@ def final_generation(model: DyLoRAMoE, learner: ContinualLearner, data_dir, benc
     if bench.pass_limit <= 0:
         return []
     scores, checkers = [], {}
-    steps = learner.steps if learner.steps else [learner.prepare(s) for s in learner.skills]
-    for j, step in enumerate(steps):
+    for j, step in enumerate(learner.steps):
         source = step.skill.source
         key = (source.type, source.name, source.language)
         if key not in checkers:

@@ -8,9 +8,9 @@ evaluated (loss on response tokens, routing of its held-out prompts), filling th
 ``evaluate_ahead`` the skills still to come are evaluated too (the upper triangle, which forward transfer
 needs).
 
-Baselines (``evaluation/baselines.py``) reuse the loop through four overridable methods: ``assign`` (which
-expert a step trains), ``training_set``, ``eval_routing`` (pinned routing at evaluation) and the class
-attribute ``trains_router``.
+Baselines (``evaluation/baselines.py``) reuse the loop by overriding ``assign`` (which expert a step trains),
+``training_set``, ``train_expert`` (e.g. under pinned routing), ``eval_routing`` (pinned routing at
+evaluation) and the class attribute ``trains_router``.
 """
 
 from __future__ import annotations
