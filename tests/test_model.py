@@ -75,20 +75,20 @@ def test_force_expert_runs_exactly_one_expert_or_none(granularity):
     with torch.no_grad():
         with model.force_expert(chosen):
             forced = model(**inputs)
-            generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+            generated = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
         with model._plain(), model.single_expert(chosen):
             alone = model.backbone(**inputs).logits
+            alone_generated = model.backbone.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
         with model.force_expert(None):
             nothing = model(**inputs).logits
         with model._plain():
             plain = model.backbone(**inputs).logits
-            plain_generated = model.backbone.generate(**inputs, max_new_tokens=3, do_sample=False)
         routed = model(**inputs).logits
     torch.testing.assert_close(forced.logits, alone, rtol=1e-5, atol=1e-5)
     assert forced.routing_weights[..., 1].eq(1).all() and forced.routing_weights.sum(-1).eq(1).all()
     torch.testing.assert_close(nothing, plain, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(routed, forced.logits)  # the gate is back outside the block
-    assert generated.shape == plain_generated.shape
+    assert torch.equal(generated, alone_generated)  # per-token routing too: every new token gets the same expert
     with pytest.raises(KeyError, match="no expert with id 99"), model.force_expert(99):
         pass
 
@@ -141,6 +141,8 @@ def test_complete_decodes_text():
     model = grown()
     texts = model.complete(["abc", "hello world"], max_new_tokens=4, chat=False)
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    # batches of one give the same greedy texts (left padding and per-sequence routing are exact)
+    assert model.complete(["abc", "hello world"], max_new_tokens=4, chat=False, batch_size=1) == texts
 
 
 def test_trainable_lm_head_is_untied_and_trainable():

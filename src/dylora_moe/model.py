@@ -444,17 +444,28 @@ class DyLoRAMoE(nn.Module):
                 self._apply_routing(scope.routing)
             return self.backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
-    def complete(self, prompts: Sequence[str], *, max_new_tokens: int = 64, chat: bool = True) -> list[str]:
-        """Greedy completions of text prompts (the chat template is applied when ``chat`` and available)."""
+    def complete(self, prompts: Sequence[str], *, max_new_tokens: int = 64, chat: bool = True,
+                 batch_size: int | None = None, max_prompt_tokens: int | None = None) -> list[str]:
+        """Greedy completions of text prompts, ``batch_size`` at a time (all at once by default), left-padded.
+        The chat template is applied when ``chat`` and the tokenizer has one (and then it supplies the special
+        tokens); prompts longer than ``max_prompt_tokens`` are truncated. Generation stops at the tokenizer's
+        end-of-sequence token."""
         tok = self.tokenizer
-        if chat and tok.chat_template:
+        rendered = bool(chat and tok.chat_template)
+        if rendered:
             prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                add_generation_prompt=True) for p in prompts]
+        size = batch_size or max(len(prompts), 1)
         side, tok.padding_side = tok.padding_side, "left"
+        texts: list[str] = []
         try:
-            enc = tok(list(prompts), return_tensors="pt", padding=True).to(self.device)
+            for i in range(0, len(prompts), size):
+                enc = tok(list(prompts[i : i + size]), return_tensors="pt", padding=True,
+                          add_special_tokens=not rendered, truncation=max_prompt_tokens is not None,
+                          max_length=max_prompt_tokens).to(self.device)
+                out = self.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                texts += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         finally:
             tok.padding_side = side
-        out = self.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                            pad_token_id=tok.pad_token_id)
-        return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return texts

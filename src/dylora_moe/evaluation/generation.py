@@ -13,10 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from ..backbone import cache_dir
-from ..data.preprocess import render_prompt
 from ..data.sources import Example
 from ..data.stream import SkillSpec
 from ..model import DyLoRAMoE
@@ -135,32 +132,13 @@ def checker_for(skill: SkillSpec, *, data_dir: str | Path | None = None,
     return Checker("exact_match", exact_match, max_new_tokens=96, executes=False)
 
 
-@torch.no_grad()
-def greedy_completions(model: DyLoRAMoE, prompts: Sequence[str], *, max_new_tokens: int,
-                       batch_size: int = 16, max_prompt_tokens: int = 1024) -> list[str]:
-    """Greedy completions of already rendered prompts (left-padded batches through ``model.generate``)."""
-    tok = model.tokenizer
-    side, tok.padding_side = tok.padding_side, "left"
-    out: list[str] = []
-    try:
-        for i in range(0, len(prompts), batch_size):
-            enc = tok(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True, truncation=True,
-                      max_length=max_prompt_tokens, add_special_tokens=False).to(model.device)
-            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            out += tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    finally:
-        tok.padding_side = side
-    return out
-
-
 def score_examples(model: DyLoRAMoE, examples: Sequence[Example], checker: Checker, *, chat: bool = True,
                    batch_size: int = 16) -> GenerationScore:
     """pass@1 (greedy, one candidate per problem) or exact match over ``examples``."""
     if not examples:
         raise ValueError("no examples to score")
-    prompts = [render_prompt(model.tokenizer, e.prompt, chat) for e in examples]
-    completions = greedy_completions(model, prompts, max_new_tokens=checker.max_new_tokens, batch_size=batch_size)
+    completions = model.complete([e.prompt for e in examples], chat=chat, max_new_tokens=checker.max_new_tokens,
+                                 batch_size=batch_size, max_prompt_tokens=1024)
     passed = [bool(checker.check(e, c)) for e, c in zip(examples, completions, strict=True)]
     metric = "pass@1" if checker.executes else "exact_match"
     return GenerationScore(metric, sum(passed) / len(passed), passed)
