@@ -51,6 +51,13 @@ def build(backbone=None, **router) -> DyLoRAMoE:
     return DyLoRAMoE(backbone if backbone is not None else tiny_llama(), char_tokenizer(), config)
 
 
+def decide_by_cosine(model: DyLoRAMoE, threshold: float) -> None:
+    """Switch ``model`` to the spec's cosine novelty rule at ``threshold``: 1.0 makes every skill new, -1.0
+    recognises everything (tests that need a given pool shape)."""
+    model.config.novelty.method = "cosine"
+    model.config.novelty.similarity_threshold = threshold
+
+
 def randomise_experts(model: DyLoRAMoE, seed: int = 0) -> None:
     """Give every expert non-zero B so that experts differ (peft starts B at zero)."""
     g = torch.Generator().manual_seed(seed)

@@ -9,12 +9,12 @@ import torch
 from peft import PeftModel
 
 from dylora_moe import DyLoRAMoE
-from tests.conftest import batch, build, char_tokenizer, randomise_experts, tiny_llama
+from tests.conftest import batch, build, char_tokenizer, decide_by_cosine, randomise_experts, tiny_llama
 
 
 def saved_system(tmp_path, mature=True):
     model = build(top_k=1)
-    model.novelty.similarity_threshold = 1.0
+    decide_by_cosine(model, 1.0)
     model.add_new_skill(["abc def ghi", "jkl mno"], name="letters")
     model.add_new_skill(["0123 4567", "89 01"], name="digits")
     model.create_expert(rank=8)
@@ -88,3 +88,47 @@ def test_save_replaces_an_existing_checkpoint_whole(tmp_path):
     model.save_pretrained(tmp_path / "system")
     assert sorted(p.name for p in (tmp_path / "system" / "experts").iterdir() if p.is_dir()) == ["expert_0", "expert_1"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".system")]
+
+
+def two_skill_system(tmp_path):
+    from tests.novelty.test_novelty import DIGITS, LETTERS, texts
+
+    model = build()
+    model.add_new_skill(texts(LETTERS, 16, 0), name="letters")
+    model.add_new_skill(texts(DIGITS, 16, 1), name="digits")
+    model.save_pretrained(tmp_path / "system")
+    return model, texts(LETTERS, 16, 2)
+
+
+def test_round_trip_keeps_the_skill_samples_and_the_decisions(tmp_path):
+    model, probe = two_skill_system(tmp_path)
+    loaded = DyLoRAMoE.from_pretrained(tmp_path / "system", backbone=tiny_llama(), tokenizer=char_tokenizer())
+    for a, b in zip(model.library.skills.values(), loaded.library.skills.values(), strict=True):
+        torch.testing.assert_close(b.sample.features, a.sample.features)
+        torch.testing.assert_close(b.sample.gate, a.sample.gate)
+        assert torch.equal(b.sample.keys, a.sample.keys)
+    x, y = model.add_new_skill(probe), loaded.add_new_skill(probe)
+    assert (x.is_novel, x.skill_id) == (y.is_novel, y.skill_id) == (False, 0)
+    assert y.statistic == pytest.approx(x.statistic)
+
+
+def test_library_saved_before_skill_samples_keeps_its_cosine_decision(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, probe = two_skill_system(tmp_path)
+    folder = tmp_path / "system"
+    tensors = load_file(str(folder / "library.safetensors"))
+    save_file({k: v for k, v in tensors.items() if "." not in k}, str(folder / "library.safetensors"))
+    manifest = json.loads((folder / "dylora.json").read_text())
+    manifest["config"]["novelty"] = {"similarity_threshold": 0.5, "embed_on": "response", "max_examples": 64,
+                                     "max_length": 256, "batch_size": 8}  # the fields such systems were saved with
+    (folder / "dylora.json").write_text(json.dumps(manifest))
+
+    old = DyLoRAMoE.from_pretrained(folder, backbone=tiny_llama(), tokenizer=char_tokenizer())
+    assert old.config.novelty.method == "cosine" and old.library.missing_samples() == ["letters", "digits"]
+    assert old.add_new_skill(probe).method == "cosine"
+    forced = DyLoRAMoE.from_pretrained(folder, backbone=tiny_llama(), tokenizer=char_tokenizer(),
+                                       novelty={"method": "separation"})
+    with pytest.raises(ValueError, match="older dylora-moe.*method': 'cosine'"):
+        forced.add_new_skill(probe)
+    assert forced.num_experts == 2 and len(forced.library) == 2  # refused before anything changed

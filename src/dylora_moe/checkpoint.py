@@ -14,6 +14,7 @@ old or the new checkpoint, never a mixture.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -26,6 +27,8 @@ from safetensors.torch import load_file, save_file
 
 from .config import DyLoRAConfig
 from .experts.manager import expert_name
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "dylora.json"
@@ -57,8 +60,7 @@ def _write(model, out: Path) -> None:
     save_file({"gate.weight": router.gate.weight.detach().cpu().contiguous(),
                "gate.bias": router.gate.bias.detach().cpu().contiguous(),
                "expert_maturity": router.expert_maturity.cpu().contiguous()}, str(out / "router.safetensors"))
-    library = model.library.state_dict()
-    tensors = {f"skill_{s['skill_id']}": s.pop("embedding").contiguous() for s in library["skills"]}
+    library, tensors = model.library.state_dict()
     save_file(tensors or {"empty": torch.zeros(0)}, str(out / "library.safetensors"))
     (out / "library.json").write_text(json.dumps(library, indent=2), encoding="utf-8")
     manifest = {"format_version": FORMAT_VERSION, "config": model.config.to_dict(),
@@ -118,7 +120,12 @@ def load_pretrained(cls, path: str | Path, *, backbone=None, tokenizer=None, **o
     """Rebuild a ``DyLoRAMoE`` saved by ``save_pretrained``; ``overrides`` replace saved config fields."""
     path = Path(path)
     manifest = read_manifest(path)
-    config = DyLoRAConfig.from_dict({**manifest["config"], **overrides})
+    saved = dict(manifest["config"])
+    if "method" not in saved.get("novelty", {}) and "novelty" not in overrides:
+        # Saved before the calibrated methods existed: keep deciding as it was built to (cosine threshold).
+        saved["novelty"] = {**saved.get("novelty", {}), "method": "cosine"}
+        logger.info("%s predates per-example skill statistics: its novelty decision stays 'cosine'", path)
+    config = DyLoRAConfig.from_dict({**saved, **overrides})
     model = cls(backbone, tokenizer, config) if backbone is not None else cls.from_config(config)
     ranks = {int(k): v for k, v in manifest["ranks"].items()}
     for expert_id in manifest["expert_ids"]:
@@ -131,10 +138,12 @@ def load_pretrained(cls, path: str | Path, *, backbone=None, tokenizer=None, **o
     router_state = _load_tensors(path / "router.safetensors")
     model.router.load_state_dict(router_state)
     library = json.loads((path / "library.json").read_text(encoding="utf-8"))
-    embeddings = _load_tensors(path / "library.safetensors")
-    for skill in library["skills"]:
-        skill["embedding"] = embeddings[f"skill_{skill['skill_id']}"]
-    model.library.load_state_dict(library)
+    model.library.load_state_dict(library, _load_tensors(path / "library.safetensors"))
+    missing = model.library.missing_samples()
+    if missing and model.config.novelty.method != "cosine":
+        logger.warning("%s was saved without per-example skill embeddings (skills %s): the %r novelty method "
+                       "will refuse to decide until it is loaded with novelty={'method': 'cosine'}",
+                       path, ", ".join(missing), model.config.novelty.method)
     return model
 
 

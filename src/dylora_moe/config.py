@@ -7,6 +7,7 @@ the same dataclasses feed the Python API, the CLI and YAML files. ``DyLoRAConfig
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -16,6 +17,7 @@ GRANULARITIES = ("sequence", "token")
 MIXING_MODES = ("fused", "reference")
 DTYPES = ("float32", "bfloat16", "float16")
 EMBED_ON = ("response", "text")
+NOVELTY_METHODS = ("separation", "mahalanobis", "entropy", "combined", "cosine")
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -102,33 +104,70 @@ class RouterConfig:
 
 @dataclass
 class NoveltyConfig:
-    """Novelty detection by cosine similarity of skill embeddings (spec 3.4).
+    """When is data a new skill (spec 3.4, 3.3.1)? See ``dylora_moe.novelty.detector`` for the methods.
 
     Args:
-        similarity_threshold: data whose embedding has a cosine similarity below this with every known skill
-            is a new skill.
+        method: ``separation`` (default: calibrated two-sample decision on per-example embeddings),
+            ``mahalanobis`` (the same in the gate's input space), ``entropy`` (router confidence), ``combined``
+            (separation and mahalanobis must both say novel), or ``cosine`` (the spec's fixed threshold).
+        granularity: how different two datasets must be to count as separate skills: the squared distance
+            between their mean embeddings in units of the within-skill variance (0: the same distribution).
+            Lower splits finer (e.g. two Python datasets of different style become two skills), higher merges
+            more. Chosen on a selection split of the benchmark pairs and confirmed on the rest, on two
+            backbones (``benchmarks/novelty.py``).
+        significance: a separation beyond ``granularity`` must also be significant at this level (a
+            permutation test), so that small samples of a known skill are not split off by chance.
+        permutations: permutations per significance test.
+        entropy_margin: ``entropy`` method: how much higher (normalised entropy, 0..1) the gate's mean entropy
+            on new data must be than on known skills' data.
+        similarity_threshold: ``cosine`` method: novel below this cosine similarity with every known skill
+            (a per-backbone constant: 0.985 was measured for SmolLM2-135M).
         embed_on: which part of an example is embedded: ``response`` (what the skill produces: code in one
             language, SQL, shell...) or ``text`` (prompt + response, the spec's choice). Prompts of different
-            skills often share their language (English task statements), which pulls their embeddings
-            together; ``benchmarks/novelty_margin.py`` measures both.
-        max_examples: at most this many examples of a skill are embedded.
+            skills often share their language (English task statements), which pulls their embeddings together.
+        layer: which hidden states the embedding reads: ``-1`` the final ones (spec), or a layer index
+            (``0``: token embeddings, ``L``: the output of decoder layer ``L``).
+        max_examples: at most this many examples of a batch are embedded (chosen by content, not position).
+        capacity: per-example embeddings kept per skill in the library.
         max_length: examples are truncated to this many tokens when embedded.
         batch_size: examples per forward pass while embedding.
     """
 
-    similarity_threshold: float = field(default=0.985, metadata={"help": "cosine similarity below = novel"})
+    method: str = field(default="separation",
+                        metadata={"help": "separation | mahalanobis | entropy | combined | cosine"})
+    granularity: float = field(default=0.25, metadata={"help": "separation (within-skill variance) above = novel"})
+    significance: float = field(default=0.01, metadata={"help": "permutation-test level of a novel decision"})
+    permutations: int = field(default=200, metadata={"help": "permutations per significance test"})
+    entropy_margin: float = field(default=0.2, metadata={"help": "entropy method: mean entropy rise = novel"})
+    similarity_threshold: float = field(default=0.985, metadata={"help": "cosine method: similarity below = novel"})
     embed_on: str = field(default="response", metadata={"help": "response | text"})
-    max_examples: int = field(default=64, metadata={"help": "examples embedded per skill"})
+    layer: int = field(default=-1, metadata={"help": "hidden states embedded: -1 final, else a layer index"})
+    max_examples: int = field(default=128, metadata={"help": "examples embedded per batch"})
+    capacity: int = field(default=128, metadata={"help": "per-example embeddings kept per skill"})
     max_length: int = field(default=256, metadata={"help": "tokens per embedded example"})
     batch_size: int = field(default=8, metadata={"help": "examples per embedding batch"})
 
     def __post_init__(self) -> None:
+        _choice("method", self.method, NOVELTY_METHODS)
         if not -1.0 <= self.similarity_threshold <= 1.0:
             raise ValueError(f"similarity_threshold must be in [-1, 1], got {self.similarity_threshold}")
+        if self.granularity < 0:
+            raise ValueError(f"granularity must be >= 0, got {self.granularity}")
+        if not 0.0 < self.significance < 1.0:
+            raise ValueError(f"significance must be in (0, 1), got {self.significance}")
+        if not 0.0 <= self.entropy_margin < 1.0:
+            raise ValueError(f"entropy_margin must be in [0, 1), got {self.entropy_margin}")
+        if self.layer < -1:
+            raise ValueError(f"layer must be -1 (final hidden states) or a layer index >= 0, got {self.layer}")
         _choice("embed_on", self.embed_on, EMBED_ON)
-        for name in ("max_examples", "max_length", "batch_size"):
+        for name in ("max_examples", "max_length", "batch_size", "permutations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if (self.permutations + 1) * self.significance < 1:
+            raise ValueError(f"permutations={self.permutations} cannot give a p-value below significance="
+                             f"{self.significance}: use at least {math.ceil(1 / self.significance) - 1} permutations")
+        if self.capacity < 2:
+            raise ValueError(f"capacity must be >= 2 (a skill's spread needs two examples), got {self.capacity}")
 
 
 @dataclass

@@ -29,7 +29,7 @@ from .config import DyLoRAConfig
 from .data.sources import Example
 from .events import EXPERT_CREATED, EXPERT_DELETED, SKILL_RECOGNISED, EventLog
 from .experts import ExpertManager, ExpertMixture, MixturePlan, decoder_layers, expert_rank
-from .novelty import NoveltyDetector, NoveltyResult, SkillLibrary
+from .novelty import NoveltyDetector, NoveltyResult, SkillLibrary, SkillSample, content_key
 from .routing import DynamicHybridRouter, RouterOutput
 from .routing.losses import rehearsal_loss
 
@@ -104,8 +104,8 @@ class DyLoRAMoE(nn.Module):
             temperature=self.config.router.temperature,
             events=self.events,
         ).to(weight.device)
-        self.library = SkillLibrary()
-        self.novelty = NoveltyDetector(self.library, self.config.novelty.similarity_threshold)
+        self.library = SkillLibrary(self.config.novelty.capacity)
+        self.novelty = NoveltyDetector(self.library, self.config.novelty)
         self._scope: _Scope | None = None
         self._forced: int | None = None  # router column every sequence is sent to (force_expert)
         if route_layer is not None:
@@ -193,64 +193,112 @@ class DyLoRAMoE(nn.Module):
     # ------------------------------------------------------------------ skills
     @torch.no_grad()
     def embed(self, data: Sequence[str | Example] | Tensor | dict) -> tuple[Tensor, int]:
-        """Skill embedding (spec 3.1.3): mean over examples and tokens of the unit-normalised final hidden
-        states of the frozen backbone. ``Example`` items are embedded on the part ``novelty.embed_on`` names;
-        strings and token ids as given. Returns the [H] embedding and the number of examples used."""
+        """Skill embedding (spec 3.1.3): mean over examples and tokens of the unit-normalised hidden states of
+        the frozen backbone (``novelty.layer``). Returns the [H] embedding and the number of examples used."""
+        sample = self.embed_sample(data, gate=False)
+        return sample.mean, len(sample)
+
+    @torch.no_grad()
+    def embed_sample(self, data: Sequence[str | Example] | Tensor | dict, *, gate: bool = True) -> SkillSample:
+        """Per-example embeddings of skill data for the novelty decision: the mean of the unit-normalised
+        hidden states of each example (``Example`` items embedded on the part ``novelty.embed_on`` names), and
+        with ``gate`` what the router reads for each example. At most ``novelty.max_examples`` examples are
+        used, chosen by a hash of their content, so the result does not depend on their order."""
         cfg = self.config.novelty
-        batches, count = self._batches(data, cfg.max_examples, cfg.max_length, cfg.batch_size), 0
-        total = None
-        for input_ids, mask in batches:
-            with self._plain():
-                hidden = self.backbone.base_model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        features, gates, keys = [], [], []
+        for input_ids, mask, gate_ids, gate_mask, key in self._novelty_batches(data):
+            hidden = self._novelty_hidden(input_ids, mask)
             unit = nn.functional.normalize(hidden.float(), dim=-1)  # [B, T, H]
-            per_example = (unit * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # [B, H]
-            total = per_example.sum(0) if total is None else total + per_example.sum(0)
-            count += input_ids.shape[0]
-        if count == 0:
-            raise ValueError("skill data is empty: give at least one example")
-        return total / count, count
+            m = mask[..., None].to(unit.dtype)
+            features.append((unit * m).sum(1) / m.sum(1).clamp(min=1))  # [B, H]
+            if gate:
+                with self._plain():
+                    gates.append(self._pool(self._routing_hidden(gate_ids, gate_mask), gate_mask).float())
+            keys.append(key)
+        if not features:
+            raise ValueError("skill data is empty: give at least one example with a non-empty "
+                             f"{cfg.embed_on if cfg.embed_on == 'response' else 'text'}")
+        return SkillSample(torch.cat(features).cpu(), torch.cat(gates).cpu() if gate else None, torch.cat(keys))
+
+    def _novelty_hidden(self, input_ids: Tensor, mask: Tensor) -> Tensor:
+        layer = self.config.novelty.layer
+        with self._plain():
+            out = self.backbone.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False,
+                                           output_hidden_states=layer != -1)
+        if layer == -1:
+            return out.last_hidden_state
+        if layer >= len(out.hidden_states):
+            raise ValueError(f"novelty.layer={layer} but the model has {len(out.hidden_states) - 1} decoder layers")
+        return out.hidden_states[layer]
 
     def add_new_skill(self, data: Sequence[str | Example] | Tensor | dict, name: str | None = None) -> NoveltyResult:
-        """Spec 3.1.3: embed the data; when novel, mark the previous expert mature and create an expert, a gate
-        column and a library entry; otherwise fold the data into the nearest known skill."""
-        embedding, count = self.embed(data)
-        nearest, similarity = self.novelty.nearest(embedding)
-        if similarity is not None and similarity >= self.novelty.similarity_threshold:
-            skill = self.library.update_skill(nearest, embedding, count)
+        """Spec 3.1.3: embed the data; when the detector finds it novel, mark the previous expert mature and
+        create an expert, a gate column and a library entry; otherwise fold the data into the known skill it
+        belongs to. The result carries the detector's evidence."""
+        return self.add_skill_sample(self.embed_sample(data), name)
+
+    def add_skill_sample(self, sample: SkillSample, name: str | None = None) -> NoveltyResult:
+        """``add_new_skill`` on data already embedded by ``embed_sample``."""
+        embedding = nn.functional.normalize(sample.mean, dim=0)
+        decision = self.novelty.decide(sample, embedding, (self.router, list(self.experts.expert_ids)))
+        similarity = None
+        if decision.nearest_skill is not None:
+            known = self.library.skills[decision.nearest_skill].embedding
+            similarity = float(nn.functional.cosine_similarity(known, embedding.to(known.device), dim=0))
+        evidence = {"method": self.config.novelty.method, "statistic": decision.statistic,
+                    "boundary": decision.boundary, "p_value": decision.p_value, "scores": decision.scores}
+        if not decision.is_novel:
+            skill = self.library.update_skill(decision.nearest_skill, embedding, len(sample), sample)
             self.events.emit(SKILL_RECOGNISED, skill_id=skill.skill_id, name=name or skill.name,
-                             expert_id=skill.expert_id, similarity=similarity)
-            return NoveltyResult(False, skill.skill_id, skill.expert_id, nearest, similarity,
-                                 self.experts.ranks[skill.expert_id])
+                             expert_id=skill.expert_id, similarity=similarity, **evidence)
+            return NoveltyResult(False, skill.skill_id, skill.expert_id, decision.nearest_skill, similarity,
+                                 self.experts.ranks[skill.expert_id], **evidence)
         if self.experts.expert_ids:
             self.mark_mature(self.experts.expert_ids[-1])
-        cfg = self.config
-        rank = expert_rank(cfg.expert.rank_rule, cfg.expert.rank, cfg.expert.max_rank, similarity,
-                           cfg.novelty.similarity_threshold)
+        cfg = self.config.expert
+        rank = expert_rank(cfg.rank_rule, cfg.rank, cfg.max_rank, decision.excess)
         expert_id = self.create_expert(rank)
-        skill = self.library.add_skill(embedding, expert_id=expert_id, name=name, examples=count)
+        skill = self.library.add_skill(embedding, expert_id=expert_id, name=name, examples=len(sample), sample=sample)
         self.events.emit(EXPERT_CREATED, expert_id=expert_id, skill_id=skill.skill_id, name=skill.name,
-                         rank=rank, nearest_skill=nearest, similarity=similarity, experts=self.num_experts)
-        return NoveltyResult(True, skill.skill_id, expert_id, nearest, similarity, rank)
+                         rank=rank, nearest_skill=decision.nearest_skill, similarity=similarity,
+                         experts=self.num_experts, **evidence)
+        return NoveltyResult(True, skill.skill_id, expert_id, decision.nearest_skill, similarity, rank, **evidence)
 
-    def _batches(self, data, limit: int, max_length: int, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def _novelty_batches(self, data) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
+        """(ids, mask) to embed, (ids, mask) the router reads, and content keys [B], ``batch_size`` at a time."""
+        cfg = self.config.novelty
         if isinstance(data, Tensor):
             data = {"input_ids": data}
         if isinstance(data, dict):
-            ids = data["input_ids"][:limit].to(self.device)
+            ids = data["input_ids"]
             mask = data.get("attention_mask")
-            mask = torch.ones_like(ids) if mask is None else mask[:limit].to(self.device)
-            for i in range(0, ids.shape[0], batch_size):
-                yield ids[i : i + batch_size], mask[i : i + batch_size]
+            mask = torch.ones_like(ids) if mask is None else mask
+            keys = torch.tensor([content_key(" ".join(map(str, row.tolist()))) for row in ids], dtype=torch.long)
+            order = torch.argsort(keys)[: cfg.max_examples]
+            for i in range(0, order.numel(), cfg.batch_size):
+                rows = order[i : i + cfg.batch_size]
+                pair = (ids[rows].to(self.device), mask[rows].to(self.device))
+                yield (*pair, *pair, keys[rows])
             return
         if self.tokenizer is None:
             raise ValueError("text data needs a tokenizer; pass token ids or build the model with a tokenizer")
-        on_response = self.config.novelty.embed_on == "response"
-        texts = [(d.response if on_response else d.text) if isinstance(d, Example) else d for d in list(data)[:limit]]
-        texts = [t for t in texts if isinstance(t, str) and t.strip()]
-        for i in range(0, len(texts), batch_size):
-            enc = self.tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True,
-                                 truncation=True, max_length=max_length)
-            yield enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        on_response = cfg.embed_on == "response"
+        items = []
+        for d in data:
+            embedded = (d.response if on_response else d.text) if isinstance(d, Example) else d
+            if isinstance(embedded, str) and embedded.strip():
+                routed = d.text if isinstance(d, Example) else d
+                items.append((content_key(d.text if isinstance(d, Example) else d), embedded, routed))
+        items = sorted({key: item for key, *item in items}.items())[: cfg.max_examples]  # [(key, (text, routed))]
+        for i in range(0, len(items), cfg.batch_size):
+            chunk = items[i : i + cfg.batch_size]
+            enc = self.tokenizer([t for _, (t, _) in chunk], return_tensors="pt", padding=True, truncation=True,
+                                 max_length=cfg.max_length)
+            routed = self.tokenizer([r for _, (_, r) in chunk], return_tensors="pt", padding=True, truncation=True,
+                                    max_length=cfg.max_length, add_special_tokens=False)
+            yield (enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device),
+                   routed["input_ids"].to(self.device), routed["attention_mask"].to(self.device),
+                   torch.tensor([k for k, _ in chunk], dtype=torch.long))
 
     # ------------------------------------------------------------------ routing
     def route(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> RouterOutput:

@@ -8,7 +8,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from dylora_moe import ExpertConfig, ExpertManager
 from dylora_moe.experts import detect_target_modules
-from tests.conftest import batch, build, randomise_experts, tiny_gpt2, tiny_llama
+from tests.conftest import batch, build, decide_by_cosine, randomise_experts, tiny_gpt2, tiny_llama
 
 
 def test_target_detection_per_architecture():
@@ -103,7 +103,7 @@ def test_offload_moves_adapter_tensors_and_back():
 
 def test_delete_expert_removes_adapter_gate_column_and_skills():
     model = build()
-    model.novelty.similarity_threshold = 1.0
+    decide_by_cosine(model, 1.0)
     model.add_new_skill(["abc def"])
     model.add_new_skill(["0123 456"])
     model.add_new_skill(["%%% &&& ***"])

@@ -1,30 +1,46 @@
-"""Novelty threshold behaviour, the skill library, and add_new_skill on a tiny model."""
+"""Novelty decisions (cosine reference and the calibrated methods), the skill library, and add_new_skill on a
+tiny model."""
 
 from __future__ import annotations
+
+import random
 
 import pytest
 import torch
 
+from dylora_moe.config import NoveltyConfig
 from dylora_moe.events import EXPERT_CREATED, SKILL_RECOGNISED
-from dylora_moe.novelty import NoveltyDetector, SkillLibrary
-from tests.conftest import build
+from dylora_moe.experts import expert_rank
+from dylora_moe.novelty import NoveltyDetector, SkillLibrary, SkillSample
+from tests.conftest import build, decide_by_cosine
 
 
 def unit(*xs):
     return torch.nn.functional.normalize(torch.tensor(xs, dtype=torch.float), dim=0)
 
 
-def test_threshold_decides_novelty():
+def sample(x: torch.Tensor, start: int = 0) -> SkillSample:
+    return SkillSample(x, None, torch.arange(start, start + x.shape[0]))
+
+
+def gaussian(n: int, shift: float = 0.0, seed: int = 0, dim: int = 16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g)
+    x[:, 0] += shift
+    return x + 5.0  # a large common offset, as in mean-pooled hidden states
+
+
+def test_cosine_threshold_decides_novelty():
     lib = SkillLibrary()
-    det = NoveltyDetector(lib, similarity_threshold=0.8)
-    assert det.is_novel(unit(1, 0, 0))  # empty library: everything is new
+    det = NoveltyDetector(lib, NoveltyConfig(method="cosine", similarity_threshold=0.8))
+    empty = det.decide(sample(unit(1, 0, 0)[None].repeat(2, 1)), unit(1, 0, 0))
+    assert empty.is_novel and empty.nearest_skill is None  # empty library: everything is new
     lib.add_skill(unit(1, 0, 0), expert_id=0)
-    assert not det.is_novel(unit(1, 0, 0))
-    assert not det.is_novel(unit(1, 0.5, 0))  # cos = 0.894 >= 0.8
-    assert det.is_novel(unit(1, 1, 0))  # cos = 0.707 < 0.8
-    assert det.is_novel(unit(0, 0, 1))
+    for vec, novel in ((unit(1, 0, 0), False), (unit(1, 0.5, 0), False), (unit(1, 1, 0), True), (unit(0, 0, 1), True)):
+        d = det.decide(sample(vec[None].repeat(2, 1)), vec)
+        assert d.is_novel == novel  # cos(1,0.5,0) = 0.894 >= 0.8; cos(1,1,0) = 0.707 < 0.8
     skill, sim = det.nearest(unit(1, 1, 0))
-    assert skill == 0 and sim == pytest.approx(2 ** -0.5)
+    assert skill == 0 and sim == pytest.approx(2**-0.5)
 
 
 def test_nearest_picks_the_most_similar_skill():
@@ -35,53 +51,146 @@ def test_nearest_picks_the_most_similar_skill():
     assert lib.skills[skill].expert_id == 7
 
 
-def test_update_skill_keeps_a_running_mean():
-    lib = SkillLibrary()
-    s = lib.add_skill(unit(1, 0), expert_id=0, examples=1)
-    lib.update_skill(s.skill_id, unit(0, 1), examples=1)
+def test_update_skill_keeps_a_running_mean_and_a_bounded_order_free_sample():
+    lib = SkillLibrary(capacity=5)
+    x = torch.randn(8, 3)
+    s = lib.add_skill(unit(1, 0), expert_id=0, examples=1, sample=sample(x[:4]))
+    lib.update_skill(s.skill_id, unit(0, 1), examples=1, sample=sample(x[2:], start=2))  # rows 2, 3 again
     torch.testing.assert_close(lib.skills[s.skill_id].embedding, unit(1, 1))
     assert lib.skills[s.skill_id].examples == 2
+    kept = lib.skills[s.skill_id].sample
+    assert kept.keys.tolist() == [0, 1, 2, 3, 4]  # deduplicated, smallest keys kept
+    torch.testing.assert_close(kept.features, x[:5])
+    other = SkillLibrary(capacity=5)
+    t = other.add_skill(unit(1, 0), expert_id=0, sample=sample(x[2:], start=2))
+    other.update_skill(t.skill_id, unit(0, 1), examples=1, sample=sample(x[:4]))
+    torch.testing.assert_close(other.skills[t.skill_id].sample.features, kept.features)  # arrival order is irrelevant
 
 
-PYTHON = ["def add(a, b):\n    return a + b", "for i in range(10):\n    print(i)", "import os\nos.getcwd()"]
-NUMBERS = ["0123456789 0123 4567 89", "31415926535 8979 3238", "2718281828 4590 4523 5360"]
+# ---------------------------------------------------------------- the statistics
+def test_separation_is_zero_on_average_for_one_distribution_at_any_sample_size():
+    from dylora_moe.novelty.statistics import separation
+
+    for n in (4, 16, 96):
+        values = [separation(gaussian(n, seed=2 * r), gaussian(64, seed=2 * r + 1)) for r in range(40)]
+        assert abs(sum(values) / len(values)) < 0.02, n
 
 
-def test_add_new_skill_creates_then_recognises():
+def test_separation_scale_does_not_depend_on_batch_size_units_or_offset():
+    from dylora_moe.novelty.statistics import separation
+
+    # true value: mean shift 1.0 in one of 16 unit-variance dims -> 1 / 16
+    for n in (8, 32, 128):
+        mean = sum(separation(gaussian(n, 1.0, seed=r), gaussian(128, seed=100 + r)) for r in range(30)) / 30
+        assert mean == pytest.approx(1 / 16, abs=0.02), n
+    a, b = gaussian(32, 1.0, seed=1), gaussian(32, seed=2)
+    assert separation(a * 7 - 3, b * 7 - 3) == pytest.approx(separation(a, b), rel=1e-5)  # the data's own units
+
+
+def test_permutation_pvalue_is_small_only_for_different_distributions():
+    from dylora_moe.novelty.statistics import _gram, permutation_pvalue
+
+    _, p_diff = permutation_pvalue(*_gram(gaussian(24, 3.0, seed=1), gaussian(24, seed=2)), permutations=99)
+    assert p_diff == pytest.approx(0.01)  # no relabelling beats the real split
+    p_same = [permutation_pvalue(*_gram(gaussian(24, seed=r), gaussian(24, seed=50 + r)), permutations=99)[1]
+              for r in range(30)]
+    assert sum(p < 0.05 for p in p_same) <= 5  # ~5% expected under the null
+
+
+def test_calibrated_decision_needs_both_effect_and_significance():
+    lib = SkillLibrary()
+    lib.add_skill(unit(1, 0), expert_id=0, sample=sample(gaussian(48, seed=0)))
+    det = NoveltyDetector(lib, NoveltyConfig(granularity=0.25, permutations=99))
+    far = det.decide(sample(gaussian(24, 4.0, seed=1), 100), unit(1, 0))
+    assert far.is_novel and far.statistic > 0.25 and far.p_value <= 0.01 and far.boundary == 0.25
+    near = det.decide(sample(gaussian(24, 1.0, seed=1), 100), unit(1, 0))  # real but small shift (1/16)
+    assert not near.is_novel and near.nearest_skill == 0 and near.statistic < 0.25
+    tiny = SkillLibrary()
+    tiny.add_skill(unit(1, 0), expert_id=0, sample=sample(gaussian(3, seed=0)))
+    few = NoveltyDetector(tiny, NoveltyConfig(permutations=99)).decide(sample(gaussian(1, 8.0, seed=1), 100),
+                                                                       unit(1, 0))
+    assert few.statistic > 0.25 and few.p_value > 0.2 and not few.is_novel  # 4 relabellings cannot reach 1%
+
+
+def test_decision_does_not_depend_on_example_order():
+    lib = SkillLibrary()
+    lib.add_skill(unit(1, 0), expert_id=0, sample=sample(gaussian(40, seed=0)))
+    det = NoveltyDetector(lib, NoveltyConfig(permutations=99))
+    x = gaussian(20, 1.6, seed=3)
+    perm = torch.randperm(20, generator=torch.Generator().manual_seed(9))
+    a, b = det.decide(sample(x), unit(1, 0)), det.decide(sample(x[perm]), unit(1, 0))
+    assert (a.is_novel, a.statistic, a.p_value) == pytest.approx((b.is_novel, b.statistic, b.p_value))
+
+
+def test_rank_rule_gives_more_rank_to_data_further_beyond_the_boundary():
+    assert expert_rank("fixed", 8, 64, 3.0) == 8
+    assert expert_rank("novelty", 8, 64, None) == 8  # the first skill
+    assert expert_rank("novelty", 8, 64, 0.1) == 8  # just past the boundary
+    assert expert_rank("novelty", 8, 64, 1.0) == 16  # as far beyond it again as the boundary itself
+    assert expert_rank("novelty", 8, 64, 3.0) == 32
+    assert expert_rank("novelty", 8, 16, 100.0) == 16  # capped
+
+
+# ---------------------------------------------------------------- add_new_skill on a tiny model
+def texts(alphabet: str, n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join("".join(rng.choice(alphabet) for _ in range(rng.randint(2, 6))) for _ in range(6))
+            for _ in range(n)]
+
+
+LETTERS, DIGITS = "abcdefghijklmnopqrstuvwxyz", "0123456789+-*/="
+
+
+def test_add_new_skill_tells_two_token_distributions_apart_and_keeps_halves_together():
     model = build()
-    first = model.add_new_skill(PYTHON, name="python")
-    assert first.is_novel and first.nearest_skill is None and model.num_experts == 1
-    again = model.add_new_skill(PYTHON, name="python again")
-    assert not again.is_novel and again.expert_id == first.expert_id and model.num_experts == 1
-    assert again.similarity == pytest.approx(1.0, abs=1e-5)
-    assert [e["event"] for e in model.events.records if e["event"] in (EXPERT_CREATED, SKILL_RECOGNISED)] == [
-        EXPERT_CREATED, SKILL_RECOGNISED]
-
-
-def test_threshold_above_similarity_makes_a_new_expert_and_matures_the_previous():
-    model = build()
-    model.novelty.similarity_threshold = 1.0
-    a = model.add_new_skill(PYTHON)
-    b = model.add_new_skill(NUMBERS)
-    assert a.expert_id != b.expert_id and b.is_novel
-    assert b.nearest_skill == a.skill_id and b.similarity < 1.0
+    first = model.add_new_skill(texts(LETTERS, 24, 0), name="letters")
+    assert first.is_novel and first.nearest_skill is None and first.method == "separation"
+    other = model.add_new_skill(texts(DIGITS, 24, 1), name="digits")
+    assert other.is_novel and other.nearest_skill == first.skill_id
+    assert other.statistic > other.boundary and other.p_value <= model.config.novelty.significance
     assert model.router.expert_maturity.tolist() == [1, 0]
-    model.novelty.similarity_threshold = -1.0
-    c = model.add_new_skill(NUMBERS)
-    assert not c.is_novel and model.num_experts == 2
+    half = model.add_new_skill(texts(LETTERS, 24, 2), name="letters, other half")
+    assert not half.is_novel and half.skill_id == first.skill_id and model.num_experts == 2
+    assert set(half.scores) == {first.skill_id, other.skill_id}
+    assert half.scores[first.skill_id]["statistic"] < half.boundary < half.scores[other.skill_id]["statistic"]
+    events = [e for e in model.events.records if e["event"] in (EXPERT_CREATED, SKILL_RECOGNISED)]
+    assert [e["event"] for e in events] == [EXPERT_CREATED, EXPERT_CREATED, SKILL_RECOGNISED]
+    assert events[-1]["statistic"] == half.statistic and events[-1]["boundary"] == half.boundary
+
+
+def test_add_new_skill_ignores_example_order():
+    data = texts(DIGITS, 24, 1)
+    results = []
+    for order in (data, data[::-1]):
+        model = build()
+        model.add_new_skill(texts(LETTERS, 24, 0))
+        results.append(model.add_new_skill(order))
+    assert results[0].is_novel == results[1].is_novel
+    assert results[0].statistic == pytest.approx(results[1].statistic, abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["mahalanobis", "combined", "entropy"])
+def test_other_methods_run_through_add_new_skill(method):
+    model = build()
+    model.config.novelty.method = method
+    model.config.novelty.permutations = 99
+    first = model.add_new_skill(texts(LETTERS, 16, 0))
+    second = model.add_new_skill(texts(DIGITS, 16, 1))
+    assert first.is_novel and second.method == method and second.p_value is not None
+    if method != "entropy":  # one expert: the gate has no entropy to rise, the documented limit of that trigger
+        assert second.is_novel
+
+
+def test_cosine_reference_still_available():
+    model = build()
+    decide_by_cosine(model, 1.0)
+    a = model.add_new_skill(texts(LETTERS, 4, 0))
+    b = model.add_new_skill(texts(DIGITS, 4, 1))
+    assert b.is_novel and b.method == "cosine" and b.similarity < 1.0 and a.expert_id != b.expert_id
+    decide_by_cosine(model, -1.0)
+    assert not model.add_new_skill(texts(DIGITS, 4, 2)).is_novel and model.num_experts == 2
 
 
 def test_empty_skill_data_is_a_clear_error():
     with pytest.raises(ValueError, match="empty"):
         build().add_new_skill(["", "   "])
-
-
-def test_novelty_rank_rule_gives_more_rank_to_farther_skills():
-    from dylora_moe.experts import expert_rank
-
-    assert expert_rank("fixed", 8, 64, 0.1, 0.9) == 8
-    assert expert_rank("novelty", 8, 64, None, 0.9) == 8  # the first skill
-    assert expert_rank("novelty", 8, 64, 0.89, 0.9) == 8  # just past the threshold
-    assert expert_rank("novelty", 8, 64, 0.8, 0.9) == 16  # one threshold margin further
-    assert expert_rank("novelty", 8, 64, 0.6, 0.9) == 32
-    assert expert_rank("novelty", 8, 16, -1.0, 0.9) == 16  # capped

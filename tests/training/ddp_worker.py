@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from dylora_moe.data.stream import load_stream
 from dylora_moe.training import ContinualLearner, TrainingConfig
-from tests.conftest import build
+from tests.conftest import build, decide_by_cosine
 
 
 def digest(model) -> dict[str, str]:
@@ -30,7 +30,7 @@ def main(stream_path: str, out: str) -> None:
     state = PartialState(cpu=True)
     torch.manual_seed(0)
     model = build()
-    model.novelty.similarity_threshold = 0.999
+    decide_by_cosine(model, 0.999)
     stream = load_stream(stream_path)
     # A different seed per process: without DDP's initial broadcast and gradient averaging the processes
     # would start from different experts and see different batches, and end with different weights.

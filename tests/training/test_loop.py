@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 from dylora_moe.data.stream import StreamSpec
 from dylora_moe.evaluation.report import write_report
 from dylora_moe.training import ContinualLearner, TrainingConfig
-from tests.conftest import build
+from tests.conftest import build, decide_by_cosine
 
 
 def skill_file(tmp_path, name, make, n=40):
@@ -69,13 +69,13 @@ def run_two_skills(tmp_path, *, second_recognised=False, **cfg):
     cfg.setdefault("report_to", ["tensorboard"])
     stream = StreamSpec("s", [skill_file(tmp_path, "digits", digits), skill_file(tmp_path, "letters", letters)])
     model = build()
-    model.novelty.similarity_threshold = 0.999
+    decide_by_cosine(model, 0.999)
     frozen = [(p, p.detach().clone()) for p in model.backbone.parameters()]  # objects survive peft injection
     learner = ContinualLearner(model, stream, small_config(**cfg), tmp_path / "out")
     learner.run_step(0)
     after_first = {n: p.detach().clone() for n, p in model.backbone.named_parameters() if "lora_" in n}
     if second_recognised:
-        model.novelty.similarity_threshold = -1.0
+        decide_by_cosine(model, -1.0)
     learner.run_step(1)
     return model, learner, frozen, after_first
 

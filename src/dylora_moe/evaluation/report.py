@@ -32,6 +32,8 @@ def summarise(records: Sequence[StepRecord], *, stream: str, model: str, experts
         "novel": [r.novelty.is_novel for r in records],
         "expert_of_skill": [r.novelty.expert_id for r in records],
         "similarity": [r.novelty.similarity for r in records],
+        "novelty": [{"method": r.novelty.method, "statistic": r.novelty.statistic, "boundary": r.novelty.boundary,
+                     "p_value": r.novelty.p_value} for r in records],
         "loss_matrix": matrix,
         "routing_accuracy": routing_accuracy(correct, totals),
         "routing_accuracy_per_skill": [c / t if t else 0.0 for c, t in zip(correct, totals, strict=True)],
@@ -113,12 +115,11 @@ def render_markdown(summary: dict, records: Sequence[StepRecord], sources: str) 
         f"- backward transfer on loss (final - just learned, mean over earlier skills): "
         f"**{summary['bwt_loss']:+.4f} nats**", "",
         "## Stream", "",
-        "| step | skill | novel | similarity | expert | train / eval ex. | train s |",
+        "| step | skill | novel | novelty evidence | expert | train / eval ex. | train s |",
         "|---:|---|---|---:|---:|---:|---:|",
     ]
     for r in records:
-        sim = "-" if r.novelty.similarity is None else f"{r.novelty.similarity:.4f}"
-        lines.append(f"| {r.step} | {r.skill} | {'yes' if r.novelty.is_novel else 'no'} | {sim} | "
+        lines.append(f"| {r.step} | {r.skill} | {'yes' if r.novelty.is_novel else 'no'} | {r.novelty.evidence()} | "
                      f"{r.novelty.expert_id} | {r.train_examples} / {r.eval_examples} | {r.train_seconds:.0f} |")
     lines += ["", "## Loss matrix (eval loss on skill j after step i)", "",
               "| after step | " + " | ".join(f"{j}: {s}" for j, s in enumerate(summary["skills"])) + " |",

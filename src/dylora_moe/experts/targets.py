@@ -63,19 +63,18 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (expected {count} blocks)")
 
 
-def expert_rank(rule: str, base_rank: int, max_rank: int, similarity: float | None, threshold: float) -> int:
+def expert_rank(rule: str, base_rank: int, max_rank: int, excess: float | None) -> int:
     """Rank of a new expert.
 
     ``fixed``: always ``base_rank``.
-    ``novelty``: ``base_rank * 2 ** round(log2(1 + d))`` capped at ``max_rank``, where
-    ``d = (threshold - similarity) / (1 - threshold)`` measures how far below the novelty threshold the
-    nearest known skill lies, in units of the threshold's margin. A skill just past the threshold gets the
-    base rank; one as far from every known skill again as the threshold is from identity doubles it; the
-    first skill (no neighbour) gets the base rank. Ranks stay powers-of-two multiples of the base rank.
+    ``novelty``: ``base_rank * 2 ** round(log2(1 + excess))`` capped at ``max_rank``, where ``excess`` is how
+    far beyond the novelty detector's boundary the nearest known skill lies, in units of the boundary
+    (``Decision.excess``: for the default method, separation / granularity - 1). A skill just past the
+    boundary gets the base rank; one as far beyond it again as the boundary itself doubles it; the first
+    skill (no neighbour) gets the base rank. Ranks stay powers-of-two multiples of the base rank.
     """
-    if rule == "fixed" or similarity is None:
+    if rule == "fixed" or excess is None:
         return base_rank
     if rule != "novelty":
         raise ValueError(f"rank_rule={rule!r} is not supported; choose fixed or novelty")
-    distance = max(0.0, threshold - similarity) / max(1e-6, 1.0 - threshold)
-    return min(max_rank, base_rank * 2 ** round(math.log2(1.0 + distance)))
+    return min(max_rank, base_rank * 2 ** round(math.log2(1.0 + max(0.0, excess))))

@@ -1,6 +1,6 @@
 """Skill library and novelty detection."""
 
-from .detector import NoveltyDetector, NoveltyResult
-from .library import Skill, SkillLibrary
+from .detector import Decision, NoveltyDetector, NoveltyResult
+from .library import Skill, SkillLibrary, SkillSample, content_key
 
-__all__ = ["NoveltyDetector", "NoveltyResult", "Skill", "SkillLibrary"]
+__all__ = ["Decision", "NoveltyDetector", "NoveltyResult", "Skill", "SkillLibrary", "SkillSample", "content_key"]

@@ -1,17 +1,38 @@
-"""Novelty detection (spec 3.4): is this data a skill the library already knows?
+"""Novelty detection (spec 3.4 and 3.3.1): is this data a skill the library already knows?
 
-The detector compares a data embedding with every skill embedding by cosine similarity; below the
-threshold for all of them, the data is novel. ``NoveltyResult`` carries the decision and its evidence.
+Methods (``NoveltyConfig.method``):
+
+- ``cosine``: the spec's rule, kept as the reference: cosine similarity of the mean embedding with every
+  skill's, novel below ``similarity_threshold``. The threshold is a per-backbone constant.
+- ``separation`` (the default): a calibrated two-sample decision on per-example embeddings. For each known
+  skill, ``statistics.separation`` estimates how far apart the two means are in units of the within-skill
+  variance (0 for two samples of one skill, whatever the sizes) and a permutation test gives its
+  significance. The data belongs to a skill when the separation is at most ``granularity`` or is not
+  significant at level ``significance``; it is novel when it belongs to none.
+- ``mahalanobis``: the same decision in the gate's input space (the router's features), whitened by a
+  shrunk within-skill covariance (spec 3.3.1's Mahalanobis trigger, on features instead of gradients).
+- ``entropy``: spec 3.3.1's router-confidence trigger: novel when the gate's normalised entropy on the new
+  data is significantly higher than on the known skills' stored data (a permutation test at
+  ``significance``) and exceeds it by more than ``entropy_margin``; the nearest skill is the one the gate
+  picks most. With one expert the gate has no entropy, so this method cannot see a second skill.
+- ``combined``: novel only when ``separation`` and ``mahalanobis`` both say so.
+
+``granularity`` is the knob that decides how different two datasets must be to be separate skills; it is
+in the data's own units, so the same value holds across backbones and layers (``benchmarks/novelty.py``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from .library import SkillLibrary
+from ..config import NoveltyConfig
+from . import statistics as st
+from .library import SkillLibrary, SkillSample
+
+Router = tuple[torch.nn.Module, list[int]]  # (DynamicHybridRouter, expert id of each gate column)
 
 
 @dataclass
@@ -21,9 +42,14 @@ class NoveltyResult:
     is_novel: a new skill (and so a new expert) was created.
     skill_id: the new skill, or the known skill the data was recognised as.
     expert_id: the expert that serves ``skill_id``.
-    nearest_skill: the most similar known skill before this call (``None`` for an empty library).
-    similarity: cosine similarity to ``nearest_skill`` (``None`` for an empty library).
+    nearest_skill: the closest known skill before this call (``None`` for an empty library).
+    similarity: cosine similarity of the mean embeddings to ``nearest_skill`` (``None`` for an empty library).
     rank: LoRA rank of the expert.
+    method: the decision rule that decided.
+    statistic: the method's statistic against ``nearest_skill`` (cosine similarity, separation, or entropy).
+    boundary: where the decision flips on ``statistic`` (threshold, granularity, or entropy margin).
+    p_value: significance of the difference from ``nearest_skill`` (calibrated methods; ``None`` otherwise).
+    scores: the statistic and p-value against every known skill, by skill id.
     """
 
     is_novel: bool
@@ -32,22 +58,153 @@ class NoveltyResult:
     nearest_skill: int | None
     similarity: float | None
     rank: int
+    method: str = "cosine"
+    statistic: float | None = None
+    boundary: float | None = None
+    p_value: float | None = None
+    scores: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.scores = {int(k): v for k, v in self.scores.items()}  # JSON round trips turn keys into strings
+
+    def evidence(self) -> str:
+        """The decision's evidence in a few words, e.g. ``separation 0.0120 <= 0.25``."""
+        if self.statistic is None:
+            return "first skill" if self.nearest_skill is None else f"similarity {self.similarity:.4f}"
+        above = self.statistic > self.boundary
+        text = f"{self.method} {self.statistic:.4f} {'>' if above else '<='} {self.boundary:g}"
+        if self.p_value is not None and above:
+            text += f", p={self.p_value:.3f}"
+        return text
+
+
+@dataclass
+class Decision:
+    """The detector's verdict before any expert exists for it."""
+
+    is_novel: bool
+    nearest_skill: int | None
+    statistic: float | None
+    boundary: float
+    p_value: float | None
+    scores: dict[int, dict[str, float]]
+
+    lower_is_novel: bool = False  # cosine: similarity below the threshold is novel
+
+    @property
+    def excess(self) -> float | None:
+        """How far beyond the boundary the nearest skill lies, in units of the boundary's own scale (rank
+        rule): for cosine, (threshold - similarity) / (1 - threshold); otherwise statistic / boundary - 1."""
+        if self.statistic is None or self.nearest_skill is None:
+            return None
+        if self.lower_is_novel:
+            return max(0.0, self.boundary - self.statistic) / max(1e-6, 1.0 - self.boundary)
+        return max(0.0, self.statistic - self.boundary) / max(abs(self.boundary), 1e-6)
 
 
 class NoveltyDetector:
-    def __init__(self, library: SkillLibrary, similarity_threshold: float = 0.9) -> None:
+    def __init__(self, library: SkillLibrary, config: NoveltyConfig | None = None) -> None:
         self.library = library
-        self.similarity_threshold = similarity_threshold
+        self.config = config or NoveltyConfig()
+
+    @property
+    def similarity_threshold(self) -> float:
+        return self.config.similarity_threshold
 
     def nearest(self, embedding: Tensor) -> tuple[int | None, float | None]:
-        """The most similar known skill and its cosine similarity to ``embedding`` [H]."""
+        """The skill with the most similar mean embedding and its cosine similarity to ``embedding`` [H]."""
         ids, bank = self.library.get_all_skills()
         if bank is None:
             return None, None
-        sims = torch.nn.functional.cosine_similarity(bank, embedding.float().flatten()[None], dim=-1)  # [S]
+        emb = embedding.float().flatten().to(bank.device)
+        sims = torch.nn.functional.cosine_similarity(bank, emb[None], dim=-1)  # [S]
         best = int(sims.argmax())
         return ids[best], float(sims[best])
 
-    def is_novel(self, embedding: Tensor) -> bool:
-        _, similarity = self.nearest(embedding)
-        return similarity is None or similarity < self.similarity_threshold
+    def decide(self, sample: SkillSample, embedding: Tensor, router: Router | None = None) -> Decision:
+        """Decide on new data given its per-example ``sample`` and its mean unit ``embedding`` [H]; ``router``
+        (gate, expert id of each gate column) is needed by ``entropy``."""
+        method = self.config.method
+        if not self.library.skills:
+            boundary = self.config.similarity_threshold if method == "cosine" else self.config.granularity
+            return Decision(True, None, None, boundary, None, {})
+        if method == "cosine":
+            return self._cosine(embedding)
+        missing = self.library.missing_samples()
+        if missing:
+            raise ValueError(
+                f"novelty method {method!r} needs per-example embeddings, which the library of this system does not "
+                f"hold for skill(s) {', '.join(missing)} (saved by an older dylora-moe): load it with "
+                "novelty={'method': 'cosine'} to keep the old decision, or re-add those skills' data")
+        if method == "separation":
+            return self._two_sample(sample.features, "features", st.separation_from_gram, whiten=False)
+        if method == "mahalanobis":
+            return self._two_sample(self._gate_rows(sample), "gate", st.separation_from_gram, whiten=True)
+        if method == "entropy":
+            return self._entropy(self._gate_rows(sample), router)
+        if method == "combined":
+            a = self._two_sample(sample.features, "features", st.separation_from_gram, whiten=False)
+            b = self._two_sample(self._gate_rows(sample), "gate", st.separation_from_gram, whiten=True)
+            return a if not a.is_novel or b.is_novel else b
+        raise ValueError(f"unknown novelty method {method!r}")
+
+    @staticmethod
+    def _gate_rows(sample: SkillSample) -> Tensor:
+        if sample.gate is None:
+            raise ValueError("this novelty method reads the router's features; embed the data with the model")
+        return sample.gate
+
+    def _cosine(self, embedding: Tensor) -> Decision:
+        ids, bank = self.library.get_all_skills()
+        sims = torch.nn.functional.cosine_similarity(bank, embedding.float().flatten().to(bank.device)[None], dim=-1)
+        scores = {i: {"statistic": float(s)} for i, s in zip(ids, sims.tolist(), strict=True)}
+        best = int(sims.argmax())
+        similarity = float(sims[best])
+        return Decision(similarity < self.config.similarity_threshold, ids[best], similarity,
+                        self.config.similarity_threshold, None, scores, lower_is_novel=True)
+
+    def _two_sample(self, new: Tensor, space: str, statistic: st.Statistic, *, whiten: bool) -> Decision:
+        cfg = self.config
+        new = new.detach().double().cpu()
+        new = new[st.canonical_order(new)]
+        scores: dict[int, dict[str, float]] = {}
+        for skill_id, skill in self.library.skills.items():
+            known = getattr(skill.sample, space).detach().double().cpu()
+            gram, ia, ib = st._gram(new, known, st.whitening(new, known) if whiten else None)
+            value = statistic(gram, ia, ib)
+            p_value = 1.0
+            if value > cfg.granularity:  # only a separation beyond the granularity needs its significance
+                value, p_value = st.permutation_pvalue(gram, ia, ib, statistic, permutations=cfg.permutations)
+            scores[skill_id] = {"statistic": value, "p_value": p_value}
+        nearest = min(scores, key=lambda i: scores[i]["statistic"])
+        same = [i for i, s in scores.items() if s["statistic"] <= cfg.granularity or s["p_value"] > cfg.significance]
+        if same:
+            nearest = min(same, key=lambda i: scores[i]["statistic"])
+        best = scores[nearest]
+        return Decision(not same, nearest, best["statistic"], cfg.granularity, best["p_value"], scores)
+
+    def _entropy(self, new: Tensor, router: Router | None) -> Decision:
+        if router is None:
+            raise ValueError("the entropy method needs the router: call it through DyLoRAMoE.add_new_skill")
+        cfg = self.config
+        gate, experts = router
+        ids = list(self.library.skills)
+        known = torch.cat([self.library.skills[i].sample.gate for i in ids])
+        device = gate.gate.weight.device
+        with torch.no_grad():
+            probs_new = gate(new.to(device, gate.gate.weight.dtype)).weights.double().cpu()  # [n, E]
+            probs_known = gate(known.to(device, gate.gate.weight.dtype)).weights.double().cpu()  # [M, E]
+        h = torch.cat([st.entropy(probs_new), st.entropy(probs_known)])[:, None]  # [n + M, 1]
+        n = probs_new.shape[0]
+        ia, ib = torch.arange(n), torch.arange(n, h.shape[0])
+
+        def mean_gap(_: Tensor, a: Tensor, b: Tensor) -> float:
+            return float(h[a].mean() - h[b].mean())
+
+        excess, p_value = st.permutation_pvalue(h, ia, ib, mean_gap, permutations=cfg.permutations)
+        column = int(probs_new.argmax(-1).bincount(minlength=probs_new.shape[-1]).argmax())
+        by_expert = {s.expert_id: i for i, s in self.library.skills.items()}
+        nearest = by_expert.get(experts[column], ids[0]) if column < len(experts) else ids[0]
+        novel = excess > cfg.entropy_margin and p_value <= cfg.significance
+        scores = {i: {"statistic": excess, "p_value": p_value} for i in ids}
+        return Decision(novel, nearest, excess, cfg.entropy_margin, p_value, scores)

@@ -1,11 +1,15 @@
-"""The skill library (spec 2.2.3): one representative embedding per known skill, and its expert.
+"""The skill library (spec 2.2.3): what the system knows of every skill, and which expert serves it.
 
-Embeddings are stored unit-normalised. When data of a known skill arrives again, its centroid is updated
-as the running mean of all the examples seen for it, so recognition sharpens as a skill is revisited.
+Each skill keeps its mean embedding (unit norm: the spec's representative vector, used by the ``cosine``
+method and the registry) and a bounded sample of per-example embeddings, in the novelty space (final
+hidden states of what the skill produces) and in the gate's input space. The calibrated decisions compare
+new data with these samples. When data of a known skill arrives again the samples are merged and cut back
+to ``capacity`` rows by a content key, so the kept rows are the same whatever order the data came in.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -13,36 +17,74 @@ from torch import Tensor
 
 
 @dataclass
+class SkillSample:
+    """Per-example embeddings of one batch of skill data.
+
+    features: [n, H] novelty-space embeddings (mean of unit-normalised hidden states per example).
+    gate: [n, H] what the router reads for each example (its routing features), or ``None``.
+    keys: [n] int64 content keys (a hash of each example's text), which order and deduplicate rows.
+    """
+
+    features: Tensor
+    gate: Tensor | None
+    keys: Tensor
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def mean(self) -> Tensor:
+        return self.features.mean(0)
+
+
+@dataclass
 class Skill:
     skill_id: int
     name: str
     expert_id: int
-    embedding: Tensor  # [H], unit norm
+    embedding: Tensor  # [H], unit norm: mean embedding of every example seen
     examples: int
+    sample: SkillSample | None = None  # None only for skills loaded from a library written before samples
 
 
 class SkillLibrary:
-    def __init__(self) -> None:
+    def __init__(self, capacity: int = 128) -> None:
         self.skills: dict[int, Skill] = {}
+        self.capacity = capacity
         self._next_id = 0
 
     def __len__(self) -> int:
         return len(self.skills)
 
-    def add_skill(self, embedding: Tensor, *, expert_id: int, name: str | None = None, examples: int = 1) -> Skill:
+    def add_skill(self, embedding: Tensor, *, expert_id: int, name: str | None = None, examples: int = 1,
+                  sample: SkillSample | None = None) -> Skill:
         skill_id = self._next_id
         self._next_id += 1
-        skill = Skill(skill_id, name or f"skill_{skill_id}", expert_id, _unit(embedding), examples)
+        skill = Skill(skill_id, name or f"skill_{skill_id}", expert_id, _unit(embedding), examples,
+                      None if sample is None else self._bounded(sample))
         self.skills[skill_id] = skill
         return skill
 
-    def update_skill(self, skill_id: int, embedding: Tensor, examples: int) -> Skill:
-        """Fold ``examples`` new examples with mean embedding ``embedding`` into the skill's centroid."""
+    def update_skill(self, skill_id: int, embedding: Tensor, examples: int,
+                     sample: SkillSample | None = None) -> Skill:
+        """Fold ``examples`` new examples with mean embedding ``embedding`` into the skill's centroid, and
+        their per-example embeddings into its sample."""
         skill = self.skills[skill_id]
+        embedding = embedding.to(skill.embedding.device)
         total = skill.examples + examples
         mixed = (skill.embedding * skill.examples + _unit(embedding) * examples) / total
         skill.embedding, skill.examples = _unit(mixed), total
+        if sample is not None:
+            skill.sample = self._bounded(sample if skill.sample is None else _concat(skill.sample, sample))
         return skill
+
+    def _bounded(self, sample: SkillSample) -> SkillSample:
+        """Deduplicate by key and keep the ``capacity`` rows with the smallest keys (a uniform choice that
+        does not depend on arrival order)."""
+        _, first = _first_of_each(sample.keys)
+        keep = first[: self.capacity]  # unique keys come sorted
+        gate = None if sample.gate is None else sample.gate[keep].detach()
+        return SkillSample(sample.features[keep].detach().float(), gate, sample.keys[keep])
 
     def remove_expert(self, expert_id: int) -> list[int]:
         """Forget the skills an expert served; returns their ids."""
@@ -58,19 +100,62 @@ class SkillLibrary:
         ids = list(self.skills)
         return ids, torch.stack([self.skills[i].embedding for i in ids])
 
-    def state_dict(self) -> dict:
-        return {
-            "next_id": self._next_id,
-            "skills": [
-                {"skill_id": s.skill_id, "name": s.name, "expert_id": s.expert_id,
-                 "embedding": s.embedding.cpu(), "examples": s.examples}
-                for s in self.skills.values()
-            ],
-        }
+    def to(self, device: torch.device | str) -> SkillLibrary:
+        for s in self.skills.values():
+            s.embedding = s.embedding.to(device)
+            if s.sample is not None:
+                gate = None if s.sample.gate is None else s.sample.gate.to(device)
+                s.sample = SkillSample(s.sample.features.to(device), gate, s.sample.keys.to(device))
+        return self
 
-    def load_state_dict(self, state: dict) -> None:
-        self._next_id = state["next_id"]
-        self.skills = {s["skill_id"]: Skill(**s) for s in state["skills"]}
+    def state_dict(self) -> tuple[dict, dict[str, Tensor]]:
+        """(JSON-able metadata, tensors by name) of the whole library."""
+        meta, tensors = {"next_id": self._next_id, "capacity": self.capacity, "skills": []}, {}
+        for s in self.skills.values():
+            meta["skills"].append({"skill_id": s.skill_id, "name": s.name, "expert_id": s.expert_id,
+                                   "examples": s.examples})
+            tensors[f"skill_{s.skill_id}"] = s.embedding.detach().cpu().contiguous()
+            if s.sample is not None:
+                tensors[f"skill_{s.skill_id}.features"] = s.sample.features.cpu().contiguous()
+                tensors[f"skill_{s.skill_id}.keys"] = s.sample.keys.cpu().contiguous()
+                if s.sample.gate is not None:
+                    tensors[f"skill_{s.skill_id}.gate"] = s.sample.gate.detach().cpu().contiguous()
+        return meta, tensors
+
+    def load_state_dict(self, meta: dict, tensors: dict[str, Tensor]) -> None:
+        self._next_id = meta["next_id"]
+        self.capacity = meta.get("capacity", self.capacity)
+        self.skills = {}
+        for s in meta["skills"]:
+            key = f"skill_{s['skill_id']}"
+            sample = None
+            if f"{key}.features" in tensors:
+                sample = SkillSample(tensors[f"{key}.features"], tensors.get(f"{key}.gate"), tensors[f"{key}.keys"])
+            self.skills[s["skill_id"]] = Skill(s["skill_id"], s["name"], s["expert_id"], tensors[key],
+                                               s["examples"], sample)
+
+    def missing_samples(self) -> list[str]:
+        """Names of skills stored without per-example embeddings (libraries written by older versions)."""
+        return [s.name for s in self.skills.values() if s.sample is None]
+
+
+def content_key(text: str) -> int:
+    """A stable signed 64-bit key of an example's content (orders and deduplicates library rows)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+
+
+def _concat(a: SkillSample, b: SkillSample) -> SkillSample:
+    b_features = b.features.to(a.features.device)
+    gate = None if a.gate is None or b.gate is None else torch.cat([a.gate, b.gate.to(a.gate.device)])
+    return SkillSample(torch.cat([a.features, b_features.float()]), gate, torch.cat([a.keys, b.keys.to(a.keys.device)]))
+
+
+def _first_of_each(keys: Tensor) -> tuple[Tensor, Tensor]:
+    """Unique keys and the index of the first row holding each."""
+    unique, inverse = torch.unique(keys, return_inverse=True)
+    first = torch.full((unique.numel(),), keys.numel(), dtype=torch.long, device=keys.device)
+    first.scatter_reduce_(0, inverse, torch.arange(keys.numel(), device=keys.device), reduce="amin")
+    return unique, first
 
 
 def _unit(x: Tensor) -> Tensor:

@@ -134,8 +134,7 @@ class ContinualLearner:
         transformers.set_seed(self.training.seed + i)  # identical experts on every process of a DDP run
         result = self.assign(i, data)
         verdict = "new skill -> expert" if result.is_novel else "recognised as skill"
-        say(f"[{i + 1}/{len(self.skills)}] {skill.name}: {verdict} {result.expert_id} "
-            f"(similarity {result.similarity if result.similarity is None else round(result.similarity, 4)})")
+        say(f"[{i + 1}/{len(self.skills)}] {skill.name}: {verdict} {result.expert_id} ({result.evidence()})")
         self.remember(data, result)
         start = time.perf_counter()
         self.fit_router()
@@ -226,3 +225,4 @@ class ContinualLearner:
         """Eval loss on step ``j``'s held-out examples, routed as ``eval_routing`` says."""
         with self.eval_routing(j):
             return eval_loss(self.model, step.eval_set, self.training.eval_batch_size)
+

@@ -1,0 +1,134 @@
+"""Two-sample statistics for the novelty decision: pure functions of per-example embeddings.
+
+Every statistic compares a new sample ``a`` [n, H] with a known skill's stored sample ``b`` [m, H] and is
+built so that its meaning does not depend on the backbone, the layer or the sample sizes:
+
+- ``separation``: the squared distance between the two population means in units of the within-skill
+  variance. The numerator is the unbiased (linear-kernel) MMD², so two samples of one distribution score 0
+  on average whatever ``n`` and ``m`` are; the denominator is the mean squared distance of an example from
+  its own skill's mean. Translation-invariant, so the common direction that dominates mean-pooled hidden
+  states (anisotropy) cancels out, and scale-invariant, so the units are the data's own.
+- ``mahalanobis_separation``: the same ratio after whitening by a shrunk pooled covariance (Ledoit-Wolf),
+  i.e. an estimate of the squared Mahalanobis distance between the means divided by the dimension.
+- ``permutation_pvalue``: how often a random relabelling of the pooled rows scores at least as high as the
+  observed split: the significance of any of the statistics above, exact under exchangeability.
+- ``mean_entropy`` / ``entropy_pvalue``: the router-confidence trigger.
+
+Statistics are computed in float64 from a Gram matrix, so a permutation costs O((n + m)²), not O((n + m) H).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+Statistic = Callable[[Tensor, Tensor, Tensor], float]  # (gram [N, N], rows of a, rows of b) -> value
+
+
+def _blocks(gram: Tensor, ia: Tensor, ib: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return gram[ia][:, ia], gram[ib][:, ib], gram[ia][:, ib]
+
+
+def _spread(g: Tensor) -> Tensor:
+    """Unbiased mean squared distance of a sample's rows from their mean, from its Gram block [k, k] (k >= 2)."""
+    k = g.shape[0]
+    return (g.diagonal().mean() - g.mean()) * k / (k - 1)
+
+
+def separation_from_gram(gram: Tensor, ia: Tensor, ib: Tensor) -> float:
+    """``separation`` of rows ``ia`` against rows ``ib`` of the pooled Gram matrix. A sample of one example
+    has no spread of its own; the other sample's stands in for it."""
+    gaa, gbb, gab = _blocks(gram, ia, ib)
+    n, m = gaa.shape[0], gbb.shape[0]
+    va = _spread(gaa) if n > 1 else None
+    vb = _spread(gbb) if m > 1 else None
+    va = vb if va is None else va
+    vb = va if vb is None else vb
+    mean_a, mean_b, cross = gaa.mean(), gbb.mean(), gab.mean()  # ||mean_a||², ||mean_b||², <mean_a, mean_b>
+    # E||mean_a - mean_b||² = ||mu_a - mu_b||² + va / n + vb / m
+    between = mean_a + mean_b - 2 * cross - va / n - vb / m
+    return float(between / ((va + vb) / 2).clamp(min=1e-12))
+
+
+def _check(a: Tensor, b: Tensor) -> None:
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"need two samples [n, H] and [m, H] of one width, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[0] + b.shape[0] < 3:
+        raise ValueError(f"two samples need at least 3 examples between them, got {a.shape[0]} and {b.shape[0]}")
+
+
+def _gram(a: Tensor, b: Tensor, whiten: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    x = torch.cat([a, b]).double()  # [N, H]
+    x = x - x.mean(0)  # translation changes nothing but keeps the Gram well-conditioned
+    if whiten is not None:
+        x = x @ whiten
+    n = a.shape[0]
+    return x @ x.T, torch.arange(n), torch.arange(n, x.shape[0])
+
+
+def separation(a: Tensor, b: Tensor) -> float:
+    """Squared distance between the means of ``a`` [n, H] and ``b`` [m, H] over the mean within-sample
+    variance; 0 in expectation for two samples of one distribution, whatever n and m are."""
+    _check(a, b)
+    return separation_from_gram(*_gram(a, b))
+
+
+def shrunk_covariance(x: Tensor) -> Tensor:
+    """Ledoit-Wolf shrinkage of the covariance of ``x`` [N, H] towards a scaled identity: [H, H]."""
+    x = x.double() - x.double().mean(0)
+    n, h = x.shape
+    sample = x.T @ x / n
+    mu = sample.diagonal().mean()
+    target = mu * torch.eye(h, dtype=x.dtype, device=x.device)
+    delta = ((sample - target) ** 2).sum()
+    # beta: how noisy the sample covariance is, (1/n²) Σ_i ||x_i x_iᵀ - S||², expanded to avoid [n, H, H]
+    beta = ((x * x).sum(1).pow(2).mean() - (sample**2).sum()) / n
+    shrink = float((torch.minimum(beta, delta) / delta.clamp(min=1e-30)).clamp(0, 1))
+    return shrink * target + (1 - shrink) * sample
+
+
+def whitening(a: Tensor, b: Tensor) -> Tensor:
+    """A matrix W [H, H] with W Wᵀ = Σ⁻¹, Σ the shrunk covariance of each sample around its own mean."""
+    within = torch.cat([a.double() - a.double().mean(0), b.double() - b.double().mean(0)])
+    cov = shrunk_covariance(within)
+    vals, vecs = torch.linalg.eigh(cov)
+    return vecs / vals.clamp(min=vals.max() * 1e-9).sqrt()
+
+
+def mahalanobis_separation(a: Tensor, b: Tensor) -> float:
+    """``separation`` after whitening by the shrunk within-sample covariance: the squared Mahalanobis
+    distance between the means divided by the number of dimensions."""
+    _check(a, b)
+    return separation_from_gram(*_gram(a, b, whitening(a, b)))
+
+
+def permutation_pvalue(gram: Tensor, ia: Tensor, ib: Tensor, statistic: Statistic = separation_from_gram, *,
+                       permutations: int = 200, seed: int = 0) -> tuple[float, float]:
+    """(observed statistic, p-value): the share of seeded random relabellings of the pooled rows that score
+    at least as high, with the observed split counted once, so p >= 1 / (permutations + 1)."""
+    observed = statistic(gram, ia, ib)
+    n, total = ia.numel(), ia.numel() + ib.numel()
+    generator = torch.Generator().manual_seed(seed)
+    hits = 0
+    for _ in range(permutations):
+        perm = torch.randperm(total, generator=generator)
+        hits += statistic(gram, perm[:n], perm[n:]) >= observed
+    return observed, (hits + 1) / (permutations + 1)
+
+
+def canonical_order(x: Tensor) -> Tensor:
+    """Row indices of ``x`` [N, H] sorted by a fixed projection, so that seeded permutation tests do not
+    depend on the order the examples arrived in."""
+    generator = torch.Generator().manual_seed(1234)
+    direction = torch.randn(x.shape[1], generator=generator, dtype=torch.float64)
+    return torch.argsort(x.double().cpu() @ direction)
+
+
+def entropy(probs: Tensor) -> Tensor:
+    """Shannon entropy (nats) of each row of ``probs`` [N, E], normalised by log E to [0, 1] (E >= 2)."""
+    e = probs.shape[-1]
+    h = -(probs.clamp(min=1e-12).log() * probs).sum(-1)
+    return h / math.log(e) if e > 1 else torch.zeros_like(h)
