@@ -129,6 +129,6 @@ def test_library_saved_before_skill_samples_keeps_its_cosine_decision(tmp_path):
     assert old.add_new_skill(probe).method == "cosine"
     forced = DyLoRAMoE.from_pretrained(folder, backbone=tiny_llama(), tokenizer=char_tokenizer(),
                                        novelty={"method": "separation"})
-    with pytest.raises(ValueError, match="older dylora-moe.*method': 'cosine'"):
+    with pytest.raises(ValueError, match=r"older dylora-moe.*'method': 'cosine'"):
         forced.add_new_skill(probe)
     assert forced.num_experts == 2 and len(forced.library) == 2  # refused before anything changed

@@ -125,8 +125,8 @@ class NoveltyConfig:
         embed_on: which part of an example is embedded: ``response`` (what the skill produces: code in one
             language, SQL, shell...) or ``text`` (prompt + response, the spec's choice). Prompts of different
             skills often share their language (English task statements), which pulls their embeddings together.
-        layer: which hidden states the embedding reads: ``-1`` the final ones (spec), or a layer index
-            (``0``: token embeddings, ``L``: the output of decoder layer ``L``).
+        layer: which hidden states the embedding reads: ``-1`` the final ones (spec), ``0`` the token
+            embeddings (no decoder pass at all), ``L`` the output of decoder layer ``L``.
         max_examples: at most this many examples of a batch are embedded (chosen by content, not position).
         capacity: per-example embeddings kept per skill in the library.
         max_length: examples are truncated to this many tokens when embedded.

@@ -218,10 +218,15 @@ class DyLoRAMoE(nn.Module):
         if not features:
             raise ValueError("skill data is empty: give at least one example with a non-empty "
                              f"{cfg.embed_on if cfg.embed_on == 'response' else 'text'}")
-        return SkillSample(torch.cat(features).cpu(), torch.cat(gates).cpu() if gate else None, torch.cat(keys))
+        keys = torch.cat(keys)
+        order = torch.argsort(keys)  # content-key order, whatever order the batches ran in
+        return SkillSample(torch.cat(features).cpu()[order], torch.cat(gates).cpu()[order] if gate else None,
+                           keys[order])
 
     def _novelty_hidden(self, input_ids: Tensor, mask: Tensor) -> Tensor:
         layer = self.config.novelty.layer
+        if layer == 0:  # the token embeddings: no pass through the decoder needed
+            return self.backbone.get_input_embeddings()(input_ids)
         with self._plain():
             out = self.backbone.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False,
                                            output_hidden_states=layer != -1)
@@ -290,6 +295,7 @@ class DyLoRAMoE(nn.Module):
                 routed = d.text if isinstance(d, Example) else d
                 items.append((content_key(d.text if isinstance(d, Example) else d), embedded, routed))
         items = sorted({key: item for key, *item in items}.items())[: cfg.max_examples]  # [(key, (text, routed))]
+        items.sort(key=lambda item: len(item[1][0]))  # batches of similar length pad less; rows are re-keyed
         for i in range(0, len(items), cfg.batch_size):
             chunk = items[i : i + cfg.batch_size]
             enc = self.tokenizer([t for _, (t, _) in chunk], return_tensors="pt", padding=True, truncation=True,

@@ -11,7 +11,7 @@ import torch
 from dylora_moe.config import NoveltyConfig
 from dylora_moe.events import EXPERT_CREATED, SKILL_RECOGNISED
 from dylora_moe.experts import expert_rank
-from dylora_moe.novelty import NoveltyDetector, SkillLibrary, SkillSample
+from dylora_moe.novelty import NoveltyDetector, SkillLibrary, SkillSample, content_key
 from tests.conftest import build, decide_by_cosine
 
 
@@ -194,3 +194,24 @@ def test_cosine_reference_still_available():
 def test_empty_skill_data_is_a_clear_error():
     with pytest.raises(ValueError, match="empty"):
         build().add_new_skill(["", "   "])
+
+
+def test_embedding_layer_is_selectable_and_checked():
+    model = build()
+    enc = model.tokenizer(["abc de", "fgh"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        states = model.backbone.base_model(**enc, output_hidden_states=True).hidden_states  # 2 layers: 3 states
+    mask = enc["attention_mask"][..., None].float()
+
+    def pooled(h):
+        return (torch.nn.functional.normalize(h, dim=-1) * mask).sum(1) / mask.sum(1)
+
+    for layer, expected in ((0, pooled(states[0])), (1, pooled(states[1])), (-1, pooled(states[2]))):
+        model.config.novelty.layer = layer
+        got = model.embed_sample(["abc de", "fgh"], gate=False)  # rows come in content-key order
+        rows = dict(zip(got.keys.tolist(), got.features, strict=True))
+        for text, row in zip(["abc de", "fgh"], expected, strict=True):
+            torch.testing.assert_close(rows[content_key(text)], row, atol=1e-5, rtol=1e-5)
+    model.config.novelty.layer = 7
+    with pytest.raises(ValueError, match=r"novelty\.layer=7"):
+        model.embed_sample(["abc"])
