@@ -6,10 +6,10 @@
 
 Pairs. *Same skill*: two disjoint parts of one dataset (a known part of up to 64 examples, a new batch of
 ``n``). *Different skills*: a known part of one dataset and a new batch of another, for every two datasets
-in different programming languages or domains (Python: HumanEval, MBPP, HumanEval-X Python; JavaScript;
-C++; Java; SQL: Spider; shell: NL2Bash; Verilog: VerilogEval), both ways round. CodeAlpaca (general
-instructions, code in many languages) only forms a same-skill pair; HumanEval and HumanEval-X Python are
-the same problems and form none. Two Python datasets of different style (HumanEval vs MBPP) are not an
+in different programming languages or domains (Python: HumanEval, which also stands for HumanEval-X Python
+(the same problems and solutions), and MBPP; HumanEval-X JavaScript, C++, Java; SQL: Spider; shell:
+NL2Bash; Verilog: VerilogEval), both ways round. CodeAlpaca (general instructions, code in many languages)
+only forms a same-skill pair. Two Python datasets of different style (HumanEval vs MBPP) are not an
 unambiguous pair: where they fall is the ``granularity`` knob, reported separately.
 
 Each pair is decided by every method's detector with its default configuration for new batches of 16, 48
@@ -46,11 +46,10 @@ from dylora_moe.routing.fit import fit_gate
 from results import write_json
 
 # dataset -> its language or domain; None: only halves
-GROUPS = {"humaneval": "python", "mbpp": "python", "hx-python": "python", "hx-js": "javascript", "hx-cpp": "c++",
+GROUPS = {"humaneval": "python", "mbpp": "python", "hx-js": "javascript", "hx-cpp": "c++",
           "hx-java": "java", "spider": "sql", "nl2bash": "shell", "verilogeval": "verilog", "codealpaca": None}
-NO_HALVES = {"hx-python"}  # the same problems as HumanEval: its halves add nothing
 SELECTION = {"humaneval", "mbpp", "hx-js"}
-GRANULARITY_PAIRS = [("humaneval", "mbpp"), ("mbpp", "hx-python"), ("humaneval", "codealpaca")]
+GRANULARITY_PAIRS = [("humaneval", "mbpp"), ("mbpp", "humaneval"), ("humaneval", "codealpaca")]
 PAIR_METHODS = ("cosine", "separation", "mahalanobis", "combined")
 STREAM_METHODS = (*PAIR_METHODS, "entropy")
 KNOWN = 64
@@ -82,7 +81,8 @@ def datasets(data_dir: str | None) -> dict[str, list]:
     if data_dir:
         found |= {"mbpp": mbpp(data_dir), "spider": spider(data_dir), "nl2bash": nl2bash(data_dir),
                   "codealpaca": codealpaca(data_dir)}
-        found |= {f"hx-{lang}": humaneval_x(data_dir, lang) for lang in ("python", "js", "cpp", "java")}
+        # HumanEval-X Python holds HumanEval's 164 problems with the same solutions: HumanEval stands for it
+        found |= {f"hx-{lang}": humaneval_x(data_dir, lang) for lang in ("js", "cpp", "java")}
     return found
 
 
@@ -116,7 +116,7 @@ def pairs(samples: dict[str, SkillSample], n: int) -> list[dict]:
     """(known, new, same?) with disjoint known/new rows."""
     out = []
     for name, s in samples.items():
-        if name in NO_HALVES or len(s) < n + 8:
+        if len(s) < n + 8:
             continue
         known = min(KNOWN, len(s) - n)
         out.append({"known": name, "new": name, "same": True, "a": part(s, slice(0, known)),
@@ -186,7 +186,7 @@ def score_pairs(samples: dict[str, SkillSample], sizes: list[int]) -> dict:
 def stream(samples: dict[str, SkillSample], orders: int, n: int = 48) -> list[tuple[str, SkillSample]]:
     """Batches of ``n`` (first appearances from the first rows, recurrences from the last), in ``orders``
     seeded orders; each recurrence stays after its first appearance."""
-    names = [k for k in samples if GROUPS.get(k) and k != "hx-python"]
+    names = [k for k in samples if GROUPS.get(k) and k != "mbpp"]  # one dataset per language: no ambiguous pair
     first = [(k, part(samples[k], slice(0, n))) for k in names]
     again = [(k, part(samples[k], slice(len(samples[k]) - n, None))) for k in names[::2]]
     out = []
