@@ -88,3 +88,51 @@ def test_save_replaces_an_existing_checkpoint_whole(tmp_path):
     model.save_pretrained(tmp_path / "system")
     assert sorted(p.name for p in (tmp_path / "system" / "experts").iterdir() if p.is_dir()) == ["expert_0", "expert_1"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".system")]
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_loaded_system_lives_on_its_backbone_device_and_grows(tmp_path, device):
+    """Everything a load restores sits where the live model computes (skill embeddings included), so a loaded
+    system can recognise and add skills: what ``train --resume`` and serving uploads do."""
+    saved_system(tmp_path)
+    loaded = DyLoRAMoE.from_pretrained(tmp_path / "system", backbone=tiny_llama().to(device),
+                                       tokenizer=char_tokenizer())
+    dev = loaded.device
+    assert all(s.embedding.device == dev for s in loaded.library.skills.values())
+    assert loaded.router.gate.weight.device == dev and loaded.router.expert_maturity.device == dev
+    assert all(p.device == dev for e in loaded.experts.expert_ids for p in loaded.experts.parameters(e))
+    loaded.novelty.similarity_threshold = 0.9
+    assert not loaded.add_new_skill(["abc def ghi", "jkl mno"]).is_novel  # folds into a loaded embedding
+    loaded.novelty.similarity_threshold = 1.0
+    assert loaded.add_new_skill(["@@ ## $$"]).is_novel
+    inputs = {k: v.to(dev) for k, v in batch().items()}
+    out = loaded.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert out.device == dev
+
+
+@pytest.mark.parametrize(("saved", "loaded"), [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_save_in_one_dtype_load_into_another(tmp_path, saved, loaded):
+    model = build(backbone=tiny_llama().to(saved), top_k=1)
+    model.novelty.similarity_threshold = 1.0
+    model.add_new_skill(["abc def ghi"], name="letters")
+    model.add_new_skill(["0123 4567"], name="digits")
+    randomise_experts(model, seed=3)
+    model.save_pretrained(tmp_path / "system")
+    other = DyLoRAMoE.from_pretrained(tmp_path / "system", backbone=tiny_llama().to(loaded),
+                                      tokenizer=char_tokenizer())
+    # peft keeps adapters in fp32 on a half-precision backbone; the gate is fp32 everywhere
+    for e in other.experts.expert_ids:
+        for p, q in zip(model.experts.parameters(e), other.experts.parameters(e), strict=True):
+            assert q.dtype == torch.float32
+            torch.testing.assert_close(q, p.float())
+    inputs = batch()
+    with torch.no_grad():
+        a, b = model(**inputs), other(**inputs)
+    torch.testing.assert_close(b.routing_weights, a.routing_weights, rtol=0.05, atol=0.02)
+    torch.testing.assert_close(b.logits.float(), a.logits.float(), rtol=0.05, atol=0.05)
+    assert b.logits.dtype == loaded
+    other.novelty.similarity_threshold = 0.9
+    assert other.add_new_skill(["abc def ghi"]).expert_id == 0  # the saved embedding, recognised

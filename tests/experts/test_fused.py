@@ -28,7 +28,7 @@ def naive_logits(model, inputs, weights):
 
     handles = [layer.register_forward_hook(hook) for layer in model.experts.layers()]
     try:
-        with torch.no_grad(), model._plain():
+        with torch.no_grad(), model.routing.plain():
             return model.backbone(**inputs).logits
     finally:
         for h in handles:
@@ -89,7 +89,7 @@ def test_sparse_plan_stacks_only_selected_experts():
     inputs = batch(bsz=2, t=8)
     with torch.no_grad():
         out = model(**inputs)
-        model._apply_routing(model.route(**inputs))
+        model.routing.apply(model.route(**inputs))
     selected = {model.experts.expert_ids[c] for c in out.routing_weights.argmax(-1).tolist()}
     assert {int(n.split("_")[1]) for n in model.mixture.plan.active} == selected
     model.mixture.set_plan(None)
@@ -149,7 +149,7 @@ def naive_logits_with_grad(model, inputs, weights):
 
         handles = [layer.register_forward_hook(hook) for layer in model.experts.layers()]
         try:
-            with model._plain():
+            with model.routing.plain():
                 return model.backbone(**inputs).logits
         finally:
             for h in handles:
