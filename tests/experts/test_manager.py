@@ -44,11 +44,15 @@ def test_route_layer_limits_experts_to_later_layers():
     assert names and all(".layers.1." in n for n in names)
 
 
-def test_single_expert_matches_peft_active_adapter():
+def test_single_expert_matches_peft_active_adapter(tmp_path):
+    """Each expert alone equals that adapter loaded by plain peft onto a fresh copy of the backbone."""
+    from peft import PeftModel
+
     model = build()
     for _ in range(3):
         model.create_expert()
     randomise_experts(model)
+    model.experts.peft_model.save_pretrained(str(tmp_path), selected_adapters=model.experts.names())
     inputs = batch()
     with torch.no_grad():
         outputs = []
@@ -56,9 +60,11 @@ def test_single_expert_matches_peft_active_adapter():
             with model.single_expert(e):
                 assert model.experts.peft_model.active_adapter == f"expert_{e}"
                 outputs.append(model.backbone(**inputs).logits)
+            reference = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / f"expert_{e}"))
+            torch.testing.assert_close(outputs[-1], reference(**inputs).logits)
         plain = model.backbone(**inputs).logits  # adapters are off again
+    torch.testing.assert_close(plain, tiny_llama()(**inputs).logits)
     assert not torch.allclose(outputs[0], outputs[1])
-    assert not torch.allclose(plain, outputs[0])
 
 
 def test_set_trainable_touches_only_the_given_expert():
