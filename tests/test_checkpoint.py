@@ -132,3 +132,50 @@ def test_library_saved_before_skill_samples_keeps_its_cosine_decision(tmp_path):
     with pytest.raises(ValueError, match=r"older dylora-moe.*'method': 'cosine'"):
         forced.add_new_skill(probe)
     assert forced.num_experts == 2 and len(forced.library) == 2  # refused before anything changed
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_loaded_system_lives_on_its_backbone_device_and_grows(tmp_path, device):
+    """Everything a load restores sits where the live model computes (skill embeddings included), so a loaded
+    system can recognise and add skills: what ``train --resume`` and serving uploads do."""
+    saved_system(tmp_path)
+    loaded = DyLoRAMoE.from_pretrained(tmp_path / "system", backbone=tiny_llama().to(device),
+                                       tokenizer=char_tokenizer())
+    dev = loaded.device
+    # the library stays on the CPU, where the novelty statistics run; every consumer moves what it compares
+    assert all(s.embedding.device.type == "cpu" for s in loaded.library.skills.values())
+    assert loaded.router.gate.weight.device == dev and loaded.router.expert_maturity.device == dev
+    assert all(p.device == dev for e in loaded.experts.expert_ids for p in loaded.experts.parameters(e))
+    decide_by_cosine(loaded, 0.9)
+    assert not loaded.add_new_skill(["abc def ghi", "jkl mno"]).is_novel  # folds into a loaded embedding
+    decide_by_cosine(loaded, 1.0)
+    assert loaded.add_new_skill(["@@ ## $$"]).is_novel
+    inputs = {k: v.to(dev) for k, v in batch().items()}
+    out = loaded.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert out.device == dev
+
+
+@pytest.mark.parametrize(("saved", "loaded"), [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_save_in_one_dtype_load_into_another(tmp_path, saved, loaded):
+    model = build(backbone=tiny_llama().to(saved), top_k=1)
+    decide_by_cosine(model, 1.0)
+    model.add_new_skill(["abc def ghi"], name="letters")
+    model.add_new_skill(["0123 4567"], name="digits")
+    randomise_experts(model, seed=3)
+    model.save_pretrained(tmp_path / "system")
+    other = DyLoRAMoE.from_pretrained(tmp_path / "system", backbone=tiny_llama().to(loaded),
+                                      tokenizer=char_tokenizer())
+    # peft keeps adapters in fp32 on a half-precision backbone; the gate is fp32 everywhere
+    for e in other.experts.expert_ids:
+        for p, q in zip(model.experts.parameters(e), other.experts.parameters(e), strict=True):
+            assert q.dtype == torch.float32
+            torch.testing.assert_close(q, p.float())
+    inputs = batch()
+    with torch.no_grad():
+        a, b = model(**inputs), other(**inputs)
+    torch.testing.assert_close(b.routing_weights, a.routing_weights, rtol=0.05, atol=0.02)
+    torch.testing.assert_close(b.logits.float(), a.logits.float(), rtol=0.05, atol=0.05)
+    assert b.logits.dtype == loaded
+    decide_by_cosine(other, 0.9)
+    assert other.add_new_skill(["abc def ghi"]).expert_id == 0  # the saved embedding, recognised

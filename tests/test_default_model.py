@@ -38,4 +38,23 @@ def test_default_model_adds_skills_routes_and_generates(model):
     enc = model.tokenizer(["def add(a, b):", "Write a haiku about"], return_tensors="pt", padding=True)
     cached = model.generate(**enc, use_cache=True, **kwargs)
     assert torch.equal(cached, model.generate(**enc, use_cache=False, **kwargs))
-    assert all(isinstance(t, str) for t in model.complete(["Say hello."], max_new_tokens=6))
+    text = model.complete(["Say hello."], max_new_tokens=6)[0]
+    assert text.strip() and text == greedy_by_hand(model, "Say hello.", 6)
+
+
+def greedy_by_hand(model, prompt: str, max_new_tokens: int) -> str:
+    """The chat-templated prompt, no KV cache, the whole sequence re-run per token, routed on the prompt."""
+    tok = model.tokenizer
+    rendered = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+    ids = tok(rendered, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    n = ids.shape[1]
+    for _ in range(max_new_tokens):
+        labels = torch.full_like(ids, -100)
+        labels[:, n:] = ids[:, n:]
+        with torch.no_grad():
+            token = model(input_ids=ids, labels=labels).logits[0, -1].argmax()
+        if token.item() == tok.eos_token_id:
+            break
+        ids = torch.cat([ids, token.view(1, 1)], 1)
+    return tok.decode(ids[0, n:], skip_special_tokens=True)

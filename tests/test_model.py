@@ -76,12 +76,12 @@ def test_force_expert_runs_exactly_one_expert_or_none(granularity):
         with model.force_expert(chosen):
             forced = model(**inputs)
             generated = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
-        with model._plain(), model.single_expert(chosen):
+        with model.routing.plain(), model.single_expert(chosen):
             alone = model.backbone(**inputs).logits
             alone_generated = model.backbone.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
         with model.force_expert(None):
             nothing = model(**inputs).logits
-        with model._plain():
+        with model.routing.plain():
             plain = model.backbone(**inputs).logits
         routed = model(**inputs).logits
     torch.testing.assert_close(forced.logits, alone, rtol=1e-5, atol=1e-5)
@@ -93,11 +93,28 @@ def test_force_expert_runs_exactly_one_expert_or_none(granularity):
         pass
 
 
-def test_route_matches_the_forward_routing():
-    model = grown()
+def gate_input_by_hand(model, inputs):
+    """The hidden states the gate should read, from the plain backbone's own hidden-state outputs."""
+    with torch.no_grad(), model.routing.plain():
+        states = model.backbone(**inputs, output_hidden_states=True).hidden_states  # embeddings, then each layer
+    layer = model.config.router.route_layer
+    return states[-1] if layer is None else states[layer]  # the input of decoder layer ``layer``
+
+
+def pooled_by_hand(hidden, mask):
+    m = mask.float().unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1)
+
+
+@pytest.mark.parametrize("router", [dict(), dict(route_layer=None), dict(route_layer=1)])
+def test_route_matches_the_forward_routing(router):
+    model = grown(**router)
     inputs = batch()
+    expected = torch.softmax(model.router.gate(pooled_by_hand(gate_input_by_hand(model, inputs),
+                                                              inputs["attention_mask"])), -1)
     with torch.no_grad():
-        torch.testing.assert_close(model.route(**inputs).weights, model(**inputs).routing_weights)
+        torch.testing.assert_close(model.route(**inputs).weights, expected)
+        torch.testing.assert_close(model(**inputs).routing_weights, expected)
 
 
 def test_no_experts_is_the_plain_backbone():
@@ -137,14 +154,6 @@ def test_first_token_of_generation_matches_forward():
     assert torch.equal(out[:, -1], expected)
 
 
-def test_complete_decodes_text():
-    model = grown()
-    texts = model.complete(["abc", "hello world"], max_new_tokens=4, chat=False)
-    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
-    # batches of one give the same greedy texts (left padding and per-sequence routing are exact)
-    assert model.complete(["abc", "hello world"], max_new_tokens=4, chat=False, batch_size=1) == texts
-
-
 def test_trainable_lm_head_is_untied_and_trainable():
     model = DyLoRAMoE(tiny_llama(), char_tokenizer(), DyLoRAConfig(model="tiny", trainable_lm_head=True))
     head = model.backbone.get_output_embeddings()
@@ -163,5 +172,75 @@ def test_routing_features_feed_the_gate(router):
     inputs = batch()
     with torch.no_grad():
         features = model.routing_features(**inputs)
-        assert features.shape == (3, 32)
-        torch.testing.assert_close(model.router(features).weights, model(**inputs).routing_weights)
+    torch.testing.assert_close(features, pooled_by_hand(gate_input_by_hand(model, inputs), inputs["attention_mask"]))
+
+
+def gate_by_hand(model, input_ids, pool_mask):
+    """Independent routing of route_layer=0: the gate of the masked mean token embedding, softmaxed."""
+    with torch.no_grad():
+        hidden = model.backbone.get_input_embeddings()(input_ids)  # [B, T, H]: the input of decoder layer 0
+        m = pool_mask.float().unsqueeze(-1)
+        pooled = (hidden * m).sum(1) / m.sum(1)
+        return torch.softmax(model.router.gate(pooled) / model.router.temperature, -1)
+
+
+def test_sequence_routing_reads_the_prompt_and_never_the_answer():
+    model = grown()
+    inputs = batch(bsz=3, t=10)
+    labels = inputs["input_ids"].clone()
+    labels[:, :6] = -100  # a 6-token prompt (row 0: 3 of them padding), then the response
+    other = inputs["input_ids"].clone()
+    other[:, -1] = 4 + (other[:, -1] + 50) % 120  # another last response token
+    with torch.no_grad():
+        a = model(**inputs, labels=labels).routing_weights
+        b = model(input_ids=other, attention_mask=inputs["attention_mask"], labels=labels).routing_weights
+        prompt_only = model.route(inputs["input_ids"][:, :6], inputs["attention_mask"][:, :6]).weights
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(a, prompt_only)
+    prompt = inputs["attention_mask"].clone()
+    prompt[:, 6:] = 0
+    torch.testing.assert_close(a, gate_by_hand(model, inputs["input_ids"], prompt))
+
+
+def test_route_on_text_keeps_the_whole_sequence_routing():
+    model = grown(route_on="text")
+    inputs = batch(bsz=3, t=10)
+    labels = inputs["input_ids"].clone()
+    labels[:, :6] = -100
+    with torch.no_grad():
+        routed = model(**inputs, labels=labels).routing_weights
+    torch.testing.assert_close(routed, gate_by_hand(model, inputs["input_ids"], inputs["attention_mask"]))
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_training_batches_route_as_generation_does(chat):
+    """Through the data pipeline (chat-templated or plain), a training batch is routed exactly like its prompt
+    alone, which is what generation routes on."""
+    from dylora_moe.data.preprocess import build_dataset, render_prompt
+    from dylora_moe.data.sources import Example
+    from dylora_moe.training.measure import collator
+
+    model = grown()
+    if chat:
+        model.tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    examples = [Example("1+1=", "2"), Example("what is up", "the sky, mostly")]
+    data = build_dataset(model.tokenizer, examples, max_length=64, chat=chat)
+    inputs = collator(model)([data[i] for i in range(len(data))])
+    prompts = [render_prompt(model.tokenizer, e.prompt, chat) for e in examples]
+    with torch.no_grad():
+        trained = model(**inputs).routing_weights
+        alone = torch.cat([model.route(**model.tokenizer([p], return_tensors="pt", add_special_tokens=False)).weights
+                           for p in prompts])
+    torch.testing.assert_close(trained, alone)
+
+
+def test_training_forward_builds_no_kv_cache():
+    model = grown()
+    inputs = batch()
+    model.train()
+    out = model(**inputs, labels=inputs["input_ids"])
+    assert out.past_key_values is None
+    model.eval()
+    with torch.no_grad():
+        assert model(**inputs).past_key_values is not None  # inference keeps the backbone's default

@@ -135,6 +135,8 @@ def load_pretrained(cls, path: str | Path, *, backbone=None, tokenizer=None, **o
     model.experts.next_id = manifest["next_id"]
     model.experts.disable_adapters()
     model.mixture.sync()
+    # Tensors are read onto the CPU; each goes where the live model keeps its kind: the router's state is
+    # copied into the gate (on the backbone's device), skill embeddings go beside the embeddings ``embed`` makes.
     router_state = _load_tensors(path / "router.safetensors")
     model.router.load_state_dict(router_state)
     library = json.loads((path / "library.json").read_text(encoding="utf-8"))

@@ -14,6 +14,7 @@ from typing import Any
 TARGET_PRESETS = ("attention", "mlp", "all-linear")
 RANK_RULES = ("fixed", "novelty")
 GRANULARITIES = ("sequence", "token")
+ROUTE_ON = ("prompt", "text")
 MIXING_MODES = ("fused", "reference")
 DTYPES = ("float32", "bfloat16", "float16")
 EMBED_ON = ("response", "text")
@@ -79,6 +80,10 @@ class RouterConfig:
             states of the frozen backbone, which costs a second backbone pass. An integer ``L`` routes on the
             input of decoder layer ``L`` (``0``: the token embeddings) inside the single fused pass; experts
             then adapt only layers ``>= L`` so the routed prefix does not depend on the routing.
+        route_on: what a sequence is routed on in training and evaluation. ``prompt`` pools the prompt's tokens
+            only (those labelled ``-100``), as generation does, so the gate never sees the answer and the loss is
+            measured under the routing generation uses; ``text`` pools prompt and response (the earlier
+            behaviour). Per-token routing reads each token's prefix and is the same either way.
     """
 
     top_k: int = field(default=1, metadata={"help": "experts per sample in sparse mode"})
@@ -87,6 +92,7 @@ class RouterConfig:
     route_layer: int | None = field(
         default=0, metadata={"help": "decoder layer whose input feeds the gate; None = final hidden states"}
     )
+    route_on: str = field(default="prompt", metadata={"help": "prompt | text: tokens a sequence is routed on"})
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
@@ -94,6 +100,7 @@ class RouterConfig:
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         _choice("granularity", self.granularity, GRANULARITIES)
+        _choice("route_on", self.route_on, ROUTE_ON)
         if self.route_layer is not None and self.route_layer < 0:
             raise ValueError(f"route_layer must be >= 0 or None, got {self.route_layer}")
         if self.route_layer is None and self.granularity == "token":

@@ -8,8 +8,8 @@ import torch
 from dylora_moe.config import DyLoRAConfig
 from dylora_moe.data.stream import StreamSpec
 from dylora_moe.evaluation.baselines import JointLoRA, OracleExperts, SequentialLoRA, spec_reference
-from dylora_moe.evaluation.measure import eval_loss
 from dylora_moe.training import ContinualLearner
+from dylora_moe.training.measure import eval_loss
 from tests.conftest import build
 from tests.training.test_loop import digits, letters, skill_file
 from tests.training.test_loop import small_config as loop_config

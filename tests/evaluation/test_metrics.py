@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from dylora_moe.evaluation.metrics import (
@@ -14,7 +12,6 @@ from dylora_moe.evaluation.metrics import (
     forward_transfer,
     novelty_scores,
     routing_accuracy,
-    routing_entropy,
 )
 
 # accuracy after step i on skill j; the upper triangle is the score before the skill is trained
@@ -47,13 +44,6 @@ def test_forward_transfer_on_loss():
     matrix = [[1.0, 3.0], [1.0, 2.0]]
     # base loss on skill 1 is 3.5; after step 0 it is 3.0: 0.5 nats better -> positive transfer
     assert forward_transfer(matrix, [2.0, 3.5], higher_is_better=False) == pytest.approx(0.5)
-
-
-def test_routing_entropy():
-    assert routing_entropy([10, 0, 0]) == 0.0
-    assert routing_entropy([1, 1]) == pytest.approx(math.log(2))
-    assert routing_entropy([0.25] * 4) == pytest.approx(math.log(4))
-    assert routing_entropy([]) == 0.0
 
 
 def test_routing_accuracy_pools_examples():

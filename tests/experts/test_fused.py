@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dylora_moe.experts.manager import expert_name
-from tests.conftest import batch, build, randomise_experts, tiny_gpt2
+from tests.conftest import batch, build, randomise_experts, tiny_gpt2, tiny_llama
 
 
 def naive_logits(model, inputs, weights):
@@ -17,18 +17,19 @@ def naive_logits(model, inputs, weights):
     names = [expert_name(e) for e in model.experts.expert_ids]
 
     def hook(layer, args, output):
-        x = args[0]
+        total = output
         for col, name in enumerate(names):
             if name not in layer.lora_A:
                 continue
+            x = args[0].to(layer.lora_A[name].weight.dtype)  # peft runs adapters in their own dtype
             w = weights[..., col]
             w = w[:, None, None] if w.dim() == 1 else w[..., None]
-            output = output + w * layer.scaling[name] * layer.lora_B[name](layer.lora_A[name](x))
-        return output
+            total = total + w * layer.scaling[name] * layer.lora_B[name](layer.lora_A[name](x))
+        return total.to(output.dtype)
 
     handles = [layer.register_forward_hook(hook) for layer in model.experts.layers()]
     try:
-        with torch.no_grad(), model._plain():
+        with torch.no_grad(), model.routing.plain():
             return model.backbone(**inputs).logits
     finally:
         for h in handles:
@@ -89,7 +90,7 @@ def test_sparse_plan_stacks_only_selected_experts():
     inputs = batch(bsz=2, t=8)
     with torch.no_grad():
         out = model(**inputs)
-        model._apply_routing(model.route(**inputs))
+        model.routing.apply(model.route(**inputs))
     selected = {model.experts.expert_ids[c] for c in out.routing_weights.argmax(-1).tolist()}
     assert {int(n.split("_")[1]) for n in model.mixture.plan.active} == selected
     model.mixture.set_plan(None)
@@ -149,8 +150,72 @@ def naive_logits_with_grad(model, inputs, weights):
 
         handles = [layer.register_forward_hook(hook) for layer in model.experts.layers()]
         try:
-            with model._plain():
+            with model.routing.plain():
                 return model.backbone(**inputs).logits
         finally:
             for h in handles:
                 h.remove()
+
+
+def test_bf16_backbone_adds_the_delta_as_peft_does():
+    """On a bf16 backbone peft adds the fp32 delta before rounding; the fused path must do the same (rounding
+    the delta first gave logit differences of 1e-2)."""
+    model = grown(n_experts=2, mature=True, top_k=1, backbone=tiny_llama().to(torch.bfloat16))
+    inputs = batch(bsz=3, t=10)
+    for expert_id in model.experts.expert_ids:
+        with torch.no_grad():
+            with model.force_expert(expert_id):
+                fused = model(**inputs).logits
+            with model.routing.plain(), model.single_expert(expert_id):
+                peft = model.backbone(**inputs).logits
+        assert fused.dtype == torch.bfloat16
+        torch.testing.assert_close(fused, peft, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("case", ["dense-sequence", "top2-sequence", "mixed-ranks-dense"])
+def test_bf16_fused_equals_naive_loop(case):
+    model = grown(backbone=tiny_llama().to(torch.bfloat16), **CASES[case])
+    inputs = batch(bsz=4, t=12)
+    with torch.no_grad():
+        out = model(**inputs)
+    expected = naive_logits(model, inputs, out.routing_weights)
+    torch.testing.assert_close(out.logits.float(), expected.float(), rtol=0.02, atol=0.02)
+
+
+def test_dropout_mask_is_shared_by_the_experts_of_a_layer():
+    """With dropout 0.1 in training mode, the fused output equals the naive loop that draws one dropout mask per
+    layer (in the same order) and feeds it to every expert; in eval mode dropout is off."""
+    model = grown(n_experts=3)
+    model.experts.config.dropout = 0.1
+    for layer in model.experts.layers():  # the experts were built with dropout 0: give them peft's dropout
+        for name in layer.lora_dropout:
+            layer.lora_dropout[name] = torch.nn.Dropout(0.1)
+    inputs = batch(bsz=3, t=10)
+    names = [expert_name(e) for e in model.experts.expert_ids]
+    model.train()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        fused = model(**inputs)
+
+        def hook(layer, args, output):
+            x = layer.lora_dropout[names[0]](args[0])  # one draw per layer
+            for col, name in enumerate(names):
+                w = fused.routing_weights[:, col][:, None, None]
+                output = output + w * layer.scaling[name] * layer.lora_B[name](layer.lora_A[name](x))
+            return output
+
+        handles = [layer.register_forward_hook(hook) for layer in model.experts.layers()]
+        try:
+            torch.manual_seed(0)
+            with model.routing.plain():
+                shared = model.backbone(**inputs).logits
+        finally:
+            for h in handles:
+                h.remove()
+        torch.manual_seed(1)
+        other_draw = model(**inputs).logits
+        model.eval()
+        off = model(**inputs).logits
+    torch.testing.assert_close(fused.logits, shared, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(fused.logits, other_draw)  # dropout is active in training mode
+    torch.testing.assert_close(off, naive_logits(model, inputs, fused.routing_weights), rtol=1e-5, atol=1e-5)

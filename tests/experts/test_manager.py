@@ -44,11 +44,15 @@ def test_route_layer_limits_experts_to_later_layers():
     assert names and all(".layers.1." in n for n in names)
 
 
-def test_single_expert_matches_peft_active_adapter():
+def test_single_expert_matches_peft_active_adapter(tmp_path):
+    """Each expert alone equals that adapter loaded by plain peft onto a fresh copy of the backbone."""
+    from peft import PeftModel
+
     model = build()
     for _ in range(3):
         model.create_expert()
     randomise_experts(model)
+    model.experts.peft_model.save_pretrained(str(tmp_path), selected_adapters=model.experts.names())
     inputs = batch()
     with torch.no_grad():
         outputs = []
@@ -56,9 +60,11 @@ def test_single_expert_matches_peft_active_adapter():
             with model.single_expert(e):
                 assert model.experts.peft_model.active_adapter == f"expert_{e}"
                 outputs.append(model.backbone(**inputs).logits)
+            reference = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / f"expert_{e}"))
+            torch.testing.assert_close(outputs[-1], reference(**inputs).logits)
         plain = model.backbone(**inputs).logits  # adapters are off again
+    torch.testing.assert_close(plain, tiny_llama()(**inputs).logits)
     assert not torch.allclose(outputs[0], outputs[1])
-    assert not torch.allclose(plain, outputs[0])
 
 
 def test_set_trainable_touches_only_the_given_expert():
@@ -114,3 +120,57 @@ def test_delete_expert_removes_adapter_gate_column_and_skills():
     assert model.create_expert() == 3  # ids are never reused
     with pytest.raises(KeyError, match="no expert with id 1"):
         model.delete_expert(1)
+
+
+def offloading_model():
+    model = build(top_k=1)
+    model.experts.config.offload_device = "cpu"
+    for _ in range(3):
+        model.create_expert()
+    randomise_experts(model)
+    for e in model.experts.expert_ids:
+        model.mark_mature(e)
+    return model
+
+
+def test_offloading_keeps_the_stacked_weight_cache():
+    model = offloading_model()
+    inputs = batch()
+    with torch.no_grad():
+        first = model(**inputs).logits
+        version = model.experts.version
+        stacks = {key: entry[1] for key, entry in model.mixture._cache.items()}
+        second = model(**inputs).logits
+    assert stacks and model.experts.version == version  # nothing moved, nothing changed
+    assert all(model.mixture._cache[key][1] is stack for key, stack in stacks.items())  # served from the cache
+    assert torch.equal(first, second)
+
+
+def test_training_with_offloading_updates_the_trainable_expert_and_the_cache_hits():
+    model = offloading_model()
+    trained, other = model.experts.expert_ids[0], model.experts.expert_ids[1]
+    model.set_trainable([trained], router=False)
+    model.train()
+    params = list(model.experts.parameters(trained))
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    inputs = batch()
+    for _ in range(3):
+        with torch.no_grad(), model.force_expert(other):
+            model(**inputs)  # a batch routed elsewhere: the trainable expert must stay resident
+        assert model.experts.is_resident(trained)
+        with model.force_expert(trained):
+            model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    now = list(model.experts.parameters(trained))
+    assert all(p is q for p, q in zip(now, params, strict=True))  # the optimizer's tensors are the module's
+    assert all(not torch.equal(p, b) for p, b in zip(now, before, strict=True))
+    model.set_trainable([], router=False)
+    model.eval()
+    with torch.no_grad():
+        model(**inputs)
+        version, stacks = model.experts.version, {k: v[1] for k, v in model.mixture._cache.items()}
+        model(**inputs)
+    assert model.experts.version == version
+    assert all(model.mixture._cache[k][1] is stack for k, stack in stacks.items())

@@ -117,3 +117,58 @@ def test_report_files(tmp_path):
     for name in ("summary.json", "report.md", "loss_matrix.png", "routing.png", "experts.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0
     assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents.*"))
+
+
+def two_skill_stream(tmp_path):
+    return StreamSpec("s", [skill_file(tmp_path, "digits", digits), skill_file(tmp_path, "letters", letters)])
+
+
+def test_token_routing_runs_through_the_loop(tmp_path):
+    """Per-token routing stores one routing row per token, fits and rehearses the gate on them."""
+    model = build(granularity="token")
+    decide_by_cosine(model, 0.999)
+    learner = ContinualLearner(model, two_skill_stream(tmp_path), small_config(), tmp_path / "out")
+    records = learner.run()
+    assert model.num_experts == 2
+    features, columns = learner.memory.batch(model.experts.expert_ids)
+    assert features.shape[1] == 32 and features.shape[0] == columns.shape[0] > 2 * 40  # tokens, not texts
+    final = records[-1]
+    assert final.routing[0].get(0, 0.0) > 0.5 and final.routing[1].get(1, 0.0) > 0.5
+    assert all(loss is not None and loss == loss for loss in final.losses)
+
+
+def test_bf16_backbone_with_dropout_trains_through_the_loop(tmp_path):
+    """A bf16 backbone, bf16 autocast and LoRA dropout 0.1: the loop runs, only the expert and gate move, and
+    the saved experts load with plain peft."""
+    from peft import PeftModel
+
+    from tests.conftest import batch, tiny_llama
+
+    model = build(backbone=tiny_llama().to(torch.bfloat16))
+    model.experts.config.dropout = 0.1
+    frozen = [(p, p.detach().clone()) for p in model.backbone.parameters()]
+    learner = ContinualLearner(model, two_skill_stream(tmp_path), small_config(precision="bf16"),
+                               tmp_path / "out")
+    learner.run_step(0)
+    layer = model.experts.layers()[0]
+    assert layer.lora_dropout["expert_0"].p == 0.1 and layer.lora_A["expert_0"].weight.dtype == torch.float32
+    assert any(p.abs().sum() > 0 for n, p in model.backbone.named_parameters() if "lora_B" in n)
+    assert all(torch.equal(p, before) for p, before in frozen)
+    losses = [e["task_loss"] for e in learner.records[0].train_log if "task_loss" in e]
+    assert losses[-1] < losses[0]
+    model.save_pretrained(tmp_path / "system")
+    inputs = batch()
+    with torch.no_grad(), model.single_expert(0):
+        expected = model.backbone(**inputs).logits
+    plain = PeftModel.from_pretrained(tiny_llama().to(torch.bfloat16), str(tmp_path / "system/experts/expert_0"))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**inputs).logits, expected)
+
+
+def test_precision_auto_is_fp32_on_cpu_and_rejects_unknown():
+    from dylora_moe.training.config import resolve_precision
+
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    with pytest.raises(ValueError, match="precision"):
+        TrainingConfig(precision="fp8")

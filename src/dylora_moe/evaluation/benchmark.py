@@ -21,10 +21,10 @@ from ..data.stream import StreamSpec
 from ..model import DyLoRAMoE
 from ..training.config import TrainingConfig
 from ..training.loop import ContinualLearner, StepRecord
+from ..training.measure import eval_loss, routing_entropy
 from .baselines import LEARNERS, spec_reference
 from .generation import Checker, check_python_example, checker_for, score_examples
-from .measure import eval_loss
-from .metrics import average_accuracy, backward_transfer, forgetting, forward_transfer, novelty_scores, routing_entropy
+from .metrics import average_accuracy, backward_transfer, forgetting, forward_transfer, novelty_scores
 
 
 @dataclass

@@ -9,7 +9,6 @@ just learned: positive = forgetting). Entries for skills not yet seen may be ``N
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 Matrix = Sequence[Sequence[float | None]]
@@ -55,14 +54,6 @@ def forgetting(matrix: Matrix, higher_is_better: bool = True) -> float:
 def bwt_loss(matrix: Matrix) -> float:
     """Mean over all but the last skill of (final loss - loss right after learning it); 0.0 for one skill."""
     return -backward_transfer(matrix, higher_is_better=False)
-
-
-def routing_entropy(counts: Sequence[float]) -> float:
-    """Entropy (nats) of a routing distribution given as counts or shares per expert."""
-    total = float(sum(counts))
-    if total <= 0:
-        return 0.0
-    return max(0.0, -sum((c / total) * math.log(c / total) for c in counts if c > 0))
 
 
 def routing_accuracy(correct: Sequence[int], totals: Sequence[int]) -> float:

@@ -8,11 +8,16 @@ each adapted linear layer computes
 for all routed experts at once, as forward hooks on peft's LoRA layers (whose own adapter path is switched
 off). Dense routing concatenates the experts' A and B along the rank axis, so the whole pool costs two
 matmuls of rank sum(r_e); sparse routing gathers only the selected experts per sample and runs batched
-matmuls, so samples of one batch may use different experts. Stacked weights are cached between forwards
-while they cannot change (no gradient flows into them) and rebuilt when the manager's version moves.
+matmuls, so samples of one batch may use different experts (per-token sparse routing runs the dense path
+over the selected experts, whose other weights are zero, so no layer waits on the host to find its experts).
+Stacked weights are cached between forwards while they cannot change (no gradient flows into them) and
+rebuilt when the manager's version moves.
 
 Axis key: B batch, T tokens, I in-features, O out-features, S experts in the active set, R rank,
-K experts per sample (top-k), N flattened tokens.
+K experts per sample (top-k).
+
+Numerics follow peft's LoRA layer: the delta is computed in the adapters' dtype (peft keeps adapters in fp32
+on a bf16/fp16 backbone), added to the base output in that dtype, and only the sum is rounded back.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ class MixturePlan(NamedTuple):
     """The routing of one forward, in positions of the stacked active set.
 
     ``weights`` is set for dense routing ([B, S] per sequence or [B, T, S] per token); ``indices`` and
-    ``topk_weights`` for sparse routing ([B, K] or [B, T, K], positions into ``active``).
+    ``topk_weights`` for sparse per-sequence routing ([B, K], positions into ``active``).
     """
 
     active: tuple[str, ...]  # adapter names, in stack order
@@ -113,20 +118,6 @@ def sparse_sequence_delta(x: Tensor, st: PaddedStack, indices: Tensor, weights: 
     return torch.bmm(h, bw.transpose(1, 2))  # [B, T, O]
 
 
-def sparse_token_delta(x: Tensor, st: PaddedStack, indices: Tensor, weights: Tensor) -> Tensor:
-    """Each token uses only its K selected experts; ``indices``/``weights`` are [B, T, K]."""
-    bsz, t, i = x.shape
-    flat = x.reshape(-1, i)  # [N, I]
-    idx = indices.reshape(flat.shape[0], -1)  # [N, K]
-    w = weights.reshape(flat.shape[0], -1)  # [N, K]
-    out = flat.new_zeros(flat.shape[0], st.B.shape[1])  # [N, O]
-    for pos in idx.unique().tolist():
-        tok, slot = (idx == pos).nonzero(as_tuple=True)
-        coef = (w[tok, slot] * st.scale[pos]).unsqueeze(1)  # [n, 1]
-        out = out.index_add(0, tok, ((flat[tok] @ st.A[pos].T) * coef) @ st.B[pos].T)
-    return out.reshape(bsz, t, -1)  # [B, T, O]
-
-
 class ExpertMixture:
     """Adds the routed experts' deltas to every adapted layer while a plan is set."""
 
@@ -173,8 +164,7 @@ class ExpertMixture:
         x = layer.lora_dropout[first](args[0].to(layer.lora_A[first].weight.dtype))
         if plan.indices is None:
             delta = dense_delta(x, self._stack(layer, padded=False), plan.weights)
-        elif plan.indices.dim() == 2:
-            delta = sparse_sequence_delta(x, self._stack(layer, padded=True), plan.indices, plan.topk_weights)
         else:
-            delta = sparse_token_delta(x, self._stack(layer, padded=True), plan.indices, plan.topk_weights)
-        return output + delta.to(output.dtype)
+            delta = sparse_sequence_delta(x, self._stack(layer, padded=True), plan.indices, plan.topk_weights)
+        # As peft: add in the delta's (adapter) dtype, then round the sum, not the delta, to the output dtype.
+        return (output + delta).to(output.dtype)

@@ -7,8 +7,9 @@ the backbone itself, so the rest of the system keeps calling the backbone direct
 Offloading (spec 3.3, memory optimisation): when ``offload_device`` is set, the weights of experts that the
 current batch does not use are moved there and the module keeps an empty ``meta`` placeholder, so an
 accelerator holds only the experts in use. The same code runs on CPU (tests offload to ``cpu`` and see the
-placeholders), and ``onload`` restores the exact tensors. Offloading replaces parameter objects, so it is
-for serving and evaluation; training keeps its experts resident.
+placeholders), and ``onload`` restores the exact tensors. Offloading replaces parameter objects, which an
+optimizer would no longer see: trainable experts are therefore never offloaded. Moving weights does not
+change them, so caches of stacked weights survive offloading.
 """
 
 from __future__ import annotations
@@ -150,8 +151,10 @@ class ExpertManager:
         self.current_expert_id = None
 
     def set_trainable(self, expert_ids: Iterable[int]) -> None:
-        """Only the given experts' LoRA weights receive gradients; every other expert stays frozen."""
+        """Only the given experts' LoRA weights receive gradients; every other expert stays frozen. Trainable
+        experts are brought back and stay resident, so an optimizer built now holds their parameters."""
         self.trainable_ids = frozenset(expert_ids)
+        self.onload(self.trainable_ids)
         self._apply_trainable()
         self.touch()
 
@@ -181,7 +184,7 @@ class ExpertManager:
         return self._layers
 
     def touch(self) -> None:
-        """Record that expert weights may have changed (after an optimizer step, a load, a move)."""
+        """Record that expert weights may have changed (after an optimizer step, a load)."""
         self.version += 1
 
     def _refresh(self) -> None:
@@ -207,12 +210,13 @@ class ExpertManager:
                     yield f"{i}.{part}.{attr}", modules[name], attr
 
     def offload(self, expert_ids: Iterable[int]) -> None:
-        """Move the experts' weights to ``offload_device``; the modules keep ``meta`` placeholders."""
+        """Move the experts' weights to ``offload_device``; the modules keep ``meta`` placeholders. Trainable
+        experts stay where they are."""
         device = self.config.offload_device
         if device is None:
             return
         for expert_id in expert_ids:
-            if expert_id in self._offloaded:
+            if expert_id in self._offloaded or expert_id in self.trainable_ids:
                 continue
             store = {}
             for key, module, attr in self._adapter_tensors(expert_id):
@@ -220,7 +224,6 @@ class ExpertManager:
                 store[key] = (param.data.to(device), param.requires_grad)
                 setattr(module, attr, nn.Parameter(torch.empty_like(param, device="meta"), param.requires_grad))
             self._offloaded[expert_id] = store
-        self.touch()
 
     def onload(self, expert_ids: Iterable[int]) -> None:
         """Bring offloaded experts back to the device of the backbone weights they adapt."""
@@ -232,10 +235,9 @@ class ExpertManager:
                 layer_device = self._layers[int(key.split(".", 1)[0])].get_base_layer().weight.device
                 data, requires_grad = store[key]
                 setattr(module, attr, nn.Parameter(data.to(layer_device), requires_grad))
-            self.touch()
 
     def ensure_resident(self, expert_ids: Iterable[int]) -> None:
-        """Onload exactly ``expert_ids`` and, when offloading is on, offload every other expert."""
+        """Onload ``expert_ids`` and, when offloading is on, offload every other expert that is not trainable."""
         wanted = set(expert_ids)
         self.onload(wanted)
         if self.config.offload_device is not None:

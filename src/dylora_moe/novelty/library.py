@@ -100,14 +100,6 @@ class SkillLibrary:
         ids = list(self.skills)
         return ids, torch.stack([self.skills[i].embedding for i in ids])
 
-    def to(self, device: torch.device | str) -> SkillLibrary:
-        for s in self.skills.values():
-            s.embedding = s.embedding.to(device)
-            if s.sample is not None:
-                gate = None if s.sample.gate is None else s.sample.gate.to(device)
-                s.sample = SkillSample(s.sample.features.to(device), gate, s.sample.keys.to(device))
-        return self
-
     def state_dict(self) -> tuple[dict, dict[str, Tensor]]:
         """(JSON-able metadata, tensors by name) of the whole library."""
         meta, tensors = {"next_id": self._next_id, "capacity": self.capacity, "skills": []}, {}

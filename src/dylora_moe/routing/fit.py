@@ -38,8 +38,8 @@ def fit_gate(router: DynamicHybridRouter, features: Tensor, columns: Tensor, *, 
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(loss.item())
+            losses.append(loss.detach())  # read once at the end: a read per step stalls an accelerator
     with torch.no_grad():
         gate.weight.copy_(w / std)
         gate.bias.copy_(b - gate.weight @ mean)
-    return losses
+    return torch.stack(losses).tolist()

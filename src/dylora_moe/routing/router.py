@@ -64,6 +64,9 @@ class DynamicHybridRouter(nn.Module):
         self.events = events or EventLog()
         self.gate = _linear(hidden_size, num_experts)
         self.register_buffer("expert_maturity", torch.zeros(num_experts, dtype=torch.long))
+        # Maturity is read on every forward; a Python mirror of the buffer keeps that read off the device (on an
+        # accelerator, reading a device tensor waits for every queued kernel).
+        self._mature: list[bool] = [False] * num_experts
         self._strategy = self.strategy
 
     @property
@@ -73,7 +76,7 @@ class DynamicHybridRouter(nn.Module):
     @property
     def strategy(self) -> str:
         # An empty pool counts as dense: no expert has matured yet.
-        mature = self.num_experts > 0 and bool((self.expert_maturity == 1).all())
+        mature = self.num_experts > 0 and all(self._mature)
         return SPARSE if mature else DENSE
 
     def forward(self, hidden: Tensor) -> RouterOutput:
@@ -100,6 +103,7 @@ class DynamicHybridRouter(nn.Module):
         new.bias.requires_grad_(old.bias.requires_grad)
         self.gate = new
         self.expert_maturity = torch.cat([self.expert_maturity, self.expert_maturity.new_zeros(1)])
+        self._mature.append(False)
         self._note_strategy()
         return self.num_experts - 1
 
@@ -112,11 +116,13 @@ class DynamicHybridRouter(nn.Module):
             new.bias.copy_(old.bias[keep])
         self.gate = new
         self.expert_maturity = self.expert_maturity[keep]
+        self._mature = [self._mature[i] for i in keep]
         self._note_strategy()
 
     def set_maturity(self, column: int, mature: bool = True) -> None:
-        if self.expert_maturity[column].item() != int(mature):
+        if self._mature[column] != mature:
             self.expert_maturity[column] = int(mature)
+            self._mature[column] = mature
             if mature:
                 self.events.emit(EXPERT_MATURED, column=column)
         self._note_strategy()
@@ -135,12 +141,14 @@ class DynamicHybridRouter(nn.Module):
         device, dtype = self.gate.weight.device, self.gate.weight.dtype
         self.gate = _linear(self.hidden_size, num_experts).to(device, dtype)
         self.expert_maturity = torch.zeros(num_experts, dtype=torch.long, device=device)
+        self._mature = [False] * num_experts
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False):
         n = state_dict["gate.weight"].shape[0]
         if n != self.num_experts:
             self.resize(n)
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._mature = [bool(m) for m in self.expert_maturity.tolist()]
         self._strategy = self.strategy
         return result
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
 
 @dataclass
 class TrainingConfig:
@@ -25,6 +29,9 @@ class TrainingConfig:
         balance_weight: weight of the load-balancing auxiliary loss (Switch Transformer form), 0 = off.
         eval_batch_size: sequences per evaluation forward.
         report_to: Trainer loggers (tensorboard, wandb, mlflow when installed; "none" for none).
+        precision: autocast of the training forwards: ``auto`` is bf16 on an accelerator that supports it and
+            fp32 otherwise (on CPU); ``fp32``, ``bf16``, ``fp16`` force one. The weights keep their own dtypes
+            (``DyLoRAConfig.dtype`` for the backbone; peft keeps adapters in fp32).
         seed: seeds expert initialisation and data order.
         logging_steps: Trainer logging interval.
     """
@@ -44,6 +51,7 @@ class TrainingConfig:
     balance_weight: float = field(default=0.0, metadata={"help": "weight of load-balancing loss"})
     eval_batch_size: int = field(default=8, metadata={"help": "sequences per eval forward"})
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={"help": "Trainer loggers"})
+    precision: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 | fp16 (training autocast)"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     logging_steps: int = field(default=4, metadata={"help": "Trainer logging interval"})
 
@@ -56,5 +64,18 @@ class TrainingConfig:
         for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
         if isinstance(self.report_to, str):
             self.report_to = [self.report_to]
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` on a CUDA device that supports it (or MPS), else ``fp32``; others unchanged."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    if device.type == "mps":
+        return "bf16"
+    return "fp32"

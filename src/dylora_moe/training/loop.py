@@ -30,16 +30,19 @@ from transformers import TrainingArguments
 from ..data.preprocess import build_dataset, render_prompt
 from ..data.sources import Example
 from ..data.stream import SkillSpec, StreamSpec, load_examples, split_examples
-from ..evaluation.measure import collator, eval_loss, routed_experts
-from ..evaluation.metrics import routing_entropy
 from ..model import DyLoRAMoE
 from ..novelty import NoveltyResult
 from ..routing.fit import fit_gate
-from .config import TrainingConfig
+from .config import TrainingConfig, resolve_precision
+from .measure import collator, eval_loss, routed_experts, routing_entropy
 from .rehearsal import RoutingMemory
 from .trainer import DyLoRATrainer
 
 logger = logging.getLogger(__name__)
+
+# Under per-token routing the routing memory keeps one row per token; a skill keeps up to this many rows per
+# stored example (``rehearsal_per_skill`` examples' worth of tokens, sampled uniformly).
+TOKEN_ROWS_PER_EXAMPLE = 32
 
 
 @dataclass
@@ -65,7 +68,8 @@ class StepRecord:
     eval_examples: int
     train_seconds: float
     losses: list[float | None]  # eval loss on every stream step's skill (None: not yet seen)
-    routing: list[dict[int, float]]  # per seen step: expert id -> share of its held-out prompts
+    routing: list[dict[int, float]]  # per seen step: expert id -> share of its held-out prompts (of their tokens,
+    # under per-token routing)
     routing_entropy: list[float]
     experts: int
     train_log: list[dict] = field(default_factory=list)
@@ -95,7 +99,9 @@ class ContinualLearner:
         self.out_dir = Path(out_dir)
         self.data_dir = data_dir
         self.skills = stream.active(data_dir)
-        self.memory = RoutingMemory(training.rehearsal_per_skill, seed=training.seed)
+        per_token = model.config.router.granularity == "token"
+        rows = training.rehearsal_per_skill * (TOKEN_ROWS_PER_EXAMPLE if per_token else 1)
+        self.memory = RoutingMemory(rows, seed=training.seed)
         self.steps: list[StepData] = []
         self.evaluate_ahead = evaluate_ahead
         self._ahead: dict[int, StepData] = {}  # data of steps not yet run, prepared for evaluate_ahead
@@ -164,11 +170,19 @@ class ContinualLearner:
         return contextlib.nullcontext()
 
     def remember(self, data: StepData, result: NoveltyResult) -> None:
-        """Store routing features of the skill's training sequences and of their prompts alone (what the gate
-        sees when generating), for gate rehearsal."""
+        """Store, for gate rehearsal, the routing features the gate reads on the skill's training examples: of
+        their prompts (sequence routing on the prompt, as in generation); of their whole texts per token (every
+        token is routed on its own prefix); or, with ``route_on="text"``, of whole texts and prompts alone."""
         sample = data.train[: self.training.rehearsal_per_skill]
         prompts = self.prompts(data, sample)
-        texts = [p + e.response for p, e in zip(prompts, sample, strict=True)] + prompts
+        whole = [p + e.response for p, e in zip(prompts, sample, strict=True)]
+        router = self.model.config.router
+        if router.granularity == "token":
+            texts = whole
+        elif router.route_on == "prompt":
+            texts = prompts
+        else:
+            texts = whole + prompts
         feats = self.model.routing_features_for(texts, max_length=self.training.max_length)
         self.memory.add(result.skill_id, result.expert_id, feats)
 
@@ -192,6 +206,7 @@ class ContinualLearner:
             remove_unused_columns=False, dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
             disable_tqdm=False, warmup_steps=0, use_cpu=self.model.device.type == "cpu",
             max_grad_norm=1.0, run_name=f"{self.stream.name}-step{i}-{data.skill.name}",
+            **precision_flags(resolve_precision(cfg.precision, self.model.device)),
         )
         trainer = DyLoRATrainer(model=self.model, args=args, train_dataset=self.training_set(i, data),
                                 data_collator=collator(self.model), training=cfg, seed_steps=seed_steps,
@@ -226,3 +241,7 @@ class ContinualLearner:
         with self.eval_routing(j):
             return eval_loss(self.model, step.eval_set, self.training.eval_batch_size)
 
+
+def precision_flags(precision: str) -> dict[str, bool]:
+    """``TrainingArguments`` autocast flags of a resolved precision."""
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}

@@ -32,7 +32,8 @@ class DyLoRATrainer(Trainer):
         self.seed_steps = seed_steps
         self.memory = memory
         self._rehearsal = None  # the memory does not change while one skill trains: batch it once
-        self._extra: dict[str, list[float]] = {}
+        self._extra: dict[str, torch.Tensor] = {}  # per loss term: its sum over the steps since the last log
+        self._logged_step = 0
 
     def _core(self):
         return self.accelerator.unwrap_model(self.model)
@@ -60,29 +61,45 @@ class DyLoRATrainer(Trainer):
         return self.lr_scheduler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Task loss + weighted router losses. With ``num_items_in_batch`` (the response tokens of the whole
+        accumulated batch) the task loss is a sum over this micro-batch's tokens divided by it, and the Trainer
+        does not divide by the accumulation steps; the router losses, means over their own rows, are divided by
+        the steps here, so every term of ``grad_accum`` micro-batches adds up to the term of one large batch."""
         core = self._core()
         if self.memory is not None and self.training.rehearsal_weight > 0:
             if self._rehearsal is None:
                 self._rehearsal = self.memory.batch(core.experts.expert_ids, core.device)
             inputs = {**inputs, "rehearsal": self._rehearsal}
+        if num_items_in_batch is not None:
+            inputs = {**inputs, "num_items_in_batch": num_items_in_batch}
         outputs = model(**inputs)
+        steps = getattr(self, "current_gradient_accumulation_steps", 1)
+        scaled = num_items_in_batch is not None
+        share = 1.0 / steps if scaled else 1.0  # the Trainer divides unscaled losses by the steps itself
         loss = outputs.loss
-        self._note("task_loss", loss)
+        if scaled and self.args.average_tokens_across_devices:
+            # ``num_items_in_batch`` then counts every process's tokens, while DDP averages the gradients.
+            loss = loss * self.accelerator.num_processes
+        self._note("task_loss", loss, 1.0 if scaled else 1.0 / steps)
         if outputs.rehearsal_loss is not None:
-            loss = loss + self.training.rehearsal_weight * outputs.rehearsal_loss
-            self._note("rehearsal_loss", outputs.rehearsal_loss)
+            loss = loss + share * self.training.rehearsal_weight * outputs.rehearsal_loss
+            self._note("rehearsal_loss", outputs.rehearsal_loss, 1.0 / steps)
         if self.training.balance_weight > 0 and outputs.router_logits is not None:
             balance = load_balancing_loss(outputs.router_logits, core.router.temperature)
-            loss = loss + self.training.balance_weight * balance
-            self._note("balance_loss", balance)
+            loss = loss + share * self.training.balance_weight * balance
+            self._note("balance_loss", balance, 1.0 / steps)
         return (loss, outputs) if return_outputs else loss
 
-    def _note(self, name: str, value: torch.Tensor) -> None:
-        self._extra.setdefault(name, []).append(float(value.detach()))
+    def _note(self, name: str, value: torch.Tensor, share: float) -> None:
+        """Accumulate this micro-batch's part of an optimizer step's loss term; kept on the device (a host read
+        per micro-batch would stall an accelerator) until ``log``."""
+        part = value.detach().float() * share
+        self._extra[name] = part if name not in self._extra else self._extra[name] + part
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        for name, values in self._extra.items():
-            if values:
-                logs[name] = sum(values) / len(values)
+        steps = max(self.state.global_step - self._logged_step, 1)
+        for name, total in self._extra.items():
+            logs[name] = float(total) / steps
         self._extra = {}
+        self._logged_step = self.state.global_step
         super().log(logs, *args, **kwargs)

@@ -1,6 +1,10 @@
-"""In-loop measurement: eval loss on response tokens, and where each skill's examples are routed."""
+"""In-loop measurement: eval loss on response tokens, where each skill's examples are routed, and the entropy
+of that routing. It lives with the loop that needs it; ``evaluation`` builds on both."""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 import datasets
 import torch
@@ -24,7 +28,9 @@ def eval_loss(model: DyLoRAMoE, dataset: datasets.Dataset, batch_size: int = 8) 
     for i in range(0, len(dataset), batch_size):
         batch = collate([dataset[k] for k in range(i, min(i + batch_size, len(dataset)))])
         batch = {k: v.to(model.device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # The labels mark the prompt, so each sequence is routed as generation routes it (on its prompt).
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       labels=batch["labels"]).logits
         labels = batch["labels"][:, 1:]  # [B, T-1]
         losses = torch.nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
@@ -34,9 +40,18 @@ def eval_loss(model: DyLoRAMoE, dataset: datasets.Dataset, batch_size: int = 8) 
     return total / max(count, 1)
 
 
+def routing_entropy(counts: Sequence[float]) -> float:
+    """Entropy (nats) of a routing distribution given as counts or shares per expert."""
+    total = float(sum(counts))
+    if total <= 0:
+        return 0.0
+    return max(0.0, -sum((c / total) * math.log(c / total) for c in counts if c > 0))
+
+
 @torch.no_grad()
 def routed_experts(model: DyLoRAMoE, features: torch.Tensor) -> list[int]:
-    """Top-1 expert id for each feature row [N, H] under the current routing strategy."""
+    """Top-1 expert id for each feature row [N, H] (a prompt, or a token under per-token routing) under the
+    current routing strategy."""
     if model.num_experts == 0:
         return []
     columns = model.router(features.to(model.device)).weights.argmax(-1).tolist()

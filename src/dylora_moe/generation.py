@@ -1,0 +1,67 @@
+"""Generation through the fused mixture: ``transformers``' ``generate`` with the routing of each prompt, and
+greedy text completion.
+
+Each sequence is routed on its prompt and, under sequence routing, the routing is pinned for every new token,
+so generation with the KV cache equals generation without it. Beam search and several returns per prompt
+expand the batch inside ``generate``; the routing is taken from the first backbone call, which sees the
+expanded rows. Per-token routing routes every new token as it comes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .model import DyLoRAMoE
+
+
+@torch.no_grad()
+def generate(model: DyLoRAMoE, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
+    """``model.backbone.generate`` with the experts routed on the prompt; the KV cache is used unless
+    ``use_cache=False``. input_ids, attention_mask: [B, T] (left-padded for batched prompts)."""
+    if model.num_experts == 0:
+        return model.backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    per_sequence = model.config.router.granularity == "sequence"
+    with model.routing.scoped(attention_mask, pin=per_sequence, from_inputs=True):
+        return model.backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Token id lists -> left-padded input_ids and attention_mask [B, T], so every prompt ends where generation
+    starts (built here rather than by flipping the tokenizer's ``padding_side``, which is shared state)."""
+    width = max((len(r) for r in rows), default=0)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, row in enumerate(rows):
+        if row:
+            input_ids[i, width - len(row):] = torch.tensor(list(row), dtype=torch.long)
+            mask[i, width - len(row):] = 1
+    return input_ids, mask
+
+
+def complete(model: DyLoRAMoE, prompts: Sequence[str], *, max_new_tokens: int = 64, chat: bool = True,
+             batch_size: int | None = None, max_prompt_tokens: int | None = None) -> list[str]:
+    """Greedy completions of text prompts, ``batch_size`` at a time (all at once by default), left-padded.
+    The chat template is applied when ``chat`` and the tokenizer has one (and then it supplies the special
+    tokens); prompts longer than ``max_prompt_tokens`` are truncated on the tokenizer's ``truncation_side``.
+    Generation stops at the tokenizer's end-of-sequence token."""
+    tok = model.tokenizer
+    rendered = bool(chat and tok.chat_template)
+    if rendered:
+        prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in prompts]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    size = batch_size or max(len(prompts), 1)
+    texts: list[str] = []
+    for i in range(0, len(prompts), size):
+        rows = tok(list(prompts[i : i + size]), add_special_tokens=not rendered,
+                   truncation=max_prompt_tokens is not None, max_length=max_prompt_tokens)["input_ids"]
+        input_ids, mask = left_pad(rows, pad)
+        out = generate(model, input_ids.to(model.device), mask.to(model.device), max_new_tokens=max_new_tokens,
+                       do_sample=False, pad_token_id=pad, eos_token_id=tok.eos_token_id)
+        texts += tok.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
+    return texts
