@@ -23,6 +23,11 @@ class TrainingConfig:
             the new skill routes to its new expert from the first step and the expert gets the whole gradient)
             and after it (so every stored skill routes to its expert); 0 turns it off.
         balance_weight: weight of the load-balancing auxiliary loss (Switch Transformer form), 0 = off.
+        kl_weight: weight of KL(frozen model || system) on every token of the training sequences
+            (``training/distill.py``): keeps what the frozen model does outside the skill's format; 0 = off.
+        strip_leading_blank_lines: drop the blank lines a training response starts with (``data/augment.py``).
+        raw_copies: also train on every example without the chat template (the prompt as plain text), so the
+            expert learns the skill and not one rendering of it.
         eval_batch_size: sequences per evaluation forward.
         report_to: Trainer loggers (tensorboard, wandb, mlflow when installed; "none" for none).
         seed: seeds expert initialisation and data order.
@@ -42,6 +47,9 @@ class TrainingConfig:
     rehearsal_weight: float = field(default=1.0, metadata={"help": "weight of router rehearsal loss"})
     router_fit_steps: int = field(default=200, metadata={"help": "gate fit steps before/after each skill"})
     balance_weight: float = field(default=0.0, metadata={"help": "weight of load-balancing loss"})
+    kl_weight: float = field(default=0.0, metadata={"help": "weight of KL to the frozen model"})
+    strip_leading_blank_lines: bool = field(default=False, metadata={"help": "drop responses' leading blank lines"})
+    raw_copies: bool = field(default=False, metadata={"help": "also train without the chat template"})
     eval_batch_size: int = field(default=8, metadata={"help": "sequences per eval forward"})
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={"help": "Trainer loggers"})
     seed: int = field(default=0, metadata={"help": "random seed"})
@@ -56,5 +64,7 @@ class TrainingConfig:
         for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kl_weight < 0:
+            raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
         if isinstance(self.report_to, str):
             self.report_to = [self.report_to]

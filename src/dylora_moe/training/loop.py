@@ -27,6 +27,7 @@ import torch
 import transformers
 from transformers import TrainingArguments
 
+from ..data.augment import normalise_example
 from ..data.preprocess import build_dataset, render_prompt
 from ..data.sources import Example
 from ..data.stream import SkillSpec, StreamSpec, load_examples, split_examples
@@ -110,9 +111,19 @@ class ContinualLearner:
         train, held = train[: skill.max_train], held[: skill.max_eval]
         cfg, tok = self.training, self.model.tokenizer
         chat = skill.format.chat
-        return StepData(skill, train, held,
-                        build_dataset(tok, train, max_length=cfg.max_length, chat=chat, packing=cfg.packing),
+        return StepData(skill, train, held, self.train_dataset(train, chat),
                         build_dataset(tok, held, max_length=cfg.max_length, chat=chat, packing=False))
+
+    def train_dataset(self, train: list[Example], chat: bool) -> datasets.Dataset:
+        """The training sequences, after the format augmentation the training config asks for."""
+        cfg, tok = self.training, self.model.tokenizer
+        if cfg.strip_leading_blank_lines:
+            train = [normalise_example(e) for e in train]
+        built = build_dataset(tok, train, max_length=cfg.max_length, chat=chat, packing=cfg.packing)
+        if cfg.raw_copies and chat:
+            raw = build_dataset(tok, train, max_length=cfg.max_length, chat=False, packing=cfg.packing)
+            built = datasets.concatenate_datasets([built, raw])
+        return built
 
     def prompts(self, step: StepData, examples: list[Example]) -> list[str]:
         return [render_prompt(self.model.tokenizer, e.prompt, step.skill.format.chat) for e in examples]

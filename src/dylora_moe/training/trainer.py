@@ -1,8 +1,8 @@
 """``DyLoRATrainer``: the Hugging Face Trainer with the two-phase schedule and the router's extra losses.
 
 Only the documented extension points change: ``create_optimizer`` (one group for the trainable expert, one
-for the gate), ``create_scheduler`` (the two-phase ``LambdaLR``), ``compute_loss`` (router rehearsal and
-the optional load-balancing loss) and ``log`` (their running means).
+for the gate), ``create_scheduler`` (the two-phase ``LambdaLR``), ``compute_loss`` (router rehearsal, the
+optional load-balancing loss and the KL to the frozen model) and ``log`` (their running means).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from transformers import Trainer
 
 from ..routing.losses import load_balancing_loss
 from .config import TrainingConfig
+from .distill import kl_to_frozen
 from .rehearsal import RoutingMemory
 from .schedule import two_phase_scheduler
 
@@ -71,11 +72,25 @@ class DyLoRATrainer(Trainer):
         if outputs.rehearsal_loss is not None:
             loss = loss + self.training.rehearsal_weight * outputs.rehearsal_loss
             self._note("rehearsal_loss", outputs.rehearsal_loss)
+        if self.training.kl_weight > 0:
+            kl = self.frozen_kl(inputs, outputs.logits)
+            loss = loss + self.training.kl_weight * kl
+            self._note("kl_to_frozen", kl)
         if self.training.balance_weight > 0 and outputs.router_logits is not None:
             balance = load_balancing_loss(outputs.router_logits, core.router.temperature)
             loss = loss + self.training.balance_weight * balance
             self._note("balance_loss", balance)
         return (loss, outputs) if return_outputs else loss
+
+    # ---------------------------------------------------------------- KL to the frozen model (distill.py)
+    def frozen_kl(self, inputs: dict, logits: torch.Tensor) -> torch.Tensor:
+        """KL(frozen || system) on every attended token of the batch; the frozen logits come from the same
+        backbone with no expert, without gradient."""
+        core = self._core()
+        with torch.no_grad(), core.force_expert(None):
+            frozen = core(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
+        mask = inputs.get("attention_mask")
+        return kl_to_frozen(logits, frozen, torch.ones_like(inputs["input_ids"]) if mask is None else mask)
 
     def _note(self, name: str, value: torch.Tensor) -> None:
         self._extra.setdefault(name, []).append(float(value.detach()))
