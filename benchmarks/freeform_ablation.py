@@ -50,8 +50,9 @@ def yaml_value(text: str):
 
 def tuning_requests(skill: str, train_examples, limit: int) -> list[str]:
     seen = {e.meta.get("task_id") for e in train_examples}
-    if skill == "verilogeval":
-        requests = [e.prompt for e in verilog_requests("Human", exclude_tasks=seen, limit=limit)]
+    if skill == "verilogeval":  # the shortest problem statements: what a user types, and cheap to answer
+        requests = sorted((e.prompt for e in verilog_requests("Human", exclude_tasks=seen, limit=200)), key=len)
+        requests = requests[:limit]
         return requests + [r for r in EXAMPLE_REQUESTS if "Verilog" in r]
     problems = [humaneval_request(e).prompt for e in humaneval() if e.meta["task_id"] not in seen][:limit]
     return problems + [r for r in EXAMPLE_REQUESTS if "Python" in r]
@@ -107,9 +108,11 @@ def main(argv=None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    rows = [run_arm(*parse_arm(arm), args) for arm in (args.arm or ["frozen", "baseline"])]
-    write_json(args.out, {"skill": args.skill, "limit": args.limit, "max_new_tokens": args.max_new_tokens,
-                          "arms": rows})
+    rows = []
+    for arm in args.arm or ["frozen", "baseline"]:
+        rows.append(run_arm(*parse_arm(arm), args))
+        write_json(args.out, {"skill": args.skill, "limit": args.limit, "max_new_tokens": args.max_new_tokens,
+                              "arms": rows})
 
 
 if __name__ == "__main__":
