@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed-steps", type=int, default=None, help="override training.seed_steps")
     train.add_argument("--consolidation-steps", type=int, default=None, help="override training.consolidation_steps")
     train.add_argument("--max-train", type=int, default=None, help="cap training examples per skill")
-    train.add_argument("--freeform-limit", type=int, default=12, metavar="N",
+    train.add_argument("--freeform-limit", type=int, default=8, metavar="N",
                        help="free-form requests per skill asked at the end, chat and raw, system and frozen "
                             "model (0: skip)")
     add_registry_parsers(sub)

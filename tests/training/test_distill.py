@@ -26,3 +26,27 @@ def test_kl_matches_torch_and_ignores_masked_positions():
     changed = p.clone()
     changed[:, 2:] += 5.0  # masked positions do not count
     torch.testing.assert_close(kl_to_frozen(changed, q, mask), expected)
+
+
+def test_first_paragraph_drops_the_code_the_answer_continues():
+    from dylora_moe.training.distill import first_paragraph
+
+    verilog = "// Build an AND gate.\n\nmodule top_module(input a, input b, output out);\n"
+    assert first_paragraph(verilog) == "// Build an AND gate."
+    assert first_paragraph("Sort a list.\n") == "Sort a list."
+    assert first_paragraph("\n\n") == ""
+
+
+def test_anchor_texts_and_batches():
+    from dylora_moe.training.distill import Anchors, anchor_texts
+    from tests.conftest import char_tokenizer
+
+    tok = char_tokenizer()
+    texts = anchor_texts(tok, ["ab\n\ncd", "efg"], earlier=["x+y="])
+    assert texts == ["ab", "ab\n", "efg", "efg\n", "x+y="]  # no chat template on this tokenizer
+    anchors = Anchors(tok, texts, expert_id=3, max_length=2)
+    ids, mask = anchors.batch(0, 3)
+    assert ids.shape == mask.shape == (3, 2) and anchors.expert_id == 3
+    assert mask.tolist() == [[1, 1], [1, 1], [1, 1]]  # "ab", "ab\n" cut to its last 2, "efg" to "fg"
+    ids, mask = anchors.batch(1, 3)  # cycles: "efg\n", "x+y=", then "ab" again
+    assert ids[2].tolist() == tok("ab", add_special_tokens=False)["input_ids"]

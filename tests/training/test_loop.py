@@ -135,7 +135,8 @@ def test_format_augmentation_of_the_training_set(tmp_path):
     stream = StreamSpec("s", [{**skill_file(tmp_path, "padded", padded), "format": {"chat": True}}])
     model = build()
     model.tokenizer.chat_template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
-    plain = ContinualLearner(model, stream, small_config(), tmp_path / "a").prepare(stream.skills[0])
+    plain = ContinualLearner(model, stream, small_config(strip_leading_blank_lines=False),
+                             tmp_path / "a").prepare(stream.skills[0])
     augmented = ContinualLearner(model, stream, small_config(strip_leading_blank_lines=True, raw_copies=True),
                                  tmp_path / "b").prepare(stream.skills[0])
     assert len(augmented.train_set) == 2 * len(plain.train_set)

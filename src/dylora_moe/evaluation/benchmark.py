@@ -45,7 +45,7 @@ class BenchmarkConfig:
 
     pass_limit: int = 16
     humaneval_limit: int = 40
-    freeform_limit: int = 12
+    freeform_limit: int = 8
     generation_batch: int = 16
     spider_cache: str = field(default_factory=lambda: str(cache_dir() / "spider-sqlite"))
 

@@ -55,7 +55,7 @@ class FreeformSet:
     examples: list[Example]
     check: Callable[[Example, str], bool] | None = None
     metric: str | None = None  # pass@1, execution_match or exact_match
-    max_new_tokens: int = 128
+    max_new_tokens: int = 96
 
 
 @dataclass

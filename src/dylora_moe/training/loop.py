@@ -37,6 +37,7 @@ from ..model import DyLoRAMoE
 from ..novelty import NoveltyResult
 from ..routing.fit import fit_gate
 from .config import TrainingConfig
+from .distill import Anchors, anchor_texts
 from .rehearsal import RoutingMemory
 from .trainer import DyLoRATrainer
 
@@ -207,11 +208,21 @@ class ContinualLearner:
         )
         trainer = DyLoRATrainer(model=self.model, args=args, train_dataset=self.training_set(i, data),
                                 data_collator=collator(self.model), training=cfg, seed_steps=seed_steps,
-                                memory=self.memory if self.trains_router else None)
+                                memory=self.memory if self.trains_router else None,
+                                anchors=self.anchors(i, data, result.expert_id) if cfg.kl_weight > 0 else None)
         trainer.train()
         self.model.set_trainable([], router=False)
         self.model.eval()
         return [entry for entry in trainer.state.log_history if "loss" in entry or "task_loss" in entry]
+
+    def anchors(self, i: int, data: StepData, expert_id: int) -> Anchors:
+        """Anchor prompts of the KL to the frozen model: this skill's requests without their code, and prompts of
+        the skills seen before (``training/distill.py``)."""
+        others = [step for j, step in enumerate(self.steps[:i])  # a returning skill's own prompts are no anchor
+                  if j < len(self.records) and self.records[j].novelty.expert_id != expert_id]
+        earlier = [p for step in others for p in self.prompts(step, step.train[: self.training.anchors_per_skill])]
+        texts = anchor_texts(self.model.tokenizer, [e.prompt for e in data.train], earlier)
+        return Anchors(self.model.tokenizer, texts, expert_id, max_length=self.training.max_length)
 
     def measure(self, i: int, data: StepData, result: NoveltyResult, seconds: float) -> StepRecord:
         losses: list[float | None] = [None] * len(self.skills)

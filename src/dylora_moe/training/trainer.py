@@ -12,7 +12,7 @@ from transformers import Trainer
 
 from ..routing.losses import load_balancing_loss
 from .config import TrainingConfig
-from .distill import kl_to_frozen
+from .distill import Anchors, kl_to_frozen
 from .rehearsal import RoutingMemory
 from .schedule import two_phase_scheduler
 
@@ -24,14 +24,17 @@ class DyLoRATrainer(Trainer):
         training: rates, phase lengths and loss weights.
         seed_steps: steps of phase 1 for this run (0 for a recognised skill: consolidation only).
         memory: stored routing features rehearsed by the gate at every step.
+        anchors: token ids of prompts on which the trained expert is pulled towards the frozen model
+            (``training/distill.py``), and the expert that is, when ``training.kl_weight`` > 0.
     """
 
     def __init__(self, *args, training: TrainingConfig, seed_steps: int, memory: RoutingMemory | None = None,
-                 **kwargs) -> None:
+                 anchors: Anchors | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.training = training
         self.seed_steps = seed_steps
         self.memory = memory
+        self.anchors = anchors
         self._rehearsal = None  # the memory does not change while one skill trains: batch it once
         self._extra: dict[str, list[float]] = {}
 
@@ -72,8 +75,8 @@ class DyLoRATrainer(Trainer):
         if outputs.rehearsal_loss is not None:
             loss = loss + self.training.rehearsal_weight * outputs.rehearsal_loss
             self._note("rehearsal_loss", outputs.rehearsal_loss)
-        if self.training.kl_weight > 0:
-            kl = self.frozen_kl(inputs, outputs.logits)
+        if self.training.kl_weight > 0 and self.anchors is not None:
+            kl = self.frozen_kl(model)
             loss = loss + self.training.kl_weight * kl
             self._note("kl_to_frozen", kl)
         if self.training.balance_weight > 0 and outputs.router_logits is not None:
@@ -83,14 +86,16 @@ class DyLoRATrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     # ---------------------------------------------------------------- KL to the frozen model (distill.py)
-    def frozen_kl(self, inputs: dict, logits: torch.Tensor) -> torch.Tensor:
-        """KL(frozen || system) on every attended token of the batch; the frozen logits come from the same
-        backbone with no expert, without gradient."""
+    def frozen_kl(self, model) -> torch.Tensor:
+        """KL(frozen || trained expert) on the next batch of anchor prompts: the expert is forced (the gate is
+        not asked), the frozen logits come from the same backbone with no expert, without gradient."""
         core = self._core()
+        ids, mask = self.anchors.batch(self.state.global_step, self.args.per_device_train_batch_size, core.device)
         with torch.no_grad(), core.force_expert(None):
-            frozen = core(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
-        mask = inputs.get("attention_mask")
-        return kl_to_frozen(logits, frozen, torch.ones_like(inputs["input_ids"]) if mask is None else mask)
+            frozen = core(input_ids=ids, attention_mask=mask).logits
+        with core.force_expert(self.anchors.expert_id):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        return kl_to_frozen(logits, frozen, mask)
 
     def _note(self, name: str, value: torch.Tensor) -> None:
         self._extra.setdefault(name, []).append(float(value.detach()))
