@@ -1,19 +1,23 @@
 """Why experts answer ordinary requests with whitespace, and which recipe change stops it: one skill trained
 alone under each variant of the recipe, then asked free-form requests of its domain (chat template and raw).
 
-    python benchmarks/freeform_ablation.py --skill verilogeval --out results/freeform_ablation.json \\
-        --arm baseline --arm "low_rate:seed_lr=3e-4" --arm "kl:kl_weight=1.0" --limit 12
+    python benchmarks/freeform_ablation.py --skill verilogeval --out results/freeform_ablation_verilog.json \\
+        --arm frozen --arm "before:kl_weight=0,strip_leading_blank_lines=false" --arm recipe --limit 8 \\
+        --max-new-tokens 64
 
 Each ``--arm NAME[:field=value,...]`` sets ``TrainingConfig`` fields (``repetition_penalty=...`` is a
-decoding option instead). The requests are the tuning set: the skill's own source phrased as requests, on
-problems the skill does not train on (VerilogEval Human descriptions without the module header; HumanEval
-problems as requests); the reported evaluation (``dylora train``'s report, the benchmark) uses other sources.
+decoding option instead). ``--system DIR`` asks a system trained elsewhere (``dylora train``'s OUT/system)
+instead; the arm ``frozen`` then asks its backbone with no expert. The requests are the tuning set: the
+skill's own source phrased as requests, on problems the skill does not train on (VerilogEval Human
+descriptions without the module header; HumanEval problems as requests); the reported evaluation
+(``dylora train``'s report, the benchmark) uses other sources.
 Reports per arm: eval loss in the training format, degenerate rate and kinds per form, the first answers.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -62,12 +66,15 @@ def run_arm(name: str, values: dict, args) -> dict:
     penalty = values.pop("repetition_penalty", None)
     training = TrainingConfig(**{"seed_steps": 8, "consolidation_steps": 16, "batch_size": 4, "max_length": 256,
                                  "report_to": ["none"], "router_fit_steps": 50, **values})
-    config = DyLoRAConfig(device="cpu")
-    model = DyLoRAMoE.from_config(config).eval()
+    if args.system is not None:  # a system trained elsewhere (e.g. `dylora train`'s OUT/system): ask it only
+        model, name = DyLoRAMoE.from_pretrained(args.system).eval(), "frozen" if name == "frozen" else name
+    else:
+        model = DyLoRAMoE.from_config(DyLoRAConfig(device="cpu")).eval()
     stream = StreamSpec("ablation", [dataclasses.replace(SKILLS[args.skill])])
     learner = ContinualLearner(model, stream, training, args.out.parent / "ablation-logs" / name)
     start = time.perf_counter()
-    record = learner.run_step(0) if name != "frozen" else None
+    trains = name != "frozen" and args.system is None
+    record = learner.run_step(0) if trains else None
     seconds = time.perf_counter() - start
     data = learner.steps[0] if learner.steps else learner.prepare(stream.skills[0])
     requests = tuning_requests(args.skill, data.train, args.limit)
@@ -76,7 +83,8 @@ def run_arm(name: str, values: dict, args) -> dict:
     for form in ("chat", "raw"):
         prompts = requests if form == "chat" else [r + "\n" for r in requests]
         kwargs = {"repetition_penalty": penalty} if penalty else {}
-        answers = complete(model, prompts, form == "chat", args.max_new_tokens, name == "frozen", **kwargs)
+        with model.force_expert(None) if name == "frozen" and model.num_experts else contextlib.nullcontext():
+            answers = complete(model, prompts, form == "chat", args.max_new_tokens, **kwargs)
         kinds = [degenerate_kind(a) for a in answers]
         row["forms"][form] = {"degenerate": sum(k is not None for k in kinds) / len(kinds),
                               "kinds": {k: kinds.count(k) for k in set(kinds) if k},
@@ -86,7 +94,7 @@ def run_arm(name: str, values: dict, args) -> dict:
     return row
 
 
-def complete(model, prompts, chat: bool, max_new_tokens: int, frozen: bool, **kwargs) -> list[str]:
+def complete(model, prompts, chat: bool, max_new_tokens: int, **kwargs) -> list[str]:
     if not kwargs:
         return model.complete(prompts, chat=chat, max_new_tokens=max_new_tokens, batch_size=16)
     tok = model.tokenizer
@@ -106,6 +114,8 @@ def main(argv=None) -> None:
     p.add_argument("--arm", action="append", default=[], help="NAME[:field=value,...]; 'frozen' trains nothing")
     p.add_argument("--limit", type=int, default=12, help="requests from the dataset (plus the README's)")
     p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--system", type=Path, default=None,
+                   help="ask this saved system instead of training one (arms then only name decoding options)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     rows = []
