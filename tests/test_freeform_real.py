@@ -20,8 +20,9 @@ from dylora_moe.training import ContinualLearner, TrainingConfig
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
-CODE = {"Verilog": re.compile(r"^\s*module\s+\w+\s*[(#;]", re.MULTILINE),
-        "Python": re.compile(r"^\s*def\s+\w+\s*\(", re.MULTILINE)}
+# A keyword of the language as a statement: a whole module or a body (the experts learned bodies) both count.
+CODE = {"Verilog": re.compile(r"^\s*(module\s+\w+|assign\s+\w+|always\s*@|reg\s|wire\s)", re.MULTILINE),
+        "Python": re.compile(r"^\s*(def\s+\w+\s*\(|return\b|if\s.*:|for\s.*:)", re.MULTILINE)}
 
 
 def test_readme_requests_get_code_after_demo_like_training(tmp_path):
