@@ -225,13 +225,11 @@ def run_training(args, stream, system, training, console: Console) -> int:
 def freeform_evaluation(args, learner, console: Console) -> list:
     """Requests of each skill's domain from another source, answered by the trained system and the frozen
     model (``evaluation/freeform.py``)."""
-    from .evaluation.freeform import evaluate_stream
+    from .evaluation.freeform import evaluate_stream, trained_examples
 
     if not args.freeform_limit:
         return []
-    from .data.stream import load_examples
-
-    seen = [e for skill in learner.skills for e in load_examples(skill, args.data_dir)]  # the whole slices
+    seen = trained_examples(learner.skills, args.data_dir)
     with console.status("free-form requests: trained system and frozen model, chat and raw"):
         return evaluate_stream(learner.model, learner.skills, seen, data_dir=args.data_dir,
                                limit=args.freeform_limit)

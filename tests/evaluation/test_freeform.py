@@ -19,6 +19,7 @@ from dylora_moe.evaluation.freeform import (
     nl2bash_request,
     spider_request,
     stream_sets,
+    trained_examples,
     verilog_requests,
 )
 from tests.conftest import build, randomise_experts
@@ -66,12 +67,13 @@ def test_nl2bash_and_spider_requests():
 def test_default_stream_sets_without_a_data_directory():
     stream = load_stream("configs/streams/default.yaml")
     skills = stream.active(None)
-    seen = humaneval()[:100]
+    seen = trained_examples(skills, None)
     sets = stream_sets(skills, seen, data_dir=None, limit=5)
     assert [s.skill for s in sets] == ["humaneval-python-a", "verilogeval", "examples"]  # the second half: once
     python = sets[0]
     assert len(python.examples) == 5 and python.metric == "pass@1"
     assert not {e.meta["task_id"] for e in python.examples} & {e.meta["task_id"] for e in seen}
+    assert len({e.meta["task_id"] for e in seen if "HumanEval" in str(e.meta["task_id"])}) < 164  # held-out ones
     assert [e.prompt for e in sets[-1].examples] == list(EXAMPLE_REQUESTS)
 
 

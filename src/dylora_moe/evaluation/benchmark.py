@@ -18,12 +18,12 @@ from pathlib import Path
 from ..backbone import cache_dir
 from ..config import DyLoRAConfig
 from ..data.sources import humaneval
-from ..data.stream import StreamSpec, load_examples
+from ..data.stream import StreamSpec
 from ..model import DyLoRAMoE
 from ..training.config import TrainingConfig
 from ..training.loop import ContinualLearner, StepRecord
 from .baselines import LEARNERS, spec_reference
-from .freeform import evaluate_stream
+from .freeform import evaluate_stream, trained_examples
 from .generation import Checker, check_python_example, checker_for, score_examples
 from .measure import eval_loss
 from .metrics import average_accuracy, backward_transfer, forgetting, forward_transfer, novelty_scores, routing_entropy
@@ -131,7 +131,7 @@ def final_generation(model: DyLoRAMoE, learner: ContinualLearner, data_dir, benc
 
 def freeform_scores(model: DyLoRAMoE, learner: ContinualLearner, data_dir, bench: BenchmarkConfig) -> list[dict]:
     """Free-form requests of every skill's domain, chat and raw, final system vs frozen model."""
-    seen = [e for skill in learner.skills for e in load_examples(skill, data_dir)]
+    seen = trained_examples(learner.skills, data_dir)
     results = evaluate_stream(model, learner.skills, seen, data_dir=data_dir, limit=bench.freeform_limit,
                               batch_size=bench.generation_batch, spider_cache=bench.spider_cache)
     return [dataclasses.asdict(r) for r in results]

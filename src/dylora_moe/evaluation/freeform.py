@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.sources import Example, codealpaca, humaneval, mbpp, nl2bash, package_file, read_jsonl, spider
-from ..data.stream import SkillSpec
+from ..data.stream import SkillSpec, load_examples, split_examples
 from ..model import DyLoRAMoE
 from .degenerate import degenerate_kind
 from .execution import check_python
@@ -163,7 +163,7 @@ def requests_for(skill: SkillSpec, *, seen: set[str], seen_tasks: set[str], data
             tasks = [mbpp_request(e) for e in _outside(mbpp(data_dir), seen, limit, from_end=False)]
             return FreeformSet(skill.label, "MBPP tasks", tasks, check_mbpp_request, "pass@1")
         problems = [humaneval_request(e) for e in humaneval() if e.text not in seen][:limit]
-        return FreeformSet(skill.label, "HumanEval problems no step trains on, as requests", problems,
+        return FreeformSet(skill.label, "HumanEval problems not trained on, as requests", problems,
                            check_humaneval_request, "pass@1") if problems else None
     if data_dir is None:
         return None
@@ -250,11 +250,20 @@ def _score(fset: FreeformSet, completions: Sequence[str]) -> float:
     return sum(passed) / len(passed)
 
 
+def trained_examples(skills: Sequence[SkillSpec], data_dir: str | Path | None) -> list[Example]:
+    """What a stream trains on: each step's training split, capped as the loop caps it (``ContinualLearner``)."""
+    examples = []
+    for skill in skills:
+        train, _ = split_examples(load_examples(skill, data_dir), skill.eval_share)
+        examples += train[: skill.max_train]
+    return examples
+
+
 def stream_sets(skills: Sequence[SkillSpec], seen_examples: Sequence[Example], *, data_dir: str | Path | None,
                 limit: int, spider_cache: str | Path | None = None) -> list[FreeformSet]:
     """One free-form set per skill label of a stream (a source that returns, e.g. a skill in two
     halves, is evaluated once), then the
-    general sets. ``seen_examples``: every example the stream uses, none of which is asked."""
+    general sets. ``seen_examples``: what the stream trains on (``trained_examples``), none of which is asked."""
     seen = {e.text for e in seen_examples}
     tasks = {str(e.meta["task_id"]) for e in seen_examples if "task_id" in e.meta}
     sets, sources = [], set()
