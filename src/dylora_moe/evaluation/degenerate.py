@@ -10,8 +10,8 @@ A completion is degenerate when it is
   ``"a = a;\\n" * 20`` or ``"\\n\\t" * 40`` after a few words).
 
 Ordinary code repeats short units too (indentation, ``0000``, a few similar lines), but not over half of
-what it writes; the thresholds are set so that the README's answers of the frozen model pass and the
-answers reported in the issue this detector was written for do not (both are in the tests).
+what it writes; the thresholds are set so that ordinary code pass and the collapsed answers of an
+over-fitted Verilog expert (newlines, a newline-tab cycle) do not (both kinds are in the tests).
 """
 
 from __future__ import annotations
