@@ -76,7 +76,7 @@ class DyLoRATrainer(Trainer):
             loss = loss + self.training.rehearsal_weight * outputs.rehearsal_loss
             self._note("rehearsal_loss", outputs.rehearsal_loss)
         if self.training.kl_weight > 0 and self.anchors is not None:
-            kl = self.frozen_kl(model)
+            kl = self.frozen_kl()
             loss = loss + self.training.kl_weight * kl
             self._note("kl_to_frozen", kl)
         if self.training.balance_weight > 0 and outputs.router_logits is not None:
@@ -86,15 +86,17 @@ class DyLoRATrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     # ---------------------------------------------------------------- KL to the frozen model (distill.py)
-    def frozen_kl(self, model) -> torch.Tensor:
+    def frozen_kl(self) -> torch.Tensor:
         """KL(frozen || trained expert) on the next batch of anchor prompts: the expert is forced (the gate is
         not asked), the frozen logits come from the same backbone with no expert, without gradient."""
         core = self._core()
         ids, mask = self.anchors.batch(self.state.global_step, self.args.per_device_train_batch_size, core.device)
         with torch.no_grad(), core.force_expert(None):
             frozen = core(input_ids=ids, attention_mask=mask).logits
+        # the unwrapped model: a second forward through DDP in one step would mark its gradients ready twice;
+        # the anchor gradients join the task's in the same backward and are reduced with them
         with core.force_expert(self.anchors.expert_id):
-            logits = model(input_ids=ids, attention_mask=mask).logits
+            logits = core(input_ids=ids, attention_mask=mask).logits
         return kl_to_frozen(logits, frozen, mask)
 
     def _note(self, name: str, value: torch.Tensor) -> None:
