@@ -3,7 +3,8 @@
     python benchmarks/continual.py --stream configs/streams/shared-code.yaml --data-dir ../shared/data \\
         --out results/shared-code
     python benchmarks/continual.py --stream configs/streams/default.yaml --out runs/bench --methods dylora,base \\
-        --consolidation-steps 4 --max-train 16 --pass-limit 4 --humaneval-limit 8     # a quick look
+        --consolidation-steps 4 --max-train 16 --pass-limit 4 --humaneval-limit 8 \\
+        --freeform-limit 4     # a quick look
 
 Methods (see ``dylora_moe.evaluation.baselines``): dylora, spec_reference, sequential_lora, joint_lora,
 oracle_experts, base. Each trains with the stream's steps and rates (or the overrides below) and LoRA experts of
@@ -46,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="held-out problems per step scored by greedy decoding at the end (0: none)")
     p.add_argument("--humaneval-limit", type=int, default=BenchmarkConfig.humaneval_limit,
                    help="HumanEval problems for the retention score (0: none)")
+    p.add_argument("--freeform-limit", type=int, default=BenchmarkConfig.freeform_limit,
+                   help="free-form requests per skill asked the final system, chat and raw (0: none)")
     p.add_argument("--jobs", type=int, default=1, help="methods run at once, in separate processes")
     p.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -62,7 +65,8 @@ def configs(args: argparse.Namespace):
             skill.max_train = min(skill.max_train or args.max_train, args.max_train)
         if args.max_eval is not None:
             skill.max_eval = min(skill.max_eval or args.max_eval, args.max_eval)
-    bench = BenchmarkConfig(pass_limit=args.pass_limit, humaneval_limit=args.humaneval_limit)
+    bench = BenchmarkConfig(pass_limit=args.pass_limit, humaneval_limit=args.humaneval_limit,
+                            freeform_limit=args.freeform_limit)
     return stream, system, training, bench
 
 

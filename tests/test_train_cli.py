@@ -28,6 +28,10 @@ def test_run_writes_report_system_store_and_events(run):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skills"] == ["digits", "letters", "digits-again"]
     assert summary["novel"] == [True, True, False] and summary["experts"] == 2
+    # file sources have no free-form set of their own: the README's example requests are asked
+    assert [(r["skill"], r["form"]) for r in summary["freeform"]] == [("examples", "chat"), ("examples", "raw")]
+    assert all(0.0 <= r["degenerate"] <= 1.0 and r["samples"] for r in summary["freeform"])
+    assert "## Free-form requests" in (out / "report.md").read_text()
     store = SkillStore(out / "store.db")
     assert [e.expert_id for e in store.experts()] == [0, 1]
     assert [h["version"] for h in store.history(0)] == [1, 2]  # the repeated skill added a data version

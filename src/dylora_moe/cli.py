@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed-steps", type=int, default=None, help="override training.seed_steps")
     train.add_argument("--consolidation-steps", type=int, default=None, help="override training.consolidation_steps")
     train.add_argument("--max-train", type=int, default=None, help="cap training examples per skill")
+    train.add_argument("--freeform-limit", type=int, default=8, metavar="N",
+                       help="free-form requests per skill asked at the end, chat and raw, system and frozen "
+                            "model (0: skip)")
     add_registry_parsers(sub)
     add_serve_parser(sub)
     return parser
@@ -91,7 +94,7 @@ def record_error(args: argparse.Namespace, err: Exception) -> None:
                                                    kind=type(err).__name__)
 
 
-RUN_OPTIONS = ("model", "data_dir", "seed_steps", "consolidation_steps", "max_train")
+RUN_OPTIONS = ("model", "data_dir", "seed_steps", "consolidation_steps", "max_train", "freeform_limit")
 
 
 def resolve_run(args: argparse.Namespace) -> None:
@@ -105,7 +108,8 @@ def resolve_run(args: argparse.Namespace) -> None:
         saved = json.loads(run_file.read_text(encoding="utf-8"))
         args.out, args.stream = args.resume, args.resume / "stream.yaml"
         for key in RUN_OPTIONS:
-            setattr(args, key, saved[key])
+            if key in saved:  # runs started before an option existed keep its default
+                setattr(args, key, saved[key])
         return
     if args.stream is None or args.out is None:
         raise ValueError("give --stream and --out for a new run, or --resume DIR to continue one")
@@ -205,16 +209,30 @@ def run_training(args, stream, system, training, console: Console) -> int:
                 register_step(store, learner, record, checkpoint)
             state.wait_for_everyone()
             progress.advance(task)
-    seconds = time.perf_counter() - start
     if not main_process:
         return 0
+    freeform = freeform_evaluation(args, learner, console)
+    seconds = time.perf_counter() - start
     summary = write_report(args.out, learner.records, stream=stream.name, model=system.model,
-                           experts=model.experts.expert_ids, seconds=seconds, sources=DATA_NOTE)
+                           experts=model.experts.expert_ids, seconds=seconds, sources=DATA_NOTE, freeform=freeform)
     console.print(summary_table(summary))
     console.print(f"[bold]done in {seconds:.0f}s[/]: {summary['experts']} experts, routing accuracy "
                   f"{summary['routing_accuracy']:.3f}, BWT {summary['bwt_loss']:+.4f} nats")
     console.print(f"report: {args.out / 'report.md'}; system: {checkpoint}; store: {args.out / 'store.db'}")
     return 0
+
+
+def freeform_evaluation(args, learner, console: Console) -> list:
+    """Requests of each skill's domain from another source, answered by the trained system and the frozen
+    model (``evaluation/freeform.py``)."""
+    from .evaluation.freeform import evaluate_stream, trained_examples
+
+    if not args.freeform_limit:
+        return []
+    seen = trained_examples(learner.skills, args.data_dir)
+    with console.status("free-form requests: trained system and frozen model, chat and raw"):
+        return evaluate_stream(learner.model, learner.skills, seen, data_dir=args.data_dir,
+                               limit=args.freeform_limit)
 
 
 def register_step(store, learner, record, checkpoint: Path) -> None:

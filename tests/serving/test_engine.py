@@ -106,3 +106,16 @@ def test_job_manager_refuses_when_too_many_jobs_wait(two_experts):
     finally:
         release.set()
         jobs.close()
+
+
+def test_decoding_guard_is_off_by_default_and_applied_when_configured():
+    from dylora_moe.serving.engine import generation_config
+    from tests.conftest import build
+
+    model, request = build(), GenerationRequest("1+1=", max_tokens=4)
+    plain = generation_config(model, [request], ServerConfig())
+    assert plain.repetition_penalty == 1.0 and plain.no_repeat_ngram_size == 0
+    guarded = generation_config(model, [request], ServerConfig(repetition_penalty=1.3, no_repeat_ngram_size=4))
+    assert guarded.repetition_penalty == 1.3 and guarded.no_repeat_ngram_size == 4
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        ServerConfig(repetition_penalty=0.0)

@@ -172,3 +172,33 @@ def test_precision_auto_is_fp32_on_cpu_and_rejects_unknown():
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
     with pytest.raises(ValueError, match="precision"):
         TrainingConfig(precision="fp8")
+
+
+def test_kl_to_frozen_starts_at_zero_and_is_logged(tmp_path):
+    stream = StreamSpec("s", [skill_file(tmp_path, "digits", digits)])
+    learner = ContinualLearner(build(), stream, small_config(kl_weight=1.0, seed_lr=5e-2), tmp_path / "out")
+    record = learner.run_step(0)
+    kl = [e["kl_to_frozen"] for e in record.train_log if "kl_to_frozen" in e]
+    assert kl[0] == pytest.approx(0.0, abs=1e-6)  # peft starts B at zero: the system is the frozen model
+    assert max(kl) > 0.0
+
+
+def test_format_augmentation_of_the_training_set(tmp_path):
+    def padded(i):
+        return {"prompt": f"{i}+{i}=", "response": f"\n\t{2 * i}"}
+
+    stream = StreamSpec("s", [{**skill_file(tmp_path, "padded", padded), "format": {"chat": True}}])
+    model = build()
+    model.tokenizer.chat_template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+    plain = ContinualLearner(model, stream, small_config(strip_leading_blank_lines=False),
+                             tmp_path / "a").prepare(stream.skills[0])
+    augmented = ContinualLearner(model, stream, small_config(strip_leading_blank_lines=True, raw_copies=True),
+                                 tmp_path / "b").prepare(stream.skills[0])
+    assert len(augmented.train_set) == 2 * len(plain.train_set)
+    unk = model.tokenizer.unk_token_id  # the character tokenizer has no newline or tab
+    # "\n\t0" -> "\t0": the blank line goes, the indentation of the first line stays
+    assert plain.train_set[0]["input_ids"].count(unk) == 2 and augmented.train_set[0]["input_ids"].count(unk) == 1
+    chat_row, raw_row = augmented.train_set[0]["input_ids"], augmented.train_set[len(plain.train_set)]["input_ids"]
+    lt = model.tokenizer.convert_tokens_to_ids("<")
+    assert chat_row[0] == lt and raw_row[0] != lt  # the second copy is rendered without the chat template
+    assert len(augmented.eval_set) == len(plain.eval_set)  # evaluation keeps the source's format

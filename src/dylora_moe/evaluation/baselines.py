@@ -78,11 +78,12 @@ class OracleExperts(LabelledLearner):
 
 
 def spec_reference(system: DyLoRAConfig, training: TrainingConfig) -> tuple[DyLoRAConfig, TrainingConfig]:
-    """The design document's choices on top of a configuration (same experts, steps and rates)."""
+    """The design document's choices on top of a configuration (same experts, steps and rates): no gate
+    rehearsal or fit, and no KL to the frozen model (the spec's output-level mixing has no expert-free pass)."""
     router = dataclasses.replace(system.router, route_layer=None)
     novelty = dataclasses.replace(system.novelty, embed_on="text")
     return (dataclasses.replace(system, mixing="reference", router=router, novelty=novelty),
-            dataclasses.replace(training, rehearsal_weight=0.0, router_fit_steps=0))
+            dataclasses.replace(training, rehearsal_weight=0.0, router_fit_steps=0, kl_weight=0.0))
 
 
 LEARNERS: dict[str, type[ContinualLearner]] = {

@@ -9,6 +9,7 @@ included, so forward transfer is measured against the untrained model (``base``)
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from ..training.config import TrainingConfig
 from ..training.loop import ContinualLearner, StepRecord
 from ..training.measure import eval_loss, routing_entropy
 from .baselines import LEARNERS, spec_reference
+from .freeform import evaluate_stream, trained_examples
 from .generation import Checker, check_python_example, checker_for, score_examples
 from .metrics import average_accuracy, backward_transfer, forgetting, forward_transfer, novelty_scores
 
@@ -34,6 +36,8 @@ class BenchmarkConfig:
     Args:
         pass_limit: held-out problems per step scored by greedy decoding on the final system (0: none).
         humaneval_limit: HumanEval problems for the retention score of the final system (0: none).
+        freeform_limit: free-form requests per skill (``freeform.py``) asked the final system, with the
+            frozen model's answers beside them (0: none).
         generation_batch: prompts per generation batch.
         spider_cache: where the Spider dev databases are converted to SQLite (default: under the package cache,
             ``$DYLORA_CACHE``; never inside a results folder, since they hold the dataset).
@@ -41,6 +45,7 @@ class BenchmarkConfig:
 
     pass_limit: int = 16
     humaneval_limit: int = 40
+    freeform_limit: int = 8
     generation_batch: int = 16
     spider_cache: str = field(default_factory=lambda: str(cache_dir() / "spider-sqlite"))
 
@@ -92,6 +97,9 @@ def run_method(name: str, stream: StreamSpec, system: DyLoRAConfig, training: Tr
     }
     if bench.humaneval_limit > 0:
         raw["humaneval"] = humaneval_retention(model, bench)
+    if bench.freeform_limit > 0:
+        say(f"{name}: free-form requests")
+        raw["freeform"] = freeform_scores(model, learner, data_dir, bench)
     raw["seconds"] = time.perf_counter() - start
     return raw
 
@@ -119,6 +127,14 @@ def final_generation(model: DyLoRAMoE, learner: ContinualLearner, data_dir, benc
         scores.append({"skill": step.skill.name, "metric": result.metric, "checker": checker.name,
                        "score": result.score, "n": len(result.passed)})
     return scores
+
+
+def freeform_scores(model: DyLoRAMoE, learner: ContinualLearner, data_dir, bench: BenchmarkConfig) -> list[dict]:
+    """Free-form requests of every skill's domain, chat and raw, final system vs frozen model."""
+    seen = trained_examples(learner.skills, data_dir)
+    results = evaluate_stream(model, learner.skills, seen, data_dir=data_dir, limit=bench.freeform_limit,
+                              batch_size=bench.generation_batch, spider_cache=bench.spider_cache)
+    return [dataclasses.asdict(r) for r in results]
 
 
 def humaneval_retention(model: DyLoRAMoE, bench: BenchmarkConfig) -> dict:
@@ -158,6 +174,7 @@ def results_from(raw: dict[str, dict], *, stream: str, model: str) -> dict:
             "generation": r.get("generation", []),
             "generation_mean": mean_score(r.get("generation", [])),
             "humaneval": r.get("humaneval"),
+            "freeform": r.get("freeform", []),
         }
         if r.get("novel") and r.get("uses_router"):  # the label baselines are told the truth: nothing to score
             entry["novelty"] = novelty_scores(r["novel"], r["labels"])

@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from .freeform import markdown_table
+
 ORDER = ("dylora", "spec_reference", "sequential_lora", "joint_lora", "oracle_experts", "base")
 
 
@@ -133,6 +135,13 @@ def render(results: dict, *, command: str, seconds: float, notes: list[str]) -> 
         for name in gen_rows:
             scores = results["methods"][name]["generation"]
             lines.append(f"| {name} | " + " | ".join(f"{g['score']:.3f}" for g in scores) + " |")
+    free = [n for n in names if results["methods"][n].get("freeform")]
+    if free:
+        lines += ["", "## Free-form requests on the final system (chat template and raw; system / frozen model)", "",
+                  "Requests of each skill's domain from another source (`evaluation/freeform.py`); degenerate = "
+                  "empty, whitespace only or a repetition loop (`evaluation/degenerate.py`)."]
+        for name in free:
+            lines += ["", f"### {name}", "", *markdown_table(results["methods"][name]["freeform"])]
     novelty = [n for n in names if "novelty" in results["methods"][n]]
     if novelty:
         lines += ["", "## Novelty decisions against the true skill labels", "",
@@ -179,6 +188,14 @@ def targets(results: dict) -> list[str]:
     if d.get("humaneval") and m.get("base", {}).get("humaneval"):
         a, b = d["humaneval"]["score"], m["base"]["humaneval"]["score"]
         notes.append(f"HumanEval pass@1 after the stream {a:.3f} >= base {b:.3f}: {'met' if a >= b else 'MISSED'}")
+    for r in d.get("freeform", []):
+        ok = r["degenerate"] <= r["degenerate_frozen"]
+        notes.append(f"free-form {r['skill']} ({r['form']}): degenerate {r['degenerate']:.3f} <= frozen "
+                     f"{r['degenerate_frozen']:.3f}: {'met' if ok else 'MISSED'}")
+        if r["score"] is not None:
+            ok = r["score"] >= r["score_frozen"]
+            notes.append(f"free-form {r['skill']} ({r['form']}): {r['metric']} {r['score']:.3f} >= frozen "
+                         f"{r['score_frozen']:.3f}: {'met' if ok else 'MISSED'}")
     return notes
 
 

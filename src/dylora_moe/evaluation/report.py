@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from ..training.loop import StepRecord
+from .freeform import markdown_table
 from .metrics import bwt_loss, routing_accuracy
 
 
@@ -94,10 +96,11 @@ def plot_expert_count(summary: dict, path: Path) -> None:
 
 
 def write_report(out: Path, records: Sequence[StepRecord], *, stream: str, model: str, experts: Sequence[int],
-                 seconds: float, sources: str = "") -> dict:
+                 seconds: float, sources: str = "", freeform: Sequence = ()) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(records, stream=stream, model=model, experts=experts)
     summary["total_seconds"] = seconds
+    summary["freeform"] = [r if isinstance(r, dict) else dataclasses.asdict(r) for r in freeform]
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     plot_loss_matrix(summary, out / "loss_matrix.png")
     plot_routing(records, experts, out / "routing.png")
@@ -126,6 +129,16 @@ def render_markdown(summary: dict, records: Sequence[StepRecord], sources: str) 
               "|---|" + "---:|" * len(records)]
     for i, row in enumerate(summary["loss_matrix"]):
         lines.append(f"| {i} | " + " | ".join("" if v is None else f"{v:.3f}" for v in row) + " |")
+    if summary.get("freeform"):
+        lines += ["", "## Free-form requests (not in any training format)", "",
+                  "Requests of each skill's domain from another source, with the chat template and as a raw "
+                  "completion, answered greedily by the trained system and by the frozen model. Degenerate: "
+                  "empty, whitespace only, or a repetition loop (`evaluation/degenerate.py`).", "",
+                  *markdown_table(summary["freeform"])]
+        for r in summary["freeform"]:
+            for sample in r["samples"][:1]:
+                lines += ["", f"**{r['skill']}, {r['form']}:** {sample['request'][:200]!r}", "",
+                          f"- system: `{sample['routed'][:300]!r}`", f"- frozen: `{sample['frozen'][:300]!r}`"]
     lines += ["", "![loss matrix](loss_matrix.png)", "", "![routing](routing.png)", "",
               "![experts](experts.png)", ""]
     if sources:

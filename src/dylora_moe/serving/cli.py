@@ -29,6 +29,10 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default=None, help="override the saved dtype (float32, bfloat16, float16)")
     p.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--max-batch", type=int, default=8, help="requests generated together")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="decoding guard: penalty on tokens already generated (1.0: off)")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0,
+                   help="decoding guard: never repeat an n-gram of this size (0: off)")
     p.add_argument("--seed-steps", type=int, default=8, help="seeding steps of an uploaded new skill")
     p.add_argument("--consolidation-steps", type=int, default=16, help="consolidation steps of an uploaded skill")
     p.add_argument("--train-batch-size", type=int, default=4, help="sequences per training step")
@@ -44,6 +48,7 @@ def server_config(args: argparse.Namespace):
                               report_to=["none"])
     return ServerConfig(model_name=args.model_name, api_key=args.api_key, max_tokens_cap=args.max_tokens_cap,
                         default_max_tokens=min(64, args.max_tokens_cap), max_batch=args.max_batch,
+                        repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
                         training=training)
 
 

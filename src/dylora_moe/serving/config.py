@@ -25,6 +25,11 @@ class ServerConfig:
         max_batch: requests generated together in one batch (each sequence is still routed on its own).
         max_upload_examples, max_example_chars: caps on a skill upload.
         max_pending_jobs: skill jobs queued or running at once; more are refused with 429.
+        repetition_penalty, no_repeat_ngram_size: a decoding guard against greedy loops, applied to every
+            request (``transformers``' CTRL-style penalty on tokens already in the sequence, and a ban on
+            repeating any n-gram of that size); 1.0 and 0 turn it off, the default: the experts themselves are
+            trained not to loop (see ``TrainingConfig.kl_weight``), and a penalty also hurts code, which repeats
+            tokens legitimately.
         training: how an uploaded skill is learned (steps, batch, sequence length); small by default.
     """
 
@@ -39,6 +44,8 @@ class ServerConfig:
     max_upload_examples: int = 2000
     max_example_chars: int = 20_000
     max_pending_jobs: int = 4
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
     training: TrainingConfig = field(default_factory=lambda: TrainingConfig(
         seed_steps=8, consolidation_steps=16, batch_size=4, max_length=256, router_fit_steps=200,
         report_to=["none"], logging_steps=4))
@@ -51,6 +58,9 @@ class ServerConfig:
                      "max_pending_jobs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.repetition_penalty <= 0 or self.no_repeat_ngram_size < 0:
+            raise ValueError(f"repetition_penalty must be > 0 and no_repeat_ngram_size >= 0, got "
+                             f"{self.repetition_penalty} and {self.no_repeat_ngram_size}")
         if self.default_max_tokens > self.max_tokens_cap:
             raise ValueError(f"default_max_tokens={self.default_max_tokens} exceeds max_tokens_cap="
                              f"{self.max_tokens_cap}: lower it or raise the cap")

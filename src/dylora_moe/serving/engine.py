@@ -174,7 +174,7 @@ class Engine:
         streamer = _Deltas(tok, group[0]) if group[0].on_event is not None else None
         start = time.perf_counter()
         out = model.generate(input_ids=input_ids, attention_mask=mask,
-                             generation_config=generation_config(model, group),
+                             generation_config=generation_config(model, group, self.config),
                              stopping_criteria=StoppingCriteriaList([stop]), streamer=streamer)
         seconds = time.perf_counter() - start
         self.metrics.batch_size.observe(len(group))
@@ -187,8 +187,11 @@ class Engine:
             r.future.set_result(gen)
 
 
-def generation_config(model: DyLoRAMoE, group: list[GenerationRequest]):
+def generation_config(model: DyLoRAMoE, group: list[GenerationRequest], server: ServerConfig | None = None):
     cfg = copy.deepcopy(model.backbone.generation_config)
+    if server is not None:  # the optional decoding guard (ServerConfig)
+        cfg.repetition_penalty = server.repetition_penalty
+        cfg.no_repeat_ngram_size = server.no_repeat_ngram_size
     tok = model.tokenizer
     cfg.max_new_tokens = max(r.max_tokens for r in group)
     cfg.max_length = None

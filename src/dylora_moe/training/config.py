@@ -27,6 +27,13 @@ class TrainingConfig:
             the new skill routes to its new expert from the first step and the expert gets the whole gradient)
             and after it (so every stored skill routes to its expert); 0 turns it off.
         balance_weight: weight of the load-balancing auxiliary loss (Switch Transformer form), 0 = off.
+        kl_weight: weight of KL(frozen model || trained expert) on anchor prompts, requests that are not in
+            the training format (``training/distill.py``): keeps what the frozen model does outside the skill's
+            format; 0 = off.
+        anchors_per_skill: anchor prompts taken from each earlier skill (the skill's own: one per example).
+        strip_leading_blank_lines: drop the blank lines a training response starts with (``data/augment.py``).
+        raw_copies: also train on every example without the chat template (the prompt as plain text), so the
+            expert learns the skill and not one rendering of it.
         eval_batch_size: sequences per evaluation forward.
         report_to: Trainer loggers (tensorboard, wandb, mlflow when installed; "none" for none).
         precision: autocast of the training forwards: ``auto`` is bf16 on an accelerator that supports it and
@@ -49,6 +56,10 @@ class TrainingConfig:
     rehearsal_weight: float = field(default=1.0, metadata={"help": "weight of router rehearsal loss"})
     router_fit_steps: int = field(default=200, metadata={"help": "gate fit steps before/after each skill"})
     balance_weight: float = field(default=0.0, metadata={"help": "weight of load-balancing loss"})
+    kl_weight: float = field(default=0.5, metadata={"help": "weight of KL to the frozen model on anchor prompts"})
+    anchors_per_skill: int = field(default=16, metadata={"help": "anchor prompts from each earlier skill"})
+    strip_leading_blank_lines: bool = field(default=True, metadata={"help": "drop responses' leading blank lines"})
+    raw_copies: bool = field(default=False, metadata={"help": "also train without the chat template"})
     eval_batch_size: int = field(default=8, metadata={"help": "sequences per eval forward"})
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={"help": "Trainer loggers"})
     precision: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 | fp16 (training autocast)"})
@@ -66,6 +77,8 @@ class TrainingConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
+        if self.kl_weight < 0:
+            raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
         if isinstance(self.report_to, str):
             self.report_to = [self.report_to]
 

@@ -27,6 +27,7 @@ import torch
 import transformers
 from transformers import TrainingArguments
 
+from ..data.augment import normalise_example
 from ..data.preprocess import build_dataset, render_prompt
 from ..data.sources import Example
 from ..data.stream import SkillSpec, StreamSpec, load_examples, split_examples
@@ -34,6 +35,7 @@ from ..model import DyLoRAMoE
 from ..novelty import NoveltyResult
 from ..routing.fit import fit_gate
 from .config import TrainingConfig, resolve_precision
+from .distill import Anchors, anchor_texts
 from .measure import collator, eval_loss, routed_experts, routing_entropy
 from .rehearsal import RoutingMemory
 from .trainer import DyLoRATrainer
@@ -116,9 +118,19 @@ class ContinualLearner:
         train, held = train[: skill.max_train], held[: skill.max_eval]
         cfg, tok = self.training, self.model.tokenizer
         chat = skill.format.chat
-        return StepData(skill, train, held,
-                        build_dataset(tok, train, max_length=cfg.max_length, chat=chat, packing=cfg.packing),
+        return StepData(skill, train, held, self.train_dataset(train, chat),
                         build_dataset(tok, held, max_length=cfg.max_length, chat=chat, packing=False))
+
+    def train_dataset(self, train: list[Example], chat: bool) -> datasets.Dataset:
+        """The training sequences, after the format augmentation the training config asks for."""
+        cfg, tok = self.training, self.model.tokenizer
+        if cfg.strip_leading_blank_lines:
+            train = [normalise_example(e) for e in train]
+        built = build_dataset(tok, train, max_length=cfg.max_length, chat=chat, packing=cfg.packing)
+        if cfg.raw_copies and chat:
+            raw = build_dataset(tok, train, max_length=cfg.max_length, chat=False, packing=cfg.packing)
+            built = datasets.concatenate_datasets([built, raw])
+        return built
 
     def prompts(self, step: StepData, examples: list[Example]) -> list[str]:
         return [render_prompt(self.model.tokenizer, e.prompt, step.skill.format.chat) for e in examples]
@@ -210,11 +222,21 @@ class ContinualLearner:
         )
         trainer = DyLoRATrainer(model=self.model, args=args, train_dataset=self.training_set(i, data),
                                 data_collator=collator(self.model), training=cfg, seed_steps=seed_steps,
-                                memory=self.memory if self.trains_router else None)
+                                memory=self.memory if self.trains_router else None,
+                                anchors=self.anchors(i, data, result.expert_id) if cfg.kl_weight > 0 else None)
         trainer.train()
         self.model.set_trainable([], router=False)
         self.model.eval()
         return [entry for entry in trainer.state.log_history if "loss" in entry or "task_loss" in entry]
+
+    def anchors(self, i: int, data: StepData, expert_id: int) -> Anchors:
+        """Anchor prompts of the KL to the frozen model: this skill's requests without their code, and prompts of
+        the skills seen before (``training/distill.py``)."""
+        others = [step for j, step in enumerate(self.steps[:i])  # a returning skill's own prompts are no anchor
+                  if j < len(self.records) and self.records[j].novelty.expert_id != expert_id]
+        earlier = [p for step in others for p in self.prompts(step, step.train[: self.training.anchors_per_skill])]
+        texts = anchor_texts(self.model.tokenizer, [e.prompt for e in data.train], earlier)
+        return Anchors(self.model.tokenizer, texts, expert_id, max_length=self.training.max_length)
 
     def measure(self, i: int, data: StepData, result: NoveltyResult, seconds: float) -> StepRecord:
         losses: list[float | None] = [None] * len(self.skills)

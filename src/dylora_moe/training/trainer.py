@@ -1,8 +1,8 @@
 """``DyLoRATrainer``: the Hugging Face Trainer with the two-phase schedule and the router's extra losses.
 
 Only the documented extension points change: ``create_optimizer`` (one group for the trainable expert, one
-for the gate), ``create_scheduler`` (the two-phase ``LambdaLR``), ``compute_loss`` (router rehearsal and
-the optional load-balancing loss) and ``log`` (their running means).
+for the gate), ``create_scheduler`` (the two-phase ``LambdaLR``), ``compute_loss`` (router rehearsal, the
+optional load-balancing loss and the KL to the frozen model) and ``log`` (their running means).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from transformers import Trainer
 
 from ..routing.losses import load_balancing_loss
 from .config import TrainingConfig
+from .distill import Anchors, kl_to_frozen
 from .rehearsal import RoutingMemory
 from .schedule import two_phase_scheduler
 
@@ -23,14 +24,17 @@ class DyLoRATrainer(Trainer):
         training: rates, phase lengths and loss weights.
         seed_steps: steps of phase 1 for this run (0 for a recognised skill: consolidation only).
         memory: stored routing features rehearsed by the gate at every step.
+        anchors: token ids of prompts on which the trained expert is pulled towards the frozen model
+            (``training/distill.py``), and the expert that is, when ``training.kl_weight`` > 0.
     """
 
     def __init__(self, *args, training: TrainingConfig, seed_steps: int, memory: RoutingMemory | None = None,
-                 **kwargs) -> None:
+                 anchors: Anchors | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.training = training
         self.seed_steps = seed_steps
         self.memory = memory
+        self.anchors = anchors
         self._rehearsal = None  # the memory does not change while one skill trains: batch it once
         self._extra: dict[str, torch.Tensor] = {}  # per loss term: its sum over the steps since the last log
         self._logged_step = 0
@@ -84,11 +88,29 @@ class DyLoRATrainer(Trainer):
         if outputs.rehearsal_loss is not None:
             loss = loss + share * self.training.rehearsal_weight * outputs.rehearsal_loss
             self._note("rehearsal_loss", outputs.rehearsal_loss, 1.0 / steps)
+        if self.training.kl_weight > 0 and self.anchors is not None:
+            kl = self.frozen_kl()
+            loss = loss + share * self.training.kl_weight * kl
+            self._note("kl_to_frozen", kl, 1.0 / steps)
         if self.training.balance_weight > 0 and outputs.router_logits is not None:
             balance = load_balancing_loss(outputs.router_logits, core.router.temperature)
             loss = loss + share * self.training.balance_weight * balance
             self._note("balance_loss", balance, 1.0 / steps)
         return (loss, outputs) if return_outputs else loss
+
+    # ---------------------------------------------------------------- KL to the frozen model (distill.py)
+    def frozen_kl(self) -> torch.Tensor:
+        """KL(frozen || trained expert) on the next batch of anchor prompts: the expert is forced (the gate is
+        not asked), the frozen logits come from the same backbone with no expert, without gradient."""
+        core = self._core()
+        ids, mask = self.anchors.batch(self.state.global_step, self.args.per_device_train_batch_size, core.device)
+        with torch.no_grad(), core.force_expert(None):
+            frozen = core(input_ids=ids, attention_mask=mask).logits
+        # the unwrapped model: a second forward through DDP in one step would mark its gradients ready twice;
+        # the anchor gradients join the task's in the same backward and are reduced with them
+        with core.force_expert(self.anchors.expert_id):
+            logits = core(input_ids=ids, attention_mask=mask).logits
+        return kl_to_frozen(logits, frozen, mask)
 
     def _note(self, name: str, value: torch.Tensor, share: float) -> None:
         """Accumulate this micro-batch's part of an optimizer step's loss term; kept on the device (a host read

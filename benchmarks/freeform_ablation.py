@@ -1,0 +1,129 @@
+"""Why experts answer ordinary requests with whitespace, and which recipe change stops it: one skill trained
+alone under each variant of the recipe, then asked free-form requests of its domain (chat template and raw).
+
+    python benchmarks/freeform_ablation.py --skill verilogeval --out results/freeform_ablation_verilog.json \\
+        --arm frozen --arm "before:kl_weight=0,strip_leading_blank_lines=false" --arm recipe --limit 8 \\
+        --max-new-tokens 64
+
+Each ``--arm NAME[:field=value,...]`` sets ``TrainingConfig`` fields (``repetition_penalty=...`` is a
+decoding option instead). ``--system DIR`` asks a system trained elsewhere (``dylora train``'s OUT/system)
+instead; the arm ``frozen`` then asks its backbone with no expert. The requests are the tuning set: the
+skill's own source phrased as requests, on problems the skill does not train on (VerilogEval Human
+descriptions without the module header; HumanEval problems as requests); the reported evaluation
+(``dylora train``'s report, the benchmark) uses other sources.
+Reports per arm: eval loss in the training format, degenerate rate and kinds per form, the first answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import time
+from pathlib import Path
+
+from dylora_moe import DyLoRAConfig, DyLoRAMoE
+from dylora_moe.data.sources import humaneval
+from dylora_moe.data.stream import SkillSpec, StreamSpec
+from dylora_moe.evaluation.degenerate import degenerate_kind
+from dylora_moe.evaluation.freeform import EXAMPLE_REQUESTS, humaneval_request, verilog_requests
+from dylora_moe.training.config import TrainingConfig
+from dylora_moe.training.loop import ContinualLearner
+from results import write_json
+
+SKILLS = {
+    "verilogeval": SkillSpec("verilogeval", {"type": "builtin", "name": "verilogeval"}, max_train=96, max_eval=24),
+    "humaneval": SkillSpec("humaneval", {"type": "builtin", "name": "humaneval", "stop": 82}, max_eval=24),
+}
+
+
+def parse_arm(text: str) -> tuple[str, dict]:
+    name, _, rest = text.partition(":")
+    values = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        values[key.strip()] = yaml_value(value.strip())
+    return name, values
+
+
+def yaml_value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def tuning_requests(skill: str, train_examples, limit: int) -> list[str]:
+    seen = {e.meta.get("task_id") for e in train_examples}
+    if skill == "verilogeval":  # the shortest problem statements: what a user types, and cheap to answer
+        requests = sorted((e.prompt for e in verilog_requests("Human", exclude_tasks=seen, limit=200)), key=len)
+        requests = requests[:limit]
+        return requests + [r for r in EXAMPLE_REQUESTS if "Verilog" in r]
+    problems = [humaneval_request(e).prompt for e in humaneval() if e.meta["task_id"] not in seen][:limit]
+    return problems + [r for r in EXAMPLE_REQUESTS if "Python" in r]
+
+
+def run_arm(name: str, values: dict, args) -> dict:
+    penalty = values.pop("repetition_penalty", None)
+    training = TrainingConfig(**{"seed_steps": 8, "consolidation_steps": 16, "batch_size": 4, "max_length": 256,
+                                 "report_to": ["none"], "router_fit_steps": 50, **values})
+    if args.system is not None:  # a system trained elsewhere (e.g. `dylora train`'s OUT/system): ask it only
+        model, name = DyLoRAMoE.from_pretrained(args.system).eval(), "frozen" if name == "frozen" else name
+    else:
+        model = DyLoRAMoE.from_config(DyLoRAConfig(device="cpu")).eval()
+    stream = StreamSpec("ablation", [dataclasses.replace(SKILLS[args.skill])])
+    learner = ContinualLearner(model, stream, training, args.out.parent / "ablation-logs" / name)
+    start = time.perf_counter()
+    trains = name != "frozen" and args.system is None
+    record = learner.run_step(0) if trains else None
+    seconds = time.perf_counter() - start
+    data = learner.steps[0] if learner.steps else learner.prepare(stream.skills[0])
+    requests = tuning_requests(args.skill, data.train, args.limit)
+    row = {"arm": name, "overrides": values, "repetition_penalty": penalty, "train_seconds": seconds,
+           "eval_loss": record.losses[0] if record else None, "forms": {}}
+    for form in ("chat", "raw"):
+        prompts = requests if form == "chat" else [r + "\n" for r in requests]
+        kwargs = {"repetition_penalty": penalty} if penalty else {}
+        with model.force_expert(None) if name == "frozen" and model.num_experts else contextlib.nullcontext():
+            answers = complete(model, prompts, form == "chat", args.max_new_tokens, **kwargs)
+        kinds = [degenerate_kind(a) for a in answers]
+        row["forms"][form] = {"degenerate": sum(k is not None for k in kinds) / len(kinds),
+                              "kinds": {k: kinds.count(k) for k in set(kinds) if k},
+                              "answers": [{"request": r, "answer": a}
+                                          for r, a in zip(requests, answers, strict=True)][-3:]}
+    print(name, {f: v["degenerate"] for f, v in row["forms"].items()}, "eval_loss", row["eval_loss"], flush=True)
+    return row
+
+
+def complete(model, prompts, chat: bool, max_new_tokens: int, **kwargs) -> list[str]:
+    if not kwargs:
+        return model.complete(prompts, chat=chat, max_new_tokens=max_new_tokens, batch_size=16)
+    tok = model.tokenizer
+    if chat:
+        prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in prompts]
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, **kwargs)
+    return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--skill", choices=sorted(SKILLS), default="verilogeval")
+    p.add_argument("--arm", action="append", default=[], help="NAME[:field=value,...]; 'frozen' trains nothing")
+    p.add_argument("--limit", type=int, default=12, help="requests from the dataset (plus the README's)")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--system", type=Path, default=None,
+                   help="ask this saved system instead of training one (arms then only name decoding options)")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    rows = []
+    for arm in args.arm or ["frozen", "baseline"]:
+        rows.append(run_arm(*parse_arm(arm), args))
+        write_json(args.out, {"skill": args.skill, "limit": args.limit, "max_new_tokens": args.max_new_tokens,
+                              "arms": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Degenerate outputs: what a model writes when it has collapsed instead of answering.
+
+A completion is degenerate when it is
+
+- ``empty``: no characters at all;
+- ``whitespace``: only spaces, tabs and newlines (the failure of an expert over-fitted to responses that start
+  with a newline and tabs: it answers an ordinary request with a run of newlines);
+- ``loop``: one unit of at most ``max_unit`` characters repeated at least ``min_repeats`` times in a row,
+  the run covering at least ``min_share`` of the completion (greedy decoding stuck in a cycle such as
+  ``"a = a;\\n" * 20`` or ``"\\n\\t" * 40`` after a few words).
+
+Ordinary code repeats short units too (indentation, ``0000``, a few similar lines), but not over half of
+what it writes; the thresholds are set so that ordinary code pass and the collapsed answers of an
+over-fitted Verilog expert (newlines, a newline-tab cycle) do not (both kinds are in the tests).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+KINDS = ("empty", "whitespace", "loop")
+
+
+def repeated_run(text: str, *, max_unit: int = 64, min_repeats: int = 4) -> tuple[int, str]:
+    """Length and unit of the longest run of one unit repeated ``min_repeats``+ times back to back."""
+    pattern = re.compile(rf"(.{{1,{max_unit}}}?)\1{{{min_repeats - 1},}}", re.DOTALL)
+    best, unit = 0, ""
+    for start in range(len(text)):
+        match = pattern.match(text, start)
+        if match and match.end() - start > best:
+            best, unit = match.end() - start, match.group(1)
+            if best == len(text) - start:
+                break  # no later run can be longer
+    return best, unit
+
+
+def degenerate_kind(text: str, *, max_unit: int = 64, min_repeats: int = 4, min_share: float = 0.5) -> str | None:
+    """``"empty"``, ``"whitespace"``, ``"loop"`` or ``None`` for an answer that is none of these."""
+    if not text:
+        return "empty"
+    if not text.strip():
+        return "whitespace"
+    run, _ = repeated_run(text, max_unit=max_unit, min_repeats=min_repeats)
+    return "loop" if run >= min_share * len(text) else None
+
+
+def is_degenerate(text: str, **kwargs) -> bool:
+    return degenerate_kind(text, **kwargs) is not None
+
+
+def degenerate_rate(texts: Sequence[str], **kwargs) -> float:
+    """Share of ``texts`` that are degenerate (0.0 for no texts)."""
+    return sum(is_degenerate(t, **kwargs) for t in texts) / len(texts) if texts else 0.0

@@ -1,0 +1,301 @@
+"""Free-form evaluation: requests of a skill's domain written the way a user writes them, not in the training
+format, answered with the chat template and as a raw completion, by the routed system and by the frozen model.
+
+The loss matrix measures a skill in its training format only. An expert can fit that format and still answer
+an ordinary request of its own domain with a run of newlines; this evaluation catches that. Each skill gets
+requests from another source of its domain (``requests_for``):
+
+- VerilogEval (Human split) -> VerilogEval's Machine descriptions of problems the skill did not train on,
+  as "Write a Verilog module that ..." (no module header);
+- HumanEval -> MBPP tasks with their first test ("Write a function to ..."), scored by execution; without a
+  data directory, HumanEval problems the stream never trains on, rephrased as a request;
+- MBPP -> HumanEval problems rephrased as requests, scored by execution;
+- HumanEval-X JavaScript -> MBPP tasks asked in JavaScript;
+- Spider -> questions outside the stream's slice with the schema in words, scored by execution match;
+- NL2Bash -> descriptions outside the stream's slice asked as "How do I ... in bash?" (exact match of the
+  command as a reference score);
+- general ability (with a data directory) -> CodeAlpaca instructions; and the README's example requests.
+
+Every answer is checked by the degenerate-output detector (``degenerate.py``); execution scores run only in
+the sandbox of ``execution.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..data.sources import Example, codealpaca, humaneval, mbpp, nl2bash, package_file, read_jsonl, spider
+from ..data.stream import SkillSpec, load_examples, split_examples
+from ..model import DyLoRAMoE
+from .degenerate import degenerate_kind
+from .execution import check_python
+from .generation import extract_code, normalise, sql_checker, trim_python
+
+# What a user of the README's demo asks; the real-model test checks these get code, not whitespace.
+EXAMPLE_REQUESTS = (
+    "Write a Verilog module for a 2-input AND gate.",
+    "Write a Verilog module that implements a 4-bit counter with synchronous reset.",
+    "Write a Python function that returns the factorial of n.",
+    "Write a Python function that checks whether a string is a palindrome.",
+)
+FORMS = ("chat", "raw")
+
+
+@dataclass
+class FreeformSet:
+    """Requests of one skill's domain: ``examples`` hold the request as ``prompt`` (and what a checker needs
+    in ``response``/``meta``); ``check(example, completion) -> passed`` where the domain allows a score."""
+
+    skill: str
+    source: str  # where the requests come from, for the report
+    examples: list[Example]
+    check: Callable[[Example, str], bool] | None = None
+    metric: str | None = None  # pass@1, execution_match or exact_match
+    max_new_tokens: int = 96
+
+
+@dataclass
+class FreeformResult:
+    """One set in one form, answered by the routed system and by the frozen model."""
+
+    skill: str
+    source: str
+    form: str
+    n: int
+    degenerate: float
+    degenerate_frozen: float
+    kinds: dict[str, int] = field(default_factory=dict)
+    metric: str | None = None
+    score: float | None = None
+    score_frozen: float | None = None
+    samples: list[dict[str, str]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- request sets
+def verilog_requests(split: str = "Machine", *, exclude_tasks: set[str] = frozenset(),
+                     limit: int = 16) -> list[Example]:
+    """VerilogEval descriptions as requests without the module header: the Machine split's one-line summaries
+    ("This module ...") or the Human split's problem statements."""
+    pip_name = "nvidia-bigcode-eval==26.3"
+    path = f"tasks/datasets/verilog/VerilogDescription_{split}.jsonl"
+    rows = read_jsonl(package_file("bigcode_eval", path, pip_name))
+    out = []
+    for r in rows:
+        if r["task_id"] in exclude_tasks:
+            continue
+        text = (r.get("simple_description") or r["detail_description"]).strip()
+        if text.startswith("This module "):
+            request = "Write a Verilog module that " + text[len("This module "):]
+        else:
+            request = f"Write a Verilog module named top_module for this task.\n{text}"
+        out.append(Example(request, "", {"task_id": r["task_id"]}))
+    return out[:limit]
+
+
+def humaneval_request(example: Example) -> Example:
+    """A HumanEval problem as a user request: the docstring's text and the signature, no code to continue."""
+    prompt, entry = example.prompt, example.meta["entry_point"]
+    signature = next((line.strip() for line in prompt.splitlines() if line.startswith(f"def {entry}(")), entry)
+    doc = re.search(r'("""|\'\'\')(.*?)(\1|\Z)', prompt.split(f"def {entry}(", 1)[-1], re.DOTALL)
+    text = " ".join((doc.group(2) if doc else "").split())
+    text = re.split(r"\s(?:>>>|For example|Example)", text)[0].strip()
+    imports = "\n".join(line for line in prompt.splitlines() if line.startswith(("import ", "from ")))
+    request = f"Write a Python function `{signature.removeprefix('def ').rstrip(':')}`. {text}"
+    return Example(request, "", {**example.meta, "imports": imports})
+
+
+def check_humaneval_request(example: Example, completion: str) -> bool:
+    program = example.meta.get("imports", "") + "\n" + trim_python(extract_code(completion))
+    return check_python(program, f"{example.meta['test']}\ncheck({example.meta['entry_point']})").passed
+
+
+def mbpp_request(example: Example, language: str = "Python") -> Example:
+    text = example.prompt.strip().strip('"').strip().splitlines()[0]
+    if language == "Python":
+        return Example(f"{text}\nYour code should pass this test:\n{example.meta['test_list'][0]}", "", example.meta)
+    return Example(f"{text.replace('Write a function', f'Write a {language} function')}", "", example.meta)
+
+
+def check_mbpp_request(example: Example, completion: str) -> bool:
+    tests = example.meta.get("test_setup_code", "") + "\n" + "\n".join(example.meta["test_list"])
+    return check_python(trim_python(extract_code(completion)), tests).passed
+
+
+def spider_request(example: Example) -> Example:
+    tables = "; ".join(line.removeprefix("-- ") for line in example.prompt.splitlines()
+                       if line.startswith("-- ") and "(" in line and not line.startswith("-- question"))
+    question = example.prompt.split("-- question:", 1)[-1].strip()
+    request = f"The database {example.meta['db']} has the tables {tables}. Write an SQL query: {question}"
+    return Example(request, example.response, example.meta)
+
+
+def nl2bash_request(example: Example) -> Example:
+    text = example.prompt.removeprefix("# ").strip().rstrip(".")
+    return Example(f"How do I {text[:1].lower() + text[1:]} in bash?", example.response, example.meta)
+
+
+def check_exact(example: Example, completion: str) -> bool:
+    return normalise(completion) == normalise(example.response)
+
+
+def _outside(examples: Sequence[Example], seen: set[str], limit: int, *, from_end: bool = True) -> list[Example]:
+    """Examples of a source the stream does not use, taken from the end of the source."""
+    ordered = reversed(examples) if from_end else examples
+    return [e for e in ordered if e.text not in seen][:limit]
+
+
+def requests_for(skill: SkillSpec, *, seen: set[str], seen_tasks: set[str], data_dir: str | Path | None,
+                 limit: int, spider_cache: str | Path | None = None) -> FreeformSet | None:
+    """The free-form set of one skill, or ``None`` when its domain has none here (e.g. no data directory)."""
+    src = skill.source
+    if src.type != "builtin":
+        return None
+    if src.name == "verilogeval":
+        other = "Machine" if (src.split or "Human") == "Human" else "Human"
+        return FreeformSet(skill.label, f"VerilogEval {other} descriptions",
+                           verilog_requests(other, exclude_tasks=seen_tasks, limit=limit))
+    if src.name == "humaneval" or (src.name == "humaneval-x" and src.language == "python"):
+        if data_dir is not None:
+            tasks = [mbpp_request(e) for e in _outside(mbpp(data_dir), seen, limit, from_end=False)]
+            return FreeformSet(skill.label, "MBPP tasks", tasks, check_mbpp_request, "pass@1")
+        problems = [humaneval_request(e) for e in humaneval() if e.text not in seen][:limit]
+        return FreeformSet(skill.label, "HumanEval problems not trained on, as requests", problems,
+                           check_humaneval_request, "pass@1") if problems else None
+    if data_dir is None:
+        return None
+    if src.name == "mbpp":
+        problems = [humaneval_request(e) for e in humaneval()[:limit]]
+        return FreeformSet(skill.label, "HumanEval problems as requests", problems, check_humaneval_request,
+                           "pass@1")
+    if src.name == "humaneval-x":
+        return FreeformSet(skill.label, "MBPP tasks asked in JavaScript",
+                           [mbpp_request(e, "JavaScript")
+                            for e in _outside(mbpp(data_dir), seen, limit, from_end=False)])
+    if src.name == "spider":
+        checker = sql_checker(data_dir, spider_cache) if spider_cache else sql_checker(data_dir, _cache())
+        return FreeformSet(skill.label, "Spider questions outside the stream, schema in words",
+                           [spider_request(e) for e in _outside(spider(data_dir), seen, limit)],
+                           lambda e, c: checker.check(e, c), "execution_match", max_new_tokens=96)
+    if src.name == "nl2bash":
+        return FreeformSet(skill.label, "NL2Bash descriptions outside the stream, as questions",
+                           [nl2bash_request(e) for e in _outside(nl2bash(data_dir), seen, limit)],
+                           check_exact, "exact_match", max_new_tokens=64)
+    return None
+
+
+def _cache() -> Path:
+    from ..backbone import cache_dir
+
+    return cache_dir() / "spider-sqlite"
+
+
+def general_sets(data_dir: str | Path | None, limit: int) -> list[FreeformSet]:
+    """General ability: the README's example requests, and CodeAlpaca instructions with a data directory."""
+    sets = [FreeformSet("examples", "README example requests", [Example(r, "") for r in EXAMPLE_REQUESTS])]
+    if data_dir is not None:
+        instructions = [Example(e.prompt.strip(), e.response) for e in codealpaca(data_dir)[:limit]]
+        sets.append(FreeformSet("general", "CodeAlpaca instructions", instructions))
+    return sets
+
+
+# ---------------------------------------------------------------- evaluation
+def answer(model: DyLoRAMoE, prompts: Sequence[str], *, form: str, frozen: bool, max_new_tokens: int,
+           batch_size: int) -> list[str]:
+    """Greedy answers of the routed system, or of the frozen model (no expert) through the same path."""
+    chat = form == "chat"
+    texts = list(prompts) if chat else [p.rstrip() + "\n" for p in prompts]
+    if frozen and model.num_experts:
+        with model.force_expert(None):
+            return model.complete(texts, chat=chat, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return model.complete(texts, chat=chat, max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+
+def evaluate_set(model: DyLoRAMoE, fset: FreeformSet, *, forms: Sequence[str] = FORMS, batch_size: int = 16,
+                 samples: int = 2, frozen_answers: dict | None = None) -> list[FreeformResult]:
+    """Each form of ``fset`` answered by the routed system and the frozen model. ``frozen_answers`` caches the
+    frozen model's answers across calls (they do not change while experts train)."""
+    results = []
+    prompts = [e.prompt for e in fset.examples]
+    for form in forms:
+        routed = answer(model, prompts, form=form, frozen=False, max_new_tokens=fset.max_new_tokens,
+                        batch_size=batch_size)
+        key = (fset.skill, fset.source, form, len(prompts))
+        frozen = frozen_answers.get(key) if frozen_answers is not None else None
+        if frozen is None:
+            frozen = answer(model, prompts, form=form, frozen=True, max_new_tokens=fset.max_new_tokens,
+                            batch_size=batch_size)
+            if frozen_answers is not None:
+                frozen_answers[key] = frozen
+        kinds = [degenerate_kind(t) for t in routed]
+        result = FreeformResult(
+            fset.skill, fset.source, form, len(prompts),
+            degenerate=sum(k is not None for k in kinds) / len(kinds),
+            degenerate_frozen=sum(degenerate_kind(t) is not None for t in frozen) / len(frozen),
+            kinds={k: kinds.count(k) for k in sorted({k for k in kinds if k})}, metric=fset.metric,
+            samples=[{"request": p, "routed": r, "frozen": f} for p, r, f in
+                     list(zip(prompts, routed, frozen, strict=True))[:samples]])
+        if fset.check is not None:
+            result.score = _score(fset, routed)
+            result.score_frozen = _score(fset, frozen)
+        results.append(result)
+    return results
+
+
+def _score(fset: FreeformSet, completions: Sequence[str]) -> float:
+    passed = [bool(fset.check(e, c)) for e, c in zip(fset.examples, completions, strict=True)]
+    return sum(passed) / len(passed)
+
+
+def trained_examples(skills: Sequence[SkillSpec], data_dir: str | Path | None) -> list[Example]:
+    """What a stream trains on: each step's training split, capped as the loop caps it (``ContinualLearner``)."""
+    examples = []
+    for skill in skills:
+        train, _ = split_examples(load_examples(skill, data_dir), skill.eval_share)
+        examples += train[: skill.max_train]
+    return examples
+
+
+def stream_sets(skills: Sequence[SkillSpec], seen_examples: Sequence[Example], *, data_dir: str | Path | None,
+                limit: int, spider_cache: str | Path | None = None) -> list[FreeformSet]:
+    """One free-form set per skill label of a stream (a source that returns, e.g. a skill in two
+    halves, is evaluated once), then the
+    general sets. ``seen_examples``: what the stream trains on (``trained_examples``), none of which is asked."""
+    seen = {e.text for e in seen_examples}
+    tasks = {str(e.meta["task_id"]) for e in seen_examples if "task_id" in e.meta}
+    sets, sources = [], set()
+    for skill in skills:
+        key = (skill.source.type, skill.source.name, skill.source.language, skill.source.split)
+        if key in sources:
+            continue
+        sources.add(key)
+        fset = requests_for(skill, seen=seen, seen_tasks=tasks, data_dir=data_dir, limit=limit,
+                            spider_cache=spider_cache)
+        if fset is not None and fset.examples:
+            sets.append(fset)
+    return sets + general_sets(data_dir, limit)
+
+
+def evaluate_stream(model: DyLoRAMoE, skills: Sequence[SkillSpec], seen_examples: Sequence[Example], *,
+                    data_dir: str | Path | None, limit: int, batch_size: int = 16,
+                    spider_cache: str | Path | None = None) -> list[FreeformResult]:
+    """Every free-form set of a stream (``stream_sets``) in both forms, routed system and frozen model."""
+    results = []
+    for fset in stream_sets(skills, seen_examples, data_dir=data_dir, limit=limit, spider_cache=spider_cache):
+        results += evaluate_set(model, fset, batch_size=batch_size)
+    return results
+
+
+def markdown_table(results: Sequence[FreeformResult | dict]) -> list[str]:
+    """Rows of the reports' free-form table: degenerate rate and score, routed system vs frozen model."""
+    lines = ["| skill | requests | form | n | degenerate (system / frozen) | score (system / frozen) |",
+             "|---|---|---|---:|---:|---:|"]
+    for r in results:
+        r = r if isinstance(r, dict) else dataclasses.asdict(r)
+        score = "-" if r["score"] is None else f"{r['metric']} {r['score']:.3f} / {r['score_frozen']:.3f}"
+        lines.append(f"| {r['skill']} | {r['source']} | {r['form']} | {r['n']} | "
+                     f"{r['degenerate']:.3f} / {r['degenerate_frozen']:.3f} | {score} |")
+    return lines

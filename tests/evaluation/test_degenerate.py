@@ -1,0 +1,49 @@
+"""The degenerate-output detector on hand-written answers: collapsed ones flagged, ordinary code kept."""
+
+from __future__ import annotations
+
+import pytest
+
+from dylora_moe.evaluation.degenerate import degenerate_kind, degenerate_rate, is_degenerate, repeated_run
+
+VERILOG_AND = "module and_gate(input a, input b, output y);\n    assign y = a & b;\nendmodule\n"
+PYTHON = ("def factorial(n):\n    if n == 0:\n        return 1\n    return n * factorial(n - 1)\n\n"
+          "print(factorial(5))  # 120\n")
+TRUTH_TABLE = "a b | y\n0 0 | 0\n0 1 | 0\n1 0 | 0\n1 1 | 1\n"
+
+
+@pytest.mark.parametrize("text, kind", [
+    ("", "empty"),
+    ("\n" * 60, "whitespace"),  # the Verilog expert's answer to "Write a Verilog module for a 2-input AND gate."
+    ("\n\t\t\n\t \n", "whitespace"),
+    ("module top_module(input a);\n" + "\n\t" * 40, "loop"),  # a start, then a whitespace cycle
+    ("The answer is " + "a = a;\n" * 20, "loop"),
+    ("To do this, you can use the following code: " * 6, "loop"),
+    (VERILOG_AND, None),
+    (PYTHON, None),
+    (TRUTH_TABLE, None),
+    ("x = [0, 0, 0, 0, 0, 0]\nprint(sum(x))\n", None),
+    ("ls -la", None),
+])
+def test_kinds(text, kind):
+    assert degenerate_kind(text) == kind
+    assert is_degenerate(text) == (kind is not None)
+
+
+def test_indentation_and_short_repeats_are_not_loops():
+    code = "        " + "\n        ".join(f"q[{i}] <= d[{i}];" for i in range(8)) + "\n"
+    assert degenerate_kind(code) is None
+    assert repeated_run("abababab")[0] == 8 and repeated_run("abababab")[1] == "ab"
+    assert repeated_run("abcabc")[0] == 0  # two repeats are not a loop
+
+
+def test_thresholds_are_parameters():
+    text = "def f():\n    return 1\n" + "# x\n" * 4
+    assert degenerate_kind(text) is None
+    assert degenerate_kind(text, min_share=0.3) == "loop"
+    assert degenerate_kind("abab" * 2, min_repeats=5) is None
+
+
+def test_rate():
+    assert degenerate_rate([]) == 0.0
+    assert degenerate_rate(["\n\n", VERILOG_AND, "", PYTHON]) == 0.5

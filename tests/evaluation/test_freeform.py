@@ -1,0 +1,96 @@
+"""Free-form requests: each source phrased as a request (no training format), scored where it can be, and the
+evaluation of a set on a tiny model against its frozen backbone."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from dylora_moe.data.sources import Example, humaneval, verilogeval
+from dylora_moe.data.stream import load_stream
+from dylora_moe.evaluation.freeform import (
+    EXAMPLE_REQUESTS,
+    FreeformSet,
+    check_humaneval_request,
+    check_mbpp_request,
+    evaluate_set,
+    humaneval_request,
+    markdown_table,
+    mbpp_request,
+    nl2bash_request,
+    spider_request,
+    stream_sets,
+    trained_examples,
+    verilog_requests,
+)
+from tests.conftest import build, randomise_experts
+
+MBPP = Example('"""Write a function to square a number.\nassert square(3) == 9\n"""\n',
+               "def square(x):\n    return x * x\n",
+               {"task_id": 1, "test_setup_code": "", "test_list": ["assert square(3) == 9", "assert square(-2) == 4"]})
+
+
+def test_humaneval_problem_as_a_request_is_scored_by_its_tests():
+    problem = humaneval()[0]
+    request = humaneval_request(problem)
+    assert request.prompt.startswith("Write a Python function `has_close_elements(")
+    assert '"""' not in request.prompt and ">>>" not in request.prompt
+    solution = "```python\n" + problem.prompt + problem.response + "```\nThis works because..."
+    assert check_humaneval_request(request, solution)
+    assert not check_humaneval_request(request, "\n" * 40)
+
+
+def test_mbpp_request_and_check():
+    request = mbpp_request(MBPP)
+    assert request.prompt == ("Write a function to square a number.\nYour code should pass this test:\n"
+                              "assert square(3) == 9")
+    assert mbpp_request(MBPP, "JavaScript").prompt == "Write a JavaScript function to square a number."
+    assert check_mbpp_request(request, "Sure:\n```python\ndef square(x):\n    return x ** 2\n```")
+    assert not check_mbpp_request(request, "def square(x):\n    return x + x\n")
+
+
+def test_verilog_requests_have_no_module_header_and_skip_trained_problems():
+    requests = verilog_requests("Machine", limit=200)
+    assert requests and all(r.prompt.startswith("Write a Verilog module") for r in requests)
+    assert not any("module top_module" in r.prompt for r in requests)
+    trained = {e.meta["task_id"] for e in verilogeval()[:50]}
+    assert not {r.meta["task_id"] for r in verilog_requests("Machine", exclude_tasks=trained, limit=200)} & trained
+
+
+def test_nl2bash_and_spider_requests():
+    assert nl2bash_request(Example("# Lists all files.\n", "ls -a\n")).prompt == "How do I lists all files in bash?"
+    spider = Example("-- database: pets\n-- Pets(id, name)\n-- question: How many pets are there?\n",
+                     "SELECT count(*) FROM Pets;\n", {"db": "pets"})
+    assert spider_request(spider).prompt == ("The database pets has the tables Pets(id, name). Write an SQL query: "
+                                             "How many pets are there?")
+
+
+def test_default_stream_sets_without_a_data_directory():
+    stream = load_stream("configs/streams/default.yaml")
+    skills = stream.active(None)
+    seen = trained_examples(skills, None)
+    sets = stream_sets(skills, seen, data_dir=None, limit=5)
+    assert [s.skill for s in sets] == ["humaneval-python-a", "verilogeval", "examples"]  # the second half: once
+    python = sets[0]
+    assert len(python.examples) == 5 and python.metric == "pass@1"
+    assert not {e.meta["task_id"] for e in python.examples} & {e.meta["task_id"] for e in seen}
+    assert len({e.meta["task_id"] for e in seen if "HumanEval" in str(e.meta["task_id"])}) < 164  # held-out ones
+    assert [e.prompt for e in sets[-1].examples] == list(EXAMPLE_REQUESTS)
+
+
+def test_evaluate_set_compares_the_system_with_its_frozen_backbone():
+    model = build()
+    fset = FreeformSet("digits", "hand-written", [Example("1+1=", "2"), Example("2+2=", "4")],
+                       check=lambda e, c: c.strip().startswith(e.response), metric="exact_match", max_new_tokens=6)
+    cache: dict = {}
+    untrained = evaluate_set(model, fset, frozen_answers=cache)
+    assert [r.form for r in untrained] == ["chat", "raw"] and len(cache) == 2
+    for r in untrained:  # no expert yet: the system is the frozen model
+        assert r.degenerate == r.degenerate_frozen and r.score == r.score_frozen
+        assert r.samples[0]["routed"] == r.samples[0]["frozen"]
+    model.create_expert()
+    randomise_experts(model)
+    trained = evaluate_set(model, fset, forms=("raw",), frozen_answers=cache)
+    assert trained[0].samples[0]["frozen"] == untrained[1].samples[0]["frozen"]
+    assert trained[0].samples[0]["routed"] != trained[0].samples[0]["frozen"]
+    table = markdown_table([dataclasses.asdict(r) for r in untrained])
+    assert len(table) == 4 and "exact_match" in table[2]

@@ -1,0 +1,52 @@
+"""KL to the frozen model: zero for equal distributions, positive otherwise, masked positions ignored, and the
+trainer's term is zero before the expert has changed anything."""
+
+from __future__ import annotations
+
+import torch
+
+from dylora_moe.training.distill import kl_to_frozen
+
+
+def test_kl_zero_for_equal_and_positive_otherwise():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 11, generator=g)
+    mask = torch.ones(2, 5)
+    assert float(kl_to_frozen(logits, logits, mask)) == 0.0
+    assert float(kl_to_frozen(logits + torch.randn(2, 5, 11, generator=g), logits, mask)) > 0.0
+
+
+def test_kl_matches_torch_and_ignores_masked_positions():
+    g = torch.Generator().manual_seed(1)
+    p, q = torch.randn(1, 4, 7, generator=g), torch.randn(1, 4, 7, generator=g)
+    mask = torch.tensor([[1, 1, 0, 0]])
+    expected = torch.nn.functional.kl_div(torch.log_softmax(p[:, :2], -1), torch.log_softmax(q[:, :2], -1),
+                                          log_target=True, reduction="none").sum(-1).mean()
+    torch.testing.assert_close(kl_to_frozen(p, q, mask), expected)
+    changed = p.clone()
+    changed[:, 2:] += 5.0  # masked positions do not count
+    torch.testing.assert_close(kl_to_frozen(changed, q, mask), expected)
+
+
+def test_first_paragraph_drops_the_code_the_answer_continues():
+    from dylora_moe.training.distill import first_paragraph
+
+    verilog = "// Build an AND gate.\n\nmodule top_module(input a, input b, output out);\n"
+    assert first_paragraph(verilog) == "// Build an AND gate."
+    assert first_paragraph("Sort a list.\n") == "Sort a list."
+    assert first_paragraph("\n\n") == ""
+
+
+def test_anchor_texts_and_batches():
+    from dylora_moe.training.distill import Anchors, anchor_texts
+    from tests.conftest import char_tokenizer
+
+    tok = char_tokenizer()
+    texts = anchor_texts(tok, ["ab\n\ncd", "efg"], earlier=["x+y="])
+    assert texts == ["ab", "ab\n", "efg", "efg\n", "x+y="]  # no chat template on this tokenizer
+    anchors = Anchors(tok, texts, expert_id=3, max_length=2)
+    ids, mask = anchors.batch(0, 3)
+    assert ids.shape == mask.shape == (3, 2) and anchors.expert_id == 3
+    assert mask.tolist() == [[1, 1], [1, 1], [1, 1]]  # "ab", "ab\n" cut to its last 2, "efg" to "fg"
+    ids, mask = anchors.batch(1, 3)  # cycles: "efg\n", "x+y=", then "ab" again
+    assert ids[2].tolist() == tok("ab", add_special_tokens=False)["input_ids"]
