@@ -88,11 +88,11 @@ def test_separation_scale_does_not_depend_on_batch_size_units_or_offset():
 
 
 def test_permutation_pvalue_is_small_only_for_different_distributions():
-    from dylora_moe.novelty.statistics import _gram, permutation_pvalue
+    from dylora_moe.novelty.statistics import gram, permutation_pvalue
 
-    _, p_diff = permutation_pvalue(*_gram(gaussian(24, 3.0, seed=1), gaussian(24, seed=2)), permutations=99)
+    _, p_diff = permutation_pvalue(*gram(gaussian(24, 3.0, seed=1), gaussian(24, seed=2)), permutations=99)
     assert p_diff == pytest.approx(0.01)  # no relabelling beats the real split
-    p_same = [permutation_pvalue(*_gram(gaussian(24, seed=r), gaussian(24, seed=50 + r)), permutations=99)[1]
+    p_same = [permutation_pvalue(*gram(gaussian(24, seed=r), gaussian(24, seed=50 + r)), permutations=99)[1]
               for r in range(30)]
     assert sum(p < 0.05 for p in p_same) <= 5  # ~5% expected under the null
 

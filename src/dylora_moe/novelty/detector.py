@@ -107,10 +107,6 @@ class NoveltyDetector:
         self.library = library
         self.config = config or NoveltyConfig()
 
-    @property
-    def similarity_threshold(self) -> float:
-        return self.config.similarity_threshold
-
     def nearest(self, embedding: Tensor) -> tuple[int | None, float | None]:
         """The skill with the most similar mean embedding and its cosine similarity to ``embedding`` [H]."""
         ids, bank = self.library.get_all_skills()
@@ -137,14 +133,14 @@ class NoveltyDetector:
                 f"hold for skill(s) {', '.join(missing)} (saved by an older dylora-moe): load it with "
                 "novelty={'method': 'cosine'} to keep the old decision, or re-add those skills' data")
         if method == "separation":
-            return self._two_sample(sample.features, "features", st.separation_from_gram, whiten=False)
+            return self._two_sample(sample.features, "features", whiten=False)
         if method == "mahalanobis":
-            return self._two_sample(self._gate_rows(sample), "gate", st.separation_from_gram, whiten=True)
+            return self._two_sample(self._gate_rows(sample), "gate", whiten=True)
         if method == "entropy":
             return self._entropy(self._gate_rows(sample), router)
         if method == "combined":
-            a = self._two_sample(sample.features, "features", st.separation_from_gram, whiten=False)
-            b = self._two_sample(self._gate_rows(sample), "gate", st.separation_from_gram, whiten=True)
+            a = self._two_sample(sample.features, "features", whiten=False)
+            b = self._two_sample(self._gate_rows(sample), "gate", whiten=True)
             return a if not a.is_novel or b.is_novel else b
         raise ValueError(f"unknown novelty method {method!r}")
 
@@ -163,18 +159,18 @@ class NoveltyDetector:
         return Decision(similarity < self.config.similarity_threshold, ids[best], similarity,
                         self.config.similarity_threshold, None, scores, lower_is_novel=True)
 
-    def _two_sample(self, new: Tensor, space: str, statistic: st.Statistic, *, whiten: bool) -> Decision:
+    def _two_sample(self, new: Tensor, space: str, *, whiten: bool) -> Decision:
         cfg = self.config
         new = new.detach().double().cpu()
         new = new[st.canonical_order(new)]
         scores: dict[int, dict[str, float]] = {}
         for skill_id, skill in self.library.skills.items():
             known = getattr(skill.sample, space).detach().double().cpu()
-            gram, ia, ib = st._gram(new, known, st.whitening(new, known) if whiten else None)
-            value = statistic(gram, ia, ib)
+            gram, ia, ib = st.gram(new, known, st.whitening(new, known) if whiten else None)
+            value = st.separation_from_gram(gram, ia, ib)
             p_value = 1.0
             if value > cfg.granularity:  # only a separation beyond the granularity needs its significance
-                value, p_value = st.permutation_pvalue(gram, ia, ib, statistic, permutations=cfg.permutations)
+                value, p_value = st.permutation_pvalue(gram, ia, ib, permutations=cfg.permutations)
             scores[skill_id] = {"statistic": value, "p_value": p_value}
         nearest = min(scores, key=lambda i: scores[i]["statistic"])
         same = [i for i, s in scores.items() if s["statistic"] <= cfg.granularity or s["p_value"] > cfg.significance]

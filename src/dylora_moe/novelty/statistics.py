@@ -8,8 +8,8 @@ built so that its meaning does not depend on the backbone, the layer or the samp
   on average whatever ``n`` and ``m`` are; the denominator is the mean squared distance of an example from
   its own skill's mean. Translation-invariant, so the common direction that dominates mean-pooled hidden
   states (anisotropy) cancels out, and scale-invariant, so the units are the data's own.
-- ``mahalanobis_separation``: the same ratio after whitening by a shrunk pooled covariance (Ledoit-Wolf),
-  i.e. an estimate of the squared Mahalanobis distance between the means divided by the dimension.
+- the same ratio after ``whitening`` by a shrunk within-sample covariance (Ledoit-Wolf): the squared
+  Mahalanobis distance between the means divided by the dimension (the ``mahalanobis`` method).
 - ``permutation_pvalue``: how often a random relabelling of the pooled rows scores at least as high as the
   observed split: the significance of any of the statistics above, exact under exchangeability.
 - ``mean_entropy`` / ``entropy_pvalue``: the router-confidence trigger.
@@ -60,7 +60,7 @@ def _check(a: Tensor, b: Tensor) -> None:
         raise ValueError(f"two samples need at least 3 examples between them, got {a.shape[0]} and {b.shape[0]}")
 
 
-def _gram(a: Tensor, b: Tensor, whiten: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def gram(a: Tensor, b: Tensor, whiten: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     x = torch.cat([a, b]).double()  # [N, H]
     x = x - x.mean(0)  # translation changes nothing but keeps the Gram well-conditioned
     if whiten is not None:
@@ -73,7 +73,7 @@ def separation(a: Tensor, b: Tensor) -> float:
     """Squared distance between the means of ``a`` [n, H] and ``b`` [m, H] over the mean within-sample
     variance; 0 in expectation for two samples of one distribution, whatever n and m are."""
     _check(a, b)
-    return separation_from_gram(*_gram(a, b))
+    return separation_from_gram(*gram(a, b))
 
 
 def shrunk_covariance(x: Tensor) -> Tensor:
@@ -96,13 +96,6 @@ def whitening(a: Tensor, b: Tensor) -> Tensor:
     cov = shrunk_covariance(within)
     vals, vecs = torch.linalg.eigh(cov)
     return vecs / vals.clamp(min=vals.max() * 1e-9).sqrt()
-
-
-def mahalanobis_separation(a: Tensor, b: Tensor) -> float:
-    """``separation`` after whitening by the shrunk within-sample covariance: the squared Mahalanobis
-    distance between the means divided by the number of dimensions."""
-    _check(a, b)
-    return separation_from_gram(*_gram(a, b, whitening(a, b)))
 
 
 def permutation_pvalue(gram: Tensor, ia: Tensor, ib: Tensor, statistic: Statistic = separation_from_gram, *,
