@@ -182,6 +182,9 @@ def run_training(args, stream, system, training, console: Console) -> int:
     start = time.perf_counter()
     checkpoint = args.out / "system"
     resuming = has_progress(checkpoint)
+    if stream.mixed and resuming:
+        raise ValueError(f"{args.out} holds an interrupted mixed-stream run, which cannot be resumed (the novelty "
+                         "buffer is not checkpointed): start it again with a new --out")
     with console.status(f"loading {system.model} (the first run converts the default model, ~20 s)"):
         model = DyLoRAMoE.from_pretrained(checkpoint) if resuming else DyLoRAMoE.from_config(system)
     model.eval()
@@ -189,6 +192,8 @@ def run_training(args, stream, system, training, console: Console) -> int:
     if main_process:
         model.events.attach_file(args.out / "events.jsonl")
         model.events.subscribe(store.record_event)
+    if stream.mixed:
+        return run_mixed(args, stream, system, model, training, console, start)
     learner = ContinualLearner(model, stream, training, args.out, data_dir=args.data_dir)
     done = restore_progress(learner, checkpoint) if resuming else 0
     console.print(f"loaded {system.model} on {model.device} in {time.perf_counter() - start:.1f}s"
@@ -219,6 +224,39 @@ def run_training(args, stream, system, training, console: Console) -> int:
     console.print(f"[bold]done in {seconds:.0f}s[/]: {summary['experts']} experts, routing accuracy "
                   f"{summary['routing_accuracy']:.3f}, BWT {summary['bwt_loss']:+.4f} nats")
     console.print(f"report: {args.out / 'report.md'}; system: {checkpoint}; store: {args.out / 'store.db'}")
+    return 0
+
+
+def run_mixed(args, stream, system, model, training, console: Console, start: float) -> int:
+    """A mixed stream (``chunks``): sort each chunk into skills, train, evaluate; report and save at the end."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .evaluation.mixed import write_mixed_report
+    from .training.mixed import MixedLearner
+
+    learner = MixedLearner(model, stream, training, args.out, data_dir=args.data_dir)
+    console.print(f"loaded {system.model} on {model.device} in {time.perf_counter() - start:.1f}s; mixed stream of "
+                  f"{learner.total} chunks over {len(learner.skills)} skill pools (labels used for scoring only)")
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("chunks", total=learner.total)
+
+        def say(message: str) -> None:
+            progress.update(task, description=message)
+            progress.console.print(message)
+
+        for i in range(learner.total):
+            learner.run_step(i, say)
+            progress.advance(task)
+    model.save_pretrained(args.out / "system")
+    seconds = time.perf_counter() - start
+    summary = write_mixed_report(args.out, learner.records, [s.name for s in learner.skills], stream=stream.name,
+                                 model=system.model, seconds=seconds)
+    console.print(f"[bold]done in {seconds:.0f}s[/]: {summary['experts']} experts for {summary['true_skills']} "
+                  f"skills, purity {summary['purity']:.3f}, ARI {summary['adjusted_rand_index']:.3f}, mean final "
+                  f"loss {summary['mean_final_loss']:.4f}, forgetting {summary['forgetting']:.4f} nats")
+    console.print(f"report: {args.out / 'report.md'}; system: {args.out / 'system'}")
     return 0
 
 

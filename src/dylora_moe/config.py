@@ -138,6 +138,14 @@ class NoveltyConfig:
         capacity: per-example embeddings kept per skill in the library.
         max_length: examples are truncated to this many tokens when embedded.
         batch_size: examples per forward pass while embedding.
+        example_significance: mixed streams (``novelty/sorting.py``): an example is held in the novelty buffer
+            when its conformal p-value against the known skills is at most this; it is also the share of a
+            known skill's examples that wait there by chance.
+        neighbours: mixed streams: nearest rows that score an example's novelty (``novelty/sorting.py``).
+        min_group: mixed streams: a new skill needs at least this many buffered examples that belong together.
+        buffer_capacity: mixed streams: the novelty buffer keeps at most this many examples (oldest go first).
+        sort_weight_decay: mixed streams: L2 penalty of the classifier that refines a new group (on features
+            scaled to unit mean square).
     """
 
     method: str = field(default="separation",
@@ -153,6 +161,11 @@ class NoveltyConfig:
     capacity: int = field(default=128, metadata={"help": "per-example embeddings kept per skill"})
     max_length: int = field(default=256, metadata={"help": "tokens per embedded example"})
     batch_size: int = field(default=8, metadata={"help": "examples per embedding batch"})
+    example_significance: float = field(default=0.05, metadata={"help": "mixed streams: per-example novelty level"})
+    neighbours: int = field(default=10, metadata={"help": "mixed streams: neighbours scoring an example"})
+    min_group: int = field(default=16, metadata={"help": "mixed streams: examples needed to found a skill"})
+    buffer_capacity: int = field(default=512, metadata={"help": "mixed streams: novelty buffer size"})
+    sort_weight_decay: float = field(default=1e-2, metadata={"help": "mixed streams: classifier L2 penalty"})
 
     def __post_init__(self) -> None:
         _choice("method", self.method, NOVELTY_METHODS)
@@ -167,7 +180,12 @@ class NoveltyConfig:
         if self.layer < -1:
             raise ValueError(f"layer must be -1 (final hidden states) or a layer index >= 0, got {self.layer}")
         _choice("embed_on", self.embed_on, EMBED_ON)
-        for name in ("max_examples", "max_length", "batch_size", "permutations"):
+        if not 0.0 < self.example_significance < 1.0:
+            raise ValueError(f"example_significance must be in (0, 1), got {self.example_significance}")
+        if self.sort_weight_decay < 0:
+            raise ValueError(f"sort_weight_decay must be >= 0, got {self.sort_weight_decay}")
+        for name in ("max_examples", "max_length", "batch_size", "permutations", "min_group", "buffer_capacity",
+                     "neighbours"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if (self.permutations + 1) * self.significance < 1:

@@ -179,9 +179,10 @@ class DyLoRAMoE(nn.Module):
         sample = self.embed_sample(data, gate=False)
         return sample.mean, len(sample)
 
-    def embed_sample(self, data: Sequence[str | Example] | Tensor | dict, *, gate: bool = True) -> SkillSample:
+    def embed_sample(self, data: Sequence[str | Example] | Tensor | dict, *, gate: bool = True,
+                     limit: int | None = None) -> SkillSample:
         """Per-example embeddings of skill data for the novelty decision (``novelty.embedding``)."""
-        return embed_sample(self, data, gate=gate)
+        return embed_sample(self, data, gate=gate, limit=limit)
 
     def add_new_skill(self, data: Sequence[str | Example] | Tensor | dict, name: str | None = None) -> NoveltyResult:
         """Spec 3.1.3: embed the data; when the detector finds it novel, mark the previous expert mature and

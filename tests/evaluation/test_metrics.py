@@ -58,3 +58,22 @@ def test_novelty_scores():
     scores = novelty_scores([True, False, True, True], labels)
     assert scores["precision"] == pytest.approx(2 / 3) and scores["recall"] == pytest.approx(2 / 3)
     assert scores["f1"] == pytest.approx(2 / 3)
+
+
+def test_purity_ari_and_novelty_delay_of_a_sorting():
+    from dylora_moe.evaluation.metrics import adjusted_rand_index, novelty_delay, purity
+
+    perfect = {0: {"py": 10}, 1: {"sql": 5}}
+    assert purity(perfect) == 1.0 and adjusted_rand_index(perfect) == pytest.approx(1.0)
+    merged = {0: {"py": 10, "sql": 5}}
+    assert purity(merged) == pytest.approx(10 / 15) and adjusted_rand_index(merged) == pytest.approx(0.0)
+    # a textbook case: clusters {a,a,b}, {b,b,c} -> ARI computed by hand
+    table = {0: {"a": 2, "b": 1}, 1: {"b": 2, "c": 1}}
+    pairs = lambda n: n * (n - 1) / 2  # noqa: E731
+    index, rows, cols = pairs(2) * 2, pairs(3) * 2, pairs(2) + pairs(3)
+    expected = rows * cols / pairs(6)
+    assert adjusted_rand_index(table) == pytest.approx((index - expected) / ((rows + cols) / 2 - expected))
+    drawn = [{"py": 10}, {"py": 8, "sql": 2}, {"py": 5, "sql": 5}]
+    table = {0: {"py": 23, "sql": 1}, 1: {"sql": 6}}
+    assert novelty_delay(drawn, [0, None, 1], table) == {"py": 0, "sql": 2}
+    assert novelty_delay(drawn, [0, None, None], {0: {"py": 23, "sql": 7}}) == {"py": 0, "sql": 7}

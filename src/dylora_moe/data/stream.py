@@ -138,19 +138,60 @@ class SkillSpec:
 
 
 @dataclass
+class ChunkSpec:
+    """One step of a mixed stream: ``size`` examples drawn from the skills in ``mix`` (skill name -> share;
+    shares are normalised), interleaved in a seeded random order. The learner is not told which skill an
+    example came from; the label is kept for scoring only."""
+
+    size: int
+    mix: dict[str, float]
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"a chunk needs size >= 1, got {self.size}")
+        if not self.mix or any(not isinstance(v, (int, float)) or v <= 0 for v in self.mix.values()):
+            raise ValueError(f"a chunk's mix maps skill names to positive shares, got {self.mix!r}")
+
+    def counts(self) -> dict[str, int]:
+        """Examples per skill: ``size`` split by the shares, rounded by largest remainder."""
+        total = sum(self.mix.values())
+        exact = {name: self.size * share / total for name, share in self.mix.items()}
+        counts = {name: int(v) for name, v in exact.items()}
+        for name in sorted(exact, key=lambda n: counts[n] - exact[n])[: self.size - sum(counts.values())]:
+            counts[name] += 1
+        return counts
+
+
+@dataclass
 class StreamSpec:
     """A named list of skills; optional ``system`` (DyLoRAConfig fields) and ``training`` (TrainingConfig
-    fields) sections let one file describe a whole experiment."""
+    fields) sections let one file describe a whole experiment. With ``chunks`` the stream is mixed: the skills
+    are pools of examples and each step is a chunk drawn from several of them, without skill boundaries
+    (``training/mixed.py``)."""
 
     name: str
     skills: list[SkillSpec]
     system: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    chunks: list[ChunkSpec] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.skills = [from_dict(SkillSpec, s) if isinstance(s, dict) else s for s in self.skills]
         if not self.skills:
             raise ValueError(f"stream {self.name!r} has no skills")
+        self.chunks = [from_dict(ChunkSpec, c) if isinstance(c, dict) else c for c in self.chunks]
+        names = [s.name for s in self.skills]
+        for i, chunk in enumerate(self.chunks):
+            unknown = sorted(set(chunk.mix) - set(names))
+            if unknown:
+                raise ValueError(f"stream {self.name!r}: chunk #{i} mixes unknown skill(s) {', '.join(unknown)}; "
+                                 f"the skills are {', '.join(names)}")
+        if self.chunks and len(set(names)) != len(names):
+            raise ValueError(f"stream {self.name!r}: a mixed stream's skills need distinct names")
+
+    @property
+    def mixed(self) -> bool:
+        return bool(self.chunks)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -182,12 +223,19 @@ def load_stream(path: str | Path) -> StreamSpec:
         if skill.source.type == "file" and not Path(skill.source.path).is_absolute():
             skill.source.path = str(path.parent / skill.source.path)
         skills.append(skill)
-    unknown = sorted(set(data) - {"name", "skills", "system", "training"})
+    unknown = sorted(set(data) - {"name", "skills", "system", "training", "chunks"})
     if unknown:
         raise ValueError(f"{path}: unknown top-level key(s) {', '.join(unknown)}; "
-                         "allowed: name, skills, system, training")
-    return StreamSpec(name=data.get("name", path.stem), skills=skills, system=data.get("system") or {},
-                      training=data.get("training") or {})
+                         "allowed: name, skills, system, training, chunks")
+    chunks = data.get("chunks") or []
+    if not isinstance(chunks, list) or not all(isinstance(c, dict) for c in chunks):
+        raise ValueError(f"{path}: `chunks` must be a list of mappings, e.g. "
+                         "{size: 64, mix: {python: 0.7, sql: 0.3}}")
+    try:
+        return StreamSpec(name=data.get("name", path.stem), skills=skills, system=data.get("system") or {},
+                          training=data.get("training") or {}, chunks=chunks)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from err
 
 
 # ---------------------------------------------------------------- examples

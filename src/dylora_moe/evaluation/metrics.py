@@ -77,3 +77,54 @@ def novelty_scores(predicted_novel: Sequence[bool], true_skills: Sequence[str]) 
     recall = tp / (tp + fn) if tp + fn else 1.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"precision": precision, "recall": recall, "f1": f1}
+
+
+# ---------------------------------------------------------------- sorting a mixed stream
+Contingency = dict[int, dict[str, int]]  # expert (cluster) -> true skill -> examples
+
+
+def purity(table: Contingency) -> float:
+    """Share of sorted examples that went to an expert whose majority skill is their own (1.0: no expert mixes
+    skills). Splitting a skill over several experts is not penalised here: see ``adjusted_rand_index``."""
+    total = sum(sum(row.values()) for row in table.values())
+    return sum(max(row.values()) for row in table.values() if row) / total if total else 1.0
+
+
+def adjusted_rand_index(table: Contingency) -> float:
+    """Adjusted Rand index (Hubert & Arabie 1985) of the sorting against the true skills, from the contingency
+    table: 1.0 for a perfect sorting up to renaming, about 0 for a random one."""
+
+    def pairs(n: int) -> float:
+        return n * (n - 1) / 2
+
+    cells = [v for row in table.values() for v in row.values()]
+    n = sum(cells)
+    rows = [sum(row.values()) for row in table.values()]
+    cols: dict[str, int] = {}
+    for row in table.values():
+        for skill, v in row.items():
+            cols[skill] = cols.get(skill, 0) + v
+    index = sum(pairs(v) for v in cells)
+    a, b = sum(pairs(v) for v in rows), sum(pairs(v) for v in cols.values())
+    expected = a * b / pairs(n) if n > 1 else 0.0
+    top = (a + b) / 2
+    return 1.0 if top == expected else (index - expected) / (top - expected)
+
+
+def novelty_delay(drawn: Sequence[dict[str, int]], founded: Sequence[int | None], table: Contingency) -> dict[str, int]:
+    """Per true skill: how many of its examples arrived before the expert that now holds most of it was
+    created (0 when the expert was created in the chunk that first brought the skill). A skill whose main
+    expert belongs to another skill (it never got its own) counts all its examples. ``drawn[i]``: examples
+    per skill in chunk i; ``founded[i]``: the expert created in chunk i, if any; ``table``: the whole sorting."""
+    created = {expert: i for i, expert in enumerate(founded) if expert is not None}
+    owner: dict[str, int] = {}
+    for skill in {s for chunk in drawn for s in chunk}:
+        held = {expert: row.get(skill, 0) for expert, row in table.items()}
+        owner[skill] = max(held, key=lambda e: (held[e], -e)) if any(held.values()) else -1
+    delay = {}
+    for skill, expert in owner.items():
+        row = table.get(expert, {})
+        own = bool(row) and max(row, key=lambda s: (row[s], s == skill)) == skill
+        when = created.get(expert, len(drawn)) if own else len(drawn)
+        delay[skill] = sum(chunk.get(skill, 0) for chunk in drawn[:when])
+    return delay

@@ -24,11 +24,13 @@ if TYPE_CHECKING:
 
 
 @torch.no_grad()
-def embed_sample(model: DyLoRAMoE, data: Sequence[str | Example] | Tensor | dict, *, gate: bool = True) -> SkillSample:
-    """Features [n, H], gate features [n, H] (with ``gate``) and content keys [n] of skill data, in key order."""
+def embed_sample(model: DyLoRAMoE, data: Sequence[str | Example] | Tensor | dict, *, gate: bool = True,
+                 limit: int | None = None) -> SkillSample:
+    """Features [n, H], gate features [n, H] (with ``gate``) and content keys [n] of skill data, in key order;
+    at most ``limit`` examples (default ``novelty.max_examples``)."""
     cfg = model.config.novelty
     features, gates, keys = [], [], []
-    for input_ids, mask, gate_ids, gate_mask, key in _batches(model, data):
+    for input_ids, mask, gate_ids, gate_mask, key in _batches(model, data, limit or cfg.max_examples):
         hidden = _hidden(model, input_ids, mask)
         unit = nn.functional.normalize(hidden.float(), dim=-1)  # [B, T, H]
         m = mask[..., None].to(unit.dtype)
@@ -59,7 +61,7 @@ def _hidden(model: DyLoRAMoE, input_ids: Tensor, mask: Tensor) -> Tensor:
     return out.hidden_states[layer]
 
 
-def _batches(model: DyLoRAMoE, data) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
+def _batches(model: DyLoRAMoE, data, limit: int) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
     """(ids, mask) to embed, (ids, mask) the gate reads, and content keys [B], ``batch_size`` at a time."""
     cfg, device = model.config.novelty, model.device
     if isinstance(data, Tensor):
@@ -69,7 +71,7 @@ def _batches(model: DyLoRAMoE, data) -> Iterator[tuple[Tensor, Tensor, Tensor, T
         mask = data.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask
         keys = torch.tensor([content_key(" ".join(map(str, row.tolist()))) for row in ids], dtype=torch.long)
-        order = torch.argsort(keys)[: cfg.max_examples]
+        order = torch.argsort(keys)[:limit]
         for i in range(0, order.numel(), cfg.batch_size):
             rows = order[i : i + cfg.batch_size]
             pair = (ids[rows].to(device), mask[rows].to(device))
@@ -84,7 +86,7 @@ def _batches(model: DyLoRAMoE, data) -> Iterator[tuple[Tensor, Tensor, Tensor, T
         if isinstance(embedded, str) and embedded.strip():
             whole = d.text if isinstance(d, Example) else d
             items.append((content_key(whole), (embedded, whole)))
-    items = sorted(dict(items).items())[: cfg.max_examples]  # [(key, (embedded, whole))], deduplicated
+    items = sorted(dict(items).items())[:limit]  # [(key, (embedded, whole))], deduplicated
     items.sort(key=lambda item: len(item[1][0]))  # batches of similar length pad less; rows are re-keyed
     for i in range(0, len(items), cfg.batch_size):
         chunk = items[i : i + cfg.batch_size]

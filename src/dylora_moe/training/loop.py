@@ -205,14 +205,20 @@ class ContinualLearner:
         if batch is not None and self.training.router_fit_steps > 0 and self.training.rehearsal_weight > 0:
             fit_gate(self.model.router, *batch, steps=self.training.router_fit_steps)
 
-    def train_expert(self, i: int, data: StepData, result: NoveltyResult) -> list[dict]:
+    def train_expert(self, i: int, data: StepData, result: NoveltyResult,
+                     steps: tuple[int, int] | None = None) -> list[dict]:
+        """Train the step's expert (and the gate) on ``training_set``: ``steps`` = (seeding, consolidation)
+        optimizer steps, by default ``seed_steps`` (new skills only) and ``consolidation_steps``."""
         cfg = self.training
         seed_steps = cfg.seed_steps if result.is_novel else 0
+        consolidation_steps = cfg.consolidation_steps
+        if steps is not None:
+            seed_steps, consolidation_steps = steps
         self.model.set_trainable([result.expert_id], router=self.trains_router)
         self.model.train()
         args = TrainingArguments(
             output_dir=str(self.out_dir / "logs" / f"step_{i}"),
-            max_steps=seed_steps + cfg.consolidation_steps, per_device_train_batch_size=cfg.batch_size,
+            max_steps=seed_steps + consolidation_steps, per_device_train_batch_size=cfg.batch_size,
             gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.seed_lr, weight_decay=0.0,
             logging_steps=cfg.logging_steps, report_to=cfg.report_to, save_strategy="no", seed=cfg.seed + i,
             remove_unused_columns=False, dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),

@@ -1,0 +1,273 @@
+"""Sorting unlabelled, mixed data into skills (streams without skill boundaries).
+
+A chunk of a mixed stream holds examples of several skills, some perhaps never seen. Every example is scored
+against the skills the library knows, with a statistic calibrated on the library's own stored examples:
+
+1. **Per-example novelty** (a nearest-neighbour two-sample score): among the library's stored rows and the
+   pool of unlabelled rows (the chunk and the novelty buffer), a row's score is the share of its
+   ``neighbours`` nearest rows (cosine, after centring) that are pool rows. A row of a known skill sits among
+   that skill's library rows as a library row does, so its score is distributed like theirs; rows of a new
+   skill sit among each other. The conformal p-value of a row is the share of library rows that score at
+   least as high (``conformal_pvalues``): under "this row is of a known skill" it is (nearly) uniform, so
+   ``example_significance`` is about the share of known-skill rows sent to the buffer.
+2. **Assignment**: a row that is not novel at ``example_significance`` goes to the known skill most common
+   among its nearest library rows; a novel row waits in the novelty buffer.
+3. **Growing**: the buffer founds a new skill when (a) the pool holds more novel rows than chance allows (a
+   binomial tail at the detector's ``significance`` over the rows screened while they waited:
+   ``binomial_tail``); (b) after refining the group (a regularised (K+1)-class softmax classifier, cross-fitted
+   over the pool, with the candidates as the new class, so that known-skill rows that strayed into the
+   buffer return to their skills and the new skill's rows missed at step 1 join it) at least ``min_group``
+   rows remain; and (c) the group is a different skill from every known one by the detector's own two-sample
+   decision (``NoveltyDetector.decide``; a group that turns out to be a known skill joins it). The rest of the
+   pool is then re-sorted with the new skill among the known ones.
+
+The library's stored rows change only when a skill is founded or joined by a group: rows sorted one by one
+do not update them, so a new skill's examples that slipped into an old skill cannot widen it until the new
+skill can no longer be told apart. At most one group is founded per chunk, and two new skills waiting in the
+buffer at once found one expert together (a limitation: later chunks cannot split it). Everything runs in
+float64 on the CPU, like the library.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..config import NoveltyConfig
+from .detector import NoveltyResult
+from .library import SkillLibrary, SkillSample
+
+
+def fit_softmax(x: Tensor, y: Tensor, classes: int, *, weight_decay: float, steps: int = 100) -> tuple[Tensor, Tensor]:
+    """A multinomial logistic regression on rows ``x`` [N, H] with labels ``y`` [N], L2-regularised by
+    ``weight_decay``; returns (weight [H, C], bias [C]). Deterministic (L-BFGS from zeros)."""
+    weight = torch.zeros(x.shape[1], classes, dtype=x.dtype, requires_grad=True)
+    bias = torch.zeros(classes, dtype=x.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ weight + bias, y) + weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def fit_classifier(x: Tensor, y: Tensor, classes: int, *, weight_decay: float) -> Callable[[Tensor], Tensor]:
+    """``fit_softmax`` on standardised rows (one scale for all features, so the penalty means the same on any
+    backbone); returns a function of new rows [n, H] -> class probabilities [n, C]."""
+    mean = x.mean(0)
+    scale = (x - mean).pow(2).mean().sqrt().clamp(min=1e-12)
+    weight, bias = fit_softmax((x - mean) / scale, y, classes, weight_decay=weight_decay)
+    return lambda rows: torch.softmax((rows.to(x.dtype) - mean) / scale @ weight + bias, -1)
+
+
+def conformal_pvalues(scores: Tensor, reference: Tensor) -> Tensor:
+    """p-value of each of ``scores`` [n] against ``reference`` [m] (higher = more unusual):
+    (1 + #{reference >= score}) / (m + 1)."""
+    at_least = (reference[None, :] >= scores[:, None]).sum(1)
+    return (at_least + 1).double() / (reference.numel() + 1)
+
+
+def binomial_tail(count: int, trials: int, rate: float) -> float:
+    """P(X >= count) for X ~ Binomial(trials, rate)."""
+    if count <= 0:
+        return 1.0
+    return float(sum(math.comb(trials, i) * rate**i * (1 - rate) ** (trials - i) for i in range(count, trials + 1)))
+
+
+@dataclass
+class Scores:
+    """Per-row verdicts on a pool of unlabelled rows against the known skills.
+
+    p_values: [n] conformal p-value of "this row belongs to a known skill".
+    nearest: [n] index (into the known skills' order) of the most likely known skill.
+    """
+
+    p_values: Tensor
+    nearest: Tensor
+
+
+def knn_scores(known: list[Tensor], pool: Tensor, *, k: int = 5) -> Scores:
+    """Score ``pool`` rows by their neighbourhoods: the share of a row's ``k`` nearest neighbours (cosine,
+    after centring) that are pool rows, among the library's rows and the pool's. A row of a known skill has
+    about the same share as a library row of that skill; the conformal p-value compares it with the library
+    rows' shares. ``nearest``: the known skill most common among a row's neighbours in the library alone."""
+    library = torch.cat(known).double()
+    labels = torch.cat([torch.full((r.shape[0],), i) for i, r in enumerate(known)])
+    x = torch.cat([library, pool.double()])
+    x = torch.nn.functional.normalize(x - x.mean(0), dim=1)
+    sims = x @ x.T
+    sims.fill_diagonal_(-float("inf"))
+    m = library.shape[0]
+    neighbours = sims.topk(k, dim=1).indices  # [N, k]
+    share = (neighbours >= m).double().mean(1)  # [N]
+    in_library = sims[m:, :m].topk(min(k, m), dim=1).indices  # [n, k]
+    votes = torch.nn.functional.one_hot(labels[in_library], len(known)).sum(1)  # [n, K]
+    return Scores(conformal_pvalues(share[m:], share[:m]), votes.argmax(-1))
+
+
+def refine_group(known: list[Tensor], pool: Tensor, members: Tensor, *, weight_decay: float,
+                 rounds: int = 2) -> Tensor:
+    """Refine a candidate new group ``members`` [n] (bool) of ``pool`` [n, H]: a (K+1)-class classifier with
+    the known skills' rows and the group as the new class, cross-fitted over the pool, re-assigns every pool
+    row; repeated ``rounds`` times. Returns the refined membership [n] (bool)."""
+    k = len(known)
+    library = torch.cat(known).double()
+    labels = torch.cat([torch.full((r.shape[0],), i) for i, r in enumerate(known)])
+    m = library.shape[0]
+    for _ in range(rounds):
+        if not members.any():
+            break
+        # the pool's rows are scored by classifiers fitted on the library and the other fold of the group
+        x = torch.cat([library, pool.double()])
+        probs = torch.empty(pool.shape[0], k + 1, dtype=torch.float64)
+        fold = torch.arange(pool.shape[0]) % 2
+        for f in (0, 1):
+            train = torch.cat([torch.ones(m, dtype=torch.bool), members & (fold != f)])
+            y = torch.cat([labels, torch.full((pool.shape[0],), k)])
+            if not train[m:].any():
+                probs[fold == f] = 0.0
+                continue
+            fitted = fit_classifier(x[train], y[train], k + 1, weight_decay=weight_decay)
+            probs[fold == f] = fitted(pool.double()[fold == f])
+        members = probs.argmax(-1) == k
+    return members
+
+
+@dataclass
+class Waiting:
+    """One row of the novelty buffer: its embedding row, its payload (the example) and when it arrived."""
+
+    features: Tensor  # [H]
+    gate: Tensor | None  # [H]
+    key: int
+    item: object
+    chunk: int
+
+
+@dataclass
+class ChunkSort:
+    """How one chunk was sorted.
+
+    assigned: skill id -> the items assigned to it in this chunk (known skills and a skill founded now).
+    founded: the skill founded by this chunk (``None`` when none was), with ``founded_from`` items.
+    waiting: items in the novelty buffer after the chunk; ``dropped``: items the full buffer let go.
+    candidates: rows of the pool (buffer + chunk) novel at ``example_significance``; ``screened``: rows
+    screened since the oldest waiting row arrived; ``tail``: the binomial tail of the candidates' count.
+    """
+
+    assigned: dict[int, list]
+    founded: int | None
+    founded_from: int
+    waiting: int
+    dropped: int
+    candidates: int
+    screened: int
+    tail: float
+
+
+
+class SkillSorter:
+    """Sorts chunks of unlabelled examples into the library's skills and founds new skills from the buffer.
+
+    Args:
+        library: the known skills (their stored per-example rows are the classifier's labelled data).
+        config: ``NoveltyConfig`` (``example_significance``, ``min_group``, ``buffer_capacity``,
+            ``sort_weight_decay``, and the detector's ``significance``).
+        found: ``found(sample, name) -> NoveltyResult``: the detector's decision on a candidate group, which
+            creates the skill (and its expert) when the group is novel, or folds it into the known skill it is
+            (``DyLoRAMoE.add_skill_sample``).
+    """
+
+    def __init__(self, library: SkillLibrary, config: NoveltyConfig,
+                 found: Callable[[SkillSample, str], NoveltyResult]) -> None:
+        self.library = library
+        self.config = config
+        self.found = found
+        self.buffer: list[Waiting] = []
+        self.sizes: dict[int, int] = {}  # chunk index -> rows screened in it (for the count test)
+
+    def sort(self, chunk: int, items: list, sample: SkillSample, keys: list[int], name: str | None = None) -> ChunkSort:
+        """Sort one chunk: ``items`` (any payload, e.g. examples), their embedded ``sample`` (rows by content
+        key, as ``embed_sample`` returns them) and each item's content key."""
+        cfg = self.config
+        row_of = {int(k): i for i, k in enumerate(sample.keys.tolist())}
+        missing = [i for i, k in enumerate(keys) if k not in row_of]
+        if missing:
+            raise ValueError(f"{len(missing)} item(s) of chunk {chunk} have no embedded row: embed every item "
+                             "(NoveltyConfig.max_examples >= the chunk size) with its full text")
+        fresh = [Waiting(sample.features[row_of[k]], None if sample.gate is None else sample.gate[row_of[k]], k, item,
+                         chunk) for item, k in zip(items, keys, strict=True)]
+        self.sizes[chunk] = len(fresh)
+        pool = sorted(self.buffer + fresh, key=lambda w: w.key)  # folds and decisions do not depend on order
+        grouped: dict[int, list[Waiting]] = {}  # rows the detector placed as a group (library already updated)
+        founded, founded_from = None, 0
+        candidates = self._score(pool)
+        screened = sum(n for c, n in self.sizes.items() if c >= min(w.chunk for w in pool))
+        count = int(candidates.sum())
+        tail = binomial_tail(count, screened, cfg.example_significance) if self.library.skills else 0.0
+        if count > 1 and tail <= cfg.significance and (self.library.skills or count >= cfg.min_group):
+            group = candidates
+            if self.library.skills:
+                group = refine_group(self._known(), self._rows(pool), candidates, weight_decay=cfg.sort_weight_decay)
+            if int(group.sum()) >= cfg.min_group:
+                members = [w for w, g in zip(pool, group.tolist(), strict=True) if g]
+                result = self.found(self._sample(members), name or f"chunk{chunk}")
+                grouped[result.skill_id] = members
+                if result.is_novel:
+                    founded, founded_from = result.skill_id, len(members)
+                pool = [w for w, g in zip(pool, group.tolist(), strict=True) if not g]
+                candidates = self._score(pool)
+        sorted_rows: dict[int, list[Waiting]] = {}
+        waiting = pool if not self.library.skills else []
+        if self.library.skills:
+            for w, novel, k in zip(pool, candidates.tolist(), self._nearest.tolist(), strict=True):
+                if novel:
+                    waiting.append(w)
+                else:
+                    sorted_rows.setdefault(self._ids[k], []).append(w)
+        assigned: dict[int, list] = {}
+        for source in (grouped, sorted_rows):
+            for skill_id, rows in source.items():
+                assigned.setdefault(skill_id, []).extend(w.item for w in rows)
+        waiting.sort(key=lambda w: (w.chunk, w.key))
+        dropped = max(0, len(waiting) - cfg.buffer_capacity)
+        self.buffer = waiting[dropped:]  # the oldest rows go first
+        live = {w.chunk for w in self.buffer}
+        self.sizes = {c: n for c, n in self.sizes.items() if live and c >= min(live)}
+        return ChunkSort(assigned, founded, founded_from, len(self.buffer), dropped, count, screened, tail)
+
+    # ------------------------------------------------------------------ helpers
+    def _known(self) -> list[Tensor]:
+        self._ids = list(self.library.skills)
+        return [self.library.skills[i].sample.features.double() for i in self._ids]
+
+    @staticmethod
+    def _rows(pool: list[Waiting]) -> Tensor:
+        return torch.stack([w.features for w in pool]).double()  # [n, H]
+
+    def _score(self, pool: list[Waiting]) -> Tensor:
+        """Novel rows of ``pool`` [n] (bool); keeps the nearest known skill of every row in ``_nearest``."""
+        if not pool:
+            self._nearest = torch.zeros(0, dtype=torch.long)
+            return torch.zeros(0, dtype=torch.bool)
+        if not self.library.skills:
+            self._nearest = torch.zeros(len(pool), dtype=torch.long)
+            return torch.ones(len(pool), dtype=torch.bool)
+        scores = knn_scores(self._known(), self._rows(pool), k=self.config.neighbours)
+        self._nearest = scores.nearest
+        return scores.p_values <= self.config.example_significance
+
+    @staticmethod
+    def _sample(rows: list[Waiting]) -> SkillSample:
+        gate = None if any(w.gate is None for w in rows) else torch.stack([w.gate for w in rows])
+        return SkillSample(torch.stack([w.features for w in rows]), gate,
+                           torch.tensor([w.key for w in rows], dtype=torch.long))

@@ -1,0 +1,64 @@
+"""Pure parts of sorting mixed data: conformal p-values, the count test, neighbour scores and group refinement
+on synthetic features."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dylora_moe.novelty.sorting import binomial_tail, conformal_pvalues, knn_scores, refine_group
+
+
+def blob(n: int, centre: float, seed: int, dim: int = 24) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    x[:, 0] += centre
+    return x + 3.0  # a common offset, as in mean-pooled hidden states
+
+
+def test_conformal_pvalues_count_the_reference_at_least_as_extreme():
+    p = conformal_pvalues(torch.tensor([0.0, 0.5, 2.0]), torch.tensor([0.1, 0.5, 1.0]))
+    assert p.tolist() == pytest.approx([1.0, 3 / 4, 1 / 4])
+
+
+def test_binomial_tail_matches_the_formula():
+    assert binomial_tail(0, 10, 0.05) == 1.0
+    assert binomial_tail(10, 10, 0.5) == pytest.approx(0.5**10)
+    assert binomial_tail(2, 3, 0.5) == pytest.approx(0.5)
+    assert binomial_tail(1, 20, 0.05) == pytest.approx(1 - 0.95**20)
+
+
+def test_knn_scores_are_calibrated_on_known_data_and_flag_a_new_cluster():
+    known = [blob(120, 0.0, 0)]
+    null = knn_scores(known, blob(120, 0.0, 1), k=10)
+    assert (null.p_values <= 0.05).double().mean() <= 0.12  # about the nominal 5% under "all known"
+    pool = torch.cat([blob(90, 0.0, 2), blob(30, 8.0, 3)])
+    scores = knn_scores(known, pool, k=10)
+    flagged = scores.p_values <= 0.05
+    assert flagged[90:].double().mean() >= 0.9 and flagged[:90].double().mean() <= 0.12
+
+
+def test_knn_scores_assign_rows_to_the_nearest_known_skill():
+    known = [blob(60, 0.0, 0), blob(60, 10.0, 1)]
+    pool = torch.cat([blob(20, 0.0, 2), blob(20, 10.0, 3)])
+    assert knn_scores(known, pool, k=10).nearest.tolist() == [0] * 20 + [1] * 20
+
+
+def test_refine_group_returns_strays_and_collects_missed_rows():
+    known = [blob(80, 0.0, 0)]
+    pool = torch.cat([blob(40, 0.0, 1), blob(30, 8.0, 2)])
+    members = torch.zeros(70, dtype=torch.bool)
+    members[45:60] = True  # half of the new cluster ...
+    members[:5] = True  # ... and a few stray known rows
+    refined = refine_group(known, pool, members, weight_decay=1e-2)
+    assert refined[40:].all() and not refined[:40].any()
+
+
+def test_binomial_tail_is_a_valid_count_test_under_the_null():
+    # P(tail <= 0.01) under Binomial(n, 0.05) stays below 0.01 (a conservative discrete test)
+    n, rate = 128, 0.05
+    level = sum(math.comb(n, c) * rate**c * (1 - rate) ** (n - c) for c in range(n + 1)
+                if binomial_tail(c, n, rate) <= 0.01)
+    assert level <= 0.01
