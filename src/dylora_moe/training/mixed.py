@@ -121,12 +121,14 @@ class MixedLearner(ContinualLearner):
         sample = self.model.embed_sample(examples, limit=len(examples))
         by_key = {content_key(e.text): (name, e) for name, e in drawn}
         keys = list(by_key)  # identical examples are one item
-        result = self.sorter.sort(i, [by_key[k] for k in keys], sample, keys, name=f"chunk{i}")
+        result = self.sort_chunk(i, [by_key[k] for k in keys], sample, keys)
         founded = None if result.founded is None else self.model.library.skills[result.founded].expert_id
         say(f"{tag} " + describe(result, self.model))
         start = time.perf_counter()
         log = []
         for skill_id, items in sorted(result.assigned.items()):
+            if not items:
+                continue
             expert_id = self.model.library.skills[skill_id].expert_id
             data = self.step_data(i, [e for _, e in items])
             novelty = self.novelty_of(skill_id, is_novel=expert_id == founded)
@@ -145,6 +147,10 @@ class MixedLearner(ContinualLearner):
         if self.after_skill:
             self.after_skill(i, record)
         return record
+
+    def sort_chunk(self, i: int, items: list, sample, keys: list[int]) -> ChunkSort:
+        """Which skill each item of chunk ``i`` goes to (overridable by baselines)."""
+        return self.sorter.sort(i, items, sample, keys, name=f"chunk{i}")
 
     def found(self, sample, name: str) -> NoveltyResult:
         return self.model.add_skill_sample(sample, name)
