@@ -163,7 +163,7 @@ class NoveltyConfig:
     batch_size: int = field(default=8, metadata={"help": "examples per embedding batch"})
     example_significance: float = field(default=0.05, metadata={"help": "mixed streams: per-example novelty level"})
     neighbours: int = field(default=10, metadata={"help": "mixed streams: neighbours scoring an example"})
-    min_group: int = field(default=16, metadata={"help": "mixed streams: examples needed to found a skill"})
+    min_group: int = field(default=8, metadata={"help": "mixed streams: examples needed to found a skill"})
     buffer_capacity: int = field(default=512, metadata={"help": "mixed streams: novelty buffer size"})
     sort_weight_decay: float = field(default=1e-2, metadata={"help": "mixed streams: classifier L2 penalty"})
 

@@ -75,5 +75,5 @@ def test_purity_ari_and_novelty_delay_of_a_sorting():
     assert adjusted_rand_index(table) == pytest.approx((index - expected) / ((rows + cols) / 2 - expected))
     drawn = [{"py": 10}, {"py": 8, "sql": 2}, {"py": 5, "sql": 5}]
     table = {0: {"py": 23, "sql": 1}, 1: {"sql": 6}}
-    assert novelty_delay(drawn, [0, None, 1], table) == {"py": 0, "sql": 2}
-    assert novelty_delay(drawn, [0, None, None], {0: {"py": 23, "sql": 7}}) == {"py": 0, "sql": 7}
+    assert novelty_delay(drawn, [[0], [], [1]], table) == {"py": 0, "sql": 2}
+    assert novelty_delay(drawn, [[0], [], []], {0: {"py": 23, "sql": 7}}) == {"py": 0, "sql": 7}

@@ -111,12 +111,13 @@ def adjusted_rand_index(table: Contingency) -> float:
     return 1.0 if top == expected else (index - expected) / (top - expected)
 
 
-def novelty_delay(drawn: Sequence[dict[str, int]], founded: Sequence[int | None], table: Contingency) -> dict[str, int]:
+def novelty_delay(drawn: Sequence[dict[str, int]], founded: Sequence[Sequence[int]],
+                  table: Contingency) -> dict[str, int]:
     """Per true skill: how many of its examples arrived before the expert that now holds most of it was
     created (0 when the expert was created in the chunk that first brought the skill). A skill whose main
     expert belongs to another skill (it never got its own) counts all its examples. ``drawn[i]``: examples
-    per skill in chunk i; ``founded[i]``: the expert created in chunk i, if any; ``table``: the whole sorting."""
-    created = {expert: i for i, expert in enumerate(founded) if expert is not None}
+    per skill in chunk i; ``founded[i]``: the experts created in chunk i; ``table``: the whole sorting."""
+    created = {expert: i for i, experts in enumerate(founded) for expert in experts}
     owner: dict[str, int] = {}
     for skill in {s for chunk in drawn for s in chunk}:
         held = {expert: row.get(skill, 0) for expert, row in table.items()}

@@ -80,7 +80,7 @@ def render_mixed(summary: dict) -> str:
     for i, c in enumerate(summary["per_chunk"]):
         fmt = lambda d: ", ".join(f"{k} {v}" for k, v in d.items()) or "-"  # noqa: E731
         sorted_ = "; ".join(f"e{e}: {fmt(row)}" for e, row in c["sorted"].items()) or "-"
-        new = "-" if c["founded"] is None else str(c["founded"])
+        new = ", ".join(map(str, c["founded"])) or "-"
         lines.append(f"| {i} | {fmt(c['drawn'])} | {sorted_} | {fmt(c['waiting'])} | {new} | "
                      f"{c['candidates']} / {c['screened']} ({c['tail']:.2g}) |")
     lines += ["", "## Loss matrix (eval loss on each skill's held-out examples after each chunk)", "",

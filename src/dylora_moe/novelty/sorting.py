@@ -114,6 +114,34 @@ def knn_scores(known: list[Tensor], pool: Tensor, *, k: int = 5) -> Scores:
     return Scores(conformal_pvalues(share[m:], share[:m]), votes.argmax(-1))
 
 
+def components(x: Tensor, *, k: int) -> list[Tensor]:
+    """Groups of rows of ``x`` [n, H] linked by mutual nearest neighbours (each among the other's ``k`` nearest,
+    cosine after centring), largest first: rows of one skill link up, two skills rarely do."""
+    n = x.shape[0]
+    if n < 2:
+        return [torch.arange(n)]
+    z = torch.nn.functional.normalize(x.double() - x.double().mean(0), dim=1)
+    sims = z @ z.T
+    sims.fill_diagonal_(-float("inf"))
+    near = torch.zeros(n, n, dtype=torch.bool)
+    near.scatter_(1, sims.topk(min(k, n - 1), dim=1).indices, True)
+    mutual = near & near.T
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in mutual.nonzero().tolist():
+        parent[root(i)] = root(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(root(i), []).append(i)
+    return sorted((torch.tensor(g) for g in groups.values()), key=lambda g: (-g.numel(), int(g[0])))
+
+
 def refine_group(known: list[Tensor], pool: Tensor, members: Tensor, *, weight_decay: float,
                  rounds: int = 2) -> Tensor:
     """Refine a candidate new group ``members`` [n] (bool) of ``pool`` [n, H]: a (K+1)-class classifier with
@@ -158,15 +186,15 @@ class ChunkSort:
     """How one chunk was sorted.
 
     assigned: skill id -> the items assigned to it in this chunk (known skills and a skill founded now).
-    founded: the skill founded by this chunk (``None`` when none was), with ``founded_from`` items.
+    founded: the skills founded by this chunk, with ``founded_from`` items each.
     waiting: items in the novelty buffer after the chunk; ``dropped``: items the full buffer let go.
     candidates: rows of the pool (buffer + chunk) novel at ``example_significance``; ``screened``: rows
     screened since the oldest waiting row arrived; ``tail``: the binomial tail of the candidates' count.
     """
 
     assigned: dict[int, list]
-    founded: int | None
-    founded_from: int
+    founded: list[int]
+    founded_from: list[int]
     waiting: int
     dropped: int
     candidates: int
@@ -209,22 +237,32 @@ class SkillSorter:
         self.sizes[chunk] = len(fresh)
         pool = sorted(self.buffer + fresh, key=lambda w: w.key)  # folds and decisions do not depend on order
         grouped: dict[int, list[Waiting]] = {}  # rows the detector placed as a group (library already updated)
-        founded, founded_from = None, 0
         candidates = self._score(pool)
         screened = sum(n for c, n in self.sizes.items() if c >= min(w.chunk for w in pool))
         count = int(candidates.sum())
         tail = binomial_tail(count, screened, cfg.example_significance) if self.library.skills else 0.0
+        founded: list[int] = []
+        founded_from: list[int] = []
         if count > 1 and tail <= cfg.significance and (self.library.skills or count >= cfg.min_group):
             group = candidates
             if self.library.skills:
                 group = refine_group(self._known(), self._rows(pool), candidates, weight_decay=cfg.sort_weight_decay)
-            if int(group.sum()) >= cfg.min_group:
-                members = [w for w, g in zip(pool, group.tolist(), strict=True) if g]
+            index = group.nonzero().flatten()
+            parts = components(self._rows(pool)[index], k=cfg.neighbours) if index.numel() else []
+            taken = torch.zeros(len(pool), dtype=torch.bool)
+            for part in parts:  # largest first; a part that is a skill known by now joins it
+                if part.numel() < cfg.min_group:
+                    break
+                rows = index[part]
+                members = [pool[r] for r in rows.tolist()]
                 result = self.found(self._sample(members), name or f"chunk{chunk}")
-                grouped[result.skill_id] = members
+                grouped.setdefault(result.skill_id, []).extend(members)
+                taken[rows] = True
                 if result.is_novel:
-                    founded, founded_from = result.skill_id, len(members)
-                pool = [w for w, g in zip(pool, group.tolist(), strict=True) if not g]
+                    founded.append(result.skill_id)
+                    founded_from.append(len(members))
+            if taken.any():
+                pool = [w for w, t in zip(pool, taken.tolist(), strict=True) if not t]
                 candidates = self._score(pool)
         sorted_rows: dict[int, list[Waiting]] = {}
         waiting = pool if not self.library.skills else []

@@ -46,14 +46,14 @@ class ChunkRecord(StepRecord):
     drawn: true skill -> examples of it in the chunk (for scoring only).
     sorted: expert id -> true skill -> examples assigned to it in this chunk (for scoring only).
     waiting: examples in the novelty buffer after the chunk, by true skill (for scoring only).
-    founded: the expert created in this chunk, if any; candidates / screened / tail: the buffer's count test.
+    founded: the experts created in this chunk; candidates / screened / tail: the buffer's count test.
     """
 
     drawn: dict[str, int] = field(default_factory=dict)
     sorted: dict[int, dict[str, int]] = field(default_factory=dict)
     waiting: dict[str, int] = field(default_factory=dict)
     dropped: int = 0
-    founded: int | None = None
+    founded: list[int] = field(default_factory=list)
     candidates: int = 0
     screened: int = 0
     tail: float = 1.0
@@ -122,7 +122,7 @@ class MixedLearner(ContinualLearner):
         by_key = {content_key(e.text): (name, e) for name, e in drawn}
         keys = list(by_key)  # identical examples are one item
         result = self.sort_chunk(i, [by_key[k] for k in keys], sample, keys)
-        founded = None if result.founded is None else self.model.library.skills[result.founded].expert_id
+        founded = [self.model.library.skills[s].expert_id for s in result.founded]
         say(f"{tag} " + describe(result, self.model))
         start = time.perf_counter()
         log = []
@@ -131,7 +131,7 @@ class MixedLearner(ContinualLearner):
                 continue
             expert_id = self.model.library.skills[skill_id].expert_id
             data = self.step_data(i, [e for _, e in items])
-            novelty = self.novelty_of(skill_id, is_novel=expert_id == founded)
+            novelty = self.novelty_of(skill_id, is_novel=expert_id in founded)
             self.remember(data, novelty)
             self.fit_router()
             total = math.ceil(len(items) / self.training.batch_size)
@@ -174,7 +174,7 @@ class MixedLearner(ContinualLearner):
                              "skill an example belongs to, so it renders all of them alike)")
         return chats.pop()
 
-    def measure_chunk(self, i: int, result: ChunkSort, drawn, founded: int | None, seconds: float) -> ChunkRecord:
+    def measure_chunk(self, i: int, result: ChunkSort, drawn, founded: list[int], seconds: float) -> ChunkRecord:
         """Evaluate every skill seen so far (columns in the stream's skill order, ``None`` for unseen ones)."""
         self.steps = [self.pool(s.name) for s in self.skills]
         losses: list[float | None] = [None] * len(self.skills)
@@ -202,7 +202,7 @@ class MixedLearner(ContinualLearner):
         waiting: dict[str, int] = {}
         for w in self.sorter.buffer:
             waiting[w.item[0]] = waiting.get(w.item[0], 0) + 1
-        novelty = (self.novelty_of(result.founded, is_novel=True) if result.founded is not None
+        novelty = (self.novelty_of(result.founded[-1], is_novel=True) if result.founded
                    else NoveltyResult(False, -1, -1, None, None, 0, method="sorting"))
         return ChunkRecord(i, f"chunk {i}", novelty, sum(counts.values()), 0, seconds, losses, routing, entropy,
                            self.model.num_experts, drawn=counts, sorted=by_expert, waiting=waiting,
@@ -215,7 +215,7 @@ def describe(result: ChunkSort, model: DyLoRAMoE) -> str:
     parts = []
     for skill_id, items in sorted(result.assigned.items()):
         expert = model.library.skills[skill_id].expert_id
-        parts.append(f"expert {expert}: {len(items)}" + (" (new)" if skill_id == result.founded else ""))
+        parts.append(f"expert {expert}: {len(items)}" + (" (new)" if skill_id in result.founded else ""))
     text = ", ".join(parts) or "nothing sorted yet"
     text += f"; {result.waiting} waiting"
     if result.dropped:
