@@ -32,6 +32,7 @@ from ..model import DyLoRAMoE
 from ..novelty import NoveltyResult, content_key
 from ..novelty.sorting import ChunkSort, SkillSorter
 from .config import TrainingConfig
+from .distill import Anchors, anchor_texts
 from .loop import ContinualLearner, StepData, StepRecord
 from .measure import routed_experts, routing_entropy
 
@@ -76,6 +77,7 @@ class MixedLearner(ContinualLearner):
         self.used: dict[str, int] = {}
         self.seen: list[str] = []  # skills in order of first appearance (evaluation columns)
         self.sorter = SkillSorter(model.library, model.config.novelty, self.found)
+        self.history: dict[int, list[Example]] = {}  # expert -> examples sorted to it so far (anchor prompts)
 
     @property
     def total(self) -> int:
@@ -137,6 +139,7 @@ class MixedLearner(ContinualLearner):
             total = math.ceil(len(items) / self.training.batch_size)
             seed = min(self.training.seed_steps, total) if novelty.is_novel else 0
             log += self.train_expert(i, data, novelty, steps=(seed, total - seed))
+            self.history.setdefault(expert_id, []).extend(data.train)
             self.fit_router()
             self.model.mark_mature(expert_id)
         seconds = time.perf_counter() - start
@@ -159,6 +162,14 @@ class MixedLearner(ContinualLearner):
         skill = self.model.library.skills[skill_id]
         return NoveltyResult(is_novel, skill_id, skill.expert_id, None, None, self.model.experts.ranks[skill.expert_id],
                              method="sorting")
+
+    def anchors(self, i: int, data: StepData, expert_id: int) -> Anchors:
+        """Anchor prompts of the KL to the frozen model: the expert's requests in this chunk without their code,
+        and requests sorted to the other experts so far (the sorting's labels, not the stream's)."""
+        per = self.training.anchors_per_skill
+        earlier = [self.prompts(data, examples[:per]) for e, examples in sorted(self.history.items()) if e != expert_id]
+        texts = anchor_texts(self.model.tokenizer, [e.prompt for e in data.train], [p for ps in earlier for p in ps])
+        return Anchors(self.model.tokenizer, texts, expert_id, max_length=self.training.max_length)
 
     def step_data(self, i: int, examples: list[Example]) -> StepData:
         """The examples one expert trains on in chunk ``i``, built like a step's training set."""
