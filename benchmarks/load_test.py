@@ -149,7 +149,8 @@ def main(argv=None) -> int:
             print("building a fresh system on the default model")
             DyLoRAMoE.from_config(DyLoRAConfig(model="default")).save_pretrained(system)
         app = create_app(system, config)
-        with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=60.0) as http:
+        with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=60.0,
+                                                            headers={"Authorization": f"Bearer {key}"}) as http:
             print(f"serving {system} at {server.url}")
             setup = None
             if args.system is None:

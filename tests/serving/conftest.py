@@ -55,7 +55,7 @@ def upload(client: TestClient, name: str, examples: list[dict], **params) -> dic
 def wait(client: TestClient, job_id: str, timeout: float = 120.0) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        job = client.get(f"/jobs/{job_id}").json()
+        job = client.get(f"/jobs/{job_id}", headers=AUTH).json()
         if job["status"] in ("succeeded", "failed"):
             return job
         time.sleep(0.05)

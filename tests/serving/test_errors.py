@@ -143,7 +143,7 @@ def test_upload_caps(client):
 
 
 def test_unknown_job(client):
-    assert error_of(client.get("/jobs/job-nope"), 404)["code"] == "job_not_found"
+    assert error_of(client.get("/jobs/job-nope", headers=AUTH), 404)["code"] == "job_not_found"
 
 
 def test_errors_are_counted(client):

@@ -82,7 +82,8 @@ def test_a_jsonl_upload_to_a_system_folder_without_a_store(tmp_path):
         assert r.status_code == 202 and r.headers["Location"] == f"/jobs/{r.json()['id']}"
         done = wait(client, r.json()["id"])
         assert done["status"] == "succeeded" and done["examples"] == 12
-        assert client.get("/jobs").json()["data"][0]["skill"] == "digits"
+        assert client.get("/jobs", headers=AUTH).json()["data"][0]["skill"] == "digits"
+        assert client.get("/jobs").status_code == 401 and client.get(f"/jobs/{done['id']}").status_code == 401
         assert client.app.state.jobs.jobs[done["id"]].examples == []  # a finished job does not keep its upload
     assert DyLoRAMoE.from_pretrained(system).experts.expert_ids == [0]
     assert not (system / "store.db").exists()
@@ -93,7 +94,8 @@ def test_a_failed_job_reports_why_and_changes_nothing(tmp_path, run_dir):
         before = client.get("/experts").json()["data"]
         long_prompt = [{"prompt": "x" * 40, "response": "y"}]  # truncated away at max_length=32
         job = wait(client, upload(client, "too-long", long_prompt)["id"])
-        assert job["status"] == "failed" and "max_length" in job["error"]
+        assert job["status"] == "failed" and job["error"]["code"] == "invalid_upload"
+        assert "max_length" in job["error"]["message"]
         assert client.get("/experts").json()["data"] == before
         assert 'dylora_skill_jobs_total{status="failed"} 1.0' in client.get("/metrics").text
         ok = client.post("/v1/completions", json={"model": MODEL, "prompt": "1+1=", "max_tokens": 1})
@@ -120,7 +122,8 @@ def test_a_store_failure_after_the_swap_is_reported_but_the_skill_stays_learned(
     run = learned_run(tmp_path)
     with TestClient(create_app(run, server_config())) as client:
         job = wait(client, upload(client, "letters", letters())["id"])
-        assert job["status"] == "succeeded" and job["result"]["store_error"] == "OSError: disk full"
+        assert job["status"] == "succeeded" and job["result"]["store_error"]["code"] == "store_write_failed"
+        assert "disk full" not in json.dumps(job)  # details stay in the server log
         assert [e["expert_id"] for e in client.get("/experts").json()["data"]] == [0, 1]  # served
         assert 'kind="store_write_failed"' in client.get("/metrics").text
     assert DyLoRAMoE.from_pretrained(run / "system").experts.expert_ids == [0, 1]  # saved

@@ -109,11 +109,13 @@ def create_app(system: ServedSystem | str | Path, config: ServerConfig | None = 
         return JSONResponse(job.to_dict(), status_code=202, headers={"Location": f"/jobs/{job.id}"})
 
     @app.get("/jobs")
-    async def job_list() -> dict:
+    async def job_list(request: Request) -> dict:
+        check_key(request, config.api_key)  # jobs name the uploads and their fate: the uploader's business
         return {"object": "list", "data": [j.to_dict() for j in jobs.jobs.values()]}
 
     @app.get("/jobs/{job_id}")
-    async def job(job_id: str) -> dict:
+    async def job(job_id: str, request: Request) -> dict:
+        check_key(request, config.api_key)
         return jobs.get(job_id).to_dict()
 
     @app.get("/health")

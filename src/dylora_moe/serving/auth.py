@@ -14,11 +14,16 @@ CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 def check_key(request: Request, api_key: str | None) -> None:
     """Raise 403 when the server has no key (mutations are off), 401 when the request's key is missing or wrong."""
+    check_authorization(request.headers.get("authorization", ""), api_key)
+
+
+def check_authorization(header: str, api_key: str | None) -> None:
+    """``check_key`` on the raw ``Authorization`` header value."""
     if not api_key:
         raise APIError(403, f"this endpoint changes the served system and the server has no API key: start it with "
                             f"{API_KEY_ENV}=... or --api-key ... and send `Authorization: Bearer <key>`",
                        code="api_key_not_configured")
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise APIError(401, "missing API key: send `Authorization: Bearer <key>`", code="missing_api_key",
                        headers=CHALLENGE)

@@ -12,6 +12,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 
 logger = logging.getLogger("dylora_moe.serving")
 
@@ -69,6 +71,12 @@ def install(app: FastAPI, on_error) -> None:
         elif err.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
         return await api_error(request, APIError(err.status_code, message, headers=err.headers))
+
+    @app.exception_handler(ClientDisconnect)
+    async def gone(request: Request, err: ClientDisconnect) -> Response:
+        # the client left while its body was being read: nobody to answer, and no server error to count
+        logger.info("client disconnected", extra={"fields": {"event": "client_disconnected", "path": request.url.path}})
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, err: Exception) -> JSONResponse:

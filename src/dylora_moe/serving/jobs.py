@@ -45,6 +45,10 @@ QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
 KEEP_FINISHED = 200  # finished jobs remembered for GET /jobs/{id}
 
 
+class UploadNotLearnable(ValueError):
+    """The uploaded examples cannot be trained on (e.g. every response truncated away); the message says why."""
+
+
 @dataclass
 class SkillJob:
     id: str
@@ -59,7 +63,7 @@ class SkillJob:
     started: float | None = None
     finished: float | None = None
     result: dict | None = None
-    error: str | None = None
+    error: dict | None = None  # {"code", "message"}
     example_count: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -124,7 +128,12 @@ class JobManager:
             try:
                 self._run(job)
             except Exception as err:
-                job.status, job.error = FAILED, f"{type(err).__name__}: {err}"
+                # the client gets a stable code and where it failed; the details (paths, SQL) stay in the log
+                job.status = FAILED
+                job.error = ({"code": "invalid_upload", "message": f"the upload cannot be learned: {err}"}
+                             if isinstance(err, UploadNotLearnable) else
+                             {"code": "skill_job_failed", "message": f"the skill job failed while {job.stage}; the "
+                                                                     f"server log has the details (job {job.id})"})
                 self.metrics.jobs.labels(FAILED).inc()
                 self.metrics.error("skill_job_failed", 500)
                 logger.exception("skill job failed", extra={"fields": {"event": "error", "job": job.id,
@@ -164,7 +173,9 @@ class JobManager:
             try:
                 register(self.system, model, job, result, loss)
             except Exception as err:  # the new system is saved and served already: only the registry lags behind
-                store_error = f"{type(err).__name__}: {err}"
+                store_error = {"code": "store_write_failed",
+                               "message": f"the skill is learned and served but the registry was not updated; "
+                                          f"the server log has the details (job {job.id})"}
                 self.metrics.error("store_write_failed", 500)
                 logger.exception("skill learned but not registered", extra={"fields": {
                     "event": "error", "job": job.id, "skill": job.skill, "kind": type(err).__name__}})
@@ -192,8 +203,11 @@ def job_step(model: DyLoRAMoE, job: SkillJob, training: TrainingConfig, work: st
     spec = SkillSpec(job.skill, source=SkillSource(type="file", path="upload"), format=SkillFormat(chat=job.chat))
     learner = ContinualLearner(model, StreamSpec(name="serve", skills=[spec]), training, work)
     learner.memory = memory
-    train_set = build_dataset(model.tokenizer, job.examples, max_length=training.max_length, chat=job.chat,
-                              packing=training.packing)
+    try:
+        train_set = build_dataset(model.tokenizer, job.examples, max_length=training.max_length, chat=job.chat,
+                                  packing=training.packing)
+    except ValueError as err:  # the data pipeline's own messages: what is wrong with the examples, and the fix
+        raise UploadNotLearnable(str(err)) from err
     return learner, StepData(spec, job.examples, [], train_set, None)
 
 

@@ -6,6 +6,7 @@ import json
 import logging
 import time
 
+from .auth import check_authorization
 from .config import ServerConfig
 from .errors import APIError
 from .metrics import Metrics
@@ -13,6 +14,7 @@ from .metrics import Metrics
 logger = logging.getLogger("dylora_moe.serving")
 
 UPLOAD_PATHS = ("/skills",)
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 QUIET_PATHS = ("/metrics", "/health")  # logged at debug level: scrapers and probes call them all the time
 
 
@@ -37,6 +39,14 @@ class Observe:
             await send(message)
 
         try:
+            if upload and scope["method"] == "POST":  # the key is checked before an upload's body is read
+                headers = dict(scope.get("headers") or [])
+                try:
+                    check_authorization(headers.get(b"authorization", b"").decode("latin-1"), self.config.api_key)
+                except APIError as error:
+                    self.metrics.error(error.code or error.type, error.status)
+                    await _send_json(observed_send, error.status, error.body(), error.headers)
+                    return
             receive = await self._limited(scope, receive, limit, upload)
             if receive is None:
                 error = APIError(413, f"the request body is larger than this server's limit of {limit} bytes"
@@ -50,7 +60,8 @@ class Observe:
             route = scope.get("route")
             endpoint = getattr(route, "path", "unmatched")
             seconds = time.perf_counter() - start
-            self.metrics.latency.labels(endpoint, scope["method"], str(status)).observe(seconds)
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "other"  # bounded label values
+            self.metrics.latency.labels(endpoint, method, str(status)).observe(seconds)
             level = logging.DEBUG if scope["path"] in QUIET_PATHS else logging.INFO
             logger.log(level, "request", extra={"fields": {
                 "event": "request", "method": scope["method"], "path": scope["path"], "endpoint": endpoint,
@@ -89,8 +100,10 @@ class Observe:
         return replay
 
 
-async def _send_json(send, status: int, body: dict) -> None:
+async def _send_json(send, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
     data = json.dumps(body).encode("utf-8")
+    extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            *extra]})
     await send({"type": "http.response.body", "body": data})

@@ -115,7 +115,7 @@ def parse_json(raw: bytes) -> object:
     if not raw.strip():
         raise APIError(400, "the request body is empty: send a JSON object", code="invalid_json")
     try:
-        return json.loads(raw)
+        data = json.loads(raw)
     except UnicodeDecodeError as err:
         raise APIError(400, f"the request body is not UTF-8 text: {err}", code="invalid_json") from err
     except json.JSONDecodeError as err:
@@ -123,6 +123,37 @@ def parse_json(raw: bytes) -> object:
                        code="invalid_json") from err
     except RecursionError as err:  # the decoder recurses once per nesting level: "[[[[..." exhausts the stack
         raise APIError(400, "the request body is nested too deeply", code="invalid_json") from err
+    except ValueError as err:  # e.g. an integer longer than Python's int conversion limit (4300 digits)
+        raise APIError(400, f"the request body holds a value this server cannot read: {str(err)[:120]}",
+                       code="invalid_json") from err
+    try:
+        where = _lone_surrogate(data)
+    except RecursionError as err:
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from err
+    if where is not None:  # "\ud800" decodes to a lone surrogate, which no tokenizer or file can take
+        raise APIError(400, f"{where or 'the request body'} holds a lone UTF-16 surrogate escape (e.g. \\ud800): "
+                            "send valid Unicode text", param=where.split(".")[0] if where else None,
+                       code="invalid_json")
+    return data
+
+
+def _lone_surrogate(value: object, path: str = "") -> str | None:
+    """The dotted path of the first string (key or value) holding a lone surrogate; ``None`` when there is none."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        here = f"{path}.{key}" if path else str(key)
+        if isinstance(key, str) and _lone_surrogate(key) is not None:
+            return here
+        found = _lone_surrogate(item, here)
+        if found is not None:
+            return found
+    return None
 
 
 def parse(model: type[BaseModel], raw: bytes | object) -> BaseModel:

@@ -54,7 +54,8 @@ def read_lines(raw: bytes) -> list[Example]:
     except UnicodeDecodeError as err:
         raise APIError(400, f"the upload is not UTF-8 text: {err}", code="invalid_upload") from err
     examples = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # JSON lines are separated by "\n" only: str.splitlines would also split on U+2028 or U+0085 inside a string
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
