@@ -105,8 +105,11 @@ def delete(run: Path, store, expert_id: int, console: Console) -> int:
     model.delete_expert(expert_id)
 
     def keep_progress(folder: Path) -> None:
+        # the routing memory lives beside the system whether a training run (progress.json) or the server
+        # (uploads) wrote it: keep it without the deleted expert, or later uploads cannot rehearse
         if (system / PROGRESS).is_file():
             shutil.copy2(system / PROGRESS, folder / PROGRESS)
+        if (system / MEMORY).is_file():
             memory = RoutingMemory()
             memory.load_tensors(load_file(str(system / MEMORY)))
             memory.drop_expert(expert_id)

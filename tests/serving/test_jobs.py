@@ -127,3 +127,16 @@ def test_a_store_failure_after_the_swap_is_reported_but_the_skill_stays_learned(
         assert [e["expert_id"] for e in client.get("/experts").json()["data"]] == [0, 1]  # served
         assert 'kind="store_write_failed"' in client.get("/metrics").text
     assert DyLoRAMoE.from_pretrained(run / "system").experts.expert_ids == [0, 1]  # saved
+
+
+def test_deleting_an_expert_of_a_server_saved_system_keeps_its_routing_memory(tmp_path):
+    from dylora_moe.cli import main
+    from dylora_moe.training.progress import MEMORY
+
+    run = learned_run(tmp_path)
+    with TestClient(create_app(run, server_config())) as client:
+        assert wait(client, upload(client, "letters", letters())["id"])["status"] == "succeeded"
+    assert main(["experts", "delete", str(run), "1"]) == 0
+    assert (run / "system" / MEMORY).is_file()
+    with TestClient(create_app(run, server_config())) as client:  # later uploads can still rehearse
+        assert wait(client, upload(client, "letters", letters())["id"])["status"] == "succeeded"
