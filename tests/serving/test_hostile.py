@@ -82,3 +82,77 @@ def test_a_client_that_leaves_while_sending_its_body_is_no_server_error(client):
     status = next((m["status"] for m in sent if m["type"] == "http.response.start"), None)
     assert status is None or status < 500
     assert 'kind="internal_error"' not in client.get("/metrics").text
+
+
+def gpt2_app(tmp_path, **config):
+    from dylora_moe import DyLoRAConfig, DyLoRAMoE, ExpertConfig
+    from dylora_moe.serving import create_app
+    from tests.conftest import char_tokenizer, tiny_gpt2
+    from tests.serving.conftest import server_config
+
+    tiny_gpt2().save_pretrained(tmp_path / "model")
+    char_tokenizer().save_pretrained(tmp_path / "model")
+    system = DyLoRAConfig(model=str(tmp_path / "model"), expert=ExpertConfig(rank=4, dropout=0.0), device="cpu")
+    DyLoRAMoE.from_config(system).save_pretrained(tmp_path / "system")
+    return create_app(tmp_path / "system", server_config(max_tokens_cap=100, **config))
+
+
+def test_requests_that_fit_alone_are_never_batched_past_the_position_limit(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from dylora_moe.serving.engine import GenerationRequest, fitting
+
+    with TestClient(gpt2_app(tmp_path)) as client:  # absolute positions: 128
+        engine = client.app.state.engine
+        long_prompt = GenerationRequest("7" * 100, max_tokens=20)  # 120 positions alone
+        long_answer = GenerationRequest("1+1=", max_tokens=100)  # 104 alone; 200 if batched with the other
+        with engine.system.lock:  # both wait, so the worker takes them as one batch
+            futures = [engine.submit(long_prompt), engine.submit(long_answer)]
+        results = [f.result(timeout=120) for f in futures]
+        assert [r.prompt_tokens for r in results] == [100, 4]
+    a, b = GenerationRequest("x", 10, prompt_ids=[0] * 80), GenerationRequest("y", 80, prompt_ids=[0] * 10)
+    assert [len(p) for p in fitting([a, b], context=100)] == [1, 1]
+    assert [len(p) for p in fitting([a, b], context=200)] == [2]
+
+
+def test_a_full_generation_queue_answers_429_with_retry_after(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from dylora_moe.serving.engine import GenerationRequest
+
+    with TestClient(gpt2_app(tmp_path, max_queue=1)) as client:
+        engine = client.app.state.engine
+        with engine.system.lock:  # the worker holds at most one batch; the queue takes one more, then refuses
+            futures = []
+            refused = None
+            for _ in range(4):
+                try:
+                    futures.append(engine.submit(GenerationRequest("1+1=", max_tokens=2)))
+                except Exception as err:
+                    refused = err
+                    break
+            assert refused is not None and refused.status == 429 and refused.headers["Retry-After"] == "1"
+        for f in futures:
+            f.result(timeout=60)
+
+
+def test_a_client_that_leaves_cancels_its_waiting_completion(client):
+    app, engine = client.app, client.app.state.engine
+    body = json.dumps({"model": MODEL, "prompt": "1+1=", "max_tokens": 4}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+             "scheme": "http", "server": ("test", 80), "client": ("test", 1),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+    messages = iter([{"type": "http.request", "body": body, "more_body": False}])
+    sent = []
+
+    async def receive():
+        return next(messages, {"type": "http.disconnect"})  # then the client is gone
+
+    async def send(message):
+        sent.append(message)
+
+    with engine.system.lock:  # the request can only wait: without cancellation the call would not return
+        asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout=10))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    assert status == 499

@@ -74,7 +74,7 @@ def create_app(system: ServedSystem | str | Path, config: ServerConfig | None = 
         check_model(body.model, config)
         req = GenerationRequest(body.text(), max_tokens(body.max_tokens, config), body.temperature, body.top_p,
                                 body.stops(), chat=False, param="prompt")
-        return await respond(engine, req, body, "text_completion", config)
+        return await respond(engine, req, body, "text_completion", config, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -86,7 +86,7 @@ def create_app(system: ServedSystem | str | Path, config: ServerConfig | None = 
         req = GenerationRequest(render_chat(system.model.tokenizer, body.messages),
                                 max_tokens(limit, config, param), body.temperature, body.top_p, body.stops(),
                                 chat=True, param="messages")
-        return await respond(engine, req, body, "chat.completion", config)
+        return await respond(engine, req, body, "chat.completion", config, request)
 
     # ------------------------------------------------------------------ the system
     @app.get("/experts")
@@ -203,16 +203,33 @@ def choice(kind: str, text: str | None, finish_reason: str | None, first: bool =
     return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
 
 
-async def respond(engine: Engine, req: GenerationRequest, body, kind: str, config: ServerConfig) -> Response:
+async def respond(engine: Engine, req: GenerationRequest, body, kind: str, config: ServerConfig,
+                  request: Request) -> Response:
     rid = f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if body.stream:
         return await stream(engine, req, body, kind, rid, created, config)
-    gen = await asyncio.wrap_future(engine.submit(req))
+    gen = await until_disconnected(engine.submit(req), req, request)
+    if gen is None:  # the client went away: nobody reads an answer
+        return Response(status_code=499)
     content = {"id": rid, "object": kind, "created": created, "model": config.model_name,
                "choices": [choice(kind, gen.text, gen.finish_reason)], "usage": usage(gen),
                "routing": gen.routing}
     return JSONResponse(content, headers=routing_header(gen.routing))
+
+
+async def until_disconnected(future, req: GenerationRequest, request: Request, poll: float = 0.25):
+    """The generation's result; a client that goes away meanwhile cancels it: dropped if it still waits in the
+    queue, stopped at the next token if it runs."""
+    waiting = asyncio.wrap_future(future)
+    while True:
+        done, _ = await asyncio.wait({waiting}, timeout=poll)
+        if done:
+            return waiting.result()
+        if await request.is_disconnected():
+            req.cancelled = True
+            future.cancel()
+            return None
 
 
 async def stream(engine: Engine, req: GenerationRequest, body, kind: str, rid: str, created: int,

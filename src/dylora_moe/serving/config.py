@@ -23,6 +23,7 @@ class ServerConfig:
         max_tokens_cap: largest ``max_tokens`` a request may ask for. default_max_tokens: when it asks none.
         max_prompt_tokens: longest prompt (also capped by the model's context minus ``max_tokens``).
         max_batch: requests generated together in one batch (each sequence is still routed on its own).
+        max_queue: requests waiting for generation; beyond it a request is refused with 429 and ``Retry-After``.
         max_upload_examples, max_example_chars: caps on a skill upload.
         max_pending_jobs: skill jobs queued or running at once; more are refused with 429.
         repetition_penalty, no_repeat_ngram_size: a decoding guard against greedy loops, applied to every
@@ -41,6 +42,7 @@ class ServerConfig:
     default_max_tokens: int = 64
     max_prompt_tokens: int = 4096
     max_batch: int = 8
+    max_queue: int = 64
     max_upload_examples: int = 2000
     max_example_chars: int = 20_000
     max_pending_jobs: int = 4
@@ -55,7 +57,7 @@ class ServerConfig:
             self.api_key = os.environ.get(API_KEY_ENV) or None
         for name in ("max_body_bytes", "max_upload_bytes", "max_tokens_cap", "default_max_tokens",
                      "max_prompt_tokens", "max_batch", "max_upload_examples", "max_example_chars",
-                     "max_pending_jobs"):
+                     "max_pending_jobs", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.repetition_penalty <= 0 or self.no_repeat_ngram_size < 0:

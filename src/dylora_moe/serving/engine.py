@@ -75,7 +75,7 @@ class Engine:
         self.system = system
         self.config = config
         self.metrics = metrics
-        self._queue: queue.Queue[GenerationRequest] = queue.Queue()
+        self._queue: queue.Queue[GenerationRequest] = queue.Queue(maxsize=config.max_queue)
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dylora-generate", daemon=True)
         self._thread.start()
@@ -83,7 +83,11 @@ class Engine:
     def submit(self, request: GenerationRequest) -> Future:
         if self._closed.is_set():
             raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
-        self._queue.put(request)
+        try:
+            self._queue.put_nowait(request)
+        except queue.Full:
+            raise APIError(429, f"the server has {self.config.max_queue} requests waiting for generation: retry in a "
+                                "moment", code="queue_full", headers={"Retry-After": "1"}) from None
         self.metrics.queue_depth.set(self._queue.qsize())
         return request.future
 
@@ -123,8 +127,10 @@ class Engine:
             for r in ready:
                 key = id(r) if r.on_event is not None else r.sampling
                 groups.setdefault(key, []).append(r)
+            context = getattr(model.backbone.config, "max_position_embeddings", None) or 1 << 30
             for group in groups.values():
-                self._generate(model, group)
+                for part in fitting(group, context):
+                    self._generate(model, part)
 
     def _prepare(self, model: DyLoRAMoE, r: GenerationRequest) -> bool:
         """Tokenise and check the prompt against the limits; a bad one gets its 400 and is dropped."""
@@ -185,6 +191,19 @@ class Engine:
             if streamer is not None and gen.text.startswith(streamer.sent) and len(gen.text) > len(streamer.sent):
                 r.on_event("delta", gen.text[len(streamer.sent):])
             r.future.set_result(gen)
+
+
+def fitting(group: list[GenerationRequest], context: int) -> list[list[GenerationRequest]]:
+    """Split a group so that every batch fits the model's positions: a batch runs its longest prompt (left
+    padding) plus its largest ``max_tokens``, which each request alone fits but two together may not."""
+    parts: list[list[GenerationRequest]] = []
+    for r in sorted(group, key=lambda r: len(r.prompt_ids)):
+        last = parts[-1] if parts else None
+        if last is not None and len(r.prompt_ids) + max(r.max_tokens, *(q.max_tokens for q in last)) <= context:
+            last.append(r)
+        else:
+            parts.append([r])
+    return parts
 
 
 def generation_config(model: DyLoRAMoE, group: list[GenerationRequest], server: ServerConfig | None = None):
