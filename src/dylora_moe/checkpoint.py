@@ -7,18 +7,28 @@
       experts/expert_<id>/             adapter_config.json + adapter_model.safetensors: loads with plain
                                        ``PeftModel.from_pretrained(base_model, path)``
 
-A save is written to a temporary sibling folder and swapped in by renames, so a crash leaves either the
-old or the new checkpoint, never a mixture.
+A save is written to a temporary sibling folder, checked against its manifest, and swapped in by renames,
+so a crash leaves either the old or the new checkpoint, never a mixture. Writers of one folder exclude each
+other with a lock file beside it (``.<name>.lock``, an advisory ``flock`` that the system releases when its
+holder dies, so a killed writer leaves no stale lock; the file names the holder's pid). ``dylora serve``
+(with uploads on) and ``dylora train`` hold it for their lifetime (``writer_lock``); a bare
+``save_pretrained`` takes it for the save. A second writer is refused with ``FolderBusy``; readers never
+wait for it, and ``recover`` leaves the temporary folders of a live writer alone. The swap itself (two
+renames and the removal of the old copy) takes a second lock (``.<name>.swap``) exclusively, and a load
+holds it shared while it reads, so a reader never sees the folder change under it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -34,21 +44,103 @@ FORMAT_VERSION = 1
 MANIFEST = "dylora.json"
 
 
+class FolderBusy(RuntimeError):
+    """Another live process is writing this system folder."""
+
+
+_held: dict[Path, int] = {}  # lock file -> open descriptor, for the folders this process writes
+
+
+def _lock_file(path: Path) -> Path:
+    return path.parent / f".{path.name}.lock"
+
+
+@contextlib.contextmanager
+def writer_lock(path: str | Path, *, who: str = "dylora-moe") -> Iterator[None]:
+    """Hold the exclusive writer lock of the system folder ``path`` (re-entrant within a process)."""
+    lock = _lock_file(Path(path).resolve())
+    if lock in _held:
+        yield
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        raise FolderBusy(f"{path} is being written by {owner}: two writers would lose each other's changes; stop "
+                         "it (or wait for it to finish) first, or write to another folder") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{who} (pid {os.getpid()})".encode())
+    _held[lock] = fd
+    try:
+        yield
+    finally:
+        del _held[lock]
+        os.close(fd)  # releases the flock
+
+
+@contextlib.contextmanager
+def _swap_lock(path: Path, *, shared: bool) -> Iterator[None]:
+    """Blocking lock around a swap (exclusive) or a read (shared) of the folder ``path``."""
+    lock = path.resolve().parent / f".{path.name}.swap"
+    if not lock.parent.exists():
+        yield
+        return
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _writer_alive(path: Path) -> bool:
+    """Is another process holding the writer lock of ``path`` right now?"""
+    lock = _lock_file(path.resolve())
+    if lock in _held or not lock.exists():
+        return False
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def save_pretrained(model, path: str | Path, extra: Callable[[Path], None] | None = None) -> Path:
-    """Write ``model`` (a ``DyLoRAMoE``) to ``path`` atomically; ``extra(folder)`` may add files (a training
-    loop's progress) that must change together with the weights."""
+    """Write ``model`` (a ``DyLoRAMoE``) to ``path`` atomically under the folder's writer lock; ``extra(folder)``
+    may add files (a training loop's progress) that must change together with the weights."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
-        if extra is not None:
-            extra(tmp)
-        _write(model, tmp)
-        _swap_in(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with writer_lock(path):
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+        try:
+            if extra is not None:
+                extra(tmp)
+            _write(model, tmp)
+            verify(tmp)  # the old copy is deleted only once the new one is known complete
+            _swap_in(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return path
+
+
+def verify(folder: Path) -> None:
+    """Check a written system folder against its manifest: every file present, every tensor file readable."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{folder} has no {MANIFEST}: the save did not complete")
+    data = json.loads(manifest.read_text(encoding="utf-8"))
+    for name in ("router.safetensors", "library.safetensors"):
+        _load_tensors(folder / name)
+    json.loads((folder / "library.json").read_text(encoding="utf-8"))
+    for expert_id in data["expert_ids"]:
+        check_adapter(folder / "experts" / expert_name(expert_id))
 
 
 def _write(model, out: Path) -> None:
@@ -71,15 +163,16 @@ def _write(model, out: Path) -> None:
 
 
 def _swap_in(tmp: Path, path: Path) -> None:
-    _restore_old(path)
-    if not path.exists():
+    with _swap_lock(path, shared=False):
+        _restore_old(path)
+        if not path.exists():
+            os.replace(tmp, path)
+            return
+        old = _old(path)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
         os.replace(tmp, path)
-        return
-    old = _old(path)
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _old(path: Path) -> Path:
@@ -88,11 +181,18 @@ def _old(path: Path) -> Path:
 
 def recover(path: str | Path) -> None:
     """Finish what a save killed mid-way left: put back the previous checkpoint if the swap was cut between
-    its two renames, and remove half-written temporary folders."""
+    its two renames, and remove half-written temporary folders. Nothing is touched while another process
+    holds the folder's writer lock: its temporary folder is a save in progress, not debris."""
     path = Path(path)
-    _restore_old(path)
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    if not path.parent.exists() or _writer_alive(path):
+        return
+    try:
+        with writer_lock(path, who="recovery"):  # briefly a writer: two recovering readers do not collide
+            _restore_old(path)
+            for stale in path.parent.glob(f".{path.name}.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+    except (FolderBusy, PermissionError, OSError):
+        return  # a writer started meanwhile (or the folder is read-only): its files are not debris
 
 
 def _restore_old(path: Path) -> None:
@@ -105,6 +205,10 @@ def read_manifest(path: str | Path) -> dict:
     path = Path(path)
     recover(path)
     manifest = path / MANIFEST
+    for _ in range(50):  # a live writer may be between the two renames of its swap: the folder returns at once
+        if manifest.is_file() or not _writer_alive(path):
+            break
+        time.sleep(0.1)
     if not manifest.is_file():
         raise FileNotFoundError(f"{path} is not a saved DyLoRA-MoE system (no {MANIFEST}); "
                                 "give the folder that save_pretrained wrote")
@@ -119,6 +223,12 @@ def read_manifest(path: str | Path) -> dict:
 def load_pretrained(cls, path: str | Path, *, backbone=None, tokenizer=None, **overrides):
     """Rebuild a ``DyLoRAMoE`` saved by ``save_pretrained``; ``overrides`` replace saved config fields."""
     path = Path(path)
+    recover(path)
+    with _swap_lock(path, shared=True):  # a concurrent save swaps in its folder before or after this read
+        return _load(cls, path, backbone, tokenizer, overrides)
+
+
+def _load(cls, path: Path, backbone, tokenizer, overrides: dict):
     manifest = read_manifest(path)
     saved = dict(manifest["config"])
     if "method" not in saved.get("novelty", {}) and "novelty" not in overrides:

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from .checkpoint import FolderBusy, writer_lock
 from .data.stream import load_stream
 from .registry_cli import add_parsers as add_registry_parsers
 from .registry_cli import experts, skills
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             from .serving.cli import serve
 
             return serve(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, FileNotFoundError, KeyError, FolderBusy) as err:
         console.print(f"[red]error:[/] {err}", soft_wrap=True, markup=True)
         record_error(args, err)
         return 2
@@ -168,6 +169,16 @@ def run_training(args, stream, system, training, console: Console) -> int:
     loop's progress are checkpointed together in ``OUT/system``, so ``--resume`` loses no completed step."""
     import torch
     from accelerate import PartialState
+
+    state = PartialState(cpu=system.device == "cpu" or not torch.cuda.is_available())
+    main_process = state.is_main_process
+    if not main_process:
+        return train_loop(args, stream, system, training, console, state)
+    with writer_lock(args.out / "system", who="dylora train"):  # one writer per system folder
+        return train_loop(args, stream, system, training, console, state)
+
+
+def train_loop(args, stream, system, training, console: Console, state) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .evaluation.report import write_report
@@ -176,7 +187,6 @@ def run_training(args, stream, system, training, console: Console) -> int:
     from .training.loop import ContinualLearner
     from .training.progress import has_progress, restore_progress, save_progress
 
-    state = PartialState(cpu=system.device == "cpu" or not torch.cuda.is_available())
     main_process = state.is_main_process
     console.quiet = not main_process
     start = time.perf_counter()

@@ -62,6 +62,12 @@ def experts(args: argparse.Namespace, console: Console) -> int:
                           "-" if loss is None else f"{loss:.3f}", "ok" if present else "[red]missing[/]")
         console.print(table)
         return 0
+    if args.action == "delete":  # system and registry change together, with no other writer at work
+        from .checkpoint import writer_lock
+
+        with writer_lock(args.run / "system", who="dylora experts delete"):
+            store.expert(args.expert_id)
+            return delete(args.run, store, args.expert_id, console)
     row = store.expert(args.expert_id)
     if args.action == "show":
         console.print_json(json.dumps({
@@ -70,9 +76,7 @@ def experts(args: argparse.Namespace, console: Console) -> int:
             "created_at": str(row.created_at), "lora_config": row.lora_config,
             "training_history": row.training_history, "eval_metrics": row.eval_metrics}, default=str))
         return 0
-    if args.action == "export":
-        return export(row, args.dest, console)
-    return delete(args.run, store, args.expert_id, console)
+    return export(row, args.dest, console)
 
 
 def export(row, dest: Path, console: Console) -> int:

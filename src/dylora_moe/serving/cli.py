@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import logging
 from pathlib import Path
@@ -55,16 +56,26 @@ def server_config(args: argparse.Namespace):
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from ..checkpoint import writer_lock
     from . import logs
-    from .app import create_app
-    from .system import ServedSystem
+    from .system import ServedSystem, SystemFiles
 
     logs.configure(logging.DEBUG if args.verbose else logging.INFO)
     config = server_config(args)
     overrides = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None}
-    system = ServedSystem(args.dir, **overrides)
+    # with uploads on, this server writes the system folder: no other writer may (a second server, a
+    # training run, `dylora experts delete`); without a key it only reads
+    writing = writer_lock(SystemFiles.locate(args.dir).system, who="dylora serve") if config.api_key else \
+        contextlib.nullcontext()
+    with writing:
+        return run(args, config, ServedSystem(args.dir, **overrides))
+
+
+def run(args: argparse.Namespace, config, system) -> int:
+    import uvicorn
+
+    from .app import create_app
+
     app = create_app(system, config)
     if not loopback(args.host) and not config.api_key:
         logger.warning("listening beyond this machine without an API key: skill uploads are refused; completions "
