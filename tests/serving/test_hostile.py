@@ -156,3 +156,13 @@ def test_a_client_that_leaves_cancels_its_waiting_completion(client):
         asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout=10))
     status = next(m["status"] for m in sent if m["type"] == "http.response.start")
     assert status == 499
+
+
+def test_tools_and_structured_output_are_refused_by_name(client):
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    assert error_of(client.post("/v1/chat/completions", json={**chat, "tools": tools}), 400)["param"] == "tools"
+    r = client.post("/v1/chat/completions", json={**chat, "response_format": {"type": "json_object"}})
+    assert error_of(r, 400)["param"] == "response_format"
+    ok = client.post("/v1/chat/completions", json={**chat, "response_format": {"type": "text"}, "tools": []})
+    assert ok.status_code == 200

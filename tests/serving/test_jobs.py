@@ -140,3 +140,26 @@ def test_deleting_an_expert_of_a_server_saved_system_keeps_its_routing_memory(tm
     assert (run / "system" / MEMORY).is_file()
     with TestClient(create_app(run, server_config())) as client:  # later uploads can still rehearse
         assert wait(client, upload(client, "letters", letters())["id"])["status"] == "succeeded"
+
+
+def test_a_dead_job_worker_is_restarted(tmp_path, monkeypatch):
+    import dylora_moe.serving.jobs as jobs
+
+    real, calls = jobs.JobManager._run, []
+
+    def dies_once(self, job):
+        calls.append(job.id)
+        if len(calls) == 1:
+            raise SystemExit("worker killed")  # not an Exception: the worker's own handler cannot catch it
+        return real(self, job)
+
+    monkeypatch.setattr(jobs.JobManager, "_run", dies_once)
+    run = empty_run(tmp_path)
+    with TestClient(create_app(run, server_config())) as client:
+        job = upload(client, "digits", digits())
+        manager = client.app.state.jobs
+        manager._thread.join(10)
+        assert not manager._thread.is_alive()  # the worker died with the first job
+        second = wait(client, upload(client, "digits", digits(12))["id"])
+        assert second["status"] == "succeeded"  # a new upload restarted it
+        assert wait(client, job["id"])["error"]["code"] == "skill_job_failed"

@@ -84,11 +84,35 @@ class JobManager:
         self.metrics = metrics
         self.jobs: dict[str, SkillJob] = {}
         self._queue: queue.Queue[SkillJob | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name="dylora-skill-jobs", daemon=True)
-        self._thread.start()
+        self._closed = False
+        self._thread = self._start()
+
+    def _start(self) -> threading.Thread:
+        thread = threading.Thread(target=self._loop, name="dylora-skill-jobs", daemon=True)
+        thread.start()
+        return thread
+
+    def _supervise(self) -> None:
+        """Restart the worker if it died (an error its own handler could not catch): without it every later
+        upload would wait forever. The job it was running is marked failed."""
+        if self._thread.is_alive() or self._closed:
+            return
+        for job in self.jobs.values():
+            if job.status == RUNNING:
+                job.status, job.finished = FAILED, time.time()
+                job.error = {"code": "skill_job_failed", "message": f"the skill worker stopped while {job.stage}; "
+                                                                    f"the server log has the details (job {job.id})"}
+        logger.error("skill job worker had stopped: restarted", extra={"fields": {"event": "error",
+                                                                                  "kind": "worker_restarted"}})
+        self.metrics.error("skill_worker_restarted", 500)
+        self._thread = self._start()
 
     def submit(self, upload: Upload) -> SkillJob:
-        missing = self.system.unrehearsable()
+        if self._closed:
+            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+        self._supervise()
+        with self.system.lock:  # the served system may be swapped by the worker meanwhile
+            missing = self.system.unrehearsable()
         if missing:
             raise APIError(409, f"the served system has no stored routing features for skill(s) {', '.join(missing)}; "
                                 "the gate must rehearse them to keep routing them while it learns a new skill. Serve "
@@ -113,6 +137,16 @@ class JobManager:
         return self.jobs[job_id]
 
     def close(self, timeout: float = 5.0) -> None:
+        """Stop taking jobs; queued ones are failed (the running one finishes if it can within ``timeout``)."""
+        self._closed = True
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.status, job.finished, job.examples = FAILED, time.time(), []
+                job.error = {"code": "shutting_down", "message": "the server stopped before this job ran: upload again"}
         self._queue.put(None)
         self._thread.join(timeout)
 

@@ -3,7 +3,7 @@
 Bodies are read and parsed here rather than by FastAPI so that every problem, from malformed JSON to a
 wrong field type, is answered in OpenAI's error shape naming the field. Fields OpenAI clients may send
 that this server does not use (``user``, penalties, ``seed``...) are accepted and ignored; fields whose
-meaning it cannot honour (``n > 1``, ``logprobs``, ``echo``) are refused.
+meaning it cannot honour (``n > 1``, ``logprobs``, ``echo``, tools and structured output) are refused.
 """
 
 from __future__ import annotations
@@ -89,6 +89,25 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = None
+    tools: object = None
+    tool_choice: object = None
+    functions: object = None
+    function_call: object = None
+    response_format: object = None
+
+    def check_unsupported(self) -> None:
+        super().check_unsupported()
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise APIError(400, f"{name} (function calling) is not supported by this server: the experts "
+                                    "were not trained to call tools; leave it unset", param=name)
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none"):
+                raise APIError(400, f"{name} is not supported by this server; leave it unset", param=name)
+        kind = self.response_format.get("type") if isinstance(self.response_format, dict) else self.response_format
+        if kind not in (None, "text"):
+            raise APIError(400, f"response_format {kind!r} is not supported by this server (no constrained "
+                                "decoding): leave it unset or use {\"type\": \"text\"}", param="response_format")
 
 
 class UploadExample(BaseModel):
