@@ -146,12 +146,18 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {"stream": stream.name, "chunks": [c.counts() for c in stream.chunks], "methods": {}}
     mixed = None
+
+    def keep(name: str, row: dict) -> None:  # each method's figures are on disk as soon as it finishes
+        results["methods"][name] = row
+        write_json(args.out / "methods" / f"{name}.json", row)
+
     if "dylora_mixed" in methods or "dylora_boundaries" in methods:
-        results["methods"]["dylora_mixed"], mixed = run_mixed(stream, args, MixedLearner, "dylora_mixed")
+        row, mixed = run_mixed(stream, args, MixedLearner, "dylora_mixed")
+        keep("dylora_mixed", row)
     if "dylora_boundaries" in methods:
-        results["methods"]["dylora_boundaries"] = run_boundaries(stream, args, mixed)
+        keep("dylora_boundaries", run_boundaries(stream, args, mixed))
     if "sequential_lora" in methods:
-        results["methods"]["sequential_lora"], _ = run_mixed(stream, args, SingleLoRA, "sequential_lora")
+        keep("sequential_lora", run_mixed(stream, args, SingleLoRA, "sequential_lora")[0])
     mixed_row, bounded = results["methods"].get("dylora_mixed"), results["methods"].get("dylora_boundaries")
     if mixed_row and bounded:
         results["mixed_vs_boundaries_loss"] = mixed_row["mean_final_loss"] / bounded["mean_final_loss"] - 1
