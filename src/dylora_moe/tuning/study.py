@@ -4,7 +4,10 @@ Optuna provides what a long search needs, used as designed: ``RDBStorage`` on an
 PostgreSQL) so a study survives its process and several processes can share it (``load_if_exists``); a
 heartbeat, so that a trial whose process was killed is marked failed and run again with the same parameters
 (``RetryHeartbeatStaleTrialCallback``); ``MaxTrialsCallback``, so ``--trials N`` means N finished trials in
-the study, whoever ran them, and a restart runs only the rest.
+the study, whoever ran them, and a restart runs only the rest. A killed trial is noticed once its heartbeat is
+older than twice ``heartbeat_seconds``, by the next trial any process starts. Optuna cannot tell a trial killed
+in the instant between its creation and its first heartbeat from one just started: it stays ``RUNNING`` in the
+study, never counts as finished, and the study still reaches its N finished trials.
 """
 
 from __future__ import annotations
