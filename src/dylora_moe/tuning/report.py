@@ -23,8 +23,18 @@ from .study import baseline_trial, best_trial
 logger = logging.getLogger(__name__)
 
 
+# below this many complete trials importances are an artefact of the evaluator (one trial: all equal)
+MIN_TRIALS_FOR_IMPORTANCES = 3
+
+
+def complete(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
 def importances(study: optuna.Study, config: TuneConfig) -> dict[str, float]:
     """Parameter importances on the (weighted) objective; empty when the study is too small to tell."""
+    if complete(study) < MIN_TRIALS_FOR_IMPORTANCES:
+        return {}
     target = None if not config.multi else (lambda t: t.values[0] + config.forgetting_weight * t.values[1])
     try:
         with warnings.catch_warnings():
@@ -47,6 +57,8 @@ def write_plots(study: optuna.Study, config: TuneConfig, out: Path) -> list[str]
     name = "objective" if not config.multi else f"loss + {config.forgetting_weight} x forgetting"
     plots = {"history.png": lambda: oplt.plot_optimization_history(study, target=target, target_name=name),
              "importances.png": lambda: oplt.plot_param_importances(study, target=target, target_name=name)}
+    if complete(study) < MIN_TRIALS_FOR_IMPORTANCES:
+        del plots["importances.png"]
     if config.multi:
         plots["pareto.png"] = lambda: oplt.plot_pareto_front(study, target_names=["loss", "forgetting", "params"])
     written = []
@@ -69,8 +81,8 @@ def write_plots(study: optuna.Study, config: TuneConfig, out: Path) -> list[str]
 def trial_row(t: FrozenTrial) -> dict[str, Any]:
     return {"number": t.number, "state": t.state.name, "values": t.values, "params": t.params,
             "baseline": bool(t.user_attrs.get("baseline")), "retry_of": t.system_attrs.get("failed_trial"),
-            **{k: t.user_attrs.get(k) for k in ("loss", "forgetting", "trainable_params", "experts", "seconds",
-                                                 "matrix")},
+            **{k: t.user_attrs.get(k) for k in ("loss", "forgetting", "trainable_params", "experts", "matrix")},
+            "seconds": t.duration.total_seconds() if t.duration is not None else None,
             "pruned_at_step": max(t.intermediate_values) if t.state == TrialState.PRUNED and t.intermediate_values
             else None}
 
@@ -91,7 +103,7 @@ def summary(study: optuna.Study, config: TuneConfig, *, stream: str, storage: st
         "pareto_front": [trial_row(t) for t in study.best_trials] if config.multi else None,
         "importances": importances(study, config),
         "trials": [trial_row(t) for t in study.trials],
-        "seconds": sum(t.user_attrs.get("seconds") or 0.0 for t in study.trials),
+        "seconds": sum(t.duration.total_seconds() for t in study.trials if t.duration is not None),
     }
 
 
@@ -149,10 +161,14 @@ def markdown(data: dict, plots: list[str]) -> str:
         lines += [f"| {t['number']} | {fmt(t['values'][0])} | {fmt(t['values'][1])} | {int(t['values'][2]):,} | "
                   f"{short(t['params'])} |" for t in data["pareto_front"]]
         lines += [""]
+    lines += ["## Parameter importances", ""]
     if data["importances"]:
-        lines += ["## Parameter importances", "", "| parameter | importance |", "|---|---|"]
+        lines += ["| parameter | importance |", "|---|---|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in data["importances"].items()]
-        lines += ["", "Few trials make these rough: read them as where to look next, not as a ranking.", ""]
+        lines += ["", "Optuna's default evaluator on the complete trials. Few trials make these rough: read them as "
+                  "where to look next, not as a ranking.", ""]
+    else:
+        lines += [f"Not computed: they need at least {MIN_TRIALS_FOR_IMPORTANCES} complete trials.", ""]
     lines += ["## Trials", "",
               "| trial | state | objective | loss | forgetting | trainable params | seconds | params |",
               "|---|---|---|---|---|---|---|---|"]
