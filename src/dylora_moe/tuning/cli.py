@@ -74,7 +74,7 @@ def tune(args: argparse.Namespace, console: Console) -> int:
     stream, config = prepare(args)
     args.out.mkdir(parents=True, exist_ok=True)
     url = args.storage or SkillStore(args.out / "store.db").url  # the study lives beside the registry
-    shown = make_url(url).render_as_string(hide_password=True)
+    shown = make_url(url).render_as_string(hide_password=True) if args.storage else str(args.out / "store.db")
     name = args.study_name or stream.name
     optuna.logging.set_verbosity(optuna.logging.INFO if args.verbose else optuna.logging.WARNING)
     study = open_study(url, name, config)

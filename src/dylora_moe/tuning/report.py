@@ -178,7 +178,7 @@ def markdown(data: dict, plots: list[str]) -> str:
                                       else "") + (" (baseline)" if t["baseline"] else "") \
             + (f" (retry of {t['retry_of']})" if t["retry_of"] is not None else "")
         lines.append(f"| {t['number']} | {state} | {value} | {fmt(t['loss'])} | {fmt(t['forgetting'])} | "
-                     f"{fmt(t['trainable_params'] and int(t['trainable_params']))} | {fmt(t['seconds'])} | "
+                     f"{count(t['trainable_params'])} | {count(t['seconds'])} | "
                      f"{short(t['params'])} |")
     lines += [""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines)
@@ -201,6 +201,11 @@ def best_section(data: dict) -> list[str]:
     lines += ["| parameter | best | baseline |", "|---|---|---|"]
     lines += [f"| {k} | {fmt(v)} | {fmt(base['params'].get(k)) if base else ''} |" for k, v in best["params"].items()]
     return [*lines, "", "`best.yaml` holds these values (its `params:` section and the sections they belong to).", ""]
+
+
+def count(value: float | None) -> str:
+    """Whole numbers with thousands separators (parameters, seconds); blank when not measured."""
+    return "" if value is None else f"{round(value):,}"
 
 
 def short(params: dict[str, Any]) -> str:
