@@ -2,10 +2,13 @@
 
     python benchmarks/tune_confirm.py --stream configs/streams/tune-confirm.yaml --data-dir ../shared/data \\
         --params results/tune-shared-code/best.yaml --out results/tune-shared-code/confirm.json
+    python benchmarks/tune_confirm.py ... --seed 1     # another training seed (data order, expert init)
 
 `dylora tune` picks its best trial on the tuned stream's held-out examples, so that trial's value is an
 optimistic estimate. This runs both configurations through another stream exactly as a trial runs (same
-loop, same held-out scoring, `tuning/objective.run_configuration`) and reports the objective of each.
+loop, same held-out scoring, `tuning/objective.run_configuration`) and reports the objective of each. With
+`--seed`, both run under another training seed, which tells a real difference from the luck of one seed
+(on the tuned stream too).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--forgetting-weight", type=float, default=None,
                    help="weight of forgetting in the objective (default: the study's, from tune.json beside --params)")
+    p.add_argument("--seed", type=int, default=None, help="training seed of both runs (default: the stream's)")
     return p.parse_args(argv)
 
 
@@ -40,6 +44,8 @@ def main(argv=None) -> None:
     if weight is None:
         weight = json.loads(study.read_text())["forgetting_weight"] if study.is_file() else 1.0
     stream = load_stream(args.stream)
+    if args.seed is not None:
+        stream.training = {**stream.training, "seed": args.seed}
     runs = {}
     for name, values in (("baseline", {}), ("tuned", params)):
         started = time.perf_counter()
@@ -52,6 +58,7 @@ def main(argv=None) -> None:
               f"{result['forgetting']:+.4f}) in {result['seconds']:.0f}s", flush=True)
     write_json(args.out, {
         "stream": stream.name, "skills": [s.name for s in stream.active(args.data_dir)], "params": params,
+        "seed": stream.training.get("seed", 0),
         "forgetting_weight": weight, "runs": runs,
         "tuned_minus_baseline": runs["tuned"]["objective"] - runs["baseline"]["objective"],
     })
