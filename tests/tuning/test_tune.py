@@ -1,4 +1,4 @@
-"""`dylora tune` on a tiny model: trials with a pruner, a kill mid-study and its resume, `train --params`."""
+"""`dylora tune` on a tiny model: pruning, a kill mid-study and its resume, a study on PostgreSQL, `train --params`."""
 
 from __future__ import annotations
 
@@ -165,3 +165,24 @@ def test_pareto_study_reports_the_front(tmp_path):
     assert len(study.directions) == 3 and study.best_trials
     report = (tmp_path / "out" / "tune-report.md").read_text()
     assert "## Pareto front" in report and (tmp_path / "out" / "pareto.png").is_file()
+
+
+@pytest.mark.slow
+def test_a_study_on_postgresql_is_continued_from_another_folder(tmp_path, postgres_server):
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(postgres_server.format(db="postgres"), isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text("CREATE DATABASE tune_shared"))
+    engine.dispose()
+    url = postgres_server.format(db="tune_shared")
+    tiny_stream(tmp_path, RESUME_SPACE)
+    first = [*tune_argv(tmp_path, trials=2), "--storage", url]
+    assert main(first) == 0
+    second = [*tune_argv(tmp_path, trials=3), "--storage", url]
+    second[second.index("--out") + 1] = str(tmp_path / "elsewhere")
+    assert main(second) == 0  # another folder, the same study: one more trial
+    trials = optuna.load_study(study_name="tiny", storage=url).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3 and trials[0].user_attrs["baseline"]
+    assert not (tmp_path / "elsewhere" / "store.db").exists()  # --storage replaces the folder's store
+    assert "postgresql+psycopg://postgres@/tune_shared" in (tmp_path / "elsewhere" / "tune-report.md").read_text()
