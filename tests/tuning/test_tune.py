@@ -186,3 +186,11 @@ def test_a_study_on_postgresql_is_continued_from_another_folder(tmp_path, postgr
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3 and trials[0].user_attrs["baseline"]
     assert not (tmp_path / "elsewhere" / "store.db").exists()  # --storage replaces the folder's store
     assert "postgresql+psycopg://postgres@/tune_shared" in (tmp_path / "elsewhere" / "tune-report.md").read_text()
+
+
+@pytest.mark.parametrize("storage, match", [("nonsense", "is not a SQLAlchemy URL"),
+                                            ("foo://x", "cannot open the study storage foo://x")])
+def test_bad_storage_is_named(tmp_path, capsys, storage, match):
+    tiny_stream(tmp_path, RESUME_SPACE)
+    assert main([*tune_argv(tmp_path), "--storage", storage]) == 2
+    assert match in " ".join(capsys.readouterr().err.split())

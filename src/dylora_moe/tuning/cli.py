@@ -65,6 +65,7 @@ def tune(args: argparse.Namespace, console: Console) -> int:
     import optuna
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
     from ..store import SkillStore
     from . import report
@@ -72,12 +73,21 @@ def tune(args: argparse.Namespace, console: Console) -> int:
     from .study import enqueue_baseline, finished, open_study, run_study
 
     stream, config = prepare(args)
+    if args.storage:
+        try:
+            shown = make_url(args.storage).render_as_string(hide_password=True)
+        except ArgumentError as err:
+            raise ValueError(f"--storage {args.storage!r} is not a SQLAlchemy URL ({err}); e.g. sqlite:///tune.db "
+                             "or postgresql+psycopg://user@host/db") from err
     args.out.mkdir(parents=True, exist_ok=True)
     url = args.storage or SkillStore(args.out / "store.db").url  # the study lives beside the registry
-    shown = make_url(url).render_as_string(hide_password=True) if args.storage else str(args.out / "store.db")
+    shown = shown if args.storage else str(args.out / "store.db")
     name = args.study_name or stream.name
     optuna.logging.set_verbosity(optuna.logging.INFO if args.verbose else optuna.logging.WARNING)
-    study = open_study(url, name, config)
+    try:
+        study = open_study(url, name, config)
+    except SQLAlchemyError as err:  # an unknown driver, an unreachable server, a folder that does not exist
+        raise ValueError(f"cannot open the study storage {shown}: {err}") from err
     enqueue_baseline(study, config, stream.system, stream.training)
     done = finished(study)
     console.print(f"study {name!r} in {shown}: {done} finished trial(s), target {args.trials}; "
