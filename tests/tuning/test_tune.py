@@ -194,3 +194,23 @@ def test_bad_storage_is_named(tmp_path, capsys, storage, match):
     tiny_stream(tmp_path, RESUME_SPACE)
     assert main([*tune_argv(tmp_path), "--storage", storage]) == 2
     assert match in " ".join(capsys.readouterr().err.split())
+
+
+def test_space_file_replaces_the_streams_section(tmp_path):
+    import argparse
+
+    from dylora_moe.tuning.cli import prepare
+
+    stream = tiny_stream(tmp_path, RESUME_SPACE)
+    (tmp_path / "space.yaml").write_text("tune:\n  objective: pareto\n  params:\n    system.router.top_k: [1, 2]\n")
+    args = argparse.Namespace(stream=stream, trials=2, model=None, max_train=5, data_dir=None,
+                              space=tmp_path / "space.yaml")
+    loaded, config = prepare(args)
+    assert config.multi and [p.name for p in config.params] == ["system.router.top_k"]
+    assert all(s.max_train == 5 for s in loaded.skills)
+    (tmp_path / "space.yaml").write_text("params:\n  system.router.topk: [1, 2]\n")  # the bare mapping works too
+    with pytest.raises(ValueError, match=r"unknown parameter 'system.router.topk'.*did you mean system.router.top_k"):
+        prepare(args)
+    args.trials = 0
+    with pytest.raises(ValueError, match="--trials must be >= 1"):
+        prepare(args)
