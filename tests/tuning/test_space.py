@@ -54,6 +54,9 @@ def test_ranges_choices_and_yaml_number_strings():
     ({"objective": "accuracy"}, "objective='accuracy' is not supported; choose one of weighted, pareto"),
     ({"pruner": "asha"}, "choose one of median, percentile, hyperband, none"),
     ({"forgetting_weight": -1}, "forgetting_weight must be >= 0"),
+    ({"forgetting_weight": "much"}, "forgetting_weight must be a number"),
+    ({"startup_trials": 2.5}, "startup_trials must be a whole number"),
+    ({"baseline": "yes"}, "baseline must be true or false"),
     ({"trials": 8}, "unknown tune key.*trials; allowed"),
 ])
 def test_bad_sections_are_named(section, match):

@@ -120,6 +120,14 @@ class TuneConfig:
                                      ("pruner", self.pruner, PRUNERS)):
             if value not in allowed:
                 raise ValueError(f"tune.{name}={value!r} is not supported; choose one of {', '.join(allowed)}")
+        self.forgetting_weight = number(self.forgetting_weight, "tune.forgetting_weight")
+        if self.forgetting_weight is None:
+            raise ValueError("tune.forgetting_weight must be a number (0 leaves forgetting out)")
+        for name in ("startup_trials", "seed", "heartbeat_seconds"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise ValueError(f"tune.{name} must be a whole number, got {getattr(self, name)!r}")
+        if not isinstance(self.baseline, bool):
+            raise ValueError(f"tune.baseline must be true or false, got {self.baseline!r}")
         if self.forgetting_weight < 0:
             raise ValueError(f"tune.forgetting_weight must be >= 0, got {self.forgetting_weight}")
         if self.startup_trials < 0 or self.heartbeat_seconds < 1:
