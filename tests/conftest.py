@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
 
 # Tests never reach a model hub; an unknown name must fail fast with our message. Set before the HF
 # libraries are imported: they read it once.
@@ -110,3 +114,38 @@ def write_tiny_run(root, n: int = 30, steps: int = 2):
         (root / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in items))
     (root / "stream.yaml").write_text(TINY_STREAM.format(steps=steps))
     return root / "stream.yaml"
+
+
+def postgres_bindir() -> Path | None:
+    """The binaries of Debian's PostgreSQL package, if it is installed."""
+    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return bins[-1].parent if bins else None
+
+
+@pytest.fixture(scope="module")
+def postgres_server():
+    """One throwaway PostgreSQL server for the module: a URL template with ``{db}``, or a skip with the reason."""
+    bindir = postgres_bindir()
+    if bindir is None:
+        pytest.skip("no PostgreSQL server: install Debian's postgresql package (.ci/run does) to run these")
+    pytest.importorskip("psycopg", reason="psycopg is needed for PostgreSQL")
+    data = Path(tempfile.mkdtemp(prefix="pg-"))
+    sock = Path(tempfile.mkdtemp(prefix="pgsock-"))
+    user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if user:
+        shutil.chown(data, "postgres")
+        shutil.chown(sock, "postgres")
+    subprocess.run([*user, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust"],
+                   check=True, capture_output=True, timeout=120)
+    port = "55433"
+    # -l: the server logs to a file, so it holds no pipe of ours open
+    subprocess.run([*user, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(data / "server.log"),
+                    "-o", f"-k {sock} -p {port} -h ''", "-w", "start"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    try:
+        yield f"postgresql+psycopg://postgres@/{{db}}?host={sock}&port={port}"
+    finally:
+        subprocess.run([*user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+        shutil.rmtree(data, ignore_errors=True)
+        shutil.rmtree(sock, ignore_errors=True)

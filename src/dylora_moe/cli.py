@@ -5,6 +5,8 @@
     dylora train --resume runs/demo                              # continue after the last completed step
     dylora experts list runs/demo; dylora skills history runs/demo 0
     dylora serve runs/demo [--host 127.0.0.1 --port 8000]        # OpenAI-compatible HTTP server
+    dylora tune --stream S.yaml --trials 8 --out runs/tune       # hyperparameter search (Optuna) -> best.yaml
+    dylora train --stream S.yaml --params runs/tune/best.yaml --out runs/best   # train with the tuned values
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from .checkpoint import FolderBusy, writer_lock
-from .data.stream import load_stream
+from .data.stream import StreamSpec, load_stream, with_params
 from .registry_cli import add_parsers as add_registry_parsers
 from .registry_cli import experts, skills
 from .serving.cli import add_parser as add_serve_parser
+from .tuning.cli import add_parser as add_tune_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", default=None, help="HF model id, local folder or 'default' (overrides the stream)")
     train.add_argument("--data-dir", default=None, help="folder with datasets for builtin sources (../shared/data)")
     train.add_argument("--dry-run", action="store_true", help="validate the stream and load its data, no training")
+    train.add_argument("--params", type=Path, default=None, metavar="FILE",
+                       help="apply tuned values: the `params:` section of a `dylora tune` best.yaml")
     train.add_argument("--seed-steps", type=int, default=None, help="override training.seed_steps")
     train.add_argument("--consolidation-steps", type=int, default=None, help="override training.consolidation_steps")
     train.add_argument("--max-train", type=int, default=None, help="cap training examples per skill")
@@ -49,11 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "model (0: skip)")
     add_registry_parsers(sub)
     add_serve_parser(sub)
+    add_tune_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = "dylora " + " ".join(sys.argv[1:] if argv is None else argv)
     console = Console(stderr=True)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])
@@ -65,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
             return experts(args, Console())
         if args.command == "skills":
             return skills(args, Console())
+        if args.command == "tune":
+            from .tuning.cli import tune
+
+            return tune(args, Console())
         if args.command == "serve":
             from .serving.cli import serve
 
@@ -103,6 +114,8 @@ def resolve_run(args: argparse.Namespace) -> None:
 
     ``--resume DIR`` reuses the stream and options the run in DIR was started with; a new run records them."""
     if args.resume is not None:
+        if args.params is not None:
+            raise ValueError("--params applies to a new run; a resumed run keeps the values it started with")
         run_file = args.resume / "run.json"
         if not run_file.is_file():
             raise FileNotFoundError(f"{args.resume} has no run.json: it is not a `dylora train` output folder")
@@ -121,11 +134,21 @@ def resolve_run(args: argparse.Namespace) -> None:
                          "or choose another --out")
     args.out.mkdir(parents=True, exist_ok=True)
     # the stream as loaded (file paths made absolute), so --resume reads the same data from any folder
-    (args.out / "stream.yaml").write_text(yaml.safe_dump(load_stream(args.stream).to_dict(), sort_keys=False))
+    (args.out / "stream.yaml").write_text(yaml.safe_dump(read_stream(args).to_dict(), sort_keys=False))
     # run.json marks the folder as a run; written last and atomically so a killed start leaves none
     tmp = args.out / "run.json.tmp"
     tmp.write_text(json.dumps({k: getattr(args, k) for k in RUN_OPTIONS}, indent=2))
     os.replace(tmp, args.out / "run.json")
+
+
+def read_stream(args: argparse.Namespace) -> StreamSpec:
+    """The stream file with ``--params`` (tuned values, dotted names) applied over its sections."""
+    stream = load_stream(args.stream)
+    if getattr(args, "params", None) is not None:
+        from .tuning.params import load_params
+
+        with_params(stream, load_params(args.params))
+    return stream
 
 
 def train(args: argparse.Namespace, console: Console) -> int:
@@ -134,9 +157,9 @@ def train(args: argparse.Namespace, console: Console) -> int:
     from .training.config import TrainingConfig
 
     if args.stream is not None:
-        load_stream(args.stream)  # a bad stream file fails before anything is written
+        read_stream(args)  # a bad stream or params file fails before anything is written
     resolve_run(args)
-    stream = load_stream(args.stream)
+    stream = read_stream(args) if args.resume is None else load_stream(args.stream)
     system = DyLoRAConfig.from_dict({**stream.system, **({"model": args.model} if args.model else {})})
     overrides = {k: v for k, v in (("seed_steps", args.seed_steps),
                                    ("consolidation_steps", args.consolidation_steps)) if v is not None}

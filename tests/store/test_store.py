@@ -2,53 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import sqlite3
-import subprocess
-import tempfile
 import uuid
-from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
 
 from dylora_moe.store import SCHEMA_VERSION, SkillStore
-
-
-def postgres_bindir() -> Path | None:
-    """The binaries of Debian's PostgreSQL package, if it is installed."""
-    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    return bins[-1].parent if bins else None
-
-
-@pytest.fixture(scope="module")
-def postgres_server():
-    """One throwaway PostgreSQL server for the module: a URL template with ``{db}``, or a skip with the reason."""
-    bindir = postgres_bindir()
-    if bindir is None:
-        pytest.skip("no PostgreSQL server: install Debian's postgresql package (.ci/run does) to run these")
-    pytest.importorskip("psycopg", reason="psycopg is needed for PostgreSQL")
-    data = Path(tempfile.mkdtemp(prefix="pg-"))
-    sock = Path(tempfile.mkdtemp(prefix="pgsock-"))
-    user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    if user:
-        shutil.chown(data, "postgres")
-        shutil.chown(sock, "postgres")
-    subprocess.run([*user, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust"],
-                   check=True, capture_output=True, timeout=120)
-    port = "55433"
-    # -l: the server logs to a file, so it holds no pipe of ours open
-    subprocess.run([*user, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(data / "server.log"),
-                    "-o", f"-k {sock} -p {port} -h ''", "-w", "start"], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
-    try:
-        yield f"postgresql+psycopg://postgres@/{{db}}?host={sock}&port={port}"
-    finally:
-        subprocess.run([*user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
-        shutil.rmtree(data, ignore_errors=True)
-        shutil.rmtree(sock, ignore_errors=True)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

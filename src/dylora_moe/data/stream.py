@@ -42,6 +42,7 @@ from .sources import (
 )
 
 SOURCE_TYPES = ("builtin", "file", "hf")
+TOP_LEVEL = ("name", "skills", "system", "training", "chunks", "tune", "params")
 # name -> (reader, needs a data directory)
 BUILTINS: dict[str, tuple[Callable[..., list[Example]], bool]] = {
     "humaneval": (lambda data_dir, **kw: humaneval(), False),
@@ -167,13 +168,17 @@ class StreamSpec:
     """A named list of skills; optional ``system`` (DyLoRAConfig fields) and ``training`` (TrainingConfig
     fields) sections let one file describe a whole experiment. With ``chunks`` the stream is mixed: the skills
     are pools of examples and each step is a chunk drawn from several of them, without skill boundaries
-    (``training/mixed.py``)."""
+    (``training/mixed.py``). ``tune`` is the search space of ``dylora tune`` (``tuning/space.py``); ``params``
+    are tuned values by dotted name (``training.seed_lr: 0.003``), already applied to ``system`` and
+    ``training`` by ``load_stream`` (``best.yaml`` files carry them)."""
 
     name: str
     skills: list[SkillSpec]
     system: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     chunks: list[ChunkSpec] = field(default_factory=list)
+    tune: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.skills = [from_dict(SkillSpec, s) if isinstance(s, dict) else s for s in self.skills]
@@ -223,19 +228,38 @@ def load_stream(path: str | Path) -> StreamSpec:
         if skill.source.type == "file" and not Path(skill.source.path).is_absolute():
             skill.source.path = str(path.parent / skill.source.path)
         skills.append(skill)
-    unknown = sorted(set(data) - {"name", "skills", "system", "training", "chunks"})
+    unknown = sorted(set(data) - set(TOP_LEVEL))
     if unknown:
-        raise ValueError(f"{path}: unknown top-level key(s) {', '.join(unknown)}; "
-                         "allowed: name, skills, system, training, chunks")
+        raise ValueError(f"{path}: unknown top-level key(s) {', '.join(unknown)}; allowed: {', '.join(TOP_LEVEL)}")
+    for key in ("system", "training", "tune", "params"):
+        if not isinstance(data.get(key) or {}, dict):
+            raise ValueError(f"{path}: `{key}` must be a mapping")
     chunks = data.get("chunks") or []
     if not isinstance(chunks, list) or not all(isinstance(c, dict) for c in chunks):
         raise ValueError(f"{path}: `chunks` must be a list of mappings, e.g. "
                          "{size: 64, mix: {python: 0.7, sql: 0.3}}")
     try:
-        return StreamSpec(name=data.get("name", path.stem), skills=skills, system=data.get("system") or {},
-                          training=data.get("training") or {}, chunks=chunks)
+        stream = StreamSpec(name=data.get("name", path.stem), skills=skills, system=data.get("system") or {},
+                            training=data.get("training") or {}, chunks=chunks, tune=data.get("tune") or {},
+                            params=data.get("params") or {})
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path}: {err}") from err
+    if stream.params:
+        try:
+            with_params(stream, stream.params)
+        except ValueError as err:
+            raise ValueError(f"{path}: params: {err}") from err
+    return stream
+
+
+def with_params(stream: StreamSpec, params: dict[str, Any]) -> StreamSpec:
+    """Set tuned values (dotted names) in the stream's ``system`` and ``training`` sections, in place; they are
+    recorded in ``stream.params`` so the stream written to a run folder carries them."""
+    from ..tuning.params import apply_params  # imported here: tuning reads the training configs, which import us
+
+    stream.system, stream.training = apply_params(stream.system, stream.training, params)
+    stream.params = {**stream.params, **params}
+    return stream
 
 
 # ---------------------------------------------------------------- examples

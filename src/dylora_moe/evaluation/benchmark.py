@@ -58,8 +58,12 @@ def method_configs(name: str, system: DyLoRAConfig, training: TrainingConfig) ->
 
 def run_method(name: str, stream: StreamSpec, system: DyLoRAConfig, training: TrainingConfig, out: Path, *,
                data_dir: str | Path | None = None, bench: BenchmarkConfig | None = None,
-               progress: Callable[[str], None] | None = None, model: DyLoRAMoE | None = None) -> dict:
-    """Run one method and return its raw measurements (JSON-ready)."""
+               progress: Callable[[str], None] | None = None, model: DyLoRAMoE | None = None,
+               after_skill: Callable | None = None, evaluate_ahead: bool = True) -> dict:
+    """Run one method and return its raw measurements (JSON-ready).
+
+    ``after_skill(step, record)`` is the learner's hook (``dylora tune`` reports to its pruner there);
+    ``evaluate_ahead=False`` skips the cells above the diagonal (forward transfer is then not measured)."""
     bench = bench or BenchmarkConfig()
     say = progress or (lambda msg: None)
     system, training = method_configs(name, system, training)
@@ -75,11 +79,12 @@ def run_method(name: str, stream: StreamSpec, system: DyLoRAConfig, training: Tr
         learner.steps = steps
     else:
         learner = LEARNERS[name](model, stream, training, out / "logs" / name, data_dir=data_dir,
-                                 evaluate_ahead=True)
+                                 evaluate_ahead=evaluate_ahead, after_skill=after_skill)
         records = learner.run(lambda msg: say(f"{name}: {msg}"))
         matrix = [list(r.losses) for r in records]
     train_seconds = time.perf_counter() - start
-    say(f"{name}: scoring the final system by greedy decoding")
+    if bench.pass_limit > 0:
+        say(f"{name}: scoring the final system by greedy decoding")
     skills = learner.skills
     raw = {
         "method": name,

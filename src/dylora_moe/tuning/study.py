@@ -1,0 +1,114 @@
+"""The Optuna study of ``dylora tune``, kept in an RDB storage: by default the run's store (``OUT/store.db``).
+
+Optuna provides what a long search needs, used as designed: ``RDBStorage`` on any SQLAlchemy URL (SQLite file,
+PostgreSQL) so a study survives its process and several processes can share it (``load_if_exists``); a
+heartbeat, so that a trial whose process was killed is marked failed and run again with the same parameters
+(``RetryHeartbeatStaleTrialCallback``); ``MaxTrialsCallback``, so ``--trials N`` means N finished trials in
+the study, whoever ran them, and a restart runs only the rest. A killed trial is noticed once its heartbeat is
+older than twice ``heartbeat_seconds``, by the next trial any process starts. Optuna cannot tell a trial killed
+in the instant between its creation and its first heartbeat from one just started: it stays ``RUNNING`` in the
+study, never counts as finished, and the study still reaches its N finished trials.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from .space import TuneConfig, baseline_params
+
+logger = logging.getLogger(__name__)
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def make_sampler(config: TuneConfig, seed: int) -> optuna.samplers.BaseSampler:
+    if config.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=config.startup_trials)
+
+
+def make_pruner(config: TuneConfig) -> optuna.pruners.BasePruner:
+    if config.pruner == "none" or config.multi:
+        return optuna.pruners.NopPruner()
+    if config.pruner == "percentile":
+        return optuna.pruners.PercentilePruner(25.0, n_startup_trials=config.startup_trials)
+    if config.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1)
+    return optuna.pruners.MedianPruner(n_startup_trials=config.startup_trials)
+
+
+def storage_for(url: str, config: TuneConfig) -> optuna.storages.RDBStorage:
+    with warnings.catch_warnings():  # the heartbeat is marked experimental; it is what resuming relies on
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=config.heartbeat_seconds, grace_period=2 * config.heartbeat_seconds,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+
+
+def open_study(url: str, name: str, config: TuneConfig) -> optuna.Study:
+    """Create the study, or load it to continue; a study made with another objective is refused."""
+    study = optuna.create_study(storage=storage_for(url, config), study_name=name, directions=config.directions,
+                                pruner=make_pruner(config), load_if_exists=True)
+    settings = {"objective": config.objective, "forgetting_weight": config.forgetting_weight}
+    saved = {k: study.user_attrs.get(k) for k in settings}
+    if all(v is None for v in saved.values()):
+        for key, value in settings.items():
+            study.set_user_attr(key, value)
+    elif saved != settings:
+        raise ValueError(f"study {name!r} in {url} was made with {saved}, not {settings}: its values are not "
+                         "comparable; give another --study-name or the study's own tune settings")
+    # a resumed study must not draw the parameters of its first trials again: seed by the trials it holds
+    study.sampler = make_sampler(config, config.seed + len(study.trials))
+    return study
+
+
+def finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def enqueue_baseline(study: optuna.Study, config: TuneConfig, system: dict[str, Any],
+                     training: dict[str, Any]) -> None:
+    """The stream's own configuration as a trial, once per study (marked ``baseline`` in its user attrs)."""
+    if not config.baseline or any(t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)):
+        return
+    study.enqueue_trial(baseline_params(config, system, training), user_attrs={"baseline": True},
+                        skip_if_exists=True)
+
+
+def run_study(study: optuna.Study, objective: Callable, n_trials: int,
+              callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] | None = None) -> int:
+    """Run trials until the study holds ``n_trials`` finished (complete or pruned) ones; returns how many this
+    call ran. A trial whose configuration is invalid fails with its message and the search goes on."""
+    todo = n_trials - finished(study)
+    if todo <= 0:
+        return 0
+    before = started(study)
+    study.optimize(objective, n_trials=todo, catch=(ValueError,), gc_after_trial=True,
+                   callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=FINISHED), *(callbacks or [])])
+    return started(study) - before
+
+
+def started(study: optuna.Study) -> int:
+    return sum(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False))
+
+
+def best_trial(study: optuna.Study, forgetting_weight: float) -> FrozenTrial | None:
+    """The single best trial: ``study.best_trial``, or in a Pareto study the front's trial with the lowest
+    weighted objective (what ``best.yaml`` holds)."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return None
+    if len(study.directions) == 1:
+        return study.best_trial
+    return min(study.best_trials, key=lambda t: t.values[0] + forgetting_weight * t.values[1])
+
+
+def baseline_trial(study: optuna.Study) -> FrozenTrial | None:
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.user_attrs.get("baseline")]
+    return done[0] if done else None
