@@ -13,11 +13,13 @@ study, never counts as finished, and the study still reaches its N finished tria
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 import optuna
+import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from .space import TuneConfig, baseline_params
@@ -43,12 +45,21 @@ def make_pruner(config: TuneConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_startup_trials=config.startup_trials)
 
 
-def storage_for(url: str, config: TuneConfig) -> optuna.storages.RDBStorage:
-    with warnings.catch_warnings():  # the heartbeat is marked experimental; it is what resuming relies on
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=config.heartbeat_seconds, grace_period=2 * config.heartbeat_seconds,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+def storage_for(url: str, config: TuneConfig, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage on ``url``. Two processes opening a new database at once race to create its
+    tables ("table ... already exists" for the loser): the loser opens it again, now that the tables exist."""
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():  # the heartbeat is marked experimental; it is what resuming relies on
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, heartbeat_interval=config.heartbeat_seconds, grace_period=2 * config.heartbeat_seconds,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+        except sqlalchemy.exc.OperationalError as err:
+            if "already exists" not in str(err) or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def open_study(url: str, name: str, config: TuneConfig) -> optuna.Study:
