@@ -56,17 +56,25 @@ def _lock_file(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def writer_lock(path: str | Path, *, who: str = "dylora-moe") -> Iterator[None]:
-    """Hold the exclusive writer lock of the system folder ``path`` (re-entrant within a process)."""
+def writer_lock(path: str | Path, *, who: str = "dylora-moe", wait: float = 5.0) -> Iterator[None]:
+    """Hold the exclusive writer lock of the system folder ``path`` (re-entrant within a process). A lock held
+    briefly (another process's ``recover``, or a save finishing) is waited for up to ``wait`` seconds; a
+    writer that keeps it longer is reported with ``FolderBusy``."""
     lock = _lock_file(Path(path).resolve())
     if lock in _held:
         yield
         return
     lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
         owner = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
         os.close(fd)
         raise FolderBusy(f"{path} is being written by {owner}: two writers would lose each other's changes; stop "
@@ -187,7 +195,7 @@ def recover(path: str | Path) -> None:
     if not path.parent.exists() or _writer_alive(path):
         return
     try:
-        with writer_lock(path, who="recovery"):  # briefly a writer: two recovering readers do not collide
+        with writer_lock(path, who="recovery", wait=0):  # briefly a writer: two recovering readers do not collide
             _restore_old(path)
             for stale in path.parent.glob(f".{path.name}.tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)
