@@ -53,7 +53,7 @@ class SingleLoRA(MixedLearner):
         if not self.model.library.skills:
             self.model.add_skill_sample(sample, "all")
         skill = next(iter(self.model.library.skills))
-        return ChunkSort({skill: items}, [skill] if i == 0 else [], [len(items)] if i == 0 else [], 0, 0, 0, 0, 1.0)
+        return ChunkSort({skill: items}, [skill] if i == 0 else [], 0, 0, 0, 0, 1.0)
 
 
 class Boundaries(ContinualLearner):

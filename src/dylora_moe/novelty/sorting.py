@@ -95,6 +95,15 @@ class Scores:
     nearest: Tensor
 
 
+def centred_cosine(x: Tensor) -> Tensor:
+    """Cosine similarities [N, N] of the rows of ``x`` [N, H] after removing their mean (the common direction of
+    mean-pooled hidden states), with -inf on the diagonal so that no row is its own neighbour."""
+    z = torch.nn.functional.normalize(x.double() - x.double().mean(0), dim=1)
+    sims = z @ z.T
+    sims.fill_diagonal_(-float("inf"))
+    return sims
+
+
 def knn_scores(known: list[Tensor], pool: Tensor, *, k: int = 5) -> Scores:
     """Score ``pool`` rows by their neighbourhoods: the share of a row's ``k`` nearest neighbours (cosine,
     after centring) that are pool rows, among the library's rows and the pool's. A row of a known skill has
@@ -102,10 +111,7 @@ def knn_scores(known: list[Tensor], pool: Tensor, *, k: int = 5) -> Scores:
     rows' shares. ``nearest``: the known skill most common among a row's neighbours in the library alone."""
     library = torch.cat(known).double()
     labels = torch.cat([torch.full((r.shape[0],), i) for i, r in enumerate(known)])
-    x = torch.cat([library, pool.double()])
-    x = torch.nn.functional.normalize(x - x.mean(0), dim=1)
-    sims = x @ x.T
-    sims.fill_diagonal_(-float("inf"))
+    sims = centred_cosine(torch.cat([library, pool.double()]))  # [N, N]
     m = library.shape[0]
     neighbours = sims.topk(k, dim=1).indices  # [N, k]
     share = (neighbours >= m).double().mean(1)  # [N]
@@ -120,9 +126,7 @@ def components(x: Tensor, *, k: int) -> list[Tensor]:
     n = x.shape[0]
     if n < 2:
         return [torch.arange(n)]
-    z = torch.nn.functional.normalize(x.double() - x.double().mean(0), dim=1)
-    sims = z @ z.T
-    sims.fill_diagonal_(-float("inf"))
+    sims = centred_cosine(x)
     near = torch.zeros(n, n, dtype=torch.bool)
     near.scatter_(1, sims.topk(min(k, n - 1), dim=1).indices, True)
     mutual = near & near.T
@@ -147,25 +151,22 @@ def refine_group(known: list[Tensor], pool: Tensor, members: Tensor, *, weight_d
     """Refine a candidate new group ``members`` [n] (bool) of ``pool`` [n, H]: a (K+1)-class classifier with
     the known skills' rows and the group as the new class, cross-fitted over the pool, re-assigns every pool
     row; repeated ``rounds`` times. Returns the refined membership [n] (bool)."""
-    k = len(known)
-    library = torch.cat(known).double()
-    labels = torch.cat([torch.full((r.shape[0],), i) for i, r in enumerate(known)])
-    m = library.shape[0]
+    k, n = len(known), pool.shape[0]
+    pool = pool.double()
+    x = torch.cat([*(r.double() for r in known), pool])  # [M + n, H]
+    y = torch.cat([torch.full((r.shape[0],), i) for i, r in enumerate(known)] + [torch.full((n,), k)])
+    in_library = torch.ones(x.shape[0] - n, dtype=torch.bool)
+    fold = torch.arange(n) % 2
     for _ in range(rounds):
         if not members.any():
             break
         # the pool's rows are scored by classifiers fitted on the library and the other fold of the group
-        x = torch.cat([library, pool.double()])
-        probs = torch.empty(pool.shape[0], k + 1, dtype=torch.float64)
-        fold = torch.arange(pool.shape[0]) % 2
+        probs = torch.zeros(n, k + 1, dtype=torch.float64)  # a fold whose other half has no member stays known
         for f in (0, 1):
-            train = torch.cat([torch.ones(m, dtype=torch.bool), members & (fold != f)])
-            y = torch.cat([labels, torch.full((pool.shape[0],), k)])
-            if not train[m:].any():
-                probs[fold == f] = 0.0
-                continue
-            fitted = fit_classifier(x[train], y[train], k + 1, weight_decay=weight_decay)
-            probs[fold == f] = fitted(pool.double()[fold == f])
+            train = torch.cat([in_library, members & (fold != f)])
+            if train[-n:].any():
+                fitted = fit_classifier(x[train], y[train], k + 1, weight_decay=weight_decay)
+                probs[fold == f] = fitted(pool[fold == f])
         members = probs.argmax(-1) == k
     return members
 
@@ -186,7 +187,7 @@ class ChunkSort:
     """How one chunk was sorted.
 
     assigned: skill id -> the items assigned to it in this chunk (known skills and a skill founded now).
-    founded: the skills founded by this chunk, with ``founded_from`` items each.
+    founded: the skills founded by this chunk.
     waiting: items in the novelty buffer after the chunk; ``dropped``: items the full buffer let go.
     candidates: rows of the pool (buffer + chunk) novel at ``example_significance``; ``screened``: rows
     screened since the oldest waiting row arrived; ``tail``: the binomial tail of the candidates' count.
@@ -194,13 +195,11 @@ class ChunkSort:
 
     assigned: dict[int, list]
     founded: list[int]
-    founded_from: list[int]
     waiting: int
     dropped: int
     candidates: int
     screened: int
     tail: float
-
 
 
 class SkillSorter:
@@ -237,18 +236,18 @@ class SkillSorter:
         self.sizes[chunk] = len(fresh)
         pool = sorted(self.buffer + fresh, key=lambda w: w.key)  # folds and decisions do not depend on order
         grouped: dict[int, list[Waiting]] = {}  # rows the detector placed as a group (library already updated)
-        candidates = self._score(pool)
+        candidates, nearest = self._score(pool)
         screened = sum(n for c, n in self.sizes.items() if c >= min(w.chunk for w in pool))
         count = int(candidates.sum())
         tail = binomial_tail(count, screened, cfg.example_significance) if self.library.skills else 0.0
         founded: list[int] = []
-        founded_from: list[int] = []
         if count > 1 and tail <= cfg.significance and (self.library.skills or count >= cfg.min_group):
+            pool_rows = self._rows(pool)
             group = candidates
             if self.library.skills:
-                group = refine_group(self._known(), self._rows(pool), candidates, weight_decay=cfg.sort_weight_decay)
+                group = refine_group(self._known()[1], pool_rows, candidates, weight_decay=cfg.sort_weight_decay)
             index = group.nonzero().flatten()
-            parts = components(self._rows(pool)[index], k=cfg.neighbours) if index.numel() else []
+            parts = components(pool_rows[index], k=cfg.neighbours) if index.numel() else []
             taken = torch.zeros(len(pool), dtype=torch.bool)
             for part in parts:  # largest first; a part that is a skill known by now joins it
                 if part.numel() < cfg.min_group:
@@ -260,18 +259,17 @@ class SkillSorter:
                 taken[rows] = True
                 if result.is_novel:
                     founded.append(result.skill_id)
-                    founded_from.append(len(members))
             if taken.any():
                 pool = [w for w, t in zip(pool, taken.tolist(), strict=True) if not t]
-                candidates = self._score(pool)
+                candidates, nearest = self._score(pool)
         sorted_rows: dict[int, list[Waiting]] = {}
         waiting = pool if not self.library.skills else []
         if self.library.skills:
-            for w, novel, k in zip(pool, candidates.tolist(), self._nearest.tolist(), strict=True):
+            for w, novel, skill_id in zip(pool, candidates.tolist(), nearest, strict=True):
                 if novel:
                     waiting.append(w)
                 else:
-                    sorted_rows.setdefault(self._ids[k], []).append(w)
+                    sorted_rows.setdefault(skill_id, []).append(w)
         assigned: dict[int, list] = {}
         for source in (grouped, sorted_rows):
             for skill_id, rows in source.items():
@@ -281,28 +279,28 @@ class SkillSorter:
         self.buffer = waiting[dropped:]  # the oldest rows go first
         live = {w.chunk for w in self.buffer}
         self.sizes = {c: n for c, n in self.sizes.items() if live and c >= min(live)}
-        return ChunkSort(assigned, founded, founded_from, len(self.buffer), dropped, count, screened, tail)
+        return ChunkSort(assigned, founded, len(self.buffer), dropped, count, screened, tail)
 
     # ------------------------------------------------------------------ helpers
-    def _known(self) -> list[Tensor]:
-        self._ids = list(self.library.skills)
-        return [self.library.skills[i].sample.features.double() for i in self._ids]
+    def _known(self) -> tuple[list[int], list[Tensor]]:
+        """Known skill ids and their stored rows, in one order."""
+        ids = list(self.library.skills)
+        return ids, [self.library.skills[i].sample.features.double() for i in ids]
 
     @staticmethod
     def _rows(pool: list[Waiting]) -> Tensor:
         return torch.stack([w.features for w in pool]).double()  # [n, H]
 
-    def _score(self, pool: list[Waiting]) -> Tensor:
-        """Novel rows of ``pool`` [n] (bool); keeps the nearest known skill of every row in ``_nearest``."""
-        if not pool:
-            self._nearest = torch.zeros(0, dtype=torch.long)
-            return torch.zeros(0, dtype=torch.bool)
+    def _score(self, pool: list[Waiting]) -> tuple[Tensor, list[int | None]]:
+        """Novel rows of ``pool`` [n] (bool) and the nearest known skill id of every row (``None`` while the
+        library is empty, when every row is novel)."""
         if not self.library.skills:
-            self._nearest = torch.zeros(len(pool), dtype=torch.long)
-            return torch.ones(len(pool), dtype=torch.bool)
-        scores = knn_scores(self._known(), self._rows(pool), k=self.config.neighbours)
-        self._nearest = scores.nearest
-        return scores.p_values <= self.config.example_significance
+            return torch.ones(len(pool), dtype=torch.bool), [None] * len(pool)
+        if not pool:
+            return torch.zeros(0, dtype=torch.bool), []
+        ids, known = self._known()
+        scores = knn_scores(known, self._rows(pool), k=self.config.neighbours)
+        return scores.p_values <= self.config.example_significance, [ids[i] for i in scores.nearest.tolist()]
 
     @staticmethod
     def _sample(rows: list[Waiting]) -> SkillSample:
