@@ -111,6 +111,12 @@ def adjusted_rand_index(table: Contingency) -> float:
     return 1.0 if top == expected else (index - expected) / (top - expected)
 
 
+def main_expert(table: Contingency, skill: str) -> int | None:
+    """The expert holding most of ``skill``'s sorted examples (the lowest id on a tie); ``None`` if none."""
+    held = {expert: row.get(skill, 0) for expert, row in table.items()}
+    return max(held, key=lambda e: (held[e], -e)) if any(held.values()) else None
+
+
 def novelty_delay(drawn: Sequence[dict[str, int]], founded: Sequence[Sequence[int]],
                   table: Contingency) -> dict[str, int]:
     """Per true skill: how many of its examples arrived before the expert that now holds most of it was
@@ -118,13 +124,10 @@ def novelty_delay(drawn: Sequence[dict[str, int]], founded: Sequence[Sequence[in
     expert belongs to another skill (it never got its own) counts all its examples. ``drawn[i]``: examples
     per skill in chunk i; ``founded[i]``: the experts created in chunk i; ``table``: the whole sorting."""
     created = {expert: i for i, experts in enumerate(founded) for expert in experts}
-    owner: dict[str, int] = {}
-    for skill in {s for chunk in drawn for s in chunk}:
-        held = {expert: row.get(skill, 0) for expert, row in table.items()}
-        owner[skill] = max(held, key=lambda e: (held[e], -e)) if any(held.values()) else -1
+    owner = {skill: main_expert(table, skill) for skill in {s for chunk in drawn for s in chunk}}
     delay = {}
     for skill, expert in owner.items():
-        row = table.get(expert, {})
+        row = table.get(expert, {}) if expert is not None else {}
         own = bool(row) and max(row, key=lambda s: (row[s], s == skill)) == skill
         when = created.get(expert, len(drawn)) if own else len(drawn)
         delay[skill] = sum(chunk.get(skill, 0) for chunk in drawn[:when])

@@ -34,10 +34,7 @@ def summarise_mixed(records: Sequence, skills: Sequence[str], *, stream: str, mo
     final = matrix[-1]
     first = {s: next(i for i, d in enumerate(drawn) if s in d) for s in seen}
     drops = [final[k] - min(matrix[i][k] for i in range(first[s], len(records))) for k, s in enumerate(seen)]
-    owner = {}
-    for s in seen:
-        held = {e: row.get(s, 0) for e, row in table.items()}
-        owner[s] = max(held, key=lambda e: (held[e], -e)) if held and any(held.values()) else None
+    owner = {s: metrics.main_expert(table, s) for s in seen}
     routed = {s: records[-1].routing[col[s]].get(owner[s], 0.0) if owner[s] is not None else 0.0 for s in seen}
     waiting = records[-1].waiting
     return {
