@@ -87,3 +87,18 @@ def test_delete_expert_keeps_the_rest(run, tmp_path):
     assert [e.expert_id for e in SkillStore(copy / "store.db").experts()] == [0]
     assert DyLoRAMoE.from_pretrained(copy / "system").experts.expert_ids == [0]
     assert DyLoRAMoE.from_pretrained(run / "out" / "system").experts.expert_ids == [0, 1]
+
+
+def test_resume_registers_a_checkpointed_step_the_store_missed(run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(run / "out", out)
+    store = SkillStore(out / "store.db")
+    rows = len(store.skill_data(1))
+    store.delete_expert(1)  # as if killed between step 1's checkpoint and its store write
+    assert main(["train", "--resume", str(out)]) == 0
+    assert "registered step 1 (letters)" in " ".join(capsys.readouterr().out.split())
+    assert [e.expert_id for e in store.experts()] == [0, 1]
+    assert [h["step"] for h in store.expert(1).training_history] == [1]
+    assert len(store.skill_data(1)) == rows  # the data was already stored: no duplicate rows

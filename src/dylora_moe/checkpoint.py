@@ -89,6 +89,11 @@ def writer_lock(path: str | Path, *, who: str = "dylora-moe", wait: float = 5.0)
         os.close(fd)  # releases the flock
 
 
+def holds_writer_lock(path: str | Path) -> bool:
+    """Does this process hold the writer lock of the system folder ``path``?"""
+    return _lock_file(Path(path).resolve()) in _held
+
+
 @contextlib.contextmanager
 def _swap_lock(path: Path, *, shared: bool) -> Iterator[None]:
     """Blocking lock around a swap (exclusive) or a read (shared) of the folder ``path``."""

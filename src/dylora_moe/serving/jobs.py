@@ -180,6 +180,7 @@ class JobManager:
         cfg = self.config.training
         stage(job, "loading")
         model = self.system.load_model()
+        model.events.hold()  # published once the result is saved and served: a failed job leaves no claims behind
         memory = RoutingMemory(cfg.rehearsal_per_skill, seed=cfg.seed)
         memory.load_tensors(self.system.memory.tensors())
         with tempfile.TemporaryDirectory(prefix="dylora-job-") as work:
@@ -203,16 +204,18 @@ class JobManager:
         self.metrics.observe_system(model)
         loss = next((e.get("loss", e.get("task_loss")) for e in reversed(train_log)), None)
         store_error = None
-        if self.system.store is not None:
-            try:
+        try:
+            model.events.commit()  # events.jsonl and the store's event table, now that the change is on disk
+            if self.system.store is not None:
                 register(self.system, model, job, result, loss)
-            except Exception as err:  # the new system is saved and served already: only the registry lags behind
-                store_error = {"code": "store_write_failed",
-                               "message": f"the skill is learned and served but the registry was not updated; "
-                                          f"the server log has the details (job {job.id})"}
-                self.metrics.error("store_write_failed", 500)
-                logger.exception("skill learned but not registered", extra={"fields": {
-                    "event": "error", "job": job.id, "skill": job.skill, "kind": type(err).__name__}})
+        except Exception as err:  # the new system is saved and served already: only the records lag behind
+            store_error = {"code": "store_write_failed",
+                           "message": "the skill is learned and served but its registry entry or events were not "
+                                      f"recorded; the server log has the details (job {job.id}), and the next "
+                                      "start of the server reconciles the registry with the system folder"}
+            self.metrics.error("store_write_failed", 500)
+            logger.exception("skill learned but not registered", extra={"fields": {
+                "event": "error", "job": job.id, "skill": job.skill, "kind": type(err).__name__}})
         self.metrics.acquisitions.labels("novel" if result.is_novel else "recognised").inc()
         self.metrics.jobs.labels(SUCCEEDED).inc()
         job.result = {"novel": result.is_novel, "expert_id": result.expert_id, "skill_id": result.skill_id,
