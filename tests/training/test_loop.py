@@ -202,3 +202,22 @@ def test_format_augmentation_of_the_training_set(tmp_path):
     lt = model.tokenizer.convert_tokens_to_ids("<")
     assert chat_row[0] == lt and raw_row[0] != lt  # the second copy is rendered without the chat template
     assert len(augmented.eval_set) == len(plain.eval_set)  # evaluation keeps the source's format
+
+
+def test_instruction_views_add_prose_requests_to_training_and_to_the_routing_memory(tmp_path):
+    def commented(i):
+        return {"prompt": f"# add {i} to x\ndef f{i}(x):\n", "response": f"  return x+{i}\n"}
+
+    stream = StreamSpec("s", [skill_file(tmp_path, "commented", commented), skill_file(tmp_path, "digits", digits)])
+    model = build()
+    plain = ContinualLearner(model, stream, small_config(), tmp_path / "a")
+    viewed = ContinualLearner(model, stream, small_config(instruction_views=True), tmp_path / "b")
+    steps = [learner.prepare(stream.skills[0]) for learner in (plain, viewed)]
+    assert len(steps[1].train_set) == 2 * len(steps[0].train_set)
+    assert viewed.views(steps[1].train)[0].prompt == f"add {steps[1].train[0].prompt.split()[2]} to x"
+    digit_step = viewed.prepare(stream.skills[1])
+    assert len(digit_step.train_set) == len(plain.prepare(stream.skills[1]).train_set)  # already requests: no views
+    result = model.add_new_skill(steps[1].train, name="commented")
+    for learner, step in zip((plain, viewed), steps, strict=True):
+        learner.remember(step, result)
+    assert viewed.memory.skills[result.skill_id][1].shape[0] == 2 * plain.memory.skills[result.skill_id][1].shape[0]

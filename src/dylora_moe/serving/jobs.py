@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 import transformers
 from transformers import TrainerCallback
 
-from ..data.preprocess import build_dataset
 from ..data.sources import Example
 from ..data.stream import SkillFormat, SkillSource, SkillSpec, StreamSpec
 from ..model import DyLoRAMoE
@@ -240,9 +239,8 @@ def job_step(model: DyLoRAMoE, job: SkillJob, training: TrainingConfig, work: st
     spec = SkillSpec(job.skill, source=SkillSource(type="file", path="upload"), format=SkillFormat(chat=job.chat))
     learner = ContinualLearner(model, StreamSpec(name="serve", skills=[spec]), training, work)
     learner.memory = memory
-    try:
-        train_set = build_dataset(model.tokenizer, job.examples, max_length=training.max_length, chat=job.chat,
-                                  packing=training.packing)
+    try:  # the same format augmentation as `dylora train`
+        train_set = learner.train_dataset(job.examples, job.chat)
     except ValueError as err:  # the data pipeline's own messages: what is wrong with the examples, and the fix
         raise UploadNotLearnable(str(err)) from err
     return learner, StepData(spec, job.examples, [], train_set, None)

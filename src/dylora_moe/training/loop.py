@@ -27,7 +27,7 @@ import torch
 import transformers
 from transformers import TrainingArguments
 
-from ..data.augment import normalise_example
+from ..data.augment import instruction_view, normalise_example
 from ..data.preprocess import build_dataset, render_prompt
 from ..data.sources import Example
 from ..data.stream import SkillSpec, StreamSpec, load_examples, split_examples
@@ -130,7 +130,16 @@ class ContinualLearner:
         if cfg.raw_copies and chat:
             raw = build_dataset(tok, train, max_length=cfg.max_length, chat=False, packing=cfg.packing)
             built = datasets.concatenate_datasets([built, raw])
+        if views := self.views(train):  # bare requests are chat turns, whatever the dataset's own format
+            built = datasets.concatenate_datasets(
+                [built, build_dataset(tok, views, max_length=cfg.max_length, chat=True, packing=cfg.packing)])
         return built
+
+    def views(self, examples: list[Example]) -> list[Example]:
+        """The examples as bare requests (``data/augment.instruction_view``), when the config asks for them."""
+        if not self.training.instruction_views:
+            return []
+        return [view for e in examples if (view := instruction_view(e)) is not None]
 
     def prompts(self, step: StepData, examples: list[Example]) -> list[str]:
         return [render_prompt(self.model.tokenizer, e.prompt, step.skill.format.chat) for e in examples]
@@ -188,6 +197,10 @@ class ContinualLearner:
         sample = data.train[: self.training.rehearsal_per_skill]
         prompts = self.prompts(data, sample)
         whole = [p + e.response for p, e in zip(prompts, sample, strict=True)]
+        views = self.views(sample)  # requests in prose route to the skill too, not only its dataset's layout
+        view_prompts = [render_prompt(self.model.tokenizer, v.prompt, True) for v in views]
+        prompts, whole = prompts + view_prompts, whole + [p + v.response for p, v in zip(view_prompts, views,
+                                                                                          strict=True)]
         router = self.model.config.router
         if router.granularity == "token":
             texts = whole
