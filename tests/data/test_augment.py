@@ -19,8 +19,8 @@ def test_normalise_example_keeps_prompt_and_meta():
     assert e.prompt == "module m();\n" and e.response == "\tassign y = 1;\nendmodule\n" and e.meta == {"task_id": "t"}
 
 
-VERILOG = Example("// Create a 2-input AND gate.\n// Name it top_module.\n\nmodule top_module(\n\tinput a,\n\tinput b,\n"
-                  "\toutput out);\n", "\n\tassign out = a & b;\nendmodule\n")
+VERILOG = Example("// Create a 2-input AND gate.\n// Name it top_module.\n\nmodule top_module(\n\tinput a,\n"
+                  "\tinput b,\n\toutput out);\n", "\n\tassign out = a & b;\nendmodule\n")
 PYTHON = Example('from typing import List\n\n\ndef total(xs: List[int]) -> int:\n    """ Return the sum of xs.\n'
                  '    >>> total([1, 2])\n    3\n    Empty lists sum to 0.\n    """\n', "    return sum(xs)\n")
 
