@@ -90,6 +90,7 @@ class DyLoRAMoE(nn.Module):
             backbone.config.hidden_size,
             top_k=self.config.router.top_k,
             temperature=self.config.router.temperature,
+            dense_top_m=self.config.router.dense_top_m,
             events=self.events,
         ).to(weight.device)
         self.routing = RoutingControl(backbone, self.router, self.experts, self.mixture, self.config.router)
