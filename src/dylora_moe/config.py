@@ -217,6 +217,10 @@ class DyLoRAConfig:
             head shared by every skill is trained on each new skill in turn and so re-opens forgetting.
         dtype: weights' dtype of the backbone.
         device: ``auto`` picks CUDA or MPS when present, else CPU.
+        max_experts: bound on the pool. When a new skill would make it larger, the two established experts
+            whose skills are closest (library embeddings) are merged first (``experts/pool.py``: peft ``cat``
+            merge, skills and routing memory moved, the gate refitted), then the new expert is created.
+            ``None``: unbounded.
     """
 
     model: str = field(default="default", metadata={"help": "HF model id, local path, or 'default'"})
@@ -227,9 +231,13 @@ class DyLoRAConfig:
     trainable_lm_head: bool = field(default=False, metadata={"help": "untie and train lm_head (spec)"})
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
+    max_experts: int | None = field(default=None, metadata={"help": "bound on the pool; None = unbounded"})
 
     def __post_init__(self) -> None:
         _choice("mixing", self.mixing, MIXING_MODES)
+        if self.max_experts is not None and self.max_experts < 2:
+            raise ValueError(f"max_experts must be >= 2 (a merge needs two established experts), got "
+                             f"{self.max_experts}")
         _choice("dtype", self.dtype, DTYPES)
         for name, cls in (("expert", ExpertConfig), ("router", RouterConfig), ("novelty", NoveltyConfig)):
             value = getattr(self, name)

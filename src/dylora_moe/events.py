@@ -22,6 +22,7 @@ logger = logging.getLogger("dylora_moe.events")
 
 EXPERT_CREATED = "expert_created"
 EXPERT_DELETED = "expert_deleted"
+EXPERTS_MERGED = "experts_merged"
 EXPERT_MATURED = "expert_matured"
 ROUTING_STRATEGY_CHANGED = "routing_strategy_changed"
 SKILL_RECOGNISED = "skill_recognised"

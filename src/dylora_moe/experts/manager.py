@@ -127,6 +127,33 @@ class ExpertManager:
         if self.config.offload_device is not None:
             self.offload([expert_id])
 
+    def merge_experts(self, expert_ids: list[int], weights: list[float], method: str = "cat",
+                      rank: int | None = None, density: float | None = None) -> int:
+        """A new expert combining ``expert_ids`` with peft's ``add_weighted_adapter`` (``cat`` is exact: its
+        delta is the weighted sum of theirs, at the sum of their ranks; ``svd`` and the ``*_svd`` methods
+        approximate that sum at ``rank``, by default the largest source rank; ``ties``/``dare_*`` need
+        ``density``). The sources stay in the pool; returns the new id."""
+        for expert_id in expert_ids:
+            self._check(expert_id)
+        if len(expert_ids) < 2 or len(weights) != len(expert_ids):
+            raise ValueError(f"merge needs two or more experts and one weight each, got {expert_ids} and {weights}")
+        self.onload(expert_ids)
+        expert_id, name = self.next_id, expert_name(self.next_id)
+        extra = {"svd_rank": rank or max(self.ranks[e] for e in expert_ids)} if "svd" in method else {}
+        if density is not None:
+            extra["density"] = density
+        grads = {n: p.requires_grad for n, p in self.backbone.named_parameters()}
+        self.peft_model.add_weighted_adapter([expert_name(e) for e in expert_ids], list(weights), name,
+                                             combination_type=method, **extra)
+        for n, p in self.backbone.named_parameters():
+            p.requires_grad_(grads.get(n, False))
+        self.next_id += 1
+        self.expert_ids.append(expert_id)
+        self.ranks[expert_id] = self.peft_model.peft_config[name].r
+        self._refresh()
+        self._apply_trainable()
+        return expert_id
+
     def delete_expert(self, expert_id: int) -> None:
         self._check(expert_id)
         self.onload([expert_id])

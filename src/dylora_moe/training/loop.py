@@ -31,6 +31,7 @@ from ..data.augment import instruction_view, normalise_example
 from ..data.preprocess import build_dataset, render_prompt
 from ..data.sources import Example
 from ..data.stream import SkillSpec, StreamSpec, load_examples, split_examples
+from ..experts.pool import closest_pair, merge
 from ..model import DyLoRAMoE
 from ..novelty import NoveltyResult
 from ..routing.fit import fit_gate
@@ -108,6 +109,7 @@ class ContinualLearner:
         self.evaluate_ahead = evaluate_ahead
         self._ahead: dict[int, StepData] = {}  # data of steps not yet run, prepared for evaluate_ahead
         self.records: list[StepRecord] = []
+        self.merges: dict[int, int] = {}  # expert id -> the expert it was merged into (DyLoRAConfig.max_experts)
         self.before_skill = before_skill
         self.after_skill = after_skill
 
@@ -179,8 +181,18 @@ class ContinualLearner:
 
     # ------------------------------------------------------------------ overridable by baselines
     def assign(self, i: int, data: StepData) -> NoveltyResult:
-        """Which expert step ``i`` trains: the novelty detector decides (spec 3.1.3)."""
-        return self.model.add_new_skill(data.train, name=data.skill.name)
+        """Which expert step ``i`` trains: the novelty detector decides (spec 3.1.3). A new expert that takes
+        the pool past ``max_experts`` first has the two closest established experts merged."""
+        result = self.model.add_new_skill(data.train, name=data.skill.name)
+        limit = self.model.config.max_experts
+        if result.is_novel and limit is not None and self.model.num_experts > limit:
+            pair = closest_pair(self.model, exclude={result.expert_id})
+            if pair is not None:
+                merged = merge(self.model, self.memory, pair[0], pair[1], fit_steps=self.training.router_fit_steps)
+                self.merges.update({pair[0]: merged, pair[1]: merged})
+                logger.info("pool full (%d experts): merged experts %d and %d (skills %.3f alike) into %d",
+                            limit, pair[0], pair[1], pair[2], merged)
+        return result
 
     def training_set(self, i: int, data: StepData) -> datasets.Dataset:
         """What step ``i`` trains on: the step's own data."""
