@@ -61,7 +61,7 @@ def test_merge_moves_skills_memory_and_maturity_to_the_new_expert():
         {"letters": merged, "letters-again": merged, "digits": third.expert_id}
     assert {e for e, _ in memory.skills.values()} == {merged, third.expert_id}
     assert model.router.strategy == "sparse" and model.router.num_experts == 2
-    features, columns = memory.batch(model.experts.expert_ids)
+    _, columns = memory.batch(model.experts.expert_ids)
     assert sorted(set(columns.tolist())) == [0, 1]
 
 
