@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from safetensors.torch import load_file
 
 from dylora_moe.checkpoint import verify
