@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 
 from ..training.loop import StepRecord
 from .freeform import markdown_table
-from .metrics import bwt_loss, routing_accuracy
+from .metrics import bwt_loss, max_transient_forgetting, routing_accuracy
 
 
 def serving_expert(expert_id: int, merges: dict[int, int]) -> int:
@@ -52,6 +52,7 @@ def summarise(records: Sequence[StepRecord], *, stream: str, model: str, experts
         "routing_accuracy_per_skill": [c / t if t else 0.0 for c, t in zip(correct, totals, strict=True)],
         "routing_entropy": final.routing_entropy if final else [],
         "bwt_loss": bwt_loss(matrix) if records else 0.0,
+        "max_transient_forgetting": max_transient_forgetting(matrix) if records else 0.0,
         "expert_count": [r.experts for r in records],
         "train_seconds": [r.train_seconds for r in records],
     }
@@ -128,7 +129,9 @@ def render_markdown(summary: dict, records: Sequence[StepRecord], sources: str) 
         f"{summary['total_seconds']:.0f} s.", "",
         f"- routing accuracy (held-out prompts to their skill's expert): **{summary['routing_accuracy']:.3f}**",
         f"- backward transfer on loss (final - just learned, mean over earlier skills): "
-        f"**{summary['bwt_loss']:+.4f} nats**", "",
+        f"**{summary['bwt_loss']:+.4f} nats**",
+        f"- max transient forgetting (largest rise of any skill's loss above its just-learned value, at any "
+        f"later step): **{summary['max_transient_forgetting']:.4f} nats**", "",
         "## Stream", "",
         "| step | skill | novel | novelty evidence | expert | train / eval ex. | train s |",
         "|---:|---|---|---:|---:|---:|---:|",
