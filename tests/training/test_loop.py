@@ -257,3 +257,16 @@ def test_pool_prune_folds_an_unused_expert_into_the_one_its_prompts_reach(tmp_pa
     assert prune(model, learner.memory, 0.05, fit_steps=0) == [(1, 0)]
     assert model.experts.expert_ids == [0] and {s.expert_id for s in model.library.skills.values()} == {0}
     assert len(model.library.skills) == 2  # the pruned expert's skill is still known, now served by expert 0
+
+
+def test_requests_the_instruction_views_answer_are_no_kl_anchors(tmp_path):
+    def commented(i):
+        return {"prompt": f"# add {i} to x\ndef f{i}(x):\n", "response": f"  return x+{i}\n"}
+
+    stream = StreamSpec("s", [skill_file(tmp_path, "commented", commented)])
+    model = build()
+    plain = ContinualLearner(model, stream, small_config(), tmp_path / "a")
+    viewed = ContinualLearner(model, stream, small_config(instruction_views=True), tmp_path / "b")
+    step = plain.prepare(stream.skills[0])
+    assert len(plain.anchors(0, step, 0)) == 2 * len(step.train)  # each request with the template and raw
+    assert viewed.anchors(0, step, 0) is None  # every request is answered by its view: nothing left to anchor

@@ -260,14 +260,18 @@ class ContinualLearner:
         self.model.eval()
         return [entry for entry in trainer.state.log_history if "loss" in entry or "task_loss" in entry]
 
-    def anchors(self, i: int, data: StepData, expert_id: int) -> Anchors:
+    def anchors(self, i: int, data: StepData, expert_id: int) -> Anchors | None:
         """Anchor prompts of the KL to the frozen model: this skill's requests without their code, and prompts of
-        the skills seen before (``training/distill.py``)."""
+        the skills seen before (``training/distill.py``). A request the instruction views teach the expert to
+        answer in the skill's language is no anchor: the KL would pull that answer back to the frozen model's.
+        ``None`` when nothing is left to anchor on."""
         others = [step for j, step in enumerate(self.steps[:i])  # a returning skill's own prompts are no anchor
                   if j < len(self.records) and self.records[j].novelty.expert_id != expert_id]
         earlier = [p for step in others for p in self.prompts(step, step.train[: self.training.anchors_per_skill])]
-        texts = anchor_texts(self.model.tokenizer, [e.prompt for e in data.train], earlier)
-        return Anchors(self.model.tokenizer, texts, expert_id, max_length=self.training.max_length)
+        viewed = {id(e) for e in data.train if self.training.instruction_views and instruction_view(e) is not None}
+        own = [e.prompt for e in data.train if id(e) not in viewed]
+        texts = anchor_texts(self.model.tokenizer, own, earlier)
+        return Anchors(self.model.tokenizer, texts, expert_id, max_length=self.training.max_length) if texts else None
 
     def measure(self, i: int, data: StepData, result: NoveltyResult, seconds: float) -> StepRecord:
         losses: list[float | None] = [None] * len(self.skills)
