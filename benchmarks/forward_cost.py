@@ -19,21 +19,27 @@ import torch
 from peft import get_peft_model
 
 from dylora_moe import DyLoRAConfig, DyLoRAMoE, ExpertConfig, RouterConfig, load_backbone
-from results import write_json
+from results import ratio_table, write_json
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def cost_arguments(doc: str) -> argparse.ArgumentParser:
+    """The options every cost benchmark shares: model, batch shape, pool sizes, repeats, expert shape."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default", help="HF id, local path or 'default'")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--experts", default="1,4,8,16,32", help="comma-separated pool sizes")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats per cell (median reported)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per cell after a warm-up (median)")
+    p.add_argument("--rank", type=int, default=ExpertConfig.rank)
+    p.add_argument("--targets", default=ExpertConfig.target_modules, help="attention | mlp | all-linear")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = cost_arguments(__doc__)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--decode-prompt", type=int, default=32, help="prompt length for the decode test")
     p.add_argument("--decode-experts", type=int, default=8, help="pool size for the decode test")
-    p.add_argument("--rank", type=int, default=ExpertConfig.rank)
-    p.add_argument("--targets", default=ExpertConfig.target_modules, help="attention | mlp | all-linear")
     p.add_argument("--route-layer", type=int, default=RouterConfig.route_layer)
     p.add_argument("--out", default="results/forward_cost.json")
     return p.parse_args(argv)
@@ -133,12 +139,8 @@ def main(argv=None) -> dict:
 
 
 def print_table(result: dict) -> None:
-    sizes = sorted({r["experts"] for r in result["rows"]})
-    cell = {(r["experts"], r["mode"]): r for r in result["rows"]}
     print(f"\nforward {result['batch']}x{result['seq_len']}, ratio to single LoRA ({result['single_lora_s']:.3f}s)")
-    print("| experts | reference | dense | top1 |\n|---:|---:|---:|---:|")
-    for n in sizes:
-        print(f"| {n} | " + " | ".join(f"{cell[n, m]['ratio']:.2f}" for m in ("reference", "dense", "top1")) + " |")
+    print(ratio_table(result["rows"], ("reference", "dense", "top1")))
     d = result["decode"]
     print(f"\ndecode, batch 1, {d['experts']} experts: single LoRA {d['single_lora_tok_s']:.1f} tok/s, "
           f"dense {d['dense_tok_s']:.1f} ({d['dense_tok_s'] / d['single_lora_tok_s']:.2f}x), "

@@ -19,41 +19,22 @@ seconds / the single-LoRA step's (same batch, rank, targets). Prints a table and
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from peft import get_peft_model
 
 from dylora_moe import DyLoRAConfig, DyLoRAMoE, ExpertConfig, RouterConfig, load_backbone
-from forward_cost import grow_to, randomise
-from results import write_json
+from forward_cost import cost_arguments, grow_to, randomise, timed
+from results import ratio_table, write_json
 
 MODES = ("new", "new-whole-pool", "recognised")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="default", help="HF id, local path or 'default'")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--experts", default="1,4,8,16,32", help="comma-separated pool sizes")
-    p.add_argument("--repeats", type=int, default=3, help="timed steps per cell after one warm-up (median)")
-    p.add_argument("--rank", type=int, default=ExpertConfig.rank)
-    p.add_argument("--targets", default=ExpertConfig.target_modules, help="attention | mlp | all-linear")
+    p = cost_arguments(__doc__)
     p.add_argument("--dense-top-m", type=int, default=RouterConfig.dense_top_m)
     p.add_argument("--out", default="results/train_cost.json")
     return p.parse_args(argv)
-
-
-def step_seconds(step, repeats: int) -> float:
-    step()  # warm-up: optimizer state, stacked-weight caches
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def training_step(model, params, inputs):
@@ -73,7 +54,7 @@ def single_lora_step(args, lora_config, inputs) -> float:
     peft_model = get_peft_model(backbone, lora_config, adapter_name="single").train()
     params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
     randomise(params)
-    return step_seconds(training_step(peft_model, params, inputs), args.repeats)
+    return timed(training_step(peft_model, params, inputs), args.repeats)
 
 
 def pool_step(model: DyLoRAMoE, mode: str, repeats: int, inputs) -> float:
@@ -85,7 +66,7 @@ def pool_step(model: DyLoRAMoE, mode: str, repeats: int, inputs) -> float:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     try:
-        return step_seconds(training_step(model, params, inputs), repeats)
+        return timed(training_step(model, params, inputs), repeats)
     finally:
         model.set_trainable([], router=False)
         model.eval()
@@ -124,13 +105,9 @@ def main(argv=None) -> dict:
 
 
 def print_table(result: dict) -> None:
-    sizes = sorted({r["experts"] for r in result["rows"]})
-    cell = {(r["experts"], r["mode"]): r for r in result["rows"]}
     print(f"\ntraining step {result['batch']}x{result['seq_len']}, ratio to a single LoRA step "
           f"({result['single_lora_step_s']:.3f}s)")
-    print("| experts | " + " | ".join(MODES) + " |\n|---:|" + "---:|" * len(MODES))
-    for n in sizes:
-        print(f"| {n} | " + " | ".join(f"{cell[n, m]['ratio']:.2f}" for m in MODES) + " |")
+    print(ratio_table(result["rows"], MODES))
 
 
 if __name__ == "__main__":
