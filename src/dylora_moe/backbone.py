@@ -102,13 +102,16 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_backbone(
-    name: str = "default", *, dtype: str = "float32", device: str = "auto"
+    name: str = "default", *, dtype: str = "float32", device: str = "auto", layers: int | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer, frozen, with a pad token and the KV cache enabled."""
+    """Load a causal LM and its tokenizer, frozen, with a pad token and the KV cache enabled. ``layers`` keeps
+    only the first decoder layers (the weights of the others are never loaded): a prefix that computes the
+    hidden states the gate reads, for a router that does not generate."""
     path = resolve_model(name)
+    extra = {} if layers is None else {"num_hidden_layers": layers}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], **extra)
     except (OSError, ValueError) as err:
         raise ValueError(
             f"cannot load model {name!r}: {err}\nGive a local folder with config.json and weights, a Hugging "
