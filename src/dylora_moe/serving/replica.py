@@ -15,11 +15,9 @@ in between) the replica raises ``StaleVersion`` and the ingress routes the reque
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 from ..checkpoint import reading
@@ -69,6 +67,7 @@ class ReplicaSystem:
         self.epoch = 0  # bumped when the replica moves to another version: older holds are void
         self.held: Counter[int] = Counter()  # expert id -> multiplexed model ids holding it
         self.in_use: Counter[int] = Counter()  # expert id -> requests generating with it
+        self._counts = threading.Lock()  # guards held and in_use
         self._load_state()
 
     @property
@@ -97,7 +96,8 @@ class ReplicaSystem:
             for expert_id in expert_ids:
                 if expert_id not in self._model.experts.ranks:
                     self._load_expert(expert_id)
-            self.held.update(expert_ids)
+            with self._counts:
+                self.held.update(expert_ids)
             self._sync_router()
             logger.info("experts held", extra={"fields": {"event": "experts_held", "version": version,
                                                           "experts": list(expert_ids), "resident": self.resident}})
@@ -106,26 +106,31 @@ class ReplicaSystem:
     def release(self, experts: ExpertSet) -> None:
         with self.lock:
             if experts.epoch == self.epoch:
-                self.held.subtract(experts.expert_ids)
+                with self._counts:
+                    self.held.subtract(experts.expert_ids)
                 self._collect()
 
     def current(self, experts: ExpertSet) -> bool:
         """Whether a held set still belongs to the served version (a newer one may have replaced it)."""
         return experts.epoch == self.epoch
 
-    @contextlib.contextmanager
-    def using(self, experts: ExpertSet) -> Iterator[None]:
-        """While a request generates, its experts stay resident even if Ray evicts their set meanwhile."""
+    def using_enter(self, experts: ExpertSet) -> None:
+        """A request starts generating with ``experts``: they stay resident even if Ray evicts their set
+        meanwhile. Counted under a lock of its own, never held during a batch, so the event loop never waits."""
+        with self._counts:
+            if experts.epoch == self.epoch:
+                self.in_use.update(experts.expert_ids)
+
+    def using_exit(self, experts: ExpertSet) -> bool:
+        """The request finished; True when some resident expert is now idle (``collect`` drops it)."""
+        with self._counts:
+            if experts.epoch == self.epoch:
+                self.in_use.subtract(experts.expert_ids)
+            return any(self.held[e] <= 0 and self.in_use[e] <= 0 for e in self.resident)
+
+    def collect(self) -> None:
         with self.lock:
-            epoch = self.epoch
-            self.in_use.update(experts.expert_ids)
-        try:
-            yield
-        finally:
-            with self.lock:
-                if epoch == self.epoch:
-                    self.in_use.subtract(experts.expert_ids)
-                    self._collect()
+            self._collect()
 
     # ------------------------------------------------------------------ state
     def _switch(self) -> None:
@@ -135,9 +140,10 @@ class ReplicaSystem:
         for expert_id in self.resident:  # any of them may have been retrained: reload on demand
             self._model.experts.delete_expert(expert_id)
         self.snapshot = snapshot
-        self.epoch += 1
-        self.held.clear()
-        self.in_use.clear()
+        with self._counts:
+            self.epoch += 1
+            self.held.clear()
+            self.in_use.clear()
         self._load_state()
         logger.info("system version picked up", extra={"fields": {"event": "version_switch",
                                                                   "version": snapshot.version}})
@@ -159,7 +165,8 @@ class ReplicaSystem:
 
     def _collect(self) -> None:
         """Drop experts that no multiplexed id holds and no request uses."""
-        idle = [e for e in self.resident if self.held[e] <= 0 and self.in_use[e] <= 0]
+        with self._counts:
+            idle = [e for e in self.resident if self.held[e] <= 0 and self.in_use[e] <= 0]
         for expert_id in idle:
             self._model.experts.delete_expert(expert_id)
         if idle:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from transformers.utils import logging as hf_logging
 
 from ..backbone import load_backbone
 from ..config import DyLoRAConfig
@@ -43,8 +44,14 @@ class RouterModel:
     def __init__(self, config: DyLoRAConfig) -> None:
         self.config = config
         route_layer = config.router.route_layer
-        self.backbone, self.tokenizer = load_backbone(
-            config.model, dtype=config.dtype, device="cpu", layers=None if route_layer is None else route_layer + 1)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the weights of the layers left out are reported as unexpected
+        try:
+            self.backbone, self.tokenizer = load_backbone(
+                config.model, dtype=config.dtype, device="cpu",
+                layers=None if route_layer is None else route_layer + 1)
+        finally:
+            hf_logging.set_verbosity(verbosity)
         self.router = DynamicHybridRouter(self.backbone.config.hidden_size, top_k=config.router.top_k,
                                           temperature=config.router.temperature)
         # an empty pool: the routing control needs one to switch experts off for its prefix pass
