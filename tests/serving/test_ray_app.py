@@ -15,14 +15,13 @@ import time
 
 import httpx
 import pytest
+import ray
 from fastapi.testclient import TestClient
+from ray import serve
 
 from dylora_moe.serving import ROUTING_HEADER, create_app
 from dylora_moe.serving.ray_config import RayServeConfig
 from tests.serving.conftest import AUTH, KEY, MODEL, server_config, two_skill_run, wait
-
-ray = pytest.importorskip("ray")
-serve = pytest.importorskip("ray.serve")
 
 DIGITS, LETTERS = ["3+3=", "12+12=", "7+7="], ["up cd:", "up zz:", "up kq:"]
 

@@ -96,6 +96,10 @@ def serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None}
     layout = ray_config(args)
     if args.ray:  # the skill-job actor takes the writer lock itself, in its own process
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise ValueError("--ray needs Ray Serve: pip install 'dylora-moe[ray]' (or 'ray[serve]')")
         from .ray_app import run as run_on_ray
 
         SystemFiles.locate(args.dir)
