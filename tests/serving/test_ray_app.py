@@ -102,8 +102,10 @@ def test_ray_answers_as_dylora_serve_from_the_replica_holding_the_expert(url, re
         assert got["choices"] == want["choices"]
         stream = http.post("/v1/completions", json={"model": MODEL, "prompt": "3+3=", "max_tokens": 8, "stream": True})
         chunks = [json.loads(line[6:]) for line in stream.text.split("\n\n") if line.startswith("data: {")]
-        assert "".join(c["choices"][0]["text"] for c in chunks) == complete(reference, "3+3=").json()["choices"][0][
-            "text"]
+        texts = [c["choices"][0]["text"] for c in chunks]
+        assert "".join(texts) == complete(reference, "3+3=").json()["choices"][0]["text"]
+        assert sum(map(bool, texts)) > 1  # token by token through Ray Serve's streaming handle
+        assert json.loads(stream.headers[ROUTING_HEADER])["replica"] == chunks[0]["routing"]["replica"]
         assert http.post("/v1/completions", json={"model": "other", "prompt": "x"}).json()["error"]["code"] == \
             "model_not_found"
         assert http.post("/skills", json={"name": "x", "examples": []}).status_code == 401  # no key

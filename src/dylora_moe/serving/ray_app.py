@@ -66,19 +66,18 @@ def generator_deployment(ray_config: RayServeConfig):
             self.system = ReplicaSystem(path, **overrides)
             self.engine = Engine(self.system, config, Metrics())
             self.replica = serve.get_replica_context().replica_id.unique_id
-            self.loads: dict[int, int] = {}  # expert id -> times this replica loaded it
 
         @serve.multiplexed(max_num_models_per_replica=ray_config.experts_per_replica)
         async def experts(self, key: str):
             version, ids = parse_key(key)
-            before = set(self.system.resident)
-            held = await asyncio.get_running_loop().run_in_executor(None, self.system.hold, version, ids)
-            for e in set(ids) - before:
-                self.loads[e] = self.loads.get(e, 0) + 1
-            return held
+            return await asyncio.get_running_loop().run_in_executor(None, self.system.hold, version, ids)
 
         async def generate(self, payload: dict) -> dict:
             return await replica_generate(self, payload)
+
+        async def generate_stream(self, payload: dict):
+            async for item in replica_stream(self, payload):
+                yield item
 
         def check_health(self) -> None:
             if not self.engine._thread.is_alive():
@@ -89,26 +88,77 @@ def generator_deployment(ray_config: RayServeConfig):
 
 async def replica_generate(replica, payload: dict) -> dict:
     """One request on a generation replica: hold its experts, generate with the engine, check the routing."""
-    stale = {"stale": True, "replica": replica.replica}
-    try:
-        held = await replica.experts(serve.get_multiplexed_model_id())
-    except StaleVersion as err:
-        return {**stale, "reason": str(err)}
-    expected = payload.pop("routing")
-    payload["stop"] = tuple(payload["stop"])
-    req = GenerationRequest(**payload)
+    held, req, expected = await prepare(replica, payload)
+    if held is None:
+        return req
     replica.system.using_enter(held)
     try:
         gen = await asyncio.wrap_future(replica.engine.submit(req))
     except APIError as err:
         return {"error": error_to_wire(err)}
     finally:
-        if replica.system.using_exit(held):
-            await asyncio.get_running_loop().run_in_executor(None, replica.system.collect)
+        await done_with(replica, held)
     if not replica.system.current(held) or not same_routing(gen.routing, expected):
-        return {**stale, "reason": f"routed {gen.routing} here, {expected} at the ingress"}
+        return stale(replica, f"routed {gen.routing} here, {expected} at the ingress")
+    return answer(replica, held, gen)
+
+
+async def replica_stream(replica, payload: dict):
+    """A streamed request on a generation replica: ``{"routing"}`` once the prompt is routed (checked against
+    the ingress's first, so no text of another routing is ever sent), ``{"delta"}`` as text arrives, then the
+    answer; or a single stale or error item."""
+    held, req, expected = await prepare(replica, payload)
+    if held is None:
+        yield req
+        return
+    loop, events = asyncio.get_running_loop(), asyncio.Queue()
+    req.on_event = lambda kind, data: loop.call_soon_threadsafe(events.put_nowait, (kind, data))
+    replica.system.using_enter(held)
+    try:
+        future = asyncio.wrap_future(replica.engine.submit(req))
+        future.add_done_callback(lambda _: events.put_nowait(("done", None)))
+        while (event := await events.get())[0] != "done":
+            kind, data = event
+            if kind == "routing" and not (replica.system.current(held) and same_routing(data, expected)):
+                req.cancelled = True
+                yield stale(replica, f"routed {data} here, {expected} at the ingress")
+                return
+            where = {"replica": replica.replica, "version": held.version} if kind == "routing" else {}
+            yield {kind: data, **where}
+        try:
+            gen = future.result()
+        except APIError as err:
+            yield {"error": error_to_wire(err)}
+            return
+        yield answer(replica, held, gen)
+    finally:
+        req.cancelled = True  # the ingress went away: stop at the next token
+        await done_with(replica, held)
+
+
+async def prepare(replica, payload: dict):
+    """``(held experts, request, the ingress's routing)``, or ``(None, stale answer, None)``."""
+    try:
+        held = await replica.experts(serve.get_multiplexed_model_id())
+    except StaleVersion as err:
+        return None, stale(replica, str(err)), None
+    payload = dict(payload)
+    expected = payload.pop("routing")
+    return held, GenerationRequest(**{**payload, "stop": tuple(payload["stop"])}), expected
+
+
+async def done_with(replica, held) -> None:
+    if replica.system.using_exit(held):
+        await asyncio.get_running_loop().run_in_executor(None, replica.system.collect)
+
+
+def stale(replica, reason: str) -> dict:
+    return {"stale": True, "replica": replica.replica, "reason": reason}
+
+
+def answer(replica, held, gen) -> dict:
     return {"generation": asdict(gen), "replica": replica.replica, "version": held.version,
-            "resident": replica.system.resident, "loads": dict(replica.loads)}
+            "resident": replica.system.resident}
 
 
 @serve.deployment(name=INGRESS)

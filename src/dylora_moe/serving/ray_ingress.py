@@ -137,10 +137,14 @@ class RayEngine:
                    "top_p": req.top_p, "stop": req.stop, "chat": req.chat, "param": req.param}
         for attempt in range(self.attempts):
             routing, key = self._route(req)
+            streamed = [False]  # whether text already went to the client: then a failure cannot be retried
             try:
-                answer = await self.generator.options(multiplexed_model_id=key).generate.remote(
-                    {**payload, "routing": routing})
+                answer = await self._ask(req, key, {**payload, "routing": routing}, streamed)
             except REPLICA_GONE as err:
+                if streamed[0]:
+                    raise APIError(503, "the generation replica stopped during the stream: retry the request",
+                                   type="server_error", code="replicas_unavailable",
+                                   headers={"Retry-After": "1"}) from err
                 self.metrics.retries.labels("replica_unavailable").inc()
                 logger.warning("generation replica unavailable: trying again", extra={"fields": {
                     "event": "retry", "reason": type(err).__name__, "attempt": attempt + 1}})
@@ -152,22 +156,36 @@ class RayEngine:
                 continue
             if "error" in answer:
                 raise error_from_wire(answer["error"])
-            return self._finish(req, answer)
+            return self._finish(answer)
         raise APIError(503, f"no generation replica could answer after {self.attempts} tries (replicas restarting "
                             "or the system being updated): retry in a moment", type="server_error",
                        code="replicas_unavailable", headers={"Retry-After": "1"})
 
-    def _finish(self, req: GenerationRequest, answer: dict) -> Generation:
+    async def _ask(self, req: GenerationRequest, key: str, payload: dict, streamed: list[bool]) -> dict:
+        """The replica's answer; a stream's routing and text go to ``req.on_event`` as they arrive."""
+        handle = self.generator.options(multiplexed_model_id=key, stream=req.on_event is not None)
+        if req.on_event is None:
+            return await handle.generate.remote(payload)
+        async for item in handle.generate_stream.remote(payload):
+            if "routing" in item:
+                req.on_event("routing", {**item["routing"], "replica": item["replica"],
+                                         "system_version": item["version"]})
+                streamed[0] = True
+            elif "delta" in item:
+                req.on_event("delta", item["delta"])
+            else:
+                return item
+            if req.cancelled:  # the client went away: closing the stream stops the replica's generation
+                break
+        return {"error": error_to_wire(APIError(499, "the client went away", code="client_disconnected"))}
+
+    def _finish(self, answer: dict) -> Generation:
         gen = Generation(**answer["generation"])
         gen.routing = {**gen.routing, "replica": answer["replica"], "system_version": answer["version"]}
         self.metrics.observe_routing(gen.routing)
         self.metrics.observe_generation(gen.prompt_tokens, gen.completion_tokens, gen.seconds)
         self.metrics.observe_answer(answer["replica"], gen.routing, gen.seconds, answer["resident"],
                                     self.head.model.experts.expert_ids)
-        if req.on_event is not None:  # a stream gets its routing, then the whole text as one delta
-            req.on_event("routing", gen.routing)
-            if gen.text:
-                req.on_event("delta", gen.text)
         return gen
 
 
