@@ -90,6 +90,9 @@ def test_a_held_expert_stays_while_in_use_and_a_new_save_is_a_new_version(run, t
     assert head.refresh() is False  # nothing saved since: one stat, no reload
     both = replica.hold(head.version, (0, 1))  # the first request routed on the new version moves the replica
     assert replica.version == head.version and replica.current(both) and not replica.current(held)
+    for prompt in PROMPTS[:2]:  # dense: the replica holds the whole pool and mixes it as the whole system does
+        text, routing = complete(replica, prompt)
+        assert routing["strategy"] == "dense" and (text, routing) == complete(full, prompt)
     with pytest.raises(StaleVersion):
         replica.hold(old, (0,))
 
