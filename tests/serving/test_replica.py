@@ -83,6 +83,10 @@ def test_a_held_expert_stays_while_in_use_and_a_new_save_is_a_new_version(run, t
     with pytest.raises(ValueError, match="no expert"):
         replica.hold(replica.version, (7,))
     old, head = replica.version, RoutingHead(copy)
+    held = replica.hold(old, (0,))
+    loads = []
+    load_expert = replica.model.experts.load_expert
+    replica.model.experts.load_expert = lambda *a: (loads.append(a[0]), load_expert(*a))
     full = ServedSystem(copy)
     full.model.mark_mature(1, False)  # any change saved is a new version
     full.save(full.model, full.memory)
@@ -90,6 +94,7 @@ def test_a_held_expert_stays_while_in_use_and_a_new_save_is_a_new_version(run, t
     assert head.refresh() is False  # nothing saved since: one stat, no reload
     both = replica.hold(head.version, (0, 1))  # the first request routed on the new version moves the replica
     assert replica.version == head.version and replica.current(both) and not replica.current(held)
+    assert loads == [1]  # expert 0's files did not change: kept across the versions, not read again
     for prompt in PROMPTS[:2]:  # dense: the replica holds the whole pool and mixes it as the whole system does
         text, routing = complete(replica, prompt)
         assert routing["strategy"] == "dense" and (text, routing) == complete(full, prompt)

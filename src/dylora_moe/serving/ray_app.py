@@ -80,7 +80,9 @@ def generator_deployment(ray_config: RayServeConfig):
                 yield item
 
         def check_health(self) -> None:
-            if not self.engine._thread.is_alive():
+            # Ray Serve replaces a replica whose check fails: without its worker thread it would answer nothing
+            worker = getattr(self.engine, "_thread", None)
+            if worker is not None and not worker.is_alive():
                 raise RuntimeError("the generation worker stopped")
 
     return Generator

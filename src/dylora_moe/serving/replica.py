@@ -98,6 +98,7 @@ class ReplicaSystem:
                     self._load_expert(expert_id)
             with self._counts:
                 self.held.update(expert_ids)
+            self._collect()  # experts kept from an older version that this one's requests have not asked for
             self._sync_router()
             logger.info("experts held", extra={"fields": {"event": "experts_held", "version": version,
                                                           "experts": list(expert_ids), "resident": self.resident}})
@@ -137,8 +138,9 @@ class ReplicaSystem:
         snapshot = read_snapshot(self.files.system)
         if snapshot.version == self.version:
             return
-        for expert_id in self.resident:  # any of them may have been retrained: reload on demand
-            self._model.experts.delete_expert(expert_id)
+        for expert_id in self.resident:  # a retrained (or deleted) expert is read again on demand; others stay
+            if expert_digests(snapshot, expert_id, saved=True) != expert_digests(self.snapshot, expert_id, saved=True):
+                self._model.experts.delete_expert(expert_id)
         self.snapshot = snapshot
         with self._counts:
             self.epoch += 1

@@ -78,7 +78,10 @@ def read_snapshot(folder: str | Path) -> Snapshot:
         return Snapshot(folder, manifest, router, library, library_tensors, digests, version, stamp(folder))
 
 
-def expert_digests(snapshot: Snapshot, expert_id: int) -> dict[str, str]:
-    """The current digests of one expert's files (read under ``reading``), to compare with the snapshot's."""
-    return {f"experts/{expert_name(expert_id)}/{name}": digest(snapshot.expert_folder(expert_id) / name)
-            for name in ("adapter_config.json", ADAPTER)}
+def expert_digests(snapshot: Snapshot, expert_id: int, *, saved: bool = False) -> dict[str, str]:
+    """The digests of one expert's files: as the snapshot recorded them (``saved``; empty for an expert it does
+    not have), or as they are on disk now (read under ``reading``) to compare with those."""
+    files = [f"experts/{expert_name(expert_id)}/{name}" for name in ("adapter_config.json", ADAPTER)]
+    if saved:
+        return {f: snapshot.digests[f] for f in files if f in snapshot.digests}
+    return {f: digest(snapshot.folder / f) for f in files}
