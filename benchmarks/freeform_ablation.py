@@ -11,7 +11,8 @@ instead; the arm ``frozen`` then asks its backbone with no expert. The requests 
 skill's own source phrased as requests, on problems the skill does not train on (VerilogEval Human
 descriptions without the module header; HumanEval problems as requests); the reported evaluation
 (``dylora train``'s report, the benchmark) uses other sources.
-Reports per arm: eval loss in the training format, degenerate rate and kinds per form, the first answers.
+Reports per arm: eval loss in the training format, degenerate rate and kinds per form, the share of answers in
+the skill's language (a statement of it: ``module``/``assign``/``always``; ``def``/``return``), the last answers.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import re
 import time
 from pathlib import Path
 
@@ -35,6 +37,10 @@ SKILLS = {
     "verilogeval": SkillSpec("verilogeval", {"type": "builtin", "name": "verilogeval"}, max_train=96, max_eval=24),
     "humaneval": SkillSpec("humaneval", {"type": "builtin", "name": "humaneval", "stop": 82}, max_eval=24),
 }
+
+# an answer in the skill's language holds one of its statements (a whole module or a body both count)
+LANGUAGE = {"verilogeval": re.compile(r"^\s*(module\s+\w+|assign\s+\w+|always\s*@|reg\s|wire\s)", re.MULTILINE),
+            "humaneval": re.compile(r"^\s*(def\s+\w+\s*\(|return\b|if\s.*:|for\s.*:)", re.MULTILINE)}
 
 
 def parse_arm(text: str) -> tuple[str, dict]:
@@ -87,10 +93,12 @@ def run_arm(name: str, values: dict, args) -> dict:
             answers = complete(model, prompts, form == "chat", args.max_new_tokens, **kwargs)
         kinds = [degenerate_kind(a) for a in answers]
         row["forms"][form] = {"degenerate": sum(k is not None for k in kinds) / len(kinds),
+                              "in_language": sum(bool(LANGUAGE[args.skill].search(a)) for a in answers) / len(answers),
                               "kinds": {k: kinds.count(k) for k in set(kinds) if k},
                               "answers": [{"request": r, "answer": a}
                                           for r, a in zip(requests, answers, strict=True)][-3:]}
-    print(name, {f: v["degenerate"] for f, v in row["forms"].items()}, "eval_loss", row["eval_loss"], flush=True)
+    print(name, {f: (v["degenerate"], v["in_language"]) for f, v in row["forms"].items()}, "(degenerate, in "
+          "language) eval_loss", row["eval_loss"], flush=True)
     return row
 
 

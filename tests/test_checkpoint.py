@@ -180,3 +180,41 @@ def test_save_in_one_dtype_load_into_another(tmp_path, saved, loaded):
     assert b.logits.dtype == loaded
     decide_by_cosine(other, 0.9)
     assert other.add_new_skill(["abc def ghi"]).expert_id == 0  # the saved embedding, recognised
+
+
+def test_a_save_rewrites_only_the_experts_that_changed(tmp_path):
+    from dylora_moe.experts.manager import expert_name
+
+    model = build()
+    for _ in range(3):
+        model.create_expert()
+    randomise_experts(model)
+    model.save_pretrained(tmp_path / "system")
+
+    def inode(expert_id):
+        return (tmp_path / "system" / "experts" / expert_name(expert_id) / "adapter_model.safetensors").stat().st_ino
+
+    before = {e: inode(e) for e in model.experts.expert_ids}
+    model.set_trainable([1], router=False)  # expert 1 trains; 0 and 2 cannot change
+    with torch.no_grad():
+        for p in model.experts.parameters(1):
+            p.add_(0.5)
+    model.set_trainable([], router=False)
+    model.create_expert()
+    model.save_pretrained(tmp_path / "system")
+    after = {e: inode(e) for e in (0, 1, 2)}
+    assert after[0] == before[0] and after[2] == before[2] and after[1] != before[1]
+    loaded = DyLoRAMoE.from_pretrained(tmp_path / "system", backbone=tiny_llama(), tokenizer=char_tokenizer())
+    for e in model.experts.expert_ids:
+        for mine, theirs in zip(model.experts.parameters(e), loaded.experts.parameters(e), strict=True):
+            torch.testing.assert_close(mine, theirs)
+    # a loaded system saved back links everything; a hand edit announced with touch() rewrites everything
+    loaded.save_pretrained(tmp_path / "system")
+    assert inode(0) == before[0]
+    with torch.no_grad():
+        next(loaded.experts.parameters(0)).add_(1.0)
+    loaded.experts.touch()
+    loaded.save_pretrained(tmp_path / "system")
+    assert inode(0) != before[0] and inode(2) != before[2]
+    again = DyLoRAMoE.from_pretrained(tmp_path / "system", backbone=tiny_llama(), tokenizer=char_tokenizer())
+    torch.testing.assert_close(next(again.experts.parameters(0)), next(loaded.experts.parameters(0)))

@@ -112,3 +112,44 @@ def test_delete_expert_keeps_the_rest(run, tmp_path):
     assert [e.expert_id for e in SkillStore(copy / "store.db").experts()] == [0]
     assert DyLoRAMoE.from_pretrained(copy / "system").experts.expert_ids == [0]
     assert DyLoRAMoE.from_pretrained(run / "out" / "system").experts.expert_ids == [0, 1]
+
+
+def test_resume_registers_a_checkpointed_step_the_store_missed(run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(run / "out", out)
+    store = SkillStore(out / "store.db")
+    rows = len(store.skill_data(1))
+    store.delete_expert(1)  # as if killed between step 1's checkpoint and its store write
+    assert main(["train", "--resume", str(out)]) == 0
+    assert "registered step 1 (letters)" in " ".join(capsys.readouterr().out.split())
+    assert [e.expert_id for e in store.experts()] == [0, 1]
+    assert [h["step"] for h in store.expert(1).training_history] == [1]
+    assert len(store.skill_data(1)) == rows  # the data was already stored: no duplicate rows
+
+
+def test_experts_merge_and_prune_rewrite_system_memory_and_registry(run, tmp_path, capsys):
+    import shutil
+
+    from dylora_moe.training.progress import MEMORY, PROGRESS
+
+    merged_run, pruned_run = tmp_path / "merged", tmp_path / "pruned"
+    shutil.copytree(run / "out", merged_run)
+    shutil.copytree(run / "out", pruned_run)
+    assert main(["experts", "merge", str(merged_run), "0", "1"]) == 0
+    model = DyLoRAMoE.from_pretrained(merged_run / "system")
+    assert model.experts.expert_ids == [2] and model.experts.ranks[2] == 2 * model.config.expert.rank
+    assert {s.expert_id for s in model.library.skills.values()} == {2}
+    assert (merged_run / "system" / MEMORY).is_file() and (merged_run / "system" / PROGRESS).is_file()
+    store = SkillStore(merged_run / "store.db")
+    assert [e.expert_id for e in store.experts()] == [2]
+    assert store.expert(2).training_history == [{"merged_from": [0, 1], "method": "cat"}]
+    assert "merged experts 0 and 1 into expert 2" in " ".join(capsys.readouterr().out.split())
+
+    assert main(["experts", "prune", str(pruned_run), "--below", "1.01"]) == 0  # all but one go
+    model = DyLoRAMoE.from_pretrained(pruned_run / "system")
+    assert model.num_experts == 1 and len(model.library.skills) == 2  # both skills kept, one expert serves them
+    assert [e.expert_id for e in SkillStore(pruned_run / "store.db").experts()] == model.experts.expert_ids
+    assert main(["experts", "merge", str(pruned_run), "0", "7"]) == 2  # an unknown expert: a message, no change
+    assert "no expert with id 7" in capsys.readouterr().err

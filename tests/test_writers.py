@@ -119,8 +119,8 @@ def test_a_save_is_verified_before_the_old_copy_goes(tmp_path, monkeypatch):
     system = saved(tmp_path)
     real = checkpoint._write
 
-    def loses_an_expert(model, out):
-        real(model, out)
+    def loses_an_expert(model, out, dest):
+        real(model, out, dest)
         (out / "experts" / "expert_1" / "adapter_model.safetensors").unlink()
 
     monkeypatch.setattr(checkpoint, "_write", loses_an_expert)

@@ -89,6 +89,11 @@ def writer_lock(path: str | Path, *, who: str = "dylora-moe", wait: float = 5.0)
         os.close(fd)  # releases the flock
 
 
+def holds_writer_lock(path: str | Path) -> bool:
+    """Does this process hold the writer lock of the system folder ``path``?"""
+    return _lock_file(Path(path).resolve()) in _held
+
+
 @contextlib.contextmanager
 def _swap_lock(path: Path, *, shared: bool) -> Iterator[None]:
     """Blocking lock around a swap (exclusive) or a read (shared) of the folder ``path``."""
@@ -139,12 +144,13 @@ def save_pretrained(model, path: str | Path, extra: Callable[[Path], None] | Non
         try:
             if extra is not None:
                 extra(tmp)
-            _write(model, tmp)
+            _write(model, tmp, path)
             verify(tmp)  # the old copy is deleted only once the new one is known complete
             _swap_in(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+    model.experts.written = dict.fromkeys(model.experts.expert_ids, path.resolve())
     return path
 
 
@@ -161,11 +167,17 @@ def verify(folder: Path) -> None:
         check_adapter(folder / "experts" / expert_name(expert_id))
 
 
-def _write(model, out: Path) -> None:
+def _write(model, out: Path, dest: Path) -> None:
+    """Write ``model`` into ``out``, the temporary folder of a save to ``dest``. An expert whose weights ``dest``
+    already holds (loaded from there or saved there, and not trained or edited since) is hard-linked from it
+    instead of written again, so a save costs what changed, not the pool size."""
     manager = model.experts
-    manager.onload(manager.expert_ids)
-    if manager.peft_model is not None and manager.expert_ids:
-        manager.peft_model.save_pretrained(str(out / "experts"), selected_adapters=manager.names())
+    dest = dest.resolve()
+    kept = [e for e in manager.expert_ids if manager.written.get(e) == dest and _link_expert(dest, out, e)]
+    changed = [e for e in manager.expert_ids if e not in kept]
+    manager.onload(changed)
+    if manager.peft_model is not None and changed:
+        manager.peft_model.save_pretrained(str(out / "experts"), selected_adapters=[expert_name(e) for e in changed])
     router = model.router
     save_file({"gate.weight": router.gate.weight.detach().cpu().contiguous(),
                "gate.bias": router.gate.bias.detach().cpu().contiguous(),
@@ -178,6 +190,23 @@ def _write(model, out: Path) -> None:
                 "next_id": manager.next_id}
     # The manifest goes last: a folder without it is never mistaken for a complete checkpoint.
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+
+
+def _link_expert(src: Path, out: Path, expert_id: int) -> bool:
+    """Hard-link (or, across file systems, copy) an expert's adapter files from ``src`` into ``out``."""
+    folder = src / "experts" / expert_name(expert_id)
+    files = [folder / name for name in ("adapter_config.json", "adapter_model.safetensors")]
+    if not all(f.is_file() for f in files):
+        return False
+    target = out / "experts" / expert_name(expert_id)
+    target.mkdir(parents=True, exist_ok=True)
+    for f in folder.iterdir():
+        if f.is_file():
+            try:
+                os.link(f, target / f.name)
+            except OSError:
+                shutil.copy2(f, target / f.name)
+    return True
 
 
 def _swap_in(tmp: Path, path: Path) -> None:
@@ -261,6 +290,7 @@ def _load(cls, path: Path, backbone, tokenizer, overrides: dict):
         check_adapter(folder)
         model.experts.load_expert(expert_id, folder, ranks[expert_id])
     model.experts.next_id = manifest["next_id"]
+    model.experts.written = dict.fromkeys(manifest["expert_ids"], path.resolve())
     model.experts.disable_adapters()
     model.mixture.sync()
     # Tensors are read onto the CPU; each goes where the live model keeps its kind: the router's state is

@@ -229,6 +229,8 @@ def train_loop(args, stream, system, training, console: Console, state) -> int:
         return run_mixed(args, stream, system, model, training, console, start)
     learner = ContinualLearner(model, stream, training, args.out, data_dir=args.data_dir)
     done = restore_progress(learner, checkpoint) if resuming else 0
+    if resuming and main_process:
+        repair_store(store, learner, checkpoint, console)
     console.print(f"loaded {system.model} on {model.device} in {time.perf_counter() - start:.1f}s"
                   + (f"; resuming after step {done}" if resuming else ""))
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -252,7 +254,8 @@ def train_loop(args, stream, system, training, console: Console, state) -> int:
     freeform = freeform_evaluation(args, learner, console)
     seconds = time.perf_counter() - start
     summary = write_report(args.out, learner.records, stream=stream.name, model=system.model,
-                           experts=model.experts.expert_ids, seconds=seconds, sources=DATA_NOTE, freeform=freeform)
+                           experts=model.experts.expert_ids, seconds=seconds, sources=DATA_NOTE, freeform=freeform,
+                           merges=learner.merges)
     console.print(summary_table(summary))
     console.print(f"[bold]done in {seconds:.0f}s[/]: {summary['experts']} experts, routing accuracy "
                   f"{summary['routing_accuracy']:.3f}, BWT {summary['bwt_loss']:+.4f} nats")
@@ -321,6 +324,20 @@ def register_step(store, learner, record, checkpoint: Path) -> None:
         training={"step": record.step, "skill": record.skill, "train_seconds": record.train_seconds,
                   "examples": record.train_examples, "novel": novelty.is_novel},
         eval_metrics={"loss": record.losses[record.step]})
+
+
+def repair_store(store, learner, checkpoint: Path, console: Console) -> None:
+    """A run killed between a step's checkpoint and its store write left the store a step behind: register
+    the checkpointed steps it lacks (their data was re-read by ``restore_progress``), then reconcile the rest."""
+    from .store.reconcile import reconcile
+
+    registered = {entry.get("step") for row in store.experts() for entry in row.training_history}
+    for record in learner.records:
+        if record.step not in registered:
+            register_step(store, learner, record, checkpoint)
+            console.print(f"store: registered step {record.step} ({record.skill}), checkpointed but not registered")
+    for line in reconcile(store, learner.model, checkpoint):
+        console.print(f"store: {line}")
 
 
 def summary_table(summary: dict) -> Table:

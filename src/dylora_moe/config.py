@@ -84,6 +84,11 @@ class RouterConfig:
             only (those labelled ``-100``), as generation does, so the gate never sees the answer and the loss is
             measured under the routing generation uses; ``text`` pools prompt and response (the earlier
             behaviour). Per-token routing reads each token's prefix and is the same either way.
+        dense_top_m: in the dense phase (while some expert is immature) each sample mixes every immature expert
+            with only its ``dense_top_m`` highest-weighted mature ones (spec 3.4.1: the new expert and the
+            *relevant* established ones), the weights renormalised over those; ``None`` mixes the whole pool.
+            It keeps the dense phase's cost, in training and serving, flat as the pool grows; pools of up to
+            ``dense_top_m + 1`` experts route exactly as with ``None``.
     """
 
     top_k: int = field(default=1, metadata={"help": "experts per sample in sparse mode"})
@@ -93,12 +98,17 @@ class RouterConfig:
         default=0, metadata={"help": "decoder layer whose input feeds the gate; None = final hidden states"}
     )
     route_on: str = field(default="prompt", metadata={"help": "prompt | text: tokens a sequence is routed on"})
+    dense_top_m: int | None = field(
+        default=4, metadata={"help": "mature experts mixed per sample in the dense phase; None = all"}
+    )
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.dense_top_m is not None and self.dense_top_m < 1:
+            raise ValueError(f"dense_top_m must be >= 1 or None, got {self.dense_top_m}")
         _choice("granularity", self.granularity, GRANULARITIES)
         _choice("route_on", self.route_on, ROUTE_ON)
         if self.route_layer is not None and self.route_layer < 0:
@@ -207,6 +217,10 @@ class DyLoRAConfig:
             head shared by every skill is trained on each new skill in turn and so re-opens forgetting.
         dtype: weights' dtype of the backbone.
         device: ``auto`` picks CUDA or MPS when present, else CPU.
+        max_experts: bound on the pool. When a new skill would make it larger, the two established experts
+            whose skills are closest (library embeddings) are merged first (``experts/pool.py``: peft ``cat``
+            merge, skills and routing memory moved, the gate refitted), then the new expert is created.
+            ``None``: unbounded.
     """
 
     model: str = field(default="default", metadata={"help": "HF model id, local path, or 'default'"})
@@ -217,9 +231,13 @@ class DyLoRAConfig:
     trainable_lm_head: bool = field(default=False, metadata={"help": "untie and train lm_head (spec)"})
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
+    max_experts: int | None = field(default=None, metadata={"help": "bound on the pool; None = unbounded"})
 
     def __post_init__(self) -> None:
         _choice("mixing", self.mixing, MIXING_MODES)
+        if self.max_experts is not None and self.max_experts < 2:
+            raise ValueError(f"max_experts must be >= 2 (a merge needs two established experts), got "
+                             f"{self.max_experts}")
         _choice("dtype", self.dtype, DTYPES)
         for name, cls in (("expert", ExpertConfig), ("router", RouterConfig), ("novelty", NoveltyConfig)):
             value = getattr(self, name)

@@ -25,7 +25,7 @@ from .backbone import load_backbone, untie_lm_head
 from .checkpoint import load_pretrained, save_pretrained
 from .config import DyLoRAConfig
 from .data.sources import Example
-from .events import EXPERT_CREATED, EXPERT_DELETED, SKILL_RECOGNISED, EventLog
+from .events import EXPERT_CREATED, EXPERT_DELETED, EXPERTS_MERGED, SKILL_RECOGNISED, EventLog
 from .experts import ExpertManager, ExpertMixture, decoder_layers, expert_rank
 from .novelty import NoveltyDetector, NoveltyResult, SkillLibrary, SkillSample
 from .novelty.embedding import embed_sample
@@ -90,6 +90,7 @@ class DyLoRAMoE(nn.Module):
             backbone.config.hidden_size,
             top_k=self.config.router.top_k,
             temperature=self.config.router.temperature,
+            dense_top_m=self.config.router.dense_top_m,
             events=self.events,
         ).to(weight.device)
         self.routing = RoutingControl(backbone, self.router, self.experts, self.mixture, self.config.router)
@@ -138,6 +139,32 @@ class DyLoRAMoE(nn.Module):
         self.router.remove_expert(column)
         skills = self.library.remove_expert(expert_id)
         self.events.emit(EXPERT_DELETED, expert_id=expert_id, skills=skills)
+
+    def merge_experts(self, a: int, b: int, *, method: str = "cat", weights: tuple[float, float] = (0.5, 0.5),
+                      rank: int | None = None, density: float | None = None) -> int:
+        """Replace experts ``a`` and ``b`` by one (``ExpertManager.merge_experts``; ``cat`` with equal weights
+        averages the two deltas exactly). The gate gets one column for it (the two rows averaged, the biases
+        combined as a log-sum-exp, so it starts as the better of the two for their inputs; refit it on the
+        routing memory afterwards), their skills move to it, and it is mature when both were. Returns its id."""
+        if a == b:
+            raise ValueError(f"cannot merge expert {a} with itself")
+        columns = [self.column(a), self.column(b)]
+        mature = all(bool(self.router.expert_maturity[c]) for c in columns)
+        merged = self.experts.merge_experts([a, b], list(weights), method, rank=rank, density=density)
+        self.experts.disable_adapters()
+        self.mixture.sync()
+        column = self.router.add_expert()
+        with torch.no_grad():
+            gate = self.router.gate
+            gate.weight[column] = gate.weight[columns].mean(0)
+            gate.bias[column] = torch.logsumexp(gate.bias[columns], 0)
+        self.router.set_maturity(column, mature)
+        skills = self.library.reassign(a, merged) + self.library.reassign(b, merged)
+        for old in (a, b):
+            self.delete_expert(old)
+        self.events.emit(EXPERTS_MERGED, expert_id=merged, merged_from=[a, b], method=method, skills=skills,
+                         rank=self.experts.ranks[merged])
+        return merged
 
     def column(self, expert_id: int) -> int:
         """The router column of an expert."""

@@ -4,6 +4,8 @@
     dylora experts show runs/demo 1
     dylora experts export runs/demo 1 exported/verilog     # a peft adapter folder (peft, vLLM, ... load it)
     dylora experts delete runs/demo 1
+    dylora experts merge runs/demo 1 3 --method cat   # two experts of one skill become one
+    dylora experts prune runs/demo --below 0.01      # experts the gate sends under 1% of stored prompts
     dylora skills list runs/demo
     dylora skills history runs/demo 0
 """
@@ -21,7 +23,7 @@ from rich.table import Table
 
 
 def add_parsers(sub) -> None:
-    experts = sub.add_parser("experts", help="list, show, export or delete a run's experts")
+    experts = sub.add_parser("experts", help="list, show, export, delete, merge or prune a run's experts")
     ex = experts.add_subparsers(dest="action", required=True)
     for action in ("list", "show", "export", "delete"):
         p = ex.add_parser(action)
@@ -30,6 +32,14 @@ def add_parsers(sub) -> None:
             p.add_argument("expert_id", type=int)
         if action == "export":
             p.add_argument("dest", type=Path, help="folder to write the peft adapter to")
+    merge = ex.add_parser("merge", help="merge two experts into one (peft add_weighted_adapter)")
+    merge.add_argument("run", type=Path, help="a `dylora train` output folder")
+    merge.add_argument("expert_ids", type=int, nargs=2, metavar="EXPERT")
+    merge.add_argument("--method", default="cat", help="cat (exact, ranks add up), svd, ties_svd, dare_ties_svd, ...")
+    merge.add_argument("--rank", type=int, default=None, help="rank of an svd merge (default: the larger rank)")
+    prune = ex.add_parser("prune", help="remove experts the gate sends almost no stored prompt to")
+    prune.add_argument("run", type=Path, help="a `dylora train` output folder")
+    prune.add_argument("--below", type=float, required=True, help="routing share under which an expert goes")
     skills = sub.add_parser("skills", help="list skills, show one, or its data history")
     sk = skills.add_subparsers(dest="action", required=True)
     for action in ("list", "show", "history"):
@@ -62,12 +72,14 @@ def experts(args: argparse.Namespace, console: Console) -> int:
                           "-" if loss is None else f"{loss:.3f}", "ok" if present else "[red]missing[/]")
         console.print(table)
         return 0
-    if args.action == "delete":  # system and registry change together, with no other writer at work
+    if args.action in ("delete", "merge", "prune"):  # system and registry change together, one writer at work
         from .checkpoint import writer_lock
 
-        with writer_lock(args.run / "system", who="dylora experts delete"):
-            store.expert(args.expert_id)
-            return delete(args.run, store, args.expert_id, console)
+        with writer_lock(args.run / "system", who=f"dylora experts {args.action}"):
+            if args.action == "delete":
+                store.expert(args.expert_id)
+                return delete(args.run, store, args.expert_id, console)
+            return reshape(args, store, console)
     row = store.expert(args.expert_id)
     if args.action == "show":
         console.print_json(json.dumps({
@@ -164,4 +176,53 @@ def skills(args: argparse.Namespace, console: Console) -> int:
     console.print(f"skill {row.skill_id} ({row.name}), created {row.created_at}, {len(data)} examples")
     for item in data[:3]:
         console.print(f"[bold]v{item.version}[/] {item.input_data[:200]!r} -> {item.output_data[:200]!r}")
+    return 0
+
+
+def reshape(args: argparse.Namespace, store, console: Console) -> int:
+    """``merge`` or ``prune`` on the saved system (atomically, with its routing memory and progress), then the
+    registry: the merged expert registered with its lineage, the experts that went removed."""
+    from safetensors.torch import load_file, save_file
+
+    from .experts import pool
+    from .model import DyLoRAMoE
+    from .training.progress import MEMORY, PROGRESS
+    from .training.rehearsal import RoutingMemory
+
+    system = args.run / "system"
+    if not (system / MEMORY).is_file():
+        raise FileNotFoundError(f"{system} has no {MEMORY}: the gate cannot be refitted without the stored "
+                                "routing features; give a folder written by `dylora train` or `dylora serve`")
+    model = DyLoRAMoE.from_pretrained(system)
+    memory = RoutingMemory()
+    memory.load_tensors(load_file(str(system / MEMORY)))
+    if args.action == "merge":
+        a, b = args.expert_ids
+        merged = pool.merge(model, memory, a, b, method=args.method, rank=args.rank)
+        gone, message = [a, b], f"merged experts {a} and {b} into expert {merged} ({args.method})"
+    else:
+        pruned = pool.prune(model, memory, args.below)
+        merged, gone = None, [e for e, _ in pruned]
+        message = "pruned " + (", ".join(f"expert {e} (skills now served by {into})" for e, into in pruned)
+                               if pruned else f"nothing: every expert gets at least {args.below:g} of the traffic")
+
+    def keep_state(folder: Path) -> None:
+        if (system / PROGRESS).is_file():
+            shutil.copy2(system / PROGRESS, folder / PROGRESS)
+        save_file(memory.tensors() or {}, str(folder / MEMORY))
+
+    model.save_pretrained(system, extra=keep_state)
+    if merged is not None:
+        name = f"expert_{merged}"
+        skill = next((s.skill_id for s in model.library.skills.values() if s.expert_id == merged), None)
+        config = model.experts.peft_model.peft_config[name].to_dict()
+        store.register_expert(merged, skill_id=skill, lora_config=json.loads(json.dumps(config, default=str)),
+                              storage_path=str(system / "experts" / name), rank=model.experts.ranks[merged],
+                              maturity_state=int(model.router.expert_maturity[model.column(merged)]),
+                              training={"merged_from": gone, "method": args.method})
+    known = {row.expert_id for row in store.experts()}
+    for expert_id in gone:
+        if expert_id in known:
+            store.delete_expert(expert_id)
+    console.print(f"{message}; {model.num_experts} experts remain")
     return 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dylora_moe.data.augment import normalise_example, strip_leading_blank_lines
+from dylora_moe.data.augment import instruction_view, normalise_example, strip_leading_blank_lines
 from dylora_moe.data.sources import Example
 
 
@@ -17,3 +17,37 @@ def test_strip_leading_blank_lines():
 def test_normalise_example_keeps_prompt_and_meta():
     e = normalise_example(Example("module m();\n", "\n\tassign y = 1;\nendmodule\n", {"task_id": "t"}))
     assert e.prompt == "module m();\n" and e.response == "\tassign y = 1;\nendmodule\n" and e.meta == {"task_id": "t"}
+
+
+VERILOG = Example("// Create a 2-input AND gate.\n// Name it top_module.\n\nmodule top_module(\n\tinput a,\n"
+                  "\tinput b,\n\toutput out);\n", "\n\tassign out = a & b;\nendmodule\n")
+PYTHON = Example('from typing import List\n\n\ndef total(xs: List[int]) -> int:\n    """ Return the sum of xs.\n'
+                 '    >>> total([1, 2])\n    3\n    Empty lists sum to 0.\n    """\n', "    return sum(xs)\n")
+
+
+def test_a_commented_header_becomes_a_request_for_the_whole_module():
+    view = instruction_view(VERILOG)
+    assert view.prompt == "Create a 2-input AND gate. Name it top_module."
+    assert view.response == "module top_module(\n\tinput a,\n\tinput b,\n\toutput out);\n\tassign out = a & b;\n" \
+                            "endmodule\n"
+
+
+def test_a_docstring_becomes_a_request_for_the_whole_function_without_its_doctests():
+    view = instruction_view(PYTHON)
+    assert view.prompt == "Return the sum of xs. Empty lists sum to 0."
+    assert view.response == PYTHON.prompt + PYTHON.response  # the docstring stays in the program
+
+
+def test_block_comments_and_one_line_docstrings():
+    js = Example("/* Add two numbers.\n  >>> add(1, 2)\n  3\n  */\nconst add = (a, b) => {\n", "  return a + b;\n};\n")
+    assert instruction_view(js).prompt == "Add two numbers."
+    assert instruction_view(js).response.startswith("const add = (a, b) => {\n  return a + b;")
+    one = Example('def f():\n    """Return one."""\n', "    return 1\n")
+    assert instruction_view(one).prompt == "Return one."
+
+
+def test_prompts_that_are_already_requests_or_hold_no_prose_have_no_view():
+    assert instruction_view(Example("Write a function to add two numbers.", "def add(a, b): return a + b")) is None
+    assert instruction_view(Example("How many singers are there?", "SELECT count(*) FROM singer")) is None
+    assert instruction_view(Example("def f(x):\n", "    return x\n")) is None
+    assert instruction_view(Example("#include <stdio.h>\nint main() {\n", "}\n")) is None

@@ -10,6 +10,7 @@ from dylora_moe.evaluation.metrics import (
     bwt_loss,
     forgetting,
     forward_transfer,
+    max_transient_forgetting,
     novelty_scores,
     routing_accuracy,
 )
@@ -77,3 +78,12 @@ def test_purity_ari_and_novelty_delay_of_a_sorting():
     table = {0: {"py": 23, "sql": 1}, 1: {"sql": 6}}
     assert novelty_delay(drawn, [[0], [], [1]], table) == {"py": 0, "sql": 2}
     assert novelty_delay(drawn, [[0], [], []], {0: {"py": 23, "sql": 7}}) == {"py": 0, "sql": 7}
+
+
+def test_max_transient_forgetting_sees_a_rise_that_recovers_by_the_end():
+    # skill 0 rises to 1.6 after step 1 and recovers to 1.05: BWT sees 0.05, a user saw 0.6
+    transient = [[1.0, None, None], [1.6, 2.0, None], [1.05, 2.1, 0.5]]
+    assert max_transient_forgetting(transient) == pytest.approx(0.6)
+    assert bwt_loss(transient) == pytest.approx((0.05 + 0.1) / 2)
+    assert max_transient_forgetting(LOSS) == pytest.approx(0.5)
+    assert max_transient_forgetting([[1.0, None], [0.9, 2.0]]) == 0.0  # losses that only fall

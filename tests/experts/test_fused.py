@@ -119,15 +119,21 @@ def test_fused_on_gpt2():
     torch.testing.assert_close(out.logits, naive_logits(model, inputs, out.routing_weights), rtol=1e-5, atol=1e-5)
 
 
-def test_fused_gradients_match_naive():
-    model = grown(n_experts=3)
+@pytest.mark.parametrize("mature", [False, True], ids=["dense", "top1-mixed-batch"])
+def test_fused_gradients_match_naive(mature):
+    model = grown(n_experts=3, mature=mature)
     model.set_trainable([model.experts.expert_ids[-1]], router=True)
     inputs = batch(bsz=3, t=8)
+    if mature:  # samples of the batch go to different experts: the padded (gathered) path
+        model.router.gate.bias.data[:] = 0
+        model.router.gate.weight.data[:] = torch.randn_like(model.router.gate.weight) * 5
+        assert model.route(**inputs).indices.unique().numel() > 1
     labels = inputs["input_ids"].clone()
     out = model(**inputs, labels=labels)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert any(g.abs().sum() > 0 for n, g in grads.items() if "gate" in n)
+    assert any(g.abs().sum() > 0 for n, g in grads.items() if "gate" in n) != mature  # top-1 weight is 1: no grad
+    assert any(g.abs().sum() > 0 for n, g in grads.items() if "lora" in n)
     model.zero_grad()
     weights = model.route(**inputs).weights
     logits = naive_logits_with_grad(model, inputs, weights)
@@ -219,3 +225,47 @@ def test_dropout_mask_is_shared_by_the_experts_of_a_layer():
     torch.testing.assert_close(fused.logits, shared, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(fused.logits, other_draw)  # dropout is active in training mode
     torch.testing.assert_close(off, naive_logits(model, inputs, fused.routing_weights), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_top_m_fused_equals_naive_and_stacks_only_the_mixed_experts():
+    model = grown(n_experts=6, dense_top_m=2)
+    for e in model.experts.expert_ids[:5]:
+        model.mark_mature(e)
+    inputs = batch(bsz=2, t=8)
+    weights = model.route(**inputs).weights  # [B, E]: 3 non-zero per row
+    assert ((weights > 0).sum(-1) == 3).all()
+    plans, set_plan = [], model.mixture.set_plan
+    model.mixture.set_plan = lambda plan: plans.append(plan) or set_plan(plan)
+    with torch.no_grad():
+        fused = model(**inputs).logits
+    torch.testing.assert_close(fused, naive_logits(model, inputs, weights), rtol=1e-4, atol=1e-5)
+    active = [p.active for p in plans if p is not None]
+    assert active and len(active[0]) == int((weights > 0).any(0).sum()) < 6
+
+
+def test_training_caches_the_frozen_experts_and_sees_every_update_of_the_trained_one(monkeypatch):
+    import dylora_moe.experts.fused as fused
+
+    model = grown(n_experts=4)
+    trained = model.experts.expert_ids[-1]
+    model.set_trainable([trained], router=False)
+    calls = []
+    real = fused.stack_concat
+    monkeypatch.setattr(fused, "stack_concat", lambda layer, names, only=None: calls.append(only) or
+                        real(layer, names, only))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    inputs = batch(bsz=2, t=8)
+    for _ in range(3):
+        optimizer.zero_grad()
+        out = model(**inputs, labels=inputs["input_ids"])
+        out.loss.backward()
+        optimizer.step()
+    layers = len(model.experts.layers())
+    frozen_builds = [o for o in calls if o is not None and expert_name(trained) not in o]
+    assert len(frozen_builds) == layers  # once per layer, not once per step
+    assert len(calls) - len(frozen_builds) == 3 * layers  # the trained expert: every step
+    model.set_trainable([], router=False)
+    with torch.no_grad():  # the optimizer's updates reach the output: nothing stale was cached
+        weights = model.route(**inputs).weights
+        torch.testing.assert_close(model(**inputs).logits, naive_logits(model, inputs, weights), rtol=1e-4,
+                                   atol=1e-5)

@@ -108,3 +108,31 @@ def test_fit_gate_learns_labelled_features_and_keeps_old_classes():
     assert (r(feats).weights.argmax(-1) == labels).float().mean() == 1.0
     with pytest.raises(ValueError, match="one target column"):
         fit_gate(r, feats, labels[:5])
+
+
+def test_dense_top_m_mixes_every_new_expert_with_each_samples_top_m_mature_ones():
+    full, limited = router_with(6), router_with(6, dense_top_m=2)
+    for r in (full, limited):
+        for column in range(5):  # five mature experts, one new
+            r.set_maturity(column)
+    hidden = torch.randn(4, 16)
+    out, ref = limited(hidden), full(hidden)
+    assert out.strategy == DENSE and limited.dense_restricted
+    nonzero = out.weights > 0
+    assert nonzero[:, 5].all() and (nonzero[:, :5].sum(-1) == 2).all()
+    top = ref.weights[:, :5].topk(2, dim=-1).indices  # the mature experts the whole pool ranks highest
+    assert torch.equal(nonzero[:, :5].nonzero()[:, 1].view(4, 2).sort(-1).values, top.sort(-1).values)
+    torch.testing.assert_close(out.weights.sum(-1), torch.ones(4))
+    kept = out.weights > 0  # renormalised over the kept experts: ratios of the full softmax are unchanged
+    torch.testing.assert_close(out.weights[kept] / out.weights[:, 5].repeat_interleave(3),
+                               ref.weights[kept] / ref.weights[:, 5].repeat_interleave(3))
+
+
+def test_dense_top_m_changes_nothing_while_the_pool_is_small():
+    full, limited = router_with(3), router_with(3, dense_top_m=2)
+    for r in (full, limited):
+        r.set_maturity(0)
+        r.set_maturity(1)
+    hidden = torch.randn(4, 16)
+    assert not limited.dense_restricted
+    torch.testing.assert_close(limited(hidden).weights, full(hidden).weights)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+
+import httpx
 
 from tests.serving.conftest import AUTH, MODEL
 from tests.serving.test_errors import error_of
@@ -166,3 +169,24 @@ def test_tools_and_structured_output_are_refused_by_name(client):
     assert error_of(r, 400)["param"] == "response_format"
     ok = client.post("/v1/chat/completions", json={**chat, "response_format": {"type": "text"}, "tools": []})
     assert ok.status_code == 200
+
+
+def test_a_body_that_never_completes_gets_408_and_frees_the_connection(run_dir):
+    import socket
+
+    from dylora_moe.serving import create_app
+    from dylora_moe.serving.server import BackgroundServer
+    from tests.serving.conftest import server_config
+
+    with BackgroundServer(create_app(run_dir, server_config(body_timeout=0.5))) as server:
+        with socket.create_connection((server.host, server.port), timeout=10) as conn:
+            conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"model\": ")  # 10 of the 100 bytes declared
+            start = time.monotonic()
+            reply = conn.recv(4096).decode()
+            assert time.monotonic() - start < 5
+        assert reply.startswith("HTTP/1.1 408")
+        assert json.loads(reply.split("\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+        # a slow but complete body is unaffected, and so is waiting for a reply afterwards
+        ok = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "1+1=", "max_tokens": 2})
+        assert ok.status_code == 200

@@ -163,3 +163,69 @@ def test_a_dead_job_worker_is_restarted(tmp_path, monkeypatch):
         second = wait(client, upload(client, "digits", digits(12))["id"])
         assert second["status"] == "succeeded"  # a new upload restarted it
         assert wait(client, job["id"])["error"]["code"] == "skill_job_failed"
+
+
+def event_names(run) -> list[str]:
+    path = run / "events.jsonl"
+    return [json.loads(line)["event"] for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def test_a_job_that_fails_after_its_changes_leaves_no_events_claiming_them(tmp_path, monkeypatch):
+    from dylora_moe.serving.system import ServedSystem as Served
+
+    run = learned_run(tmp_path)
+    before, stored = event_names(run), len(SkillStore(run / "store.db").events())
+
+    def broken(self, model, memory):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Served, "save", broken)
+    with TestClient(create_app(run, server_config())) as client:
+        job = wait(client, upload(client, "letters", letters())["id"])
+        assert job["status"] == "failed" and job["error"]["code"] == "skill_job_failed"
+    # the job created expert 1 on its copy, but nothing of it was saved: neither log says it was
+    assert event_names(run) == before
+    assert len(SkillStore(run / "store.db").events()) == stored
+
+
+def test_a_store_that_refuses_writes_does_not_fail_the_job_and_the_next_start_repairs_it(tmp_path, monkeypatch):
+    from dylora_moe.checkpoint import writer_lock
+
+    run = learned_run(tmp_path)
+    store_events = len(SkillStore(run / "store.db").events())
+
+    def locked(*args, **kwargs):
+        raise OSError("database is locked")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SkillStore, "record_event", locked)
+        patch.setattr(SkillStore, "register_expert", locked)
+        with TestClient(create_app(run, server_config())) as client:
+            job = wait(client, upload(client, "letters", letters())["id"])
+    assert job["status"] == "succeeded", job  # the novelty stage no longer writes the store
+    assert job["result"]["store_error"]["code"] == "store_write_failed"
+    assert event_names(run).count("expert_created") == 2  # the file, written first, has the change
+    store = SkillStore(run / "store.db")
+    assert len(store.events()) == store_events and [e.expert_id for e in store.experts()] == [0]
+
+    # a kill between the save and the store write leaves the same state: the folder's writer repairs it
+    with writer_lock(run / "system", who="test"):
+        system = ServedSystem(run)
+    assert [e.expert_id for e in store.experts()] == [0, 1]
+    assert store.expert(1).training_history == [{"source": "reconciled"}]
+    assert {s.name for s in store.skills()} == {"digits", "letters"}
+    assert system.reconcile() == []  # in line now
+
+
+def test_reconcile_drops_registry_rows_of_experts_no_longer_on_disk(tmp_path):
+    from dylora_moe.store.reconcile import reconcile
+
+    run = learned_run(tmp_path)
+    store = SkillStore(run / "store.db")
+    store.register_expert(7, skill_id=None, lora_config={}, storage_path="gone", rank=4)
+    model = DyLoRAMoE.from_pretrained(run / "system")
+    model.mark_mature(0, not bool(model.router.expert_maturity[0]))
+    changes = reconcile(store, model, run / "system")
+    assert len(changes) == 2 and "removed expert 7" in changes[1] and "maturity" in changes[0]
+    assert [e.expert_id for e in store.experts()] == [0]
+    assert store.expert(0).maturity_state == int(model.router.expert_maturity[0])

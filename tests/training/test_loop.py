@@ -202,3 +202,58 @@ def test_format_augmentation_of_the_training_set(tmp_path):
     lt = model.tokenizer.convert_tokens_to_ids("<")
     assert chat_row[0] == lt and raw_row[0] != lt  # the second copy is rendered without the chat template
     assert len(augmented.eval_set) == len(plain.eval_set)  # evaluation keeps the source's format
+
+
+def test_instruction_views_add_prose_requests_to_training_and_to_the_routing_memory(tmp_path):
+    def commented(i):
+        return {"prompt": f"# add {i} to x\ndef f{i}(x):\n", "response": f"  return x+{i}\n"}
+
+    stream = StreamSpec("s", [skill_file(tmp_path, "commented", commented), skill_file(tmp_path, "digits", digits)])
+    model = build()
+    plain = ContinualLearner(model, stream, small_config(), tmp_path / "a")
+    viewed = ContinualLearner(model, stream, small_config(instruction_views=True), tmp_path / "b")
+    steps = [learner.prepare(stream.skills[0]) for learner in (plain, viewed)]
+    assert len(steps[1].train_set) == 2 * len(steps[0].train_set)
+    assert viewed.views(steps[1].train)[0].prompt == f"add {steps[1].train[0].prompt.split()[2]} to x"
+    digit_step = viewed.prepare(stream.skills[1])
+    assert len(digit_step.train_set) == len(plain.prepare(stream.skills[1]).train_set)  # already requests: no views
+    result = model.add_new_skill(steps[1].train, name="commented")
+    for learner, step in zip((plain, viewed), steps, strict=True):
+        learner.remember(step, result)
+    assert viewed.memory.skills[result.skill_id][1].shape[0] == 2 * plain.memory.skills[result.skill_id][1].shape[0]
+
+
+def test_a_full_pool_merges_the_closest_pair_before_a_new_expert(tmp_path):
+    from dylora_moe.evaluation.report import summarise
+
+    def more_digits(i):
+        return {"prompt": f"{i + 50}+{i + 50}=", "response": f"{2 * i + 100}"}
+
+    stream = StreamSpec("s", [skill_file(tmp_path, "digits", digits), skill_file(tmp_path, "letters", letters),
+                              skill_file(tmp_path, "more-digits", more_digits)])
+    model = build()
+    decide_by_cosine(model, 1.0)  # every step is a new skill: three experts wanted
+    model.config.max_experts = 2
+    learner = ContinualLearner(model, stream, small_config(), tmp_path / "run")
+    learner.run()
+    assert model.num_experts == 2 and [r.novelty.expert_id for r in learner.records] == [0, 1, 2]
+    merged = learner.merges[0]
+    assert learner.merges == {0: merged, 1: merged} and model.experts.expert_ids == [2, merged]
+    summary = summarise(learner.records, stream="s", model="tiny", experts=model.experts.expert_ids,
+                        merges=learner.merges)
+    assert summary["expert_of_skill"] == [merged, merged, 2]
+    assert {s.expert_id for s in model.library.skills.values()} == {2, merged}
+    assert {e for e, _ in learner.memory.skills.values()} == {2, merged}
+
+
+def test_pool_prune_folds_an_unused_expert_into_the_one_its_prompts_reach(tmp_path):
+    from dylora_moe.experts.pool import prune, routing_shares
+
+    model, learner, _, _ = run_two_skills(tmp_path)
+    with torch.no_grad():  # make the gate ignore expert 1: every stored prompt goes to expert 0
+        model.router.gate.bias[1] = -1e4
+    shares = routing_shares(model, learner.memory)
+    assert shares == {0: 1.0, 1: 0.0}
+    assert prune(model, learner.memory, 0.05, fit_steps=0) == [(1, 0)]
+    assert model.experts.expert_ids == [0] and {s.expert_id for s in model.library.skills.values()} == {0}
+    assert len(model.library.skills) == 2  # the pruned expert's skill is still known, now served by expert 0

@@ -4,10 +4,20 @@ part of the skill.
 ``strip_leading_blank_lines`` drops the blank (whitespace-only) lines a response starts with: VerilogEval's
 reference bodies start with a newline and tabs after the module header, and an expert trained on them learns
 to open every answer with whitespace. The indentation of the first non-blank line is kept.
+
+``instruction_view`` turns a completion-style example (a prompt that is code with its task in a comment or
+docstring, a response that continues it) into the request a user would write: the prompt's prose alone as the
+prompt, and the code of the prompt followed by the response as the answer. VerilogEval's "// Create 8 D
+flip-flops ... module top_module(...);" + body becomes "Create 8 D flip-flops ..." -> "module top_module(...);"
++ body; a HumanEval signature and docstring + body becomes the docstring's text -> the whole function. An
+expert trained on both writes whole programs for bare requests, and its skill's routing memory holds requests
+phrased in prose, not only in its dataset's layout. Prompts that are already prose (MBPP, Spider questions,
+NL2Bash) or hold no prose have no view.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 from .sources import Example
@@ -22,3 +32,69 @@ def strip_leading_blank_lines(text: str) -> str:
 
 def normalise_example(example: Example) -> Example:
     return replace(example, response=strip_leading_blank_lines(example.response))
+
+
+COMMENT = re.compile(r"^\s*(//+|#(?![!a-z])|--)\s?(.*?)\s*$")
+OPENERS = (("/*", "*/"), ('"""', '"""'), ("'''", "'''"))  # block comments and docstrings
+DOCTEST = re.compile(r"^\s*(>>>|[A-Za-z_]\w*\(.*\)\s*(==|=>|->|➞)\s*\S)")
+
+
+def prose_and_code(prompt: str) -> tuple[list[str], list[str], int]:
+    """The prompt's prose lines (comment and docstring text; doctests and the output line after each left
+    out), its code lines, and how many of its first lines are prose or blank (the header a completion-style
+    prompt puts before its code)."""
+    prose, code, lead = [], [], 0
+    leading, closer, skip_output = True, None, False
+
+    def take(text: str) -> None:
+        nonlocal skip_output
+        text = text.strip().lstrip("*").strip()
+        if DOCTEST.match(text):
+            skip_output = True
+        elif skip_output:
+            skip_output = False
+        elif text:
+            prose.append(text)
+
+    for line in prompt.split("\n"):
+        text = line.strip()
+        if closer is not None:  # inside a block comment or docstring
+            closes = closer in text
+            take(text.split(closer)[0] if closes else text)
+            closer = None if closes else closer
+            if leading:
+                lead += 1
+            else:
+                code.append(line)
+            continue
+        opener = next(((o, c) for o, c in OPENERS if re.sub(r"^[rbuRBU]", "", text).startswith(o)), None)
+        comment = COMMENT.match(line)
+        if opener is not None:
+            rest = re.sub(r"^[rbuRBU]", "", text)[len(opener[0]):]
+            skip_output = False
+            if opener[1] in rest:  # closed on the same line
+                take(rest.split(opener[1])[0])
+            else:
+                take(rest)
+                closer = opener[1]
+            leading = leading and opener[0] == "/*"  # a docstring belongs to the code it documents
+        elif comment is not None:  # "#include", "#!" are code: the pattern leaves them out
+            take(comment.group(2))
+        elif text:
+            leading = False
+        if leading:
+            lead += 1
+        else:
+            code.append(line)
+    return prose, [c for c in code if c.strip()], lead
+
+
+def instruction_view(example):
+    """``example`` as a bare request (see the module doc), or ``None`` when its prompt is not code with prose."""
+    prose, code, lead = prose_and_code(example.prompt)
+    if not prose or not code:
+        return None
+    request = " ".join(prose)
+    program = "\n".join(example.prompt.split("\n")[lead:])
+    answer = strip_leading_blank_lines(program.rstrip("\n") + "\n" + strip_leading_blank_lines(example.response))
+    return replace(example, prompt=request, response=answer)

@@ -56,6 +56,15 @@ def bwt_loss(matrix: Matrix) -> float:
     return -backward_transfer(matrix, higher_is_better=False)
 
 
+def max_transient_forgetting(matrix: Matrix) -> float:
+    """The largest rise of any skill's loss above its just-learned value at any later step (not only the
+    last): what a user of the system sees between two skills, which BWT (final - just learned) hides. 0.0 when
+    no loss ever rose; ``matrix[i][j]`` is skill j's loss after step i (``None`` before it is learned)."""
+    rises = [row[j] - matrix[j][j] for i, row in enumerate(matrix) for j in range(i)
+             if row[j] is not None and matrix[j][j] is not None]
+    return max([0.0, *rises])
+
+
 def routing_accuracy(correct: Sequence[int], totals: Sequence[int]) -> float:
     """Share of all examples routed to their own skill's expert, pooled over skills."""
     n = sum(totals)

@@ -14,25 +14,36 @@ import matplotlib.pyplot as plt
 
 from ..training.loop import StepRecord
 from .freeform import markdown_table
-from .metrics import bwt_loss, routing_accuracy
+from .metrics import bwt_loss, max_transient_forgetting, routing_accuracy
 
 
-def summarise(records: Sequence[StepRecord], *, stream: str, model: str, experts: Sequence[int]) -> dict:
+def serving_expert(expert_id: int, merges: dict[int, int]) -> int:
+    """The expert that serves what ``expert_id`` served, following merges (old id -> merged id)."""
+    while expert_id in merges:
+        expert_id = merges[expert_id]
+    return expert_id
+
+
+def summarise(records: Sequence[StepRecord], *, stream: str, model: str, experts: Sequence[int],
+              merges: dict[int, int] | None = None) -> dict:
     """The summary of a run. ``routing_accuracy``: share of every seen skill's held-out prompts routed (top-1)
-    to that skill's expert at the end; ``bwt_loss``: mean over earlier skills of final - just-learned loss."""
+    to the expert serving that skill at the end (its own, or the one it was merged into: ``merges``);
+    ``bwt_loss``: mean over earlier skills of final - just-learned loss."""
+    merges = merges or {}
     n = len(records)
     matrix = [[r.losses[j] if j <= i else None for j in range(n)] for i, r in enumerate(records)]
     final = records[-1] if records else None
     correct, totals = [], []
     for j, r in enumerate(records):
-        share = final.routing[j].get(r.novelty.expert_id, 0.0)
+        share = final.routing[j].get(serving_expert(r.novelty.expert_id, merges), 0.0)
         correct.append(round(share * r.eval_examples))
         totals.append(r.eval_examples)
     return {
         "stream": stream, "model": model, "experts": len(experts),
         "skills": [r.skill for r in records],
         "novel": [r.novelty.is_novel for r in records],
-        "expert_of_skill": [r.novelty.expert_id for r in records],
+        "expert_of_skill": [serving_expert(r.novelty.expert_id, merges) for r in records],
+        "merges": {str(k): v for k, v in merges.items()},
         "similarity": [r.novelty.similarity for r in records],
         "novelty": [{"method": r.novelty.method, "statistic": r.novelty.statistic, "boundary": r.novelty.boundary,
                      "p_value": r.novelty.p_value} for r in records],
@@ -41,6 +52,7 @@ def summarise(records: Sequence[StepRecord], *, stream: str, model: str, experts
         "routing_accuracy_per_skill": [c / t if t else 0.0 for c, t in zip(correct, totals, strict=True)],
         "routing_entropy": final.routing_entropy if final else [],
         "bwt_loss": bwt_loss(matrix) if records else 0.0,
+        "max_transient_forgetting": max_transient_forgetting(matrix) if records else 0.0,
         "expert_count": [r.experts for r in records],
         "train_seconds": [r.train_seconds for r in records],
     }
@@ -96,9 +108,10 @@ def plot_expert_count(summary: dict, path: Path) -> None:
 
 
 def write_report(out: Path, records: Sequence[StepRecord], *, stream: str, model: str, experts: Sequence[int],
-                 seconds: float, sources: str = "", freeform: Sequence = ()) -> dict:
+                 seconds: float, sources: str = "", freeform: Sequence = (), merges: dict[int, int] | None = None
+                 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarise(records, stream=stream, model=model, experts=experts)
+    summary = summarise(records, stream=stream, model=model, experts=experts, merges=merges)
     summary["total_seconds"] = seconds
     summary["freeform"] = [r if isinstance(r, dict) else dataclasses.asdict(r) for r in freeform]
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -116,7 +129,9 @@ def render_markdown(summary: dict, records: Sequence[StepRecord], sources: str) 
         f"{summary['total_seconds']:.0f} s.", "",
         f"- routing accuracy (held-out prompts to their skill's expert): **{summary['routing_accuracy']:.3f}**",
         f"- backward transfer on loss (final - just learned, mean over earlier skills): "
-        f"**{summary['bwt_loss']:+.4f} nats**", "",
+        f"**{summary['bwt_loss']:+.4f} nats**",
+        f"- max transient forgetting (largest rise of any skill's loss above its just-learned value, at any "
+        f"later step): **{summary['max_transient_forgetting']:.4f} nats**", "",
         "## Stream", "",
         "| step | skill | novel | novelty evidence | expert | train / eval ex. | train s |",
         "|---:|---|---|---:|---:|---:|---:|",

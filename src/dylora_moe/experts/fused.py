@@ -11,7 +11,9 @@ matmuls of rank sum(r_e); sparse routing gathers only the selected experts per s
 matmuls, so samples of one batch may use different experts (per-token sparse routing runs the dense path
 over the selected experts, whose other weights are zero, so no layer waits on the host to find its experts).
 Stacked weights are cached between forwards while they cannot change (no gradient flows into them) and
-rebuilt when the manager's version moves.
+rebuilt when the manager's version moves. While an expert trains, the frozen experts' stack is still cached
+(it changes only when the pool or the trainable set does) and only the trainable experts' weights are stacked
+with autograd on each forward, so a training step costs the same whatever the number of frozen experts.
 
 Axis key: B batch, T tokens, I in-features, O out-features, S experts in the active set, R rank,
 K experts per sample (top-k).
@@ -29,7 +31,7 @@ from peft.tuners.lora import LoraLayer
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from .manager import ExpertManager
+from .manager import ExpertManager, expert_name
 
 
 class MixturePlan(NamedTuple):
@@ -59,16 +61,20 @@ class PaddedStack(NamedTuple):
     scale: Tensor  # [S]
 
 
-def stack_concat(layer: LoraLayer, names: list[str]) -> ConcatStack:
+def stack_concat(layer: LoraLayer, names: list[str], only: frozenset[str] | None = None) -> ConcatStack | None:
+    """The experts ``names`` (those in ``only``, when given) concatenated along the rank; ``owner`` holds
+    positions in ``names``. ``None`` when the layer adapts none of them."""
     As, Bs, owner, scale = [], [], [], []
     for pos, name in enumerate(names):
-        if name not in layer.lora_A:
+        if name not in layer.lora_A or (only is not None and name not in only):
             continue
         a, b = layer.lora_A[name].weight, layer.lora_B[name].weight  # [R, I], [O, R]
         As.append(a)
         Bs.append(b)
         owner += [pos] * a.shape[0]
         scale += [layer.scaling[name]] * a.shape[0]
+    if not As:
+        return None
     device, dtype = As[0].device, As[0].dtype
     return ConcatStack(
         torch.cat(As, 0),
@@ -78,17 +84,19 @@ def stack_concat(layer: LoraLayer, names: list[str]) -> ConcatStack:
     )
 
 
-def stack_padded(layer: LoraLayer, names: list[str]) -> PaddedStack:
+def stack_padded(layer: LoraLayer, names: list[str], blank: frozenset[str] = frozenset()) -> PaddedStack:
+    """The experts ``names`` padded to one rank; experts in ``blank`` keep their place and scale with zero
+    weights (filled in later, see ``fill_padded``)."""
     present = [n for n in names if n in layer.lora_A]
     ref = layer.lora_A[present[0]].weight
     rank = max(layer.lora_A[n].weight.shape[0] for n in present)
     in_f, out_f = ref.shape[1], layer.lora_B[present[0]].weight.shape[0]
     As, Bs, scale = [], [], []
     for name in names:
-        if name not in layer.lora_A:
+        if name not in layer.lora_A or name in blank:
             As.append(ref.new_zeros(rank, in_f))
             Bs.append(ref.new_zeros(out_f, rank))
-            scale.append(0.0)
+            scale.append(layer.scaling[name] if name in layer.lora_A else 0.0)
             continue
         a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
         pad = rank - a.shape[0]
@@ -96,6 +104,21 @@ def stack_padded(layer: LoraLayer, names: list[str]) -> PaddedStack:
         Bs.append(torch.nn.functional.pad(b, (0, pad)))  # [O, R]
         scale.append(layer.scaling[name])
     return PaddedStack(torch.stack(As), torch.stack(Bs), torch.tensor(scale, device=ref.device, dtype=ref.dtype))
+
+
+def fill_padded(layer: LoraLayer, stack: PaddedStack, names: list[str], fill: list[str]) -> PaddedStack:
+    """``stack`` with the experts ``fill`` (blank in it) put in place, out of place so that gradients reach
+    their weights."""
+    fill = [n for n in fill if n in layer.lora_A]
+    if not fill:
+        return stack
+    rank = stack.A.shape[1]
+    pos = torch.tensor([names.index(n) for n in fill], device=stack.A.device)
+    a = torch.stack([torch.nn.functional.pad(layer.lora_A[n].weight, (0, 0, 0, rank - layer.lora_A[n].weight.shape[0]))
+                     for n in fill])  # [F, R, I]
+    b = torch.stack([torch.nn.functional.pad(layer.lora_B[n].weight, (0, rank - layer.lora_B[n].weight.shape[1]))
+                     for n in fill])  # [F, O, R]
+    return PaddedStack(stack.A.index_put((pos,), a), stack.B.index_put((pos,), b), stack.scale)
 
 
 def dense_delta(x: Tensor, st: ConcatStack, weights: Tensor) -> Tensor:
@@ -126,6 +149,7 @@ class ExpertMixture:
         self.plan: MixturePlan | None = None
         self._handles: dict[int, RemovableHandle] = {}
         self._cache: dict[int, tuple[tuple, ConcatStack | PaddedStack]] = {}
+        self._frozen: dict[int, tuple[tuple, ConcatStack | PaddedStack | None]] = {}
 
     def sync(self) -> None:
         """Hook any LoRA layer that peft created since the last call."""
@@ -133,11 +157,13 @@ class ExpertMixture:
             if id(layer) not in self._handles:
                 self._handles[id(layer)] = layer.register_forward_hook(self._hook)
         self._cache.clear()
+        self._frozen.clear()
 
     def set_plan(self, plan: MixturePlan | None) -> None:
         if plan is not None and not plan.cacheable:
-            # The experts may change after this forward (an optimizer step): stale stacks must not survive.
-            self.manager.touch()
+            # The trainable experts may change after this forward (an optimizer step): stale stacks of them
+            # must not survive; the frozen experts' stacks stay valid.
+            self.manager.touch(trained_only=True)
         self.plan = plan
 
     def _stack(self, layer: LoraLayer, padded: bool) -> ConcatStack | PaddedStack:
@@ -154,6 +180,32 @@ class ExpertMixture:
             self._cache[id(layer)] = hit
         return hit[1]
 
+    def _split_stacks(self, layer: LoraLayer) -> tuple[ConcatStack | None, ConcatStack | None]:
+        """The plan's frozen experts (cached without autograd, keyed on the pool and the trainable set, which
+        ``frozen_version`` follows) and its trainable ones (stacked with autograd on every call)."""
+        names = list(self.plan.active)
+        trained = frozenset(expert_name(e) for e in self.manager.trainable_ids)
+        frozen_names = frozenset(names) - trained
+        key = (self.plan.active, "frozen", self.manager.frozen_version)
+        hit = self._frozen.get(id(layer))
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                hit = (key, stack_concat(layer, names, only=frozen_names) if frozen_names else None)
+            self._frozen[id(layer)] = hit
+        live = stack_concat(layer, names, only=trained) if trained & set(names) else None
+        return hit[1], live
+
+    def _padded_for_training(self, layer: LoraLayer) -> PaddedStack:
+        names = list(self.plan.active)
+        trained = [n for n in names if n in {expert_name(e) for e in self.manager.trainable_ids}]
+        key = (self.plan.active, "padded", self.manager.frozen_version)
+        hit = self._frozen.get(id(layer))
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                hit = (key, stack_padded(layer, names, blank=frozenset(trained)))
+            self._frozen[id(layer)] = hit
+        return fill_padded(layer, hit[1], names, trained)
+
     def _hook(self, layer: LoraLayer, args: tuple, output: Tensor) -> Tensor | None:
         plan = self.plan
         if plan is None:
@@ -162,8 +214,14 @@ class ExpertMixture:
         if first is None:
             return None
         x = layer.lora_dropout[first](args[0].to(layer.lora_A[first].weight.dtype))
-        if plan.indices is None:
+        if plan.indices is None and not plan.cacheable:  # training: cached frozen experts + live trainable ones
+            frozen, live = self._split_stacks(layer)
+            deltas = [dense_delta(x, st, plan.weights) for st in (frozen, live) if st is not None]
+            delta = deltas[0] if len(deltas) == 1 else deltas[0] + deltas[1]
+        elif plan.indices is None:
             delta = dense_delta(x, self._stack(layer, padded=False), plan.weights)
+        elif not plan.cacheable:  # training: the frozen experts' padded stack is cached, the trained filled in
+            delta = sparse_sequence_delta(x, self._padded_for_training(layer), plan.indices, plan.topk_weights)
         else:
             delta = sparse_sequence_delta(x, self._stack(layer, padded=True), plan.indices, plan.topk_weights)
         # As peft: add in the delta's (adapter) dtype, then round the sum, not the delta, to the output dtype.

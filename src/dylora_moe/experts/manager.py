@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -63,6 +64,12 @@ class ExpertManager:
         self.current_expert_id: int | None = None
         # Bumped whenever expert weights may have changed; caches of stacked weights key on it.
         self.version = 0
+        # Bumped when a frozen expert's weights may have changed (the pool, a load, the trainable set), not
+        # after each optimizer step of a trainable expert; caches of frozen experts' stacks key on it.
+        self.frozen_version = 0
+        # Expert id -> the saved system folder holding exactly its current weights (it was loaded from there
+        # or last saved there); a save to that folder links those files instead of writing them again.
+        self.written: dict[int, Path] = {}
         self.trainable_ids: frozenset[int] = frozenset()
         self._offloaded: dict[int, dict[str, tuple[torch.Tensor, bool]]] = {}
         self._layers: list[LoraLayer] = []
@@ -120,12 +127,40 @@ class ExpertManager:
         if self.config.offload_device is not None:
             self.offload([expert_id])
 
+    def merge_experts(self, expert_ids: list[int], weights: list[float], method: str = "cat",
+                      rank: int | None = None, density: float | None = None) -> int:
+        """A new expert combining ``expert_ids`` with peft's ``add_weighted_adapter`` (``cat`` is exact: its
+        delta is the weighted sum of theirs, at the sum of their ranks; ``svd`` and the ``*_svd`` methods
+        approximate that sum at ``rank``, by default the largest source rank; ``ties``/``dare_*`` need
+        ``density``). The sources stay in the pool; returns the new id."""
+        for expert_id in expert_ids:
+            self._check(expert_id)
+        if len(expert_ids) < 2 or len(weights) != len(expert_ids):
+            raise ValueError(f"merge needs two or more experts and one weight each, got {expert_ids} and {weights}")
+        self.onload(expert_ids)
+        expert_id, name = self.next_id, expert_name(self.next_id)
+        extra = {"svd_rank": rank or max(self.ranks[e] for e in expert_ids)} if "svd" in method else {}
+        if density is not None:
+            extra["density"] = density
+        grads = {n: p.requires_grad for n, p in self.backbone.named_parameters()}
+        self.peft_model.add_weighted_adapter([expert_name(e) for e in expert_ids], list(weights), name,
+                                             combination_type=method, **extra)
+        for n, p in self.backbone.named_parameters():
+            p.requires_grad_(grads.get(n, False))
+        self.next_id += 1
+        self.expert_ids.append(expert_id)
+        self.ranks[expert_id] = self.peft_model.peft_config[name].r
+        self._refresh()
+        self._apply_trainable()
+        return expert_id
+
     def delete_expert(self, expert_id: int) -> None:
         self._check(expert_id)
         self.onload([expert_id])
         self.peft_model.delete_adapter(expert_name(expert_id))
         self.expert_ids.remove(expert_id)
         del self.ranks[expert_id]
+        self.written.pop(expert_id, None)
         self.trainable_ids = self.trainable_ids - {expert_id}
         if self.current_expert_id == expert_id:
             self.current_expert_id = None
@@ -154,9 +189,12 @@ class ExpertManager:
         """Only the given experts' LoRA weights receive gradients; every other expert stays frozen. Trainable
         experts are brought back and stay resident, so an optimizer built now holds their parameters."""
         self.trainable_ids = frozenset(expert_ids)
+        for expert_id in self.trainable_ids:  # their weights will change: the next save writes them
+            self.written.pop(expert_id, None)
         self.onload(self.trainable_ids)
         self._apply_trainable()
-        self.touch()
+        self.version += 1
+        self.frozen_version += 1
 
     def _apply_trainable(self) -> None:
         wanted = {expert_name(e) for e in self.trainable_ids}
@@ -183,13 +221,19 @@ class ExpertManager:
     def layers(self) -> list[LoraLayer]:
         return self._layers
 
-    def touch(self) -> None:
-        """Record that expert weights may have changed (after an optimizer step, a load)."""
+    def touch(self, trained_only: bool = False) -> None:
+        """Record that expert weights may have changed: after editing them by hand (every expert then counts as
+        changed, for caches and saves alike), or with ``trained_only`` after an optimizer step (the trainable
+        experts only, which ``set_trainable`` already marked as changed)."""
         self.version += 1
+        if not trained_only:
+            self.frozen_version += 1
+            self.written.clear()
 
     def _refresh(self) -> None:
         self._layers = [m for m in self.backbone.modules() if isinstance(m, LoraLayer)]
-        self.touch()
+        self.version += 1
+        self.frozen_version += 1
 
     def _check(self, expert_id: int) -> None:
         if expert_id not in self.ranks:

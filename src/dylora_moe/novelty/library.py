@@ -86,6 +86,13 @@ class SkillLibrary:
         gate = None if sample.gate is None else sample.gate[keep].detach()
         return SkillSample(sample.features[keep].detach().float(), gate, sample.keys[keep])
 
+    def reassign(self, old_expert: int, new_expert: int) -> list[int]:
+        """The skills ``old_expert`` served are served by ``new_expert`` (after a merge); returns their ids."""
+        moved = [s.skill_id for s in self.skills.values() if s.expert_id == old_expert]
+        for skill_id in moved:
+            self.skills[skill_id].expert_id = new_expert
+        return moved
+
     def remove_expert(self, expert_id: int) -> list[int]:
         """Forget the skills an expert served; returns their ids."""
         gone = [s.skill_id for s in self.skills.values() if s.expert_id == expert_id]

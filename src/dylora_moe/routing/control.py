@@ -141,6 +141,16 @@ class RoutingControl:
         """Make the experts the routing uses resident and hand the mixture its plan."""
         ids, names = self.experts.expert_ids, self.experts.names()
         cacheable = not (torch.is_grad_enabled() and self.experts.trainable_ids)
+        if self.forced == NO_EXPERT:  # the frozen model: no expert delta to compute at all
+            self.mixture.set_plan(None)
+            return
+        if routing.indices is None and self.router.dense_restricted:
+            # One host sync per pass: the experts some sample mixes; the others have weight 0 everywhere.
+            used = (routing.weights.reshape(-1, len(ids)) > 0).any(0).nonzero().flatten().tolist()
+            self.experts.ensure_resident([ids[c] for c in used])
+            self.mixture.set_plan(MixturePlan(tuple(names[c] for c in used), weights=routing.weights[..., used],
+                                              cacheable=cacheable))
+            return
         if routing.indices is None:
             self.experts.ensure_resident(ids)
             self.mixture.set_plan(MixturePlan(tuple(names), weights=routing.weights, cacheable=cacheable))

@@ -45,6 +45,7 @@ class DynamicHybridRouter(nn.Module):
         num_experts: initial number of experts (usually 0: experts arrive with skills).
         top_k: experts per sample in sparse mode.
         temperature: divides the logits before the softmax.
+        dense_top_m: in dense mode, mature experts mixed per sample besides every immature one (``None``: all).
         events: where strategy changes are reported.
     """
 
@@ -55,12 +56,14 @@ class DynamicHybridRouter(nn.Module):
         *,
         top_k: int = 1,
         temperature: float = 1.0,
+        dense_top_m: int | None = None,
         events: EventLog | None = None,
     ) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.top_k = top_k
         self.temperature = temperature
+        self.dense_top_m = dense_top_m
         self.events = events or EventLog()
         self.gate = _linear(hidden_size, num_experts)
         self.register_buffer("expert_maturity", torch.zeros(num_experts, dtype=torch.long))
@@ -79,11 +82,21 @@ class DynamicHybridRouter(nn.Module):
         mature = self.num_experts > 0 and all(self._mature)
         return SPARSE if mature else DENSE
 
+    @property
+    def dense_restricted(self) -> bool:
+        """Does the dense phase leave some mature experts out of each sample's mix (``dense_top_m``)?"""
+        return self.dense_top_m is not None and sum(self._mature) > self.dense_top_m
+
     def forward(self, hidden: Tensor) -> RouterOutput:
         """hidden: [..., H] (a pooled [B, H] or per-token [B, T, H]) -> routing over [..., E]."""
         logits = self.gate(hidden.to(self.gate.weight.dtype))  # [..., E]
         scaled = logits / self.temperature
         if self.strategy == DENSE:
+            if self.dense_restricted:  # every immature expert, and each sample's top-m mature ones
+                mature = self.expert_maturity.bool()  # [E], on the device: no host read
+                top = scaled.masked_fill(~mature, float("-inf")).topk(self.dense_top_m, dim=-1).indices  # [..., M]
+                keep = (~mature).expand_as(scaled).scatter(-1, top, True)  # [..., E]
+                scaled = scaled.masked_fill(~keep, float("-inf"))
             return RouterOutput(torch.softmax(scaled, dim=-1), logits, None, None, DENSE)
         k = min(self.top_k, self.num_experts)
         top, indices = scaled.topk(k, dim=-1)  # [..., K]

@@ -32,6 +32,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--max-batch", type=int, default=8, help="requests generated together")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for generation before 429s")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a client has to send its request body before a 408")
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="decoding guard: penalty on tokens already generated (1.0: off)")
     p.add_argument("--no-repeat-ngram-size", type=int, default=0,
@@ -64,7 +66,7 @@ def server_config(args: argparse.Namespace):
                               report_to=["none"])
     return ServerConfig(model_name=args.model_name, api_key=args.api_key, max_tokens_cap=args.max_tokens_cap,
                         default_max_tokens=min(64, args.max_tokens_cap), max_batch=args.max_batch,
-                        max_queue=args.max_queue,
+                        max_queue=args.max_queue, body_timeout=args.body_timeout,
                         repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
                         training=training)
 

@@ -19,6 +19,7 @@ class ServerConfig:
         api_key: key that mutating endpoints (``POST /skills``) require as ``Authorization: Bearer KEY``;
             ``None`` reads ``DYLORA_API_KEY``; with neither, those endpoints are refused.
         max_body_bytes: largest request body of a completion request.
+        body_timeout: seconds a client has to send its whole request body; a slower one gets 408.
         max_upload_bytes: largest skill upload body.
         max_tokens_cap: largest ``max_tokens`` a request may ask for. default_max_tokens: when it asks none.
         max_prompt_tokens: longest prompt (also capped by the model's context minus ``max_tokens``).
@@ -37,6 +38,7 @@ class ServerConfig:
     model_name: str = "dylora-moe"
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
+    body_timeout: float = 30.0
     max_upload_bytes: int = 8 << 20
     max_tokens_cap: int = 512
     default_max_tokens: int = 64
@@ -60,6 +62,8 @@ class ServerConfig:
                      "max_pending_jobs", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.body_timeout > 0:
+            raise ValueError(f"body_timeout must be > 0 seconds, got {self.body_timeout}")
         if self.repetition_penalty <= 0 or self.no_repeat_ngram_size < 0:
             raise ValueError(f"repetition_penalty must be > 0 and no_repeat_ngram_size >= 0, got "
                              f"{self.repetition_penalty} and {self.no_repeat_ngram_size}")

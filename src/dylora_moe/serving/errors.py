@@ -18,8 +18,9 @@ from starlette.responses import Response
 logger = logging.getLogger("dylora_moe.serving")
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-         404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
-         415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}
+         404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error", 409: "conflict_error",
+         413: "invalid_request_error", 415: "invalid_request_error", 422: "invalid_request_error",
+         429: "rate_limit_error"}
 
 
 class APIError(Exception):

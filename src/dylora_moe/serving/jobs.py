@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 import transformers
 from transformers import TrainerCallback
 
-from ..data.preprocess import build_dataset
 from ..data.sources import Example
 from ..data.stream import SkillFormat, SkillSource, SkillSpec, StreamSpec
 from ..model import DyLoRAMoE
@@ -180,6 +179,7 @@ class JobManager:
         cfg = self.config.training
         stage(job, "loading")
         model = self.system.load_model()
+        model.events.hold()  # published once the result is saved and served: a failed job leaves no claims behind
         memory = RoutingMemory(cfg.rehearsal_per_skill, seed=cfg.seed)
         memory.load_tensors(self.system.memory.tensors())
         with tempfile.TemporaryDirectory(prefix="dylora-job-") as work:
@@ -203,16 +203,18 @@ class JobManager:
         self.metrics.observe_system(model)
         loss = next((e.get("loss", e.get("task_loss")) for e in reversed(train_log)), None)
         store_error = None
-        if self.system.store is not None:
-            try:
+        try:
+            model.events.commit()  # events.jsonl and the store's event table, now that the change is on disk
+            if self.system.store is not None:
                 register(self.system, model, job, result, loss)
-            except Exception as err:  # the new system is saved and served already: only the registry lags behind
-                store_error = {"code": "store_write_failed",
-                               "message": f"the skill is learned and served but the registry was not updated; "
-                                          f"the server log has the details (job {job.id})"}
-                self.metrics.error("store_write_failed", 500)
-                logger.exception("skill learned but not registered", extra={"fields": {
-                    "event": "error", "job": job.id, "skill": job.skill, "kind": type(err).__name__}})
+        except Exception as err:  # the new system is saved and served already: only the records lag behind
+            store_error = {"code": "store_write_failed",
+                           "message": "the skill is learned and served but its registry entry or events were not "
+                                      f"recorded; the server log has the details (job {job.id}), and the next "
+                                      "start of the server reconciles the registry with the system folder"}
+            self.metrics.error("store_write_failed", 500)
+            logger.exception("skill learned but not registered", extra={"fields": {
+                "event": "error", "job": job.id, "skill": job.skill, "kind": type(err).__name__}})
         self.metrics.acquisitions.labels("novel" if result.is_novel else "recognised").inc()
         self.metrics.jobs.labels(SUCCEEDED).inc()
         job.result = {"novel": result.is_novel, "expert_id": result.expert_id, "skill_id": result.skill_id,
@@ -237,9 +239,8 @@ def job_step(model: DyLoRAMoE, job: SkillJob, training: TrainingConfig, work: st
     spec = SkillSpec(job.skill, source=SkillSource(type="file", path="upload"), format=SkillFormat(chat=job.chat))
     learner = ContinualLearner(model, StreamSpec(name="serve", skills=[spec]), training, work)
     learner.memory = memory
-    try:
-        train_set = build_dataset(model.tokenizer, job.examples, max_length=training.max_length, chat=job.chat,
-                                  packing=training.packing)
+    try:  # the same format augmentation as `dylora train`
+        train_set = learner.train_dataset(job.examples, job.chat)
     except ValueError as err:  # the data pipeline's own messages: what is wrong with the examples, and the fix
         raise UploadNotLearnable(str(err)) from err
     return learner, StepData(spec, job.examples, [], train_set, None)

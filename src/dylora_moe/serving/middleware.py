@@ -1,7 +1,9 @@
-"""ASGI middleware: request body limits (413 before the body is read) and per-request metrics and logs."""
+"""ASGI middleware: request body limits (413 before the body is read), a deadline for sending the body (408),
+and per-request metrics and logs."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -47,6 +49,7 @@ class Observe:
                     self.metrics.error(error.code or error.type, error.status)
                     await _send_json(observed_send, error.status, error.body(), error.headers)
                     return
+            receive = self._deadline(receive, start + self.config.body_timeout)
             receive = await self._limited(scope, receive, limit, upload)
             if receive is None:
                 error = APIError(413, f"the request body is larger than this server's limit of {limit} bytes"
@@ -66,6 +69,27 @@ class Observe:
             logger.log(level, "request", extra={"fields": {
                 "event": "request", "method": scope["method"], "path": scope["path"], "endpoint": endpoint,
                 "status": status, "ms": round(seconds * 1000, 2)}})
+
+    def _deadline(self, receive, deadline: float):
+        """``receive`` that fails with 408 when the body is not complete by ``deadline`` (a client that declares
+        a length and sends less would otherwise hold a connection open for as long as it likes). Once the body
+        is in, messages pass through untouched: waiting for a disconnect has no deadline."""
+        body_done = False
+
+        async def timed():
+            nonlocal body_done
+            if body_done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.perf_counter(), 0.0))
+            except asyncio.TimeoutError:
+                raise APIError(408, f"the request body did not arrive within {self.config.body_timeout:g}s: send "
+                                    "the whole body at once (and a Content-Length that matches it)",
+                               code="request_timeout") from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        return timed
 
     @staticmethod
     async def _limited(scope, receive, limit: int, upload: bool):

@@ -16,9 +16,10 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import MANIFEST, recover
+from ..checkpoint import MANIFEST, holds_writer_lock, recover
 from ..model import DyLoRAMoE
 from ..store import SkillStore
+from ..store.reconcile import reconcile
 from ..training.progress import MEMORY, PROGRESS
 from ..training.rehearsal import RoutingMemory
 
@@ -61,6 +62,17 @@ class ServedSystem:
         self.version = 0
         self._model = self.load_model()
         self.memory = self.load_memory()
+        if self.store is not None and holds_writer_lock(self.files.system):
+            self.reconcile()
+
+    def reconcile(self) -> list[str]:
+        """Repair the store where it lags behind the folder (a process killed between a save and its store
+        write); only the folder's writer does this, so it never races a writer."""
+        changes = reconcile(self.store, self._model, self.files.system)
+        for line in changes:
+            logger.warning("store reconciled with the system folder: %s", line,
+                           extra={"fields": {"event": "store_reconciled", "change": line}})
+        return changes
 
     @property
     def model(self) -> DyLoRAMoE:

@@ -34,6 +34,10 @@ class TrainingConfig:
         strip_leading_blank_lines: drop the blank lines a training response starts with (``data/augment.py``).
         raw_copies: also train on every example without the chat template (the prompt as plain text), so the
             expert learns the skill and not one rendering of it.
+        instruction_views: also train on every completion-style example as a bare request (its prompt's
+            prose as a chat request, its prompt's code and response as the answer: ``data/augment.py``) and
+            store those requests' routing features, so the expert writes whole programs for requests phrased
+            in prose and the gate routes them to it.
         eval_batch_size: sequences per evaluation forward.
         report_to: Trainer loggers (tensorboard, wandb, mlflow when installed; "none" for none).
         precision: autocast of the training forwards: ``auto`` is bf16 on an accelerator that supports it and
@@ -60,6 +64,7 @@ class TrainingConfig:
     anchors_per_skill: int = field(default=16, metadata={"help": "anchor prompts from each earlier skill"})
     strip_leading_blank_lines: bool = field(default=True, metadata={"help": "drop responses' leading blank lines"})
     raw_copies: bool = field(default=False, metadata={"help": "also train without the chat template"})
+    instruction_views: bool = field(default=False, metadata={"help": "also train on prose requests of code prompts"})
     eval_batch_size: int = field(default=8, metadata={"help": "sequences per eval forward"})
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={"help": "Trainer loggers"})
     precision: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 | fp16 (training autocast)"})

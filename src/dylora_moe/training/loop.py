@@ -27,10 +27,11 @@ import torch
 import transformers
 from transformers import TrainingArguments
 
-from ..data.augment import normalise_example
+from ..data.augment import instruction_view, normalise_example
 from ..data.preprocess import build_dataset, render_prompt
 from ..data.sources import Example
 from ..data.stream import SkillSpec, StreamSpec, load_examples, split_examples
+from ..experts.pool import closest_pair, merge
 from ..model import DyLoRAMoE
 from ..novelty import NoveltyResult
 from ..routing.fit import fit_gate
@@ -108,6 +109,7 @@ class ContinualLearner:
         self.evaluate_ahead = evaluate_ahead
         self._ahead: dict[int, StepData] = {}  # data of steps not yet run, prepared for evaluate_ahead
         self.records: list[StepRecord] = []
+        self.merges: dict[int, int] = {}  # expert id -> the expert it was merged into (DyLoRAConfig.max_experts)
         self.before_skill = before_skill
         self.after_skill = after_skill
 
@@ -130,7 +132,16 @@ class ContinualLearner:
         if cfg.raw_copies and chat:
             raw = build_dataset(tok, train, max_length=cfg.max_length, chat=False, packing=cfg.packing)
             built = datasets.concatenate_datasets([built, raw])
+        if views := self.views(train):  # bare requests are chat turns, whatever the dataset's own format
+            built = datasets.concatenate_datasets(
+                [built, build_dataset(tok, views, max_length=cfg.max_length, chat=True, packing=cfg.packing)])
         return built
+
+    def views(self, examples: list[Example]) -> list[Example]:
+        """The examples as bare requests (``data/augment.instruction_view``), when the config asks for them."""
+        if not self.training.instruction_views:
+            return []
+        return [view for e in examples if (view := instruction_view(e)) is not None]
 
     def prompts(self, step: StepData, examples: list[Example]) -> list[str]:
         return [render_prompt(self.model.tokenizer, e.prompt, step.skill.format.chat) for e in examples]
@@ -170,8 +181,18 @@ class ContinualLearner:
 
     # ------------------------------------------------------------------ overridable by baselines
     def assign(self, i: int, data: StepData) -> NoveltyResult:
-        """Which expert step ``i`` trains: the novelty detector decides (spec 3.1.3)."""
-        return self.model.add_new_skill(data.train, name=data.skill.name)
+        """Which expert step ``i`` trains: the novelty detector decides (spec 3.1.3). A new expert that takes
+        the pool past ``max_experts`` first has the two closest established experts merged."""
+        result = self.model.add_new_skill(data.train, name=data.skill.name)
+        limit = self.model.config.max_experts
+        if result.is_novel and limit is not None and self.model.num_experts > limit:
+            pair = closest_pair(self.model, exclude={result.expert_id})
+            if pair is not None:
+                merged = merge(self.model, self.memory, pair[0], pair[1], fit_steps=self.training.router_fit_steps)
+                self.merges.update({pair[0]: merged, pair[1]: merged})
+                logger.info("pool full (%d experts): merged experts %d and %d (skills %.3f alike) into %d",
+                            limit, pair[0], pair[1], pair[2], merged)
+        return result
 
     def training_set(self, i: int, data: StepData) -> datasets.Dataset:
         """What step ``i`` trains on: the step's own data."""
@@ -188,6 +209,10 @@ class ContinualLearner:
         sample = data.train[: self.training.rehearsal_per_skill]
         prompts = self.prompts(data, sample)
         whole = [p + e.response for p, e in zip(prompts, sample, strict=True)]
+        views = self.views(sample)  # requests in prose route to the skill too, not only its dataset's layout
+        view_prompts = [render_prompt(self.model.tokenizer, v.prompt, True) for v in views]
+        prompts, whole = prompts + view_prompts, whole + [p + v.response for p, v in zip(view_prompts, views,
+                                                                                          strict=True)]
         router = self.model.config.router
         if router.granularity == "token":
             texts = whole

@@ -28,7 +28,8 @@ def save_progress(learner: ContinualLearner, path: str | Path) -> Path:
 
     def extra(folder: Path) -> None:
         state = {"stream": learner.stream.name, "skills": [s.name for s in learner.skills],
-                 "completed": len(learner.records), "records": [asdict(r) for r in learner.records]}
+                 "completed": len(learner.records), "records": [asdict(r) for r in learner.records],
+                 "merges": {str(k): v for k, v in learner.merges.items()}}
         save_file(learner.memory.tensors() or {}, str(folder / MEMORY))
         (folder / PROGRESS).write_text(json.dumps(state, indent=2, default=str), encoding="utf-8")
 
@@ -51,6 +52,7 @@ def restore_progress(learner: ContinualLearner, path: str | Path) -> int:
         raise ValueError(f"{path} holds progress of stream {state['stream']!r} with skills {state['skills']}, "
                          f"not of {learner.stream.name!r} with {names}: resume with the same stream file")
     learner.records = [record_from_dict(r) for r in state["records"]]
+    learner.merges = {int(k): v for k, v in state.get("merges", {}).items()}
     learner.memory.load_tensors(load_file(str(path / MEMORY)))
     learner.steps = [learner.prepare(skill) for skill in learner.skills[: state["completed"]]]
     return state["completed"]

@@ -33,6 +33,10 @@ class RoutingMemory:
             features = features[keep]
         self.skills[skill_id] = (expert_id, features)
 
+    def reassign(self, old_expert: int, new_expert: int) -> None:
+        """Rows stored for ``old_expert``'s skills now teach the gate ``new_expert`` (after a merge)."""
+        self.skills = {s: (new_expert if e == old_expert else e, f) for s, (e, f) in self.skills.items()}
+
     def drop_expert(self, expert_id: int) -> None:
         self.skills = {s: v for s, v in self.skills.items() if v[0] != expert_id}
 

@@ -1,0 +1,137 @@
+"""Training cost of one optimizer step as the pool grows, against a plain peft single-LoRA step in the same run.
+
+    python benchmarks/train_cost.py                                   # default model, batch 4 x 128 tokens
+    python benchmarks/train_cost.py --experts 1,8 --repeats 2 --out /tmp/tc.json   # a quick look
+
+For each pool size N, one expert trains while N-1 frozen experts (random weights, mature) sit in the pool:
+
+- ``new``: a new skill's expert (immature, so routing is dense; the seeding and the consolidation phase of a
+  new skill differ only in their learning rate), the gate training with it;
+- ``new-whole-pool``: the same with ``dense_top_m=None``, every frozen expert mixed in (the spec's dense
+  phase over the whole pool), to show what ``dense_top_m`` saves;
+- ``recognised``: a recognised skill's expert continuing at the consolidation rate (every expert mature,
+  top-1; the gate is random, so the samples of a batch go to different experts: the gathered path).
+
+A step is forward with labels, backward and an AdamW step, as the Trainer does; ``ratio`` is its median
+seconds / the single-LoRA step's (same batch, rank, targets). Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from peft import get_peft_model
+
+from dylora_moe import DyLoRAConfig, DyLoRAMoE, ExpertConfig, RouterConfig, load_backbone
+from forward_cost import grow_to, randomise
+from results import write_json
+
+MODES = ("new", "new-whole-pool", "recognised")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default", help="HF id, local path or 'default'")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--experts", default="1,4,8,16,32", help="comma-separated pool sizes")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per cell after one warm-up (median)")
+    p.add_argument("--rank", type=int, default=ExpertConfig.rank)
+    p.add_argument("--targets", default=ExpertConfig.target_modules, help="attention | mlp | all-linear")
+    p.add_argument("--dense-top-m", type=int, default=RouterConfig.dense_top_m)
+    p.add_argument("--out", default="results/train_cost.json")
+    return p.parse_args(argv)
+
+
+def step_seconds(step, repeats: int) -> float:
+    step()  # warm-up: optimizer state, stacked-weight caches
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def training_step(model, params, inputs):
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> None:
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def single_lora_step(args, lora_config, inputs) -> float:
+    backbone, _ = load_backbone(args.model, device="cpu")
+    peft_model = get_peft_model(backbone, lora_config, adapter_name="single").train()
+    params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
+    randomise(params)
+    return step_seconds(training_step(peft_model, params, inputs), args.repeats)
+
+
+def pool_step(model: DyLoRAMoE, mode: str, repeats: int, inputs) -> float:
+    trained = model.experts.expert_ids[-1]
+    for e in model.experts.expert_ids:
+        model.mark_mature(e, mode == "recognised" or e != trained)
+    model.router.dense_top_m = None if mode == "new-whole-pool" else model.config.router.dense_top_m
+    model.set_trainable([trained], router=mode != "recognised")
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        return step_seconds(training_step(model, params, inputs), repeats)
+    finally:
+        model.set_trainable([], router=False)
+        model.eval()
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    config = DyLoRAConfig(model=args.model, device="cpu",
+                          expert=ExpertConfig(rank=args.rank, target_modules=args.targets, dropout=0.0),
+                          router=RouterConfig(top_k=1, dense_top_m=args.dense_top_m))
+    model = DyLoRAMoE.from_config(config)
+    vocab = model.backbone.config.vocab_size
+    ids = torch.randint(100, vocab, (args.batch, args.seq_len))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        model.router.gate.weight.normal_(0, 1.0)  # a random gate spreads a batch over the experts
+
+    base_s = single_lora_step(args, model.experts.lora_config(args.rank), inputs)
+    print(f"single LoRA training step {args.batch}x{args.seq_len}: {base_s:.3f}s", flush=True)
+    rows = []
+    for n in [int(x) for x in args.experts.split(",")]:
+        grow_to(model, n)
+        with torch.no_grad():
+            model.router.gate.weight.normal_(0, 1.0)
+        for mode in MODES:
+            seconds = pool_step(model, mode, args.repeats, inputs)
+            rows.append({"experts": n, "mode": mode, "seconds": seconds, "ratio": seconds / base_s})
+            print(f"  N={n:<3d} {mode:<15s} {seconds:7.3f}s  ratio {seconds / base_s:5.2f}", flush=True)
+    result = {"model": args.model, "batch": args.batch, "seq_len": args.seq_len, "rank": args.rank,
+              "targets": args.targets, "dense_top_m": args.dense_top_m, "single_lora_step_s": base_s,
+              "threads": torch.get_num_threads(), "rows": rows}
+    print_table(result)
+    write_json(args.out, result)
+    return result
+
+
+def print_table(result: dict) -> None:
+    sizes = sorted({r["experts"] for r in result["rows"]})
+    cell = {(r["experts"], r["mode"]): r for r in result["rows"]}
+    print(f"\ntraining step {result['batch']}x{result['seq_len']}, ratio to a single LoRA step "
+          f"({result['single_lora_step_s']:.3f}s)")
+    print("| experts | " + " | ".join(MODES) + " |\n|---:|" + "---:|" * len(MODES))
+    for n in sizes:
+        print(f"| {n} | " + " | ".join(f"{cell[n, m]['ratio']:.2f}" for m in MODES) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Keeping the pool bounded: which experts are redundant or unused, and merging or pruning them.
+
+- ``closest_pair``: the two experts whose skills are most alike (cosine of their skills' mean library
+  embeddings): the merge candidates when the pool is full, or after a recognition was missed (two experts
+  learned one skill).
+- ``routing_shares``: the share of the routing memory's rows (every stored skill's prompts) that the gate
+  sends to each expert, top-1: an expert near zero serves nothing the system has seen.
+- ``merge``: two experts become one (``DyLoRAMoE.merge_experts``), their memory rows follow, the gate is
+  refitted on the whole memory.
+- ``prune``: an unused expert's skills and memory rows move to the expert its skills' prompts are routed to,
+  then it is deleted, and the gate is refitted.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..routing.fit import fit_gate
+from ..training.rehearsal import RoutingMemory
+
+
+def closest_pair(model, exclude: set[int] = frozenset()) -> tuple[int, int, float] | None:
+    """``(a, b, cosine)`` of the two experts (not in ``exclude``) whose skills are most alike; ``None`` when
+    fewer than two experts serve skills."""
+    by_expert: dict[int, list[torch.Tensor]] = {}
+    for skill in model.library.skills.values():
+        if skill.expert_id not in exclude and skill.expert_id in model.experts.expert_ids:
+            by_expert.setdefault(skill.expert_id, []).append(skill.embedding.float())
+    ids = sorted(by_expert)
+    if len(ids) < 2:
+        return None
+    centres = F.normalize(torch.stack([torch.stack(by_expert[e]).mean(0) for e in ids]), dim=-1)  # [X, H]
+    sims = centres @ centres.T
+    sims.fill_diagonal_(-2.0)
+    flat = int(sims.argmax())
+    i, j = divmod(flat, len(ids))
+    return min(ids[i], ids[j]), max(ids[i], ids[j]), float(sims[i, j])
+
+
+@torch.no_grad()
+def routing_shares(model, memory: RoutingMemory) -> dict[int, float]:
+    """Share of the memory's rows routed (top-1 of the gate) to each expert of the pool."""
+    ids = model.experts.expert_ids
+    batch = memory.batch(ids, model.device)
+    if batch is None:
+        return dict.fromkeys(ids, 0.0)
+    features, _ = batch
+    chosen = model.router.gate(features.to(model.router.gate.weight.dtype)).argmax(-1)  # [M]
+    counts = torch.bincount(chosen, minlength=len(ids)).tolist()
+    return {e: counts[c] / features.shape[0] for c, e in enumerate(ids)}
+
+
+def refit(model, memory: RoutingMemory, steps: int) -> None:
+    batch = memory.batch(model.experts.expert_ids, model.device)
+    if batch is not None and steps > 0:
+        fit_gate(model.router, *batch, steps=steps)
+
+
+def merge(model, memory: RoutingMemory, a: int, b: int, *, method: str = "cat", fit_steps: int = 200,
+          **kwargs) -> int:
+    """Merge experts ``a`` and ``b``; their memory rows follow and the gate is refitted. Returns the new id."""
+    merged = model.merge_experts(a, b, method=method, **kwargs)
+    memory.reassign(a, merged)
+    memory.reassign(b, merged)
+    refit(model, memory, fit_steps)
+    return merged
+
+
+@torch.no_grad()
+def prune(model, memory: RoutingMemory, below: float, *, fit_steps: int = 200) -> list[tuple[int, int | None]]:
+    """Delete every expert the gate sends less than ``below`` of the memory's rows to; each one's skills and
+    rows move to the expert its own skills' rows are routed to (``None`` when it has no rows: its skills go
+    with it). Returns ``(pruned, now serving its skills)`` pairs; the last expert is never pruned."""
+    shares = routing_shares(model, memory)
+    done = []
+    for expert_id in sorted(shares, key=shares.get):
+        if shares[expert_id] >= below or model.num_experts <= 1:
+            break
+        rows = [f for e, f in memory.skills.values() if e == expert_id and f.numel()]
+        into = None
+        if rows:
+            features = torch.cat(rows).to(model.device, model.router.gate.weight.dtype)
+            logits = model.router.gate(features)
+            logits[:, model.column(expert_id)] = float("-inf")
+            votes = torch.bincount(logits.argmax(-1), minlength=model.num_experts)
+            into = model.experts.expert_ids[int(votes.argmax())]
+            model.library.reassign(expert_id, into)
+            memory.reassign(expert_id, into)
+        else:
+            memory.drop_expert(expert_id)
+        model.delete_expert(expert_id)
+        done.append((expert_id, into))
+    if done:
+        refit(model, memory, fit_steps)
+    return done

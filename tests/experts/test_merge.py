@@ -1,0 +1,73 @@
+"""Merging two experts: peft's add_weighted_adapter, the gate column, the skills and the routing memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dylora_moe.events import EXPERTS_MERGED
+from dylora_moe.training.rehearsal import RoutingMemory
+from tests.conftest import batch, decide_by_cosine, randomise_experts
+from tests.experts.test_fused import grown, naive_logits
+
+
+def test_cat_merge_with_equal_weights_is_the_average_of_the_two_deltas():
+    model = grown(n_experts=3)
+    inputs = batch(bsz=2, t=8)
+    average = torch.zeros(2, 3)
+    average[:, 0] = average[:, 2] = 0.5
+    expected = naive_logits(model, inputs, average)
+    merged = model.merge_experts(0, 2)
+    assert model.experts.expert_ids == [1, merged] and model.experts.ranks[merged] == 8  # 4 + 4
+    with torch.no_grad(), model.force_expert(merged):
+        torch.testing.assert_close(model(**inputs).logits, expected, rtol=1e-4, atol=1e-5)
+    assert model.events.of(EXPERTS_MERGED)[-1]["merged_from"] == [0, 2]
+
+
+def test_svd_merge_keeps_the_rank_and_approximates_the_average_of_two_similar_experts():
+    model = grown(n_experts=2)
+    with torch.no_grad():  # expert 1 is expert 0 slightly moved: two experts of one skill
+        for a, b in zip(model.experts.parameters(0), model.experts.parameters(1), strict=True):
+            b.copy_(a + 0.1 * a.std() * torch.randn_like(a))
+    model.experts.touch()
+    inputs = batch(bsz=2, t=8)
+    expected = naive_logits(model, inputs, torch.full((2, 2), 0.5))
+    with torch.no_grad(), model.force_expert(None):
+        frozen = model(**inputs).logits
+    merged = model.merge_experts(0, 1, method="svd")
+    assert model.experts.ranks[merged] == 4
+    with torch.no_grad(), model.force_expert(merged):
+        got = model(**inputs).logits
+    # rank 4 cannot hold a rank-8 sum exactly, but for two similar experts it comes close
+    assert (got - expected).norm() < 0.1 * (frozen - expected).norm()
+
+
+def test_merge_moves_skills_memory_and_maturity_to_the_new_expert():
+    model = grown(n_experts=0, top_k=1)
+    decide_by_cosine(model, 1.0)
+    first = model.add_new_skill(["abc def", "ghi jkl"], name="letters")
+    second = model.add_new_skill(["abd deg", "ghk jkm"], name="letters-again")
+    third = model.add_new_skill(["0123 4567", "89 01"], name="digits")
+    randomise_experts(model)
+    for e in model.experts.expert_ids:
+        model.mark_mature(e)
+    memory = RoutingMemory()
+    for r in (first, second, third):
+        memory.add(r.skill_id, r.expert_id, torch.randn(4, model.backbone.config.hidden_size))
+    merged = model.merge_experts(first.expert_id, second.expert_id)
+    memory.reassign(first.expert_id, merged)
+    memory.reassign(second.expert_id, merged)
+    assert {s.name: s.expert_id for s in model.library.skills.values()} == \
+        {"letters": merged, "letters-again": merged, "digits": third.expert_id}
+    assert {e for e, _ in memory.skills.values()} == {merged, third.expert_id}
+    assert model.router.strategy == "sparse" and model.router.num_experts == 2
+    _, columns = memory.batch(model.experts.expert_ids)
+    assert sorted(set(columns.tolist())) == [0, 1]
+
+
+def test_merge_refuses_unknown_or_identical_experts():
+    model = grown(n_experts=2)
+    with pytest.raises(KeyError):
+        model.merge_experts(0, 9)
+    with pytest.raises(ValueError, match="itself"):
+        model.merge_experts(1, 1)
