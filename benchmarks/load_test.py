@@ -4,6 +4,7 @@ upload trains in the background.
     python benchmarks/load_test.py                                  # 16 clients x 60 s per phase, default model
     python benchmarks/load_test.py --duration 5 --clients 4         # a quick check
     python benchmarks/load_test.py --system runs/demo               # serve a `dylora train` output instead
+    python benchmarks/load_test.py --ray                            # dylora serve vs Ray Serve (ray_load.py)
 
 The server runs in this process (uvicorn in a thread on 127.0.0.1, a free port) and stops by itself; no
 traffic leaves the machine. Without --system, a fresh system on the default model (SmolLM2-135M-Instruct)
@@ -64,8 +65,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed-steps", type=int, default=2)
     p.add_argument("--consolidation-steps", type=int, default=4)
     p.add_argument("--job-timeout", type=float, default=600.0, help="seconds to wait for a skill job")
-    p.add_argument("--out", default="results/load_test.json")
-    return p.parse_args(argv)
+    p.add_argument("--out", default=None, help="JSON result (default results/load_test.json, with --ray "
+                                               "results/load_test_ray.json)")
+    p.add_argument("--ray", action="store_true",
+                   help="the same load against dylora serve and then Ray Serve (benchmarks/ray_load.py)")
+    p.add_argument("--replicas", type=int, default=2, help="with --ray: generation replicas")
+    p.add_argument("--experts-per-replica", type=int, default=2, help="with --ray: experts a replica keeps loaded")
+    args = p.parse_args(argv)
+    args.out = args.out or ("results/load_test_ray.json" if args.ray else "results/load_test.json")
+    return args
 
 
 def shortest(examples: list[Example], n: int = 32) -> list[dict]:
@@ -138,6 +146,10 @@ def line(result: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_libraries()
+    if args.ray:
+        from ray_load import compare
+
+        return compare(args)
     key = secrets.token_hex(16)
     training = TrainingConfig(seed_steps=args.seed_steps, consolidation_steps=args.consolidation_steps,
                               batch_size=2, max_length=256, router_fit_steps=100, report_to=["none"])

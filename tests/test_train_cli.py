@@ -78,6 +78,31 @@ def test_registry_commands(run, tmp_path, capsys):
     assert "no expert with id 9" in capsys.readouterr().err
 
 
+def exported_base(run, tmp_path, model: str) -> str:
+    """``base_model_name_or_path`` of expert 1 exported from a copy of the run whose system names ``model``."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run / "out", copy)
+    manifest = copy / "system" / "dylora.json"
+    data = json.loads(manifest.read_text())
+    data["config"]["model"] = model
+    manifest.write_text(json.dumps(data))
+    store = SkillStore(copy / "store.db")
+    store.register_expert(1, skill_id=store.expert(1).skill_id, lora_config=store.expert(1).lora_config,
+                          storage_path=str(copy / "system" / "experts" / "expert_1"), rank=store.expert(1).rank)
+    assert main(["experts", "export", str(copy), "1", str(tmp_path / "exported")]) == 0
+    return json.loads((tmp_path / "exported" / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def test_export_names_the_backbone_as_other_machines_load_it(run, tmp_path):
+    saved = json.loads((run / "out" / "system" / "experts" / "expert_1" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(run / "model")  # what peft recorded: the folder it loaded
+    assert exported_base(run, tmp_path / "a", "default") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert exported_base(run, tmp_path / "b", "SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert exported_base(run, tmp_path / "c", "org/some-model") == "org/some-model"
+
+
 def test_delete_expert_keeps_the_rest(run, tmp_path):
     import shutil
 

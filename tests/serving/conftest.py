@@ -12,7 +12,8 @@ from fastapi.testclient import TestClient
 from dylora_moe import DyLoRAConfig, DyLoRAMoE, ExpertConfig, NoveltyConfig
 from dylora_moe.serving import ServerConfig, create_app
 from dylora_moe.training.config import TrainingConfig
-from tests.conftest import char_tokenizer, tiny_llama
+from dylora_moe.training.progress import MEMORY
+from tests.conftest import char_tokenizer, randomise_experts, tiny_llama
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -68,6 +69,21 @@ def learned_run(root: Path) -> Path:
     with TestClient(create_app(run, server_config())) as client:
         job = wait(client, upload(client, "digits", digits())["id"])
         assert job["status"] == "succeeded", job
+    return run
+
+
+def two_skill_run(root: Path) -> Path:
+    """A run folder whose system learned digits (expert 0) and letters (expert 1) through the server, its
+    experts' weights then randomised so that each one changes the greedy output visibly."""
+    run = learned_run(root)
+    with TestClient(create_app(run, server_config())) as client:
+        job = wait(client, upload(client, "letters", letters())["id"])
+        assert job["status"] == "succeeded" and job["result"]["expert_id"] == 1, job
+    system = run / "system"
+    model = DyLoRAMoE.from_pretrained(system)
+    randomise_experts(model, seed=1)
+    memory = (system / MEMORY).read_bytes()
+    model.save_pretrained(system, extra=lambda folder: (folder / MEMORY).write_bytes(memory))
     return run
 
 

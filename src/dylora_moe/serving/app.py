@@ -36,15 +36,19 @@ from .uploads import read_upload
 ROUTING_HEADER = "X-DyLoRA-Routing"
 
 
-def create_app(system: ServedSystem | str | Path, config: ServerConfig | None = None) -> FastAPI:
+def create_app(system: ServedSystem | str | Path, config: ServerConfig | None = None, *, engine=None, jobs=None,
+               metrics: Metrics | None = None) -> FastAPI:
     """An app serving ``system`` (a ServedSystem, or a run/system folder to load). The generation worker and
-    the skill-job worker start now and stop with the app's lifespan."""
+    the skill-job worker start now and stop with the app's lifespan. A deployment that generates and learns
+    elsewhere (``ray_app.py``) passes its own ``engine`` (``submit(request) -> Future``), ``jobs`` (a
+    ``JobManager``'s ``submit``, ``get``, ``jobs``, ``close``) and ``metrics``, and for ``system`` anything with
+    the ``model`` and ``version`` the registry endpoints read."""
     config = config or ServerConfig()
-    system = system if isinstance(system, ServedSystem) else ServedSystem(system)
-    metrics = Metrics()
+    system = ServedSystem(system) if isinstance(system, str | Path) else system
+    metrics = metrics or Metrics()
     metrics.observe_system(system.model)
-    engine = Engine(system, config, metrics)
-    jobs = JobManager(system, config, metrics)
+    engine = engine or Engine(system, config, metrics)
+    jobs = jobs or JobManager(system, config, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

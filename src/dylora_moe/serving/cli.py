@@ -3,6 +3,7 @@
     dylora serve runs/demo                                   # http://127.0.0.1:8000, mutations refused
     DYLORA_API_KEY=secret dylora serve runs/demo --port 9000 # POST /skills with `Authorization: Bearer secret`
     dylora serve runs/demo --host 0.0.0.0                    # listen beyond this machine (containers)
+    dylora serve runs/demo --ray --replicas 2 --experts-per-replica 2   # on Ray Serve (see ray_app.py)
 """
 
 from __future__ import annotations
@@ -41,6 +42,19 @@ def add_parser(sub) -> None:
     p.add_argument("--consolidation-steps", type=int, default=16, help="consolidation steps of an uploaded skill")
     p.add_argument("--train-batch-size", type=int, default=4, help="sequences per training step")
     p.add_argument("--train-max-length", type=int, default=256, help="tokens per training sequence")
+    ray = p.add_argument_group("Ray Serve (with --ray)")
+    ray.add_argument("--ray", action="store_true", help="serve on Ray Serve: an ingress and generation replicas")
+    ray.add_argument("--replicas", type=int, default=None, help="generation replicas (default 2)")
+    ray.add_argument("--experts-per-replica", type=int, default=None,
+                     help="experts a replica keeps loaded, least recently used evicted first (default 2)")
+    ray.add_argument("--address", default=None, help="Ray cluster to join (auto, ray://host:10001); default: "
+                                                     "start a local one")
+    ray.add_argument("--min-replicas", type=int, default=None, help="autoscaling: fewest replicas (default 1)")
+    ray.add_argument("--max-replicas", type=int, default=None, help="autoscaling: most replicas (turns it on)")
+    ray.add_argument("--target-ongoing-requests", type=float, default=None,
+                     help="autoscaling: requests in flight per replica before another is added (default 2)")
+    ray.add_argument("--replica-cpus", type=float, default=None, help="CPUs per generation replica (default 1)")
+    ray.add_argument("--replica-gpus", type=float, default=None, help="GPUs per generation replica (default 0)")
 
 
 def server_config(args: argparse.Namespace):
@@ -57,6 +71,23 @@ def server_config(args: argparse.Namespace):
                         training=training)
 
 
+RAY_OPTIONS = {"replicas": "replicas", "experts_per_replica": "experts_per_replica", "address": "address",
+               "min_replicas": "min_replicas", "max_replicas": "max_replicas",
+               "target_ongoing_requests": "target_ongoing_requests", "replica_cpus": "replica_cpus",
+               "replica_gpus": "replica_gpus"}
+
+
+def ray_config(args: argparse.Namespace):
+    """The Ray options given on the command line; they mean nothing without ``--ray``."""
+    given = {field: getattr(args, flag) for flag, field in RAY_OPTIONS.items() if getattr(args, flag) is not None}
+    if given and not args.ray:
+        flags = ", ".join("--" + f.replace("_", "-") for f in given)
+        raise ValueError(f"{flags} only apply to a Ray deployment: add --ray")
+    from .ray_config import RayServeConfig
+
+    return RayServeConfig(**given)
+
+
 def serve(args: argparse.Namespace) -> int:
     from ..checkpoint import writer_lock
     from . import logs
@@ -65,6 +96,16 @@ def serve(args: argparse.Namespace) -> int:
     logs.configure(logging.DEBUG if args.verbose else logging.INFO)
     config = server_config(args)
     overrides = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None}
+    layout = ray_config(args)
+    if args.ray:  # the skill-job actor takes the writer lock itself, in its own process
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise ValueError("--ray needs Ray Serve: pip install 'dylora-moe[ray]' (or 'ray[serve]')")
+        from .ray_app import run as run_on_ray
+
+        SystemFiles.locate(args.dir)
+        return run_on_ray(args.dir, config, layout, host=args.host, port=args.port, overrides=overrides)
     # with uploads on, this server writes the system folder: no other writer may (a second server, a
     # training run, `dylora experts delete`); without a key it only reads
     writing = writer_lock(SystemFiles.locate(args.dir).system, who="dylora serve") if config.api_key else \
