@@ -133,7 +133,7 @@ def test_an_error_during_a_stream_is_reported_and_counted(client, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("broken")
 
-    monkeypatch.setattr("dylora_moe.serving.engine.generation_config", broken)  # fails after the routing is sent
+    monkeypatch.setattr("dylora_moe.serving.continuous.choose", broken)  # fails after the routing is sent
     before = metric_values(client)
     r = client.post("/v1/completions", json={"model": MODEL, "prompt": "8+8=", "max_tokens": 2, "stream": True})
     events = [line.removeprefix("data: ") for line in r.text.split("\n\n") if line.strip()]

@@ -11,7 +11,8 @@ from fastapi.testclient import TestClient
 from dylora_moe.data.sources import Example
 from dylora_moe.serving import ServedSystem, create_app
 from dylora_moe.serving.config import ServerConfig
-from dylora_moe.serving.engine import Engine, GenerationRequest, safe_prefix
+from dylora_moe.serving.decoding import safe_prefix
+from dylora_moe.serving.engine import Engine, GenerationRequest
 from dylora_moe.serving.errors import APIError
 from dylora_moe.serving.jobs import JobManager
 from dylora_moe.serving.metrics import Metrics
@@ -109,7 +110,7 @@ def test_job_manager_refuses_when_too_many_jobs_wait(two_experts):
 
 
 def test_decoding_guard_is_off_by_default_and_applied_when_configured():
-    from dylora_moe.serving.engine import generation_config
+    from dylora_moe.serving.static import generation_config
     from tests.conftest import build
 
     model, request = build(), GenerationRequest("1+1=", max_tokens=4)

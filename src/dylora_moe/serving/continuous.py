@@ -86,6 +86,8 @@ class RunningBatch:
     # ------------------------------------------------------------------ joining
     @torch.no_grad()
     def join(self, requests: list[GenerationRequest]) -> None:
+        if not requests:
+            return
         model, tok = self.model, self.model.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         input_ids, mask = left_pad([r.prompt_ids for r in requests], pad if pad is not None else 0)
