@@ -84,10 +84,14 @@ class RunningBatch:
         return len(self.rows)
 
     # ------------------------------------------------------------------ joining
-    @torch.no_grad()
     def join(self, requests: list[GenerationRequest]) -> None:
-        if not requests:
-            return
+        """Prefill ``requests`` in groups of similar prompt lengths (so padding wastes little of the pass) and
+        splice each group into the batch."""
+        for group in prefill_groups(requests):
+            self._join(group)
+
+    @torch.no_grad()
+    def _join(self, requests: list[GenerationRequest]) -> None:
         model, tok = self.model, self.model.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         input_ids, mask = left_pad([r.prompt_ids for r in requests], pad if pad is not None else 0)
@@ -251,6 +255,20 @@ class RunningBatch:
                 row.request.future.set_exception(err)
         self.rows, self.pending = [], {}
         self.cache = self.mask = self.positions = self.next = self.routing = None
+
+
+def prefill_groups(requests: list[GenerationRequest], slack: float = 1.25) -> list[list[GenerationRequest]]:
+    """Requests sorted by prompt length, cut into groups whose left-padded pass (count x longest prompt) has at
+    most ``slack`` times the tokens of the prompts themselves."""
+    groups: list[list[GenerationRequest]] = []
+    for r in sorted(requests, key=lambda r: len(r.prompt_ids)):
+        group = groups[-1] if groups else None
+        n = len(r.prompt_ids)
+        if group is not None and n * (len(group) + 1) <= slack * (n + sum(len(q.prompt_ids) for q in group)):
+            group.append(r)
+        else:
+            groups.append([r])
+    return groups
 
 
 def left(x: Tensor, width: int, dim: int) -> Tensor:
