@@ -24,7 +24,8 @@ class Metrics:
         self.tokens_per_second = Histogram("dylora_generation_tokens_per_second",
                                            "completion tokens per second of generation, per request",
                                            buckets=RATE_BUCKETS, registry=r)
-        self.batch_size = Histogram("dylora_batch_size", "requests generated together",
+        self.batch_size = Histogram("dylora_batch_size", "sequences generated together (per decode step when "
+                                    "batching continuously, per batch when static)",
                                     buckets=(1, 2, 4, 8, 16, 32), registry=r)
         self.queue_depth = Gauge("dylora_queue_depth", "generation requests waiting", registry=r)
         self.experts = Gauge("dylora_experts", "experts in the served system", registry=r)
