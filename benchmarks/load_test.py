@@ -16,7 +16,8 @@ Phase 1 only serves; phase 2 starts with `POST /skills` (the 32 shortest Verilog
 and serves while the job trains. Modes alternate in order between repeats (continuous first on even repeats).
 Per phase: completion tokens per second (all tokens of all requests over the phase's wall time), requests,
 p50/p99 latency of whole requests (a streamed one until its last event), p50 time to first token of streamed
-requests, errors (any status but 200, or a stream without [DONE]). The summary gives per mode and phase the
+requests, errors (any status but 200, or a stream without [DONE]), and what the server counted (its
+worker's seconds in prefill and decode, prompt and generated tokens). The summary gives per mode and phase the
 median over repeats, and the continuous/static ratios per repeat with their median, min and max. JSON goes
 to results/load_test.json.
 """
@@ -221,6 +222,29 @@ def phase(url: str, clients: int, duration: float, max_tokens: list[int]) -> dic
             "ends": [r[0] for r in records]}
 
 
+def counters(url: str) -> dict[str, float]:
+    """The server's worker time by stage and its token counters (from /metrics)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name == "dylora_generation_seconds_total":
+                out[f"{sample.labels['stage']}_s"] = sample.value
+            elif sample.name in ("dylora_prompt_tokens_total", "dylora_generated_tokens_total"):
+                out[sample.name.removeprefix("dylora_").removesuffix("_total")] = sample.value
+    return out
+
+
+def measured(url: str, clients: int, duration: float, max_tokens: list[int]) -> dict:
+    """``phase`` plus what the server counted meanwhile: worker seconds by stage, prompt and generated tokens."""
+    before = counters(url)
+    result = phase(url, clients, duration, max_tokens)
+    after = counters(url)
+    result["server"] = {k: round(after[k] - before.get(k, 0.0), 2) for k in sorted(after)}
+    return result
+
+
 def line(result: dict) -> str:
     return (f"tokens/s={result['tokens_per_second']:.1f} requests={result['requests']} errors={result['errors']} "
             f"p50_ms={result['p50_ms']:.0f} p99_ms={result['p99_ms']:.0f}")
@@ -232,10 +256,10 @@ def run_mode(base: Path, mode: str, args: argparse.Namespace, key: str, tmp: Pat
     shutil.copytree(base, folder)
     with served(folder, mode, args, key, tmp / f"{tag}.log") as url, \
             httpx.Client(base_url=url, timeout=60.0, headers={"Authorization": f"Bearer {key}"}) as http:
-        serving = phase(url, args.clients, args.duration, args.max_tokens)
+        serving = measured(url, args.clients, args.duration, args.max_tokens)
         print(f"{tag} serving: {line(serving)}", flush=True)
         job = upload(http, "verilog", shortest(verilogeval()))
-        with_upload = phase(url, args.clients, args.duration, args.max_tokens)
+        with_upload = measured(url, args.clients, args.duration, args.max_tokens)
         job = wait_job(http, job["id"], args.job_timeout)
         finished = job["finished"] or time.time()
         during = sum(job["started"] is not None and job["started"] <= t <= finished for t in with_upload["ends"])

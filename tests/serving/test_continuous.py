@@ -156,3 +156,14 @@ def test_streamed_deltas_add_up_to_each_choice():
     for index, choice in enumerate(gen.choices):
         assert "".join(text for kind, (i, text) in events[1:] if i == index) == choice.text
     assert torch.is_tensor(batch.mask) is False  # an empty batch holds no cache
+
+
+def test_the_worker_time_is_counted_by_stage():
+    model, metrics = system("dense"), Metrics()
+    batch = RunningBatch(model, ServerConfig(), metrics)
+    batch.join([request(model, "hello world", 4)])
+    while batch.size:
+        batch.step()
+    seconds = {s.labels["stage"]: s.value for m in metrics.worker_seconds.collect() for s in m.samples
+               if s.name.endswith("_total")}
+    assert seconds["prefill"] > 0 and seconds["decode"] > 0

@@ -87,8 +87,10 @@ class RunningBatch:
     def join(self, requests: list[GenerationRequest]) -> None:
         """Prefill ``requests`` in groups of similar prompt lengths (so padding wastes little of the pass) and
         splice each group into the batch."""
+        start = time.perf_counter()
         for group in prefill_groups(requests):
             self._join(group)
+        self.metrics.worker_seconds.labels("prefill").inc(time.perf_counter() - start)
 
     @torch.no_grad()
     def _join(self, requests: list[GenerationRequest]) -> None:
@@ -147,7 +149,7 @@ class RunningBatch:
     def step(self) -> None:
         """One new token for every row; rows that finish leave, and their requests are answered when all their
         choices have."""
-        model = self.model
+        model, start = self.model, time.perf_counter()
         self.mask = F.pad(self.mask, (0, 1), value=1)  # [B, W + 1]
         with self._routed():
             logits = model.backbone(input_ids=self.next[:, None], attention_mask=self.mask,
@@ -160,6 +162,7 @@ class RunningBatch:
         tokens = choose(logits, [row.request for row in self.rows], self._histories(self.rows), self.processors)
         self._advance(self.rows, tokens, offset=0)
         self._leave()
+        self.metrics.worker_seconds.labels("decode").inc(time.perf_counter() - start)
 
     @contextlib.contextmanager
     def _routed(self) -> Iterator[None]:

@@ -73,6 +73,7 @@ def generate_static(model: DyLoRAMoE, group: list[GenerationRequest], config: Se
                                       stopping_criteria=StoppingCriteriaList([stop]), streamer=streamer)
     announce()
     seconds = time.perf_counter() - start
+    metrics.worker_seconds.labels("generate").inc(seconds)
     metrics.batch_size.observe(len(rows))
     eos = eos_ids(model)
     choices: dict[int, list] = {id(r): [] for r in group}
