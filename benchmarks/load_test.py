@@ -1,28 +1,39 @@
-"""Load test of `dylora serve` on loopback: concurrent clients for a fixed time, then the same while a skill
-upload trains in the background.
+"""Load test of `dylora serve`, continuous against static batching in one run: 16 clients (half streaming),
+mixed prompt and output lengths, each batching mode serving alone and while a skill upload trains.
 
-    python benchmarks/load_test.py                                  # 16 clients x 60 s per phase, default model
-    python benchmarks/load_test.py --duration 5 --clients 4         # a quick check
-    python benchmarks/load_test.py --system runs/demo               # serve a `dylora train` output instead
+    python benchmarks/load_test.py                                  # 16 clients, 3 repeats x 2 modes x 2 phases of 40 s
+    python benchmarks/load_test.py --duration 5 --repeats 1         # a quick check
+    python benchmarks/load_test.py --system runs/demo/system        # serve a copy of a saved system instead
     python benchmarks/load_test.py --ray                            # dylora serve vs Ray Serve (ray_load.py)
 
-The server runs in this process (uvicorn in a thread on 127.0.0.1, a free port) and stops by itself; no
-traffic leaves the machine. Without --system, a fresh system on the default model (SmolLM2-135M-Instruct)
-in a temporary folder first learns one skill through `POST /skills` (the 32 shortest HumanEval problems;
-not timed), so requests are routed to a real expert. Each client is a thread that sends completions and
-chat completions (alternately, prompts of both skills, greedy, --max-tokens new tokens) until the phase's
-time is up; every request started is awaited. Phase 1 only serves; phase 2 starts with `POST /skills`
-(the 32 shortest VerilogEval problems, a new skill) and serves while the job trains, then waits for the
-job (--job-timeout) and checks where a Verilog prompt is routed. Uploaded skills train with the small
-sizes below (--seed-steps, --consolidation-steps; batch 2, 256 tokens). Prints per phase
-`requests=N errors=E p50_ms=... p99_ms=...` and writes JSON (results/load_test.json).
+The server is `dylora serve` as users run it, a process of its own on 127.0.0.1 (a free port), started for each
+(repeat, mode) on a fresh copy of the system folder and stopped afterwards; the clients are threads of this
+process. No traffic leaves the machine. Without --system, a fresh system on the default model
+(SmolLM2-135M-Instruct) in a temporary folder first learns one skill through `POST /skills` (the 32 shortest
+HumanEval problems; not timed), so requests are routed to a real expert. Each client sends requests until the
+phase's time is up and every request started is awaited: client i streams when i is odd, alternates
+completions and chat, and cycles through prompts of 6 to about 200 tokens and --max-tokens values (greedy).
+Phase 1 only serves; phase 2 starts with `POST /skills` (the 32 shortest VerilogEval problems, a new skill)
+and serves while the job trains. Modes alternate in order between repeats (continuous first on even repeats).
+Per phase: completion tokens per second (all tokens of all requests over the phase's wall time), requests,
+p50/p99 latency of whole requests (a streamed one until its last event), p50 time to first token of streamed
+requests, errors (any status but 200, or a stream without [DONE]), and what the server counted (its
+worker's seconds in prefill and decode, prompt and generated tokens). The summary gives per mode and phase the
+median over repeats, and the continuous/static ratios per repeat with their median, min and max. JSON goes
+to results/load_test.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
+import json
+import os
 import secrets
+import shutil
+import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -40,28 +51,33 @@ sys.path.insert(0, str(ROOT))
 from dylora_moe import DyLoRAConfig, DyLoRAMoE  # noqa: E402
 from dylora_moe.cli import quiet_libraries  # noqa: E402
 from dylora_moe.data.sources import Example, humaneval, verilogeval  # noqa: E402
-from dylora_moe.serving import BackgroundServer, ServerConfig, create_app  # noqa: E402
-from dylora_moe.training.config import TrainingConfig  # noqa: E402
 
 MODEL = "dylora-moe"
-PROMPTS = (
-    "def reverse_words(sentence: str) -> str:\n    \"\"\"Reverse the order of words in a sentence.\"\"\"\n",
-    "Write a Verilog module that implements a 2-to-1 multiplexer.",
+_DOC = ('    """Return a list of the words of sentence in reverse order, keeping punctuation attached to the word it '
+        'follows.\n    Words are separated by single spaces; an empty sentence gives an empty list.\n    >>> '
+        'reverse_words("hello world")\n    [\'world\', \'hello\']\n    """\n')
+PROMPTS = (  # about 6 to 200 tokens
     "def is_prime(n: int) -> bool:\n",
     "module and_gate(input a, input b, output y);",
     "Write a Python function that returns the largest element of a list.",
-    "Implement a 4-bit synchronous counter in Verilog with an active-high reset.",
+    "Implement a 4-bit synchronous counter in Verilog with an active-high reset and an enable input. The counter "
+    "wraps around to zero after fifteen and holds its value while enable is low.",
+    "def reverse_words(sentence: str) -> list[str]:\n" + _DOC * 3,
+    "Write a Verilog module that implements a 2-to-1 multiplexer. " * 8,
 )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--system", type=Path, default=None,
-                   help="a `dylora train` output or saved system folder (default: a fresh default-model system)")
+                   help="a saved system folder to serve copies of (default: a fresh default-model system)")
     p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--duration", type=float, default=60.0, help="seconds per phase")
-    p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--max-batch", type=int, default=8, help="requests the server generates together")
+    p.add_argument("--duration", type=float, default=40.0, help="seconds per phase")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each mode")
+    p.add_argument("--max-tokens", type=int, nargs="+", default=[8, 16, 32, 64],
+                   help="output lengths the requests cycle through")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences the server generates together (both modes)")
+    p.add_argument("--modes", nargs="+", default=["continuous", "static"], choices=["continuous", "static"])
     p.add_argument("--seed-steps", type=int, default=2)
     p.add_argument("--consolidation-steps", type=int, default=4)
     p.add_argument("--job-timeout", type=float, default=600.0, help="seconds to wait for a skill job")
@@ -76,71 +92,227 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+# ---------------------------------------------------------------------- the server process
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(folder: Path, mode: str, args: argparse.Namespace, key: str, log: Path):
+    """`dylora serve folder` in its own process; yields its URL once /health answers."""
+    port = free_port()
+    dylora = Path(sys.executable).with_name("dylora")
+    cmd = [str(dylora)] if dylora.exists() else [sys.executable, "-m", "dylora_moe.cli"]
+    cmd += ["serve", str(folder), "--port", str(port), "--batching", mode, "--max-batch", str(args.max_batch),
+            "--max-tokens-cap", str(max(args.max_tokens)), "--seed-steps", str(args.seed_steps),
+            "--consolidation-steps", str(args.consolidation_steps), "--train-batch-size", "2"]
+    env = {**os.environ, "DYLORA_API_KEY": key, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start; its log:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def shortest(examples: list[Example], n: int = 32) -> list[dict]:
     ranked = sorted(examples, key=lambda e: len(e.prompt) + len(e.response))[:n]
     return [{"prompt": e.prompt, "response": e.response} for e in ranked]
 
 
-def wait_job(client: httpx.Client, job_id: str, timeout: float) -> dict:
+def upload(http: httpx.Client, name: str, examples: list[dict]) -> dict:
+    r = http.post("/skills", json={"name": name, "examples": examples})
+    r.raise_for_status()
+    return r.json()
+
+
+def wait_job(http: httpx.Client, job_id: str, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
     while True:
-        job = client.get(f"/jobs/{job_id}").json()
+        job = http.get(f"/jobs/{job_id}").json()
         if job["status"] in ("succeeded", "failed") or time.monotonic() > deadline:
             return job
         time.sleep(0.5)
 
 
-def upload(client: httpx.Client, key: str, name: str, examples: list[dict]) -> dict:
-    r = client.post("/skills", json={"name": name, "examples": examples},
-                    headers={"Authorization": f"Bearer {key}"})
-    r.raise_for_status()
-    return r.json()
+# ---------------------------------------------------------------------- clients
+def request_body(i: int, client: int, max_tokens: list[int]) -> tuple[str, dict]:
+    prompt = PROMPTS[(i + client) % len(PROMPTS)]
+    body = {"model": MODEL, "max_tokens": max_tokens[(i // len(PROMPTS) + client) % len(max_tokens)]}
+    if client % 2:
+        body.update(stream=True, stream_options={"include_usage": True})
+    if (i + client // 2) % 2:
+        return "/v1/chat/completions", {**body, "messages": [{"role": "user", "content": prompt}]}
+    return "/v1/completions", {**body, "prompt": prompt}
 
 
-def request_body(i: int, max_tokens: int) -> tuple[str, dict]:
-    prompt = PROMPTS[i % len(PROMPTS)]
-    if i % 2:
-        return "/v1/chat/completions", {"model": MODEL, "max_tokens": max_tokens,
-                                        "messages": [{"role": "user", "content": prompt}]}
-    return "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens}
+def send(http: httpx.Client, path: str, body: dict) -> tuple[int, int, float | None]:
+    """(status, completion tokens, seconds to the first token of a stream); status 0: no complete answer."""
+    start = time.perf_counter()
+    if not body.get("stream"):
+        r = http.post(path, json=body)
+        return r.status_code, r.json()["usage"]["completion_tokens"] if r.status_code == 200 else 0, None
+    first, tokens, done = None, 0, False
+    with http.stream("POST", path, json=body) as r:
+        if r.status_code != 200:
+            r.read()
+            return r.status_code, 0, None
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line.removeprefix("data: ")
+            if data == "[DONE]":
+                done = True
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                return 500, 0, None
+            if first is None and any((c.get("delta") or {}).get("content") or c.get("text")
+                                     for c in chunk["choices"]):
+                first = time.perf_counter() - start
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return (200 if done else 0), tokens, first
 
 
-def phase(url: str, clients: int, duration: float, max_tokens: int) -> dict:
-    """``clients`` threads send requests until ``duration`` seconds have passed; returns latencies and errors."""
-    records: list[tuple[float, float, int]] = []  # (end time, ms, status; 0 = no response)
+def phase(url: str, clients: int, duration: float, max_tokens: list[int]) -> dict:
+    """``clients`` threads send requests until ``duration`` seconds have passed, each awaiting its answers."""
+    records: list[tuple[float, float, int, int, float | None]] = []  # (end, ms, status, tokens, first token s)
     lock = threading.Lock()
-    counter = itertools.count()
     deadline = time.monotonic() + duration
 
-    def client_loop() -> None:
-        with httpx.Client(base_url=url, timeout=300.0) as http:
-            while time.monotonic() < deadline:
-                path, body = request_body(next(counter), max_tokens)
+    def client_loop(client: int) -> None:
+        with httpx.Client(base_url=url, timeout=600.0) as http:
+            for i in itertools.count():
+                if time.monotonic() >= deadline:
+                    break
+                path, body = request_body(i, client, max_tokens)
                 start = time.perf_counter()
                 try:
-                    status = http.post(path, json=body).status_code
-                except httpx.HTTPError:
-                    status = 0
+                    status, tokens, first = send(http, path, body)
+                except (httpx.HTTPError, ValueError, KeyError):
+                    status, tokens, first = 0, 0, None
                 with lock:
-                    records.append((time.time(), (time.perf_counter() - start) * 1000, status))
+                    records.append((time.time(), (time.perf_counter() - start) * 1000, status, tokens, first))
 
-    started = time.time()
-    threads = [threading.Thread(target=client_loop) for _ in range(clients)]
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    seconds = time.perf_counter() - started
     ms = np.array([r[1] for r in records])
-    errors = sum(r[2] != 200 for r in records)
-    seconds = time.time() - started
-    return {"requests": len(records), "errors": int(errors), "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "seconds": round(seconds, 2),
-            "requests_per_second": round(len(records) / seconds, 3), "ends": [r[0] for r in records]}
+    firsts = [r[4] * 1000 for r in records if r[4] is not None]
+    tokens = sum(r[3] for r in records)
+    return {"requests": len(records), "errors": int(sum(r[2] != 200 for r in records)),
+            "completion_tokens": tokens, "seconds": round(seconds, 2),
+            "tokens_per_second": round(tokens / seconds, 2), "requests_per_second": round(len(records) / seconds, 3),
+            "p50_ms": round(float(np.percentile(ms, 50)), 1), "p99_ms": round(float(np.percentile(ms, 99)), 1),
+            "stream_first_token_p50_ms": round(float(np.percentile(firsts, 50)), 1) if firsts else None,
+            "ends": [r[0] for r in records]}
+
+
+def counters(url: str) -> dict[str, float]:
+    """The server's worker time by stage and its token counters (from /metrics)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name == "dylora_generation_seconds_total":
+                out[f"{sample.labels['stage']}_s"] = sample.value
+            elif sample.name in ("dylora_prompt_tokens_total", "dylora_generated_tokens_total"):
+                out[sample.name.removeprefix("dylora_").removesuffix("_total")] = sample.value
+    return out
+
+
+def measured(url: str, clients: int, duration: float, max_tokens: list[int]) -> dict:
+    """``phase`` plus what the server counted meanwhile: worker seconds by stage, prompt and generated tokens."""
+    before = counters(url)
+    result = phase(url, clients, duration, max_tokens)
+    after = counters(url)
+    result["server"] = {k: round(after[k] - before.get(k, 0.0), 2) for k in sorted(after)}
+    return result
 
 
 def line(result: dict) -> str:
-    return (f"requests={result['requests']} errors={result['errors']} p50_ms={result['p50_ms']:.0f} "
-            f"p99_ms={result['p99_ms']:.0f}")
+    return (f"tokens/s={result['tokens_per_second']:.1f} requests={result['requests']} errors={result['errors']} "
+            f"p50_ms={result['p50_ms']:.0f} p99_ms={result['p99_ms']:.0f}")
+
+
+# ---------------------------------------------------------------------- one run, the summary
+def run_mode(base: Path, mode: str, args: argparse.Namespace, key: str, tmp: Path, tag: str) -> dict:
+    folder = tmp / tag
+    shutil.copytree(base, folder)
+    with served(folder, mode, args, key, tmp / f"{tag}.log") as url, \
+            httpx.Client(base_url=url, timeout=60.0, headers={"Authorization": f"Bearer {key}"}) as http:
+        serving = measured(url, args.clients, args.duration, args.max_tokens)
+        print(f"{tag} serving: {line(serving)}", flush=True)
+        job = upload(http, "verilog", shortest(verilogeval()))
+        with_upload = measured(url, args.clients, args.duration, args.max_tokens)
+        job = wait_job(http, job["id"], args.job_timeout)
+        finished = job["finished"] or time.time()
+        during = sum(job["started"] is not None and job["started"] <= t <= finished for t in with_upload["ends"])
+        print(f"{tag} serving + upload: {line(with_upload)}; job {job['status']} in "
+              f"{finished - (job['started'] or finished):.0f}s, {during} requests answered while it trained",
+              flush=True)
+        experts = len(http.get("/experts").json()["data"])
+    shutil.rmtree(folder, ignore_errors=True)
+    for result in (serving, with_upload):
+        result.pop("ends")
+    return {"serving": serving, "serving_with_upload": with_upload, "experts_after": experts,
+            "upload_job": {"status": job["status"], "seconds": round(finished - (job["started"] or finished), 1),
+                           "requests_answered_while_training": during, "error": job["error"]}}
+
+
+def summary(runs: list[dict], modes: list[str]) -> dict:
+    out: dict = {}
+    for ph in ("serving", "serving_with_upload"):
+        per = {m: [r[m][ph] for r in runs] for m in modes}
+        out[ph] = {m: {k: float(np.median([x[k] for x in per[m]])) for k in ("tokens_per_second", "p50_ms", "p99_ms")}
+                   | {"errors": sum(x["errors"] for x in per[m]), "requests": sum(x["requests"] for x in per[m])}
+                   for m in modes}
+        if set(modes) == {"continuous", "static"}:
+            for k in ("tokens_per_second", "p50_ms", "p99_ms"):
+                ratios = [c[k] / s[k] for c, s in zip(per["continuous"], per["static"], strict=True)]
+                out[ph][f"{k}_ratio"] = {"median": round(float(np.median(ratios)), 3),
+                                         "min": round(min(ratios), 3), "max": round(max(ratios), 3),
+                                         "per_repeat": [round(x, 3) for x in ratios]}
+    return out
+
+
+def build_base(tmp: Path, args: argparse.Namespace, key: str) -> tuple[Path, dict | None]:
+    if args.system is not None:
+        return args.system, None
+    base = tmp / "base"
+    print("building a fresh system on the default model", flush=True)
+    DyLoRAMoE.from_config(DyLoRAConfig(model="default")).save_pretrained(base)
+    with served(base, "continuous", args, key, tmp / "setup.log") as url, \
+            httpx.Client(base_url=url, timeout=60.0, headers={"Authorization": f"Bearer {key}"}) as http:
+        start = time.perf_counter()
+        setup = wait_job(http, upload(http, "python", shortest(humaneval()))["id"], args.job_timeout)
+        print(f"setup: skill python {setup['status']} in {time.perf_counter() - start:.0f}s", flush=True)
+    if setup["status"] != "succeeded":
+        raise RuntimeError(f"setup failed: {setup['error']}")
+    return base, {k: setup[k] for k in ("status", "result")}
 
 
 def main(argv=None) -> int:
@@ -151,61 +323,22 @@ def main(argv=None) -> int:
 
         return compare(args)
     key = secrets.token_hex(16)
-    training = TrainingConfig(seed_steps=args.seed_steps, consolidation_steps=args.consolidation_steps,
-                              batch_size=2, max_length=256, router_fit_steps=100, report_to=["none"])
-    config = ServerConfig(model_name=MODEL, api_key=key, max_batch=args.max_batch, training=training)
-    with tempfile.TemporaryDirectory(prefix="dylora-load-") as tmp:
-        system = args.system
-        if system is None:
-            system = Path(tmp) / "system"
-            print("building a fresh system on the default model")
-            DyLoRAMoE.from_config(DyLoRAConfig(model="default")).save_pretrained(system)
-        app = create_app(system, config)
-        with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=60.0,
-                                                            headers={"Authorization": f"Bearer {key}"}) as http:
-            print(f"serving {system} at {server.url}")
-            setup = None
-            if args.system is None:
-                start = time.perf_counter()
-                setup = wait_job(http, upload(http, key, "python", shortest(humaneval()))["id"],
-                                 args.job_timeout)
-                print(f"setup: skill python {setup['status']} in {time.perf_counter() - start:.0f}s")
-                if setup["status"] != "succeeded":
-                    print(f"setup failed: {setup['error']}")
-                    return 1
-            experts_before = len(http.get("/experts").json()["data"])
-
-            serving = phase(server.url, args.clients, args.duration, args.max_tokens)
-            print(f"serving: {line(serving)}")
-
-            job = upload(http, key, "verilog", shortest(verilogeval()))
-            with_upload = phase(server.url, args.clients, args.duration, args.max_tokens)
-            state_at_end = http.get(f"/jobs/{job['id']}").json()
-            print(f"serving + upload: {line(with_upload)} (job {state_at_end['status']} at the end of the phase, "
-                  f"{state_at_end['progress']['steps_done']}/{state_at_end['progress']['steps_total']} steps)")
-            job = wait_job(http, job["id"], args.job_timeout)
-            finished = job["finished"] or time.time()
-            during = sum(job["started"] is not None and job["started"] <= t <= finished for t in with_upload["ends"])
-            routed = http.post("/v1/completions", json={"model": MODEL, "prompt": PROMPTS[3], "max_tokens": 1}).json()
-            experts_after = len(http.get("/experts").json()["data"])
-            print(f"skill job {job['status']} in {finished - (job['started'] or finished):.0f}s "
-                  f"(result {job['result']}, error {job['error']}); {during} requests answered while it ran; "
-                  f"experts {experts_before} -> {experts_after}; a Verilog prompt routes to {routed['routing']}")
-    for result in (serving, with_upload):
-        result.pop("ends")
-    write_json(args.out, {
-        "system": str(args.system or "fresh default-model system + python skill"), "clients": args.clients,
-        "duration_s": args.duration, "max_tokens": args.max_tokens, "max_batch": args.max_batch,
-        "training": {"seed_steps": args.seed_steps, "consolidation_steps": args.consolidation_steps,
-                     "batch_size": 2, "max_length": 256},
-        "setup_job": setup and {k: setup[k] for k in ("status", "result", "started", "finished")},
-        "serving": serving, "serving_with_upload": with_upload,
-        "upload_job": {"status": job["status"], "finished_within_phase": state_at_end["status"] == "succeeded",
-                       "seconds": round(finished - (job["started"] or finished), 1), "result": job["result"],
-                       "error": job["error"], "requests_answered_while_training": during},
-        "experts_before": experts_before, "experts_after": experts_after, "verilog_prompt_routing": routed["routing"],
-    })
-    return 0 if serving["errors"] == with_upload["errors"] == 0 and job["status"] == "succeeded" else 1
+    with tempfile.TemporaryDirectory(prefix="dylora-load-") as name:
+        tmp = Path(name)
+        base, setup = build_base(tmp, args, key)
+        runs = []
+        for rep in range(args.repeats):
+            order = args.modes if rep % 2 == 0 else args.modes[::-1]
+            runs.append({m: run_mode(base, m, args, key, tmp, f"{m}-{rep}") for m in order})
+    result = {"system": str(args.system or "fresh default-model system + python skill"), "clients": args.clients,
+              "streaming_clients": args.clients // 2, "duration_s": args.duration, "repeats": args.repeats,
+              "max_tokens": args.max_tokens, "max_batch": args.max_batch, "prompts": len(PROMPTS),
+              "training": {"seed_steps": args.seed_steps, "consolidation_steps": args.consolidation_steps,
+                           "batch_size": 2}, "setup_job": setup, "summary": summary(runs, args.modes), "runs": runs}
+    print(json.dumps(result["summary"], indent=2))
+    write_json(args.out, result)
+    errors = sum(r[m][ph]["errors"] for r in runs for m in args.modes for ph in ("serving", "serving_with_upload"))
+    return 0 if errors == 0 else 1
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def learn_skills(system: Path, config: ServerConfig, key: str, job_timeout: floa
                                                         headers={"Authorization": f"Bearer {key}"}) as http:
         for name, examples in (("python", humaneval()), ("verilog", verilogeval())):
             start = time.perf_counter()
-            job = wait_job(http, upload(http, key, name, shortest(examples))["id"], job_timeout)
+            job = wait_job(http, upload(http, name, shortest(examples))["id"], job_timeout)
             print(f"setup: skill {name} {job['status']} in {time.perf_counter() - start:.0f}s")
             if job["status"] != "succeeded":
                 raise RuntimeError(f"setup failed: {job['error']}")
@@ -77,7 +77,7 @@ def on_ray(system: Path, config: ServerConfig, args) -> tuple[dict, dict[str, in
             from load_test import request_body
 
             for i in range(4 * args.replicas):
-                path, body = request_body(i, 1)
+                path, body = request_body(i, 1, args.max_tokens)
                 http.post(path, json=body).raise_for_status()
         before = answered(url)
         result = phase(url, args.clients, args.duration, args.max_tokens)

@@ -9,7 +9,8 @@ expanded rows. Per-token routing routes every new token as it comes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,17 +18,29 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from .model import DyLoRAMoE
+    from .routing.control import Scope
 
 
 @torch.no_grad()
 def generate(model: DyLoRAMoE, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
     """``model.backbone.generate`` with the experts routed on the prompt; the KV cache is used unless
     ``use_cache=False``. input_ids, attention_mask: [B, T] (left-padded for batched prompts)."""
+    with routed(model):
+        return model.backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+@contextlib.contextmanager
+def routed(model: DyLoRAMoE) -> Iterator[Scope | None]:
+    """The routing of one generation: backbone calls inside it route each row on the input of the first call
+    (its prompt) and, under sequence routing, keep that routing for every new token. Yields the scope, whose
+    ``routing`` the first call sets (``None`` without experts), so callers can report it without routing the
+    prompt a second time."""
     if model.num_experts == 0:
-        return model.backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        yield None
+        return
     per_sequence = model.config.router.granularity == "sequence"
-    with model.routing.scoped(attention_mask, pin=per_sequence, from_inputs=True):
-        return model.backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    with model.routing.scoped(None, pin=per_sequence, from_inputs=True) as scope:
+        yield scope
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:

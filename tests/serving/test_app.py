@@ -133,10 +133,30 @@ def test_an_error_during_a_stream_is_reported_and_counted(client, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("broken")
 
-    monkeypatch.setattr("dylora_moe.serving.engine.generation_config", broken)  # fails after the routing is sent
+    monkeypatch.setattr("dylora_moe.serving.continuous.choose", broken)  # fails after the routing is sent
     before = metric_values(client)
     r = client.post("/v1/completions", json={"model": MODEL, "prompt": "8+8=", "max_tokens": 2, "stream": True})
     events = [line.removeprefix("data: ") for line in r.text.split("\n\n") if line.strip()]
     assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "generation_failed"
     key = ("dylora_errors_total", (("kind", "generation_failed"), ("status", "500")))
     assert metric_values(client)[key] - before.get(key, 0.0) == 1
+
+
+def test_n_choices_are_returned_in_openai_shape_streamed_or_not(client):
+    body = {"model": MODEL, "prompt": "3+3=", "max_tokens": 3, "n": 2}
+    plain = client.post("/v1/completions", json=body).json()
+    assert [c["index"] for c in plain["choices"]] == [0, 1]
+    assert plain["choices"][0]["text"] == plain["choices"][1]["text"]  # greedy: the same answer twice
+    one = client.post("/v1/completions", json={**body, "n": 1}).json()
+    assert plain["usage"]["completion_tokens"] == 2 * one["usage"]["completion_tokens"]
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "3+3="}], "max_tokens": 3, "n": 3}
+    expected = [c["message"]["content"] for c in client.post("/v1/chat/completions", json=chat).json()["choices"]]
+    r = client.post("/v1/chat/completions", json={**chat, "stream": True})
+    chunks = [json.loads(line.removeprefix("data: ")) for line in r.text.split("\n\n")
+              if line.strip() and line != "data: [DONE]"]
+    texts, finished = ["", "", ""], [None, None, None]
+    for chunk in chunks:
+        for c in chunk["choices"]:
+            texts[c["index"]] += c["delta"].get("content", "")
+            finished[c["index"]] = c["finish_reason"] or finished[c["index"]]
+    assert texts == expected and None not in finished

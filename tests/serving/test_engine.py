@@ -11,10 +11,12 @@ from fastapi.testclient import TestClient
 from dylora_moe.data.sources import Example
 from dylora_moe.serving import ServedSystem, create_app
 from dylora_moe.serving.config import ServerConfig
-from dylora_moe.serving.engine import Engine, GenerationRequest, safe_prefix
+from dylora_moe.serving.decoding import safe_prefix
+from dylora_moe.serving.engine import Engine, GenerationRequest
 from dylora_moe.serving.errors import APIError
 from dylora_moe.serving.jobs import JobManager
 from dylora_moe.serving.metrics import Metrics
+from dylora_moe.serving.static import generate_static
 from dylora_moe.serving.uploads import Upload
 from tests.serving.conftest import learned_run, letters, server_config, upload, wait
 
@@ -109,7 +111,7 @@ def test_job_manager_refuses_when_too_many_jobs_wait(two_experts):
 
 
 def test_decoding_guard_is_off_by_default_and_applied_when_configured():
-    from dylora_moe.serving.engine import generation_config
+    from dylora_moe.serving.static import generation_config
     from tests.conftest import build
 
     model, request = build(), GenerationRequest("1+1=", max_tokens=4)
@@ -119,3 +121,71 @@ def test_decoding_guard_is_off_by_default_and_applied_when_configured():
     assert guarded.repetition_penalty == 1.3 and guarded.no_repeat_ngram_size == 4
     with pytest.raises(ValueError, match="repetition_penalty"):
         ServerConfig(repetition_penalty=0.0)
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory):
+    """A saved tiny system with three random experts: its answers run to max_tokens rather than stopping."""
+    from dylora_moe import DyLoRAConfig, DyLoRAMoE, ExpertConfig
+    from tests.conftest import char_tokenizer, randomise_experts, tiny_llama
+
+    root = tmp_path_factory.mktemp("untrained")
+    tiny_llama().save_pretrained(root / "model")
+    char_tokenizer().save_pretrained(root / "model")
+    model = DyLoRAMoE.from_config(DyLoRAConfig(model=str(root / "model"), device="cpu",
+                                               expert=ExpertConfig(rank=4, alpha=8, dropout=0.0)))
+    for _ in range(3):
+        model.create_expert()
+    randomise_experts(model)
+    model.save_pretrained(root / "system")
+    return ServedSystem(root / "system")
+
+
+def run_two(engine: Engine, between=None) -> tuple[list[str], str]:
+    """A long streaming request, then (once it streams) a short one: the order in which they finish, and the
+    short one's answer."""
+    finished: list[str] = []
+    streaming = threading.Event()
+    long = GenerationRequest("hello world", 100, on_event=lambda kind, _: kind == "delta" and streaming.set())
+    engine.submit(long).add_done_callback(lambda f: finished.append("long"))
+    assert streaming.wait(60)
+    if between is not None:
+        between()
+    short = GenerationRequest("1+1=", 3, on_event=lambda *_: None)
+    engine.submit(short).add_done_callback(lambda f: finished.append("short"))
+    long.future.result(timeout=120), short.future.result(timeout=120)
+    assert long.future.result().completion_tokens == 100
+    return finished, short.future.result().text
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_a_short_request_joins_a_running_stream_and_leaves_first(untrained, batching):
+    engine = Engine(untrained, ServerConfig(batching=batching, max_tokens_cap=100), Metrics())
+    try:
+        # static batching runs a stream alone to its end: the short request waits for it
+        order, _ = run_two(engine)
+        assert order == (["short", "long"] if batching == "continuous" else ["long", "short"])
+    finally:
+        engine.close()
+
+
+def test_a_running_batch_finishes_on_its_system_and_the_next_runs_on_the_new_one(untrained):
+    from tests.conftest import randomise_experts
+
+    engine = Engine(untrained, ServerConfig(max_tokens_cap=100), Metrics())
+    old = untrained.model
+    new = untrained.load_model()
+    randomise_experts(new, seed=7)
+    try:
+        order, short = run_two(engine, between=lambda: untrained.swap(new, untrained.memory))
+    finally:
+        engine.close()
+        untrained.swap(old, untrained.memory)
+    answers = {}
+    for name, model in (("old", old), ("new", new)):
+        r = GenerationRequest("1+1=", 3)
+        r.prompt_ids = model.tokenizer("1+1=", add_special_tokens=False)["input_ids"]
+        generate_static(model, [r], ServerConfig(), Metrics())
+        answers[name] = r.future.result().text
+    assert answers["old"] != answers["new"]
+    assert order == ["long", "short"] and short == answers["new"]  # it waited for the old batch to drain

@@ -91,7 +91,8 @@ def test_max_tokens_larger_than_the_context(client):
 
 
 def test_fields_this_server_cannot_honour(client):
-    assert error_of(complete(client, n=2), 400)["param"] == "n"
+    assert error_of(complete(client, n=17), 400)["param"] == "n"
+    assert error_of(complete(client, n=0), 400)["param"] == "n"
     assert error_of(complete(client, echo=True), 400)["param"] == "echo"
     assert error_of(complete(client, prompt=["a", "b"]), 400)["param"] == "prompt"
     assert error_of(complete(client, prompt=""), 400)["param"] == "prompt"

@@ -103,7 +103,8 @@ def gpt2_app(tmp_path, **config):
 def test_requests_that_fit_alone_are_never_batched_past_the_position_limit(tmp_path):
     from fastapi.testclient import TestClient
 
-    from dylora_moe.serving.engine import GenerationRequest, fitting
+    from dylora_moe.serving.engine import GenerationRequest
+    from dylora_moe.serving.static import fitting
 
     with TestClient(gpt2_app(tmp_path)) as client:  # absolute positions: 128
         engine = client.app.state.engine

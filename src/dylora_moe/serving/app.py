@@ -77,7 +77,7 @@ def create_app(system: ServedSystem | str | Path, config: ServerConfig | None = 
         body = parse(CompletionRequest, await request.body())
         check_model(body.model, config)
         req = GenerationRequest(body.text(), max_tokens(body.max_tokens, config), body.temperature, body.top_p,
-                                body.stops(), chat=False, param="prompt")
+                                body.stops(), chat=False, param="prompt", n=body.n)
         return await respond(engine, req, body, "text_completion", config, request)
 
     @app.post("/v1/chat/completions")
@@ -89,7 +89,7 @@ def create_app(system: ServedSystem | str | Path, config: ServerConfig | None = 
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         req = GenerationRequest(render_chat(system.model.tokenizer, body.messages),
                                 max_tokens(limit, config, param), body.temperature, body.top_p, body.stops(),
-                                chat=True, param="messages")
+                                chat=True, param="messages", n=body.n)
         return await respond(engine, req, body, "chat.completion", config, request)
 
     # ------------------------------------------------------------------ the system
@@ -196,15 +196,15 @@ def usage(gen: Generation) -> dict:
             "total_tokens": gen.prompt_tokens + gen.completion_tokens}
 
 
-def choice(kind: str, text: str | None, finish_reason: str | None, first: bool = False) -> dict:
+def choice(kind: str, text: str | None, finish_reason: str | None, first: bool = False, index: int = 0) -> dict:
     """One choice of a response (``chat.completion``, ``text_completion``) or of a stream chunk."""
     if kind == "chat.completion":
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
                 "finish_reason": finish_reason}
     if kind == "chat.completion.chunk":
         delta = {"role": "assistant", "content": ""} if first else {} if text is None else {"content": text}
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-    return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
 
 
 async def respond(engine: Engine, req: GenerationRequest, body, kind: str, config: ServerConfig,
@@ -217,7 +217,8 @@ async def respond(engine: Engine, req: GenerationRequest, body, kind: str, confi
     if gen is None:  # the client went away: nobody reads an answer
         return Response(status_code=499)
     content = {"id": rid, "object": kind, "created": created, "model": config.model_name,
-               "choices": [choice(kind, gen.text, gen.finish_reason)], "usage": usage(gen),
+               "choices": [choice(kind, c.text, c.finish_reason, index=i) for i, c in enumerate(gen.choices)],
+               "usage": usage(gen),
                "routing": gen.routing}
     return JSONResponse(content, headers=routing_header(gen.routing))
 
@@ -251,18 +252,19 @@ async def stream(engine: Engine, req: GenerationRequest, body, kind: str, rid: s
     chunk_kind = "chat.completion.chunk" if kind.startswith("chat") else "text_completion"
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-    def chunk(text: str | None, finish: str | None = None, first: bool = False, **extra) -> str:
+    def chunk(choices: list[dict], **extra) -> str:
         data = {"id": rid, "object": chunk_kind, "created": created, "model": config.model_name,
-                "choices": [choice(chunk_kind, text, finish, first=first)], **extra}
+                "choices": choices, **extra}
         return f"data: {json.dumps(data)}\n\n"
 
     async def body_iter():
         try:
-            yield chunk("", first=True, routing=routing)
+            yield chunk([choice(chunk_kind, "", None, first=True, index=i) for i in range(req.n)], routing=routing)
             while True:
                 kind_, payload = await events.get()
                 if kind_ == "delta":
-                    yield chunk(payload)
+                    index, text = payload
+                    yield chunk([choice(chunk_kind, text, None, index=index)])
                 elif kind_ == "done":
                     break
             try:
@@ -273,7 +275,8 @@ async def stream(engine: Engine, req: GenerationRequest, body, kind: str, rid: s
                 engine.metrics.error(error.code or error.type, error.status)
                 yield f"data: {json.dumps(error.body())}\n\n"
             else:
-                yield chunk(None, gen.finish_reason, routing=routing)
+                yield chunk([choice(chunk_kind, None, c.finish_reason, index=i) for i, c in enumerate(gen.choices)],
+                            routing=routing)
                 if include_usage:
                     data = {"id": rid, "object": chunk_kind, "created": created, "model": config.model_name,
                             "choices": [], "usage": usage(gen)}

@@ -30,7 +30,10 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None, help="override the saved device (cpu, cuda, cuda:1, mps)")
     p.add_argument("--dtype", default=None, help="override the saved dtype (float32, bfloat16, float16)")
     p.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens a request may ask for")
-    p.add_argument("--max-batch", type=int, default=8, help="requests generated together")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences generated together")
+    p.add_argument("--batching", choices=("continuous", "static"), default="continuous",
+                   help="continuous: requests join the running batch at the next token and leave when done; "
+                        "static: the requests that arrived together run to the end (the older scheme)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for generation before 429s")
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds a client has to send its request body before a 408")
@@ -66,6 +69,7 @@ def server_config(args: argparse.Namespace):
                               report_to=["none"])
     return ServerConfig(model_name=args.model_name, api_key=args.api_key, max_tokens_cap=args.max_tokens_cap,
                         default_max_tokens=min(64, args.max_tokens_cap), max_batch=args.max_batch,
+                        batching=args.batching,
                         max_queue=args.max_queue, body_timeout=args.body_timeout,
                         repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
                         training=training)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from ..training.config import TrainingConfig
 
 API_KEY_ENV = "DYLORA_API_KEY"
+BATCHING = ("continuous", "static")
 
 
 @dataclass
@@ -23,7 +24,14 @@ class ServerConfig:
         max_upload_bytes: largest skill upload body.
         max_tokens_cap: largest ``max_tokens`` a request may ask for. default_max_tokens: when it asks none.
         max_prompt_tokens: longest prompt (also capped by the model's context minus ``max_tokens``).
-        max_batch: requests generated together in one batch (each sequence is still routed on its own).
+        max_batch: sequences generated together (each still routed on its own prompt); a request with ``n``
+            choices takes ``n`` of them.
+        batching: ``continuous`` (a request joins the running batch at the next decode step and leaves it when
+            done, streaming or not) or ``static`` (the requests that arrived together run as one batch to its
+            end, a streaming request alone): the older scheme, kept to compare against.
+        routing_top, routing_min_weight: the routing a response reports lists at most ``routing_top`` experts,
+            those of weight at least ``routing_min_weight`` (always the heaviest one); dense routing gives every
+            expert some weight, and the rest is summed up as ``omitted_experts`` / ``omitted_weight``.
         max_queue: requests waiting for generation; beyond it a request is refused with 429 and ``Retry-After``.
         max_upload_examples, max_example_chars: caps on a skill upload.
         max_pending_jobs: skill jobs queued or running at once; more are refused with 429.
@@ -44,6 +52,9 @@ class ServerConfig:
     default_max_tokens: int = 64
     max_prompt_tokens: int = 4096
     max_batch: int = 8
+    batching: str = "continuous"
+    routing_top: int = 4
+    routing_min_weight: float = 0.01
     max_queue: int = 64
     max_upload_examples: int = 2000
     max_example_chars: int = 20_000
@@ -59,11 +70,15 @@ class ServerConfig:
             self.api_key = os.environ.get(API_KEY_ENV) or None
         for name in ("max_body_bytes", "max_upload_bytes", "max_tokens_cap", "default_max_tokens",
                      "max_prompt_tokens", "max_batch", "max_upload_examples", "max_example_chars",
-                     "max_pending_jobs", "max_queue"):
+                     "max_pending_jobs", "max_queue", "routing_top"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.body_timeout > 0:
             raise ValueError(f"body_timeout must be > 0 seconds, got {self.body_timeout}")
+        if self.batching not in BATCHING:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
+        if not 0 <= self.routing_min_weight <= 1:
+            raise ValueError(f"routing_min_weight must be in [0, 1], got {self.routing_min_weight}")
         if self.repetition_penalty <= 0 or self.no_repeat_ngram_size < 0:
             raise ValueError(f"repetition_penalty must be > 0 and no_repeat_ngram_size >= 0, got "
                              f"{self.repetition_penalty} and {self.no_repeat_ngram_size}")

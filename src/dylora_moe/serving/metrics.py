@@ -24,8 +24,12 @@ class Metrics:
         self.tokens_per_second = Histogram("dylora_generation_tokens_per_second",
                                            "completion tokens per second of generation, per request",
                                            buckets=RATE_BUCKETS, registry=r)
-        self.batch_size = Histogram("dylora_batch_size", "requests generated together",
+        self.batch_size = Histogram("dylora_batch_size", "sequences generated together (per decode step when "
+                                    "batching continuously, per batch when static)",
                                     buckets=(1, 2, 4, 8, 16, 32), registry=r)
+        self.worker_seconds = Counter("dylora_generation_seconds", "time the generation worker spent, by stage: "
+                                      "prefill (prompts joining the running batch), decode (its steps), "
+                                      "generate (whole static batches)", ["stage"], registry=r)
         self.queue_depth = Gauge("dylora_queue_depth", "generation requests waiting", registry=r)
         self.experts = Gauge("dylora_experts", "experts in the served system", registry=r)
         self.strategy = Gauge("dylora_routing_strategy", "1 for the router's current strategy", ["strategy"],

@@ -24,7 +24,9 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from ..checkpoint import writer_lock
 from .config import ServerConfig
-from .engine import Engine, Generation, GenerationRequest, routing_info
+from .engine import Engine, Generation, GenerationRequest
+from .requests import Choice
+from .routing_info import route_prompt, summarise
 from .errors import APIError
 from .jobs import JobManager
 from .metrics import Metrics
@@ -129,12 +131,15 @@ class RayEngine:
     def _route(self, req: GenerationRequest) -> tuple[dict, str]:
         with self.head.lock, torch.no_grad():
             ids = torch.tensor([req.prompt_ids])
-            routing = routing_info(self.head.model, ids, torch.ones_like(ids))[0]
-            return routing, expert_key(self.head.version, routing, self.head.model.experts.expert_ids)
+            full = route_prompt(self.head.model, ids, torch.ones_like(ids))[0]
+            # the replica reports the routing as a response does (the heaviest experts); the experts it needs
+            # come from the whole routing
+            routing = summarise(full, self.config.routing_top, self.config.routing_min_weight)
+            return routing, expert_key(self.head.version, full, self.head.model.experts.expert_ids)
 
     async def _generate(self, req: GenerationRequest) -> Generation:
         payload = {"prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": req.temperature,
-                   "top_p": req.top_p, "stop": req.stop, "chat": req.chat, "param": req.param}
+                   "top_p": req.top_p, "stop": req.stop, "chat": req.chat, "param": req.param, "n": req.n}
         for attempt in range(self.attempts):
             routing, key = self._route(req)
             streamed = [False]  # whether text already went to the client: then a failure cannot be retried
@@ -180,7 +185,8 @@ class RayEngine:
         return {"error": error_to_wire(APIError(499, "the client went away", code="client_disconnected"))}
 
     def _finish(self, answer: dict) -> Generation:
-        gen = Generation(**answer["generation"])
+        data = answer["generation"]
+        gen = Generation(**{**data, "choices": [Choice(**c) for c in data["choices"]]})
         gen.routing = {**gen.routing, "replica": answer["replica"], "system_version": answer["version"]}
         self.metrics.observe_routing(gen.routing)
         self.metrics.observe_generation(gen.prompt_tokens, gen.completion_tokens, gen.seconds)

@@ -3,7 +3,7 @@
 Bodies are read and parsed here rather than by FastAPI so that every problem, from malformed JSON to a
 wrong field type, is answered in OpenAI's error shape naming the field. Fields OpenAI clients may send
 that this server does not use (``user``, penalties, ``seed``...) are accepted and ignored; fields whose
-meaning it cannot honour (``n > 1``, ``logprobs``, ``echo``, tools and structured output) are refused.
+meaning it cannot honour (``logprobs``, ``echo``, tools and structured output) are refused.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from .errors import APIError, validation_message
 
 Number = StrictInt | StrictFloat
+MAX_CHOICES = 16  # n: every choice is a sequence of the batch
 
 
 class StreamOptions(BaseModel):
@@ -43,9 +44,9 @@ class _Generation(BaseModel):
         return tuple(s for s in stops if s)
 
     def check_unsupported(self) -> None:
-        if self.n != 1:
-            raise APIError(400, f"n={self.n} is not supported: this server returns one choice per request (n=1)",
-                           param="n")
+        if not 1 <= self.n <= MAX_CHOICES:
+            raise APIError(400, f"n must be between 1 and {MAX_CHOICES} (choices per request), got {self.n}",
+                           param="n", code="invalid_value")
         if self.logprobs not in (None, False, 0):
             raise APIError(400, "logprobs are not supported by this server; leave logprobs unset", param="logprobs")
 

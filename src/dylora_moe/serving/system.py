@@ -2,8 +2,10 @@
 
 ``dylora serve DIR`` takes a ``dylora train`` output folder (the system in ``DIR/system``, the registry in
 ``DIR/store.db``, events in ``DIR/events.jsonl``) or a saved system folder directly (no store then).
-Whoever uses ``model`` for a forward pass holds ``lock``; ``swap`` takes the same lock, so a request runs on
-one system from its first token to its last and the next request sees the new one.
+``swap`` replaces the model (and its routing memory) under ``lock``; readers take the same lock to see a
+consistent pair. A swap never changes a model in place: the generation worker keeps a running batch on the
+model it started with (static batching holds the lock for each batch instead), so a request runs on one
+system from its first token to its last and later requests see the new one.
 """
 
 from __future__ import annotations
