@@ -25,12 +25,12 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ..checkpoint import writer_lock
 from .config import ServerConfig
 from .engine import Engine, Generation, GenerationRequest
-from .requests import Choice
-from .routing_info import route_prompt, summarise
 from .errors import APIError
 from .jobs import JobManager
 from .metrics import Metrics
+from .requests import Choice
 from .routing_head import RoutingHead
+from .routing_info import route_prompt, summarise
 from .system import ServedSystem, SystemFiles
 
 logger = logging.getLogger("dylora_moe.serving")
