@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from dylora_moe.serving.config import ServerConfig
-from dylora_moe.serving.engine import Engine, GenerationRequest, routing_info
+from dylora_moe.serving.engine import Engine, GenerationRequest
 from dylora_moe.serving.metrics import Metrics
 from dylora_moe.serving.ray_ingress import expert_key, parse_key, same_routing
 from dylora_moe.serving.replica import ReplicaSystem, StaleVersion
 from dylora_moe.serving.routing_head import RoutingHead
+from dylora_moe.serving.routing_info import route_prompt
 from dylora_moe.serving.system import ServedSystem
 from tests.serving.conftest import two_skill_run
 
@@ -26,7 +27,7 @@ def run(tmp_path_factory):
 
 def routed(model, prompt: str) -> dict:
     ids = torch.tensor([model.tokenizer(prompt, add_special_tokens=False)["input_ids"]])
-    return routing_info(model, ids, torch.ones_like(ids))[0]
+    return route_prompt(model, ids, torch.ones_like(ids))[0]
 
 
 def complete(system, prompt: str) -> tuple[str, dict]:
