@@ -5,12 +5,17 @@
     python benchmarks/continual.py --stream configs/streams/default.yaml --out runs/bench --methods dylora,base \\
         --consolidation-steps 4 --max-train 16 --pass-limit 4 --humaneval-limit 8 \\
         --freeform-limit 4     # a quick look
+    python benchmarks/continual.py --stream configs/streams/superni-order1.yaml --data-dir ../shared/data \
+        --out results/superni-order1 --methods dylora,sequential_lora,joint_lora,oracle_experts,base \
+        --max-train 64 --max-eval 16 --step-limit 8 --pass-limit 100 --humaneval-limit 0 --freeform-limit 0
 
 Methods (see ``dylora_moe.evaluation.baselines``): dylora, spec_reference, sequential_lora, joint_lora,
 oracle_experts, base. Each trains with the stream's steps and rates (or the overrides below) and LoRA experts of
 the configured rank. Each method's raw measurements are kept in OUT/methods/NAME.json as soon as it finishes:
 a rerun with the same OUT skips finished methods (delete the file to redo one). ``--jobs 2`` runs two methods
 at a time in separate processes, each with half the cores. Writes OUT/results.json, OUT/report.md and plots.
+``--step-limit N`` also scores N held-out examples per skill by greedy decoding after every step (the score
+matrix; ROUGE-L for SuperNI) and ``--pass-limit`` examples per skill after the last step.
 """
 
 from __future__ import annotations
@@ -47,6 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="held-out problems per step scored by greedy decoding at the end (0: none)")
     p.add_argument("--humaneval-limit", type=int, default=BenchmarkConfig.humaneval_limit,
                    help="HumanEval problems for the retention score (0: none)")
+    p.add_argument("--step-limit", type=int, default=BenchmarkConfig.step_limit,
+                   help="held-out examples per skill scored by greedy decoding after every step (0: none)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="generation length of those scores (default: the skill's checker's, 50 for SuperNI)")
     p.add_argument("--freeform-limit", type=int, default=BenchmarkConfig.freeform_limit,
                    help="free-form requests per skill asked the final system, chat and raw (0: none)")
     p.add_argument("--jobs", type=int, default=1, help="methods run at once, in separate processes")
@@ -66,7 +75,8 @@ def configs(args: argparse.Namespace):
         if args.max_eval is not None:
             skill.max_eval = min(skill.max_eval or args.max_eval, args.max_eval)
     bench = BenchmarkConfig(pass_limit=args.pass_limit, humaneval_limit=args.humaneval_limit,
-                            freeform_limit=args.freeform_limit)
+                            freeform_limit=args.freeform_limit, step_limit=args.step_limit,
+                            max_new_tokens=args.max_new_tokens)
     return stream, system, training, bench
 
 
@@ -146,6 +156,10 @@ def main(argv=None) -> None:
         print(f"{name:16s} acc={m['acc']:.4f} bwt={m['bwt']:+.4f} forgetting={m['forgetting']:+.4f} "
               f"fwt={m['fwt'] if m['fwt'] is None else round(m['fwt'], 4)} routing={m['routing_accuracy']} "
               f"humaneval={he and he['score']} experts={m['experts']}")
+        if "scores" in m:
+            sc = m["scores"]
+            print(f"{'':16s} {sc['metric']}: AP={sc['ap']:.2f} acc={sc['acc']:.2f} bwt={sc['bwt']:+.2f} "
+                  f"forgetting={sc['forgetting']:+.2f} fwt={sc['fwt'] if sc['fwt'] is None else round(sc['fwt'], 2)}")
     print(f"report: {args.out / 'report.md'}")
 
 

@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from .freeform import markdown_table
+from .score_report import score_lines, score_targets
 
 ORDER = ("dylora", "spec_reference", "sequential_lora", "joint_lora", "oracle_experts", "base")
 
@@ -120,6 +121,7 @@ def render(results: dict, *, command: str, seconds: float, notes: list[str]) -> 
                      f"| {fmt(m['routing_accuracy'], '.3f')} | {fmt(m['generation_mean'], '.3f')} "
                      f"| {fmt(he and he['score'], '.3f')} | {m['experts']} | {m['trainable_params']:,} "
                      f"| {m['train_seconds']:.0f} |")
+    lines += score_lines(results, names)
     lines += ["", "## Targets", ""] + [f"- {n}" for n in notes]
     lines += ["", "## Final loss per step", "",
               "| method | " + " | ".join(f"{j}: {s}" for j, s in enumerate(skills)) + " |",
@@ -203,5 +205,5 @@ def write(out: Path, results: dict, *, command: str, seconds: float, extra_notes
     plot_matrices(results, out / "matrices.png")
     plot_skill_curves(results, out / "skills.png")
     plot_comparison(results, out / "comparison.png")
-    notes = targets(results) + list(extra_notes or [])
+    notes = targets(results) + score_targets(results) + list(extra_notes or [])
     (out / "report.md").write_text(render(results, command=command, seconds=seconds, notes=notes), encoding="utf-8")
