@@ -153,7 +153,8 @@ def postgres_server():
 
 SUPERNI_TASKS = {  # a tiny folder in the SuperNI continual-learning layout: two tasks of invented instances
     "task001_double": ("Double the number.", lambda i: (f"{i}", [f"{2 * i}"])),
-    "task002_shout": ("Repeat the word in capitals.", lambda i: (f"w{chr(97 + i % 26)}", [f"W{chr(65 + i % 26)}!", "?"])),
+    "task002_shout": ("Repeat the word in capitals.",
+                      lambda i: (f"w{chr(97 + i % 26)}", [f"W{chr(65 + i % 26)}!", "?"])),
 }
 
 

@@ -35,9 +35,9 @@ def test_unknown_task_names_the_tasks_there(tmp_path):
 
 
 def test_missing_folder_says_what_to_pass(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--data-dir"):
+    with pytest.raises(FileNotFoundError, match=r"--data-dir"):
         superni(tmp_path, "task001_double")
-    with pytest.raises(FileNotFoundError, match="orders.json"):
+    with pytest.raises(FileNotFoundError, match=r"orders\.json"):
         superni_orders(tmp_path)
 
 
@@ -48,7 +48,7 @@ def test_a_stream_step_names_its_task(tmp_path):
     skill = load_stream(tmp_path / "s.yaml").skills[0]
     examples = load_examples(skill, tmp_path)
     assert len(examples) == 18 and examples[0].response == "WA!"
-    with pytest.raises(FileNotFoundError, match="--data-dir"):
+    with pytest.raises(FileNotFoundError, match=r"--data-dir"):
         load_examples(skill, None)
-    with pytest.raises(ValueError, match="needs `task`"):
+    with pytest.raises(ValueError, match=r"needs `task`"):
         SkillSource(type="builtin", name="superni")

@@ -18,7 +18,8 @@ def summary_table(results: dict, names: list[str]) -> list[str]:
              "`AP`: mean final score over all steps on the final examples (n per step below); `acc`, `bwt`, "
              "`forgetting` (mean drop from each step's best earlier score) and `fwt` (against `base`) come from "
              "the score matrix, whose cells use the first examples of each step (the same ones in every row).", "",
-             "| method | AP | AP / joint_lora AP | acc (matrix) | bwt | forgetting | fwt | experts | trainable params |",
+             "| method | AP | AP / joint_lora AP | acc (matrix) | bwt | forgetting | fwt | experts "
+             "| trainable params |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name in scored:
         m = results["methods"][name]
@@ -50,11 +51,13 @@ def matrices(results: dict, names: list[str]) -> list[str]:
 
 def expert_steps(results: dict, names: list[str]) -> list[str]:
     """Per step: the expert it trained and whether the detector called it new."""
-    decided = [n for n in names if results["methods"][n].get("expert_of_step") and "novelty" in results["methods"][n]]
+    methods = results["methods"]
+    decided = [n for n in names if methods[n].get("expert_of_step") and "novelty" in methods[n]]
     lines = []
     for name in decided:
-        m = results["methods"][name]
-        lines += ["", f"### {name}: novelty decisions", "", "| step | skill | decision | expert |", "|---:|---|---|---:|"]
+        m = methods[name]
+        lines += ["", f"### {name}: novelty decisions", "", "| step | skill | decision | expert |",
+                  "|---:|---|---|---:|"]
         for j, (skill, novel, expert) in enumerate(zip(results["skills"], m["novel"], m["expert_of_step"],
                                                        strict=True)):
             lines.append(f"| {j} | {skill} | {'new' if novel else 'recognised'} | {expert} |")
