@@ -11,7 +11,8 @@
 
 Methods (see ``dylora_moe.evaluation.baselines``): dylora, spec_reference, sequential_lora, joint_lora,
 oracle_experts, base. Each trains with the stream's steps and rates (or the overrides below) and LoRA experts of
-the configured rank. Each method's raw measurements are kept in OUT/methods/NAME.json as soon as it finishes:
+the configured rank. Each method's raw measurements are kept in OUT/methods/NAME.json as soon as it finishes
+(what it has measured so far in OUT/methods/NAME.partial.json after every step):
 a rerun with the same OUT skips finished methods (delete the file to redo one). ``--jobs 2`` runs two methods
 at a time in separate processes, each with half the cores. Writes OUT/results.json, OUT/report.md and plots.
 ``--step-limit N`` also scores N held-out examples per skill by greedy decoding after every step (the score
@@ -88,14 +89,18 @@ def run_one(args: argparse.Namespace, name: str) -> dict:
     stream, system, training, bench = configs(args)
     started = time.perf_counter()
     raw = run_method(name, stream, system, training, args.out, data_dir=args.data_dir, bench=bench,
-                     progress=lambda msg: print(f"[{time.perf_counter() - started:6.0f}s] {msg}", flush=True))
-    path = args.out / "methods" / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(raw, indent=2) + "\n")
-    os.replace(tmp, path)
+                     progress=lambda msg: print(f"[{time.perf_counter() - started:6.0f}s] {msg}", flush=True),
+                     partial=lambda so_far: write_atomic(args.out / "methods" / f"{name}.partial.json", so_far))
+    write_atomic(args.out / "methods" / f"{name}.json", raw)
     print(f"{name}: done in {raw['seconds']:.0f}s", flush=True)
     return raw
+
+
+def write_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def run_parallel(args: argparse.Namespace, names: list[str], argv: list[str]) -> None:

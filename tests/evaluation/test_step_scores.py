@@ -60,8 +60,14 @@ def test_benchmark_reports_the_papers_metrics_on_the_score_matrix(tmp_path):
     system = DyLoRAConfig.from_dict({**stream.system, "model": str(tmp_path / "model")})
     training = TrainingConfig(**stream.training)
     bench = BenchmarkConfig(step_limit=2, pass_limit=4, humaneval_limit=0, freeform_limit=0, max_new_tokens=3)
-    raws = {name: run_method(name, stream, system, training, tmp_path / "out", data_dir=tmp_path, bench=bench)
+    seen = []
+    raws = {name: run_method(name, stream, system, training, tmp_path / "out", data_dir=tmp_path, bench=bench,
+                             partial=seen.append)
             for name in ("dylora", "joint_lora", "base")}
+    # after every step of the trained methods: what was measured so far (a stopped run keeps it)
+    assert [(p["method"], p["steps_done"], len(p["score_matrix"])) for p in seen] == [
+        (m, k, k) for m in ("dylora", "joint_lora") for k in (1, 2, 3)]
+    assert json.loads(json.dumps(seen[-1]))["matrix"] == raws["joint_lora"]["matrix"]
     results = results_from(json.loads(json.dumps(raws)), stream=stream.name, model=system.model)
     for name, m in results["methods"].items():
         s = m["scores"]

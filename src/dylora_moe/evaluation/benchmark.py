@@ -68,11 +68,14 @@ def method_configs(name: str, system: DyLoRAConfig, training: TrainingConfig) ->
 def run_method(name: str, stream: StreamSpec, system: DyLoRAConfig, training: TrainingConfig, out: Path, *,
                data_dir: str | Path | None = None, bench: BenchmarkConfig | None = None,
                progress: Callable[[str], None] | None = None, model: DyLoRAMoE | None = None,
-               after_skill: Callable | None = None, evaluate_ahead: bool = True) -> dict:
+               after_skill: Callable | None = None, evaluate_ahead: bool = True,
+               partial: Callable[[dict], None] | None = None) -> dict:
     """Run one method and return its raw measurements (JSON-ready).
 
     ``after_skill(step, record)`` is the learner's hook (``dylora tune`` reports to its pruner there);
-    ``evaluate_ahead=False`` skips the cells above the diagonal (forward transfer is then not measured)."""
+    ``evaluate_ahead=False`` skips the cells above the diagonal (forward transfer is then not measured);
+    ``partial(raw)`` receives after every step what has been measured so far (the matrices' rows, the novelty
+    decisions), so that a run stopped midway still leaves its measurements."""
     bench = bench or BenchmarkConfig()
     say = progress or (lambda msg: None)
     system, training = method_configs(name, system, training)
@@ -97,7 +100,8 @@ def run_method(name: str, stream: StreamSpec, system: DyLoRAConfig, training: Tr
                                  evaluate_ahead=evaluate_ahead, after_skill=after_skill)
         if bench.step_limit > 0:
             scorer = step_scorer(model, learner, data_dir, bench)
-            learner.after_skill = chain(scorer, after_skill)
+        learner.after_skill = chain(scorer, after_skill, partial and (lambda i, rec: partial(
+            partial_raw(name, learner, scorer, time.perf_counter() - start))))
         records = learner.run(lambda msg: say(f"{name}: {msg}"))
         matrix = [list(r.losses) for r in records]
     train_seconds = time.perf_counter() - start
@@ -127,6 +131,16 @@ def run_method(name: str, stream: StreamSpec, system: DyLoRAConfig, training: Tr
         raw["freeform"] = freeform_scores(model, learner, data_dir, bench)
     raw["seconds"] = time.perf_counter() - start
     return raw
+
+
+def partial_raw(name: str, learner: ContinualLearner, scorer: StepScorer | None, seconds: float) -> dict:
+    """What a method has measured so far, after its latest step."""
+    records = learner.records
+    return {"method": name, "skills": [s.name for s in learner.skills], "steps_done": len(records),
+            "seconds": seconds, "matrix": [list(r.losses) for r in records],
+            "step_seconds": [r.train_seconds for r in records], "experts": learner.model.num_experts,
+            "novel": [r.novelty.is_novel for r in records], "expert_of_step": [r.novelty.expert_id for r in records],
+            "score_matrix": [list(row) for row in scorer.rows] if scorer else None}
 
 
 def step_scorer(model: DyLoRAMoE, learner: ContinualLearner, data_dir, bench: BenchmarkConfig) -> StepScorer:
