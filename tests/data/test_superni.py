@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from dylora_moe.data.stream import SkillSource, load_examples, load_stream, split_examples
@@ -52,3 +54,16 @@ def test_a_stream_step_names_its_task(tmp_path):
         load_examples(skill, None)
     with pytest.raises(ValueError, match=r"needs `task`"):
         SkillSource(type="builtin", name="superni")
+
+
+SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "streams"
+
+
+@pytest.mark.parametrize("order", ["order1", "order2"])
+def test_the_stream_files_follow_the_published_orders(order):
+    tasks = [s.source.task for s in load_stream(CONFIGS / f"superni-{order}.yaml").skills]
+    assert len(tasks) == len(set(tasks)) == 15
+    if not (SHARED / "superni-cl" / "orders.json").is_file():
+        pytest.skip("no ../shared/data/superni-cl: the published orders are not here to compare with")
+    assert tasks == superni_orders(SHARED)[order]
