@@ -31,7 +31,7 @@ from pathlib import Path
 
 from dylora_moe.config import DyLoRAConfig
 from dylora_moe.data.stream import load_stream
-from dylora_moe.evaluation import benchmark_report
+from dylora_moe.evaluation import benchmark_report, score_report
 from dylora_moe.evaluation.baselines import METHODS
 from dylora_moe.evaluation.benchmark import BenchmarkConfig, results_from, run_method
 from dylora_moe.training.config import TrainingConfig
@@ -60,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--freeform-limit", type=int, default=BenchmarkConfig.freeform_limit,
                    help="free-form requests per skill asked the final system, chat and raw (0: none)")
     p.add_argument("--jobs", type=int, default=1, help="methods run at once, in separate processes")
+    p.add_argument("--report", action="store_true",
+                   help="run nothing: write results.json and report.md from OUT/methods (with unfinished methods' "
+                        "partial measurements)")
     p.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -135,7 +138,7 @@ def main(argv=None) -> None:
     stream, system, _, _ = configs(args)  # a bad stream or option fails before any work
     (args.out / "methods").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    todo = [n for n in names if not (args.out / "methods" / f"{n}.json").is_file()]
+    todo = [] if args.report else [n for n in names if not (args.out / "methods" / f"{n}.json").is_file()]
     if args.threads is None and args.jobs > 1 and len(todo) > 1:
         base_argv = strip_option(strip_option(argv, "--methods"), "--jobs")
         run_parallel(args, todo, base_argv)
@@ -149,13 +152,21 @@ def main(argv=None) -> None:
         path = args.out / "methods" / f"{name}.json"
         if path.is_file():
             raw[name] = json.loads(path.read_text())
+    partials = {name: json.loads(path.read_text()) for name in METHODS if name not in raw
+                and (path := args.out / "methods" / f"{name}.partial.json").is_file()}
+    command = "python benchmarks/continual.py " + " ".join(a for a in argv if a != "--report")
+    if not raw:
+        head = [f"# Continual-learning benchmark: {stream.name} (no method finished)", "", "```bash", command, "```"]
+        lines = head + score_report.partial_lines(partials, stream.skills)
+        (args.out / "report.md").write_text("\n".join(lines) + "\n")
+        print(f"no method finished; partial report: {args.out / 'report.md'}")
+        return
     results = results_from(raw, stream=stream.name, model=system.model)
     seconds = sum(r.get("seconds", 0.0) for r in raw.values())
     results["total_seconds"] = seconds
     results["wall_seconds_this_invocation"] = time.perf_counter() - started
     write_json(args.out / "results.json", results)
-    command = "python benchmarks/continual.py " + " ".join(argv)
-    benchmark_report.write(args.out, results, command=command, seconds=seconds)
+    benchmark_report.write(args.out, results, command=command, seconds=seconds, partials=partials)
     for name, m in results["methods"].items():
         he = m.get("humaneval")
         print(f"{name:16s} acc={m['acc']:.4f} bwt={m['bwt']:+.4f} forgetting={m['forgetting']:+.4f} "

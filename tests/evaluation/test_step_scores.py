@@ -10,6 +10,7 @@ from dylora_moe.config import DyLoRAConfig
 from dylora_moe.data.stream import load_stream
 from dylora_moe.evaluation import benchmark_report
 from dylora_moe.evaluation.benchmark import BenchmarkConfig, results_from, run_method
+from dylora_moe.evaluation.score_report import partial_lines
 from dylora_moe.evaluation.step_scores import StepScorer, held_out_examples
 from dylora_moe.training import TrainingConfig
 from dylora_moe.training.loop import ContinualLearner
@@ -68,6 +69,8 @@ def test_benchmark_reports_the_papers_metrics_on_the_score_matrix(tmp_path):
     assert [(p["method"], p["steps_done"], len(p["score_matrix"])) for p in seen] == [
         (m, k, k) for m in ("dylora", "joint_lora") for k in (1, 2, 3)]
     assert json.loads(json.dumps(seen[-1]))["matrix"] == raws["joint_lora"]["matrix"]
+    stopped = "\n".join(partial_lines({"dylora": seen[1]}, stream.skills))
+    assert "dylora: stopped after 2 of 3 steps" in stopped and "| 1 | " in stopped and "| 2 | " not in stopped
     results = results_from(json.loads(json.dumps(raws)), stream=stream.name, model=system.model)
     for name, m in results["methods"].items():
         s = m["scores"]

@@ -225,7 +225,7 @@ def results_from(raw: dict[str, dict], *, stream: str, model: str) -> dict:
             entry["novelty"] = novelty_scores(r["novel"], r["labels"])
         if r.get("uses_router"):
             entry["final_routing"] = r["final_routing"]
-            entry["novel"], entry["expert_of_step"] = r["novel"], r["expert_of_step"]
+            entry["novel"], entry["expert_of_step"] = r.get("novel", []), r.get("expert_of_step", [])
         if r.get("score_matrix"):
             entry["scores"] = score_metrics(r, base)
         methods[name] = entry

@@ -82,3 +82,20 @@ def score_targets(results: dict) -> list[str]:
 def score_lines(results: dict, names: list[str]) -> list[str]:
     table = summary_table(results, names)
     return table + matrices(results, names) + expert_steps(results, names) if table else []
+
+
+def partial_lines(partials: dict, skills: list) -> list[str]:
+    """Methods stopped before the end of the stream (``NAME.partial.json``): steps done, time, novelty decisions
+    and the rows of the score matrix measured so far."""
+    lines = []
+    for name, p in partials.items():
+        done = p["steps_done"]
+        lines += ["", f"## {name}: stopped after {done} of {len(p['skills'])} steps ({p['seconds'] / 60:.0f} min)", "",
+                  f"Train seconds per step: {', '.join(f'{s:.0f}' for s in p['step_seconds'])}; experts "
+                  f"{p['experts']}; expert per step: {p['expert_of_step']} (new: {p['novel']})."]
+        rows = p.get("score_matrix") or []
+        if rows:
+            n = len(p["skills"])
+            lines += ["", "| after | " + " | ".join(str(j) for j in range(n)) + " |", "|---|" + "---:|" * n]
+            lines += [f"| {i} | " + " | ".join(fmt(v, ".1f") for v in row) + " |" for i, row in enumerate(rows)]
+    return lines
