@@ -5,12 +5,18 @@
     python benchmarks/continual.py --stream configs/streams/default.yaml --out runs/bench --methods dylora,base \\
         --consolidation-steps 4 --max-train 16 --pass-limit 4 --humaneval-limit 8 \\
         --freeform-limit 4     # a quick look
+    python benchmarks/continual.py --stream configs/streams/superni-order1.yaml --data-dir ../shared/data \
+        --out results/superni-order1 --methods dylora,sequential_lora,joint_lora,oracle_experts,base \
+        --max-train 64 --max-eval 16 --step-limit 8 --pass-limit 100 --humaneval-limit 0 --freeform-limit 0
 
 Methods (see ``dylora_moe.evaluation.baselines``): dylora, spec_reference, sequential_lora, joint_lora,
 oracle_experts, base. Each trains with the stream's steps and rates (or the overrides below) and LoRA experts of
-the configured rank. Each method's raw measurements are kept in OUT/methods/NAME.json as soon as it finishes:
+the configured rank. Each method's raw measurements are kept in OUT/methods/NAME.json as soon as it finishes
+(what it has measured so far in OUT/methods/NAME.partial.json after every step):
 a rerun with the same OUT skips finished methods (delete the file to redo one). ``--jobs 2`` runs two methods
 at a time in separate processes, each with half the cores. Writes OUT/results.json, OUT/report.md and plots.
+``--step-limit N`` also scores N held-out examples per skill by greedy decoding after every step (the score
+matrix; ROUGE-L for SuperNI) and ``--pass-limit`` examples per skill after the last step.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from pathlib import Path
 
 from dylora_moe.config import DyLoRAConfig
 from dylora_moe.data.stream import load_stream
-from dylora_moe.evaluation import benchmark_report
+from dylora_moe.evaluation import benchmark_report, score_report
 from dylora_moe.evaluation.baselines import METHODS
 from dylora_moe.evaluation.benchmark import BenchmarkConfig, results_from, run_method
 from dylora_moe.training.config import TrainingConfig
@@ -47,9 +53,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="held-out problems per step scored by greedy decoding at the end (0: none)")
     p.add_argument("--humaneval-limit", type=int, default=BenchmarkConfig.humaneval_limit,
                    help="HumanEval problems for the retention score (0: none)")
+    p.add_argument("--step-limit", type=int, default=BenchmarkConfig.step_limit,
+                   help="held-out examples per skill scored by greedy decoding after every step (0: none)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="generation length of those scores (default: the skill's checker's, 50 for SuperNI)")
     p.add_argument("--freeform-limit", type=int, default=BenchmarkConfig.freeform_limit,
                    help="free-form requests per skill asked the final system, chat and raw (0: none)")
     p.add_argument("--jobs", type=int, default=1, help="methods run at once, in separate processes")
+    p.add_argument("--report", action="store_true",
+                   help="run nothing: write results.json and report.md from OUT/methods (with unfinished methods' "
+                        "partial measurements)")
     p.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -66,7 +79,8 @@ def configs(args: argparse.Namespace):
         if args.max_eval is not None:
             skill.max_eval = min(skill.max_eval or args.max_eval, args.max_eval)
     bench = BenchmarkConfig(pass_limit=args.pass_limit, humaneval_limit=args.humaneval_limit,
-                            freeform_limit=args.freeform_limit)
+                            freeform_limit=args.freeform_limit, step_limit=args.step_limit,
+                            max_new_tokens=args.max_new_tokens)
     return stream, system, training, bench
 
 
@@ -78,14 +92,18 @@ def run_one(args: argparse.Namespace, name: str) -> dict:
     stream, system, training, bench = configs(args)
     started = time.perf_counter()
     raw = run_method(name, stream, system, training, args.out, data_dir=args.data_dir, bench=bench,
-                     progress=lambda msg: print(f"[{time.perf_counter() - started:6.0f}s] {msg}", flush=True))
-    path = args.out / "methods" / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(raw, indent=2) + "\n")
-    os.replace(tmp, path)
+                     progress=lambda msg: print(f"[{time.perf_counter() - started:6.0f}s] {msg}", flush=True),
+                     partial=lambda so_far: write_atomic(args.out / "methods" / f"{name}.partial.json", so_far))
+    write_atomic(args.out / "methods" / f"{name}.json", raw)
     print(f"{name}: done in {raw['seconds']:.0f}s", flush=True)
     return raw
+
+
+def write_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def run_parallel(args: argparse.Namespace, names: list[str], argv: list[str]) -> None:
@@ -120,7 +138,7 @@ def main(argv=None) -> None:
     stream, system, _, _ = configs(args)  # a bad stream or option fails before any work
     (args.out / "methods").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    todo = [n for n in names if not (args.out / "methods" / f"{n}.json").is_file()]
+    todo = [] if args.report else [n for n in names if not (args.out / "methods" / f"{n}.json").is_file()]
     if args.threads is None and args.jobs > 1 and len(todo) > 1:
         base_argv = strip_option(strip_option(argv, "--methods"), "--jobs")
         run_parallel(args, todo, base_argv)
@@ -134,18 +152,30 @@ def main(argv=None) -> None:
         path = args.out / "methods" / f"{name}.json"
         if path.is_file():
             raw[name] = json.loads(path.read_text())
+    partials = {name: json.loads(path.read_text()) for name in METHODS if name not in raw
+                and (path := args.out / "methods" / f"{name}.partial.json").is_file()}
+    command = "python benchmarks/continual.py " + " ".join(a for a in argv if a != "--report")
+    if not raw:
+        head = [f"# Continual-learning benchmark: {stream.name} (no method finished)", "", "```bash", command, "```"]
+        lines = head + score_report.partial_lines(partials, stream.skills)
+        (args.out / "report.md").write_text("\n".join(lines) + "\n")
+        print(f"no method finished; partial report: {args.out / 'report.md'}")
+        return
     results = results_from(raw, stream=stream.name, model=system.model)
     seconds = sum(r.get("seconds", 0.0) for r in raw.values())
     results["total_seconds"] = seconds
     results["wall_seconds_this_invocation"] = time.perf_counter() - started
     write_json(args.out / "results.json", results)
-    command = "python benchmarks/continual.py " + " ".join(argv)
-    benchmark_report.write(args.out, results, command=command, seconds=seconds)
+    benchmark_report.write(args.out, results, command=command, seconds=seconds, partials=partials)
     for name, m in results["methods"].items():
         he = m.get("humaneval")
         print(f"{name:16s} acc={m['acc']:.4f} bwt={m['bwt']:+.4f} forgetting={m['forgetting']:+.4f} "
               f"fwt={m['fwt'] if m['fwt'] is None else round(m['fwt'], 4)} routing={m['routing_accuracy']} "
               f"humaneval={he and he['score']} experts={m['experts']}")
+        if "scores" in m:
+            sc = m["scores"]
+            print(f"{'':16s} {sc['metric']}: AP={sc['ap']:.2f} acc={sc['acc']:.2f} bwt={sc['bwt']:+.2f} "
+                  f"forgetting={sc['forgetting']:+.2f} fwt={sc['fwt'] if sc['fwt'] is None else round(sc['fwt'], 2)}")
     print(f"report: {args.out / 'report.md'}")
 
 

@@ -10,7 +10,8 @@ For each pool size N, one expert trains while N-1 frozen experts (random weights
 - ``new-whole-pool``: the same with ``dense_top_m=None``, every frozen expert mixed in (the spec's dense
   phase over the whole pool), to show what ``dense_top_m`` saves;
 - ``recognised``: a recognised skill's expert continuing at the consolidation rate (every expert mature,
-  top-1; the gate is random, so the samples of a batch go to different experts: the gathered path).
+  top-1; a random gate that sends some samples of the batch to the trained expert and others elsewhere:
+  the gathered path).
 
 A step is forward with labels, backward and an AdamW step, as the Trainer does; ``ratio`` is its median
 seconds / the single-LoRA step's (same batch, rank, targets). Prints a table and writes JSON.
@@ -57,10 +58,26 @@ def single_lora_step(args, lora_config, inputs) -> float:
     return timed(training_step(peft_model, params, inputs), args.repeats)
 
 
+def mixed_gate(model: DyLoRAMoE, inputs, trained: int) -> None:
+    """A random gate under which the batch goes to the trained expert and to others (the gathered path, with
+    a gradient for the trained expert), as a recognised skill's batch may."""
+    column = model.column(trained)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(1000):
+        with torch.no_grad():
+            model.router.gate.weight.copy_(torch.randn(model.router.gate.weight.shape, generator=generator))
+            chosen = model.route(**inputs).indices.flatten().tolist()
+        if column in chosen and len(set(chosen)) > 1:
+            return
+    raise RuntimeError("no random gate sends the batch to the trained expert and to another one")
+
+
 def pool_step(model: DyLoRAMoE, mode: str, repeats: int, inputs) -> float:
     trained = model.experts.expert_ids[-1]
     for e in model.experts.expert_ids:
         model.mark_mature(e, mode == "recognised" or e != trained)
+    if mode == "recognised" and model.num_experts > 1:
+        mixed_gate(model, inputs, trained)
     model.router.dense_top_m = None if mode == "new-whole-pool" else model.config.router.dense_top_m
     model.set_trainable([trained], router=mode != "recognised")
     model.train()

@@ -149,3 +149,34 @@ def postgres_server():
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
         shutil.rmtree(data, ignore_errors=True)
         shutil.rmtree(sock, ignore_errors=True)
+
+
+SUPERNI_TASKS = {  # a tiny folder in the SuperNI continual-learning layout: two tasks of invented instances
+    "task001_double": ("Double the number.", lambda i: (f"{i}", [f"{2 * i}"])),
+    "task002_shout": ("Repeat the word in capitals.",
+                      lambda i: (f"w{chr(97 + i % 26)}", [f"W{chr(65 + i % 26)}!", "?"])),
+}
+
+
+def write_superni(root, n_train: int = 12, n_test: int = 6) -> Path:
+    """``root/superni-cl/TASK.json.gz`` files and ``orders.json`` as the shared data folder has them (invented
+    instances, a list of references for the second task); returns ``root``."""
+    import gzip
+    import json
+
+    folder = Path(root) / "superni-cl"
+    folder.mkdir(parents=True, exist_ok=True)
+    for task, (definition, make) in SUPERNI_TASKS.items():
+        def rows(start, count, make=make, task=task):
+            out = []
+            for i in range(start, start + count):
+                text, outputs = make(i)
+                out.append({"id": f"{task}-{i}", "input": text, "output": outputs})
+            return out
+
+        data = {"task": task, "definition": definition, "train": rows(0, n_train), "test": rows(n_train, n_test)}
+        with gzip.open(folder / f"{task}.json.gz", "wt", encoding="utf-8") as fh:
+            json.dump(data, fh)
+    orders = {"order1": list(SUPERNI_TASKS), "order2": list(reversed(SUPERNI_TASKS))}
+    (folder / "orders.json").write_text(json.dumps(orders))
+    return Path(root)

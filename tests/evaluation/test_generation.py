@@ -108,7 +108,7 @@ def test_score_examples_decodes_greedily_and_scores_each_problem():
         return example.prompt == "cd"
 
     result = score_examples(model, examples, Checker("probe", check, max_new_tokens=4), chat=False, batch_size=2)
-    assert result.metric == "pass@1" and result.passed == [False, True, False]
+    assert result.metric == "pass@1" and result.values == [0.0, 1.0, 0.0]
     assert result.score == pytest.approx(1 / 3)
     assert [p for p, _ in seen] == ["ab", "cd", "ef"]
     again = score_examples(model, examples, Checker("probe", lambda e, c: True, max_new_tokens=4), chat=False)

@@ -87,3 +87,21 @@ def test_max_transient_forgetting_sees_a_rise_that_recovers_by_the_end():
     assert bwt_loss(transient) == pytest.approx((0.05 + 0.1) / 2)
     assert max_transient_forgetting(LOSS) == pytest.approx(0.5)
     assert max_transient_forgetting([[1.0, None], [0.9, 2.0]]) == 0.0  # losses that only fall
+
+
+def test_papers_metrics_on_a_rouge_matrix_with_unmeasured_cells():
+    # ROUGE-L points; cells beyond the next step are not measured (None), as the score matrix leaves them
+    scores = [[40.0, 10.0, None],
+              [30.0, 60.0, 20.0],
+              [35.0, 50.0, 70.0]]
+    assert average_accuracy(scores) == pytest.approx(155 / 3)  # AP: mean after the last step
+    # BWT: ((35 - 40) + (50 - 60)) / 2
+    assert backward_transfer(scores) == pytest.approx(-7.5)
+    # forgetting: task 0 best 40 -> 35, task 1 best 60 -> 50
+    assert forgetting(scores) == pytest.approx(7.5)
+    # FWT against base scores (5, 8, 12): ((10 - 8) + (20 - 12)) / 2
+    assert forward_transfer(scores, [5.0, 8.0, 12.0]) == pytest.approx(5.0)
+    # forgetting is from the best earlier score, not the score right after learning: it can exceed -BWT
+    late_peak = [[40.0, None, None], [55.0, 60.0, None], [35.0, 60.0, 70.0]]
+    assert forgetting(late_peak) == pytest.approx((55 - 35 + 0) / 2)
+    assert backward_transfer(late_peak) == pytest.approx((35 - 40 + 0) / 2)

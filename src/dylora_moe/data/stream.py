@@ -40,6 +40,7 @@ from .sources import (
     spider,
     verilogeval,
 )
+from .superni import superni
 
 SOURCE_TYPES = ("builtin", "file", "hf")
 TOP_LEVEL = ("name", "skills", "system", "training", "chunks", "tune", "params")
@@ -52,6 +53,7 @@ BUILTINS: dict[str, tuple[Callable[..., list[Example]], bool]] = {
     "spider": (lambda data_dir, **kw: spider(data_dir), True),
     "nl2bash": (lambda data_dir, **kw: nl2bash(data_dir), True),
     "codealpaca": (lambda data_dir, **kw: codealpaca(data_dir), True),
+    "superni": (lambda data_dir, task=None, **kw: superni(data_dir, task), True),
 }
 
 
@@ -62,11 +64,12 @@ class SkillSource:
     Args:
         type: ``builtin`` (a reader of this package), ``file`` (local JSON/JSONL/CSV/text) or ``hf`` (a
             Hugging Face dataset, for machines with hub access or a local dataset cache).
-        name: builtin name (humaneval, verilogeval, mbpp, humaneval-x, spider, nl2bash, codealpaca) or the
-            HF dataset name.
+        name: builtin name (humaneval, verilogeval, mbpp, humaneval-x, spider, nl2bash, codealpaca, superni) or
+            the HF dataset name.
         path: file path for ``file`` sources (relative paths resolve against the stream file's folder).
         config: HF dataset config. split: HF split, or the VerilogEval split (Human / Machine).
         language: HumanEval-X language (python, js, cpp, java).
+        task: SuperNI task name (``task363_sst2_polarity_classification``; see ``data/superni.py``).
         start, stop: the slice of the source's examples this skill uses.
     """
 
@@ -76,6 +79,7 @@ class SkillSource:
     config: str | None = None
     split: str | None = None
     language: str | None = None
+    task: str | None = None
     start: int = 0
     stop: int | None = None
 
@@ -88,6 +92,8 @@ class SkillSource:
             raise ValueError("a file source needs `path`")
         if self.type == "hf" and not self.name:
             raise ValueError("an hf source needs `name` (the dataset id)")
+        if self.type == "builtin" and self.name == "superni" and not self.task:
+            raise ValueError("the superni source needs `task`, e.g. task363_sst2_polarity_classification")
 
 
 @dataclass
@@ -270,7 +276,7 @@ def load_examples(skill: SkillSpec, data_dir: str | Path | None = None) -> list[
         reader, needs_dir = BUILTINS[src.name]
         if needs_dir and data_dir is None:
             raise FileNotFoundError(f"skill {skill.name!r}: source {src.name} reads a data directory; pass --data-dir")
-        kwargs = {k: v for k, v in (("split", src.split), ("language", src.language)) if v}
+        kwargs = {k: v for k, v in (("split", src.split), ("language", src.language), ("task", src.task)) if v}
         records = [{"prompt": e.prompt, "response": e.response, **e.meta} for e in reader(data_dir, **kwargs)]
     elif src.type == "file":
         records = read_records(Path(src.path))
@@ -335,7 +341,14 @@ def read_hf(src: SkillSource) -> list[dict[str, Any]]:
 
 
 def split_examples(examples: list[Example], eval_share: float) -> tuple[list[Example], list[Example]]:
-    """Train/eval split by a hash of each example's content: stable across runs and slices, never leaking."""
+    """Train/eval split by a hash of each example's content: stable across runs and slices, never leaking.
+    Examples of a source with a published split (``meta["split"]`` train/test, e.g. SuperNI) keep it."""
+    if examples and all(e.meta.get("split") in ("train", "test") for e in examples):
+        train = [e for e in examples if e.meta["split"] == "train"]
+        held = [e for e in examples if e.meta["split"] == "test"]
+        if not train or not held:
+            raise ValueError(f"the published split of {len(examples)} examples leaves an empty train or test side")
+        return train, held
     train, held = [], []
     for e in examples:
         h = int(hashlib.sha256(e.text.encode("utf-8")).hexdigest()[:8], 16) / 0xFFFFFFFF

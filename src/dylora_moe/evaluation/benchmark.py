@@ -4,7 +4,9 @@
 routing, novelty decisions, sizes, times, and greedy-decoding scores of the final system);
 ``results_from`` turns the raw measurements of all methods into the metrics of ``results.json``. The matrix
 is the eval loss (nats) on every step's held-out examples after every step, the cells above the diagonal
-included, so forward transfer is measured against the untrained model (``base``).
+included, so forward transfer is measured against the untrained model (``base``). With ``step_limit`` a second
+matrix holds greedy-decoding scores after every step (``step_scores.py``; ROUGE-L for SuperNI), with the
+papers' AP, forgetting, BWT and FWT computed on it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .baselines import LEARNERS, spec_reference
 from .freeform import evaluate_stream, trained_examples
 from .generation import Checker, check_python_example, checker_for, score_examples
 from .metrics import average_accuracy, backward_transfer, forgetting, forward_transfer, novelty_scores
+from .step_scores import StepScorer, chain
 
 
 @dataclass
@@ -38,6 +41,10 @@ class BenchmarkConfig:
         humaneval_limit: HumanEval problems for the retention score of the final system (0: none).
         freeform_limit: free-form requests per skill (``freeform.py``) asked the final system, with the
             frozen model's answers beside them (0: none).
+        step_limit: held-out examples per skill scored by greedy decoding after every step, filling the score
+            matrix (0: no score matrix; the final scores then come from ``pass_limit``). With it, ``pass_limit``
+            is the number scored after the last step.
+        max_new_tokens: generation length of those scores (default: each skill's checker's, 50 for SuperNI).
         generation_batch: prompts per generation batch.
         spider_cache: where the Spider dev databases are converted to SQLite (default: under the package cache,
             ``$DYLORA_CACHE``; never inside a results folder, since they hold the dataset).
@@ -46,6 +53,8 @@ class BenchmarkConfig:
     pass_limit: int = 16
     humaneval_limit: int = 40
     freeform_limit: int = 8
+    step_limit: int = 0
+    max_new_tokens: int | None = None
     generation_batch: int = 16
     spider_cache: str = field(default_factory=lambda: str(cache_dir() / "spider-sqlite"))
 
@@ -59,17 +68,21 @@ def method_configs(name: str, system: DyLoRAConfig, training: TrainingConfig) ->
 def run_method(name: str, stream: StreamSpec, system: DyLoRAConfig, training: TrainingConfig, out: Path, *,
                data_dir: str | Path | None = None, bench: BenchmarkConfig | None = None,
                progress: Callable[[str], None] | None = None, model: DyLoRAMoE | None = None,
-               after_skill: Callable | None = None, evaluate_ahead: bool = True) -> dict:
+               after_skill: Callable | None = None, evaluate_ahead: bool = True,
+               partial: Callable[[dict], None] | None = None) -> dict:
     """Run one method and return its raw measurements (JSON-ready).
 
     ``after_skill(step, record)`` is the learner's hook (``dylora tune`` reports to its pruner there);
-    ``evaluate_ahead=False`` skips the cells above the diagonal (forward transfer is then not measured)."""
+    ``evaluate_ahead=False`` skips the cells above the diagonal (forward transfer is then not measured);
+    ``partial(raw)`` receives after every step what has been measured so far (the matrices' rows, the novelty
+    decisions), so that a run stopped midway still leaves its measurements."""
     bench = bench or BenchmarkConfig()
     say = progress or (lambda msg: None)
     system, training = method_configs(name, system, training)
     model = model or DyLoRAMoE.from_config(system)
     model.eval()
     start = time.perf_counter()
+    scorer = None
     if name == "base":
         learner = ContinualLearner(model, stream, training, out / "logs" / name, data_dir=data_dir)
         steps = [learner.prepare(skill) for skill in learner.skills]
@@ -77,13 +90,22 @@ def run_method(name: str, stream: StreamSpec, system: DyLoRAConfig, training: Tr
         matrix = [list(row) for _ in steps]
         records: list[StepRecord] = []
         learner.steps = steps
+        if bench.step_limit > 0:  # nothing changes between steps: one row of scores, after the "last" step
+            say(f"{name}: scoring by greedy decoding")
+            scorer = step_scorer(model, learner, data_dir, bench)
+            scorer(len(steps) - 1)
+            scorer.rows = [scorer.rows[-1]] * len(steps)
     else:
         learner = LEARNERS[name](model, stream, training, out / "logs" / name, data_dir=data_dir,
                                  evaluate_ahead=evaluate_ahead, after_skill=after_skill)
+        if bench.step_limit > 0:
+            scorer = step_scorer(model, learner, data_dir, bench)
+        learner.after_skill = chain(scorer, after_skill, partial and (lambda i, rec: partial(
+            partial_raw(name, learner, scorer, time.perf_counter() - start))))
         records = learner.run(lambda msg: say(f"{name}: {msg}"))
         matrix = [list(r.losses) for r in records]
     train_seconds = time.perf_counter() - start
-    if bench.pass_limit > 0:
+    if bench.pass_limit > 0 and scorer is None:
         say(f"{name}: scoring the final system by greedy decoding")
     skills = learner.skills
     raw = {
@@ -98,8 +120,10 @@ def run_method(name: str, stream: StreamSpec, system: DyLoRAConfig, training: Tr
         "expert_of_step": [r.novelty.expert_id for r in records],
         "final_routing": [{str(k): v for k, v in shares.items()} for shares in records[-1].routing] if records else [],
         "uses_router": bool(records) and learner.trains_router,
-        "generation": final_generation(model, learner, data_dir, bench),
+        "generation": scorer.final if scorer else final_generation(model, learner, data_dir, bench),
     }
+    if scorer:
+        raw["score_matrix"], raw["score_metric"] = scorer.rows, scorer.metric
     if bench.humaneval_limit > 0:
         raw["humaneval"] = humaneval_retention(model, bench)
     if bench.freeform_limit > 0:
@@ -107,6 +131,22 @@ def run_method(name: str, stream: StreamSpec, system: DyLoRAConfig, training: Tr
         raw["freeform"] = freeform_scores(model, learner, data_dir, bench)
     raw["seconds"] = time.perf_counter() - start
     return raw
+
+
+def partial_raw(name: str, learner: ContinualLearner, scorer: StepScorer | None, seconds: float) -> dict:
+    """What a method has measured so far, after its latest step."""
+    records = learner.records
+    return {"method": name, "skills": [s.name for s in learner.skills], "steps_done": len(records),
+            "seconds": seconds, "matrix": [list(r.losses) for r in records],
+            "step_seconds": [r.train_seconds for r in records], "experts": learner.model.num_experts,
+            "novel": [r.novelty.is_novel for r in records], "expert_of_step": [r.novelty.expert_id for r in records],
+            "score_matrix": [list(row) for row in scorer.rows] if scorer else None}
+
+
+def step_scorer(model: DyLoRAMoE, learner: ContinualLearner, data_dir, bench: BenchmarkConfig) -> StepScorer:
+    return StepScorer(model, learner, limit=bench.step_limit, final_limit=max(bench.pass_limit, bench.step_limit),
+                      max_new_tokens=bench.max_new_tokens, data_dir=data_dir, batch_size=bench.generation_batch,
+                      cache=bench.spider_cache)
 
 
 def trainable_params(model: DyLoRAMoE, learner: ContinualLearner) -> int:
@@ -130,7 +170,7 @@ def final_generation(model: DyLoRAMoE, learner: ContinualLearner, data_dir, benc
             result = score_examples(model, step.held_out[: bench.pass_limit], checker,
                                     chat=step.skill.format.chat, batch_size=bench.generation_batch)
         scores.append({"skill": step.skill.name, "metric": result.metric, "checker": checker.name,
-                       "score": result.score, "n": len(result.passed)})
+                       "score": result.score, "n": len(result.values)})
     return scores
 
 
@@ -185,10 +225,32 @@ def results_from(raw: dict[str, dict], *, stream: str, model: str) -> dict:
             entry["novelty"] = novelty_scores(r["novel"], r["labels"])
         if r.get("uses_router"):
             entry["final_routing"] = r["final_routing"]
+            entry["novel"], entry["expert_of_step"] = r.get("novel", []), r.get("expert_of_step", [])
+        if r.get("score_matrix"):
+            entry["scores"] = score_metrics(r, base)
         methods[name] = entry
     skills = next(iter(raw.values()))["skills"] if raw else []
     labels = next(iter(raw.values()))["labels"] if raw else []
     return {"stream": stream, "model": model, "skills": skills, "labels": labels, "methods": methods}
+
+
+def score_metrics(r: dict, base: dict | None) -> dict:
+    """The papers' metrics on the greedy-decoding score matrix (higher is better): ``ap`` is the mean final
+    score on the final examples (``pass_limit`` per skill, e.g. SuperNI's whole test split), ``acc`` the mean of
+    the matrix's last row (``step_limit`` per skill); BWT, forgetting (drop from each skill's best earlier score)
+    and FWT (against ``base``) come from the matrix."""
+    matrix = r["score_matrix"]
+    base_row = base["score_matrix"][0] if base and base.get("score_matrix") else None
+    return {
+        "metric": r["score_metric"],
+        "matrix": matrix,
+        "ap": mean_score(r["generation"]),
+        "acc": average_accuracy(matrix),
+        "bwt": backward_transfer(matrix),
+        "forgetting": forgetting(matrix),
+        "fwt": forward_transfer(matrix, base_row) if base_row else None,
+        "final": r["generation"],
+    }
 
 
 def gate_routing_accuracy(r: dict) -> float:

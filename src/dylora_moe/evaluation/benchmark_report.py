@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from .freeform import markdown_table
+from .score_report import partial_lines, score_lines, score_targets
 
 ORDER = ("dylora", "spec_reference", "sequential_lora", "joint_lora", "oracle_experts", "base")
 
@@ -95,7 +96,7 @@ def fmt(v, spec: str = ".4f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def render(results: dict, *, command: str, seconds: float, notes: list[str]) -> str:
+def render(results: dict, *, command: str, seconds: float, notes: list[str], partials: dict | None = None) -> str:
     names = ordered(results["methods"])
     skills = results["skills"]
     lines = [f"# Continual-learning benchmark: {results['stream']}", "",
@@ -120,6 +121,9 @@ def render(results: dict, *, command: str, seconds: float, notes: list[str]) -> 
                      f"| {fmt(m['routing_accuracy'], '.3f')} | {fmt(m['generation_mean'], '.3f')} "
                      f"| {fmt(he and he['score'], '.3f')} | {m['experts']} | {m['trainable_params']:,} "
                      f"| {m['train_seconds']:.0f} |")
+    lines += score_lines(results, names)
+    if partials:
+        lines += partial_lines(partials, skills)
     lines += ["", "## Targets", ""] + [f"- {n}" for n in notes]
     lines += ["", "## Final loss per step", "",
               "| method | " + " | ".join(f"{j}: {s}" for j, s in enumerate(skills)) + " |",
@@ -199,9 +203,11 @@ def targets(results: dict) -> list[str]:
     return notes
 
 
-def write(out: Path, results: dict, *, command: str, seconds: float, extra_notes: list[str] | None = None) -> None:
+def write(out: Path, results: dict, *, command: str, seconds: float, extra_notes: list[str] | None = None,
+          partials: dict | None = None) -> None:
     plot_matrices(results, out / "matrices.png")
     plot_skill_curves(results, out / "skills.png")
     plot_comparison(results, out / "comparison.png")
-    notes = targets(results) + list(extra_notes or [])
-    (out / "report.md").write_text(render(results, command=command, seconds=seconds, notes=notes), encoding="utf-8")
+    notes = targets(results) + score_targets(results) + list(extra_notes or [])
+    (out / "report.md").write_text(render(results, command=command, seconds=seconds, notes=notes,
+                                                   partials=partials), encoding="utf-8")

@@ -2,7 +2,8 @@
 
 Each skill gets a checker from its source: Python problems (MBPP, HumanEval, HumanEval-X Python) run the
 candidate with the dataset's tests, JavaScript (HumanEval-X JS) runs with Node, SQL (Spider) compares
-execution results on the dev databases; anything else is scored by exact match of the normalised first line.
+execution results on the dev databases; SuperNI tasks by ROUGE-L against their references (``rouge.py``); anything
+else is scored by exact match of the normalised first line.
 Candidates run only in the sandbox of ``execution.py``; nothing generated is imported or evaluated here.
 """
 
@@ -18,6 +19,7 @@ from ..data.sources import Example
 from ..data.stream import SkillSpec
 from ..model import DyLoRAMoE
 from .execution import check_javascript, check_python
+from .rouge import rouge_l_example
 from .sql import execution_match, mysql_dump_to_sqlite
 
 FENCE = re.compile(r"```[\w+-]*\n(.*?)(?:```|\Z)", re.DOTALL)
@@ -26,19 +28,24 @@ KEEP_TOP_LEVEL = ("def ", "class ", "import ", "from ", "@", " ", "\t", "#")
 
 @dataclass
 class Checker:
-    """How one skill's completions are scored: ``check(example, completion) -> passed``."""
+    """How one skill's completions are scored: ``check(example, completion) -> passed`` (a bool), or a graded
+    score when ``metric`` says so (``rougeL``: points, 0-100)."""
 
-    name: str  # python, javascript, sql or exact_match
-    check: Callable[[Example, str], bool]
+    name: str  # python, javascript, sql, exact_match or rougeL
+    check: Callable[[Example, str], bool | float]
     max_new_tokens: int = 192
     executes: bool = True  # False: exact match only
+    metric: str = ""  # default: pass@1 when the candidate is executed, else exact_match
+
+    def __post_init__(self) -> None:
+        self.metric = self.metric or ("pass@1" if self.executes else "exact_match")
 
 
 @dataclass
 class GenerationScore:
-    metric: str  # pass@1 or exact_match
-    score: float
-    passed: list[bool] = field(default_factory=list)
+    metric: str  # pass@1, exact_match or rougeL
+    score: float  # mean of ``values``
+    values: list[float] = field(default_factory=list)  # per example: 1.0 / 0.0 for pass or fail, else the grade
 
 
 def extract_code(completion: str) -> str:
@@ -123,6 +130,9 @@ def checker_for(skill: SkillSpec, *, data_dir: str | Path | None = None,
     """The checker a skill's source allows."""
     src = skill.source
     if src.type == "builtin":
+        if src.name == "superni":
+            # 50 new tokens, the papers' generation length; every reference output is a few sentences at most
+            return Checker("rougeL", rouge_l_example, max_new_tokens=50, executes=False, metric="rougeL")
         if src.name in ("mbpp", "humaneval") or (src.name == "humaneval-x" and src.language == "python"):
             return Checker("python", check_python_example)
         if src.name == "humaneval-x" and (src.language or "js") == "js":
@@ -134,11 +144,10 @@ def checker_for(skill: SkillSpec, *, data_dir: str | Path | None = None,
 
 def score_examples(model: DyLoRAMoE, examples: Sequence[Example], checker: Checker, *, chat: bool = True,
                    batch_size: int = 16) -> GenerationScore:
-    """pass@1 (greedy, one candidate per problem) or exact match over ``examples``."""
+    """pass@1 (greedy, one candidate per problem), exact match or ROUGE-L over ``examples``."""
     if not examples:
         raise ValueError("no examples to score")
     completions = model.complete([e.prompt for e in examples], chat=chat, max_new_tokens=checker.max_new_tokens,
                                  batch_size=batch_size, max_prompt_tokens=1024)
-    passed = [bool(checker.check(e, c)) for e, c in zip(examples, completions, strict=True)]
-    metric = "pass@1" if checker.executes else "exact_match"
-    return GenerationScore(metric, sum(passed) / len(passed), passed)
+    values = [float(checker.check(e, c)) for e, c in zip(examples, completions, strict=True)]
+    return GenerationScore(checker.metric, sum(values) / len(values), values)

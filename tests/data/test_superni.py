@@ -1,0 +1,69 @@
+"""The SuperNI source on a tiny folder in the shared data's layout (never the shared data itself)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dylora_moe.data.stream import SkillSource, load_examples, load_stream, split_examples
+from dylora_moe.data.superni import superni, superni_orders, superni_prompt, superni_tasks
+from tests.conftest import write_superni
+
+
+def test_prompt_is_the_definition_then_the_input_and_the_response_the_first_output(tmp_path):
+    rows = superni(write_superni(tmp_path), "task002_shout")
+    assert rows[0].prompt == "Definition: Repeat the word in capitals.\n\nInput: wa\nOutput:"
+    assert rows[0].response == "WA!" and rows[0].meta["references"] == ["WA!", "?"]
+    assert [r.meta["split"] for r in rows] == ["train"] * 12 + ["test"] * 6
+
+
+def test_the_published_split_is_kept(tmp_path):
+    train, test = split_examples(superni(write_superni(tmp_path), "task001_double"), eval_share=0.2)
+    assert [e.meta["id"] for e in test] == [f"task001_double-{i}" for i in range(12, 18)]
+    assert len(train) == 12 and all(e.meta["split"] == "train" for e in train)
+
+
+def test_long_inputs_are_cut_at_their_end():
+    prompt = superni_prompt("Summarise.", "word " * 100, max_input_chars=20)
+    assert prompt == "Definition: Summarise.\n\nInput: word word word word ...\nOutput:"
+
+
+def test_unknown_task_names_the_tasks_there(tmp_path):
+    with pytest.raises(ValueError, match="task001_double, task002_shout"):
+        superni(write_superni(tmp_path), "task999_missing")
+    assert superni_tasks(tmp_path) == ["task001_double", "task002_shout"]
+    assert superni_orders(tmp_path)["order2"] == ["task002_shout", "task001_double"]
+
+
+def test_missing_folder_says_what_to_pass(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"--data-dir"):
+        superni(tmp_path, "task001_double")
+    with pytest.raises(FileNotFoundError, match=r"orders\.json"):
+        superni_orders(tmp_path)
+
+
+def test_a_stream_step_names_its_task(tmp_path):
+    write_superni(tmp_path)
+    (tmp_path / "s.yaml").write_text("skills:\n  - name: shout\n    source: {type: builtin, name: superni, "
+                                     "task: task002_shout}\n    requires_data_dir: true\n")
+    skill = load_stream(tmp_path / "s.yaml").skills[0]
+    examples = load_examples(skill, tmp_path)
+    assert len(examples) == 18 and examples[0].response == "WA!"
+    with pytest.raises(FileNotFoundError, match=r"--data-dir"):
+        load_examples(skill, None)
+    with pytest.raises(ValueError, match=r"needs `task`"):
+        SkillSource(type="builtin", name="superni")
+
+
+SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "streams"
+
+
+@pytest.mark.parametrize("order", ["order1", "order2"])
+def test_the_stream_files_follow_the_published_orders(order):
+    tasks = [s.source.task for s in load_stream(CONFIGS / f"superni-{order}.yaml").skills]
+    assert len(tasks) == len(set(tasks)) == 15
+    if not (SHARED / "superni-cl" / "orders.json").is_file():
+        pytest.skip("no ../shared/data/superni-cl: the published orders are not here to compare with")
+    assert tasks == superni_orders(SHARED)[order]
