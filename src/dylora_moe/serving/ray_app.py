@@ -34,6 +34,7 @@ new one (``attempts``), so uploads never fail requests.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import asdict
@@ -64,7 +65,10 @@ def generator_deployment(ray_config: RayServeConfig):
     class Generator:
         def __init__(self, path: str, config: ServerConfig, overrides: dict) -> None:
             self.system = ReplicaSystem(path, **overrides)
-            self.engine = Engine(self.system, config, Metrics())
+            # Static batching on a replica: the experts resident in its one model change with the requests it
+            # is sent (multiplexing loads and evicts them in place), which a running continuous batch, whose
+            # rows keep the gate columns they were routed with, cannot follow.
+            self.engine = Engine(self.system, dataclasses.replace(config, batching="static"), Metrics())
             self.replica = serve.get_replica_context().replica_id.unique_id
 
         @serve.multiplexed(max_num_models_per_replica=ray_config.experts_per_replica)
