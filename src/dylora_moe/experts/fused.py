@@ -106,14 +106,12 @@ def stack_padded(layer: LoraLayer, names: list[str], blank: frozenset[str] = fro
     return PaddedStack(torch.stack(As), torch.stack(Bs), torch.tensor(scale, device=ref.device, dtype=ref.dtype))
 
 
-def fill_padded(layer: LoraLayer, stack: PaddedStack, names: list[str], fill: list[str]) -> PaddedStack:
-    """``stack`` with the experts ``fill`` (blank in it) put in place, out of place so that gradients reach
-    their weights."""
-    fill = [n for n in fill if n in layer.lora_A]
+def fill_padded(layer: LoraLayer, stack: PaddedStack, fill: list[str], pos: Tensor) -> PaddedStack:
+    """``stack`` with the experts ``fill`` (blank in it, at positions ``pos`` [F]) put in place, out of place so
+    that gradients reach their weights."""
     if not fill:
         return stack
     rank = stack.A.shape[1]
-    pos = torch.tensor([names.index(n) for n in fill], device=stack.A.device)
     a = torch.stack([torch.nn.functional.pad(layer.lora_A[n].weight, (0, 0, 0, rank - layer.lora_A[n].weight.shape[0]))
                      for n in fill])  # [F, R, I]
     b = torch.stack([torch.nn.functional.pad(layer.lora_B[n].weight, (0, rank - layer.lora_B[n].weight.shape[1]))
@@ -149,7 +147,8 @@ class ExpertMixture:
         self.plan: MixturePlan | None = None
         self._handles: dict[int, RemovableHandle] = {}
         self._cache: dict[int, tuple[tuple, ConcatStack | PaddedStack]] = {}
-        self._frozen: dict[int, tuple[tuple, ConcatStack | PaddedStack | None]] = {}
+        self._frozen: dict[int, tuple[tuple, object]] = {}  # layer -> (key, frozen experts' stack)
+        self._trained: frozenset[str] = frozenset()  # adapter names of the trainable experts, set per pass
 
     def sync(self) -> None:
         """Hook any LoRA layer that peft created since the last call."""
@@ -164,6 +163,7 @@ class ExpertMixture:
             # The trainable experts may change after this forward (an optimizer step): stale stacks of them
             # must not survive; the frozen experts' stacks stay valid.
             self.manager.touch(trained_only=True)
+            self._trained = frozenset(expert_name(e) for e in self.manager.trainable_ids)  # once per pass
         self.plan = plan
 
     def _stack(self, layer: LoraLayer, padded: bool) -> ConcatStack | PaddedStack:
@@ -184,7 +184,7 @@ class ExpertMixture:
         """The plan's frozen experts (cached without autograd, keyed on the pool and the trainable set, which
         ``frozen_version`` follows) and its trainable ones (stacked with autograd on every call)."""
         names = list(self.plan.active)
-        trained = frozenset(expert_name(e) for e in self.manager.trainable_ids)
+        trained = self._trained
         frozen_names = frozenset(names) - trained
         key = (self.plan.active, "frozen", self.manager.frozen_version)
         hit = self._frozen.get(id(layer))
@@ -196,15 +196,20 @@ class ExpertMixture:
         return hit[1], live
 
     def _padded_for_training(self, layer: LoraLayer) -> PaddedStack:
+        """The frozen experts' padded stack (cached with the trained experts' positions in it, so no index is
+        copied to the device per layer and step) with the trained experts filled in."""
         names = list(self.plan.active)
-        trained = [n for n in names if n in {expert_name(e) for e in self.manager.trainable_ids}]
         key = (self.plan.active, "padded", self.manager.frozen_version)
         hit = self._frozen.get(id(layer))
         if hit is None or hit[0] != key:
+            trained = [n for n in names if n in self._trained and n in layer.lora_A]
             with torch.no_grad():
-                hit = (key, stack_padded(layer, names, blank=frozenset(trained)))
+                stack = stack_padded(layer, names, blank=frozenset(trained))
+            pos = torch.tensor([names.index(n) for n in trained], dtype=torch.long, device=stack.A.device)
+            hit = (key, (stack, trained, pos))
             self._frozen[id(layer)] = hit
-        return fill_padded(layer, hit[1], names, trained)
+        stack, trained, pos = hit[1]
+        return fill_padded(layer, stack, trained, pos)
 
     def _hook(self, layer: LoraLayer, args: tuple, output: Tensor) -> Tensor | None:
         plan = self.plan
