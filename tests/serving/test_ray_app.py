@@ -7,22 +7,28 @@ tests run in file order after the default one, the upload last since it changes 
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import socket
 import threading
 import time
+from dataclasses import asdict
+from pathlib import Path
 
 import httpx
 import pytest
 import ray
+import yaml
 from fastapi.testclient import TestClient
 from ray import serve
+from ray.serve.schema import ServeDeploySchema
 
 from dylora_moe.serving import ROUTING_HEADER, create_app
 from dylora_moe.serving.ray_config import RayServeConfig
 from tests.serving.conftest import AUTH, KEY, MODEL, server_config, two_skill_run, wait
 
+SERVE_YAML = Path(__file__).parents[2] / "configs" / "ray" / "serve.yaml"
 DIGITS, LETTERS = ["3+3=", "12+12=", "7+7="], ["up cd:", "up zz:", "up kq:"]
 
 
@@ -139,6 +145,51 @@ def test_an_evicted_expert_is_reloaded_with_identical_answers(cluster, run, refe
         serve.delete("lru")
 
 
+@pytest.mark.slow
+def test_a_dense_router_sends_each_request_to_a_replica_holding_the_whole_pool(cluster, run, tmp_path):
+    """While an expert is immature every prompt mixes the whole pool: the request's expert set is the pool, one
+    multiplexed id, and the replica that holds it answers as ``dylora serve`` does with the same dense weights."""
+    from dylora_moe import DyLoRAMoE
+    from dylora_moe.training.progress import MEMORY
+
+    dense = tmp_path / "dense"
+    shutil.copytree(run, dense)
+    system = dense / "system"
+    model = DyLoRAMoE.from_pretrained(system)
+    model.router.set_maturity(1, False)  # expert 1 just created: the router mixes densely
+    memory = (system / MEMORY).read_bytes()
+    model.save_pretrained(system, extra=lambda folder: (folder / MEMORY).write_bytes(memory))
+    # deployed as ``serve run configs/ray/serve.yaml`` would, from the file's args with this folder and layout
+    (spec,) = ServeDeploySchema(**yaml.safe_load(SERVE_YAML.read_text())).applications
+    args = {**spec.args, "system": str(dense), "server": {**spec.args["server"], "model_name": MODEL},
+            "ray": asdict(layout(replicas=1, app_name="dense"))}
+    module, name = spec.import_path.split(":")
+    serve.run(getattr(importlib.import_module(module), name)(args), name="dense", route_prefix="/dense")
+    try:
+        with httpx.Client(base_url=cluster, timeout=120) as http, \
+                TestClient(create_app(dense, server_config(api_key=None))) as single:
+            for prompt in ["3+3=", "up cd:", "12+12="]:
+                r, want = complete(http, prompt, "/dense"), complete(single, prompt).json()
+                assert r.status_code == 200, r.text
+                routing = r.json()["routing"]
+                assert routing["strategy"] == want["routing"]["strategy"] == "dense"
+                assert r.json()["choices"] == want["choices"]
+                assert len(routing["experts"]) + routing.get("omitted_experts", 0) == 2  # both mixed
+                assert same_weights(routing["experts"], want["routing"]["experts"])
+                assert routing.get("omitted_weight") == want["routing"].get("omitted_weight")
+            metrics = http.get("/dense/metrics").text
+            for expert in (0, 1):
+                assert f'dylora_replica_expert_resident{{expert="{expert}",replica="{routing["replica"]}"}} 1.0' \
+                    in metrics
+    finally:
+        serve.delete("dense")
+
+
+def same_weights(got: list[dict], want: list[dict], tol: float = 1e-4) -> bool:
+    return [e["expert_id"] for e in got] == [e["expert_id"] for e in want] and all(
+        abs(a["weight"] - b["weight"]) <= tol for a, b in zip(got, want, strict=True))
+
+
 def traffic(url: str, prompts: list[str], stop: threading.Event, out: list, clients: int = 3) -> list[threading.Thread]:
     def loop(i: int) -> None:
         with httpx.Client(base_url=url, timeout=120) as http:
@@ -216,6 +267,17 @@ def test_a_skill_uploaded_during_traffic_costs_no_error(url, run):
                 assert got["choices"] == want["choices"]
                 routing = {k: v for k, v in got["routing"].items() if k not in ("replica", "system_version")}
                 assert routing == want["routing"] and routing["strategy"] == job["result"]["routing_strategy"]
+
+
+def test_the_serve_config_builder_refuses_unknown_settings_by_name(tmp_path):
+    from dylora_moe.serving.ray_app import app_builder
+
+    with pytest.raises(ValueError, match="need 'system'"):
+        app_builder({"server": {}})
+    with pytest.raises(ValueError, match=r"args.ray has unknown field\(s\) \['replica'\]"):
+        app_builder({"system": str(tmp_path), "ray": {"replica": 2}})
+    with pytest.raises(ValueError, match="max_replicas=1 is below min_replicas=2"):
+        app_builder({"system": str(tmp_path), "ray": {"min_replicas": 2, "max_replicas": 1}})
 
 
 def test_the_folder_has_one_writer_while_uploads_are_on(url, run):

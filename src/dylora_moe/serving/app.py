@@ -21,6 +21,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
 
 from .auth import check_key
 from .config import ServerConfig
@@ -109,23 +110,25 @@ def create_app(system: ServedSystem | str | Path, config: ServerConfig | None = 
         check_key(request, config.api_key)
         upload = read_upload(await request.body(), request.headers.get("content-type", ""),
                              dict(request.query_params), config)
-        job = jobs.submit(upload)
+        job = await run_in_threadpool(jobs.submit, upload)  # a remote job worker answers over the network
         return JSONResponse(job.to_dict(), status_code=202, headers={"Location": f"/jobs/{job.id}"})
 
     @app.get("/jobs")
     async def job_list(request: Request) -> dict:
         check_key(request, config.api_key)  # jobs name the uploads and their fate: the uploader's business
-        return {"object": "list", "data": [j.to_dict() for j in jobs.jobs.values()]}
+        listed = await run_in_threadpool(lambda: list(jobs.jobs.values()))
+        return {"object": "list", "data": [j.to_dict() for j in listed]}
 
     @app.get("/jobs/{job_id}")
     async def job(job_id: str, request: Request) -> dict:
         check_key(request, config.api_key)
-        return jobs.get(job_id).to_dict()
+        return (await run_in_threadpool(jobs.get, job_id)).to_dict()
 
     @app.get("/health")
     async def health() -> dict:
         model = system.model
-        running = sum(j.status in ("queued", "running") for j in jobs.jobs.values())
+        listed = await run_in_threadpool(lambda: list(jobs.jobs.values()))
+        running = sum(j.status in ("queued", "running") for j in listed)
         return {"status": "ok", "model": config.model_name, "base_model": model.config.model,
                 "experts": model.num_experts, "routing_strategy": strategy(model), "system_version": system.version,
                 "skill_jobs_pending": running}

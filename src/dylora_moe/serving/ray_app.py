@@ -192,6 +192,26 @@ def build_app(path: str | Path, config: ServerConfig, ray_config: RayServeConfig
     return Ingress.options(**ray_config.ingress_options()).bind(path, config, generator, jobs, ray_config.attempts)
 
 
+def app_builder(args: dict):
+    """The application for a Ray Serve config file (``serve run deploy/serve.yaml``, ``serve deploy``):
+    ``import_path: dylora_moe.serving.ray_app:app_builder`` with ``args`` ``system`` (the run or system folder,
+    on storage every node reads), and optionally ``server`` (``ServerConfig`` fields; the API key from
+    ``DYLORA_API_KEY`` on the head node), ``ray`` (``RayServeConfig`` fields) and ``overrides`` (``device``,
+    ``dtype``). Unknown keys are refused by name rather than ignored."""
+    unknown = set(args) - {"system", "server", "ray", "overrides"}
+    if unknown or "system" not in args:
+        raise ValueError(f"serve config args need 'system' and take only system/server/ray/overrides; got "
+                         f"{sorted(args)}")
+    for name, cls in (("server", ServerConfig), ("ray", RayServeConfig)):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        wrong = set(args.get(name) or {}) - fields
+        if wrong:
+            raise ValueError(f"args.{name} has unknown field(s) {sorted(wrong)}; known: {sorted(fields)}")
+    ray_config = RayServeConfig(**(args.get("ray") or {}))
+    return build_app(args["system"], ServerConfig(**(args.get("server") or {})), ray_config,
+                     args.get("overrides") or {})
+
+
 def run(path: Path, config: ServerConfig, ray_config: RayServeConfig, *, host: str, port: int,
         overrides: dict | None = None) -> int:
     """Start (or join) the cluster, deploy, and serve until interrupted."""
