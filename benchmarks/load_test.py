@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 from dylora_moe import DyLoRAConfig, DyLoRAMoE  # noqa: E402
 from dylora_moe.cli import quiet_libraries  # noqa: E402
 from dylora_moe.data.sources import Example, humaneval, verilogeval  # noqa: E402
+from dylora_moe.serving.config import ServerConfig  # noqa: E402
 
 MODEL = "dylora-moe"
 _DOC = ('    """Return a list of the words of sentence in reverse order, keeping punctuation attached to the word it '
@@ -78,6 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="output lengths the requests cycle through")
     p.add_argument("--max-batch", type=int, default=16, help="sequences the server generates together (both modes)")
     p.add_argument("--modes", nargs="+", default=["continuous", "static"], choices=["continuous", "static"])
+    p.add_argument("--join-batch", type=int, default=ServerConfig.join_batch, help="the server's --join-batch")
+    p.add_argument("--join-wait-steps", type=int, default=ServerConfig.join_wait_steps,
+                   help="the server's --join-wait-steps (0 admits joiners at every decode step)")
     p.add_argument("--seed-steps", type=int, default=2)
     p.add_argument("--consolidation-steps", type=int, default=4)
     p.add_argument("--job-timeout", type=float, default=600.0, help="seconds to wait for a skill job")
@@ -108,6 +112,7 @@ def served(folder: Path, mode: str, args: argparse.Namespace, key: str, log: Pat
     cmd += ["serve", str(folder), "--port", str(port), "--batching", mode, "--max-batch", str(args.max_batch),
             "--max-tokens-cap", str(max(args.max_tokens)), "--seed-steps", str(args.seed_steps),
             "--consolidation-steps", str(args.consolidation_steps), "--train-batch-size", "2"]
+    cmd += ["--join-batch", str(args.join_batch), "--join-wait-steps", str(args.join_wait_steps)]
     env = {**os.environ, "DYLORA_API_KEY": key, "PYTHONPATH": os.pathsep.join(
         [str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
     with log.open("w") as out:
@@ -332,7 +337,8 @@ def main(argv=None) -> int:
             runs.append({m: run_mode(base, m, args, key, tmp, f"{m}-{rep}") for m in order})
     result = {"system": str(args.system or "fresh default-model system + python skill"), "clients": args.clients,
               "streaming_clients": args.clients // 2, "duration_s": args.duration, "repeats": args.repeats,
-              "max_tokens": args.max_tokens, "max_batch": args.max_batch, "prompts": len(PROMPTS),
+              "max_tokens": args.max_tokens, "max_batch": args.max_batch, "join_batch": args.join_batch,
+              "join_wait_steps": args.join_wait_steps, "prompts": len(PROMPTS),
               "training": {"seed_steps": args.seed_steps, "consolidation_steps": args.consolidation_steps,
                            "batch_size": 2}, "setup_job": setup, "summary": summary(runs, args.modes), "runs": runs}
     print(json.dumps(result["summary"], indent=2))

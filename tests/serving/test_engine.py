@@ -189,3 +189,40 @@ def test_a_running_batch_finishes_on_its_system_and_the_next_runs_on_the_new_one
         answers[name] = r.future.result().text
     assert answers["old"] != answers["new"]
     assert order == ["long", "short"] and short == answers["new"]  # it waited for the old batch to drain
+
+
+@pytest.mark.parametrize("wait_steps", [0, 5])
+def test_joiners_wait_a_few_decode_steps_to_share_one_prefill_pass(untrained, wait_steps, monkeypatch):
+    """While a long request decodes, a lone arrival joins at the next step with ``join_wait_steps=0``; otherwise
+    it waits that many steps for company, and arrivals that fill ``join_batch`` join together at once."""
+    from dylora_moe.serving import continuous
+
+    passes: list[tuple[int, list[str]]] = []  # (decode steps run so far, prompts prefilled in one pass)
+    steps = [0]
+    join, step = continuous.RunningBatch.join, continuous.RunningBatch.step
+    monkeypatch.setattr(continuous.RunningBatch, "join",
+                        lambda self, rs: (passes.append((steps[0], [r.prompt for r in rs])), join(self, rs))[1])
+    monkeypatch.setattr(continuous.RunningBatch, "step", lambda self: (steps.__setitem__(0, steps[0] + 1),
+                                                                       step(self))[1])
+    engine = Engine(untrained, ServerConfig(max_tokens_cap=100, join_batch=2, join_wait_steps=wait_steps), Metrics())
+    try:
+        streaming = threading.Event()
+        long = GenerationRequest("hello world", 60, on_event=lambda kind, _: kind == "delta" and streaming.set())
+        engine.submit(long)
+        assert streaming.wait(60)
+        lone = GenerationRequest("1+1=", 2)
+        engine.submit(lone)
+        lone.future.result(timeout=60)
+        pair = [GenerationRequest("2+2=", 2), GenerationRequest("3+3=", 2)]
+        for r in pair:
+            engine.submit(r)
+        for r in pair:
+            r.future.result(timeout=60)
+        long.future.result(timeout=120)
+    finally:
+        engine.close()
+    (first, _), (at, alone), *rest = passes
+    assert alone == ["1+1="]
+    assert at - first >= wait_steps  # the lone arrival waited for company that never came
+    if wait_steps:
+        assert at - first <= wait_steps + 2 and ["2+2=", "3+3="] in [p for _, p in rest]  # a full pass at once

@@ -29,6 +29,12 @@ class ServerConfig:
         batching: ``continuous`` (a request joins the running batch at the next decode step and leaves it when
             done, streaming or not) or ``static`` (the requests that arrived together run as one batch to its
             end, a streaming request alone): the older scheme, kept to compare against.
+        join_batch, join_wait_steps: continuous batching prefills joining requests together: while other rows
+            are decoding, arrived requests wait until ``join_batch`` sequences are waiting (or as many as the
+            batch has room for) or the oldest has waited ``join_wait_steps`` decode steps, then join in one
+            prefill pass. A pass has a fixed cost (every weight is read once), and every running row waits for
+            it, so fewer, fuller passes keep the long requests' latency down; an idle batch admits at once.
+            ``join_wait_steps=0`` admits at every step.
         routing_top, routing_min_weight: the routing a response reports lists at most ``routing_top`` experts,
             those of weight at least ``routing_min_weight`` (always the heaviest one); dense routing gives every
             expert some weight, and the rest is summed up as ``omitted_experts`` / ``omitted_weight``.
@@ -53,6 +59,8 @@ class ServerConfig:
     max_prompt_tokens: int = 4096
     max_batch: int = 8
     batching: str = "continuous"
+    join_batch: int = 4
+    join_wait_steps: int = 4
     routing_top: int = 4
     routing_min_weight: float = 0.01
     max_queue: int = 64
@@ -70,9 +78,11 @@ class ServerConfig:
             self.api_key = os.environ.get(API_KEY_ENV) or None
         for name in ("max_body_bytes", "max_upload_bytes", "max_tokens_cap", "default_max_tokens",
                      "max_prompt_tokens", "max_batch", "max_upload_examples", "max_example_chars",
-                     "max_pending_jobs", "max_queue", "routing_top"):
+                     "max_pending_jobs", "max_queue", "routing_top", "join_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.join_wait_steps < 0:
+            raise ValueError(f"join_wait_steps must be >= 0, got {self.join_wait_steps}")
         if not self.body_timeout > 0:
             raise ValueError(f"body_timeout must be > 0 seconds, got {self.body_timeout}")
         if self.batching not in BATCHING:

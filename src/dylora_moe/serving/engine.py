@@ -42,6 +42,7 @@ class Engine:
         self.metrics = metrics
         self._queue: queue.Queue[GenerationRequest] = queue.Queue(maxsize=config.max_queue)
         self._closed = threading.Event()
+        self._held = 0  # decode steps run while requests waited to join (continuous batching)
         loop = self._continuous if config.batching == "continuous" else self._static
         self._thread = threading.Thread(target=loop, name="dylora-generate", daemon=True)
         self._thread.start()
@@ -76,6 +77,7 @@ class Engine:
                 batch = self._admit(batch, waiting)
                 if batch.size:
                     batch.step()
+                    self._held = self._held + 1 if waiting else 0
             except Exception as err:  # a failure of one batch must not stop the worker
                 logger.exception("generation failed", extra={"fields": {"event": "error", "kind": type(err).__name__}})
                 if batch is not None:
@@ -106,6 +108,9 @@ class Engine:
             return batch
         joining: list[GenerationRequest] = []
         free = self.config.max_batch - batch.size
+        if batch.size and not self._due(waiting, free):
+            return batch
+        self._held = 0
         # a request with more choices than max_batch runs when the batch is empty, rather than never
         while waiting and (waiting[0].n <= free or not (batch.size or joining)):
             r = waiting.popleft()
@@ -121,6 +126,14 @@ class Engine:
                         r.future.set_exception(err)
                 raise
         return batch
+
+    def _due(self, waiting: deque[GenerationRequest], free: int) -> bool:
+        """Whether waiting requests join the running batch now: enough of them to fill a prefill pass (or the
+        batch's room), or the oldest has waited ``join_wait_steps`` decode steps (``ServerConfig.join_batch``)."""
+        if not waiting or free <= 0:
+            return False
+        return sum(r.n for r in waiting) >= min(free, self.config.join_batch) or \
+            self._held >= self.config.join_wait_steps
 
     # ------------------------------------------------------------------ static batching
     def _static(self) -> None:
