@@ -215,6 +215,14 @@ def test_instruction_views_add_prose_requests_to_training_and_to_the_routing_mem
     steps = [learner.prepare(stream.skills[0]) for learner in (plain, viewed)]
     assert len(steps[1].train_set) == 2 * len(steps[0].train_set)
     assert viewed.views(steps[1].train)[0].prompt == f"add {steps[1].train[0].prompt.split()[2]} to x"
+    raw = ContinualLearner(model, stream, small_config(instruction_views=True, raw_copies=True), tmp_path / "c")
+    model.tokenizer.chat_template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+    both = raw.prepare(stream.skills[0])  # the (raw) examples, then every view with the chat template and raw
+    model.tokenizer.chat_template = None
+    n = len(steps[0].train_set)
+    assert len(both.train_set) == 3 * n
+    lt = model.tokenizer.convert_tokens_to_ids("<")
+    assert [row[0] == lt for row in both.train_set["input_ids"]] == [False] * n + [True] * n + [False] * n
     digit_step = viewed.prepare(stream.skills[1])
     assert len(digit_step.train_set) == len(plain.prepare(stream.skills[1]).train_set)  # already requests: no views
     result = model.add_new_skill(steps[1].train, name="commented")

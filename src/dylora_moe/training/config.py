@@ -33,7 +33,7 @@ class TrainingConfig:
         anchors_per_skill: anchor prompts taken from each earlier skill (the skill's own: one per example).
         strip_leading_blank_lines: drop the blank lines a training response starts with (``data/augment.py``).
         raw_copies: also train on every example without the chat template (the prompt as plain text), so the
-            expert learns the skill and not one rendering of it.
+            expert learns the skill and not one rendering of it; with ``instruction_views`` the views too.
         instruction_views: also train on every completion-style example as a bare request (its prompt's
             prose as a chat request, its prompt's code and response as the answer: ``data/augment.py``) and
             store those requests' routing features, so the expert writes whole programs for requests phrased

@@ -133,8 +133,10 @@ class ContinualLearner:
             raw = build_dataset(tok, train, max_length=cfg.max_length, chat=False, packing=cfg.packing)
             built = datasets.concatenate_datasets([built, raw])
         if views := self.views(train):  # bare requests are chat turns, whatever the dataset's own format
-            built = datasets.concatenate_datasets(
-                [built, build_dataset(tok, views, max_length=cfg.max_length, chat=True, packing=cfg.packing)])
+            forms = (True, False) if cfg.raw_copies else (True,)  # and raw completions too, with raw_copies
+            built = datasets.concatenate_datasets([built, *(
+                build_dataset(tok, views, max_length=cfg.max_length, chat=form, packing=cfg.packing)
+                for form in forms)])
         return built
 
     def views(self, examples: list[Example]) -> list[Example]:
