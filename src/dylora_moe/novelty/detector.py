@@ -29,6 +29,13 @@ pair explains it. A mixture creates no expert and is not folded into either skil
 both skills (``NoveltyResult.components``), and the continual loop stores its routing features as multi-label
 rows for the gate.
 
+What the test can see: data whose examples are mixtures of known skills' examples in the embedding (on the token
+embeddings, ``layer=0``, an example made of one skill's text and another's is embedded exactly as such a
+mixture). What it cannot: the composed tasks of ``data/composed.py`` on SmolLM2-135M's final hidden states
+are as far from the best pair's mixture as from the nearest single skill (separation about 3 to 4, boundary
+0.25), because the wrapper code every composed example shares (``import sqlite3 ... fetchall()``) is a
+consistent shift that no known skill has; such data is still novel and gets an expert.
+
 ``granularity`` is the knob that decides how different two datasets must be to be separate skills; it is
 in the data's own units, so the same value holds across backbones and layers (``benchmarks/novelty.py``).
 """
