@@ -123,6 +123,10 @@ def test_routing_memory_keeps_multi_label_rows():
     memory.reassign(12, 10)  # both labels merged into one expert: a single-label row
     assert memory.skills[key][0] == 10
 
+    small = RoutingMemory(per_skill=4)  # a mixture's rows are sampled down like a skill's (negative key seeds)
+    small.add(key, [10, 11], torch.randn(10, 4))
+    assert small.skills[key][1].shape == (4, 4)
+
 
 def test_a_multi_label_rehearsal_batch_runs_through_the_model():
     model = build(top_k=2, cumulative_weight=0.8)
