@@ -344,12 +344,15 @@ def merged(model, pairs, skill_of, conf_c, conf_s, score_items, checkers, batch,
 
 
 def gap_closed(results: dict, pairs: list[str]) -> dict[str, float | None]:
-    """Per variant: the share of the top-1 to joint_lora gap in composed loss it closes (1 = the bound)."""
+    """Per variant: the share of the top-1 to joint_lora gap in composed loss it closes (1 = the bound). Empty
+    when joint_lora is missing or is not below top-1 (then it bounds nothing and the share is undefined)."""
     if "joint_lora" not in results:
         return {}
     top1, joint = (mean(results[v]["composed_loss"]) for v in ("top1", "joint_lora"))
     gap = top1 - joint
-    return {v: (top1 - mean(r["composed_loss"])) / gap if abs(gap) > 1e-9 else None for v, r in results.items()}
+    if gap <= 1e-9:
+        return {}
+    return {v: (top1 - mean(r["composed_loss"])) / gap for v, r in results.items()}
 
 
 def table(report: dict) -> str:
