@@ -89,6 +89,10 @@ class RouterConfig:
             *relevant* established ones), the weights renormalised over those; ``None`` mixes the whole pool.
             It keeps the dense phase's cost, in training and serving, flat as the pool grows; pools of up to
             ``dense_top_m + 1`` experts route exactly as with ``None``.
+        cumulative_weight: once every expert is mature, choose the number of experts per input instead of always
+            ``top_k``: the fewest experts whose gate probabilities (softmax over every expert) sum to at least this,
+            at most ``top_k``. With ``top_k=2`` an input the gate is sure of keeps one expert and one it splits
+            between two skills (a composed task) gets both. ``None`` (default): always ``top_k``.
     """
 
     top_k: int = field(default=1, metadata={"help": "experts per sample in sparse mode"})
@@ -101,6 +105,9 @@ class RouterConfig:
     dense_top_m: int | None = field(
         default=4, metadata={"help": "mature experts mixed per sample in the dense phase; None = all"}
     )
+    cumulative_weight: float | None = field(
+        default=None, metadata={"help": "sparse k per input: fewest experts reaching this probability; None = top_k"}
+    )
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
@@ -109,6 +116,8 @@ class RouterConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.dense_top_m is not None and self.dense_top_m < 1:
             raise ValueError(f"dense_top_m must be >= 1 or None, got {self.dense_top_m}")
+        if self.cumulative_weight is not None and not 0.0 < self.cumulative_weight <= 1.0:
+            raise ValueError(f"cumulative_weight must be in (0, 1] or None, got {self.cumulative_weight}")
         _choice("granularity", self.granularity, GRANULARITIES)
         _choice("route_on", self.route_on, ROUTE_ON)
         if self.route_layer is not None and self.route_layer < 0:
@@ -134,6 +143,10 @@ class NoveltyConfig:
             backbones (``benchmarks/novelty.py``).
         significance: a separation beyond ``granularity`` must also be significant at this level (a
             permutation test), so that small samples of a known skill are not split off by chance.
+        mixtures: data that no single known skill explains is tested against mixtures of two known skills (the
+            same separation, granularity and significance; ``novelty/detector.py``), so that inputs needing two
+            known skills at once (composed tasks) are recognised as their mixture and get no expert of their own.
+            ``separation`` and ``mahalanobis`` methods (and so ``combined``). Off by default.
         permutations: permutations per significance test.
         entropy_margin: ``entropy`` method: how much higher (normalised entropy, 0..1) the gate's mean entropy
             on new data must be than on known skills' data.
@@ -162,6 +175,7 @@ class NoveltyConfig:
                         metadata={"help": "separation | mahalanobis | entropy | combined | cosine"})
     granularity: float = field(default=0.25, metadata={"help": "separation (within-skill variance) above = novel"})
     significance: float = field(default=0.01, metadata={"help": "permutation-test level of a novel decision"})
+    mixtures: bool = field(default=False, metadata={"help": "recognise mixtures of two known skills (composed data)"})
     permutations: int = field(default=200, metadata={"help": "permutations per significance test"})
     entropy_margin: float = field(default=0.2, metadata={"help": "entropy method: mean entropy rise = novel"})
     similarity_threshold: float = field(default=0.985, metadata={"help": "cosine method: similarity below = novel"})

@@ -28,6 +28,7 @@ from .data.sources import Example
 from .events import EXPERT_CREATED, EXPERT_DELETED, EXPERTS_MERGED, SKILL_RECOGNISED, EventLog
 from .experts import ExpertManager, ExpertMixture, decoder_layers, expert_rank
 from .novelty import NoveltyDetector, NoveltyResult, SkillLibrary, SkillSample
+from .novelty.detector import Decision
 from .novelty.embedding import embed_sample
 from .routing import DynamicHybridRouter, RouterOutput
 from .routing.control import NO_EXPERT, RoutingControl, prompt_mask
@@ -91,6 +92,7 @@ class DyLoRAMoE(nn.Module):
             top_k=self.config.router.top_k,
             temperature=self.config.router.temperature,
             dense_top_m=self.config.router.dense_top_m,
+            cumulative_weight=self.config.router.cumulative_weight,
             events=self.events,
         ).to(weight.device)
         self.routing = RoutingControl(backbone, self.router, self.experts, self.mixture, self.config.router)
@@ -214,7 +216,8 @@ class DyLoRAMoE(nn.Module):
     def add_new_skill(self, data: Sequence[str | Example] | Tensor | dict, name: str | None = None) -> NoveltyResult:
         """Spec 3.1.3: embed the data; when the detector finds it novel, mark the previous expert mature and
         create an expert, a gate column and a library entry; otherwise fold the data into the known skill it
-        belongs to. The result carries the detector's evidence."""
+        belongs to (a mixture of two known skills, ``novelty.mixtures``, is named but folded into neither). The
+        result carries the detector's evidence."""
         return self.add_skill_sample(self.embed_sample(data), name)
 
     def add_skill_sample(self, sample: SkillSample, name: str | None = None) -> NoveltyResult:
@@ -227,6 +230,8 @@ class DyLoRAMoE(nn.Module):
             similarity = float(nn.functional.cosine_similarity(known, embedding.to(known.device), dim=0))
         evidence = {"method": self.config.novelty.method, "statistic": decision.statistic,
                     "boundary": decision.boundary, "p_value": decision.p_value, "scores": decision.scores}
+        if decision.components is not None:
+            return self._recognise_mixture(decision, name, similarity, evidence)
         if not decision.is_novel:
             skill = self.library.update_skill(decision.nearest_skill, embedding, len(sample), sample)
             self.events.emit(SKILL_RECOGNISED, skill_id=skill.skill_id, name=name or skill.name,
@@ -243,6 +248,24 @@ class DyLoRAMoE(nn.Module):
                          rank=rank, nearest_skill=decision.nearest_skill, similarity=similarity,
                          experts=self.num_experts, **evidence)
         return NoveltyResult(True, skill.skill_id, expert_id, decision.nearest_skill, similarity, rank, **evidence)
+
+    def _recognise_mixture(self, decision: Decision, name: str | None, similarity: float | None,
+                           evidence: dict) -> NoveltyResult:
+        """Data that needs two known skills at once: no expert, and neither skill's sample changes (composed rows
+        would blur the skill they were folded into); the result names both skills for multi-label routing."""
+        main = self.library.skills[decision.components[0]]
+        self.events.emit(SKILL_RECOGNISED, skill_id=main.skill_id, name=name or main.name, expert_id=main.expert_id,
+                         similarity=similarity, components=list(decision.components),
+                         mixture_weight=decision.mixture_weight, **evidence)
+        return NoveltyResult(False, main.skill_id, main.expert_id, decision.nearest_skill, similarity,
+                             self.experts.ranks[main.expert_id], components=list(decision.components),
+                             mixture_weight=decision.mixture_weight, **evidence)
+
+    def component_experts(self, result: NoveltyResult) -> list[int]:
+        """The experts of a result's skills: both components' for a mixture, else the one expert."""
+        if not result.components:
+            return [result.expert_id]
+        return [self.library.skills[s].expert_id for s in result.components]
 
     # ------------------------------------------------------------------ routing
     def route(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> RouterOutput:
@@ -279,7 +302,8 @@ class DyLoRAMoE(nn.Module):
     ) -> DyLoRAOutput:
         """input_ids, attention_mask, labels: [B, T]. With labels, sequence routing pools over the prompt (the
         tokens labelled ``-100``) unless ``router.route_on="text"``; without, over the whole input.
-        ``rehearsal`` = (features [M, H], expert columns [M]) of stored examples adds the gate's cross-entropy
+        ``rehearsal`` = (features [M, H], expert columns [M] or multi-label target distributions [M, E]) of
+        stored examples adds the gate's cross-entropy
         on them as ``rehearsal_loss`` (inside the forward, so a DDP-wrapped model reduces its gradient like any
         other). Other keyword arguments (``num_items_in_batch`` among them) go to the backbone."""
         if self.training or labels is not None:

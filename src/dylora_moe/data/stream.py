@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from ..config import from_dict
+from .composed import PAIRS, composed
 from .sources import (
     Example,
     codealpaca,
@@ -54,6 +55,7 @@ BUILTINS: dict[str, tuple[Callable[..., list[Example]], bool]] = {
     "nl2bash": (lambda data_dir, **kw: nl2bash(data_dir), True),
     "codealpaca": (lambda data_dir, **kw: codealpaca(data_dir), True),
     "superni": (lambda data_dir, task=None, **kw: superni(data_dir, task), True),
+    "composed": (lambda data_dir, pair=None, **kw: composed(data_dir, pair), True),
 }
 
 
@@ -64,12 +66,13 @@ class SkillSource:
     Args:
         type: ``builtin`` (a reader of this package), ``file`` (local JSON/JSONL/CSV/text) or ``hf`` (a
             Hugging Face dataset, for machines with hub access or a local dataset cache).
-        name: builtin name (humaneval, verilogeval, mbpp, humaneval-x, spider, nl2bash, codealpaca, superni) or
-            the HF dataset name.
+        name: builtin name (humaneval, verilogeval, mbpp, humaneval-x, spider, nl2bash, codealpaca, superni,
+            composed) or the HF dataset name.
         path: file path for ``file`` sources (relative paths resolve against the stream file's folder).
         config: HF dataset config. split: HF split, or the VerilogEval split (Human / Machine).
         language: HumanEval-X language (python, js, cpp, java).
         task: SuperNI task name (``task363_sst2_polarity_classification``; see ``data/superni.py``).
+        pair: composed-task pair (sql-python, bash-python, python-js; see ``data/composed.py``).
         start, stop: the slice of the source's examples this skill uses.
     """
 
@@ -80,6 +83,7 @@ class SkillSource:
     split: str | None = None
     language: str | None = None
     task: str | None = None
+    pair: str | None = None
     start: int = 0
     stop: int | None = None
 
@@ -94,6 +98,8 @@ class SkillSource:
             raise ValueError("an hf source needs `name` (the dataset id)")
         if self.type == "builtin" and self.name == "superni" and not self.task:
             raise ValueError("the superni source needs `task`, e.g. task363_sst2_polarity_classification")
+        if self.type == "builtin" and self.name == "composed" and self.pair not in PAIRS:
+            raise ValueError(f"the composed source needs `pair`, one of {', '.join(PAIRS)}; got {self.pair!r}")
 
 
 @dataclass
@@ -276,7 +282,8 @@ def load_examples(skill: SkillSpec, data_dir: str | Path | None = None) -> list[
         reader, needs_dir = BUILTINS[src.name]
         if needs_dir and data_dir is None:
             raise FileNotFoundError(f"skill {skill.name!r}: source {src.name} reads a data directory; pass --data-dir")
-        kwargs = {k: v for k, v in (("split", src.split), ("language", src.language), ("task", src.task)) if v}
+        kwargs = {k: v for k, v in (("split", src.split), ("language", src.language), ("task", src.task),
+                                                         ("pair", src.pair)) if v}
         records = [{"prompt": e.prompt, "response": e.response, **e.meta} for e in reader(data_dir, **kwargs)]
     elif src.type == "file":
         records = read_records(Path(src.path))

@@ -13,6 +13,8 @@ built so that its meaning does not depend on the backbone, the layer or the samp
 - ``permutation_pvalue``: how often a random relabelling of the pooled rows scores at least as high as the
   observed split: the significance of any of the statistics above, exact under exchangeability.
 - ``mean_entropy`` / ``entropy_pvalue``: the router-confidence trigger.
+- ``mixture_weight`` / ``mixture_rows``: the reference sample of a mixture of two known skills, against which
+  data that needs both skills at once (a composed task) is compared with the same ``separation``.
 
 Statistics are computed in float64 from a Gram matrix, so a permutation costs O((n + m)²), not O((n + m) H).
 """
@@ -110,6 +112,26 @@ def permutation_pvalue(gram: Tensor, ia: Tensor, ib: Tensor, statistic: Statisti
         perm = torch.randperm(total, generator=generator)
         hits += statistic(gram, perm[:n], perm[n:]) >= observed
     return observed, (hits + 1) / (permutations + 1)
+
+
+def mixture_weight(target: Tensor, mean_a: Tensor, mean_b: Tensor) -> float:
+    """alpha in [0, 1] that puts ``alpha * mean_a + (1 - alpha) * mean_b`` closest to ``target`` (all [H]): the
+    share of skill ``a`` in data that mixes two skills, by least squares on the segment between their means."""
+    direction = (mean_a - mean_b).double()
+    norm = float(direction @ direction)
+    if norm <= 1e-24:
+        return 0.5
+    return min(1.0, max(0.0, float((target.double() - mean_b.double()) @ direction) / norm))
+
+
+def mixture_rows(a: Tensor, b: Tensor, alpha: float) -> Tensor:
+    """Rows ``alpha * a_i + (1 - alpha) * b_i`` for i < min(len(a), len(b)): a sample from examples that each
+    mix the two skills in the share alpha, as an example embedding (a mean over its tokens) does when part of its
+    tokens are one skill's and part the other's. Its mean is the mixture of the two means; its spread,
+    alpha² var_a + (1 - alpha)² var_b, is below either skill's, so the comparison is no looser than against one
+    skill."""
+    k = min(a.shape[0], b.shape[0])
+    return alpha * a[:k].double() + (1 - alpha) * b[:k].double()  # [k, H]
 
 
 def canonical_order(x: Tensor) -> Tensor:

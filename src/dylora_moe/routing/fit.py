@@ -4,6 +4,12 @@ Because the gate reads hidden states that do not depend on the experts (the froz
 ``route_layer``, or the frozen backbone's final states), its input for a stored example never changes, and
 the gate can be fitted as a linear classifier on features computed once: cheap enough to run after every
 new skill so that the gate learns the new skill without forgetting where the earlier ones go.
+
+Targets are expert columns (single-label: one skill per example) or target distributions over the columns
+(multi-label: an example that needs several skills, e.g. a composed task, spreads its target equally over
+their experts). The loss is the cross-entropy against the target either way, so one-hot distributions fit
+exactly as columns do; with a soft target the gate learns to give the label set's experts equal weight, which
+the cumulative-weight rule of sparse routing (``RouterConfig.cumulative_weight``) turns into top-2 routing.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from .router import DynamicHybridRouter
 
 def fit_gate(router: DynamicHybridRouter, features: Tensor, columns: Tensor, *, steps: int = 200,
              lr: float = 5e-2, weight_decay: float = 0.0) -> list[float]:
-    """Minimise cross-entropy between ``gate(features) / temperature`` [N, E] and target ``columns`` [N].
+    """Minimise cross-entropy between ``gate(features) / temperature`` [N, E] and the targets: expert
+    ``columns`` [N] (int), or target distributions [N, E] (float rows summing to 1, multi-label).
 
     Returns the loss per step. Only the gate's parameters change.
     """
@@ -24,7 +31,7 @@ def fit_gate(router: DynamicHybridRouter, features: Tensor, columns: Tensor, *, 
         raise ValueError(f"need one target column per feature row, got {features.shape[0]} and {columns.shape[0]}")
     gate = router.gate
     features = features.to(gate.weight.device, gate.weight.dtype)
-    columns = columns.to(gate.weight.device)
+    columns = check_targets(columns, router.num_experts).to(gate.weight.device)
     # Standardising makes one learning rate work for hidden states of any scale; folded back afterwards.
     mean, std = features.mean(0), features.std(0).clamp(min=1e-6) if features.shape[0] > 1 else 1.0
     x = (features - mean) / std
@@ -43,3 +50,15 @@ def fit_gate(router: DynamicHybridRouter, features: Tensor, columns: Tensor, *, 
         gate.weight.copy_(w / std)
         gate.bias.copy_(b - gate.weight @ mean)
     return torch.stack(losses).tolist()
+
+
+def check_targets(targets: Tensor, num_experts: int) -> Tensor:
+    """Targets as ``cross_entropy`` takes them: columns [N] (int), or distributions [N, E] in float32."""
+    if targets.dim() == 1 and not targets.is_floating_point():
+        return targets
+    if targets.dim() != 2 or targets.shape[1] != num_experts:
+        raise ValueError(f"targets must be columns [N] or distributions [N, {num_experts}], got {tuple(targets.shape)}")
+    targets = targets.float()
+    if not torch.allclose(targets.sum(1), torch.ones(targets.shape[0], device=targets.device), atol=1e-4):
+        raise ValueError("each multi-label target row must sum to 1 (the label set's experts weighted equally)")
+    return targets

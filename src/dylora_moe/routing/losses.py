@@ -1,4 +1,5 @@
-"""Auxiliary router losses: rehearsal cross-entropy and the load-balancing loss (spec 6, future work)."""
+"""Auxiliary router losses: rehearsal cross-entropy (single- or multi-label) and the load-balancing loss (spec 6,
+future work)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ from torch import Tensor
 
 
 def rehearsal_loss(logits: Tensor, columns: Tensor, temperature: float = 1.0) -> Tensor:
-    """Cross-entropy of gate logits [M, E] against the experts [M] stored examples belong to."""
+    """Cross-entropy of gate logits [M, E] against the experts [M] stored examples belong to, or against
+    target distributions [M, E] for multi-label rows (an example that needs several experts)."""
+    if columns.is_floating_point():
+        columns = columns.to(logits.dtype)
     return torch.nn.functional.cross_entropy(logits / temperature, columns)
 
 

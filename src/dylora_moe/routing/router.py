@@ -4,6 +4,12 @@ A linear gate maps hidden states to one logit per expert. While any expert's mat
 mixes every expert with a softmax of ``logits / temperature`` (dense collaboration); once all are mature it
 keeps the top-k logits and softmaxes over those only (sparse delegation). ``add_expert`` grows the gate
 without touching the rows of existing experts, so their logits are unchanged.
+
+With ``cumulative_weight`` = tau the number of experts is chosen per input (per sequence, or per token under
+per-token routing): k(x) is the smallest k whose k largest gate probabilities (softmax over every expert) sum
+to at least tau, capped at ``top_k``. An input the gate is sure of keeps one expert (exactly top-1 routing);
+an input the gate splits between two skills (a composed task, once the gate was fitted on multi-label rows)
+gets both, weighted by their renormalised probabilities.
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ class DynamicHybridRouter(nn.Module):
         top_k: experts per sample in sparse mode.
         temperature: divides the logits before the softmax.
         dense_top_m: in dense mode, mature experts mixed per sample besides every immature one (``None``: all).
+        cumulative_weight: sparse mode chooses k per input by cumulative gate probability, at most ``top_k``
+            (``None``: always ``top_k``).
         events: where strategy changes are reported.
     """
 
@@ -57,6 +65,7 @@ class DynamicHybridRouter(nn.Module):
         top_k: int = 1,
         temperature: float = 1.0,
         dense_top_m: int | None = None,
+        cumulative_weight: float | None = None,
         events: EventLog | None = None,
     ) -> None:
         super().__init__()
@@ -64,6 +73,7 @@ class DynamicHybridRouter(nn.Module):
         self.top_k = top_k
         self.temperature = temperature
         self.dense_top_m = dense_top_m
+        self.cumulative_weight = cumulative_weight
         self.events = events or EventLog()
         self.gate = _linear(hidden_size, num_experts)
         self.register_buffer("expert_maturity", torch.zeros(num_experts, dtype=torch.long))
@@ -101,8 +111,20 @@ class DynamicHybridRouter(nn.Module):
         k = min(self.top_k, self.num_experts)
         top, indices = scaled.topk(k, dim=-1)  # [..., K]
         topk_weights = torch.softmax(top, dim=-1)
+        if self.cumulative_weight is not None and k > 1:
+            topk_weights = self.cut_cumulative(scaled, top, indices)
         weights = torch.zeros_like(scaled).scatter(-1, indices, topk_weights)  # [..., E]
         return RouterOutput(weights, logits, indices, topk_weights, SPARSE)
+
+    def cut_cumulative(self, scaled: Tensor, top: Tensor, indices: Tensor) -> Tensor:
+        """Weights [..., K] of the top-k experts under the cumulative rule: an expert is kept when the
+        probabilities of the experts ranked above it sum to less than ``cumulative_weight`` (the first is always
+        kept); the kept ones are renormalised, the others weigh 0 (the mixture then adds nothing for them)."""
+        probs = torch.softmax(scaled, dim=-1).gather(-1, indices)  # [..., K], descending
+        before = probs.cumsum(-1) - probs  # [..., K] probability of the experts ranked higher
+        keep = before < self.cumulative_weight
+        kept = top.masked_fill(~keep, float("-inf"))
+        return torch.softmax(kept, dim=-1)
 
     # ------------------------------------------------------------- experts
     def add_expert(self) -> int:

@@ -53,7 +53,8 @@ class RouterModel:
         finally:
             hf_logging.set_verbosity(verbosity)
         self.router = DynamicHybridRouter(self.backbone.config.hidden_size, top_k=config.router.top_k,
-                                          temperature=config.router.temperature)
+                                          temperature=config.router.temperature,
+                                          cumulative_weight=config.router.cumulative_weight)
         # an empty pool: the routing control needs one to switch experts off for its prefix pass
         empty = ExpertManager(self.backbone, config.expert, first_layer=route_layer or 0)
         self.routing = RoutingControl(self.backbone, self.router, empty, ExpertMixture(empty), config.router)

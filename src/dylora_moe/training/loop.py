@@ -3,7 +3,9 @@
 For each step of a skill stream: the novelty detector decides whether the data is a new skill (phase 1);
 a new skill gets an expert (phase 2) trained with high-rate seeding (phase 3) then low-rate consolidation
 (phase 4), the gate learning in parallel while it rehearses where earlier skills go (phase 5); a known
-skill continues training its expert at the consolidation rate. After each step every skill seen so far is
+skill continues training its expert at the consolidation rate; data recognised as a mixture of two known
+skills (``NoveltyConfig.mixtures``) trains no expert: its routing features join the memory as multi-label rows
+and only the gate is fitted. After each step every skill seen so far is
 evaluated (loss on response tokens, routing of its held-out prompts), filling the loss matrix; with
 ``evaluate_ahead`` the skills still to come are evaluated too (the upper triangle, which forward transfer
 needs).
@@ -38,7 +40,7 @@ from ..routing.fit import fit_gate
 from .config import TrainingConfig, resolve_precision
 from .distill import Anchors, anchor_texts
 from .measure import collator, eval_loss, routed_experts, routing_entropy
-from .rehearsal import RoutingMemory
+from .rehearsal import RoutingMemory, mixture_key
 from .trainer import DyLoRATrainer
 
 logger = logging.getLogger(__name__)
@@ -169,7 +171,9 @@ class ContinualLearner:
         self.remember(data, result)
         start = time.perf_counter()
         self.fit_router()
-        train_log = self.train_expert(i, data, result)
+        # A mixture of known skills teaches the gate to combine their experts (multi-label rows); no expert
+        # trains on it, so neither skill's expert drifts towards the composed format.
+        train_log = [] if result.components else self.train_expert(i, data, result)
         self.fit_router()
         seconds = time.perf_counter() - start
         self.model.mark_mature(result.expert_id)
@@ -223,7 +227,10 @@ class ContinualLearner:
         else:
             texts = whole + prompts
         feats = self.model.routing_features_for(texts, max_length=self.training.max_length)
-        self.memory.add(result.skill_id, result.expert_id, feats)
+        if result.components:  # a mixture of two known skills: multi-label rows, under their own key
+            self.memory.add(mixture_key(result.components), self.model.component_experts(result), feats)
+        else:
+            self.memory.add(result.skill_id, result.expert_id, feats)
 
     def fit_router(self) -> None:
         if not self.trains_router:
