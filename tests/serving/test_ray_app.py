@@ -58,9 +58,18 @@ def reference(run, tmp_path_factory):
         yield client
 
 
+# Ray Serve sends a multiplexed request elsewhere when the replica holding its id does not answer a queue-length
+# probe within 0.1 s (doubling up to 1 s) or within the 1 s matching window: on a machine busy with other work
+# that happens to idle replicas too. The tests check the policy, so they give the probes time to answer.
+PATIENT_PROBES = {"RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "2.0",
+                  "RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "5.0",
+                  "RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S": "5.0"}
+
+
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             runtime_env={"env_vars": PATIENT_PROBES})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
