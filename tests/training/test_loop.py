@@ -270,3 +270,17 @@ def test_requests_the_instruction_views_answer_are_no_kl_anchors(tmp_path):
     step = plain.prepare(stream.skills[0])
     assert len(plain.anchors(0, step, 0)) == 2 * len(step.train)  # each request with the template and raw
     assert viewed.anchors(0, step, 0) is None  # every request is answered by its view: nothing left to anchor
+
+
+def test_the_gate_fits_of_the_loop_are_penalised(tmp_path, monkeypatch):
+    import dylora_moe.training.loop as loop
+
+    decays = []
+    real = loop.fit_gate
+    monkeypatch.setattr(loop, "fit_gate", lambda *a, **kw: decays.append(kw["weight_decay"]) or real(*a, **kw))
+    run_two_skills(tmp_path, router_weight_decay=0.03)
+    assert decays == [0.03] * 4  # before and after each of the two skills
+    assert TrainingConfig().router_weight_decay == 1e-2
+    with pytest.raises(ValueError, match="router_weight_decay"):
+        TrainingConfig(router_weight_decay=-1.0)
+

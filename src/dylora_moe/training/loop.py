@@ -228,7 +228,8 @@ class ContinualLearner:
             return
         batch = self.memory.batch(self.model.experts.expert_ids, self.model.device)
         if batch is not None and self.training.router_fit_steps > 0 and self.training.rehearsal_weight > 0:
-            fit_gate(self.model.router, *batch, steps=self.training.router_fit_steps)
+            fit_gate(self.model.router, *batch, steps=self.training.router_fit_steps,
+                     weight_decay=self.training.router_weight_decay)
 
     def train_expert(self, i: int, data: StepData, result: NoveltyResult,
                      steps: tuple[int, int] | None = None) -> list[dict]:
