@@ -284,3 +284,17 @@ def test_the_gate_fits_of_the_loop_are_penalised(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="router_weight_decay"):
         TrainingConfig(router_weight_decay=-1.0)
 
+
+@pytest.mark.parametrize("recognised", [False, True])
+def test_evaluation_runs_only_examples_whose_expert_changed(tmp_path, recognised):
+    from dylora_moe.training.measure import eval_loss
+
+    model, learner, _, _ = run_two_skills(tmp_path, second_recognised=recognised)
+    n0, n1 = (len(step.eval_set) for step in learner.steps)
+    assert learner.records[-1].routing[0] == {0: 1.0}  # digits' prompts stay with expert 0
+    # after step 1, digits is scored again only when step 1 trained expert 0 (a recognised skill)
+    assert learner.examples_evaluated == n0 + (n0 if recognised else 0) + n1
+    for j, step in enumerate(learner.steps):  # the reused scores are the scores a full evaluation gives
+        assert learner.records[-1].losses[j] == pytest.approx(eval_loss(model, step.eval_set), abs=1e-5)
+    if not recognised:
+        assert learner.records[-1].losses[0] == learner.records[0].losses[0]

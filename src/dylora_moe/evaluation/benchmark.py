@@ -126,6 +126,7 @@ def run_method(name: str, stream: StreamSpec, system: DyLoRAConfig, training: Tr
         "train_seconds": sum(r.train_seconds for r in records),
         "step_train_seconds": [r.train_seconds for r in records],
         "stream_seconds": stream_seconds if records else 0.0,
+        "examples_evaluated": learner.examples_evaluated,  # loss-matrix examples run (the others reused)
         "novel": [r.novelty.is_novel for r in records],
         "expert_of_step": [r.novelty.expert_id for r in records],
         "final_routing": [{str(k): v for k, v in shares.items()} for shares in records[-1].routing] if records else [],
