@@ -196,7 +196,8 @@ class ContinualLearner:
         if result.is_novel and limit is not None and self.model.num_experts > limit:
             pair = closest_pair(self.model, exclude={result.expert_id})
             if pair is not None:
-                merged = merge(self.model, self.memory, pair[0], pair[1], fit_steps=self.training.router_fit_steps)
+                merged = merge(self.model, self.memory, pair[0], pair[1], fit_steps=self.training.router_fit_steps,
+                               fit_decay=self.training.router_weight_decay)
                 self.merges.update({pair[0]: merged, pair[1]: merged})
                 logger.info("pool full (%d experts): merged experts %d and %d (skills %.3f alike) into %d",
                             limit, pair[0], pair[1], pair[2], merged)
