@@ -17,6 +17,14 @@ a rerun with the same OUT skips finished methods (delete the file to redo one). 
 at a time in separate processes, each with half the cores. Writes OUT/results.json, OUT/report.md and plots.
 ``--step-limit N`` also scores N held-out examples per skill by greedy decoding after every step (the score
 matrix; ROUGE-L for SuperNI) and ``--pass-limit`` examples per skill after the last step.
+
+``--orders N`` runs all of that on N orders of the stream (``evaluation/orders.py``: order 0 is the file's, the
+others seeded permutations in which every recurrence stays after its skill's first appearance), order K in
+OUT/order-K (with its own methods/, so a rerun runs only the methods and orders still missing), and writes to
+OUT/results.json and OUT/report.md the mean and spread over orders of each method's metrics:
+
+    python benchmarks/continual.py --stream configs/streams/long-code.yaml --data-dir ../shared/data \
+        --out results/long-code --orders 3 --jobs 2
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from dylora_moe.data.stream import load_stream
 from dylora_moe.evaluation import benchmark_report, score_report
 from dylora_moe.evaluation.baselines import METHODS
 from dylora_moe.evaluation.benchmark import BenchmarkConfig, results_from, run_method
+from dylora_moe.evaluation.orders import aggregate, order_metrics, permuted
 from dylora_moe.training.config import TrainingConfig
 from results import write_json
 
@@ -59,6 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="generation length of those scores (default: the skill's checker's, 50 for SuperNI)")
     p.add_argument("--freeform-limit", type=int, default=BenchmarkConfig.freeform_limit,
                    help="free-form requests per skill asked the final system, chat and raw (0: none)")
+    p.add_argument("--orders", type=int, default=1,
+                   help="orders of the stream to run, each in OUT/order-K, reported as mean and spread over orders")
+    p.add_argument("--order", type=int, default=0,
+                   help="run this one order of the stream into OUT (0: the file's order)")
     p.add_argument("--jobs", type=int, default=1, help="methods run at once, in separate processes")
     p.add_argument("--report", action="store_true",
                    help="run nothing: write results.json and report.md from OUT/methods (with unfinished methods' "
@@ -68,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def configs(args: argparse.Namespace):
-    stream = load_stream(args.stream)
+    stream = permuted(load_stream(args.stream), args.order)
     system = DyLoRAConfig.from_dict({**stream.system, **({"model": args.model} if args.model else {})})
     overrides = {k: v for k, v in (("seed_steps", args.seed_steps),
                                    ("consolidation_steps", args.consolidation_steps)) if v is not None}
@@ -136,6 +149,9 @@ def main(argv=None) -> None:
     if unknown:
         raise SystemExit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     stream, system, _, _ = configs(args)  # a bad stream or option fails before any work
+    if args.orders > 1:
+        run_orders(args, argv)
+        return
     (args.out / "methods").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     todo = [] if args.report else [n for n in names if not (args.out / "methods" / f"{n}.json").is_file()]
@@ -176,6 +192,36 @@ def main(argv=None) -> None:
             sc = m["scores"]
             print(f"{'':16s} {sc['metric']}: AP={sc['ap']:.2f} acc={sc['acc']:.2f} bwt={sc['bwt']:+.2f} "
                   f"forgetting={sc['forgetting']:+.2f} fwt={sc['fwt'] if sc['fwt'] is None else round(sc['fwt'], 2)}")
+    print(f"report: {args.out / 'report.md'}")
+
+
+def run_orders(args: argparse.Namespace, argv: list[str]) -> None:
+    """Every order in its own OUT/order-K (a whole single-order run), then their mean and spread in OUT."""
+    base = strip_option(strip_option(strip_option(argv, "--orders"), "--order"), "--out")
+    started = time.perf_counter()
+    per_order = {}
+    for k in range(args.orders):
+        sub = args.out / f"order-{k}"
+        print(f"order {k}: {sub}", flush=True)
+        main([*base, "--out", str(sub), "--order", str(k)])
+        if (sub / "results.json").is_file():
+            per_order[k] = json.loads((sub / "results.json").read_text())
+    if not per_order:
+        print("no order has a finished method yet")
+        return
+    first = next(iter(per_order.values()))
+    results = {
+        "stream": load_stream(args.stream).name, "model": first["model"], "orders_requested": args.orders,
+        "orders": [{"order": k, "folder": f"order-{k}", "skills": r["skills"],
+                    "methods": {name: order_metrics(m) for name, m in r["methods"].items()}}
+                   for k, r in per_order.items()],
+        "methods": aggregate([r["methods"] for r in per_order.values()]),
+        "total_seconds": sum(r.get("total_seconds", 0.0) for r in per_order.values()),
+        "wall_seconds_this_invocation": time.perf_counter() - started,
+    }
+    write_json(args.out / "results.json", results)
+    command = "python benchmarks/continual.py " + " ".join(a for a in argv if a != "--report")
+    (args.out / "report.md").write_text(benchmark_report.render_orders(results, command=command), encoding="utf-8")
     print(f"report: {args.out / 'report.md'}")
 
 

@@ -278,3 +278,31 @@ def test_requests_the_instruction_views_answer_are_no_kl_anchors(tmp_path):
     step = plain.prepare(stream.skills[0])
     assert len(plain.anchors(0, step, 0)) == 2 * len(step.train)  # each request with the template and raw
     assert viewed.anchors(0, step, 0) is None  # every request is answered by its view: nothing left to anchor
+
+
+def test_the_gate_fits_of_the_loop_are_penalised(tmp_path, monkeypatch):
+    import dylora_moe.training.loop as loop
+
+    decays = []
+    real = loop.fit_gate
+    monkeypatch.setattr(loop, "fit_gate", lambda *a, **kw: decays.append(kw["weight_decay"]) or real(*a, **kw))
+    run_two_skills(tmp_path, router_weight_decay=0.03)
+    assert decays == [0.03] * 4  # before and after each of the two skills
+    assert TrainingConfig().router_weight_decay == 1e-2
+    with pytest.raises(ValueError, match="router_weight_decay"):
+        TrainingConfig(router_weight_decay=-1.0)
+
+
+@pytest.mark.parametrize("recognised", [False, True])
+def test_evaluation_runs_only_examples_whose_expert_changed(tmp_path, recognised):
+    from dylora_moe.training.measure import eval_loss
+
+    model, learner, _, _ = run_two_skills(tmp_path, second_recognised=recognised)
+    n0, n1 = (len(step.eval_set) for step in learner.steps)
+    assert learner.records[-1].routing[0] == {0: 1.0}  # digits' prompts stay with expert 0
+    # after step 1, digits is scored again only when step 1 trained expert 0 (a recognised skill)
+    assert learner.examples_evaluated == n0 + (n0 if recognised else 0) + n1
+    for j, step in enumerate(learner.steps):  # the reused scores are the scores a full evaluation gives
+        assert learner.records[-1].losses[j] == pytest.approx(eval_loss(model, step.eval_set), abs=1e-5)
+    if not recognised:
+        assert learner.records[-1].losses[0] == learner.records[0].losses[0]

@@ -76,6 +76,9 @@ class OracleExperts(LabelledLearner):
     def eval_routing(self, j: int) -> contextlib.AbstractContextManager:
         return self.model.force_expert(self.expert_of_label.get(self.skills[j].label))
 
+    def eval_experts(self, j: int, step: StepData) -> list[int | None]:
+        return [self.expert_of_label.get(self.skills[j].label)] * len(step.eval_set)
+
 
 def spec_reference(system: DyLoRAConfig, training: TrainingConfig) -> tuple[DyLoRAConfig, TrainingConfig]:
     """The design document's choices on top of a configuration (same experts, steps and rates): no gate

@@ -28,7 +28,14 @@ from ..training.measure import eval_loss, routing_entropy
 from .baselines import LEARNERS, spec_reference
 from .freeform import evaluate_stream, trained_examples
 from .generation import Checker, check_python_example, checker_for, score_examples
-from .metrics import average_accuracy, backward_transfer, forgetting, forward_transfer, novelty_scores
+from .metrics import (
+    average_accuracy,
+    backward_transfer,
+    forgetting,
+    forward_transfer,
+    max_transient_forgetting,
+    novelty_scores,
+)
 from .step_scores import StepScorer, chain
 
 
@@ -104,7 +111,7 @@ def run_method(name: str, stream: StreamSpec, system: DyLoRAConfig, training: Tr
             partial_raw(name, learner, scorer, time.perf_counter() - start))))
         records = learner.run(lambda msg: say(f"{name}: {msg}"))
         matrix = [list(r.losses) for r in records]
-    train_seconds = time.perf_counter() - start
+    stream_seconds = time.perf_counter() - start
     if bench.pass_limit > 0 and scorer is None:
         say(f"{name}: scoring the final system by greedy decoding")
     skills = learner.skills
@@ -115,7 +122,11 @@ def run_method(name: str, stream: StreamSpec, system: DyLoRAConfig, training: Tr
         "matrix": matrix,
         "experts": model.num_experts,
         "trainable_params": trainable_params(model, learner),
-        "train_seconds": train_seconds if records else 0.0,
+        # training alone (gate fits and the expert's optimizer steps), and the whole pass with every evaluation
+        "train_seconds": sum(r.train_seconds for r in records),
+        "step_train_seconds": [r.train_seconds for r in records],
+        "stream_seconds": stream_seconds if records else 0.0,
+        "examples_evaluated": learner.examples_evaluated,  # loss-matrix examples run (the others reused)
         "novel": [r.novelty.is_novel for r in records],
         "expert_of_step": [r.novelty.expert_id for r in records],
         "final_routing": [{str(k): v for k, v in shares.items()} for shares in records[-1].routing] if records else [],
@@ -196,8 +207,11 @@ def results_from(raw: dict[str, dict], *, stream: str, model: str) -> dict:
     """``results.json``: per method the matrix and ACC/BWT/FWT/forgetting in loss units (lower loss is better:
     ``acc`` is the mean final loss, negative ``bwt`` and positive ``forgetting`` mean forgetting), routing
     accuracy, entropy and final routing shares where a gate routes, novelty precision/recall/F1 where a
-    detector decides, and the generation scores. ``train_seconds`` is the wall time of the method's pass
-    through the stream: training, gate fitting and the evaluation of every skill after every step."""
+    detector decides, and the generation scores. ``train_seconds`` is the time spent training (the expert's
+    optimizer steps and the gate's fits, summed over steps), ``stream_seconds`` the wall time of the method's
+    pass through the stream, the evaluation of every skill after every step included. Raw measurements from
+    before the two were told apart carry only the latter, as ``train_seconds``: it becomes ``stream_seconds``
+    and ``train_seconds`` is then unknown (``None``)."""
     base = raw.get("base")
     base_row = base["matrix"][0] if base else None
     methods = {}
@@ -208,6 +222,7 @@ def results_from(raw: dict[str, dict], *, stream: str, model: str) -> dict:
             "metric": "loss",
             "acc": average_accuracy(matrix),
             "bwt": backward_transfer(matrix, higher_is_better=False),
+            "max_transient_forgetting": max_transient_forgetting(matrix),
             "fwt": forward_transfer(matrix, base_row, higher_is_better=False) if base_row else None,
             "forgetting": forgetting(matrix, higher_is_better=False),
             "routing_accuracy": gate_routing_accuracy(r) if r.get("uses_router") else None,
@@ -215,7 +230,8 @@ def results_from(raw: dict[str, dict], *, stream: str, model: str) -> dict:
                                 if r.get("uses_router") else None),
             "experts": r["experts"],
             "trainable_params": r["trainable_params"],
-            "train_seconds": r["train_seconds"],
+            "train_seconds": r["train_seconds"] if "stream_seconds" in r else None,
+            "stream_seconds": r.get("stream_seconds", r["train_seconds"]),
             "generation": r.get("generation", []),
             "generation_mean": mean_score(r.get("generation", [])),
             "humaneval": r.get("humaneval"),

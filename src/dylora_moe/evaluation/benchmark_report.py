@@ -108,19 +108,22 @@ def render(results: dict, *, command: str, seconds: float, notes: list[str], par
              "`forgetting` the mean drop from each skill's best (positive: forgetting), `fwt` forward transfer "
              "against the untrained model (positive: earlier skills helped). Generation scores are greedy "
              "decoding on the final system: pass@1 by execution for Python, JavaScript and SQL, exact match "
-             "otherwise; HumanEval pass@1 measures a pretrained ability the stream does not train. `train s` is "
-             "the wall time of the method's pass through the stream (training, gate fitting and the evaluation "
-             "of every skill after every step).", "",
-             "| method | acc (loss) | bwt | forgetting | fwt | routing acc. | generation (mean) | HumanEval pass@1 "
-             "| experts | trainable params | train s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "otherwise; HumanEval pass@1 measures a pretrained ability the stream does not train. `max transient` is "
+             "the largest rise of any skill's loss above its just-learned value at any later step. `train s` is "
+             "the time spent training (the experts' optimizer steps and the gate's fits), `stream s` the wall "
+             "time of the method's pass through the stream, the evaluation of every skill after every step "
+             "included.", "",
+             "| method | acc (loss) | bwt | forgetting | fwt | max transient | routing acc. | generation (mean) "
+             "| HumanEval pass@1 | experts | trainable params | train s | stream s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name in names:
         m = results["methods"][name]
         he = m.get("humaneval")
         lines.append(f"| {name} | {m['acc']:.4f} | {m['bwt']:+.4f} | {m['forgetting']:+.4f} | {fmt(m['fwt'], '+.4f')} "
-                     f"| {fmt(m['routing_accuracy'], '.3f')} | {fmt(m['generation_mean'], '.3f')} "
-                     f"| {fmt(he and he['score'], '.3f')} | {m['experts']} | {m['trainable_params']:,} "
-                     f"| {m['train_seconds']:.0f} |")
+                     f"| {fmt(m.get('max_transient_forgetting'), '.4f')} | {fmt(m['routing_accuracy'], '.3f')} "
+                     f"| {fmt(m['generation_mean'], '.3f')} | {fmt(he and he['score'], '.3f')} | {m['experts']} "
+                     f"| {m['trainable_params']:,} | {fmt(m['train_seconds'], '.0f')} "
+                     f"| {fmt(m['stream_seconds'], '.0f')} |")
     lines += score_lines(results, names)
     if partials:
         lines += partial_lines(partials, skills)
@@ -211,3 +214,52 @@ def write(out: Path, results: dict, *, command: str, seconds: float, extra_notes
     notes = targets(results) + score_targets(results) + list(extra_notes or [])
     (out / "report.md").write_text(render(results, command=command, seconds=seconds, notes=notes,
                                                    partials=partials), encoding="utf-8")
+
+
+# ---------------------------------------------------------------- several orders of one stream
+ORDER_COLUMNS = (("acc", "mean final loss", ".4f"), ("bwt", "BWT", "+.4f"), ("forgetting", "forgetting", "+.4f"),
+                 ("fwt", "FWT", "+.4f"), ("max_transient_forgetting", "max transient", ".4f"),
+                 ("routing_accuracy", "routing acc.", ".3f"), ("novelty_precision", "novelty P", ".2f"),
+                 ("novelty_recall", "novelty R", ".2f"), ("experts", "experts", ".1f"),
+                 ("trainable_params", "trainable params", ",.0f"), ("train_seconds", "train s", ".0f"),
+                 ("stream_seconds", "stream s", ".0f"))
+
+
+def spread_cell(s: dict | None, spec: str) -> str:
+    """``mean ± std (min–max)``, or the value alone when every order agrees; ``-`` when not measured."""
+    if s is None:
+        return "-"
+    if s["min"] == s["max"]:
+        return format(s["mean"], spec)
+    return f"{format(s['mean'], spec)} ± {format(s['std'], spec.lstrip('+'))} ({format(s['min'], spec)}–" \
+           f"{format(s['max'], spec)})"
+
+
+def render_orders(results: dict, *, command: str) -> str:
+    """``report.md`` of ``--orders``: each method's metrics as mean ± standard deviation (min–max) over orders,
+    and which steps each order ran."""
+    names = ordered(results["methods"])
+    orders = results["orders"]
+    lines = [f"# Continual-learning benchmark: {results['stream']}, {len(orders)} orders", "",
+             f"Model `{results['model']}`; {len(orders)} of {results['orders_requested']} orders finished "
+             f"(per-order reports in `order-K/report.md`); {results['total_seconds'] / 60:.0f} min of method time.",
+             "", "```bash", command, "```", "",
+             "Each cell is the mean ± sample standard deviation (min–max) over the orders that ran the method. Loss "
+             "units (nats): `mean final loss` is the mean loss over all steps after the last one, `BWT` backward "
+             "transfer (negative: forgetting), `forgetting` the mean rise from each skill's best loss, `FWT` forward "
+             "transfer against the untrained model, `max transient` the largest rise of any skill's loss above its "
+             "just-learned value at any later step. `train s` is training alone, `stream s` the whole pass through "
+             "the stream with every evaluation.", "",
+             "| method | " + " | ".join(title for _, title, _ in ORDER_COLUMNS) + " |",
+             "|---|" + "---:|" * len(ORDER_COLUMNS)]
+    for name in names:
+        m = results["methods"][name]
+        lines.append(f"| {name} | " + " | ".join(spread_cell(m[key], spec) for key, _, spec in ORDER_COLUMNS) + " |")
+    lines += ["", "## Orders", "", "| order | steps |", "|---:|---|"]
+    lines += [f"| {o['order']} | {', '.join(o['skills'])} |" for o in orders]
+    lines += ["", "## Max transient forgetting per order", "",
+              "| method | " + " | ".join(str(o["order"]) for o in orders) + " |", "|---|" + "---:|" * len(orders)]
+    for name in names:
+        cells = [fmt(o["methods"].get(name, {}).get("max_transient_forgetting"), ".4f") for o in orders]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

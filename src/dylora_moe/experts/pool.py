@@ -51,19 +51,26 @@ def routing_shares(model, memory: RoutingMemory) -> dict[int, float]:
     return {e: counts[c] / features.shape[0] for c, e in enumerate(ids)}
 
 
-def refit(model, memory: RoutingMemory, steps: int) -> None:
+def refit(model, memory: RoutingMemory, steps: int, weight_decay: float | None = None) -> None:
+    """Fit the gate on the memory, penalised as the loop's fits are (``TrainingConfig.router_weight_decay``,
+    its default unless ``weight_decay`` is given)."""
+    if weight_decay is None:
+        from ..training.config import TrainingConfig  # the training package imports this module
+
+        weight_decay = TrainingConfig.router_weight_decay
     batch = memory.batch(model.experts.expert_ids, model.device)
     if batch is not None and steps > 0:
-        fit_gate(model.router, *batch, steps=steps)
+        fit_gate(model.router, *batch, steps=steps, weight_decay=weight_decay)
 
 
 def merge(model, memory: RoutingMemory, a: int, b: int, *, method: str = "cat", fit_steps: int = 200,
-          **kwargs) -> int:
-    """Merge experts ``a`` and ``b``; their memory rows follow and the gate is refitted. Returns the new id."""
+          fit_decay: float | None = None, **kwargs) -> int:
+    """Merge experts ``a`` and ``b``; their memory rows follow and the gate is refitted (``refit``). Returns the
+    new id."""
     merged = model.merge_experts(a, b, method=method, **kwargs)
     memory.reassign(a, merged)
     memory.reassign(b, merged)
-    refit(model, memory, fit_steps)
+    refit(model, memory, fit_steps, fit_decay)
     return merged
 
 

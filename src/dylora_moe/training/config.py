@@ -26,6 +26,11 @@ class TrainingConfig:
         router_fit_steps: steps of a supervised gate fit on the stored features before the expert trains (so
             the new skill routes to its new expert from the first step and the expert gets the whole gradient)
             and after it (so every stored skill routes to its expert); 0 turns it off.
+        router_weight_decay: L2 penalty of that fit (on the gate in standardised units). Unpenalised, the fit
+            separates the stored rows perfectly with boundaries that move at every refit, so held-out prompts of
+            old skills switch experts when a new skill arrives (transient forgetting); penalised, the problem has
+            one optimum, which the repeated fits approach and which moves only as the memory does
+            (``benchmarks/transient.py``).
         balance_weight: weight of the load-balancing auxiliary loss (Switch Transformer form), 0 = off.
         kl_weight: weight of KL(frozen model || trained expert) on anchor prompts, requests that are not in
             the training format (``training/distill.py``): keeps what the frozen model does outside the skill's
@@ -59,6 +64,7 @@ class TrainingConfig:
     rehearsal_per_skill: int = field(default=64, metadata={"help": "stored routing samples per skill"})
     rehearsal_weight: float = field(default=1.0, metadata={"help": "weight of router rehearsal loss"})
     router_fit_steps: int = field(default=200, metadata={"help": "gate fit steps before/after each skill"})
+    router_weight_decay: float = field(default=1e-2, metadata={"help": "L2 penalty of the gate fit"})
     balance_weight: float = field(default=0.0, metadata={"help": "weight of load-balancing loss"})
     kl_weight: float = field(default=0.5, metadata={"help": "weight of KL to the frozen model on anchor prompts"})
     anchors_per_skill: int = field(default=16, metadata={"help": "anchor prompts from each earlier skill"})
@@ -82,6 +88,8 @@ class TrainingConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
+        if self.router_weight_decay < 0:
+            raise ValueError(f"router_weight_decay must be >= 0, got {self.router_weight_decay}")
         if self.kl_weight < 0:
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
         if isinstance(self.report_to, str):

@@ -37,9 +37,10 @@ from ..experts.pool import closest_pair, merge
 from ..model import DyLoRAMoE
 from ..novelty import NoveltyResult
 from ..routing.fit import fit_gate
+from ..routing.router import SPARSE
 from .config import TrainingConfig, resolve_precision
 from .distill import Anchors, anchor_texts
-from .measure import collator, eval_loss, routed_experts, routing_entropy
+from .measure import collator, eval_routes, example_losses, routed_experts, routing_entropy
 from .rehearsal import RoutingMemory, mixture_key
 from .trainer import DyLoRATrainer
 
@@ -112,6 +113,13 @@ class ContinualLearner:
         self._ahead: dict[int, StepData] = {}  # data of steps not yet run, prepared for evaluate_ahead
         self.records: list[StepRecord] = []
         self.merges: dict[int, int] = {}  # expert id -> the expert it was merged into (DyLoRAConfig.max_experts)
+        # Evaluation reuses an example's loss while the expert it is routed to is the one it was scored with,
+        # untrained since (``evaluate``): expert id -> the training run that last changed it, and per (step,
+        # example) the (expert, run) it was scored with, its summed loss and its response tokens.
+        self.trainings = 0
+        self.trained_at: dict[int, int] = {}
+        self.scores: dict[tuple[int, int], tuple[tuple[int | None, int], float, int]] = {}
+        self.examples_evaluated = 0  # examples that ran through the model, for the benchmark's cost figures
         self.before_skill = before_skill
         self.after_skill = after_skill
 
@@ -194,7 +202,8 @@ class ContinualLearner:
         if result.is_novel and limit is not None and self.model.num_experts > limit:
             pair = closest_pair(self.model, exclude={result.expert_id})
             if pair is not None:
-                merged = merge(self.model, self.memory, pair[0], pair[1], fit_steps=self.training.router_fit_steps)
+                merged = merge(self.model, self.memory, pair[0], pair[1], fit_steps=self.training.router_fit_steps,
+                               fit_decay=self.training.router_weight_decay)
                 self.merges.update({pair[0]: merged, pair[1]: merged})
                 logger.info("pool full (%d experts): merged experts %d and %d (skills %.3f alike) into %d",
                             limit, pair[0], pair[1], pair[2], merged)
@@ -237,7 +246,8 @@ class ContinualLearner:
             return
         batch = self.memory.batch(self.model.experts.expert_ids, self.model.device)
         if batch is not None and self.training.router_fit_steps > 0 and self.training.rehearsal_weight > 0:
-            fit_gate(self.model.router, *batch, steps=self.training.router_fit_steps)
+            fit_gate(self.model.router, *batch, steps=self.training.router_fit_steps,
+                     weight_decay=self.training.router_weight_decay)
 
     def train_expert(self, i: int, data: StepData, result: NoveltyResult,
                      steps: tuple[int, int] | None = None) -> list[dict]:
@@ -265,6 +275,8 @@ class ContinualLearner:
                                 memory=self.memory if self.trains_router else None,
                                 anchors=self.anchors(i, data, result.expert_id) if cfg.kl_weight > 0 else None)
         trainer.train()
+        self.trainings += 1
+        self.trained_at[result.expert_id] = self.trainings
         self.model.set_trainable([], router=False)
         self.model.eval()
         return [entry for entry in trainer.state.log_history if "loss" in entry or "task_loss" in entry]
@@ -303,9 +315,34 @@ class ContinualLearner:
                           routing, entropy, self.model.num_experts)
 
     def evaluate(self, j: int, step: StepData) -> float:
-        """Eval loss on step ``j``'s held-out examples, routed as ``eval_routing`` says."""
-        with self.eval_routing(j):
-            return eval_loss(self.model, step.eval_set, self.training.eval_batch_size)
+        """Eval loss on step ``j``'s held-out examples, routed as ``eval_routing`` says. Where ``eval_experts``
+        names the one expert that decides each example's loss, an example keeps the loss it was last scored with
+        while its expert is the same and untrained since; only the others run."""
+        experts = self.eval_experts(j, step)
+        if experts is None:
+            with self.eval_routing(j):
+                rows = example_losses(self.model, step.eval_set, self.training.eval_batch_size)
+            self.examples_evaluated += len(rows)
+        else:
+            keys = [(e, self.trained_at.get(e, 0) if e is not None else 0) for e in experts]
+            todo = [k for k, key in enumerate(keys) if (j, k) not in self.scores or self.scores[j, k][0] != key]
+            if todo:
+                with self.eval_routing(j):
+                    fresh = example_losses(self.model, step.eval_set.select(todo), self.training.eval_batch_size)
+                self.scores.update({(j, k): (keys[k], *row) for k, row in zip(todo, fresh, strict=True)})
+                self.examples_evaluated += len(todo)
+            rows = [self.scores[j, k][1:] for k in range(len(keys))]
+        return sum(total for total, _ in rows) / max(sum(count for _, count in rows), 1)
+
+    def eval_experts(self, j: int, step: StepData) -> list[int | None] | None:
+        """The expert (``None``: the frozen model) that alone decides the eval loss of each of step ``j``'s
+        held-out examples, or ``None`` when no single expert does: the gate routes each sequence top-1 once every
+        expert is mature, inside the one fused pass, so an example's loss depends on its expert's weights only."""
+        router, config = self.model.router, self.model.config
+        if (router.strategy != SPARSE or router.top_k != 1 or config.router.granularity != "sequence"
+                or config.router.route_layer is None or config.mixing != "fused"):
+            return None
+        return eval_routes(self.model, step.eval_set, self.training.eval_batch_size)
 
 
 def precision_flags(precision: str) -> dict[str, bool]:

@@ -11,6 +11,7 @@ import torch
 from transformers import DataCollatorForSeq2Seq
 
 from ..model import DyLoRAMoE
+from ..routing.control import prompt_mask
 
 
 def collator(model: DyLoRAMoE) -> DataCollatorForSeq2Seq:
@@ -21,8 +22,15 @@ def collator(model: DyLoRAMoE) -> DataCollatorForSeq2Seq:
 @torch.no_grad()
 def eval_loss(model: DyLoRAMoE, dataset: datasets.Dataset, batch_size: int = 8) -> float:
     """Token-weighted mean cross-entropy (nats) over the response tokens of ``dataset``."""
+    rows = example_losses(model, dataset, batch_size)
+    return sum(total for total, _ in rows) / max(sum(count for _, count in rows), 1)
+
+
+@torch.no_grad()
+def example_losses(model: DyLoRAMoE, dataset: datasets.Dataset, batch_size: int = 8) -> list[tuple[float, int]]:
+    """Per example of ``dataset``: the summed cross-entropy (nats) over its response tokens, and their number."""
     collate = collator(model)
-    total, count = 0.0, 0
+    rows: list[tuple[float, int]] = []
     was_training = model.training
     model.eval()
     for i in range(0, len(dataset), batch_size):
@@ -33,11 +41,25 @@ def eval_loss(model: DyLoRAMoE, dataset: datasets.Dataset, batch_size: int = 8) 
                        labels=batch["labels"]).logits
         labels = batch["labels"][:, 1:]  # [B, T-1]
         losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
-        total += float(losses)
-        count += int((labels != -100).sum())
+            logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=-100, reduction="none")  # [B, T-1]
+        rows += zip(losses.sum(1).tolist(), (labels != -100).sum(1).tolist(), strict=True)
     model.train(was_training)
-    return total / max(count, 1)
+    return rows
+
+
+@torch.no_grad()
+def eval_routes(model: DyLoRAMoE, dataset: datasets.Dataset, batch_size: int = 8) -> list[int]:
+    """The top-1 expert id each example of ``dataset`` is routed to in ``eval_loss`` (on its prompt), from the
+    gate alone (a prefix pass up to ``route_layer``, no expert runs)."""
+    collate = collator(model)
+    chosen: list[int] = []
+    for i in range(0, len(dataset), batch_size):
+        batch = collate([dataset[k] for k in range(i, min(i + batch_size, len(dataset)))])
+        mask = batch["attention_mask"].to(model.device)
+        pool = prompt_mask(mask, batch["labels"].to(model.device))
+        routing = model.routing.route(batch["input_ids"].to(model.device), mask, pool)
+        chosen += routing.weights.argmax(-1).tolist()
+    return [model.experts.expert_ids[c] for c in chosen]
 
 
 def routing_entropy(counts: Sequence[float]) -> float:

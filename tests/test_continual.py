@@ -1,0 +1,49 @@
+"""``benchmarks/continual.py --orders`` on a tiny model: each order in its own folder, reruns run only what is
+missing, and the mean and spread over orders in OUT/results.json."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from dylora_moe.data.stream import load_stream
+from dylora_moe.evaluation.orders import permutation
+from tests.conftest import write_tiny_run
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import continual
+
+
+@pytest.mark.slow
+def test_orders_run_in_their_own_folders_and_a_rerun_runs_only_the_missing_ones(tmp_path):
+    stream_file = write_tiny_run(tmp_path, n=24, steps=1)
+    stream_file.write_text(stream_file.read_text().replace("name: digits-again,", "name: digits-again, label: digits,"))
+    out = tmp_path / "out"
+    argv = ["--stream", str(stream_file), "--out", str(out), "--model", str(tmp_path / "model"),
+            "--methods", "base,oracle_experts", "--pass-limit", "0", "--humaneval-limit", "0",
+            "--freeform-limit", "0"]
+    continual.main([*argv, "--orders", "2"])
+    labels = [s.label for s in load_stream(stream_file).skills]
+    names = [s.name for s in load_stream(stream_file).skills]
+    for k in range(2):
+        order = json.loads((out / f"order-{k}" / "results.json").read_text())
+        assert order["skills"] == [names[i] for i in permutation(labels, k)]
+        assert set(order["methods"]) == {"base", "oracle_experts"}
+    results = json.loads((out / "results.json").read_text())
+    assert [o["order"] for o in results["orders"]] == [0, 1]
+    oracle = results["methods"]["oracle_experts"]
+    assert oracle["experts"] == {"mean": 2.0, "std": 0.0, "min": 2.0, "max": 2.0, "n": 2}  # two labels
+    assert oracle["train_seconds"]["n"] == 2 and oracle["train_seconds"]["max"] < oracle["stream_seconds"]["max"]
+    assert results["methods"]["base"]["train_seconds"]["max"] == 0.0
+    assert "oracle_experts" in (out / "report.md").read_text()
+
+    done = {p: p.stat().st_mtime_ns for p in out.glob("order-*/methods/*.json")}
+    continual.main([*argv, "--orders", "3"])
+    assert {p: p.stat().st_mtime_ns for p in done} == done  # finished orders were not rerun
+    assert (out / "order-2" / "methods" / "oracle_experts.json").is_file()
+    results = json.loads((out / "results.json").read_text())
+    assert results["methods"]["oracle_experts"]["acc"]["n"] == 3
