@@ -216,3 +216,29 @@ def test_space_file_replaces_the_streams_section(tmp_path):
     args.trials = 0
     with pytest.raises(ValueError, match="--trials must be >= 1"):
         prepare(args)
+
+
+@pytest.mark.parametrize("message", ["table studies already exists",
+                                     "UNIQUE constraint failed: alembic_version.version_num"])
+def test_the_loser_of_a_race_to_create_the_study_database_opens_it_again(tmp_path, monkeypatch, message):
+    import sqlalchemy
+
+    from dylora_moe.tuning import study as study_module
+    from dylora_moe.tuning.space import TuneConfig
+
+    real, calls = optuna.storages.RDBStorage, []
+
+    def racing(url, **kw):  # another process stamped the schema first
+        calls.append(url)
+        if len(calls) == 1:
+            error = sqlalchemy.exc.OperationalError if "exists" in message else sqlalchemy.exc.IntegrityError
+            raise error("INSERT ...", {}, Exception(message))
+        return real(url, **kw)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    storage = study_module.storage_for(f"sqlite:///{tmp_path / 'store.db'}", TuneConfig())
+    assert len(calls) == 2 and storage.get_all_studies() == []
+    monkeypatch.setattr(optuna.storages, "RDBStorage", lambda url, **kw: (_ for _ in ()).throw(
+        sqlalchemy.exc.IntegrityError("INSERT ...", {}, Exception("UNIQUE constraint failed: trials.number"))))
+    with pytest.raises(sqlalchemy.exc.IntegrityError):  # any other failure is not a race: it is raised
+        study_module.storage_for(f"sqlite:///{tmp_path / 'other.db'}", TuneConfig())

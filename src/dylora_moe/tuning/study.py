@@ -47,7 +47,8 @@ def make_pruner(config: TuneConfig) -> optuna.pruners.BasePruner:
 
 def storage_for(url: str, config: TuneConfig, attempts: int = 5) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage on ``url``. Two processes opening a new database at once race to create its
-    tables ("table ... already exists" for the loser): the loser opens it again, now that the tables exist."""
+    tables ("table ... already exists" for the loser) or to stamp its schema version (a UNIQUE failure on
+    ``alembic_version``): the loser opens it again, now that the winner has made it."""
     for attempt in range(attempts):
         try:
             with warnings.catch_warnings():  # the heartbeat is marked experimental; it is what resuming relies on
@@ -55,8 +56,9 @@ def storage_for(url: str, config: TuneConfig, attempts: int = 5) -> optuna.stora
                 return optuna.storages.RDBStorage(
                     url, heartbeat_interval=config.heartbeat_seconds, grace_period=2 * config.heartbeat_seconds,
                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
-        except sqlalchemy.exc.OperationalError as err:
-            if "already exists" not in str(err) or attempt == attempts - 1:
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as err:
+            lost_race = "already exists" in str(err) or "alembic_version" in str(err)
+            if not lost_race or attempt == attempts - 1:
                 raise
             time.sleep(0.2 * (attempt + 1))
     raise AssertionError("unreachable")
