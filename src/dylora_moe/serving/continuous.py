@@ -3,14 +3,15 @@ when done, streaming or not.
 
 A ``RunningBatch`` holds the rows being generated on one model: per row its request, the choice it produces
 (a request with ``n`` choices has ``n`` rows), its routing (decided on its own prompt when it joined) and its
-KV cache, all rows in one left-padded ``DynamicCache``: every row ends at the newest column, shorter rows are
-padded on the left and masked. Joining requests are prefilled together in a left-padded pass of their own, in
-which they are routed (once: the response reports that same routing), then spliced in: the narrower of the two
-caches is padded on the left to the other's width and the rows are concatenated. Finished rows are dropped from
-the cache, and columns that have become padding in every row are cut. Each row is given its own positions (its
-count of tokens), so it computes what it would compute alone, and the cache is never wider than its longest row,
-which fits the model's positions on its own (checked before a request joins): absolute position embeddings
-(GPT-2) never overflow however requests are combined.
+KV cache, all rows in one left-padded cache (``kv_cache.GrowingCache``, whose buffers have room to grow, so a
+decode step writes its column in place): every row ends at the newest column, shorter rows are padded on the
+left and masked. Joining requests are prefilled together in a left-padded pass of their own, in which they are
+routed (once: the response reports that same routing), then spliced in: both caches are right-aligned at the
+wider one's width in one new buffer. Finished rows are dropped from the cache, and columns that have become
+padding in every row are cut. Each row is given its own positions (its count of tokens), so it computes what it
+would compute alone, and the cache is never wider than its longest row, which fits the model's positions on its
+own (checked before a request joins): absolute position embeddings (GPT-2) never overflow however requests are
+combined.
 
 Per decode step: one backbone pass over the [B, 1] newest tokens with the rows' pinned routing (per-token
 routing routes each new token in the pass, as ``generate`` does), and one host copy of the chosen tokens (end
@@ -29,7 +30,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 from torch.nn import functional as F
-from transformers import DynamicCache
 
 from .. import generation
 from ..generation import left_pad
@@ -37,6 +37,7 @@ from ..model import DyLoRAMoE
 from ..routing import RouterOutput
 from .config import ServerConfig
 from .decoding import choose, eos_ids, finish_choice, first_stop, guard, safe_prefix
+from .kv_cache import GrowingCache
 from .metrics import Metrics
 from .requests import Choice, Generation, GenerationRequest
 from .routing_info import describe, summarise
@@ -72,7 +73,7 @@ class RunningBatch:
         self.processors = guard(config)
         self.rows: list[Row] = []
         self.pending: dict[int, Pending] = {}  # id(request) -> its state
-        self.cache: DynamicCache | None = None
+        self.cache: GrowingCache | None = None
         self.mask: Tensor | None = None  # [B, W] 1 on each row's tokens
         self.positions: Tensor | None = None  # [B] position of each row's next token
         self.next: Tensor | None = None  # [B] the token each row feeds next
@@ -99,7 +100,7 @@ class RunningBatch:
         input_ids, mask = left_pad([r.prompt_ids for r in requests], pad if pad is not None else 0)
         input_ids, mask = input_ids.to(model.device), mask.to(model.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [b, T] each row counts its own tokens
-        cache = DynamicCache()
+        cache = GrowingCache()
         with generation.routed(model) as scope:
             logits = model.backbone(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                                     cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # [b, V]
@@ -125,7 +126,7 @@ class RunningBatch:
         self._advance(rows, first, offset=self.size - len(rows))
         self._leave()
 
-    def _splice(self, rows: list[Row], cache: DynamicCache, mask: Tensor, positions: Tensor,
+    def _splice(self, rows: list[Row], cache: GrowingCache, mask: Tensor, positions: Tensor,
                 routing: RouterOutput | None) -> None:
         if not self.rows:
             self.rows, self.cache, self.mask, self.positions, self.routing = rows, cache, mask, positions, routing
@@ -133,8 +134,7 @@ class RunningBatch:
             return
         width = max(self.mask.shape[1], mask.shape[1])
         for old, new in zip(self.cache.layers, cache.layers, strict=True):
-            old.keys = torch.cat([left(old.keys, width, 2), left(new.keys, width, 2)])  # [B, H, W, D]
-            old.values = torch.cat([left(old.values, width, 2), left(new.values, width, 2)])
+            old.splice(new, width)  # [B, H, W, D], both right-aligned
         self.mask = torch.cat([left(self.mask, width, 1), left(mask, width, 1)])  # [B, W]
         self.positions = torch.cat([self.positions, positions])
         self.rows = self.rows + rows
@@ -233,7 +233,7 @@ class RunningBatch:
         cut = self.mask.shape[1] - max(row.length for row in self.rows)  # columns that are padding in every row
         if cut > 0:
             for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, cut:], layer.values[:, :, cut:]
+                layer.trim(cut)
             self.mask = self.mask[:, cut:]
 
     def _finish(self, row: Row) -> None:
