@@ -82,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--join-batch", type=int, default=ServerConfig.join_batch, help="the server's --join-batch")
     p.add_argument("--join-wait-steps", type=int, default=ServerConfig.join_wait_steps,
                    help="the server's --join-wait-steps (0 admits joiners at every decode step)")
+    p.add_argument("--prefill-share", type=float, default=ServerConfig.prefill_share,
+                   help="the server's --prefill-share (1: no limit)")
     p.add_argument("--seed-steps", type=int, default=2)
     p.add_argument("--consolidation-steps", type=int, default=4)
     p.add_argument("--job-timeout", type=float, default=600.0, help="seconds to wait for a skill job")
@@ -112,7 +114,8 @@ def served(folder: Path, mode: str, args: argparse.Namespace, key: str, log: Pat
     cmd += ["serve", str(folder), "--port", str(port), "--batching", mode, "--max-batch", str(args.max_batch),
             "--max-tokens-cap", str(max(args.max_tokens)), "--seed-steps", str(args.seed_steps),
             "--consolidation-steps", str(args.consolidation_steps), "--train-batch-size", "2"]
-    cmd += ["--join-batch", str(args.join_batch), "--join-wait-steps", str(args.join_wait_steps)]
+    cmd += ["--join-batch", str(args.join_batch), "--join-wait-steps", str(args.join_wait_steps),
+            "--prefill-share", str(args.prefill_share)]
     env = {**os.environ, "DYLORA_API_KEY": key, "PYTHONPATH": os.pathsep.join(
         [str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
     with log.open("w") as out:
@@ -338,7 +341,8 @@ def main(argv=None) -> int:
     result = {"system": str(args.system or "fresh default-model system + python skill"), "clients": args.clients,
               "streaming_clients": args.clients // 2, "duration_s": args.duration, "repeats": args.repeats,
               "max_tokens": args.max_tokens, "max_batch": args.max_batch, "join_batch": args.join_batch,
-              "join_wait_steps": args.join_wait_steps, "prompts": len(PROMPTS),
+              "join_wait_steps": args.join_wait_steps, "prefill_share": args.prefill_share,
+              "prompts": len(PROMPTS),
               "training": {"seed_steps": args.seed_steps, "consolidation_steps": args.consolidation_steps,
                            "batch_size": 2}, "setup_job": setup, "summary": summary(runs, args.modes), "runs": runs}
     print(json.dumps(result["summary"], indent=2))

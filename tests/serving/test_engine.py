@@ -225,3 +225,58 @@ def test_joiners_wait_a_few_decode_steps_to_share_one_prefill_pass(untrained, mo
     assert alone == ["1+1="]
     assert wait_steps <= at - first <= wait_steps + 2  # the lone arrival waited for company that never came
     assert ["2+2=", "3+3="] in [p for _, p in rest]  # a full pass joins at once
+
+
+@pytest.mark.parametrize("share", [0.5, 1.0])
+def test_prefill_share_makes_joiners_wait_until_decoding_has_earned_the_pass(untrained, monkeypatch, share):
+    """With ``prefill_share=0.5`` a prefill pass that stalled running rows is paid back by as many seconds of
+    decoding before the next one; without a limit the next arrival joins at once."""
+    import time
+
+    from dylora_moe.serving import continuous
+
+    log: list[tuple[str, float, float]] = []  # (what, start, end)
+    join, step = continuous.RunningBatch.join, continuous.RunningBatch.step
+
+    def timed(kind, fn, pause):
+        def run(self, *args):
+            start = time.perf_counter()
+            time.sleep(pause)  # a pass much slower than a step, as on a real model
+            out = fn(self, *args)
+            log.append((kind, start, time.perf_counter()))
+            return out
+        return run
+
+    monkeypatch.setattr(continuous.RunningBatch, "join", timed("join", join, 0.15))
+    monkeypatch.setattr(continuous.RunningBatch, "step", timed("step", step, 0.01))
+    config = ServerConfig(max_tokens_cap=100, join_batch=1, join_wait_steps=0, prefill_share=share)
+    engine = Engine(untrained, config, Metrics())
+    try:
+        streaming = threading.Event()
+        long = GenerationRequest("hello world", 80, on_event=lambda kind, _: kind == "delta" and streaming.set())
+        engine.submit(long)
+        assert streaming.wait(60)
+        first = GenerationRequest("1+1=", 1)
+        engine.submit(first)
+        first.future.result(timeout=60)
+        second = GenerationRequest("2+2=", 1)
+        engine.submit(second)
+        second.future.result(timeout=60)
+        assert not long.future.done()  # both joined while the long request decoded
+        long.future.result(timeout=120)
+    finally:
+        engine.close()
+    joins = [(start, end) for kind, start, end in log if kind == "join"]
+    assert len(joins) == 3
+    (_, _), (a_start, a_end), (b_start, _) = joins
+    decoded = sum(end - start for kind, start, end in log if kind == "step" and a_end <= start and end <= b_start)
+    if share < 1:
+        assert decoded >= 0.95 * (a_end - a_start)  # the first joiner's pass, paid back by decoding
+    else:
+        assert decoded < 0.5 * (a_end - a_start)  # no budget: the second joins within a few steps
+
+
+@pytest.mark.parametrize("share", [0.0, -0.5, 1.5])
+def test_prefill_share_outside_its_range_is_refused(share):
+    with pytest.raises(ValueError, match="prefill_share"):
+        ServerConfig(prefill_share=share)

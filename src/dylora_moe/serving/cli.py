@@ -38,6 +38,9 @@ def add_parser(sub) -> None:
                    help="continuous batching: requests gathered into one prefill pass while others decode")
     p.add_argument("--join-wait-steps", type=int, default=4,
                    help="continuous batching: decode steps a request waits for others to join with (0: none)")
+    p.add_argument("--prefill-share", type=float, default=1.0,
+                   help="continuous batching: largest share of the worker's time spent prefilling joiners while "
+                        "rows decode (1: no limit)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for generation before 429s")
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds a client has to send its request body before a 408")
@@ -74,6 +77,7 @@ def server_config(args: argparse.Namespace):
     return ServerConfig(model_name=args.model_name, api_key=args.api_key, max_tokens_cap=args.max_tokens_cap,
                         default_max_tokens=min(64, args.max_tokens_cap), max_batch=args.max_batch,
                         batching=args.batching, join_batch=args.join_batch, join_wait_steps=args.join_wait_steps,
+                        prefill_share=args.prefill_share,
                         max_queue=args.max_queue, body_timeout=args.body_timeout,
                         repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
                         training=training)

@@ -35,6 +35,12 @@ class ServerConfig:
             prefill pass. A pass has a fixed cost (every weight is read once), and every running row waits for
             it, so fewer, fuller passes keep the long requests' latency down; an idle batch admits at once.
             ``join_wait_steps=0`` admits at every step.
+        prefill_share: continuous batching: the largest share of the worker's time spent prefilling joiners
+            while other rows decode. Every prompt that joins stalls every running row, so under steady traffic
+            a long request pays for the prompts of all the short ones that come and go during its lifetime;
+            a time budget (each decode step earns ``share / (1 - share)`` of its seconds for prefill, a pass
+            spends what it took, joiners wait while the budget is spent) bounds that cost at
+            ``1 / (1 - share)`` times its own decoding, on any hardware and model. 1.0: no limit.
         routing_top, routing_min_weight: the routing a response reports lists at most ``routing_top`` experts,
             those of weight at least ``routing_min_weight`` (always the heaviest one); dense routing gives every
             expert some weight, and the rest is summed up as ``omitted_experts`` / ``omitted_weight``.
@@ -61,6 +67,7 @@ class ServerConfig:
     batching: str = "continuous"
     join_batch: int = 4
     join_wait_steps: int = 4
+    prefill_share: float = 1.0
     routing_top: int = 4
     routing_min_weight: float = 0.01
     max_queue: int = 64
@@ -83,6 +90,8 @@ class ServerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.join_wait_steps < 0:
             raise ValueError(f"join_wait_steps must be >= 0, got {self.join_wait_steps}")
+        if not 0 < self.prefill_share <= 1:
+            raise ValueError(f"prefill_share must be in (0, 1], got {self.prefill_share}")
         if not self.body_timeout > 0:
             raise ValueError(f"body_timeout must be > 0 seconds, got {self.body_timeout}")
         if self.batching not in BATCHING:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 
@@ -43,6 +44,7 @@ class Engine:
         self._queue: queue.Queue[GenerationRequest] = queue.Queue(maxsize=config.max_queue)
         self._closed = threading.Event()
         self._held = 0  # decode steps run while requests waited to join (continuous batching)
+        self._credit = 0.0  # seconds of prefill the running rows allow now (ServerConfig.prefill_share)
         loop = self._continuous if config.batching == "continuous" else self._static
         self._thread = threading.Thread(target=loop, name="dylora-generate", daemon=True)
         self._thread.start()
@@ -76,7 +78,9 @@ class Engine:
             try:
                 batch = self._admit(batch, waiting)
                 if batch.size:
+                    start = time.perf_counter()
                     batch.step()
+                    self._earn(time.perf_counter() - start)
                     self._held = self._held + 1 if waiting else 0
             except Exception as err:  # a failure of one batch must not stop the worker
                 logger.exception("generation failed", extra={"fields": {"event": "error", "kind": type(err).__name__}})
@@ -110,6 +114,7 @@ class Engine:
         free = self.config.max_batch - batch.size
         if batch.size and not self._due(waiting, free):
             return batch
+        decoding = batch.size > 0
         self._held = 0
         # a request with more choices than max_batch runs when the batch is empty, rather than never
         while waiting and (waiting[0].n <= free or not (batch.size or joining)):
@@ -118,6 +123,7 @@ class Engine:
                 joining.append(r)
                 free -= r.n
         if joining:
+            start = time.perf_counter()
             try:
                 batch.join(joining)
             except Exception as err:  # the rows already running are failed by the caller
@@ -125,12 +131,25 @@ class Engine:
                     if not r.future.done():
                         r.future.set_exception(err)
                 raise
+            # a pass that stalled running rows spends their budget; the first rows of an idle batch stall none
+            self._credit = self._credit - (time.perf_counter() - start) if decoding else 0.0
         return batch
+
+    def _earn(self, seconds: float) -> None:
+        """A decode step of ``seconds`` earns ``share / (1 - share)`` of them for prefill passes, saved up for at
+        most ``join_wait_steps`` such steps (``ServerConfig.prefill_share``)."""
+        share = self.config.prefill_share
+        if share < 1:
+            rate = share / (1 - share)
+            self._credit = min(self._credit + rate * seconds, rate * seconds * max(1, self.config.join_wait_steps))
 
     def _due(self, waiting: deque[GenerationRequest], free: int) -> bool:
         """Whether waiting requests join the running batch now: enough of them to fill a prefill pass (or the
-        batch's room), or the oldest has waited ``join_wait_steps`` decode steps (``ServerConfig.join_batch``)."""
+        batch's room), or the oldest has waited ``join_wait_steps`` decode steps (``ServerConfig.join_batch``),
+        and the running rows' prefill budget is not spent (``ServerConfig.prefill_share``)."""
         if not waiting or free <= 0:
+            return False
+        if self.config.prefill_share < 1 and self._credit < 0:
             return False
         return sum(r.n for r in waiting) >= min(free, self.config.join_batch) or \
             self._held >= self.config.join_wait_steps
