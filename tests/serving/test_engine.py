@@ -211,6 +211,7 @@ def test_joiners_wait_a_few_decode_steps_to_share_one_prefill_pass(untrained, mo
         engine.submit(long)
         assert streaming.wait(60)
         lone = GenerationRequest("1+1=", 2)
+        submitted = steps[0]  # the first delta reaches this thread some steps after it was decoded
         engine.submit(lone)
         lone.future.result(timeout=60)
         pair = [GenerationRequest("2+2=", 2), GenerationRequest("3+3=", 2)]
@@ -221,9 +222,9 @@ def test_joiners_wait_a_few_decode_steps_to_share_one_prefill_pass(untrained, mo
         long.future.result(timeout=120)
     finally:
         engine.close()
-    (first, _), (at, alone), *rest = passes
+    _, (at, alone), *rest = passes
     assert alone == ["1+1="]
-    assert wait_steps <= at - first <= wait_steps + 2  # the lone arrival waited for company that never came
+    assert wait_steps <= at - submitted <= wait_steps + 2  # the lone arrival waited for company that never came
     assert ["2+2=", "3+3="] in [p for _, p in rest]  # a full pass joins at once
 
 
@@ -271,7 +272,7 @@ def test_prefill_share_makes_joiners_wait_until_decoding_has_earned_the_pass(unt
     (_, _), (a_start, a_end), (b_start, _) = joins
     decoded = sum(end - start for kind, start, end in log if kind == "step" and a_end <= start and end <= b_start)
     if share < 1:
-        assert decoded >= 0.95 * (a_end - a_start)  # the first joiner's pass, paid back by decoding
+        assert decoded >= 0.8 * (a_end - a_start)  # the first joiner's pass, paid back (less one step saved up)
     else:
         assert decoded < 0.5 * (a_end - a_start)  # no budget: the second joins within a few steps
 
