@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dylora_moe.data.augment import instruction_view, normalise_example, strip_leading_blank_lines
+from dataclasses import replace
+
+from dylora_moe.data.augment import instruction_view, language_request, normalise_example, strip_leading_blank_lines
 from dylora_moe.data.sources import Example
 
 
@@ -51,3 +53,16 @@ def test_prompts_that_are_already_requests_or_hold_no_prose_have_no_view():
     assert instruction_view(Example("How many singers are there?", "SELECT count(*) FROM singer")) is None
     assert instruction_view(Example("def f(x):\n", "    return x\n")) is None
     assert instruction_view(Example("#include <stdio.h>\nint main() {\n", "}\n")) is None
+
+
+def test_a_request_names_the_language_its_source_declares():
+    verilog = replace(VERILOG, meta={"language": "verilog"})
+    assert language_request(verilog).prompt == "In Verilog: Create a 2-input AND gate. Name it top_module."
+    python = replace(PYTHON, meta={"language": "python"})
+    assert language_request(python).prompt == "In Python: Return the sum of xs. Empty lists sum to 0."
+    sql = Example("-- database: concert\n-- singer(name, age)\n-- question: How many singers are there?\n",
+                  "SELECT count(*) FROM singer;\n", {"language": "sql"})  # prose already: its comment lines
+    assert language_request(sql).prompt == "In SQL: database: concert singer(name, age) question: How many " \
+                                           "singers are there?"
+    assert language_request(VERILOG) is None  # no language declared
+    assert language_request(Example("x = 1\n", "", {"language": "python"})) is None  # no prose

