@@ -38,7 +38,7 @@ def add_parser(sub) -> None:
                    help="continuous batching: requests gathered into one prefill pass while others decode")
     p.add_argument("--join-wait-steps", type=int, default=4,
                    help="continuous batching: decode steps a request waits for others to join with (0: none)")
-    p.add_argument("--prefill-share", type=float, default=1.0,
+    p.add_argument("--prefill-share", type=float, default=0.5,
                    help="continuous batching: largest share of the worker's time spent prefilling joiners while "
                         "rows decode (1: no limit)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for generation before 429s")

@@ -40,7 +40,8 @@ class ServerConfig:
             a long request pays for the prompts of all the short ones that come and go during its lifetime;
             a time budget (each decode step earns ``share / (1 - share)`` of its seconds for prefill, a pass
             spends what it took, joiners wait while the budget is spent) bounds that cost at
-            ``1 / (1 - share)`` times its own decoding, on any hardware and model. 1.0: no limit.
+            ``1 / (1 - share)`` times its own decoding, on any hardware and model. 0.5, the default, lets
+            prefill take as much of the worker as decoding, no more (README, "Serving"); 1.0: no limit.
         routing_top, routing_min_weight: the routing a response reports lists at most ``routing_top`` experts,
             those of weight at least ``routing_min_weight`` (always the heaviest one); dense routing gives every
             expert some weight, and the rest is summed up as ``omitted_experts`` / ``omitted_weight``.
@@ -67,7 +68,7 @@ class ServerConfig:
     batching: str = "continuous"
     join_batch: int = 4
     join_wait_steps: int = 4
-    prefill_share: float = 1.0
+    prefill_share: float = 0.5
     routing_top: int = 4
     routing_min_weight: float = 0.01
     max_queue: int = 64
