@@ -3,6 +3,7 @@ operation of a running batch, written in place between reallocations."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import DynamicCache
 
@@ -10,17 +11,20 @@ from dylora_moe.serving.kv_cache import GrowingCache, GrowingLayer, room
 from tests.conftest import tiny_llama
 
 
-def kv(b: int, t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def kv(b: int, t: int, seed: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, 2, t, 4, generator=g), torch.randn(b, 2, t, 4, generator=g)  # [B, H, T, D]
+    return (torch.randn(b, 2, t, 4, generator=g).to(dtype),
+            torch.randn(b, 2, t, 4, generator=g).to(dtype))  # [B, H, T, D]
 
 
-def test_updates_match_dynamic_layer_and_write_in_place():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_updates_match_dynamic_layer_and_write_in_place(dtype):
     mine, ref = GrowingLayer(), DynamicCache().layer_class_to_replicate()
     buffers = []
     for step, t in enumerate([5, 1, 1, 3, *[1] * 60]):
-        k, v = kv(3, t, step)
+        k, v = kv(3, t, step, dtype)
         got, want = mine.update(k, v), ref.update(k, v)
+        assert got[0].dtype == dtype and got[0].device == k.device
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
         if not buffers or mine._buffers[0] is not buffers[-1]:
             buffers.append(mine._buffers[0])
