@@ -10,19 +10,23 @@ from transformers import DynamicCache
 from dylora_moe.serving.kv_cache import GrowingCache, GrowingLayer, room
 from tests.conftest import tiny_llama
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
-def kv(b: int, t: int, seed: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+
+def kv(b: int, t: int, seed: int, dtype: torch.dtype = torch.float32,
+       device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, 2, t, 4, generator=g).to(dtype),
-            torch.randn(b, 2, t, 4, generator=g).to(dtype))  # [B, H, T, D]
+    return (torch.randn(b, 2, t, 4, generator=g).to(device, dtype),
+            torch.randn(b, 2, t, 4, generator=g).to(device, dtype))  # [B, H, T, D]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_updates_match_dynamic_layer_and_write_in_place(dtype):
+def test_updates_match_dynamic_layer_and_write_in_place(dtype, device):
     mine, ref = GrowingLayer(), DynamicCache().layer_class_to_replicate()
     buffers = []
     for step, t in enumerate([5, 1, 1, 3, *[1] * 60]):
-        k, v = kv(3, t, step, dtype)
+        k, v = kv(3, t, step, dtype, device)
         got, want = mine.update(k, v), ref.update(k, v)
         assert got[0].dtype == dtype and got[0].device == k.device
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
