@@ -153,3 +153,18 @@ def test_experts_merge_and_prune_rewrite_system_memory_and_registry(run, tmp_pat
     assert [e.expert_id for e in SkillStore(pruned_run / "store.db").experts()] == model.experts.expert_ids
     assert main(["experts", "merge", str(pruned_run), "0", "7"]) == 2  # an unknown expert: a message, no change
     assert "no expert with id 7" in capsys.readouterr().err
+
+
+def test_experts_merge_with_a_pruning_method_takes_the_density(run, tmp_path, capsys):
+    import shutil
+
+    merged_run = tmp_path / "merged"
+    shutil.copytree(run / "out", merged_run)
+    assert main(["experts", "merge", str(merged_run), "0", "1", "--method", "ties_svd"]) == 2
+    assert "density" in capsys.readouterr().err
+    assert DyLoRAMoE.from_pretrained(merged_run / "system").experts.expert_ids == [0, 1]  # unchanged
+    assert main(["experts", "merge", str(merged_run), "0", "1", "--method", "ties_svd", "--density", "0.5"]) == 0
+    model = DyLoRAMoE.from_pretrained(merged_run / "system")
+    assert model.experts.expert_ids == [2] and model.experts.ranks[2] == model.config.expert.rank
+    assert SkillStore(merged_run / "store.db").expert(2).training_history == [
+        {"merged_from": [0, 1], "method": "ties_svd"}]

@@ -27,6 +27,7 @@ from .config import DyLoRAConfig
 from .data.sources import Example
 from .events import EXPERT_CREATED, EXPERT_DELETED, EXPERTS_MERGED, SKILL_RECOGNISED, EventLog
 from .experts import ExpertManager, ExpertMixture, decoder_layers, expert_rank
+from .experts.manager import merge_weights
 from .novelty import NoveltyDetector, NoveltyResult, SkillLibrary, SkillSample
 from .novelty.detector import Decision
 from .novelty.embedding import embed_sample
@@ -142,17 +143,19 @@ class DyLoRAMoE(nn.Module):
         skills = self.library.remove_expert(expert_id)
         self.events.emit(EXPERT_DELETED, expert_id=expert_id, skills=skills)
 
-    def merge_experts(self, a: int, b: int, *, method: str = "cat", weights: tuple[float, float] = (0.5, 0.5),
+    def merge_experts(self, a: int, b: int, *, method: str = "cat", weights: tuple[float, float] | None = None,
                       rank: int | None = None, density: float | None = None) -> int:
-        """Replace experts ``a`` and ``b`` by one (``ExpertManager.merge_experts``; ``cat`` with equal weights
-        averages the two deltas exactly). The gate gets one column for it (the two rows averaged, the biases
+        """Replace experts ``a`` and ``b`` by one (``ExpertManager.merge_experts``; ``weights`` by default
+        those under which ``method`` averages the two, ``merge_weights``: ``cat`` then averages the deltas
+        exactly). The gate gets one column for it (the two rows averaged, the biases
         combined as a log-sum-exp, so it starts as the better of the two for their inputs; refit it on the
         routing memory afterwards), their skills move to it, and it is mature when both were. Returns its id."""
         if a == b:
             raise ValueError(f"cannot merge expert {a} with itself")
         columns = [self.column(a), self.column(b)]
         mature = all(bool(self.router.expert_maturity[c]) for c in columns)
-        merged = self.experts.merge_experts([a, b], list(weights), method, rank=rank, density=density)
+        weights = list(weights) if weights is not None else merge_weights(method)
+        merged = self.experts.merge_experts([a, b], weights, method, rank=rank, density=density)
         self.experts.disable_adapters()
         self.mixture.sync()
         column = self.router.add_expert()

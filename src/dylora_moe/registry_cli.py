@@ -37,6 +37,8 @@ def add_parsers(sub) -> None:
     merge.add_argument("expert_ids", type=int, nargs=2, metavar="EXPERT")
     merge.add_argument("--method", default="cat", help="cat (exact, ranks add up), svd, ties_svd, dare_ties_svd, ...")
     merge.add_argument("--rank", type=int, default=None, help="rank of an svd merge (default: the larger rank)")
+    merge.add_argument("--density", type=float, default=None,
+                       help="share of each delta's entries kept by ties_svd, dare_ties_svd, ... (required by them)")
     prune = ex.add_parser("prune", help="remove experts the gate sends almost no stored prompt to")
     prune.add_argument("run", type=Path, help="a `dylora train` output folder")
     prune.add_argument("--below", type=float, required=True, help="routing share under which an expert goes")
@@ -198,7 +200,7 @@ def reshape(args: argparse.Namespace, store, console: Console) -> int:
     memory.load_tensors(load_file(str(system / MEMORY)))
     if args.action == "merge":
         a, b = args.expert_ids
-        merged = pool.merge(model, memory, a, b, method=args.method, rank=args.rank)
+        merged = pool.merge(model, memory, a, b, method=args.method, rank=args.rank, density=args.density)
         gone, message = [a, b], f"merged experts {a} and {b} into expert {merged} ({args.method})"
     else:
         pruned = pool.prune(model, memory, args.below)

@@ -71,3 +71,26 @@ def test_merge_refuses_unknown_or_identical_experts():
         model.merge_experts(0, 9)
     with pytest.raises(ValueError, match="itself"):
         model.merge_experts(1, 1)
+
+
+@pytest.mark.parametrize("method, density", [("svd", None), ("ties_svd", 1.0), ("dare_ties_svd", 1.0)])
+def test_merging_two_identical_experts_gives_that_expert_back_with_the_default_weights(method, density):
+    # the TIES methods average through their disjoint merge: at weights 0.5 they would halve the delta
+    model = grown(n_experts=2)
+    with torch.no_grad():
+        for a, b in zip(model.experts.parameters(0), model.experts.parameters(1), strict=True):
+            b.copy_(a)
+    model.experts.touch()
+    inputs = batch(bsz=2, t=8)
+    with torch.no_grad(), model.force_expert(0):
+        expected = model(**inputs).logits
+    merged = model.merge_experts(0, 1, method=method, density=density)
+    with torch.no_grad(), model.force_expert(merged):
+        torch.testing.assert_close(model(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_pruning_merge_without_density_is_refused_before_anything_changes():
+    model = grown(n_experts=2)
+    with pytest.raises(ValueError, match="density"):
+        model.merge_experts(0, 1, method="ties_svd")
+    assert model.experts.expert_ids == [0, 1] and model.router.num_experts == 2

@@ -35,6 +35,19 @@ def expert_name(expert_id: int) -> str:
     return f"expert_{expert_id}"
 
 
+# peft methods that prune each delta to a share ``density`` of its entries before combining them
+NEEDS_DENSITY = ("ties", "ties_svd", "dare_linear", "dare_linear_svd", "dare_ties", "dare_ties_svd",
+                 "magnitude_prune", "magnitude_prune_svd")
+
+
+def merge_weights(method: str, n: int = 2) -> list[float]:
+    """The weights under which peft's ``add_weighted_adapter`` averages ``n`` experts with ``method``: 1/n
+    each for the methods that sum the weighted deltas (``cat``, ``linear``, ``svd``, ``dare_linear``, ...);
+    1 each for the TIES methods, whose disjoint merge already divides every entry by the number of experts
+    that agree on its sign (at 1/n they would shrink the merged delta n-fold)."""
+    return [1.0] * n if "ties" in method else [1.0 / n] * n
+
+
 class ExpertManager:
     """Creates and tracks the LoRA experts of one backbone.
 
@@ -132,9 +145,12 @@ class ExpertManager:
         """A new expert combining ``expert_ids`` with peft's ``add_weighted_adapter`` (``cat`` is exact: its
         delta is the weighted sum of theirs, at the sum of their ranks; ``svd`` and the ``*_svd`` methods
         approximate that sum at ``rank``, by default the largest source rank; ``ties``/``dare_*`` need
-        ``density``). The sources stay in the pool; returns the new id."""
+        ``density``; ``merge_weights`` gives the weights that average). The sources stay in the pool; returns
+        the new id."""
         for expert_id in expert_ids:
             self._check(expert_id)
+        if density is None and method in NEEDS_DENSITY:
+            raise ValueError(f"merge method {method!r} prunes the deltas: give the share to keep, density in (0, 1]")
         if len(expert_ids) < 2 or len(weights) != len(expert_ids):
             raise ValueError(f"merge needs two or more experts and one weight each, got {expert_ids} and {weights}")
         self.onload(expert_ids)

@@ -13,11 +13,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from ..routing.fit import fit_gate
-from ..training.rehearsal import RoutingMemory
+
+if TYPE_CHECKING:  # the training package imports this module: a runtime import would be circular
+    from ..training.rehearsal import RoutingMemory
 
 
 def closest_pair(model, exclude: set[int] = frozenset()) -> tuple[int, int, float] | None:
