@@ -87,3 +87,9 @@ def test_a_model_decodes_the_same_with_either_cache():
         if name == "growing":
             assert all(isinstance(layer, GrowingLayer) for layer in cache.layers)
     torch.testing.assert_close(logits["growing"], logits["dynamic"])
+
+
+def test_a_layer_never_updated_can_still_have_rows_selected():
+    layer = GrowingLayer()  # e.g. a layer whose keys another layer shares
+    layer.batch_select_indices(torch.tensor([0]))
+    assert not layer.is_initialized

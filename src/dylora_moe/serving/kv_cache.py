@@ -27,6 +27,11 @@ MIN_ROOM = 32  # free columns a new buffer gets at least
 class GrowingLayer(DynamicLayer):
     """A ``DynamicLayer`` whose keys/values [B, H, W, D] are views of buffers [B, H, capacity, D]."""
 
+    # until the first update (a layer the model never updates, e.g. under KV sharing, stays like this)
+    _buffers: tuple[Tensor, Tensor] | None = None
+    _views: tuple[Tensor | None, Tensor | None] = (None, None)
+    _start = _end = 0
+
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         self._buffers: tuple[Tensor, Tensor] | None = None
