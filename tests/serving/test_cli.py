@@ -52,3 +52,21 @@ def test_json_log_lines_merge_fields_and_events():
     assert lines[0]["message"] == "request" and lines[0]["status"] == 200 and lines[0]["level"] == "info"
     assert lines[1]["event"] == "expert_created" and lines[1]["expert_id"] == 3 and "message" not in lines[1]
     assert lines[2]["message"] == "plain text"
+
+
+def test_serve_defaults_are_the_server_configs():
+    """The flags repeat ServerConfig's defaults (the parser is built without importing the model stack): a
+    default changed in one place must change in the other."""
+    import argparse
+
+    from dylora_moe.serving.cli import add_parser, server_config
+    from dylora_moe.serving.config import ServerConfig
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    built, default = server_config(parser.parse_args(["serve", "run"])), ServerConfig()
+    for name in ("max_tokens_cap", "max_batch", "batching", "join_batch", "join_wait_steps", "prefill_share",
+                 "max_queue", "body_timeout", "repetition_penalty", "no_repeat_ngram_size"):
+        assert getattr(built, name) == getattr(default, name), name
+    for name in ("seed_steps", "consolidation_steps", "batch_size", "max_length"):
+        assert getattr(built.training, name) == getattr(default.training, name), name
