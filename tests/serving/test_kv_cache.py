@@ -93,3 +93,12 @@ def test_a_layer_never_updated_can_still_have_rows_selected():
     layer = GrowingLayer()  # e.g. a layer whose keys another layer shares
     layer.batch_select_indices(torch.tensor([0]))
     assert not layer.is_initialized
+
+
+def test_a_reset_layer_starts_over():
+    layer = GrowingLayer()
+    layer.update(*kv(2, 4, 0))
+    layer.reset()
+    k, v = kv(3, 2, 1)  # another batch size after the reset
+    keys, values = layer.update(k, v)
+    assert torch.equal(keys, k) and torch.equal(values, v)

@@ -27,16 +27,11 @@ MIN_ROOM = 32  # free columns a new buffer gets at least
 class GrowingLayer(DynamicLayer):
     """A ``DynamicLayer`` whose keys/values [B, H, W, D] are views of buffers [B, H, capacity, D]."""
 
-    # until the first update (a layer the model never updates, e.g. under KV sharing, stays like this)
+    # No buffers until the first update (a layer the model never updates, e.g. under KV sharing, stays so).
+    # After ``reset`` the keys are no longer this layer's views, so the next update starts new buffers.
     _buffers: tuple[Tensor, Tensor] | None = None
     _views: tuple[Tensor | None, Tensor | None] = (None, None)
     _start = _end = 0
-
-    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        self._buffers: tuple[Tensor, Tensor] | None = None
-        self._views: tuple[Tensor | None, Tensor | None] = (None, None)
-        self._start = self._end = 0
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:
@@ -90,8 +85,7 @@ class GrowingLayer(DynamicLayer):
     def _reserve(self, key_states: Tensor, value_states: Tensor, t: int) -> None:
         """New buffers holding the current keys/values (none at the first update) with room for ``t`` more
         columns and as many again."""
-        cached = self._owns() or self.keys.dim() == 4
-        width = self.keys.shape[-2] if cached else 0
+        width = self.keys.shape[-2] if self.keys.dim() == 4 else 0  # the first update finds an empty tensor
         b, h, _, d = key_states.shape
         capacity = width + t + room(width + t)
         kbuf = key_states.new_empty(b, h, capacity, d)
