@@ -115,19 +115,12 @@ def mean_losses(parts: dict[str, tuple[float, int]], pooled: tuple[str, ...] = (
     return out
 
 
-def held_out_features(learner: ContinualLearner, step: StepData) -> torch.Tensor:
-    if step.held_out_features is None:
-        step.held_out_features = learner.model.routing_features_for(learner.prompts(step, step.held_out),
-                                                                    max_length=learner.training.max_length)
-    return step.held_out_features
-
-
 def routing(model: DyLoRAMoE, learner: ContinualLearner, own: list[set[int]]) -> dict:
     """Per step, the share of its held-out prompts the gate sends to one of the experts ``own[step]`` of its
     skill, and the pooled accuracy."""
     correct, totals, shares = [], [], {}
     for step, experts in zip(learner.steps, own, strict=True):
-        chosen = routed_experts(model, held_out_features(learner, step))
+        chosen = routed_experts(model, learner.held_out_features(step))
         correct.append(sum(c in experts for c in chosen))
         totals.append(len(chosen))
         shares[step.skill.name] = correct[-1] / len(chosen)

@@ -42,11 +42,7 @@ class Probe(ContinualLearner):
         self.fits: list[dict] = []
 
     def features(self, j: int) -> torch.Tensor:
-        step = self.steps[j]
-        if step.held_out_features is None:
-            step.held_out_features = self.model.routing_features_for(self.prompts(step, step.held_out),
-                                                                     max_length=self.training.max_length)
-        return step.held_out_features
+        return self.held_out_features(self.steps[j])
 
     def fit_router(self) -> None:
         super().fit_router()

@@ -158,6 +158,14 @@ class ContinualLearner:
     def prompts(self, step: StepData, examples: list[Example]) -> list[str]:
         return [render_prompt(self.model.tokenizer, e.prompt, step.skill.format.chat) for e in examples]
 
+    def held_out_features(self, step: StepData) -> torch.Tensor:
+        """The routing features of a step's held-out prompts [N, H], computed once (they do not depend on the
+        experts) and kept on the step."""
+        if step.held_out_features is None:
+            step.held_out_features = self.model.routing_features_for(self.prompts(step, step.held_out),
+                                                                     max_length=self.training.max_length)
+        return step.held_out_features
+
     # ------------------------------------------------------------------ loop
     def run(self, progress: Callable[[str], None] | None = None) -> list[StepRecord]:
         for i in range(len(self.records), len(self.skills)):
@@ -301,10 +309,7 @@ class ContinualLearner:
         routing, entropy = [], []
         for j, step in enumerate(self.steps):
             losses[j] = self.evaluate(j, step)
-            if step.held_out_features is None:
-                step.held_out_features = self.model.routing_features_for(self.prompts(step, step.held_out),
-                                                                         max_length=self.training.max_length)
-            chosen = routed_experts(self.model, step.held_out_features)
+            chosen = routed_experts(self.model, self.held_out_features(step))
             shares = {e: chosen.count(e) / len(chosen) for e in sorted(set(chosen))}
             routing.append(shares)
             entropy.append(routing_entropy(list(shares.values())))

@@ -195,10 +195,7 @@ class MixedLearner(ContinualLearner):
             if self.skills[j].name not in self.seen:
                 continue
             losses[j] = self.evaluate(j, step)
-            if step.held_out_features is None:
-                step.held_out_features = self.model.routing_features_for(self.prompts(step, step.held_out),
-                                                                         max_length=self.training.max_length)
-            chosen = routed_experts(self.model, step.held_out_features)
+            chosen = routed_experts(self.model, self.held_out_features(step))
             routing[j] = {e: chosen.count(e) / len(chosen) for e in sorted(set(chosen))}
             entropy[j] = routing_entropy(list(routing[j].values()))
         counts: dict[str, int] = {}
