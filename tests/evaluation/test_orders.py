@@ -9,7 +9,7 @@ import pytest
 
 from dylora_moe.data.stream import StreamSpec
 from dylora_moe.evaluation.benchmark import results_from
-from dylora_moe.evaluation.benchmark_report import render_orders, spread_cell
+from dylora_moe.evaluation.benchmark_report import coverage, render_orders, spread_cell
 from dylora_moe.evaluation.orders import ORDER_METRICS, aggregate, order_metrics, permutation, permuted, spread
 
 LONG = ["py", "sql", "js", "sh", "v", "mbpp", "cpp", "sql", "gen", "java", "sh", "py", "mbpp"]  # long-code's labels
@@ -110,6 +110,15 @@ def test_the_orders_report_shows_mean_spread_and_range():
                           for k, o in enumerate(per_order)],
                "methods": aggregate(per_order)}
     text = render_orders(results, command="python benchmarks/continual.py --orders 3")
-    assert "2 of 3 orders finished" in text
-    assert "| dylora | 1.1000 ± 0.1414 (1.0000–1.2000) |" in text
+    assert "2 of 3 orders started, every method finished in each" in text
+    assert "| dylora | 2 | 1.1000 ± 0.1414 (1.0000–1.2000) |" in text
     assert "| dylora | 0.0200 | 0.0800 |" in text  # max transient forgetting per order
+
+
+def test_the_orders_report_names_the_orders_a_method_did_not_finish():
+    ran = {"dylora": [0, 1], "oracle_experts": [0]}
+    assert coverage(ran, [0, 1], 3) == ("2 of 3 orders started; every method ran in order(s) 0, the others in part "
+                                        "(order 1: dylora)")
+    assert coverage({"dylora": [0, 1, 2]}, [0, 1, 2], 3) == "all 3 orders finished for every method"
+    assert coverage({"dylora": [1], "base": [2]}, [1, 2], 2).endswith("in no order, the others in part "
+                                                                        "(order 1: dylora; order 2: base)")

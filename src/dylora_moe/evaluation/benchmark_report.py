@@ -235,26 +235,43 @@ def spread_cell(s: dict | None, spec: str) -> str:
            f"{format(s['max'], spec)})"
 
 
+def coverage(ran: dict[str, list[int]], orders: list[int], requested: int) -> str:
+    """Which orders have results for which methods, e.g. ``2 of 3 orders started; every method ran in order 0,
+    the others in part (order 1: dylora)``; ``ran`` maps each method to the orders that ran it."""
+    complete = [k for k in orders if all(k in ks for ks in ran.values())]
+    text = f"{len(orders)} of {requested} orders started"
+    if complete == orders:
+        return f"all {requested} orders finished for every method" if len(orders) == requested else \
+            f"{text}, every method finished in each"
+    partial = [f"order {k}: {', '.join(n for n, ks in ran.items() if k in ks)}" for k in orders if k not in complete]
+    done = f"order(s) {', '.join(map(str, complete))}" if complete else "no order"
+    return f"{text}; every method ran in {done}, the others in part ({'; '.join(partial)})"
+
+
 def render_orders(results: dict, *, command: str) -> str:
     """``report.md`` of ``--orders``: each method's metrics as mean ± standard deviation (min–max) over orders,
     and which steps each order ran."""
     names = ordered(results["methods"])
     orders = results["orders"]
+    ran = {name: [o["order"] for o in orders if name in o["methods"]] for name in names}
+    covered = coverage(ran, [o["order"] for o in orders], results["orders_requested"])
     lines = [f"# Continual-learning benchmark: {results['stream']}, {len(orders)} orders", "",
-             f"Model `{results['model']}`; {len(orders)} of {results['orders_requested']} orders finished "
-             f"(per-order reports in `order-K/report.md`); {results['total_seconds'] / 60:.0f} min of method time.",
+             f"Model `{results['model']}`; {covered} (per-order "
+             f"reports in `order-K/report.md`); {results['total_seconds'] / 60:.0f} min of method time.",
              "", "```bash", command, "```", "",
-             "Each cell is the mean ± sample standard deviation (min–max) over the orders that ran the method. Loss "
+             "Each cell is the mean ± sample standard deviation (min–max) over the orders that ran the method "
+             "(`orders`). Loss "
              "units (nats): `mean final loss` is the mean loss over all steps after the last one, `BWT` backward "
              "transfer (negative: forgetting), `forgetting` the mean rise from each skill's best loss, `FWT` forward "
              "transfer against the untrained model, `max transient` the largest rise of any skill's loss above its "
              "just-learned value at any later step. `train s` is training alone, `stream s` the whole pass through "
              "the stream with every evaluation.", "",
-             "| method | " + " | ".join(title for _, title, _ in ORDER_COLUMNS) + " |",
-             "|---|" + "---:|" * len(ORDER_COLUMNS)]
+             "| method | orders | " + " | ".join(title for _, title, _ in ORDER_COLUMNS) + " |",
+             "|---|---:|" + "---:|" * len(ORDER_COLUMNS)]
     for name in names:
         m = results["methods"][name]
-        lines.append(f"| {name} | " + " | ".join(spread_cell(m[key], spec) for key, _, spec in ORDER_COLUMNS) + " |")
+        lines.append(f"| {name} | {len(ran[name])} | "
+                     + " | ".join(spread_cell(m[key], spec) for key, _, spec in ORDER_COLUMNS) + " |")
     lines += ["", "## Orders", "", "| order | steps |", "|---:|---|"]
     lines += [f"| {o['order']} | {', '.join(o['skills'])} |" for o in orders]
     lines += ["", "## Max transient forgetting per order", "",
