@@ -34,6 +34,15 @@ def requests(*specs) -> list[GenerationRequest]:
     return [GenerationRequest(prompt, max_tokens, stop=stop) for prompt, max_tokens, stop in specs]
 
 
+
+def start_streaming(engine: Engine, tokens: int) -> GenerationRequest:
+    """Submit a long request and return once its first token has streamed (it is decoding)."""
+    streaming = threading.Event()
+    long = GenerationRequest("hello world", tokens, on_event=lambda kind, _: kind == "delta" and streaming.set())
+    engine.submit(long)
+    assert streaming.wait(60)
+    return long
+
 def test_a_batch_routes_each_sequence_on_its_own_prompt(two_experts):
     engine = Engine(two_experts, ServerConfig(), Metrics())
     try:
@@ -206,10 +215,7 @@ def test_joiners_wait_a_few_decode_steps_to_share_one_prefill_pass(untrained, mo
                                                                        step(self))[1])
     engine = Engine(untrained, ServerConfig(max_tokens_cap=100, join_batch=2, join_wait_steps=wait_steps), Metrics())
     try:
-        streaming = threading.Event()
-        long = GenerationRequest("hello world", 60, on_event=lambda kind, _: kind == "delta" and streaming.set())
-        engine.submit(long)
-        assert streaming.wait(60)
+        long = start_streaming(engine, 60)
         lone = GenerationRequest("1+1=", 2)
         submitted = steps[0]  # the first delta reaches this thread some steps after it was decoded
         engine.submit(lone)
@@ -253,10 +259,7 @@ def test_prefill_share_makes_joiners_wait_until_decoding_has_earned_the_pass(unt
     config = ServerConfig(max_tokens_cap=100, join_batch=1, join_wait_steps=0, prefill_share=share)
     engine = Engine(untrained, config, Metrics())
     try:
-        streaming = threading.Event()
-        long = GenerationRequest("hello world", 80, on_event=lambda kind, _: kind == "delta" and streaming.set())
-        engine.submit(long)
-        assert streaming.wait(60)
+        long = start_streaming(engine, 80)
         first = GenerationRequest("1+1=", 1)
         engine.submit(first)
         first.future.result(timeout=60)
