@@ -10,6 +10,7 @@ from dylora_moe.data.stream import load_stream
 from dylora_moe.evaluation.freeform import (
     EXAMPLE_REQUESTS,
     FreeformSet,
+    FrozenAnswers,
     check_humaneval_request,
     check_mbpp_request,
     evaluate_set,
@@ -94,3 +95,34 @@ def test_evaluate_set_compares_the_system_with_its_frozen_backbone():
     assert trained[0].samples[0]["routed"] != trained[0].samples[0]["frozen"]
     table = markdown_table([dataclasses.asdict(r) for r in untrained])
     assert len(table) == 4 and "exact_match" in table[2]
+
+
+def test_frozen_answers_persist_across_processes_and_a_system_without_experts_answers_once(tmp_path, monkeypatch):
+    model = build()
+    fset = FreeformSet("digits", "hand-written", [Example("1+1=", "2"), Example("2+2=", "4")], max_new_tokens=6)
+    calls = []
+    complete = model.complete
+    monkeypatch.setattr(model, "complete", lambda texts, **kw: (calls.append(len(texts)), complete(texts, **kw))[1])
+    first = evaluate_set(model, fset, forms=("raw",), frozen_answers=FrozenAnswers(tmp_path, "tiny:float32"))
+    assert len(calls) == 1  # no expert: the routed answers are the frozen model's
+    model.create_expert()
+    randomise_experts(model)
+    calls.clear()
+    again = FrozenAnswers(tmp_path, "tiny:float32")  # another method's process, same folder
+    second = evaluate_set(model, fset, forms=("raw",), frozen_answers=again)
+    assert len(calls) == 1  # only the routed system generated
+    assert second[0].samples[0]["frozen"] == first[0].samples[0]["frozen"]
+    calls.clear()
+    evaluate_set(model, fset, forms=("raw",), frozen_answers=FrozenAnswers(tmp_path, "other-model:float32"))
+    assert len(calls) == 2  # another backbone's answers are not reused
+    longer = dataclasses.replace(fset, max_new_tokens=8)
+    calls.clear()
+    evaluate_set(model, longer, forms=("raw",), frozen_answers=again)
+    assert len(calls) == 2  # nor those of another generation length
+    key = ("digits", "hand-written", "raw", 6, ("1+1=", "2+2="))
+    assert again.get(key) == [sample["frozen"] for sample in first[0].samples]
+    again._file(key).write_text("{torn", encoding="utf-8")  # a writer killed mid-file (no atomic rename)
+    assert again.get(key) is None
+    calls.clear()
+    evaluate_set(model, fset, forms=("raw",), frozen_answers=again)
+    assert len(calls) == 2 and again.get(key) is not None  # asked again and rewritten

@@ -26,7 +26,7 @@ from ..training.config import TrainingConfig
 from ..training.loop import ContinualLearner, StepRecord
 from ..training.measure import eval_loss, routing_entropy
 from .baselines import LEARNERS, spec_reference
-from .freeform import evaluate_stream, trained_examples
+from .freeform import FrozenAnswers, evaluate_stream, trained_examples
 from .generation import Checker, check_python_example, checker_for, score_examples
 from .metrics import (
     average_accuracy,
@@ -139,7 +139,8 @@ def run_method(name: str, stream: StreamSpec, system: DyLoRAConfig, training: Tr
         raw["humaneval"] = humaneval_retention(model, bench)
     if bench.freeform_limit > 0:
         say(f"{name}: free-form requests")
-        raw["freeform"] = freeform_scores(model, learner, data_dir, bench)
+        raw["freeform"] = freeform_scores(model, learner, data_dir, bench,
+                                          FrozenAnswers(out / "frozen-answers", f"{system.model}:{system.dtype}"))
     raw["seconds"] = time.perf_counter() - start
     return raw
 
@@ -185,11 +186,14 @@ def final_generation(model: DyLoRAMoE, learner: ContinualLearner, data_dir, benc
     return scores
 
 
-def freeform_scores(model: DyLoRAMoE, learner: ContinualLearner, data_dir, bench: BenchmarkConfig) -> list[dict]:
-    """Free-form requests of every skill's domain, chat and raw, final system vs frozen model."""
+def freeform_scores(model: DyLoRAMoE, learner: ContinualLearner, data_dir, bench: BenchmarkConfig,
+                    frozen_answers: FrozenAnswers | None = None) -> list[dict]:
+    """Free-form requests of every skill's domain, chat and raw, final system vs frozen model (the frozen
+    model's answers shared by the methods of one benchmark through ``frozen_answers``)."""
     seen = trained_examples(learner.skills, data_dir)
     results = evaluate_stream(model, learner.skills, seen, data_dir=data_dir, limit=bench.freeform_limit,
-                              batch_size=bench.generation_batch, spider_cache=bench.spider_cache)
+                              batch_size=bench.generation_batch, spider_cache=bench.spider_cache,
+                              frozen_answers=frozen_answers)
     return [dataclasses.asdict(r) for r in results]
 
 

@@ -23,6 +23,9 @@ the sandbox of ``execution.py``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -214,20 +217,47 @@ def answer(model: DyLoRAMoE, prompts: Sequence[str], *, form: str, frozen: bool,
     return model.complete(texts, chat=chat, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
+class FrozenAnswers:
+    """The frozen model's free-form answers kept on disk, so that every method of a benchmark (each in its own
+    process) and every rerun asks the frozen model once: one JSON file per (model, form, generation length,
+    prompts), written atomically; a dict-like ``get``/``[]=`` on ``evaluate_set``'s keys."""
+
+    def __init__(self, folder: str | Path, model: str) -> None:
+        self.folder, self.model = Path(folder), model
+
+    def _file(self, key: tuple) -> Path:
+        digest = hashlib.blake2b(json.dumps([self.model, *key]).encode("utf-8"), digest_size=12).hexdigest()
+        return self.folder / f"{digest}.json"
+
+    def get(self, key: tuple) -> list[str] | None:
+        try:
+            return json.loads(self._file(key).read_text(encoding="utf-8"))["answers"]
+        except (OSError, ValueError, KeyError):  # absent, or a torn file of a killed writer: ask the model again
+            return None
+
+    def __setitem__(self, key: tuple, answers: list[str]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        target = self._file(key)
+        tmp = target.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"model": self.model, "key": list(key), "answers": answers}), encoding="utf-8")
+        os.replace(tmp, target)
+
+
 def evaluate_set(model: DyLoRAMoE, fset: FreeformSet, *, forms: Sequence[str] = FORMS, batch_size: int = 16,
-                 samples: int = 2, frozen_answers: dict | None = None) -> list[FreeformResult]:
+                 samples: int = 2, frozen_answers: dict | FrozenAnswers | None = None) -> list[FreeformResult]:
     """Each form of ``fset`` answered by the routed system and the frozen model. ``frozen_answers`` caches the
-    frozen model's answers across calls (they do not change while experts train)."""
+    frozen model's answers across calls (they do not change while experts train), by set, form, generation
+    length and prompts; a system without experts is the frozen model and answers once."""
     results = []
     prompts = [e.prompt for e in fset.examples]
     for form in forms:
         routed = answer(model, prompts, form=form, frozen=False, max_new_tokens=fset.max_new_tokens,
                         batch_size=batch_size)
-        key = (fset.skill, fset.source, form, len(prompts))
+        key = (fset.skill, fset.source, form, fset.max_new_tokens, tuple(prompts))
         frozen = frozen_answers.get(key) if frozen_answers is not None else None
         if frozen is None:
-            frozen = answer(model, prompts, form=form, frozen=True, max_new_tokens=fset.max_new_tokens,
-                            batch_size=batch_size)
+            frozen = routed if not model.num_experts else answer(
+                model, prompts, form=form, frozen=True, max_new_tokens=fset.max_new_tokens, batch_size=batch_size)
             if frozen_answers is not None:
                 frozen_answers[key] = frozen
         kinds = [degenerate_kind(t) for t in routed]
@@ -281,11 +311,12 @@ def stream_sets(skills: Sequence[SkillSpec], seen_examples: Sequence[Example], *
 
 def evaluate_stream(model: DyLoRAMoE, skills: Sequence[SkillSpec], seen_examples: Sequence[Example], *,
                     data_dir: str | Path | None, limit: int, batch_size: int = 16,
-                    spider_cache: str | Path | None = None) -> list[FreeformResult]:
+                    spider_cache: str | Path | None = None,
+                    frozen_answers: dict | FrozenAnswers | None = None) -> list[FreeformResult]:
     """Every free-form set of a stream (``stream_sets``) in both forms, routed system and frozen model."""
     results = []
     for fset in stream_sets(skills, seen_examples, data_dir=data_dir, limit=limit, spider_cache=spider_cache):
-        results += evaluate_set(model, fset, batch_size=batch_size)
+        results += evaluate_set(model, fset, batch_size=batch_size, frozen_answers=frozen_answers)
     return results
 
 
