@@ -70,8 +70,10 @@ def tuning_requests(skill: str, train_examples, limit: int) -> list[str]:
 
 def run_arm(name: str, values: dict, args) -> dict:
     penalty = values.pop("repetition_penalty", None)
+    # the arms vary the chat-only recipe the committed figures were measured from (views and raw copies off)
     training = TrainingConfig(**{"seed_steps": 8, "consolidation_steps": 16, "batch_size": 4, "max_length": 256,
-                                 "report_to": ["none"], "router_fit_steps": 50, **values})
+                                 "report_to": ["none"], "router_fit_steps": 50, "instruction_views": False,
+                                 "raw_copies": False, **values})
     if args.system is not None:  # a system trained elsewhere (e.g. `dylora train`'s OUT/system): ask it only
         model, name = DyLoRAMoE.from_pretrained(args.system).eval(), "frozen" if name == "frozen" else name
     else:

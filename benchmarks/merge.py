@@ -152,7 +152,8 @@ def pad(rows: list[list[float | None]], n: int) -> list[list[float | None]]:
 def configs(args: argparse.Namespace) -> tuple[DyLoRAConfig, TrainingConfig]:
     system = DyLoRAConfig.from_dict({"model": args.model})
     training = TrainingConfig(seed_steps=args.seed_steps, consolidation_steps=args.consolidation_steps,
-                              batch_size=args.batch_size, max_length=args.max_length, report_to=["none"])
+                              batch_size=args.batch_size, max_length=args.max_length, report_to=["none"],
+                              instruction_views=False, raw_copies=False)  # the chat-only recipe it was measured with
     return system, training
 
 

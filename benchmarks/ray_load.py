@@ -110,7 +110,8 @@ def compare(args) -> int:
 
     key = "bench-key"
     training = TrainingConfig(seed_steps=args.seed_steps, consolidation_steps=args.consolidation_steps,
-                              batch_size=2, max_length=256, router_fit_steps=100, report_to=["none"])
+                              batch_size=2, max_length=256, router_fit_steps=100, report_to=["none"],
+                              instruction_views=False, raw_copies=False)  # the recipe it was measured with
     config = ServerConfig(model_name="dylora-moe", api_key=key, max_batch=args.max_batch, training=training)
     serving = ServerConfig(model_name="dylora-moe", api_key=None, max_batch=args.max_batch, training=training)
     with tempfile.TemporaryDirectory(prefix="dylora-ray-load-") as tmp:

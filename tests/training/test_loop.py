@@ -31,7 +31,7 @@ def letters(i):
 
 def small_config(**kw):
     base = dict(seed_steps=3, consolidation_steps=3, batch_size=4, max_length=32, report_to=["none"],
-                logging_steps=1, eval_batch_size=16)
+                logging_steps=1, eval_batch_size=16, raw_copies=False, instruction_views=False)  # one rendering
     return TrainingConfig(**{**base, **kw})
 
 

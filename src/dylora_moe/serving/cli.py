@@ -49,7 +49,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-repeat-ngram-size", type=int, default=0,
                    help="decoding guard: never repeat an n-gram of this size (0: off)")
     p.add_argument("--seed-steps", type=int, default=8, help="seeding steps of an uploaded new skill")
-    p.add_argument("--consolidation-steps", type=int, default=16, help="consolidation steps of an uploaded skill")
+    p.add_argument("--consolidation-steps", type=int, default=40, help="consolidation steps of an uploaded skill")
     p.add_argument("--train-batch-size", type=int, default=4, help="sequences per training step")
     p.add_argument("--train-max-length", type=int, default=256, help="tokens per training sequence")
     ray = p.add_argument_group("Ray Serve (with --ray)")

@@ -78,7 +78,7 @@ class ServerConfig:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     training: TrainingConfig = field(default_factory=lambda: TrainingConfig(
-        seed_steps=8, consolidation_steps=16, batch_size=4, max_length=256, router_fit_steps=200,
+        seed_steps=8, consolidation_steps=40, batch_size=4, max_length=256, router_fit_steps=200,
         report_to=["none"], logging_steps=4))
 
     def __post_init__(self) -> None:
