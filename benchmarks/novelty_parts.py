@@ -25,6 +25,7 @@ from dylora_moe.config import DyLoRAConfig
 from dylora_moe.data.composed import composed
 from dylora_moe.data.stream import SkillSource, SkillSpec, load_examples
 from dylora_moe.model import DyLoRAMoE
+from dylora_moe.novelty.embedding import _hidden
 from results import write_json
 
 SOURCES = {
@@ -43,12 +44,12 @@ CASES = [
 
 @torch.no_grad()
 def token_states(model: DyLoRAMoE, responses: list[str], max_length: int = 256) -> list[torch.Tensor]:
-    """Unit-normalised final hidden states [T, H] of each response, frozen backbone."""
+    """Unit-normalised hidden states [T, H] of each response at the novelty detector's layer (final by default),
+    frozen backbone, as ``novelty/embedding.py`` reads them."""
     out = []
     for text in responses:
         enc = model.tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length).to(model.device)
-        with model.routing.plain():
-            hidden = model.backbone.base_model(**enc, use_cache=False).last_hidden_state[0]
+        hidden = _hidden(model, enc["input_ids"], enc["attention_mask"])[0]  # the detector's layer, no expert
         out.append(torch.nn.functional.normalize(hidden.float(), dim=-1).cpu())
     return out
 
