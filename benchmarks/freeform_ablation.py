@@ -9,8 +9,10 @@ Each ``--arm NAME[:field=value,...]`` sets ``TrainingConfig`` fields (``repetiti
 decoding option instead). ``--system DIR`` asks a system trained elsewhere (``dylora train``'s OUT/system)
 instead; the arm ``frozen`` then asks its backbone with no expert. The requests are the tuning set: the
 skill's own source phrased as requests, on problems the skill does not train on (VerilogEval Human
-descriptions without the module header; HumanEval problems as requests); the reported evaluation
-(``dylora train``'s report, the benchmark) uses other sources.
+descriptions without the module header; HumanEval problems as requests; NL2Bash descriptions from the middle of
+the source asked as "What is the bash command to ...?", which needs ``--data-dir``); the reported evaluation
+(``dylora train``'s report, the benchmark) uses other sources, or for NL2Bash other descriptions (the end of the
+source) in another phrasing ("How do I ... in bash?").
 Reports per arm: eval loss in the training format, degenerate rate and kinds per form, the share of answers in
 the skill's language (a statement of it: ``module``/``assign``/``always``; ``def``/``return``), the last answers.
 """
@@ -25,7 +27,7 @@ import time
 from pathlib import Path
 
 from dylora_moe import DyLoRAConfig, DyLoRAMoE
-from dylora_moe.data.sources import humaneval
+from dylora_moe.data.sources import humaneval, nl2bash
 from dylora_moe.data.stream import SkillSpec, StreamSpec
 from dylora_moe.evaluation.degenerate import degenerate_kind
 from dylora_moe.evaluation.freeform import EXAMPLE_REQUESTS, humaneval_request, verilog_requests
@@ -36,11 +38,16 @@ from results import write_json
 SKILLS = {
     "verilogeval": SkillSpec("verilogeval", {"type": "builtin", "name": "verilogeval"}, max_train=96, max_eval=24),
     "humaneval": SkillSpec("humaneval", {"type": "builtin", "name": "humaneval", "stop": 82}, max_eval=24),
+    "nl2bash": SkillSpec("nl2bash", {"type": "builtin", "name": "nl2bash", "stop": 400}, max_train=96, max_eval=32),
 }
+NL2BASH_TUNING = 6000  # the tuning requests' first index: past every stream's slice, far from the end
 
 # an answer in the skill's language holds one of its statements (a whole module or a body both count)
 LANGUAGE = {"verilogeval": re.compile(r"^\s*(module\s+\w+|assign\s+\w+|always\s*@|reg\s|wire\s)", re.MULTILINE),
-            "humaneval": re.compile(r"^\s*(def\s+\w+\s*\(|return\b|if\s.*:|for\s.*:)", re.MULTILINE)}
+            "humaneval": re.compile(r"^\s*(def\s+\w+\s*\(|return\b|if\s.*:|for\s.*:)", re.MULTILINE),
+            "nl2bash": re.compile(r"(^|`)\s*(find|ls|grep|cat|echo|sed|awk|tar|cp|mv|rm|chmod|chown|sort|xargs|head|"
+                                  r"tail|wc|cut|mkdir|cd|du|df|ps|kill|ssh|curl|wget|git|tr|uniq|ln|touch|read|"
+                                  r"export|set|history|date)\b", re.MULTILINE)}
 
 
 def parse_arm(text: str) -> tuple[str, dict]:
@@ -58,8 +65,11 @@ def yaml_value(text: str):
     return yaml.safe_load(text)
 
 
-def tuning_requests(skill: str, train_examples, limit: int) -> list[str]:
+def tuning_requests(skill: str, train_examples, limit: int, data_dir: Path | None = None) -> list[str]:
     seen = {e.meta.get("task_id") for e in train_examples}
+    if skill == "nl2bash":
+        rows = nl2bash(data_dir)[NL2BASH_TUNING: NL2BASH_TUNING + limit]
+        return [f"What is the bash command to {e.prompt.removeprefix('# ').strip().rstrip('.')}?" for e in rows]
     if skill == "verilogeval":  # the shortest problem statements: what a user types, and cheap to answer
         requests = sorted((e.prompt for e in verilog_requests("Human", exclude_tasks=seen, limit=200)), key=len)
         requests = requests[:limit]
@@ -79,13 +89,14 @@ def run_arm(name: str, values: dict, args) -> dict:
     else:
         model = DyLoRAMoE.from_config(DyLoRAConfig(device="cpu")).eval()
     stream = StreamSpec("ablation", [dataclasses.replace(SKILLS[args.skill])])
-    learner = ContinualLearner(model, stream, training, args.out.parent / "ablation-logs" / name)
+    learner = ContinualLearner(model, stream, training, args.out.parent / "ablation-logs" / name,
+                               data_dir=args.data_dir)
     start = time.perf_counter()
     trains = name != "frozen" and args.system is None
     record = learner.run_step(0) if trains else None
     seconds = time.perf_counter() - start
     data = learner.steps[0] if learner.steps else learner.prepare(stream.skills[0])
-    requests = tuning_requests(args.skill, data.train, args.limit)
+    requests = tuning_requests(args.skill, data.train, args.limit, args.data_dir)
     row = {"arm": name, "overrides": values, "repetition_penalty": penalty, "train_seconds": seconds,
            "eval_loss": record.losses[0] if record else None, "forms": {}}
     for form in ("chat", "raw"):
@@ -126,8 +137,11 @@ def main(argv=None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--system", type=Path, default=None,
                    help="ask this saved system instead of training one (arms then only name decoding options)")
+    p.add_argument("--data-dir", type=Path, default=None, help="the shared data (needed by --skill nl2bash)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    if args.skill == "nl2bash" and args.data_dir is None:
+        p.error("--skill nl2bash reads NL2Bash from the shared data: pass --data-dir ../shared/data")
     rows = []
     for arm in args.arm or ["frozen", "baseline"]:
         rows.append(run_arm(*parse_arm(arm), args))

@@ -55,6 +55,23 @@ def test_prompts_that_are_already_requests_or_hold_no_prose_have_no_view():
     assert instruction_view(Example("#include <stdio.h>\nint main() {\n", "}\n")) is None
 
 
+def test_a_one_line_comment_prompt_is_viewed_as_its_text_only_when_asked():
+    bash = Example("# Find all .txt files under the current directory.\n", "find . -name '*.txt'\n",
+                   {"language": "bash"})
+    assert instruction_view(bash) is None
+    view = instruction_view(bash, comments=True)
+    assert view.prompt == "Find all .txt files under the current directory."
+    assert view.response == bash.response and view.meta == bash.meta  # the command, untouched
+    assert instruction_view(Example("-- List the singers.\n", "SELECT name FROM singer;\n"), comments=True).prompt \
+        == "List the singers."
+    spider = Example("-- database: concert\n-- singer(name, age)\n-- question: How many singers are there?\n",
+                     "SELECT count(*) FROM singer;\n")
+    assert instruction_view(spider, comments=True) is None  # several comment lines keep their layout
+    assert instruction_view(Example("How many singers are there?", "x"), comments=True) is None  # prose already
+    assert instruction_view(Example("#include <stdio.h>\n", "int main() {}\n"), comments=True) is None  # code
+    assert instruction_view(VERILOG, comments=True) == instruction_view(VERILOG)  # code with prose: as before
+
+
 def test_a_request_names_the_language_its_source_declares():
     verilog = replace(VERILOG, meta={"language": "verilog"})
     assert language_request(verilog).prompt == "In Verilog: Create a 2-input AND gate. Name it top_module."

@@ -248,6 +248,26 @@ def test_instruction_views_add_prose_requests_to_training_and_to_the_routing_mem
         assert f"In Python: add {e.prompt.split()[2]} to x" in text
 
 
+def test_comment_views_train_one_line_comment_prompts_as_bare_requests(tmp_path):
+    def described(i):
+        return {"prompt": f"# print {i}\n", "response": f"echo {i}\n"}
+
+    stream = StreamSpec("s", [skill_file(tmp_path, "described", described)])
+    model = build()
+    sizes = {}
+    for name, comments in (("without", False), ("with", True)):
+        learner = ContinualLearner(model, stream, small_config(instruction_views=True, comment_views=comments),
+                                   tmp_path / name)
+        step = learner.prepare(stream.skills[0])
+        sizes[name] = len(step.train_set)
+        if comments:
+            assert [v.prompt for v in learner.views(step.train)] == [e.prompt[2:-1] for e in step.train]
+            assert learner.anchors(0, step, 0) is None  # every request is answered by its view
+        else:
+            assert learner.views(step.train) == [] and learner.anchors(0, step, 0) is not None
+    assert sizes["with"] == 2 * sizes["without"]
+
+
 def test_a_full_pool_merges_the_closest_pair_before_a_new_expert(tmp_path):
     from dylora_moe.evaluation.report import summarise
 

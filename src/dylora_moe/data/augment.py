@@ -11,8 +11,14 @@ prompt, and the code of the prompt followed by the response as the answer. Veril
 flip-flops ... module top_module(...);" + body becomes "Create 8 D flip-flops ..." -> "module top_module(...);"
 + body; a HumanEval signature and docstring + body becomes the docstring's text -> the whole function. An
 expert trained on both writes whole programs for bare requests, and its skill's routing memory holds requests
-phrased in prose, not only in its dataset's layout. Prompts that are already prose (MBPP, Spider questions,
-NL2Bash) or hold no prose have no view.
+phrased in prose, not only in its dataset's layout. Prompts that are already prose (MBPP, CodeAlpaca) or hold no
+prose have no view.
+
+With ``comments=True`` a prompt that is one comment line and nothing else (NL2Bash's "# find all .txt files")
+has a view too: the comment's text as the request, the response unchanged. An expert trained only on the
+commented form learns that a command follows a "#" line, and a bare request of its domain ("find all .txt
+files", or a question) can get an end of sequence as its first token. Prompts of several comment lines
+(Spider's schema and question) keep their layout: joining them into one line would lose the schema's.
 
 ``language_request`` is the request naming the language, as users write it ("In Python: return the factorial
 of n."), for an example whose source declares its language (``meta["language"]``): the skill's routing memory
@@ -95,9 +101,12 @@ def prose_and_code(prompt: str) -> tuple[list[str], list[str], int]:
     return prose, [c for c in code if c.strip()], lead
 
 
-def instruction_view(example):
-    """``example`` as a bare request (see the module doc), or ``None`` when its prompt is not code with prose."""
+def instruction_view(example, *, comments: bool = False):
+    """``example`` as a bare request (see the module doc), or ``None`` when its prompt is not code with prose
+    (or, with ``comments``, a one-line comment)."""
     prose, code, lead = prose_and_code(example.prompt)
+    if prose and not code and comments and len(prose) == 1 and len(example.prompt.strip().split("\n")) == 1:
+        return replace(example, prompt=prose[0])
     if not prose or not code:
         return None
     request = " ".join(prose)

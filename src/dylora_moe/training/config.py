@@ -47,6 +47,10 @@ class TrainingConfig:
             store those requests' routing features, with requests naming the skill's language when its source
             declares one ("In Python: ..."), so the expert writes whole programs for requests phrased in prose
             and the gate routes them to it.
+        comment_views: with ``instruction_views``, a prompt that is one comment line (NL2Bash's "# description")
+            is viewed as its text alone (``data/augment.py``). Off: on the NL2Bash tuning set
+            (``benchmarks/freeform_ablation.py --skill nl2bash``) it made answers more often shell but looping
+            (degenerate chat 5 of 16, raw 8 of 16, against 3 and 2 without; README, "Free-form requests").
         eval_batch_size: sequences per evaluation forward.
         report_to: Trainer loggers (tensorboard, wandb, mlflow when installed; "none" for none).
         precision: autocast of the training forwards: ``auto`` is bf16 on an accelerator that supports it and
@@ -75,6 +79,7 @@ class TrainingConfig:
     strip_leading_blank_lines: bool = field(default=True, metadata={"help": "drop responses' leading blank lines"})
     raw_copies: bool = field(default=True, metadata={"help": "also train without the chat template"})
     instruction_views: bool = field(default=True, metadata={"help": "also train on prose requests of code prompts"})
+    comment_views: bool = field(default=False, metadata={"help": "also view one-line comment prompts as requests"})
     eval_batch_size: int = field(default=8, metadata={"help": "sequences per eval forward"})
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={"help": "Trainer loggers"})
     precision: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 | fp16 (training autocast)"})

@@ -153,7 +153,8 @@ class ContinualLearner:
         """The examples as bare requests (``data/augment.instruction_view``), when the config asks for them."""
         if not self.training.instruction_views:
             return []
-        return [view for e in examples if (view := instruction_view(e)) is not None]
+        comments = self.training.comment_views
+        return [view for e in examples if (view := instruction_view(e, comments=comments)) is not None]
 
     def prompts(self, step: StepData, examples: list[Example]) -> list[str]:
         return [render_prompt(self.model.tokenizer, e.prompt, step.skill.format.chat) for e in examples]
@@ -299,7 +300,8 @@ class ContinualLearner:
         others = [step for j, step in enumerate(self.steps[:i])  # a returning skill's own prompts are no anchor
                   if j < len(self.records) and self.records[j].novelty.expert_id != expert_id]
         earlier = [p for step in others for p in self.prompts(step, step.train[: self.training.anchors_per_skill])]
-        viewed = {id(e) for e in data.train if self.training.instruction_views and instruction_view(e) is not None}
+        viewed = {id(e) for e in data.train if self.training.instruction_views
+                  and instruction_view(e, comments=self.training.comment_views) is not None}
         own = [e.prompt for e in data.train if id(e) not in viewed]
         texts = anchor_texts(self.model.tokenizer, own, earlier)
         return Anchors(self.model.tokenizer, texts, expert_id, max_length=self.training.max_length) if texts else None
