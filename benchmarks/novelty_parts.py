@@ -25,7 +25,7 @@ from dylora_moe.config import DyLoRAConfig
 from dylora_moe.data.composed import composed
 from dylora_moe.data.stream import SkillSource, SkillSpec, load_examples
 from dylora_moe.model import DyLoRAMoE
-from dylora_moe.novelty.embedding import _hidden
+from dylora_moe.novelty.embedding import detector_states
 from results import write_json
 
 SOURCES = {
@@ -49,7 +49,7 @@ def token_states(model: DyLoRAMoE, responses: list[str], max_length: int = 256) 
     out = []
     for text in responses:
         enc = model.tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length).to(model.device)
-        hidden = _hidden(model, enc["input_ids"], enc["attention_mask"])[0]  # the detector's layer, no expert
+        hidden = detector_states(model, enc["input_ids"], enc["attention_mask"])[0]  # the detector's layer, no expert
         out.append(torch.nn.functional.normalize(hidden.float(), dim=-1).cpu())
     return out
 

@@ -105,7 +105,7 @@ def instruction_view(example, *, comments: bool = False):
     """``example`` as a bare request (see the module doc), or ``None`` when its prompt is not code with prose
     (or, with ``comments``, a one-line comment)."""
     prose, code, lead = prose_and_code(example.prompt)
-    if prose and not code and comments and len(prose) == 1 and len(example.prompt.strip().split("\n")) == 1:
+    if comments and not code and len(prose) == 1 and "\n" not in example.prompt.strip():
         return replace(example, prompt=prose[0])
     if not prose or not code:
         return None

@@ -31,7 +31,7 @@ def embed_sample(model: DyLoRAMoE, data: Sequence[str | Example] | Tensor | dict
     cfg = model.config.novelty
     features, gates, keys = [], [], []
     for input_ids, mask, gate_ids, gate_mask, key in _batches(model, data, limit or cfg.max_examples):
-        hidden = _hidden(model, input_ids, mask)
+        hidden = detector_states(model, input_ids, mask)
         unit = nn.functional.normalize(hidden.float(), dim=-1)  # [B, T, H]
         m = mask[..., None].to(unit.dtype)
         features.append((unit * m).sum(1) / m.sum(1).clamp(min=1))  # [B, H]
@@ -47,7 +47,9 @@ def embed_sample(model: DyLoRAMoE, data: Sequence[str | Example] | Tensor | dict
                        keys[order])
 
 
-def _hidden(model: DyLoRAMoE, input_ids: Tensor, mask: Tensor) -> Tensor:
+def detector_states(model: DyLoRAMoE, input_ids: Tensor, mask: Tensor) -> Tensor:
+    """Hidden states [B, T, H] of the frozen backbone (no expert) at the novelty detector's layer
+    (``novelty.layer``: 0 the token embeddings, -1 the final states)."""
     layer = model.config.novelty.layer
     if layer == 0:  # the token embeddings: no pass through the decoder needed
         return model.backbone.get_input_embeddings()(input_ids)

@@ -151,10 +151,13 @@ class ContinualLearner:
 
     def views(self, examples: list[Example]) -> list[Example]:
         """The examples as bare requests (``data/augment.instruction_view``), when the config asks for them."""
+        return [view for e in examples if (view := self.view(e)) is not None]
+
+    def view(self, example: Example) -> Example | None:
+        """``example`` as a bare request, or ``None`` (no view, or the config asks for none)."""
         if not self.training.instruction_views:
-            return []
-        comments = self.training.comment_views
-        return [view for e in examples if (view := instruction_view(e, comments=comments)) is not None]
+            return None
+        return instruction_view(example, comments=self.training.comment_views)
 
     def prompts(self, step: StepData, examples: list[Example]) -> list[str]:
         return [render_prompt(self.model.tokenizer, e.prompt, step.skill.format.chat) for e in examples]
@@ -300,9 +303,7 @@ class ContinualLearner:
         others = [step for j, step in enumerate(self.steps[:i])  # a returning skill's own prompts are no anchor
                   if j < len(self.records) and self.records[j].novelty.expert_id != expert_id]
         earlier = [p for step in others for p in self.prompts(step, step.train[: self.training.anchors_per_skill])]
-        viewed = {id(e) for e in data.train if self.training.instruction_views
-                  and instruction_view(e, comments=self.training.comment_views) is not None}
-        own = [e.prompt for e in data.train if id(e) not in viewed]
+        own = [e.prompt for e in data.train if self.view(e) is None]
         texts = anchor_texts(self.model.tokenizer, own, earlier)
         return Anchors(self.model.tokenizer, texts, expert_id, max_length=self.training.max_length) if texts else None
 
