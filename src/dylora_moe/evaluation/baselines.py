@@ -56,6 +56,11 @@ class LabelledLearner(ContinualLearner):
         labels = list(self.expert_of_label)
         return NoveltyResult(novel, labels.index(label), expert, None, None, self.model.experts.ranks[expert])
 
+    def retained(self, i: int, expert_id: int) -> None:
+        """No KL to the expert before the step: the label baselines train as their recipes do (a shared LoRA
+        distilled to its past self would be another method, not ``sequential_lora``, the forgetting baseline)."""
+        return None
+
     def train_expert(self, i: int, data: StepData, result: NoveltyResult) -> list[dict]:
         with self.model.force_expert(result.expert_id):  # the expert trains alone, whatever the gate says
             return super().train_expert(i, data, result)
@@ -82,11 +87,13 @@ class OracleExperts(LabelledLearner):
 
 def spec_reference(system: DyLoRAConfig, training: TrainingConfig) -> tuple[DyLoRAConfig, TrainingConfig]:
     """The design document's choices on top of a configuration (same experts, steps and rates): no gate
-    rehearsal or fit, and no KL to the frozen model (the spec's output-level mixing has no expert-free pass)."""
+    rehearsal or fit, no KL to the frozen model (the spec's output-level mixing has no expert-free pass) and none
+    to an expert's past self."""
     router = dataclasses.replace(system.router, route_layer=None)
     novelty = dataclasses.replace(system.novelty, embed_on="text")
     return (dataclasses.replace(system, mixing="reference", router=router, novelty=novelty),
-            dataclasses.replace(training, rehearsal_weight=0.0, router_fit_steps=0, kl_weight=0.0))
+            dataclasses.replace(training, rehearsal_weight=0.0, router_fit_steps=0, kl_weight=0.0,
+                                retain_kl_weight=0.0))
 
 
 LEARNERS: dict[str, type[ContinualLearner]] = {

@@ -14,8 +14,9 @@ change them, so caches of stacked weights survive offloading.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -225,6 +226,25 @@ class ExpertManager:
             if name in layer.lora_A:
                 yield from layer.lora_A[name].parameters()
                 yield from layer.lora_B[name].parameters()
+
+    @contextlib.contextmanager
+    def weights(self, expert_id: int, values: Sequence[torch.Tensor]) -> Iterator[None]:
+        """Run with ``values`` (in the order of ``parameters(expert_id)``) as the expert's weights, e.g. a copy
+        taken before training, and its own weights back after. The tensors are swapped, not copied, and the
+        cached stacks are invalidated on both sides; an optimizer's state, keyed on the parameters, is kept."""
+        params = list(self.parameters(expert_id))
+        if len(params) != len(values):
+            raise ValueError(f"expert {expert_id} has {len(params)} weight tensors, {len(values)} given")
+        own = [p.data for p in params]
+        for p, v in zip(params, values, strict=True):
+            p.data = v
+        self.touch(trained_only=expert_id in self.trainable_ids)
+        try:
+            yield
+        finally:
+            for p, v in zip(params, own, strict=True):
+                p.data = v
+            self.touch(trained_only=expert_id in self.trainable_ids)
 
     def num_parameters(self, expert_id: int) -> int:
         self.onload([expert_id])

@@ -38,6 +38,9 @@ class TrainingConfig:
         kl_weight: weight of KL(frozen model || trained expert) on anchor prompts, requests that are not in
             the training format (``training/distill.py``): keeps what the frozen model does outside the skill's
             format; 0 = off.
+        retain_kl_weight: weight of KL(the expert before this step || the expert) on the stored prompts of the
+            earlier steps whose skill the trained expert serves, when a recognised or returning skill trains it
+            further (``training/distill.py``): what the expert answered them with is kept; 0 = off.
         anchors_per_skill: anchor prompts taken from each earlier skill (the skill's own: one per example).
         strip_leading_blank_lines: drop the blank lines a training response starts with (``data/augment.py``).
         raw_copies: also train on every example without the chat template (the prompt as plain text), so the
@@ -75,6 +78,8 @@ class TrainingConfig:
     router_weight_decay: float = field(default=1e-2, metadata={"help": "L2 penalty of the gate fit"})
     balance_weight: float = field(default=0.0, metadata={"help": "weight of load-balancing loss"})
     kl_weight: float = field(default=0.5, metadata={"help": "weight of KL to the frozen model on anchor prompts"})
+    retain_kl_weight: float = field(default=0.5, metadata={"help": "weight of KL to the expert before the step "
+                                                                    "on earlier prompts it serves"})
     anchors_per_skill: int = field(default=16, metadata={"help": "anchor prompts from each earlier skill"})
     strip_leading_blank_lines: bool = field(default=True, metadata={"help": "drop responses' leading blank lines"})
     raw_copies: bool = field(default=True, metadata={"help": "also train without the chat template"})
@@ -99,8 +104,9 @@ class TrainingConfig:
             raise ValueError(f"precision={self.precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
         if self.router_weight_decay < 0:
             raise ValueError(f"router_weight_decay must be >= 0, got {self.router_weight_decay}")
-        if self.kl_weight < 0:
-            raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
+        for name in ("kl_weight", "retain_kl_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if isinstance(self.report_to, str):
             self.report_to = [self.report_to]
 

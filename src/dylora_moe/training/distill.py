@@ -8,6 +8,12 @@ see that are not its training format. They are, per training example, the prompt
 statement without the code the answer continues, e.g. a VerilogEval description without its module header),
 with the chat template and raw, and the stored prompts of the skills learned before; every position counts,
 the first answer token included. Its weight is ``TrainingConfig.kl_weight``.
+
+An expert that a recognised skill trains further (a returning skill, or a new task the detector recognised as
+an earlier one) already answers the earlier skills it serves, and the frozen model is the wrong target there:
+those earlier skills' stored prompts are anchored instead to the expert as it was before the step (its weights
+copied when the step starts; learning without forgetting, Li & Hoiem 2016, on the stored prompts), with weight
+``TrainingConfig.retain_kl_weight``.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from ..data.preprocess import render_prompt
 
 
 def kl_to_frozen(logits: Tensor, frozen_logits: Tensor, mask: Tensor) -> Tensor:
-    """Mean over positions where ``mask`` is 1 of KL(frozen || system) between next-token distributions.
+    """Mean over positions where ``mask`` is 1 of KL(frozen || system) between next-token distributions (any
+    fixed teacher in place of the frozen model: the expert before the step for the retained anchors).
 
     logits, frozen_logits: [B, T, V]; mask: [B, T] (1 = a position whose prediction counts).
     """

@@ -287,7 +287,8 @@ class ContinualLearner:
         trainer = DyLoRATrainer(model=self.model, args=args, train_dataset=self.training_set(i, data),
                                 data_collator=collator(self.model), training=cfg, seed_steps=seed_steps,
                                 memory=self.memory if self.trains_router else None,
-                                anchors=self.anchors(i, data, result.expert_id) if cfg.kl_weight > 0 else None)
+                                anchors=self.anchors(i, data, result.expert_id) if cfg.kl_weight > 0 else None,
+                                retained=self.retained(i, result.expert_id) if cfg.retain_kl_weight > 0 else None)
         trainer.train()
         self.trainings += 1
         self.trained_at[result.expert_id] = self.trainings
@@ -305,6 +306,15 @@ class ContinualLearner:
         earlier = [p for step in others for p in self.prompts(step, step.train[: self.training.anchors_per_skill])]
         own = [e.prompt for e in data.train if self.view(e) is None]
         texts = anchor_texts(self.model.tokenizer, own, earlier)
+        return Anchors(self.model.tokenizer, texts, expert_id, max_length=self.training.max_length) if texts else None
+
+    def retained(self, i: int, expert_id: int) -> Anchors | None:
+        """Prompts of the earlier steps whose skill ``expert_id`` serves (a recognised or returning skill trains
+        it further), on which the expert keeps what it answered before this step (``training/distill.py``);
+        ``None`` when the expert is new."""
+        mine = [step for j, step in enumerate(self.steps[:i])
+                if j < len(self.records) and self.records[j].novelty.expert_id == expert_id]
+        texts = [p for step in mine for p in self.prompts(step, step.train[: self.training.anchors_per_skill])]
         return Anchors(self.model.tokenizer, texts, expert_id, max_length=self.training.max_length) if texts else None
 
     def measure(self, i: int, data: StepData, result: NoveltyResult, seconds: float) -> StepRecord:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import datasets
 
+from ..data.preprocess import render_prompt
 from ..data.sources import Example
 from ..data.stream import SkillSpec, StreamSpec
 from ..model import DyLoRAMoE
@@ -170,6 +171,12 @@ class MixedLearner(ContinualLearner):
         earlier = [self.prompts(data, examples[:per]) for e, examples in sorted(self.history.items()) if e != expert_id]
         texts = anchor_texts(self.model.tokenizer, [e.prompt for e in data.train], [p for ps in earlier for p in ps])
         return Anchors(self.model.tokenizer, texts, expert_id, max_length=self.training.max_length)
+
+    def retained(self, i: int, expert_id: int) -> Anchors | None:
+        """Requests sorted to this expert in earlier chunks: it keeps what it answered them with."""
+        earlier = self.history.get(expert_id, [])[: self.training.anchors_per_skill]
+        texts = [render_prompt(self.model.tokenizer, e.prompt, self.chat) for e in earlier]
+        return Anchors(self.model.tokenizer, texts, expert_id, max_length=self.training.max_length) if texts else None
 
     def step_data(self, i: int, examples: list[Example]) -> StepData:
         """The examples one expert trains on in chunk ``i``, built like a step's training set."""

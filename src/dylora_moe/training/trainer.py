@@ -2,7 +2,8 @@
 
 Only the documented extension points change: ``create_optimizer`` (one group for the trainable expert, one
 for the gate), ``create_scheduler`` (the two-phase ``LambdaLR``), ``compute_loss`` (router rehearsal, the
-optional load-balancing loss and the KL to the frozen model) and ``log`` (their running means).
+optional load-balancing loss, the KL to the frozen model and to the expert before the step) and ``log`` (their
+running means).
 """
 
 from __future__ import annotations
@@ -26,15 +27,22 @@ class DyLoRATrainer(Trainer):
         memory: stored routing features rehearsed by the gate at every step.
         anchors: token ids of prompts on which the trained expert is pulled towards the frozen model
             (``training/distill.py``), and the expert that is, when ``training.kl_weight`` > 0.
+        retained: prompts of earlier skills the trained expert serves, on which it is pulled towards itself as
+            it is when the trainer is built (its weights are copied then), when ``training.retain_kl_weight`` > 0.
     """
 
     def __init__(self, *args, training: TrainingConfig, seed_steps: int, memory: RoutingMemory | None = None,
-                 anchors: Anchors | None = None, **kwargs) -> None:
+                 anchors: Anchors | None = None, retained: Anchors | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.training = training
         self.seed_steps = seed_steps
         self.memory = memory
         self.anchors = anchors
+        self.retained = retained if training.retain_kl_weight > 0 else None
+        self._before = None  # the retained expert's weights as the step starts (the teacher)
+        if self.retained is not None:
+            experts = self._core().experts
+            self._before = [p.detach().clone() for p in experts.parameters(self.retained.expert_id)]
         self._rehearsal = None  # the memory does not change while one skill trains: batch it once
         self._extra: dict[str, torch.Tensor] = {}  # per loss term: its sum over the steps since the last log
         self._logged_step = 0
@@ -92,6 +100,10 @@ class DyLoRATrainer(Trainer):
             kl = self.frozen_kl()
             loss = loss + share * self.training.kl_weight * kl
             self._note("kl_to_frozen", kl, 1.0 / steps)
+        if self.retained is not None:
+            kl = self.retained_kl()
+            loss = loss + share * self.training.retain_kl_weight * kl
+            self._note("kl_to_before", kl, 1.0 / steps)
         if self.training.balance_weight > 0 and outputs.router_logits is not None:
             balance = load_balancing_loss(outputs.router_logits, core.router.temperature)
             loss = loss + share * self.training.balance_weight * balance
@@ -111,6 +123,17 @@ class DyLoRATrainer(Trainer):
         with core.force_expert(self.anchors.expert_id):
             logits = core(input_ids=ids, attention_mask=mask).logits
         return kl_to_frozen(logits, frozen, mask)
+
+    def retained_kl(self) -> torch.Tensor:
+        """KL(the expert as the step started || the expert) on the next batch of retained prompts, the expert
+        forced; the teacher is the same expert with its copied weights swapped in, without gradient."""
+        core, expert = self._core(), self.retained.expert_id
+        ids, mask = self.retained.batch(self.state.global_step, self.args.per_device_train_batch_size, core.device)
+        with torch.no_grad(), core.experts.weights(expert, self._before), core.force_expert(expert):
+            before = core(input_ids=ids, attention_mask=mask).logits
+        with core.force_expert(expert):
+            logits = core(input_ids=ids, attention_mask=mask).logits
+        return kl_to_frozen(logits, before, mask)
 
     def _note(self, name: str, value: torch.Tensor, share: float) -> None:
         """Accumulate this micro-batch's part of an optimizer step's loss term; kept on the device (a host read
