@@ -40,6 +40,8 @@ def test_sequential_lora_trains_one_expert_through_the_stream(tmp_path):
     assert model.num_experts == 1
     assert [r.novelty.expert_id for r in records] == [0, 0, 0]
     assert [r.novelty.is_novel for r in records] == [True, True, False]  # seeding exactly when a label is new
+    assert learner.retained(2, 0) is None  # plain sequential fine-tuning: no KL to the expert's past self
+    assert ContinualLearner(build(), stream(tmp_path), small_config(), tmp_path / "d").retained(0, 0) is None
 
 
 def test_joint_lora_trains_on_everything_seen_so_far(tmp_path):
@@ -71,6 +73,7 @@ def test_spec_reference_is_the_design_document_configuration():
     assert system.mixing == "reference" and system.router.route_layer is None
     assert system.novelty.embed_on == "text"
     assert training.rehearsal_weight == 0 and training.router_fit_steps == 0
+    assert training.kl_weight == 0 and training.retain_kl_weight == 0
     assert system.expert == DyLoRAConfig().expert and training.seed_steps == small_config().seed_steps
 
 

@@ -174,3 +174,26 @@ def test_training_with_offloading_updates_the_trainable_expert_and_the_cache_hit
         model(**inputs)
     assert model.experts.version == version
     assert all(model.mixture._cache[k][1] is stack for k, stack in stacks.items())
+
+
+def test_weights_swaps_a_copy_in_and_the_experts_own_back_with_the_caches_invalidated():
+    model = build()
+    for _ in range(2):
+        model.create_expert()
+    randomise_experts(model)
+    expert = model.experts.expert_ids[0]
+    model.set_trainable([expert], router=False)
+    params = list(model.experts.parameters(expert))
+    other = [torch.randn_like(p) for p in params]
+    inputs = batch()
+    with torch.no_grad(), model.force_expert(expert):
+        own = model(**inputs).logits
+        with model.experts.weights(expert, other):
+            now = model.experts.parameters(expert)
+            assert all(p.data_ptr() == v.data_ptr() for p, v in zip(now, other, strict=True))
+            swapped = model(**inputs).logits  # a stale cached stack would answer with the expert's own weights
+        again = model(**inputs).logits  # and a stale stack of the copy here
+    assert not torch.allclose(own, swapped) and torch.equal(own, again)
+    assert all(p is q for p, q in zip(model.experts.parameters(expert), params, strict=True))  # same Parameters
+    with pytest.raises(ValueError, match="weight tensors"), model.experts.weights(expert, other[:1]):
+        pass

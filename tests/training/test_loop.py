@@ -11,6 +11,7 @@ from transformers import TrainerCallback
 from dylora_moe.data.stream import StreamSpec
 from dylora_moe.evaluation.report import write_report
 from dylora_moe.training import ContinualLearner, TrainingConfig
+from dylora_moe.training.distill import kl_to_frozen
 from tests.conftest import build, decide_by_cosine
 
 
@@ -343,3 +344,35 @@ def test_evaluation_runs_only_examples_whose_expert_changed(tmp_path, recognised
         assert learner.records[-1].losses[j] == pytest.approx(eval_loss(model, step.eval_set), abs=1e-5)
     if not recognised:
         assert learner.records[-1].losses[0] == learner.records[0].losses[0]
+
+
+def drift_of_the_first_skill(tmp_path, retain_kl_weight):
+    """Digits, then letters recognised as the digits skill (trained into its expert): the KL from
+    the expert's next-token distributions on the digits prompts before the second step to those after it."""
+    stream = StreamSpec("s", [skill_file(tmp_path, "digits", digits), skill_file(tmp_path, "letters", letters)])
+    model = build()
+    decide_by_cosine(model, 0.999)
+    cfg = small_config(kl_weight=0.0, retain_kl_weight=retain_kl_weight, consolidation_steps=4, consolidation_lr=1e-2,
+                       report_to=["none"])
+    learner = ContinualLearner(model, stream, cfg, tmp_path / f"out{retain_kl_weight}")
+    learner.run_step(0)
+    assert learner.retained(0, 0) is None  # a new expert serves nothing earlier
+    anchors = learner.retained(1, 0)
+    assert len(anchors) == cfg.anchors_per_skill and anchors.expert_id == 0
+    ids, mask = anchors.batch(0, len(anchors))
+    with torch.no_grad(), model.force_expert(0):
+        before = model(input_ids=ids, attention_mask=mask).logits
+    decide_by_cosine(model, -1.0)
+    record = learner.run_step(1)
+    assert record.novelty.expert_id == 0 and not record.novelty.is_novel
+    with torch.no_grad(), model.force_expert(0):
+        after = model(input_ids=ids, attention_mask=mask).logits
+    return float(kl_to_frozen(after, before, mask)), record.train_log
+
+
+def test_a_recognised_skill_keeps_what_its_expert_answered_the_earlier_skill(tmp_path):
+    free, _ = drift_of_the_first_skill(tmp_path, 0.0)
+    kept, log = drift_of_the_first_skill(tmp_path, 20.0)  # drift 0.20-0.43 of free over steps 3-6, rates 1e-2-5e-2
+    kl = [e["kl_to_before"] for e in log if "kl_to_before" in e]
+    assert kl[0] == pytest.approx(0.0, abs=1e-6)  # the teacher is the expert as the step starts
+    assert free > 0.0 and kept < 0.5 * free
