@@ -136,8 +136,13 @@ def test_mixed_stream_trains_end_to_end_and_reports_the_sorting(tmp_path):
     from dylora_moe.training import TrainingConfig
 
     model = DyLoRAMoE.from_config(DyLoRAConfig.from_dict(stream.system))
-    records = MixedLearner(model, stream, TrainingConfig(**stream.training), tmp_path / "out").run()
+    training = TrainingConfig(**{**stream.training, "retain_kl_weight": 0.5})
+    learner = MixedLearner(model, stream, training, tmp_path / "out")
+    records = learner.run()
     assert [r.experts for r in records] == [1, 2, 2]
+    # later chunks train expert 0 again: the digits requests sorted to it before anchor it to its past self
+    assert len(learner.retained(3, 0)) == training.anchors_per_skill
+    assert any("kl_to_before" in e for r in records[1:] for e in r.train_log)
     summary = summarise_mixed(records, ["digits", "letters"], stream="tiny-mixed", model="tiny")
     assert summary["experts"] == summary["true_skills"] == 2
     assert summary["purity"] >= 0.9 and summary["adjusted_rand_index"] > 0.5
