@@ -108,8 +108,11 @@ def run_arm(name: str, values: dict, args) -> dict:
         row["forms"][form] = {"degenerate": sum(k is not None for k in kinds) / len(kinds),
                               "in_language": sum(bool(LANGUAGE[args.skill].search(a)) for a in answers) / len(answers),
                               "kinds": {k: kinds.count(k) for k in set(kinds) if k},
-                              "answers": [{"request": r, "answer": a}
-                                          for r, a in zip(requests, answers, strict=True)][-3:]}
+                              # the last three answers, each by its request's position; a dataset's text stays
+                              # in the dataset, only the README's own requests are quoted
+                              "answers": [{"index": k, **({"request": r} if r in EXAMPLE_REQUESTS else {}),
+                                           "answer": a} for k, (r, a) in enumerate(zip(requests, answers,
+                                                                                     strict=True))][-3:]}
     print(name, {f: (v["degenerate"], v["in_language"]) for f, v in row["forms"].items()}, "(degenerate, in "
           "language) eval_loss", row["eval_loss"], flush=True)
     return row

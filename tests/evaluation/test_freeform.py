@@ -76,6 +76,7 @@ def test_default_stream_sets_without_a_data_directory():
     assert not {e.meta["task_id"] for e in python.examples} & {e.meta["task_id"] for e in seen}
     assert len({e.meta["task_id"] for e in seen if "HumanEval" in str(e.meta["task_id"])}) < 164  # held-out ones
     assert [e.prompt for e in sets[-1].examples] == list(EXAMPLE_REQUESTS)
+    assert sets[-1].quotable and not any(s.quotable for s in sets[:-1])  # only the README's own are quoted
 
 
 def test_evaluate_set_compares_the_system_with_its_frozen_backbone():
@@ -95,6 +96,12 @@ def test_evaluate_set_compares_the_system_with_its_frozen_backbone():
     assert trained[0].samples[0]["routed"] != trained[0].samples[0]["frozen"]
     table = markdown_table([dataclasses.asdict(r) for r in untrained])
     assert len(table) == 4 and "exact_match" in table[2]
+    # a dataset's requests stay in the dataset: samples name them by position; the project's own are quoted
+    assert [set(s) for s in untrained[0].samples] == [{"index", "routed", "frozen"}] * 2
+    assert [s["index"] for s in untrained[0].samples] == [0, 1]
+    own = evaluate_set(model, dataclasses.replace(fset, quotable=True), forms=("raw",), samples=1)
+    assert own[0].samples == [{"index": 0, "request": "1+1=", "routed": own[0].samples[0]["routed"],
+                               "frozen": trained[0].samples[0]["frozen"]}]
 
 
 def test_frozen_answers_persist_across_processes_and_a_system_without_experts_answers_once(tmp_path, monkeypatch):

@@ -59,6 +59,7 @@ class FreeformSet:
     check: Callable[[Example, str], bool] | None = None
     metric: str | None = None  # pass@1, execution_match or exact_match
     max_new_tokens: int = 96
+    quotable: bool = False  # the requests are the project's own text: results quote them; others by position
 
 
 @dataclass
@@ -75,7 +76,7 @@ class FreeformResult:
     metric: str | None = None
     score: float | None = None
     score_frozen: float | None = None
-    samples: list[dict[str, str]] = field(default_factory=list)
+    samples: list[dict[str, str | int]] = field(default_factory=list)  # index in the set, answers (``sample``)
 
 
 # ---------------------------------------------------------------- request sets
@@ -198,7 +199,8 @@ def _cache() -> Path:
 
 def general_sets(data_dir: str | Path | None, limit: int) -> list[FreeformSet]:
     """General ability: the README's example requests, and CodeAlpaca instructions with a data directory."""
-    sets = [FreeformSet("examples", "README example requests", [Example(r, "") for r in EXAMPLE_REQUESTS])]
+    sets = [FreeformSet("examples", "README example requests", [Example(r, "") for r in EXAMPLE_REQUESTS],
+                        quotable=True)]
     if data_dir is not None:
         instructions = [Example(e.prompt.strip(), e.response) for e in codealpaca(data_dir)[:limit]]
         sets.append(FreeformSet("general", "CodeAlpaca instructions", instructions))
@@ -266,13 +268,19 @@ def evaluate_set(model: DyLoRAMoE, fset: FreeformSet, *, forms: Sequence[str] = 
             degenerate=sum(k is not None for k in kinds) / len(kinds),
             degenerate_frozen=sum(degenerate_kind(t) is not None for t in frozen) / len(frozen),
             kinds={k: kinds.count(k) for k in sorted({k for k in kinds if k})}, metric=fset.metric,
-            samples=[{"request": p, "routed": r, "frozen": f} for p, r, f in
-                     list(zip(prompts, routed, frozen, strict=True))[:samples]])
+            samples=[sample(fset, k, r, f) for k, (r, f) in enumerate(zip(routed, frozen, strict=True))][:samples])
         if fset.check is not None:
             result.score = _score(fset, routed)
             result.score_frozen = _score(fset, frozen)
         results.append(result)
     return results
+
+
+def sample(fset: FreeformSet, k: int, routed: str, frozen: str) -> dict[str, str | int]:
+    """The answers to request ``k`` of a set, as results keep them: datasets' text stays in the datasets, so a
+    request is named by its position in the set unless it is the project's own (the README examples)."""
+    return {"index": k, **({"request": fset.examples[k].prompt} if fset.quotable else {}), "routed": routed,
+            "frozen": frozen}
 
 
 def _score(fset: FreeformSet, completions: Sequence[str]) -> float:

@@ -152,7 +152,9 @@ def render_markdown(summary: dict, records: Sequence[StepRecord], sources: str) 
                   *markdown_table(summary["freeform"])]
         for r in summary["freeform"]:
             for sample in r["samples"][:1]:
-                lines += ["", f"**{r['skill']}, {r['form']}:** {sample['request'][:200]!r}", "",
+                request = repr(sample["request"][:200]) if "request" in sample else \
+                    f"request {sample['index']} of {r['source']}"
+                lines += ["", f"**{r['skill']}, {r['form']}:** {request}", "",
                           f"- system: `{sample['routed'][:300]!r}`", f"- frozen: `{sample['frozen'][:300]!r}`"]
     lines += ["", "![loss matrix](loss_matrix.png)", "", "![routing](routing.png)", "",
               "![experts](experts.png)", ""]
