@@ -44,9 +44,29 @@ def test_anchor_texts_and_batches():
     tok = char_tokenizer()
     texts = anchor_texts(tok, ["ab\n\ncd", "efg"], earlier=["x+y="])
     assert texts == ["ab", "ab\n", "efg", "efg\n", "x+y="]  # no chat template on this tokenizer
+    # with prose: a comment prompt is also anchored as its bare text; a prose prompt is not repeated
+    assert anchor_texts(tok, ["# find files\n", "efg"], with_prose=True) == [
+        "# find files", "# find files\n", "find files", "find files\n", "efg", "efg\n"]
     anchors = Anchors(tok, texts, expert_id=3, max_length=2)
     ids, mask = anchors.batch(0, 3)
     assert ids.shape == mask.shape == (3, 2) and anchors.expert_id == 3
     assert mask.tolist() == [[1, 1], [1, 1], [1, 1]]  # "ab", "ab\n" cut to its last 2, "efg" to "fg"
     ids, mask = anchors.batch(1, 3)  # cycles: "efg\n", "x+y=", then "ab" again
     assert ids[2].tolist() == tok("ab", add_special_tokens=False)["input_ids"]
+
+
+def test_first_token_unlikelihood_reads_each_rows_last_real_position():
+    from dylora_moe.training.distill import first_token_unlikelihood
+
+    logits = torch.zeros(2, 3, 4)  # [B, T, V]
+    logits[0, 1, 2] = 3.0  # row 0 ends at position 1 (one pad after it): p(2) = e^3 / (e^3 + 3)
+    logits[1, 2, 2] = -3.0  # row 1 ends at position 2
+    logits[0, 2, 2] = 50.0  # a pad position: never read
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    p0 = torch.exp(torch.tensor(3.0)) / (torch.exp(torch.tensor(3.0)) + 3)
+    p1 = torch.exp(torch.tensor(-3.0)) / (torch.exp(torch.tensor(-3.0)) + 3)
+    expected = -(torch.log1p(-p0) + torch.log1p(-p1)) / 2
+    torch.testing.assert_close(first_token_unlikelihood(logits, mask, 2), expected)
+    sure = torch.full((1, 1, 4), -1e4)
+    sure[0, 0, 2] = 1e4  # p = 1: finite, not inf
+    assert torch.isfinite(first_token_unlikelihood(sure, torch.ones(1, 1, dtype=torch.long), 2))

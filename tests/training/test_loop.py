@@ -376,3 +376,20 @@ def test_a_recognised_skill_keeps_what_its_expert_answered_the_earlier_skill(tmp
     kl = [e["kl_to_before"] for e in log if "kl_to_before" in e]
     assert kl[0] == pytest.approx(0.0, abs=1e-6)  # the teacher is the expert as the step starts
     assert free > 0.0 and kept < 0.5 * free
+
+
+def test_empty_unlikelihood_is_trained_on_the_anchor_prompts_and_logged(tmp_path):
+    """The term joins the loss only with a weight (its value is the unlikelihood of an end of sequence as the
+    first answer token of the anchor prompts, ``distill.first_token_unlikelihood``; its effect on answers is
+    measured by ``benchmarks/freeform_ablation.py``)."""
+    stream = StreamSpec("s", [skill_file(tmp_path, "digits", digits)])
+    for weight in (0.0, 5.0):
+        cfg = small_config(kl_weight=0.1, empty_unlikelihood=weight)
+        record = ContinualLearner(build(), stream, cfg, tmp_path / f"out{weight}").run_step(0)
+        logged = [e["empty_unlikelihood"] for e in record.train_log if "empty_unlikelihood" in e]
+        if weight == 0:
+            assert not logged
+        else:  # -log(1 - p), p about 1/V on a random tiny model: small, positive, finite
+            assert logged and all(0 < v < 1 for v in logged)
+    with pytest.raises(ValueError, match="empty_unlikelihood"):
+        TrainingConfig(empty_unlikelihood=-1.0)

@@ -58,6 +58,13 @@ class TrainingConfig:
             is viewed as its text alone (``data/augment.py``). Off: on the NL2Bash tuning set
             (``benchmarks/freeform_ablation.py --skill nl2bash``) it made answers more often shell but looping
             (degenerate chat 5 of 16, raw 8 of 16, against 3 and 2 without; README, "Free-form requests").
+        empty_unlikelihood: weight of -log(1 - p(end of sequence)) at the first answer token of every anchor
+            prompt (with ``kl_weight`` > 0; ``training/distill.py``): an expert whose training answers all end
+            after one line (NL2Bash's commands) learns to end right after any line, and answers a raw request
+            with nothing; 0 = off.
+        prose_anchors: the KL anchors also hold each training prompt's prose without comment markers or code,
+            chat and raw (NL2Bash's "# find all .txt files" -> "find all .txt files"): a request as a user types
+            it, on which the expert keeps the frozen model's continuation (``training/distill.py``).
         eval_batch_size: sequences per evaluation forward.
         report_to: Trainer loggers (tensorboard, wandb, mlflow when installed; "none" for none).
         precision: autocast of the training forwards: ``auto`` is bf16 on an accelerator that supports it and
@@ -89,6 +96,10 @@ class TrainingConfig:
     raw_copies: bool = field(default=True, metadata={"help": "also train without the chat template"})
     instruction_views: bool = field(default=True, metadata={"help": "also train on prose requests of code prompts"})
     comment_views: bool = field(default=False, metadata={"help": "also view one-line comment prompts as requests"})
+    empty_unlikelihood: float = field(default=0.0, metadata={"help": "weight of -log(1 - p(end of sequence)) as "
+                                                                      "the first answer token of anchor prompts"})
+    prose_anchors: bool = field(default=False, metadata={"help": "also anchor on prompts' prose without comment "
+                                                                    "markers"})
     eval_batch_size: int = field(default=8, metadata={"help": "sequences per eval forward"})
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={"help": "Trainer loggers"})
     precision: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 | fp16 (training autocast)"})
@@ -108,7 +119,7 @@ class TrainingConfig:
             raise ValueError(f"precision={self.precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
         if self.router_weight_decay < 0:
             raise ValueError(f"router_weight_decay must be >= 0, got {self.router_weight_decay}")
-        for name in ("kl_weight", "retain_kl_weight"):
+        for name in ("kl_weight", "retain_kl_weight", "empty_unlikelihood"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if isinstance(self.report_to, str):

@@ -7,7 +7,15 @@ expert's next-token distribution towards the frozen model's on *anchor prompts*:
 see that are not its training format. They are, per training example, the prompt's first paragraph (the task
 statement without the code the answer continues, e.g. a VerilogEval description without its module header),
 with the chat template and raw, and the stored prompts of the skills learned before; every position counts,
-the first answer token included. Its weight is ``TrainingConfig.kl_weight``.
+the first answer token included. Its weight is ``TrainingConfig.kl_weight``. With
+``TrainingConfig.prose_anchors`` each prompt's prose without comment markers is an anchor too (NL2Bash's
+``# find all .txt files`` -> ``find all .txt files``, the request as a user types it).
+
+An expert whose training answers are all one line and an end of sequence (NL2Bash's commands) learns to end
+after any line that is not its prompt's comment, and answers a raw request ("How do I ... in bash?") with
+nothing, whatever the KL: on the same anchor prompts ``TrainingConfig.empty_unlikelihood`` adds
+-log(1 - p(end of sequence)) at the first answer token (unlikelihood training, Welleck et al. 2020, on the one
+token that makes an answer empty).
 
 An expert that a recognised skill trains further (a returning skill, or a new task the detector recognised as
 an earlier one) already answers the earlier skills it serves, and the frozen model is the wrong target there:
@@ -26,6 +34,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from ..data.augment import prose_and_code
 from ..data.preprocess import render_prompt
 
 
@@ -42,6 +51,19 @@ def kl_to_frozen(logits: Tensor, frozen_logits: Tensor, mask: Tensor) -> Tensor:
     return (per_position * weights).sum() / weights.sum().clamp_min(1.0)
 
 
+def first_token_unlikelihood(logits: Tensor, mask: Tensor, token_id: int) -> Tensor:
+    """Mean over rows of -log(1 - p(``token_id``)) at each row's last real position: the prediction of the
+    first answer token after a request, where an end of sequence is never right (unlikelihood training, Welleck
+    et al. 2020, on one token: an expert must not answer a request with nothing).
+
+    logits: [B, T, V]; mask: [B, T] right-padded (1 = a real token).
+    """
+    last = (mask.sum(1) - 1).clamp_min(0)  # [B]
+    rows = logits[torch.arange(logits.shape[0], device=logits.device), last].float()  # [B, V]
+    p = torch.softmax(rows, dim=-1)[:, token_id]  # [B]
+    return -torch.log1p(-p.clamp(max=1.0 - 1e-6)).mean()
+
+
 def first_paragraph(prompt: str) -> str:
     """The prompt up to its first blank line (all of it when it has none), without surrounding whitespace."""
     text = prompt.strip()
@@ -50,13 +72,23 @@ def first_paragraph(prompt: str) -> str:
     return text.strip()
 
 
-def anchor_texts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], earlier: Sequence[str] = ()) -> list[str]:
-    """Anchor prompts of one skill: each prompt's first paragraph with the chat template and raw, then the
-    (already rendered) prompts of earlier skills."""
+def prose(prompt: str) -> str:
+    """The prompt's prose without comment markers or code, on one line (``data/augment.prose_and_code``):
+    NL2Bash's ``# Find all .txt files`` -> ``Find all .txt files``; empty when the prompt holds none."""
+    return " ".join(prose_and_code(prompt)[0]).strip()
+
+
+def anchor_texts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], earlier: Sequence[str] = (), *,
+                 with_prose: bool = False) -> list[str]:
+    """Anchor prompts of one skill: each prompt's first paragraph with the chat template and raw (and, with
+    ``with_prose``, its prose without comment markers, when that differs: the request as a user types it),
+    then the (already rendered) prompts of earlier skills."""
     texts = []
     for prompt in prompts:
-        request = first_paragraph(prompt)
-        if request:
+        requests = [first_paragraph(prompt)]
+        if with_prose:
+            requests.append(prose(prompt))
+        for request in dict.fromkeys(r for r in requests if r):
             texts += [render_prompt(tokenizer, request, True), request + "\n"]
     return texts + list(earlier)
 
@@ -76,6 +108,7 @@ class Anchors:
         self.ids = [tokenizer(t, add_special_tokens=False)["input_ids"][-max_length:] for t in texts]
         self.ids = [ids for ids in self.ids if ids]
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.eos_id = tokenizer.eos_token_id
         self.expert_id = expert_id
 
     def __len__(self) -> int:

@@ -305,7 +305,7 @@ class ContinualLearner:
                   if j < len(self.records) and self.records[j].novelty.expert_id != expert_id]
         earlier = [p for step in others for p in self.prompts(step, step.train[: self.training.anchors_per_skill])]
         own = [e.prompt for e in data.train if self.view(e) is None]
-        texts = anchor_texts(self.model.tokenizer, own, earlier)
+        texts = anchor_texts(self.model.tokenizer, own, earlier, with_prose=self.training.prose_anchors)
         return Anchors(self.model.tokenizer, texts, expert_id, max_length=self.training.max_length) if texts else None
 
     def retained(self, i: int, expert_id: int) -> Anchors | None:

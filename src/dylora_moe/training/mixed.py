@@ -169,7 +169,8 @@ class MixedLearner(ContinualLearner):
         and requests sorted to the other experts so far (the sorting's labels, not the stream's)."""
         per = self.training.anchors_per_skill
         earlier = [self.prompts(data, examples[:per]) for e, examples in sorted(self.history.items()) if e != expert_id]
-        texts = anchor_texts(self.model.tokenizer, [e.prompt for e in data.train], [p for ps in earlier for p in ps])
+        texts = anchor_texts(self.model.tokenizer, [e.prompt for e in data.train], [p for ps in earlier for p in ps],
+                             with_prose=self.training.prose_anchors)
         return Anchors(self.model.tokenizer, texts, expert_id, max_length=self.training.max_length)
 
     def retained(self, i: int, expert_id: int) -> Anchors | None:

@@ -13,7 +13,7 @@ from transformers import Trainer
 
 from ..routing.losses import load_balancing_loss
 from .config import TrainingConfig
-from .distill import Anchors, kl_to_frozen
+from .distill import Anchors, first_token_unlikelihood, kl_to_frozen
 from .rehearsal import RoutingMemory
 from .schedule import two_phase_scheduler
 
@@ -97,9 +97,13 @@ class DyLoRATrainer(Trainer):
             loss = loss + share * self.training.rehearsal_weight * outputs.rehearsal_loss
             self._note("rehearsal_loss", outputs.rehearsal_loss, 1.0 / steps)
         if self.training.kl_weight > 0 and self.anchors is not None:
-            kl = self.frozen_kl()
+            kl, logits, mask = self.frozen_kl()
             loss = loss + share * self.training.kl_weight * kl
             self._note("kl_to_frozen", kl, 1.0 / steps)
+            if self.training.empty_unlikelihood > 0 and self.anchors.eos_id is not None:
+                unlikely = first_token_unlikelihood(logits, mask, self.anchors.eos_id)
+                loss = loss + share * self.training.empty_unlikelihood * unlikely
+                self._note("empty_unlikelihood", unlikely, 1.0 / steps)
         if self.retained is not None:
             kl = self.retained_kl()
             loss = loss + share * self.training.retain_kl_weight * kl
@@ -111,9 +115,10 @@ class DyLoRATrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     # ---------------------------------------------------------------- KL to the frozen model (distill.py)
-    def frozen_kl(self) -> torch.Tensor:
+    def frozen_kl(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """KL(frozen || trained expert) on the next batch of anchor prompts: the expert is forced (the gate is
-        not asked), the frozen logits come from the same backbone with no expert, without gradient."""
+        not asked), the frozen logits come from the same backbone with no expert, without gradient. Also the
+        expert's logits [B, T, V] and the batch's mask [B, T]."""
         core = self._core()
         ids, mask = self.anchors.batch(self.state.global_step, self.args.per_device_train_batch_size, core.device)
         with torch.no_grad(), core.force_expert(None):
@@ -122,7 +127,7 @@ class DyLoRATrainer(Trainer):
         # the anchor gradients join the task's in the same backward and are reduced with them
         with core.force_expert(self.anchors.expert_id):
             logits = core(input_ids=ids, attention_mask=mask).logits
-        return kl_to_frozen(logits, frozen, mask)
+        return kl_to_frozen(logits, frozen, mask), logits, mask
 
     def retained_kl(self) -> torch.Tensor:
         """KL(the expert as the step started || the expert) on the next batch of retained prompts, the expert
