@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import shutil
 import socket
 import threading
@@ -61,13 +62,19 @@ def reference(run, tmp_path_factory):
 # Ray Serve sends a multiplexed request elsewhere when the replica holding its id does not answer a queue-length
 # probe within 0.1 s (doubling up to 1 s) or within the 1 s matching window: on a machine busy with other work
 # that happens to idle replicas too. The tests check the policy, so they give the probes time to answer.
+# Likewise the controller kills an HTTP proxy that is not ready within 5 s (or misses three 10 s health checks),
+# and on a busy machine starting one takes longer: the module's fixture then fails before any test runs.
 PATIENT_PROBES = {"RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "2.0",
                   "RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "5.0",
-                  "RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S": "5.0"}
+                  "RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S": "5.0",
+                  "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120.0",
+                  "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60.0"}
 
 
 @pytest.fixture(scope="module")
 def cluster():
+    saved = {k: os.environ.get(k) for k in PATIENT_PROBES}
+    os.environ.update(PATIENT_PROBES)  # the local cluster's processes (controller, proxies) inherit them
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
              runtime_env={"env_vars": PATIENT_PROBES})
     port = free_port()
@@ -77,6 +84,11 @@ def cluster():
     finally:
         serve.shutdown()
         ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
