@@ -31,6 +31,7 @@ from dylora_moe.data.sources import humaneval, nl2bash
 from dylora_moe.data.stream import SkillSpec, StreamSpec
 from dylora_moe.evaluation.degenerate import degenerate_kind
 from dylora_moe.evaluation.freeform import EXAMPLE_REQUESTS, humaneval_request, verilog_requests
+from dylora_moe.evaluation.redact import CopyFilter
 from dylora_moe.training.config import TrainingConfig
 from dylora_moe.training.loop import ContinualLearner
 from results import write_json
@@ -109,10 +110,11 @@ def run_arm(name: str, values: dict, args) -> dict:
                               "in_language": sum(bool(LANGUAGE[args.skill].search(a)) for a in answers) / len(answers),
                               "kinds": {k: kinds.count(k) for k in set(kinds) if k},
                               # the last three answers, each by its request's position; a dataset's text stays
-                              # in the dataset, only the README's own requests are quoted
-                              "answers": [{"index": k, **({"request": r} if r in EXAMPLE_REQUESTS else {}),
-                                           "answer": a} for k, (r, a) in enumerate(zip(requests, answers,
-                                                                                     strict=True))][-3:]}
+                              # in the dataset: only the README's own requests are quoted, and what an answer
+                              # copies from its request is redacted
+                              "answers": [{"index": k, "request": r, "answer": a} if r in EXAMPLE_REQUESTS else
+                                          {"index": k, "answer": CopyFilter.of([r])(a)}
+                                          for k, (r, a) in enumerate(zip(requests, answers, strict=True))][-3:]}
     print(name, {f: (v["degenerate"], v["in_language"]) for f, v in row["forms"].items()}, "(degenerate, in "
           "language) eval_loss", row["eval_loss"], flush=True)
     return row

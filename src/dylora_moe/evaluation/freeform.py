@@ -37,6 +37,7 @@ from ..model import DyLoRAMoE
 from .degenerate import degenerate_kind
 from .execution import check_python
 from .generation import extract_code, normalise, sql_checker, trim_python
+from .redact import CopyFilter
 
 # What a user of the README's demo asks; the real-model test checks these get code, not whitespace.
 EXAMPLE_REQUESTS = (
@@ -278,9 +279,13 @@ def evaluate_set(model: DyLoRAMoE, fset: FreeformSet, *, forms: Sequence[str] = 
 
 def sample(fset: FreeformSet, k: int, routed: str, frozen: str) -> dict[str, str | int]:
     """The answers to request ``k`` of a set, as results keep them: datasets' text stays in the datasets, so a
-    request is named by its position in the set unless it is the project's own (the README examples)."""
-    return {"index": k, **({"request": fset.examples[k].prompt} if fset.quotable else {}), "routed": routed,
-            "frozen": frozen}
+    request is named by its position in the set unless it is the project's own (the README examples), and what
+    an answer copies from its request or reference is redacted (``CopyFilter``)."""
+    example = fset.examples[k]
+    if fset.quotable:
+        return {"index": k, "request": example.prompt, "routed": routed, "frozen": frozen}
+    copies = CopyFilter.of([example.prompt, example.response])
+    return {"index": k, "routed": copies(routed), "frozen": copies(frozen)}
 
 
 def _score(fset: FreeformSet, completions: Sequence[str]) -> float:

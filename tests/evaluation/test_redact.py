@@ -1,0 +1,54 @@
+"""CopyFilter: stretches of an answer that repeat n consecutive words of a source become one marker; the rest,
+whitespace included, is kept."""
+
+from __future__ import annotations
+
+import pytest
+
+from dylora_moe.data.sources import Example
+from dylora_moe.evaluation.freeform import FreeformSet, sample
+from dylora_moe.evaluation.redact import MARK, CopyFilter, words
+
+REQUEST = 'What is the bash command to print all unique directory paths under "dir1" compared to "dir2"?'
+
+
+def test_words_ignore_case_and_end_punctuation_but_keep_pure_punctuation():
+    assert words('Print "dir1", then ```') == ["print", "dir1", "then", "```"]
+
+
+def test_a_copied_stretch_becomes_one_marker_and_the_rest_is_kept():
+    answer = 'To print all unique directory paths under "dir1" compared to "dir2", you can use:\n\n```bash\ndiff\n'
+    assert CopyFilter.of([REQUEST])(answer) == f"{MARK} you can use:\n\n```bash\ndiff\n"  # "to print ..." too
+
+
+def test_fewer_than_n_shared_words_are_kept():
+    assert CopyFilter.of([REQUEST], n=5)("print all unique directory") == "print all unique directory"
+    assert CopyFilter.of([REQUEST], n=4)("print all unique directory") == MARK
+
+
+def test_two_separate_copies_and_whitespace_only_answers():
+    copies = CopyFilter.of(["alpha beta gamma delta epsilon", "one two three four five six"])
+    text = "x alpha beta gamma delta epsilon y\tone two three four five six\n"
+    assert copies(text) == f"x {MARK} y\t{MARK}\n"
+    assert copies("\n" * 30) == "\n" * 30
+    assert copies("") == ""
+
+
+def test_overlapping_ngrams_merge_into_one_stretch():
+    copies = CopyFilter.of(["a b c d e f g"], n=3)
+    assert copies("a b c d e f g h") == f"{MARK} h"
+
+
+def test_n_must_be_positive():
+    with pytest.raises(ValueError, match="n >= 1"):
+        CopyFilter.of(["a"], n=0)
+
+
+def test_samples_quote_only_the_projects_own_requests_and_redact_copies_otherwise():
+    own = FreeformSet("examples", "README", [Example("Write a Python function that adds two numbers.", "")],
+                      quotable=True)
+    assert sample(own, 0, "r", "f") == {"index": 0, "request": own.examples[0].prompt, "routed": "r", "frozen": "f"}
+    data = FreeformSet("nl2bash", "NL2Bash", [Example(REQUEST, 'diff -rq "dir1" "dir2" | grep Only')])
+    row = sample(data, 0, 'Sure: print all unique directory paths under "dir1" now',
+                 'diff -rq "dir1" "dir2" | grep Only')
+    assert row == {"index": 0, "routed": f"Sure: {MARK} now", "frozen": MARK}
