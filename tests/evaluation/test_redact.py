@@ -9,7 +9,7 @@ from dylora_moe.data.sources import Example
 from dylora_moe.evaluation.freeform import FreeformSet, sample
 from dylora_moe.evaluation.redact import MARK, CopyFilter, words
 
-REQUEST = 'What is the bash command to print all unique directory paths under "dir1" compared to "dir2"?'
+REQUEST = 'What is the bash command to list every hidden folder kept under "old" but missing from "new"?'
 
 
 def test_words_ignore_case_and_end_punctuation_but_keep_pure_punctuation():
@@ -17,13 +17,13 @@ def test_words_ignore_case_and_end_punctuation_but_keep_pure_punctuation():
 
 
 def test_a_copied_stretch_becomes_one_marker_and_the_rest_is_kept():
-    answer = 'To print all unique directory paths under "dir1" compared to "dir2", you can use:\n\n```bash\ndiff\n'
-    assert CopyFilter.of([REQUEST])(answer) == f"{MARK} you can use:\n\n```bash\ndiff\n"  # "to print ..." too
+    answer = 'To list every hidden folder kept under "old" but missing from "new", you can use:\n\n```bash\ndiff\n'
+    assert CopyFilter.of([REQUEST])(answer) == f"{MARK} you can use:\n\n```bash\ndiff\n"  # "to list ..." too
 
 
 def test_fewer_than_n_shared_words_are_kept():
-    assert CopyFilter.of([REQUEST], n=5)("print all unique directory") == "print all unique directory"
-    assert CopyFilter.of([REQUEST], n=4)("print all unique directory") == MARK
+    assert CopyFilter.of([REQUEST], n=5)("list every hidden folder") == "list every hidden folder"
+    assert CopyFilter.of([REQUEST], n=4)("list every hidden folder") == MARK
 
 
 def test_two_separate_copies_and_whitespace_only_answers():
@@ -48,7 +48,6 @@ def test_samples_quote_only_the_projects_own_requests_and_redact_copies_otherwis
     own = FreeformSet("examples", "README", [Example("Write a Python function that adds two numbers.", "")],
                       quotable=True)
     assert sample(own, 0, "r", "f") == {"index": 0, "request": own.examples[0].prompt, "routed": "r", "frozen": "f"}
-    data = FreeformSet("nl2bash", "NL2Bash", [Example(REQUEST, 'diff -rq "dir1" "dir2" | grep Only')])
-    row = sample(data, 0, 'Sure: print all unique directory paths under "dir1" now',
-                 'diff -rq "dir1" "dir2" | grep Only')
+    data = FreeformSet("nl2bash", "NL2Bash", [Example(REQUEST, 'diff -rq "old" "new" | grep Only')])
+    row = sample(data, 0, 'Sure: list every hidden folder kept under "old" now', 'diff -rq "old" "new" | grep Only')
     assert row == {"index": 0, "routed": f"Sure: {MARK} now", "frozen": MARK}
