@@ -30,6 +30,7 @@ OUT/results.json and OUT/report.md the mean and spread over orders of each metho
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -56,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--seed-steps", type=int, default=None)
     p.add_argument("--consolidation-steps", type=int, default=None)
+    p.add_argument("--training", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a TrainingConfig field (repeatable; VALUE read as YAML), e.g. "
+                        "--training empty_unlikelihood=1.0")
     p.add_argument("--max-train", type=int, default=None, help="cap training examples per step")
     p.add_argument("--max-eval", type=int, default=None, help="cap held-out examples per step")
     p.add_argument("--pass-limit", type=int, default=BenchmarkConfig.pass_limit,
@@ -85,6 +89,7 @@ def configs(args: argparse.Namespace):
     system = DyLoRAConfig.from_dict({**stream.system, **({"model": args.model} if args.model else {})})
     overrides = {k: v for k, v in (("seed_steps", args.seed_steps),
                                    ("consolidation_steps", args.consolidation_steps)) if v is not None}
+    overrides.update(training_overrides(args.training))
     training = TrainingConfig(**{**stream.training, **overrides, "report_to": ["none"]})
     for skill in stream.skills:
         if args.max_train is not None:
@@ -95,6 +100,21 @@ def configs(args: argparse.Namespace):
                             freeform_limit=args.freeform_limit, step_limit=args.step_limit,
                             max_new_tokens=args.max_new_tokens)
     return stream, system, training, bench
+
+
+def training_overrides(pairs: list[str]) -> dict:
+    """``FIELD=VALUE`` pairs -> TrainingConfig overrides; an unknown field or a pair without ``=`` is an error
+    naming the fields there are."""
+    import yaml
+
+    known = {f.name for f in dataclasses.fields(TrainingConfig)}
+    overrides = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or name.strip() not in known:
+            raise SystemExit(f"--training {pair!r}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(known))}")
+        overrides[name.strip()] = yaml.safe_load(value)
+    return overrides
 
 
 def run_one(args: argparse.Namespace, name: str) -> dict:

@@ -47,3 +47,16 @@ def test_orders_run_in_their_own_folders_and_a_rerun_runs_only_the_missing_ones(
     assert (out / "order-2" / "methods" / "oracle_experts.json").is_file()
     results = json.loads((out / "results.json").read_text())
     assert results["methods"]["oracle_experts"]["acc"]["n"] == 3
+
+
+def test_training_overrides_are_typed_and_unknown_fields_are_refused(tmp_path):
+    stream_file = write_tiny_run(tmp_path, n=8, steps=1)
+    args = continual.parse_args(["--stream", str(stream_file), "--out", str(tmp_path / "out"), "--training",
+                                 "empty_unlikelihood=1.0", "--training", "raw_copies=false",
+                                 "--consolidation-steps", "3"])
+    _, _, training, _ = continual.configs(args)
+    assert (training.empty_unlikelihood, training.raw_copies, training.consolidation_steps) == (1.0, False, 3)
+    with pytest.raises(SystemExit, match=r"FIELD one of .*empty_unlikelihood"):
+        continual.training_overrides(["empty_unlikelyhood=1"])
+    with pytest.raises(SystemExit, match="expected FIELD=VALUE"):
+        continual.training_overrides(["raw_copies"])
