@@ -249,6 +249,32 @@ def test_instruction_views_add_prose_requests_to_training_and_to_the_routing_mem
         assert f"In Python: add {e.prompt.split()[2]} to x" in text
 
 
+def test_raw_routing_stores_the_plain_text_prompts_and_views_beside_the_chat_rendered_ones(tmp_path):
+    def commented(i):
+        return {"prompt": f"# add {i} to x\ndef f{i}(x):\n", "response": f"  return x+{i}\n"}
+
+    stream = StreamSpec("s", [{**skill_file(tmp_path, "commented", commented), "format": {"chat": True}}])
+    model = build()
+    model.tokenizer.chat_template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+    seen = {}
+    features = model.routing_features_for
+    try:
+        for raw in (False, True):
+            learner = ContinualLearner(model, stream, small_config(instruction_views=True, raw_routing=raw),
+                                       tmp_path / str(raw))
+            step = learner.prepare(stream.skills[0])
+            texts = seen[raw] = []
+            model.routing_features_for = lambda rows, texts=texts, **kw: (texts.extend(rows), features(rows, **kw))[1]
+            learner.remember(step, model.add_new_skill(step.train, name=f"commented-{raw}"))
+            del model.routing_features_for
+    finally:
+        model.tokenizer.chat_template = None
+    n = len(step.train)
+    assert len(seen[False]) == 2 * n and all(t.startswith("<") for t in seen[False])  # prompts and views, chat
+    assert seen[True][: 2 * n] == seen[False]  # the same, then the same requests as plain text
+    assert seen[True][2 * n :] == [e.prompt for e in step.train] + [v.prompt for v in learner.views(step.train)]
+
+
 def test_comment_views_train_one_line_comment_prompts_as_bare_requests(tmp_path):
     def described(i):
         return {"prompt": f"# print {i}\n", "response": f"echo {i}\n"}

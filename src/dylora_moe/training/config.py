@@ -54,6 +54,10 @@ class TrainingConfig:
             store those requests' routing features, with requests naming the skill's language when its source
             declares one ("In Python: ..."), so the expert writes whole programs for requests phrased in prose
             and the gate routes them to it.
+        raw_routing: also store, for the gate, the routing features of the skill's prompts (and views) as plain
+            text, the rendering ``raw_copies`` trains the expert on: the gate otherwise sees only chat-rendered
+            prompts and routes a raw request on features unlike any it was fitted on
+            (``benchmarks/freeform_routing.py``).
         comment_views: with ``instruction_views``, a prompt that is one comment line (NL2Bash's "# description")
             is viewed as its text alone (``data/augment.py``). Off: on the NL2Bash tuning set
             (``benchmarks/freeform_ablation.py --skill nl2bash``) it made answers more often shell but looping
@@ -96,6 +100,8 @@ class TrainingConfig:
     raw_copies: bool = field(default=True, metadata={"help": "also train without the chat template"})
     instruction_views: bool = field(default=True, metadata={"help": "also train on prose requests of code prompts"})
     comment_views: bool = field(default=False, metadata={"help": "also view one-line comment prompts as requests"})
+    raw_routing: bool = field(default=False, metadata={"help": "also store the routing features of the prompts "
+                                                                "and views without the chat template"})
     empty_unlikelihood: float = field(default=0.0, metadata={"help": "weight of -log(1 - p(end of sequence)) as "
                                                                       "the first answer token of anchor prompts"})
     prose_anchors: bool = field(default=False, metadata={"help": "also anchor on prompts' prose without comment "

@@ -242,6 +242,9 @@ class ContinualLearner:
         view_prompts = [render_prompt(self.model.tokenizer, v.prompt, True) for v in views]
         prompts, whole = prompts + view_prompts, whole + [p + v.response for p, v in zip(view_prompts, views,
                                                                                           strict=True)]
+        if self.training.raw_routing:  # the same requests as plain text (a chat-format skill's prompts too)
+            plain = (sample if data.skill.format.chat else []) + views
+            prompts, whole = prompts + [e.prompt for e in plain], whole + [e.prompt + e.response for e in plain]
         router = self.model.config.router
         if router.granularity == "token":
             texts = whole
