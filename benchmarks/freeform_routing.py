@@ -18,9 +18,13 @@ trains with each expert on the rehearsal rows, so these shares are the fitted ga
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 
+import yaml
+
 from dylora_moe import DyLoRAConfig, DyLoRAMoE
+from dylora_moe.data.preprocess import render_prompt
 from dylora_moe.data.stream import load_stream
 from dylora_moe.evaluation.freeform import stream_sets, trained_examples
 from dylora_moe.generation import routed
@@ -36,17 +40,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stream", type=Path, required=True)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--arm", action="append", default=[], help="NAME[:field=value,...] (repeatable)")
+    p.add_argument("--system", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a DyLoRAConfig field over the stream's system: section, dotted for a nested "
+                        "one (repeatable), e.g. --system router.route_layer=6")
     p.add_argument("--limit", type=int, default=16, help="free-form requests per set")
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args(argv)
 
 
+def system_dict(system: dict, pairs: list[str]) -> dict:
+    """The stream's ``system:`` section with ``FIELD=VALUE`` overrides (``router.route_layer=6``) merged in."""
+    system = copy.deepcopy(system)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--system {pair!r}: expected FIELD=VALUE, e.g. router.route_layer=6")
+        *path, last = key.strip().split(".")
+        node = system
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = yaml.safe_load(value)
+    return system
+
+
 def route_requests(model: DyLoRAMoE, requests: list[str], form: str) -> list[int]:
     """Top-1 expert of each request rendered as ``model.complete`` renders it (chat template, or raw text with
     one trailing newline as the free-form evaluation asks it)."""
-    tok = model.tokenizer
-    texts = ([tok.apply_chat_template([{"role": "user", "content": r}], tokenize=False, add_generation_prompt=True)
-              for r in requests] if form == "chat" else [r.rstrip() + "\n" for r in requests])
+    texts = ([render_prompt(model.tokenizer, r, True) for r in requests] if form == "chat"
+             else [r.rstrip() + "\n" for r in requests])
     with routed(model):  # the generation path's routing context (a no-op for the features themselves)
         features = model.routing_features_for(texts, max_length=1024)
     return routed_experts(model, features)
@@ -55,7 +76,7 @@ def route_requests(model: DyLoRAMoE, requests: list[str], form: str) -> list[int
 def run_arm(name: str, overrides: dict, args) -> dict:
     stream = load_stream(args.stream)
     training = TrainingConfig(**{**stream.training, **overrides, "report_to": ["none"]})
-    model = DyLoRAMoE.from_config(DyLoRAConfig.from_dict(stream.system)).eval()
+    model = DyLoRAMoE.from_config(DyLoRAConfig.from_dict(system_dict(stream.system, args.system))).eval()
     learner = ContinualLearner(model, stream, training, args.out.parent / "logs" / name, data_dir=args.data_dir)
     expert_of: dict[str, int] = {}
     for i, skill in enumerate(learner.skills):
@@ -99,7 +120,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     arms = [run_arm(*parse_arm(a), args) for a in (args.arm or ["default"])]
     print(table(arms))
-    write_json(args.out, {"stream": str(args.stream), "limit": args.limit, "arms": arms})
+    write_json(args.out, {"stream": str(args.stream), "system": args.system, "limit": args.limit, "arms": arms})
 
 
 if __name__ == "__main__":
