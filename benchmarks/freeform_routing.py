@@ -24,10 +24,8 @@ from pathlib import Path
 import yaml
 
 from dylora_moe import DyLoRAConfig, DyLoRAMoE
-from dylora_moe.data.preprocess import render_prompt
 from dylora_moe.data.stream import load_stream
-from dylora_moe.evaluation.freeform import stream_sets, trained_examples
-from dylora_moe.generation import routed
+from dylora_moe.evaluation.freeform import routed_to, stream_sets, trained_examples
 from dylora_moe.training.config import TrainingConfig
 from dylora_moe.training.loop import ContinualLearner
 from dylora_moe.training.measure import routed_experts
@@ -63,16 +61,6 @@ def system_dict(system: dict, pairs: list[str]) -> dict:
     return system
 
 
-def route_requests(model: DyLoRAMoE, requests: list[str], form: str) -> list[int]:
-    """Top-1 expert of each request rendered as ``model.complete`` renders it (chat template, or raw text with
-    one trailing newline as the free-form evaluation asks it)."""
-    texts = ([render_prompt(model.tokenizer, r, True) for r in requests] if form == "chat"
-             else [r.rstrip() + "\n" for r in requests])
-    with routed(model):  # the generation path's routing context (a no-op for the features themselves)
-        features = model.routing_features_for(texts, max_length=1024)
-    return routed_experts(model, features)
-
-
 def run_arm(name: str, overrides: dict, args) -> dict:
     stream = load_stream(args.stream)
     training = TrainingConfig(**{**stream.training, **overrides, "report_to": ["none"]})
@@ -97,7 +85,7 @@ def run_arm(name: str, overrides: dict, args) -> dict:
                             limit=args.limit):
         want = expert_of.get(fset.skill)
         for form in ("chat", "raw"):
-            picks = route_requests(model, [e.prompt for e in fset.examples], form)
+            picks = routed_to(model, [e.prompt for e in fset.examples], form)
             sets.append({"skill": fset.skill, "source": fset.source, "form": form, "n": len(picks),
                          "expert": want, "right": None if want is None else sum(p == want for p in picks) / len(picks),
                          "picks": {str(e): picks.count(e) for e in sorted(set(picks))}})

@@ -94,6 +94,10 @@ def test_evaluate_set_compares_the_system_with_its_frozen_backbone():
     trained = evaluate_set(model, fset, forms=("raw",), frozen_answers=cache)
     assert trained[0].samples[0]["frozen"] == untrained[1].samples[0]["frozen"]
     assert trained[0].samples[0]["routed"] != trained[0].samples[0]["frozen"]
+    assert untrained[0].experts == {} and trained[0].experts == {"0": 2}  # where the requests went: one expert
+    model.create_expert()
+    two = evaluate_set(model, fset, forms=("raw",), frozen_answers=cache)[0]
+    assert sum(two.experts.values()) == 2 and set(two.experts) <= {"0", "1"}
     table = markdown_table([dataclasses.asdict(r) for r in untrained])
     assert len(table) == 4 and "exact_match" in table[2]
     # a dataset's requests stay in the dataset: samples name them by position; the project's own are quoted

@@ -31,9 +31,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data.preprocess import render_prompt
 from ..data.sources import Example, codealpaca, humaneval, mbpp, nl2bash, package_file, read_jsonl, spider
 from ..data.stream import SkillSpec, load_examples, split_examples
 from ..model import DyLoRAMoE
+from ..training.measure import routed_experts
 from .degenerate import degenerate_kind
 from .execution import check_python
 from .generation import extract_code, normalise, sql_checker, trim_python
@@ -78,6 +80,7 @@ class FreeformResult:
     score: float | None = None
     score_frozen: float | None = None
     samples: list[dict[str, str | int]] = field(default_factory=list)  # index in the set, answers (``sample``)
+    experts: dict[str, int] = field(default_factory=dict)  # top-1 expert id -> requests routed to it
 
 
 # ---------------------------------------------------------------- request sets
@@ -209,11 +212,24 @@ def general_sets(data_dir: str | Path | None, limit: int) -> list[FreeformSet]:
 
 
 # ---------------------------------------------------------------- evaluation
+def as_asked(prompts: Sequence[str], form: str) -> list[str]:
+    """Requests as the evaluation asks them: as they are for the chat template, raw with one final newline."""
+    return list(prompts) if form == "chat" else [p.rstrip() + "\n" for p in prompts]
+
+
+def routed_to(model: DyLoRAMoE, prompts: Sequence[str], form: str) -> list[int]:
+    """The top-1 expert each request goes to, asked in ``form`` (the routing of its generation)."""
+    if not model.num_experts:
+        return []
+    texts = [render_prompt(model.tokenizer, p, form == "chat") for p in as_asked(prompts, form)]
+    return routed_experts(model, model.routing_features_for(texts, max_length=1024))
+
+
 def answer(model: DyLoRAMoE, prompts: Sequence[str], *, form: str, frozen: bool, max_new_tokens: int,
            batch_size: int) -> list[str]:
     """Greedy answers of the routed system, or of the frozen model (no expert) through the same path."""
     chat = form == "chat"
-    texts = list(prompts) if chat else [p.rstrip() + "\n" for p in prompts]
+    texts = as_asked(prompts, form)
     if frozen and model.num_experts:
         with model.force_expert(None):
             return model.complete(texts, chat=chat, max_new_tokens=max_new_tokens, batch_size=batch_size)
@@ -270,6 +286,8 @@ def evaluate_set(model: DyLoRAMoE, fset: FreeformSet, *, forms: Sequence[str] = 
             degenerate_frozen=sum(degenerate_kind(t) is not None for t in frozen) / len(frozen),
             kinds={k: kinds.count(k) for k in sorted({k for k in kinds if k})}, metric=fset.metric,
             samples=[sample(fset, k, r, f) for k, (r, f) in enumerate(zip(routed, frozen, strict=True))][:samples])
+        picks = routed_to(model, prompts, form)
+        result.experts = {str(e): picks.count(e) for e in sorted(set(picks))}
         if fset.check is not None:
             result.score = _score(fset, routed)
             result.score_frozen = _score(fset, frozen)
