@@ -352,12 +352,14 @@ def evaluate_stream(model: DyLoRAMoE, skills: Sequence[SkillSpec], seen_examples
 
 
 def markdown_table(results: Sequence[FreeformResult | dict]) -> list[str]:
-    """Rows of the reports' free-form table: degenerate rate and score, routed system vs frozen model."""
-    lines = ["| skill | requests | form | n | degenerate (system / frozen) | score (system / frozen) |",
-             "|---|---|---|---:|---:|---:|"]
+    """Rows of the reports' free-form table: degenerate rate and score, routed system vs frozen model, and the
+    experts the requests went to (``expert: count``; results written before routing was recorded show ``-``)."""
+    lines = ["| skill | requests | form | n | degenerate (system / frozen) | score (system / frozen) | routed to |",
+             "|---|---|---|---:|---:|---:|---|"]
     for r in results:
         r = r if isinstance(r, dict) else dataclasses.asdict(r)
         score = "-" if r["score"] is None else f"{r['metric']} {r['score']:.3f} / {r['score_frozen']:.3f}"
+        experts = ", ".join(f"{e}: {c}" for e, c in r.get("experts", {}).items()) or "-"
         lines.append(f"| {r['skill']} | {r['source']} | {r['form']} | {r['n']} | "
-                     f"{r['degenerate']:.3f} / {r['degenerate_frozen']:.3f} | {score} |")
+                     f"{r['degenerate']:.3f} / {r['degenerate_frozen']:.3f} | {score} | {experts} |")
     return lines
