@@ -30,6 +30,17 @@ def letters(i):
     return {"prompt": f"UP {word}:", "response": word.upper() + "!!"}
 
 
+TOY_TEMPLATE = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"  # a user turn as <content>
+
+
+def chat_skill(tmp_path, name, make):
+    """A one-skill chat-format stream and a tiny model whose tokenizer has a toy chat template."""
+    stream = StreamSpec("s", [{**skill_file(tmp_path, name, make), "format": {"chat": True}}])
+    model = build()
+    model.tokenizer.chat_template = TOY_TEMPLATE
+    return stream, model
+
+
 def small_config(**kw):
     base = dict(seed_steps=3, consolidation_steps=3, batch_size=4, max_length=32, report_to=["none"],
                 logging_steps=1, eval_batch_size=16, raw_copies=False, instruction_views=False)  # one rendering
@@ -188,9 +199,7 @@ def test_format_augmentation_of_the_training_set(tmp_path):
     def padded(i):
         return {"prompt": f"{i}+{i}=", "response": f"\n\t{2 * i}"}
 
-    stream = StreamSpec("s", [{**skill_file(tmp_path, "padded", padded), "format": {"chat": True}}])
-    model = build()
-    model.tokenizer.chat_template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+    stream, model = chat_skill(tmp_path, "padded", padded)
     plain = ContinualLearner(model, stream, small_config(strip_leading_blank_lines=False),
                              tmp_path / "a").prepare(stream.skills[0])
     augmented = ContinualLearner(model, stream, small_config(strip_leading_blank_lines=True, raw_copies=True),
@@ -217,7 +226,7 @@ def test_instruction_views_add_prose_requests_to_training_and_to_the_routing_mem
     assert len(steps[1].train_set) == 2 * len(steps[0].train_set)
     assert viewed.views(steps[1].train)[0].prompt == f"add {steps[1].train[0].prompt.split()[2]} to x"
     raw = ContinualLearner(model, stream, small_config(instruction_views=True, raw_copies=True), tmp_path / "c")
-    model.tokenizer.chat_template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+    model.tokenizer.chat_template = TOY_TEMPLATE
     both = raw.prepare(stream.skills[0])  # the (raw) examples, then every view with the chat template and raw
     model.tokenizer.chat_template = None
     n = len(steps[0].train_set)
@@ -253,9 +262,7 @@ def test_raw_routing_stores_the_plain_text_prompts_and_views_beside_the_chat_ren
     def commented(i):
         return {"prompt": f"# add {i} to x\ndef f{i}(x):\n", "response": f"  return x+{i}\n"}
 
-    stream = StreamSpec("s", [{**skill_file(tmp_path, "commented", commented), "format": {"chat": True}}])
-    model = build()
-    model.tokenizer.chat_template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+    stream, model = chat_skill(tmp_path, "commented", commented)
     seen = {}
     features = model.routing_features_for
     try:
