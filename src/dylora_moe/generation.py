@@ -63,18 +63,31 @@ def complete(model: DyLoRAMoE, prompts: Sequence[str], *, max_new_tokens: int = 
     tokens); prompts longer than ``max_prompt_tokens`` are truncated on the tokenizer's ``truncation_side``.
     Generation stops at the tokenizer's end-of-sequence token."""
     tok = model.tokenizer
-    rendered = bool(chat and tok.chat_template)
-    if rendered:
-        prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True) for p in prompts]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     size = batch_size or max(len(prompts), 1)
     texts: list[str] = []
     for i in range(0, len(prompts), size):
-        rows = tok(list(prompts[i : i + size]), add_special_tokens=not rendered,
-                   truncation=max_prompt_tokens is not None, max_length=max_prompt_tokens)["input_ids"]
-        input_ids, mask = left_pad(rows, pad)
+        input_ids, mask = prompt_batch(model, prompts[i : i + size], chat=chat, max_prompt_tokens=max_prompt_tokens)
         out = generate(model, input_ids.to(model.device), mask.to(model.device), max_new_tokens=max_new_tokens,
                        do_sample=False, pad_token_id=pad, eos_token_id=tok.eos_token_id)
         texts += tok.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
     return texts
+
+
+def pad_id(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def prompt_batch(model: DyLoRAMoE, prompts: Sequence[str], *, chat: bool = True,
+                 max_prompt_tokens: int | None = None) -> tuple[Tensor, Tensor]:
+    """Prompts as ``complete`` feeds them to the model: a user turn of the chat template when ``chat`` and the
+    tokenizer has one (which then supplies the special tokens), else the tokenizer's own special tokens;
+    truncated to ``max_prompt_tokens``; left-padded input_ids and attention_mask [B, T] on the host."""
+    tok = model.tokenizer
+    rendered = bool(chat and tok.chat_template)
+    if rendered:
+        prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in prompts]
+    rows = tok(list(prompts), add_special_tokens=not rendered, truncation=max_prompt_tokens is not None,
+               max_length=max_prompt_tokens)["input_ids"]
+    return left_pad(rows, pad_id(tok))

@@ -31,11 +31,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data.preprocess import render_prompt
+import torch
+
 from ..data.sources import Example, codealpaca, humaneval, mbpp, nl2bash, package_file, read_jsonl, spider
 from ..data.stream import SkillSpec, load_examples, split_examples
+from ..generation import prompt_batch
 from ..model import DyLoRAMoE
-from ..training.measure import routed_experts
 from .degenerate import degenerate_kind
 from .execution import check_python
 from .generation import extract_code, normalise, sql_checker, trim_python
@@ -217,12 +218,18 @@ def as_asked(prompts: Sequence[str], form: str) -> list[str]:
     return list(prompts) if form == "chat" else [p.rstrip() + "\n" for p in prompts]
 
 
+@torch.no_grad()
 def routed_to(model: DyLoRAMoE, prompts: Sequence[str], form: str) -> list[int]:
-    """The top-1 expert each request goes to, asked in ``form`` (the routing of its generation)."""
+    """The top-1 expert each request goes to when ``answer`` asks it in ``form``: the same tokens, routed as
+    generation routes its prompt (under per-token routing, the expert with the most weight over the prompt)."""
     if not model.num_experts:
         return []
-    texts = [render_prompt(model.tokenizer, p, form == "chat") for p in as_asked(prompts, form)]
-    return routed_experts(model, model.routing_features_for(texts, max_length=1024))
+    input_ids, mask = prompt_batch(model, as_asked(prompts, form), chat=form == "chat")
+    mask = mask.to(model.device)
+    weights = model.route(input_ids.to(model.device), mask).weights  # [B, E], or [B, T, E] per token
+    if weights.dim() == 3:
+        weights = (weights * mask.unsqueeze(-1).to(weights.dtype)).sum(1)
+    return [model.experts.expert_ids[c] for c in weights.argmax(-1).tolist()]
 
 
 def answer(model: DyLoRAMoE, prompts: Sequence[str], *, form: str, frozen: bool, max_new_tokens: int,
