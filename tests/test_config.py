@@ -13,6 +13,8 @@ from dylora_moe import DyLoRAConfig, ExpertConfig, RouterConfig
     (lambda: ExpertConfig(rank_rule="magic"), "fixed, novelty"),
     (lambda: RouterConfig(top_k=0), "top_k"),
     (lambda: RouterConfig(granularity="token", route_layer=None), "route_layer"),
+    (lambda: RouterConfig(route_pass="twice"), "inline, separate"),
+    (lambda: RouterConfig(granularity="token", route_pass="separate"), "route_pass='inline'"),
     (lambda: DyLoRAConfig(mixing="loop"), "fused, reference"),
     (lambda: DyLoRAConfig.from_dict({"modle": "x"}), "modle"),
 ])

@@ -38,7 +38,7 @@ MODES = {
 }
 
 
-@pytest.mark.parametrize("router", [dict(), dict(route_layer=None), dict(route_layer=1)])
+@pytest.mark.parametrize("router", [dict(), dict(route_layer=None), dict(route_layer=1), dict(route_layer=1, route_pass="separate")])
 @pytest.mark.parametrize("mode", MODES)
 def test_generation_expands_routing_for_beams_and_returns(mode, router):
     model = grown(top_k=1, **router)

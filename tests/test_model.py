@@ -106,7 +106,7 @@ def pooled_by_hand(hidden, mask):
     return (hidden * m).sum(1) / m.sum(1)
 
 
-@pytest.mark.parametrize("router", [dict(), dict(route_layer=None), dict(route_layer=1)])
+@pytest.mark.parametrize("router", [dict(), dict(route_layer=None), dict(route_layer=1), dict(route_layer=1, route_pass="separate")])
 def test_route_matches_the_forward_routing(router):
     model = grown(**router)
     inputs = batch()
@@ -126,7 +126,7 @@ def test_no_experts_is_the_plain_backbone():
 
 @pytest.mark.parametrize("router", [
     dict(), dict(top_k=1, mature=True), dict(granularity="token"), dict(route_layer=None),
-    dict(route_layer=1, top_k=2, mature=True),
+    dict(route_layer=1, top_k=2, mature=True), dict(route_layer=1, route_pass="separate"),
 ])
 def test_generation_with_cache_equals_without(router):
     mature = router.pop("mature", False)
@@ -166,7 +166,7 @@ def test_route_layer_beyond_the_model_is_rejected():
         build(route_layer=5)
 
 
-@pytest.mark.parametrize("router", [dict(), dict(route_layer=None), dict(route_layer=1)])
+@pytest.mark.parametrize("router", [dict(), dict(route_layer=None), dict(route_layer=1), dict(route_layer=1, route_pass="separate")])
 def test_routing_features_feed_the_gate(router):
     model = grown(**router)
     inputs = batch()

@@ -15,6 +15,7 @@ TARGET_PRESETS = ("attention", "mlp", "all-linear")
 RANK_RULES = ("fixed", "novelty")
 GRANULARITIES = ("sequence", "token")
 ROUTE_ON = ("prompt", "text")
+ROUTE_PASSES = ("inline", "separate")
 MIXING_MODES = ("fused", "reference")
 DTYPES = ("float32", "bfloat16", "float16")
 EMBED_ON = ("response", "text")
@@ -79,7 +80,14 @@ class RouterConfig:
         route_layer: which hidden states feed the gate. ``None`` is the spec's choice, the final hidden
             states of the frozen backbone, which costs a second backbone pass. An integer ``L`` routes on the
             input of decoder layer ``L`` (``0``: the token embeddings) inside the single fused pass; experts
-            then adapt only layers ``>= L`` so the routed prefix does not depend on the routing.
+            then adapt only layers ``>= L`` so the routed prefix does not depend on the routing (see
+            ``route_pass``).
+        route_pass: how an integer ``route_layer`` is read. ``inline`` routes inside the one fused pass, so the
+            experts adapt only layers ``>= route_layer``; ``separate`` runs the frozen backbone up to
+            ``route_layer`` in a pass of its own (``route_layer / num_layers`` of a forward per prompt, no
+            experts) and the experts adapt every layer. A deep gate input (layer 6 of 30: contextual, the word
+            naming a language colours every token) then costs no expert layers. ``route_layer=None`` always
+            reads a pass of its own. Sequence routing only.
         route_on: what a sequence is routed on in training and evaluation. ``prompt`` pools the prompt's tokens
             only (those labelled ``-100``), as generation does, so the gate never sees the answer and the loss is
             measured under the routing generation uses; ``text`` pools prompt and response (the earlier
@@ -101,6 +109,9 @@ class RouterConfig:
     route_layer: int | None = field(
         default=0, metadata={"help": "decoder layer whose input feeds the gate; None = final hidden states"}
     )
+    route_pass: str = field(
+        default="inline", metadata={"help": "inline | separate: gate read inside the routed pass or a frozen prefix pass"}
+    )
     route_on: str = field(default="prompt", metadata={"help": "prompt | text: tokens a sequence is routed on"})
     dense_top_m: int | None = field(
         default=4, metadata={"help": "mature experts mixed per sample in the dense phase; None = all"}
@@ -120,12 +131,25 @@ class RouterConfig:
             raise ValueError(f"cumulative_weight must be in (0, 1] or None, got {self.cumulative_weight}")
         _choice("granularity", self.granularity, GRANULARITIES)
         _choice("route_on", self.route_on, ROUTE_ON)
+        _choice("route_pass", self.route_pass, ROUTE_PASSES)
         if self.route_layer is not None and self.route_layer < 0:
             raise ValueError(f"route_layer must be >= 0 or None, got {self.route_layer}")
         if self.route_layer is None and self.granularity == "token":
             raise ValueError(
                 "token-level routing needs hidden states from inside the pass; set route_layer to a layer index"
             )
+        if self.route_pass == "separate" and self.granularity == "token":
+            raise ValueError("token-level routing reads each new token inside the pass; use route_pass='inline'")
+
+    @property
+    def separate_pass(self) -> bool:
+        """The gate reads a frozen pass of its own before the routed one (always so on the final states)."""
+        return self.route_layer is None or self.route_pass == "separate"
+
+    @property
+    def first_adapted_layer(self) -> int:
+        """The first decoder layer the experts adapt: the routed prefix of an inline gate stays expert-free."""
+        return 0 if self.separate_pass else self.route_layer
 
 
 @dataclass

@@ -85,7 +85,7 @@ class DyLoRAMoE(nn.Module):
         layers = decoder_layers(backbone)
         if route_layer is not None and route_layer >= len(layers):
             raise ValueError(f"route_layer={route_layer} but the model has {len(layers)} decoder layers")
-        self.experts = ExpertManager(backbone, self.config.expert, first_layer=route_layer or 0)
+        self.experts = ExpertManager(backbone, self.config.expert, first_layer=self.config.router.first_adapted_layer)
         self.mixture = ExpertMixture(self.experts)
         weight = next(backbone.parameters())
         self.router = DynamicHybridRouter(
@@ -335,7 +335,7 @@ class DyLoRAMoE(nn.Module):
         pinned = control.scope is not None and control.scope.pin
         scope_cm = contextlib.nullcontext(control.scope) if pinned else control.scoped(pool_mask)
         with scope_cm as scope:
-            if self.config.router.route_layer is None and scope.routing is None:
+            if self.config.router.separate_pass and scope.routing is None:
                 scope.routing = control.route(input_ids, attention_mask, pool_mask)
                 control.apply(scope.routing)
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)

@@ -55,6 +55,8 @@ CASES = {
     "top2-token": dict(mature=True, top_k=2, granularity="token"),
     "dense-final-hidden": dict(mature=False, route_layer=None),
     "top1-layer1": dict(mature=True, route_layer=1),
+    "top1-layer1-separate": dict(mature=True, route_layer=1, route_pass="separate"),
+    "dense-layer1-separate": dict(mature=False, route_layer=1, route_pass="separate"),
     "mixed-ranks-dense": dict(mature=False, ranks=[2, 4, 8, 4]),
     "mixed-ranks-top2": dict(mature=True, top_k=2, ranks=[2, 4, 8, 4]),
 }
@@ -98,7 +100,8 @@ def test_sparse_plan_stacks_only_selected_experts():
 
 # Per-token top-1 is not in this list on purpose: there a token's expert differs from its neighbours', and
 # attention mixes their hidden states, which one-expert-per-pass output mixing cannot express.
-@pytest.mark.parametrize("router", [dict(top_k=1), dict(top_k=1, route_layer=None), dict(top_k=1, route_layer=1)])
+@pytest.mark.parametrize("router", [dict(top_k=1), dict(top_k=1, route_layer=None), dict(top_k=1, route_layer=1),
+                                    dict(top_k=1, route_layer=1, route_pass="separate")])
 def test_top1_fused_equals_reference_mode(router):
     model = grown(mature=True, **router)
     inputs = batch(bsz=4, t=12, seed=1)

@@ -44,6 +44,13 @@ def test_route_layer_limits_experts_to_later_layers():
     assert names and all(".layers.1." in n for n in names)
 
 
+def test_separate_route_pass_keeps_experts_on_every_layer():
+    model = build(route_layer=1, route_pass="separate")
+    model.create_expert()
+    names = [n for n, m in model.backbone.named_modules() if m in model.experts.layers()]
+    assert any(".layers.0." in n for n in names) and any(".layers.1." in n for n in names)
+
+
 def test_single_expert_matches_peft_active_adapter(tmp_path):
     """Each expert alone equals that adapter loaded by plain peft onto a fresh copy of the backbone."""
     from peft import PeftModel

@@ -2,8 +2,9 @@
 
 The gate reads the input of decoder layer ``route_layer``: a forward pre-hook on that layer routes it and
 sets the mixture's plan before any adapted layer runs (experts adapt only the layers from there on, so the
-prefix the gate reads does not depend on the routing). With ``route_layer=None`` the gate reads the frozen
-backbone's final hidden states, which costs a separate pass before the routed one.
+prefix the gate reads does not depend on the routing). With ``route_pass="separate"`` the same layer's input
+is read from a frozen prefix pass of its own before the routed one (experts then adapt every layer), and with
+``route_layer=None`` the gate reads the frozen backbone's final hidden states, also from a pass of its own.
 
 A ``Scope`` holds the state of one call: the tokens the sequence gate pools over, whether the routing is
 pinned once decided (generation: a sequence keeps the routing of its prompt for every new token), and
@@ -179,6 +180,8 @@ class RoutingControl:
         if scope.stop:
             scope.hidden = hidden
             raise RoutingComputed
+        if self.config.separate_pass:  # routed before the pass, by its own prefix pass
+            return
         scope.routing = self.decide(hidden, scope.pool_mask)
         self.apply(scope.routing)
 
@@ -193,7 +196,7 @@ class RoutingControl:
         if input_ids is None:
             raise ValueError("generation with experts needs input_ids (routing reads the prompt's tokens)")
         scope.pool_mask = mask if mask is None or mask.shape == input_ids.shape else None
-        if self.config.route_layer is None:
+        if self.config.separate_pass:
             scope.routing = self.route(input_ids, mask)
             self.apply(scope.routing)
 

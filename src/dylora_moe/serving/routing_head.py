@@ -56,7 +56,7 @@ class RouterModel:
                                           temperature=config.router.temperature,
                                           cumulative_weight=config.router.cumulative_weight)
         # an empty pool: the routing control needs one to switch experts off for its prefix pass
-        empty = ExpertManager(self.backbone, config.expert, first_layer=route_layer or 0)
+        empty = ExpertManager(self.backbone, config.expert, first_layer=config.router.first_adapted_layer)
         self.routing = RoutingControl(self.backbone, self.router, empty, ExpertMixture(empty), config.router)
         self.library = SkillLibrary(config.novelty.capacity)
         self.experts = ExpertPool()
