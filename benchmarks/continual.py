@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 from dylora_moe.config import DyLoRAConfig
-from dylora_moe.data.stream import load_stream
+from dylora_moe.data.stream import load_stream, with_params
 from dylora_moe.evaluation import benchmark_report, score_report
 from dylora_moe.evaluation.baselines import METHODS
 from dylora_moe.evaluation.benchmark import BenchmarkConfig, results_from, run_method
@@ -60,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--training", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a TrainingConfig field (repeatable; VALUE read as YAML), e.g. "
                         "--training empty_unlikelihood=1.0")
+    p.add_argument("--params", type=Path, default=None, metavar="FILE",
+                   help="apply a `params:` file of dotted values over the stream (a `dylora tune` best.yaml, or "
+                        "configs/params/*.yaml), as `dylora train --params` does")
     p.add_argument("--max-train", type=int, default=None, help="cap training examples per step")
     p.add_argument("--max-eval", type=int, default=None, help="cap held-out examples per step")
     p.add_argument("--pass-limit", type=int, default=BenchmarkConfig.pass_limit,
@@ -85,7 +88,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def configs(args: argparse.Namespace):
-    stream = permuted(load_stream(args.stream), args.order)
+    stream = load_stream(args.stream)
+    if args.params is not None:
+        from dylora_moe.tuning.params import load_params
+
+        with_params(stream, load_params(args.params))
+    stream = permuted(stream, args.order)
     system = DyLoRAConfig.from_dict({**stream.system, **({"model": args.model} if args.model else {})})
     overrides = {k: v for k, v in (("seed_steps", args.seed_steps),
                                    ("consolidation_steps", args.consolidation_steps)) if v is not None}

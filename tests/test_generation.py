@@ -8,6 +8,9 @@ import torch
 
 from tests.conftest import batch, build, char_tokenizer, randomise_experts
 
+# where the gate reads: the embeddings inline, the final states, layer 1 inline, layer 1 from a prefix pass
+GATE_INPUTS = [dict(), dict(route_layer=None), dict(route_layer=1), dict(route_layer=1, route_pass="separate")]
+
 
 def grown(**router):
     model = build(**router)
@@ -38,7 +41,7 @@ MODES = {
 }
 
 
-@pytest.mark.parametrize("router", [dict(), dict(route_layer=None), dict(route_layer=1), dict(route_layer=1, route_pass="separate")])
+@pytest.mark.parametrize("router", GATE_INPUTS)
 @pytest.mark.parametrize("mode", MODES)
 def test_generation_expands_routing_for_beams_and_returns(mode, router):
     model = grown(top_k=1, **router)

@@ -8,6 +8,9 @@ import torch
 from dylora_moe import DyLoRAConfig, DyLoRAMoE
 from tests.conftest import batch, build, char_tokenizer, randomise_experts, tiny_gpt2, tiny_llama
 
+# where the gate reads: the embeddings inline, the final states, layer 1 inline, layer 1 from a prefix pass
+GATE_INPUTS = [dict(), dict(route_layer=None), dict(route_layer=1), dict(route_layer=1, route_pass="separate")]
+
 
 def grown(backbone=None, n=3, **router):
     model = build(backbone, **router)
@@ -106,7 +109,7 @@ def pooled_by_hand(hidden, mask):
     return (hidden * m).sum(1) / m.sum(1)
 
 
-@pytest.mark.parametrize("router", [dict(), dict(route_layer=None), dict(route_layer=1), dict(route_layer=1, route_pass="separate")])
+@pytest.mark.parametrize("router", GATE_INPUTS)
 def test_route_matches_the_forward_routing(router):
     model = grown(**router)
     inputs = batch()
@@ -166,7 +169,7 @@ def test_route_layer_beyond_the_model_is_rejected():
         build(route_layer=5)
 
 
-@pytest.mark.parametrize("router", [dict(), dict(route_layer=None), dict(route_layer=1), dict(route_layer=1, route_pass="separate")])
+@pytest.mark.parametrize("router", GATE_INPUTS)
 def test_routing_features_feed_the_gate(router):
     model = grown(**router)
     inputs = batch()

@@ -110,7 +110,7 @@ class RouterConfig:
         default=0, metadata={"help": "decoder layer whose input feeds the gate; None = final hidden states"}
     )
     route_pass: str = field(
-        default="inline", metadata={"help": "inline | separate: gate read inside the routed pass or a frozen prefix pass"}
+        default="inline", metadata={"help": "inline | separate: gate read in the routed pass or a frozen prefix pass"}
     )
     route_on: str = field(default="prompt", metadata={"help": "prompt | text: tokens a sequence is routed on"})
     dense_top_m: int | None = field(
