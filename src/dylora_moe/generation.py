@@ -75,7 +75,12 @@ def complete(model: DyLoRAMoE, prompts: Sequence[str], *, max_new_tokens: int = 
 
 
 def pad_id(tok) -> int:
-    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    """The id prompts are left-padded with: the tokenizer's pad token, else its end of sequence, else 0 (a
+    padded position is masked out, so any id does)."""
+    for token_id in (tok.pad_token_id, tok.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0
 
 
 def prompt_batch(model: DyLoRAMoE, prompts: Sequence[str], *, chat: bool = True,

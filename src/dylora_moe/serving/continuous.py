@@ -96,8 +96,7 @@ class RunningBatch:
     @torch.no_grad()
     def _join(self, requests: list[GenerationRequest]) -> None:
         model, tok = self.model, self.model.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        input_ids, mask = left_pad([r.prompt_ids for r in requests], pad if pad is not None else 0)
+        input_ids, mask = left_pad([r.prompt_ids for r in requests], generation.pad_id(tok))
         input_ids, mask = input_ids.to(model.device), mask.to(model.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [b, T] each row counts its own tokens
         cache = GrowingCache()

@@ -45,7 +45,7 @@ def generation_config(model: DyLoRAMoE, group: list[GenerationRequest], server: 
     tok = model.tokenizer
     cfg.max_new_tokens = max(r.max_tokens for r in group)
     cfg.max_length = None
-    cfg.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    cfg.pad_token_id = generation.pad_id(tok)
     cfg.eos_token_id = sorted(eos_ids(model)) or None
     sampling = group[0].sampling
     cfg.do_sample = sampling is not None
@@ -59,8 +59,7 @@ def generate_static(model: DyLoRAMoE, group: list[GenerationRequest], config: Se
     """One ``generate`` call for ``group`` (validated requests of one sampling setting); answers each request."""
     tok = model.tokenizer
     rows = [(r, j) for r in group for j in range(r.n)]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    input_ids, mask = left_pad([r.prompt_ids for r, _ in rows], pad if pad is not None else 0)
+    input_ids, mask = left_pad([r.prompt_ids for r, _ in rows], generation.pad_id(tok))
     input_ids, mask = input_ids.to(model.device), mask.to(model.device)
     width = input_ids.shape[1]
     start = time.perf_counter()
