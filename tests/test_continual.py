@@ -60,3 +60,25 @@ def test_training_overrides_are_typed_and_unknown_fields_are_refused(tmp_path):
         continual.training_overrides(["empty_unlikelyhood=1"])
     with pytest.raises(SystemExit, match="expected FIELD=VALUE"):
         continual.training_overrides(["raw_copies"])
+
+
+def test_a_params_file_sets_system_and_training_fields(tmp_path):
+    stream_file = write_tiny_run(tmp_path, n=8, steps=1)
+    params = tmp_path / "params.yaml"
+    params.write_text("params:\n  system.router.route_pass: separate\n  system.router.route_layer: 1\n"
+                      "  training.kl_weight: 2.0\n")
+    args = continual.parse_args(["--stream", str(stream_file), "--out", str(tmp_path / "out"), "--params", str(params)])
+    _, system, training, _ = continual.configs(args)
+    assert (system.router.route_layer, system.router.route_pass, training.kl_weight) == (1, "separate", 2.0)
+    params.write_text("params:\n  system.router.route_passes: separate\n")
+    with pytest.raises(ValueError, match="did you mean system.router.route_pass"):
+        continual.configs(args)
+
+
+def test_the_committed_params_files_name_known_fields():
+    from dylora_moe.tuning.params import load_params
+
+    files = sorted((Path(__file__).resolve().parents[1] / "configs" / "params").glob("*.yaml"))
+    assert files
+    for path in files:
+        assert load_params(path)
