@@ -71,7 +71,7 @@ def test_a_params_file_sets_system_and_training_fields(tmp_path):
     _, system, training, _ = continual.configs(args)
     assert (system.router.route_layer, system.router.route_pass, training.kl_weight) == (1, "separate", 2.0)
     params.write_text("params:\n  system.router.route_passes: separate\n")
-    with pytest.raises(ValueError, match="did you mean system.router.route_pass"):
+    with pytest.raises(ValueError, match=r"did you mean system\.router\.route_pass"):
         continual.configs(args)
 
 
