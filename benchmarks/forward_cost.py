@@ -41,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode-prompt", type=int, default=32, help="prompt length for the decode test")
     p.add_argument("--decode-experts", type=int, default=8, help="pool size for the decode test")
     p.add_argument("--route-layer", type=int, default=RouterConfig.route_layer)
+    p.add_argument("--route-pass", default=RouterConfig.route_pass, choices=("inline", "separate"),
+                   help="separate: the gate's layer from a frozen prefix pass, experts on every layer")
     p.add_argument("--out", default="results/forward_cost.json")
     return p.parse_args(argv)
 
@@ -97,7 +99,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     config = DyLoRAConfig(model=args.model, device="cpu",
                           expert=ExpertConfig(rank=args.rank, target_modules=args.targets, dropout=0.0),
-                          router=RouterConfig(top_k=1, route_layer=args.route_layer))
+                          router=RouterConfig(top_k=1, route_layer=args.route_layer, route_pass=args.route_pass))
     model = DyLoRAMoE.from_config(config).eval()
     vocab = model.backbone.config.vocab_size
     ids = torch.randint(100, vocab, (args.batch, args.seq_len))
@@ -129,6 +131,7 @@ def main(argv=None) -> dict:
     result = {
         "model": args.model, "batch": args.batch, "seq_len": args.seq_len, "single_lora_s": base_s,
         "rank": args.rank, "targets": args.targets, "route_layer": args.route_layer,
+        "route_pass": args.route_pass,
         "threads": torch.get_num_threads(), "rows": rows,
         "decode": {"experts": args.decode_experts, "tokens": args.decode_tokens,
                    "single_lora_tok_s": base_decode, "dense_tok_s": dense, "top1_tok_s": top1},
