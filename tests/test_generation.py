@@ -6,14 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import batch, build, char_tokenizer, randomise_experts
+from dylora_moe import generation
+from tests.conftest import batch, build, char_tokenizer, randomise_experts, tiny_gpt2
 
 # where the gate reads: the embeddings inline, the final states, layer 1 inline, layer 1 from a prefix pass
 GATE_INPUTS = [dict(), dict(route_layer=None), dict(route_layer=1), dict(route_layer=1, route_pass="separate")]
 
 
-def grown(**router):
-    model = build(**router)
+def grown(backbone=None, **router):
+    model = build(backbone, **router)
     for _ in range(3):
         model.create_expert()
     randomise_experts(model)
@@ -100,6 +101,22 @@ def greedy_by_hand(model, prompt: str, max_new_tokens: int) -> str:
             break
         ids = torch.cat([ids, token.view(1, 1)], 1)
     return tok.decode(ids[0, n:], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("router", [dict(route_layer=None), dict(route_layer=1, route_pass="separate")])
+def test_a_routing_pass_of_its_own_numbers_left_padded_prompts_as_the_routed_pass_does(router):
+    # GPT-2's positions are absolute: a routing pass that numbered a left-padded prompt from its first pad would
+    # read other hidden states than the routed pass, and route the prompt differently from the prompt alone.
+    model = grown(tiny_gpt2(), top_k=1, **router)
+    ids = torch.randint(3, 40, (2, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad(), generation.routed(model) as scope:
+        model.backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    alone = model.route(ids[:1, 3:]).logits  # [1, E]
+    torch.testing.assert_close(scope.routing.logits[:1], alone, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(model.route(ids[:1], mask[:1]).logits, alone, atol=1e-3)  # the numbering matters
 
 
 @pytest.mark.parametrize("router", [dict(), dict(top_k=1)])

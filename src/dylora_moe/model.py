@@ -336,7 +336,7 @@ class DyLoRAMoE(nn.Module):
         scope_cm = contextlib.nullcontext(control.scope) if pinned else control.scoped(pool_mask)
         with scope_cm as scope:
             if self.config.router.separate_pass and scope.routing is None:
-                scope.routing = control.route(input_ids, attention_mask, pool_mask)
+                scope.routing = control.route(input_ids, attention_mask, pool_mask, kwargs.get("position_ids"))
                 control.apply(scope.routing)
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
             routing = scope.routing

@@ -45,6 +45,11 @@ class Scope:
     hidden: Tensor | None = None
 
 
+def _positions(position_ids: Tensor | None) -> dict[str, Tensor]:
+    """Keyword for a backbone call: passed only when given (some architectures take no ``position_ids``)."""
+    return {} if position_ids is None else {"position_ids": position_ids}
+
+
 def pool(hidden: Tensor, mask: Tensor | None) -> Tensor:
     """Masked mean over tokens: [B, T, H] -> [B, H]."""
     if mask is None:
@@ -89,10 +94,12 @@ class RoutingControl:
 
     # ------------------------------------------------------------------ deciding
     def route(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-              pool_mask: Tensor | None = None) -> RouterOutput:
-        """The routing of a batch without running the experts; ``pool_mask`` defaults to the attention mask."""
+              pool_mask: Tensor | None = None, position_ids: Tensor | None = None) -> RouterOutput:
+        """The routing of a batch without running the experts; ``pool_mask`` defaults to the attention mask.
+        ``position_ids`` [B, T] are the routed pass's own (left-padded generation), so the prefix pass sees each
+        token where that pass does."""
         pool_mask = attention_mask if pool_mask is None else pool_mask
-        return self.decide(self.hidden(input_ids, attention_mask), pool_mask)
+        return self.decide(self.hidden(input_ids, attention_mask, position_ids), pool_mask)
 
     @torch.no_grad()
     def features(self, input_ids: Tensor, attention_mask: Tensor | None = None,
@@ -103,18 +110,22 @@ class RoutingControl:
             return hidden
         return pool(hidden, attention_mask if pool_mask is None else pool_mask)
 
-    def hidden(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+    def hidden(self, input_ids: Tensor, attention_mask: Tensor | None,
+               position_ids: Tensor | None = None) -> Tensor:
         """The gate's input [B, T, H]: a prefix pass up to ``route_layer``, or the frozen final states."""
         if self.config.route_layer is None:
-            return self.frozen_final_hidden(input_ids, attention_mask)
+            return self.frozen_final_hidden(input_ids, attention_mask, position_ids)
         with self.plain(), self.scoped(None, stop=True) as scope, contextlib.suppress(RoutingComputed):
-            self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                     **_positions(position_ids))
         return scope.hidden
 
     @torch.no_grad()
-    def frozen_final_hidden(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+    def frozen_final_hidden(self, input_ids: Tensor, attention_mask: Tensor | None,
+                            position_ids: Tensor | None = None) -> Tensor:
         with self.plain():
-            out = self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            out = self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                           **_positions(position_ids))
         return out.last_hidden_state  # [B, T, H]
 
     def decide(self, hidden: Tensor, pool_mask: Tensor | None) -> RouterOutput:
@@ -197,7 +208,7 @@ class RoutingControl:
             raise ValueError("generation with experts needs input_ids (routing reads the prompt's tokens)")
         scope.pool_mask = mask if mask is None or mask.shape == input_ids.shape else None
         if self.config.separate_pass:
-            scope.routing = self.route(input_ids, mask)
+            scope.routing = self.route(input_ids, mask, position_ids=kwargs.get("position_ids"))
             self.apply(scope.routing)
 
     # ------------------------------------------------------------------ scopes
