@@ -4,17 +4,19 @@ them with code, not whitespace.
 Sized down through parameters only (32 training examples per skill, 4 consolidation steps); the seeding phase
 is the demo's, at the demo's rate, which is where an expert learned to answer with newlines. The recipe is
 ``TrainingConfig``'s default (instruction views, trained with the chat template and raw): the chat-only recipe
-failed the routing and Verilog tests below.
+failed the routing and Verilog tests below. The system is the demo's (``configs/streams/default.yaml``'s
+``system`` section: the gate on layer 6 from a routing pass of its own).
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
 from dylora_moe import DyLoRAConfig, DyLoRAMoE
-from dylora_moe.data.stream import SkillSpec, StreamSpec
+from dylora_moe.data.stream import SkillSpec, StreamSpec, load_stream
 from dylora_moe.evaluation.degenerate import degenerate_kind
 from dylora_moe.evaluation.freeform import EXAMPLE_REQUESTS
 from dylora_moe.training import ContinualLearner, TrainingConfig
@@ -35,7 +37,8 @@ def answered(tmp_path_factory):
         SkillSpec("verilogeval", {"type": "builtin", "name": "verilogeval"}, max_train=32, max_eval=8),
     ])
     training = TrainingConfig(consolidation_steps=4, report_to=["none"], router_fit_steps=50)
-    model = DyLoRAMoE.from_config(DyLoRAConfig(device="cpu")).eval()
+    demo = load_stream(Path(__file__).parents[1] / "configs" / "streams" / "default.yaml")
+    model = DyLoRAMoE.from_config(DyLoRAConfig.from_dict({**demo.system, "device": "cpu"})).eval()
     records = ContinualLearner(model, stream, training, tmp_path_factory.mktemp("run")).run()
     requests = list(EXAMPLE_REQUESTS)
     features = model.routing_features_for(
