@@ -70,3 +70,53 @@ def test_first_token_unlikelihood_reads_each_rows_last_real_position():
     sure = torch.full((1, 1, 4), -1e4)
     sure[0, 0, 2] = 1e4  # p = 1: finite, not inf
     assert torch.isfinite(first_token_unlikelihood(sure, torch.ones(1, 1, dtype=torch.long), 2))
+
+
+def greedy_by_hand(model, ids, steps, eos, expert=None):
+    """Greedy continuation of one token list by the frozen model (or ``expert`` alone), a forward per token."""
+    out = []
+    with torch.no_grad(), model.force_expert(expert):
+        for _ in range(steps):
+            logits = model(input_ids=torch.tensor([ids + out])).logits
+            token = int(logits[0, -1].argmax())
+            if token == eos:
+                break
+            out.append(token)
+    return out
+
+
+def test_anchors_are_followed_by_the_frozen_models_greedy_answers():
+    """``answer_with_frozen`` appends the frozen model's own greedy answer (batched, left-padded, stopped before
+    its end of sequence, the expert not consulted): the KL then covers the positions a free-form answer is
+    decoded on. The request ends stay where the prompts end (the unlikelihood term reads them)."""
+    from dylora_moe.training.distill import Anchors
+    from tests.conftest import build, randomise_experts
+
+    model = build()
+    model.create_expert()
+    randomise_experts(model)  # the expert changes every answer: only the frozen model's may be appended
+    texts = ["ab", "hello wor", "x+y=", "a longer prompt than the others"]
+    anchors = Anchors(model.tokenizer, texts, expert_id=0, max_length=36)
+    prompts = [list(ids) for ids in anchors.ids]
+    anchors.answer_with_frozen(model, 6, batch_size=3)
+    eos = model.tokenizer.eos_token_id
+    for prompt, row in zip(prompts, anchors.ids, strict=True):
+        assert row == (prompt + greedy_by_hand(model, prompt, 6, eos))[:36]
+    assert [len(p) for p in prompts] == anchors.prompt_lengths
+    assert len(anchors.ids[-1]) == 36  # 31 prompt tokens + 6 answer tokens, cut to max_length
+    assert anchors.request_ends(1, 3).tolist() == [30, 1, 8]  # rows 3, 0, 1 of the cycle
+    # the expert answers differently, so appending its answers (or the routed system's) would fail the test
+    assert any(greedy_by_hand(model, p, 6, eos, expert=0) != greedy_by_hand(model, p, 6, eos) for p in prompts)
+
+
+def test_first_token_unlikelihood_reads_given_request_ends():
+    from dylora_moe.training.distill import first_token_unlikelihood
+
+    logits = torch.zeros(2, 4, 5)  # [B, T, V]; both rows are 4 real tokens (a request and its answer)
+    logits[0, 1, 2] = 2.0  # row 0's request ends at 1
+    logits[1, 0, 2] = -2.0  # row 1's at 0
+    logits[:, 3, 2] = 40.0  # the answers' last positions: never read when the ends are given
+    mask = torch.ones(2, 4, dtype=torch.long)
+    p = torch.softmax(torch.tensor([[0.0, 0, 2, 0, 0], [0, 0, -2, 0, 0]]), -1)[:, 2]
+    expected = -torch.log1p(-p).mean()
+    torch.testing.assert_close(first_token_unlikelihood(logits, mask, 2, torch.tensor([1, 0])), expected)

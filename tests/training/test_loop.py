@@ -379,6 +379,38 @@ def test_evaluation_runs_only_examples_whose_expert_changed(tmp_path, recognised
         assert learner.records[-1].losses[0] == learner.records[0].losses[0]
 
 
+def drift_on_frozen_answers(tmp_path, answer_tokens):
+    """KL(frozen || trained expert) on the tokens of the frozen model's greedy answers to the anchor prompts
+    (the positions after each prompt's first answer token), after one skill trained with a strong KL."""
+    stream = StreamSpec("s", [skill_file(tmp_path, "digits", digits)])
+    model = build()
+    cfg = small_config(kl_weight=50.0, anchor_answers=answer_tokens, seed_lr=5e-2, consolidation_lr=2e-2,
+                       consolidation_steps=12)
+    learner = ContinualLearner(model, stream, cfg, tmp_path / f"out{answer_tokens}")
+    learner.run_step(0)
+    anchors = learner.anchors(0, learner.steps[0], 0)
+    anchors.answer_with_frozen(model, 8)
+    ids, mask = anchors.batch(0, len(anchors))
+    answers = mask.clone()
+    for k, n in enumerate(anchors.prompt_lengths):
+        answers[k, :n] = 0  # the prompt-only KL covers positions up to the first answer token
+    assert answers.sum() > 0
+    with torch.no_grad():
+        with model.force_expert(None):
+            frozen = model(input_ids=ids, attention_mask=mask).logits
+        with model.force_expert(0):
+            trained = model(input_ids=ids, attention_mask=mask).logits
+    return float(kl_to_frozen(trained, frozen, answers))
+
+
+def test_the_kl_on_the_frozen_models_answers_keeps_them(tmp_path):
+    free = drift_on_frozen_answers(tmp_path, 0)  # the prompts alone anchored
+    kept = drift_on_frozen_answers(tmp_path, 8)  # 0.011 -> 0.0028 when written (Adam: the weight sets directions)
+    assert free > 0.0 and kept < 0.5 * free
+    with pytest.raises(ValueError, match="anchor_answers"):
+        TrainingConfig(anchor_answers=-1)
+
+
 def drift_of_the_first_skill(tmp_path, retain_kl_weight):
     """Digits, then letters recognised as the digits skill (trained into its expert): the KL from
     the expert's next-token distributions on the digits prompts before the second step to those after it."""

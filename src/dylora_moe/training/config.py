@@ -106,6 +106,8 @@ class TrainingConfig:
                                                                       "the first answer token of anchor prompts"})
     prose_anchors: bool = field(default=False, metadata={"help": "also anchor on prompts' prose without comment "
                                                                     "markers"})
+    anchor_answers: int = field(default=0, metadata={"help": "tokens of the frozen model's greedy answer to each "
+                                                              "anchor prompt the KL also covers (0: prompts only)"})
     eval_batch_size: int = field(default=8, metadata={"help": "sequences per eval forward"})
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={"help": "Trainer loggers"})
     precision: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 | fp16 (training autocast)"})
@@ -125,7 +127,7 @@ class TrainingConfig:
             raise ValueError(f"precision={self.precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
         if self.router_weight_decay < 0:
             raise ValueError(f"router_weight_decay must be >= 0, got {self.router_weight_decay}")
-        for name in ("kl_weight", "retain_kl_weight", "empty_unlikelihood"):
+        for name in ("kl_weight", "retain_kl_weight", "empty_unlikelihood", "anchor_answers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if isinstance(self.report_to, str):

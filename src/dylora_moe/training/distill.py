@@ -7,7 +7,12 @@ expert's next-token distribution towards the frozen model's on *anchor prompts*:
 see that are not its training format. They are, per training example, the prompt's first paragraph (the task
 statement without the code the answer continues, e.g. a VerilogEval description without its module header),
 with the chat template and raw, and the stored prompts of the skills learned before; every position counts,
-the first answer token included. Its weight is ``TrainingConfig.kl_weight``. With
+the first answer token included. Its weight is ``TrainingConfig.kl_weight``. A prompt fixes only where an
+answer starts; the habits that break free-form answers (a raw request answered by a loop of one line) show on
+the tokens after it. With ``TrainingConfig.anchor_answers`` each anchor prompt is followed by that many tokens
+of the frozen model's own greedy answer (generated once, before the step trains) and the KL covers them too:
+the expert is taught the frozen model's next-token distribution along the frozen model's answers (word-level
+distillation on the teacher's outputs, Kim & Rush 2016), not just at their first token. With
 ``TrainingConfig.prose_anchors`` each prompt's prose without comment markers is an anchor too (NL2Bash's
 ``# find all .txt files`` -> ``find all .txt files``, the request as a user types it).
 
@@ -29,6 +34,7 @@ answer, is one position of a few hundred on SuperNI's long prompts.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -36,6 +42,10 @@ from transformers import PreTrainedTokenizerBase
 
 from ..data.augment import prose_and_code
 from ..data.preprocess import render_prompt
+from ..generation import generate, left_pad
+
+if TYPE_CHECKING:
+    from ..model import DyLoRAMoE
 
 
 def kl_to_frozen(logits: Tensor, frozen_logits: Tensor, mask: Tensor) -> Tensor:
@@ -51,14 +61,16 @@ def kl_to_frozen(logits: Tensor, frozen_logits: Tensor, mask: Tensor) -> Tensor:
     return (per_position * weights).sum() / weights.sum().clamp_min(1.0)
 
 
-def first_token_unlikelihood(logits: Tensor, mask: Tensor, token_id: int) -> Tensor:
-    """Mean over rows of -log(1 - p(``token_id``)) at each row's last real position: the prediction of the
-    first answer token after a request, where an end of sequence is never right (unlikelihood training, Welleck
-    et al. 2020, on one token: an expert must not answer a request with nothing).
+def first_token_unlikelihood(logits: Tensor, mask: Tensor, token_id: int, last: Tensor | None = None) -> Tensor:
+    """Mean over rows of -log(1 - p(``token_id``)) at each row's request end (``last``; by default its last real
+    position): the prediction of the first answer token after a request, where an end of sequence is never
+    right (unlikelihood training, Welleck et al. 2020, on one token: an expert must not answer a request with
+    nothing).
 
-    logits: [B, T, V]; mask: [B, T] right-padded (1 = a real token).
+    logits: [B, T, V]; mask: [B, T] right-padded (1 = a real token); last: [B] positions, or None.
     """
-    last = (mask.sum(1) - 1).clamp_min(0)  # [B]
+    if last is None:
+        last = (mask.sum(1) - 1).clamp_min(0)  # [B]
     rows = logits[torch.arange(logits.shape[0], device=logits.device), last].float()  # [B, V]
     p = torch.softmax(rows, dim=-1)[:, token_id]  # [B]
     return -torch.log1p(-p.clamp(max=1.0 - 1e-6)).mean()
@@ -107,16 +119,21 @@ class Anchors:
             raise ValueError("no anchor prompts")
         self.ids = [tokenizer(t, add_special_tokens=False)["input_ids"][-max_length:] for t in texts]
         self.ids = [ids for ids in self.ids if ids]
+        self.prompt_lengths = [len(ids) for ids in self.ids]  # a row's request ends here, its answer starts
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_id = tokenizer.eos_token_id
         self.expert_id = expert_id
+        self.max_length = max_length
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    def _rows(self, step: int, size: int) -> list[int]:
+        return [(step * size + k) % len(self.ids) for k in range(size)]
+
     def batch(self, step: int, size: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
         """input_ids, attention_mask [size, T] of the ``step``-th batch."""
-        rows = [self.ids[(step * size + k) % len(self.ids)] for k in range(size)]
+        rows = [self.ids[r] for r in self._rows(step, size)]
         width = max(len(r) for r in rows)
         ids = torch.full((size, width), self.pad, dtype=torch.long)
         mask = torch.zeros((size, width), dtype=torch.long)
@@ -124,3 +141,26 @@ class Anchors:
             ids[k, : len(r)] = torch.tensor(r)
             mask[k, : len(r)] = 1
         return ids.to(device), mask.to(device)
+
+    def request_ends(self, step: int, size: int, device: torch.device | str = "cpu") -> Tensor:
+        """[size] position of each row's last request token in the ``step``-th batch (where its answer is
+        predicted), whether or not the frozen model's answer follows it."""
+        return torch.tensor([self.prompt_lengths[r] - 1 for r in self._rows(step, size)], device=device)
+
+    @torch.no_grad()
+    def answer_with_frozen(self, model: DyLoRAMoE, max_new_tokens: int, *, batch_size: int = 16) -> None:
+        """Append to every anchor prompt the frozen model's greedy answer (no expert; at most ``max_new_tokens``
+        tokens, up to and without its end of sequence; the row is cut to ``max_length`` from its start, so the
+        prompt keeps its place). Rows of similar length are batched together (less padding)."""
+        order = sorted(range(len(self.ids)), key=lambda r: len(self.ids[r]))
+        pad = self.pad if self.eos_id is None else self.eos_id
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            input_ids, mask = left_pad([self.ids[r] for r in chunk], pad)
+            with model.force_expert(None):
+                out = generate(model, input_ids.to(model.device), mask.to(model.device), do_sample=False,
+                               max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=self.eos_id)
+            for r, answer in zip(chunk, out[:, input_ids.shape[1]:].tolist(), strict=True):
+                if self.eos_id in answer:
+                    answer = answer[: answer.index(self.eos_id)]
+                self.ids[r] = (self.ids[r] + answer)[: self.max_length]

@@ -26,7 +26,8 @@ class DyLoRATrainer(Trainer):
         seed_steps: steps of phase 1 for this run (0 for a recognised skill: consolidation only).
         memory: stored routing features rehearsed by the gate at every step.
         anchors: token ids of prompts on which the trained expert is pulled towards the frozen model
-            (``training/distill.py``), and the expert that is, when ``training.kl_weight`` > 0.
+            (``training/distill.py``), and the expert that is, when ``training.kl_weight`` > 0; with
+            ``training.anchor_answers`` the frozen model's answers to them are generated when the trainer is built.
         retained: prompts of earlier skills the trained expert serves, on which it is pulled towards itself as
             it is when the trainer is built (its weights are copied then), when ``training.retain_kl_weight`` > 0.
     """
@@ -38,6 +39,12 @@ class DyLoRATrainer(Trainer):
         self.seed_steps = seed_steps
         self.memory = memory
         self.anchors = anchors
+        if anchors is not None and training.kl_weight > 0 and training.anchor_answers > 0:
+            core = self._core()
+            was_training = core.training
+            core.eval()
+            anchors.answer_with_frozen(core, training.anchor_answers, batch_size=training.eval_batch_size)
+            core.train(was_training)
         self.retained = retained if training.retain_kl_weight > 0 else None
         self._before = None  # the retained expert's weights as the step starts (the teacher)
         if self.retained is not None:
@@ -101,7 +108,9 @@ class DyLoRATrainer(Trainer):
             loss = loss + share * self.training.kl_weight * kl
             self._note("kl_to_frozen", kl, 1.0 / steps)
             if self.training.empty_unlikelihood > 0 and self.anchors.eos_id is not None:
-                unlikely = first_token_unlikelihood(logits, mask, self.anchors.eos_id)
+                ends = self.anchors.request_ends(self.state.global_step, self.args.per_device_train_batch_size,
+                                                 logits.device)
+                unlikely = first_token_unlikelihood(logits, mask, self.anchors.eos_id, ends)
                 loss = loss + share * self.training.empty_unlikelihood * unlikely
                 self._note("empty_unlikelihood", unlikely, 1.0 / steps)
         if self.retained is not None:
