@@ -109,6 +109,35 @@ def test_anchors_are_followed_by_the_frozen_models_greedy_answers():
     assert any(greedy_by_hand(model, p, 6, eos, expert=0) != greedy_by_hand(model, p, 6, eos) for p in prompts)
 
 
+def test_frozen_answers_are_cached_across_anchor_sets():
+    """A learner keeps the frozen model's answers across its steps: rows already answered are read from the cache
+    (the model does not run for them) and give the rows a fresh generation gives."""
+    from dylora_moe.training.distill import Anchors
+    from tests.conftest import build
+
+    model = build()
+    calls = []
+    handle = model.backbone.register_forward_pre_hook(lambda module, args, kwargs: calls.append(1), with_kwargs=True)
+    cache: dict = {}
+    first = Anchors(model.tokenizer, ["ab", "hello wor"], expert_id=0, max_length=36)
+    first.answer_with_frozen(model, 5, batch_size=4, cache=cache)
+    assert calls and len(cache) == 2
+    calls.clear()
+    again = Anchors(model.tokenizer, ["hello wor", "ab", "hello wor"], expert_id=0, max_length=36)
+    again.answer_with_frozen(model, 5, batch_size=4, cache=cache)
+    assert not calls  # every row was answered before
+    assert again.ids == [first.ids[1], first.ids[0], first.ids[1]]
+    more = Anchors(model.tokenizer, ["ab", "x+y="], expert_id=0, max_length=36)
+    more.answer_with_frozen(model, 5, batch_size=4, cache=cache)
+    fresh = Anchors(model.tokenizer, ["ab", "x+y="], expert_id=0, max_length=36)
+    fresh.answer_with_frozen(model, 5, batch_size=4)
+    assert calls and more.ids == fresh.ids and len(cache) == 3
+    shorter = Anchors(model.tokenizer, ["ab"], expert_id=0, max_length=36)
+    shorter.answer_with_frozen(model, 2, batch_size=4, cache=cache)  # another answer length is another entry
+    assert len(cache) == 4 and shorter.ids[0] == first.ids[0][: len(shorter.ids[0])]
+    handle.remove()
+
+
 def test_first_token_unlikelihood_reads_given_request_ends():
     from dylora_moe.training.distill import first_token_unlikelihood
 

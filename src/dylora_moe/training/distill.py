@@ -148,19 +148,25 @@ class Anchors:
         return torch.tensor([self.prompt_lengths[r] - 1 for r in self._rows(step, size)], device=device)
 
     @torch.no_grad()
-    def answer_with_frozen(self, model: DyLoRAMoE, max_new_tokens: int, *, batch_size: int = 16) -> None:
+    def answer_with_frozen(self, model: DyLoRAMoE, max_new_tokens: int, *, batch_size: int = 16,
+                           cache: dict[tuple[int, ...], list[int]] | None = None) -> None:
         """Append to every anchor prompt the frozen model's greedy answer (no expert; at most ``max_new_tokens``
         tokens, up to and without its end of sequence; the row is cut to ``max_length`` from its start, so the
-        prompt keeps its place). Rows of similar length are batched together (less padding)."""
-        order = sorted(range(len(self.ids)), key=lambda r: len(self.ids[r]))
+        prompt keeps its place). Rows of similar length are batched together (less padding).
+
+        ``cache`` maps ``(max_new_tokens, *prompt ids)`` to an answer: the frozen model does not change while
+        the pool grows, so a learner keeps one across its steps and earlier skills' anchors are answered once;
+        rows found there are not generated again, and the answers generated are added to it."""
+        cache = {} if cache is None else cache
+        keys = [(max_new_tokens, *ids) for ids in self.ids]
+        missing = sorted({k: r for r, k in enumerate(keys) if k not in cache}.values(), key=lambda r: len(self.ids[r]))
         pad = self.pad if self.eos_id is None else self.eos_id
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start : start + batch_size]
             input_ids, mask = left_pad([self.ids[r] for r in chunk], pad)
             with model.force_expert(None):
                 out = generate(model, input_ids.to(model.device), mask.to(model.device), do_sample=False,
                                max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=self.eos_id)
             for r, answer in zip(chunk, out[:, input_ids.shape[1]:].tolist(), strict=True):
-                if self.eos_id in answer:
-                    answer = answer[: answer.index(self.eos_id)]
-                self.ids[r] = (self.ids[r] + answer)[: self.max_length]
+                cache[keys[r]] = answer[: answer.index(self.eos_id)] if self.eos_id in answer else answer
+        self.ids = [(ids + cache[k])[: self.max_length] for ids, k in zip(self.ids, keys, strict=True)]

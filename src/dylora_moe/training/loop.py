@@ -120,6 +120,7 @@ class ContinualLearner:
         self.trained_at: dict[int, int] = {}
         self.scores: dict[tuple[int, int], tuple[tuple[int | None, int], float, int]] = {}
         self.examples_evaluated = 0  # examples that ran through the model, for the benchmark's cost figures
+        self.frozen_answers: dict[tuple[int, ...], list[int]] = {}  # the frozen model's answers to anchor prompts
         self.before_skill = before_skill
         self.after_skill = after_skill
 
@@ -291,7 +292,8 @@ class ContinualLearner:
                                 data_collator=collator(self.model), training=cfg, seed_steps=seed_steps,
                                 memory=self.memory if self.trains_router else None,
                                 anchors=self.anchors(i, data, result.expert_id) if cfg.kl_weight > 0 else None,
-                                retained=self.retained(i, result.expert_id) if cfg.retain_kl_weight > 0 else None)
+                                retained=self.retained(i, result.expert_id) if cfg.retain_kl_weight > 0 else None,
+                                frozen_answers=self.frozen_answers)
         trainer.train()
         self.trainings += 1
         self.trained_at[result.expert_id] = self.trainings

@@ -27,13 +27,15 @@ class DyLoRATrainer(Trainer):
         memory: stored routing features rehearsed by the gate at every step.
         anchors: token ids of prompts on which the trained expert is pulled towards the frozen model
             (``training/distill.py``), and the expert that is, when ``training.kl_weight`` > 0; with
-            ``training.anchor_answers`` the frozen model's answers to them are generated when the trainer is built.
+            ``training.anchor_answers`` the frozen model's answers to them are generated when the trainer is built
+            (those not already in ``frozen_answers``, a cache the learner keeps across its steps).
         retained: prompts of earlier skills the trained expert serves, on which it is pulled towards itself as
             it is when the trainer is built (its weights are copied then), when ``training.retain_kl_weight`` > 0.
     """
 
     def __init__(self, *args, training: TrainingConfig, seed_steps: int, memory: RoutingMemory | None = None,
-                 anchors: Anchors | None = None, retained: Anchors | None = None, **kwargs) -> None:
+                 anchors: Anchors | None = None, retained: Anchors | None = None,
+                 frozen_answers: dict[tuple[int, ...], list[int]] | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.training = training
         self.seed_steps = seed_steps
@@ -43,7 +45,8 @@ class DyLoRATrainer(Trainer):
             core = self._core()
             was_training = core.training
             core.eval()
-            anchors.answer_with_frozen(core, training.anchor_answers, batch_size=training.eval_batch_size)
+            anchors.answer_with_frozen(core, training.anchor_answers, batch_size=training.eval_batch_size,
+                                       cache=frozen_answers)
             core.train(was_training)
         self.retained = retained if training.retain_kl_weight > 0 else None
         self._before = None  # the retained expert's weights as the step starts (the teacher)
