@@ -36,29 +36,13 @@ from dylora_moe.data.preprocess import build_dataset
 from dylora_moe.data.stream import SkillSource, SkillSpec, load_examples, split_examples
 from dylora_moe.model import DyLoRAMoE
 from dylora_moe.training.loop import ContinualLearner
-from dylora_moe.training.measure import collator
+from dylora_moe.training.measure import token_losses
 from results import write_json
 
 NEW = {"javascript": SkillSource(name="humaneval-x", language="js"),
        "cpp": SkillSource(name="humaneval-x", language="cpp"),
        "java": SkillSource(name="humaneval-x", language="java"),
        "verilog": SkillSource(name="verilogeval"), "general": SkillSource(name="codealpaca")}
-
-
-@torch.no_grad()
-def token_losses(model: DyLoRAMoE, dataset, batch_size: int = 8) -> list[torch.Tensor]:
-    """Per example: the cross-entropy (nats) of each response token [n] under the model's current routing."""
-    collate = collator(model)
-    out = []
-    for i in range(0, len(dataset), batch_size):
-        batch = collate([dataset[k] for k in range(i, min(i + batch_size, len(dataset)))])
-        batch = {k: v.to(model.device) for k, v in batch.items()}
-        logits = model(**batch).logits
-        labels = batch["labels"][:, 1:]  # [B, T-1]
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=-100, reduction="none")  # [B, T-1]
-        out += [row[keep].cpu() for row, keep in zip(losses, labels != -100, strict=True)]
-    return out
 
 
 def relative(frozen: torch.Tensor, experts: dict[int, torch.Tensor]) -> dict[str, object]:

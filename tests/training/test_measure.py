@@ -5,8 +5,11 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
-from dylora_moe.training.measure import routing_entropy
+from dylora_moe.data.preprocess import build_dataset
+from dylora_moe.data.sources import Example
+from dylora_moe.training.measure import example_losses, routing_entropy, token_losses
 
 
 def test_routing_entropy():
@@ -14,3 +17,20 @@ def test_routing_entropy():
     assert routing_entropy([1, 1]) == pytest.approx(math.log(2))
     assert routing_entropy([0.25] * 4) == pytest.approx(math.log(4))
     assert routing_entropy([]) == 0.0
+
+
+def test_token_losses_are_each_examples_response_tokens(model):
+    """One row per example, one loss per response token (padding and prompt excluded, whatever the batch), and
+    ``example_losses`` is their sum and count; a row's mean is the model's own loss on that example alone."""
+    examples = [Example("ab=", "cd"), Example("a much longer prompt=", "x"), Example("q=", "hello world")]
+    data = build_dataset(model.tokenizer, examples, max_length=64, chat=False)
+    rows = token_losses(model, data, batch_size=2)
+    assert [row.numel() for row in rows] == [sum(t != -100 for t in r["labels"]) for r in data]
+    assert all(row.device.type == "cpu" for row in rows)
+    for (total, count), row in zip(example_losses(model, data, batch_size=3), rows, strict=True):
+        assert count == row.numel() and total == pytest.approx(row.sum().item(), rel=1e-5)
+    for k, row in enumerate(rows):
+        alone = {key: torch.tensor([data[k][key]]) for key in ("input_ids", "attention_mask", "labels")}
+        with torch.no_grad():
+            loss = model(**alone).loss
+        assert row.mean().item() == pytest.approx(loss.item(), rel=1e-4)

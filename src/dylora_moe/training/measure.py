@@ -29,8 +29,14 @@ def eval_loss(model: DyLoRAMoE, dataset: datasets.Dataset, batch_size: int = 8) 
 @torch.no_grad()
 def example_losses(model: DyLoRAMoE, dataset: datasets.Dataset, batch_size: int = 8) -> list[tuple[float, int]]:
     """Per example of ``dataset``: the summed cross-entropy (nats) over its response tokens, and their number."""
+    return [(row.sum().item(), row.numel()) for row in token_losses(model, dataset, batch_size)]
+
+
+@torch.no_grad()
+def token_losses(model: DyLoRAMoE, dataset: datasets.Dataset, batch_size: int = 8) -> list[torch.Tensor]:
+    """Per example of ``dataset``: the cross-entropy (nats) of each of its response tokens [n], on the host."""
     collate = collator(model)
-    rows: list[tuple[float, int]] = []
+    rows: list[torch.Tensor] = []
     was_training = model.training
     model.eval()
     for i in range(0, len(dataset), batch_size):
@@ -42,7 +48,8 @@ def example_losses(model: DyLoRAMoE, dataset: datasets.Dataset, batch_size: int 
         labels = batch["labels"][:, 1:]  # [B, T-1]
         losses = torch.nn.functional.cross_entropy(
             logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=-100, reduction="none")  # [B, T-1]
-        rows += zip(losses.sum(1).tolist(), (labels != -100).sum(1).tolist(), strict=True)
+        losses, keep = losses.cpu(), (labels != -100).cpu()  # one transfer per batch
+        rows += [row[k] for row, k in zip(losses, keep, strict=True)]
     model.train(was_training)
     return rows
 
