@@ -7,6 +7,7 @@ import dataclasses
 
 from dylora_moe.data.sources import Example, humaneval, verilogeval
 from dylora_moe.data.stream import load_stream
+from dylora_moe.evaluation.degenerate import degenerate_kind
 from dylora_moe.evaluation.freeform import (
     EXAMPLE_REQUESTS,
     FreeformSet,
@@ -101,11 +102,17 @@ def test_evaluate_set_compares_the_system_with_its_frozen_backbone():
     table = markdown_table([dataclasses.asdict(r) for r in untrained])
     assert len(table) == 4 and "exact_match" in table[2]
     # a dataset's requests stay in the dataset: samples name them by position; the project's own are quoted
-    assert [set(s) for s in untrained[0].samples] == [{"index", "routed", "frozen"}] * 2
+    # every answer by default, each with its degenerate kinds, from which the rates follow
+    assert [set(s) for s in untrained[0].samples] == [{"index", "routed", "frozen", "kind", "kind_frozen"}] * 2
     assert [s["index"] for s in untrained[0].samples] == [0, 1]
+    for r in trained:
+        assert r.degenerate == sum(s["kind"] is not None for s in r.samples) / r.n
+        assert r.degenerate_frozen == sum(s["kind_frozen"] is not None for s in r.samples) / r.n
+        assert all(s["kind"] == degenerate_kind(s["routed"]) for s in r.samples)  # nothing here is redacted
     own = evaluate_set(model, dataclasses.replace(fset, quotable=True), forms=("raw",), samples=1)
-    assert own[0].samples == [{"index": 0, "request": "1+1=", "routed": own[0].samples[0]["routed"],
-                               "frozen": trained[0].samples[0]["frozen"]}]
+    routed, frozen = own[0].samples[0]["routed"], trained[0].samples[0]["frozen"]
+    assert own[0].samples == [{"index": 0, "request": "1+1=", "routed": routed, "frozen": frozen,
+                               "kind": degenerate_kind(routed), "kind_frozen": degenerate_kind(frozen)}]
 
 
 def test_frozen_answers_persist_across_processes_and_a_system_without_experts_answers_once(tmp_path, monkeypatch):

@@ -80,7 +80,7 @@ class FreeformResult:
     metric: str | None = None
     score: float | None = None
     score_frozen: float | None = None
-    samples: list[dict[str, str | int]] = field(default_factory=list)  # index in the set, answers (``sample``)
+    samples: list[dict[str, str | int | None]] = field(default_factory=list)  # answers and their kinds (``sample``)
     experts: dict[str, int] = field(default_factory=dict)  # top-1 expert id -> requests routed to it
 
 
@@ -270,8 +270,11 @@ class FrozenAnswers:
 
 
 def evaluate_set(model: DyLoRAMoE, fset: FreeformSet, *, forms: Sequence[str] = FORMS, batch_size: int = 16,
-                 samples: int = 2, frozen_answers: dict | FrozenAnswers | None = None) -> list[FreeformResult]:
-    """Each form of ``fset`` answered by the routed system and the frozen model. ``frozen_answers`` caches the
+                 samples: int | None = None, frozen_answers: dict | FrozenAnswers | None = None
+                 ) -> list[FreeformResult]:
+    """Each form of ``fset`` answered by the routed system and the frozen model; the first ``samples`` answers of
+    each (all by default, so that another detector or checker can be applied later) are kept, redacted, with
+    their degenerate kinds (``sample``). ``frozen_answers`` caches the
     frozen model's answers across calls (they do not change while experts train), by set, form, generation
     length and prompts; a system without experts is the frozen model and answers once."""
     results = []
@@ -302,15 +305,17 @@ def evaluate_set(model: DyLoRAMoE, fset: FreeformSet, *, forms: Sequence[str] = 
     return results
 
 
-def sample(fset: FreeformSet, k: int, routed: str, frozen: str) -> dict[str, str | int]:
-    """The answers to request ``k`` of a set, as results keep them: datasets' text stays in the datasets, so a
-    request is named by its position in the set unless it is the project's own (the README examples), and what
-    an answer copies from its request or reference is redacted (``CopyFilter``)."""
+def sample(fset: FreeformSet, k: int, routed: str, frozen: str) -> dict[str, str | int | None]:
+    """The answers to request ``k`` of a set, as results keep them, with their degenerate kinds (judged on the
+    answers as written): datasets' text stays in the datasets, so a request is named by its position in the set
+    unless it is the project's own (the README examples), and what an answer copies from its request or
+    reference is redacted (``CopyFilter``)."""
     example = fset.examples[k]
+    kinds = {"kind": degenerate_kind(routed), "kind_frozen": degenerate_kind(frozen)}
     if fset.quotable:
-        return {"index": k, "request": example.prompt, "routed": routed, "frozen": frozen}
+        return {"index": k, "request": example.prompt, "routed": routed, "frozen": frozen, **kinds}
     copies = CopyFilter.of([example.prompt, example.response])
-    return {"index": k, "routed": copies(routed), "frozen": copies(frozen)}
+    return {"index": k, "routed": copies(routed), "frozen": copies(frozen), **kinds}
 
 
 def _score(fset: FreeformSet, completions: Sequence[str]) -> float:
