@@ -75,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="generation length of those scores (default: the skill's checker's, 50 for SuperNI)")
     p.add_argument("--freeform-limit", type=int, default=BenchmarkConfig.freeform_limit,
                    help="free-form requests per skill asked the final system, chat and raw (0: none)")
+    p.add_argument("--freeform-tokens", type=int, default=None,
+                   help="generation length of the free-form answers (default: each set's own, 96; 64 for shell)")
     p.add_argument("--orders", type=int, default=1,
                    help="orders of the stream to run, each in OUT/order-K, reported as mean and spread over orders")
     p.add_argument("--order", type=int, default=0,
@@ -105,8 +107,8 @@ def configs(args: argparse.Namespace):
         if args.max_eval is not None:
             skill.max_eval = min(skill.max_eval or args.max_eval, args.max_eval)
     bench = BenchmarkConfig(pass_limit=args.pass_limit, humaneval_limit=args.humaneval_limit,
-                            freeform_limit=args.freeform_limit, step_limit=args.step_limit,
-                            max_new_tokens=args.max_new_tokens)
+                            freeform_limit=args.freeform_limit, freeform_tokens=args.freeform_tokens,
+                            step_limit=args.step_limit, max_new_tokens=args.max_new_tokens)
     return stream, system, training, bench
 
 

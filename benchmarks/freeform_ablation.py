@@ -14,7 +14,7 @@ the source asked as "What is the bash command to ...?", which needs ``--data-dir
 (``dylora train``'s report, the benchmark) uses other sources, or for NL2Bash other descriptions (the end of the
 source) in another phrasing ("How do I ... in bash?").
 Reports per arm: eval loss in the training format, degenerate rate and kinds per form, the share of answers in
-the skill's language (a statement of it: ``module``/``assign``/``always``; ``def``/``return``), the last answers.
+the skill's language (a statement of it: ``module``/``assign``/``always``; ``def``/``return``), every answer.
 """
 
 from __future__ import annotations
@@ -109,12 +109,14 @@ def run_arm(name: str, values: dict, args) -> dict:
         row["forms"][form] = {"degenerate": sum(k is not None for k in kinds) / len(kinds),
                               "in_language": sum(bool(LANGUAGE[args.skill].search(a)) for a in answers) / len(answers),
                               "kinds": {k: kinds.count(k) for k in set(kinds) if k},
-                              # the last three answers, each by its request's position; a dataset's text stays
-                              # in the dataset: only the README's own requests are quoted, and what an answer
-                              # copies from its request is redacted
-                              "answers": [{"index": k, "request": r, "answer": a} if r in EXAMPLE_REQUESTS else
-                                          {"index": k, "answer": CopyFilter.of([r])(a)}
-                                          for k, (r, a) in enumerate(zip(requests, answers, strict=True))][-3:]}
+                              # every answer with its kind, each by its request's position; a dataset's text
+                              # stays in the dataset: only the README's own requests are quoted, and what an
+                              # answer copies from its request is redacted
+                              "answers": [{"index": k, "request": r, "answer": a, "kind": kind}
+                                          if r in EXAMPLE_REQUESTS else
+                                          {"index": k, "answer": CopyFilter.of([r])(a), "kind": kind}
+                                          for k, (r, a, kind) in enumerate(zip(requests, answers, kinds,
+                                                                               strict=True))]}
     print(name, {f: (v["degenerate"], v["in_language"]) for f, v in row["forms"].items()}, "(degenerate, in "
           "language) eval_loss", row["eval_loss"], flush=True)
     return row

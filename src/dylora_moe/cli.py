@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--freeform-limit", type=int, default=8, metavar="N",
                        help="free-form requests per skill asked at the end, chat and raw, system and frozen "
                             "model (0: skip)")
+    train.add_argument("--freeform-tokens", type=int, default=None, metavar="N",
+                       help="generation length of the free-form answers (default: each set's own, 96; 64 for "
+                            "shell)")
     add_registry_parsers(sub)
     add_serve_parser(sub)
     add_tune_parser(sub)
@@ -106,7 +109,8 @@ def record_error(args: argparse.Namespace, err: Exception) -> None:
                                                    kind=type(err).__name__)
 
 
-RUN_OPTIONS = ("model", "data_dir", "seed_steps", "consolidation_steps", "max_train", "freeform_limit")
+RUN_OPTIONS = ("model", "data_dir", "seed_steps", "consolidation_steps", "max_train", "freeform_limit",
+               "freeform_tokens")
 
 
 def resolve_run(args: argparse.Namespace) -> None:
@@ -306,7 +310,7 @@ def freeform_evaluation(args, learner, console: Console) -> list:
     seen = trained_examples(learner.skills, args.data_dir)
     with console.status("free-form requests: trained system and frozen model, chat and raw"):
         return evaluate_stream(learner.model, learner.skills, seen, data_dir=args.data_dir,
-                               limit=args.freeform_limit)
+                               limit=args.freeform_limit, max_new_tokens=args.freeform_tokens)
 
 
 def register_step(store, learner, record, checkpoint: Path) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from dylora_moe.data.sources import Example, humaneval, verilogeval
 from dylora_moe.data.stream import load_stream
 from dylora_moe.evaluation.degenerate import degenerate_kind
@@ -113,6 +115,24 @@ def test_evaluate_set_compares_the_system_with_its_frozen_backbone():
     routed, frozen = own[0].samples[0]["routed"], trained[0].samples[0]["frozen"]
     assert own[0].samples == [{"index": 0, "request": "1+1=", "routed": routed, "frozen": frozen,
                                "kind": degenerate_kind(routed), "kind_frozen": degenerate_kind(frozen)}]
+
+
+def test_a_stream_can_be_asked_at_another_generation_length(monkeypatch):
+    from dylora_moe.evaluation import freeform
+
+    model = build()
+    fset = FreeformSet("digits", "hand-written", [Example("1+1=", "2")], max_new_tokens=6)
+    monkeypatch.setattr(freeform, "stream_sets", lambda *a, **kw: [fset])
+    lengths = []
+    complete = model.complete
+    monkeypatch.setattr(model, "complete", lambda texts, **kw: (lengths.append(kw["max_new_tokens"]),
+                                                                complete(texts, **kw))[1])
+    own = freeform.evaluate_stream(model, [], [], data_dir=None, limit=1)
+    longer = freeform.evaluate_stream(model, [], [], data_dir=None, limit=1, max_new_tokens=9)
+    assert [r.max_new_tokens for r in own] == [6, 6] and [r.max_new_tokens for r in longer] == [9, 9]
+    assert lengths == [6, 6, 9, 9]
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        freeform.evaluate_stream(model, [], [], data_dir=None, limit=1, max_new_tokens=0)
 
 
 def test_frozen_answers_persist_across_processes_and_a_system_without_experts_answers_once(tmp_path, monkeypatch):

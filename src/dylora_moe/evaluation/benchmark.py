@@ -48,6 +48,8 @@ class BenchmarkConfig:
         humaneval_limit: HumanEval problems for the retention score of the final system (0: none).
         freeform_limit: free-form requests per skill (``freeform.py``) asked the final system, with the
             frozen model's answers beside them (0: none).
+        freeform_tokens: generation length of the free-form answers (default: each set's own, 96 tokens, 64
+            for shell commands).
         step_limit: held-out examples per skill scored by greedy decoding after every step, filling the score
             matrix (0: no score matrix; the final scores then come from ``pass_limit``). With it, ``pass_limit``
             is the number scored after the last step.
@@ -60,6 +62,7 @@ class BenchmarkConfig:
     pass_limit: int = 16
     humaneval_limit: int = 40
     freeform_limit: int = 8
+    freeform_tokens: int | None = None
     step_limit: int = 0
     max_new_tokens: int | None = None
     generation_batch: int = 16
@@ -193,7 +196,7 @@ def freeform_scores(model: DyLoRAMoE, learner: ContinualLearner, data_dir, bench
     seen = trained_examples(learner.skills, data_dir)
     results = evaluate_stream(model, learner.skills, seen, data_dir=data_dir, limit=bench.freeform_limit,
                               batch_size=bench.generation_batch, spider_cache=bench.spider_cache,
-                              frozen_answers=frozen_answers)
+                              max_new_tokens=bench.freeform_tokens, frozen_answers=frozen_answers)
     return [dataclasses.asdict(r) for r in results]
 
 

@@ -82,6 +82,7 @@ class FreeformResult:
     score_frozen: float | None = None
     samples: list[dict[str, str | int | None]] = field(default_factory=list)  # answers and their kinds (``sample``)
     experts: dict[str, int] = field(default_factory=dict)  # top-1 expert id -> requests routed to it
+    max_new_tokens: int | None = None  # the answers' generation length
 
 
 # ---------------------------------------------------------------- request sets
@@ -296,6 +297,7 @@ def evaluate_set(model: DyLoRAMoE, fset: FreeformSet, *, forms: Sequence[str] = 
             degenerate_frozen=sum(degenerate_kind(t) is not None for t in frozen) / len(frozen),
             kinds={k: kinds.count(k) for k in sorted({k for k in kinds if k})}, metric=fset.metric,
             samples=[sample(fset, k, r, f) for k, (r, f) in enumerate(zip(routed, frozen, strict=True))][:samples])
+        result.max_new_tokens = fset.max_new_tokens
         picks = routed_to(model, prompts, form)
         result.experts = {str(e): picks.count(e) for e in sorted(set(picks))}
         if fset.check is not None:
@@ -354,24 +356,32 @@ def stream_sets(skills: Sequence[SkillSpec], seen_examples: Sequence[Example], *
 
 def evaluate_stream(model: DyLoRAMoE, skills: Sequence[SkillSpec], seen_examples: Sequence[Example], *,
                     data_dir: str | Path | None, limit: int, batch_size: int = 16,
-                    spider_cache: str | Path | None = None,
+                    spider_cache: str | Path | None = None, max_new_tokens: int | None = None,
                     frozen_answers: dict | FrozenAnswers | None = None) -> list[FreeformResult]:
-    """Every free-form set of a stream (``stream_sets``) in both forms, routed system and frozen model."""
+    """Every free-form set of a stream (``stream_sets``) in both forms, routed system and frozen model;
+    ``max_new_tokens`` replaces every set's own generation length (a loop that starts late, or repeats a long
+    unit, shows only in a longer answer)."""
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1 (or None for each set's own), got {max_new_tokens}")
     results = []
     for fset in stream_sets(skills, seen_examples, data_dir=data_dir, limit=limit, spider_cache=spider_cache):
+        if max_new_tokens is not None:
+            fset = dataclasses.replace(fset, max_new_tokens=max_new_tokens)
         results += evaluate_set(model, fset, batch_size=batch_size, frozen_answers=frozen_answers)
     return results
 
 
 def markdown_table(results: Sequence[FreeformResult | dict]) -> list[str]:
-    """Rows of the reports' free-form table: degenerate rate and score, routed system vs frozen model, and the
-    experts the requests went to (``expert: count``; results written before routing was recorded show ``-``)."""
-    lines = ["| skill | requests | form | n | degenerate (system / frozen) | score (system / frozen) | routed to |",
-             "|---|---|---|---:|---:|---:|---|"]
+    """Rows of the reports' free-form table: degenerate rate and score, routed system vs frozen model, the
+    answers' generation length and the experts the requests went to (``expert: count``; results written before
+    routing or the length was recorded show ``-``)."""
+    lines = ["| skill | requests | form | n | tokens | degenerate (system / frozen) | score (system / frozen) "
+             "| routed to |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
     for r in results:
         r = r if isinstance(r, dict) else dataclasses.asdict(r)
         score = "-" if r["score"] is None else f"{r['metric']} {r['score']:.3f} / {r['score_frozen']:.3f}"
         experts = ", ".join(f"{e}: {c}" for e, c in r.get("experts", {}).items()) or "-"
-        lines.append(f"| {r['skill']} | {r['source']} | {r['form']} | {r['n']} | "
+        lines.append(f"| {r['skill']} | {r['source']} | {r['form']} | {r['n']} | {r.get('max_new_tokens') or '-'} | "
                      f"{r['degenerate']:.3f} / {r['degenerate_frozen']:.3f} | {score} | {experts} |")
     return lines
