@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from tokenizers import decoders
 
 from dylora_moe.data.sources import Example, humaneval, verilogeval
 from dylora_moe.data.stream import load_stream
@@ -24,9 +25,10 @@ from dylora_moe.evaluation.freeform import (
     spider_request,
     stream_sets,
     trained_examples,
+    truncated,
     verilog_requests,
 )
-from tests.conftest import build, randomise_experts
+from tests.conftest import build, char_tokenizer, randomise_experts
 
 MBPP = Example('"""Write a function to square a number.\nassert square(3) == 9\n"""\n',
                "def square(x):\n    return x * x\n",
@@ -164,3 +166,20 @@ def test_frozen_answers_persist_across_processes_and_a_system_without_experts_an
     calls.clear()
     evaluate_set(model, fset, forms=("raw",), frozen_answers=again)
     assert len(calls) == 2 and again.get(key) is not None  # asked again and rewritten
+
+
+def test_answers_are_also_judged_cut_to_shorter_lengths():
+    """A loop that starts late shows only in a long answer: ``truncated`` cuts answers to their first tokens,
+    and ``evaluate_set`` records the degenerate rates at the shorter lengths of ``PREFIX_TOKENS``."""
+    tok = char_tokenizer()
+    tok.backend_tokenizer.decoder = decoders.Fuse()  # one character per token, joined back without spaces
+    late = "def f(x): return x + 1; " + "ab" * 40  # the char tokenizer has no newline
+    assert truncated(tok, [late, "short"], 22) == ["def f(x): return x + 1", "short"]
+    assert degenerate_kind(late) == "loop" and degenerate_kind(truncated(tok, [late], 30)[0]) is None
+    model = build()
+    fset = FreeformSet("digits", "hand-written", [Example("1+1=", "2")], max_new_tokens=100)
+    result = evaluate_set(model, fset, forms=("raw",))[0]
+    assert set(result.degenerate_at) == {"64", "96"}  # the lengths below the set's own
+    assert all(len(v) == 2 and all(0.0 <= x <= 1.0 for x in v) for v in result.degenerate_at.values())
+    short = evaluate_set(model, dataclasses.replace(fset, max_new_tokens=8), forms=("raw",))[0]
+    assert short.degenerate_at == {}

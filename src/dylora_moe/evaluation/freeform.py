@@ -37,7 +37,7 @@ from ..data.sources import Example, codealpaca, humaneval, mbpp, nl2bash, packag
 from ..data.stream import SkillSpec, load_examples, split_examples
 from ..generation import prompt_batch
 from ..model import DyLoRAMoE
-from .degenerate import degenerate_kind
+from .degenerate import degenerate_kind, degenerate_rate
 from .execution import check_python
 from .generation import extract_code, normalise, sql_checker, trim_python
 from .redact import CopyFilter
@@ -50,6 +50,8 @@ EXAMPLE_REQUESTS = (
     "Write a Python function that checks whether a string is a palindrome.",
 )
 FORMS = ("chat", "raw")
+# Shorter generation lengths at which answers are also judged (the sets' own lengths are 96 and 64 tokens).
+PREFIX_TOKENS = (64, 96, 128)
 
 
 @dataclass
@@ -83,6 +85,8 @@ class FreeformResult:
     samples: list[dict[str, str | int | None]] = field(default_factory=list)  # answers and their kinds (``sample``)
     experts: dict[str, int] = field(default_factory=dict)  # top-1 expert id -> requests routed to it
     max_new_tokens: int | None = None  # the answers' generation length
+    # shorter lengths (str) -> [system, frozen] degenerate rates of the answers cut there (``truncated``)
+    degenerate_at: dict[str, list[float]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- request sets
@@ -298,6 +302,9 @@ def evaluate_set(model: DyLoRAMoE, fset: FreeformSet, *, forms: Sequence[str] = 
             kinds={k: kinds.count(k) for k in sorted({k for k in kinds if k})}, metric=fset.metric,
             samples=[sample(fset, k, r, f) for k, (r, f) in enumerate(zip(routed, frozen, strict=True))][:samples])
         result.max_new_tokens = fset.max_new_tokens
+        result.degenerate_at = {str(n): [degenerate_rate(truncated(model.tokenizer, routed, n)),
+                                         degenerate_rate(truncated(model.tokenizer, frozen, n))]
+                                for n in PREFIX_TOKENS if n < fset.max_new_tokens}
         picks = routed_to(model, prompts, form)
         result.experts = {str(e): picks.count(e) for e in sorted(set(picks))}
         if fset.check is not None:
@@ -305,6 +312,14 @@ def evaluate_set(model: DyLoRAMoE, fset: FreeformSet, *, forms: Sequence[str] = 
             result.score_frozen = _score(fset, frozen)
         results.append(result)
     return results
+
+
+def truncated(tokenizer, texts: Sequence[str], max_tokens: int) -> list[str]:
+    """Each answer cut to its first ``max_tokens`` tokens (re-tokenised), as a greedy answer of that length would
+    read: a long answer shows whether a loop that a shorter budget hides had started."""
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return [tokenizer.decode(row[:max_tokens]) if len(row) > max_tokens else text
+            for row, text in zip(ids, texts, strict=True)]
 
 
 def sample(fset: FreeformSet, k: int, routed: str, frozen: str) -> dict[str, str | int | None]:
@@ -373,15 +388,17 @@ def evaluate_stream(model: DyLoRAMoE, skills: Sequence[SkillSpec], seen_examples
 
 def markdown_table(results: Sequence[FreeformResult | dict]) -> list[str]:
     """Rows of the reports' free-form table: degenerate rate and score, routed system vs frozen model, the
-    answers' generation length and the experts the requests went to (``expert: count``; results written before
+    answers' generation length, the degenerate rates of the answers cut to shorter lengths, and the experts
+    the requests went to (``expert: count``; results written before
     routing or the length was recorded show ``-``)."""
-    lines = ["| skill | requests | form | n | tokens | degenerate (system / frozen) | score (system / frozen) "
-             "| routed to |",
-             "|---|---|---|---:|---:|---:|---:|---|"]
+    lines = ["| skill | requests | form | n | tokens | degenerate (system / frozen) | cut shorter (tokens: system / "
+             "frozen) | score (system / frozen) | routed to |",
+             "|---|---|---|---:|---:|---:|---|---:|---|"]
     for r in results:
         r = r if isinstance(r, dict) else dataclasses.asdict(r)
         score = "-" if r["score"] is None else f"{r['metric']} {r['score']:.3f} / {r['score_frozen']:.3f}"
         experts = ", ".join(f"{e}: {c}" for e, c in r.get("experts", {}).items()) or "-"
+        shorter = "; ".join(f"{n}: {a:.3f} / {b:.3f}" for n, (a, b) in r.get("degenerate_at", {}).items()) or "-"
         lines.append(f"| {r['skill']} | {r['source']} | {r['form']} | {r['n']} | {r.get('max_new_tokens') or '-'} | "
-                     f"{r['degenerate']:.3f} / {r['degenerate_frozen']:.3f} | {score} | {experts} |")
+                     f"{r['degenerate']:.3f} / {r['degenerate_frozen']:.3f} | {shorter} | {score} | {experts} |")
     return lines
