@@ -14,7 +14,8 @@ the source asked as "What is the bash command to ...?", which needs ``--data-dir
 (``dylora train``'s report, the benchmark) uses other sources, or for NL2Bash other descriptions (the end of the
 source) in another phrasing ("How do I ... in bash?").
 Reports per arm: eval loss in the training format, degenerate rate and kinds per form, the share of answers in
-the skill's language (a statement of it: ``module``/``assign``/``always``; ``def``/``return``), every answer.
+the skill's language (a statement of it: ``module``/``assign``/``always``; ``def``/``return``), every answer,
+and the degenerate rate of the answers cut to 64, 96 and 128 tokens when they are longer.
 """
 
 from __future__ import annotations
@@ -29,8 +30,14 @@ from pathlib import Path
 from dylora_moe import DyLoRAConfig, DyLoRAMoE
 from dylora_moe.data.sources import humaneval, nl2bash
 from dylora_moe.data.stream import SkillSpec, StreamSpec
-from dylora_moe.evaluation.degenerate import degenerate_kind
-from dylora_moe.evaluation.freeform import EXAMPLE_REQUESTS, humaneval_request, verilog_requests
+from dylora_moe.evaluation.degenerate import degenerate_kind, degenerate_rate
+from dylora_moe.evaluation.freeform import (
+    EXAMPLE_REQUESTS,
+    PREFIX_TOKENS,
+    humaneval_request,
+    truncated,
+    verilog_requests,
+)
 from dylora_moe.evaluation.redact import CopyFilter
 from dylora_moe.training.config import TrainingConfig
 from dylora_moe.training.loop import ContinualLearner
@@ -109,6 +116,9 @@ def run_arm(name: str, values: dict, args) -> dict:
         row["forms"][form] = {"degenerate": sum(k is not None for k in kinds) / len(kinds),
                               "in_language": sum(bool(LANGUAGE[args.skill].search(a)) for a in answers) / len(answers),
                               "kinds": {k: kinds.count(k) for k in set(kinds) if k},
+                              # the same answers cut to shorter lengths: the loops a short budget hides
+                              "degenerate_at": {str(n): degenerate_rate(truncated(model.tokenizer, answers, n))
+                                                for n in PREFIX_TOKENS if n < args.max_new_tokens},
                               # every answer with its kind, each by its request's position; a dataset's text
                               # stays in the dataset: only the README's own requests are quoted, and what an
                               # answer copies from its request is redacted
