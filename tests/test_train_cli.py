@@ -168,3 +168,11 @@ def test_experts_merge_with_a_pruning_method_takes_the_density(run, tmp_path, ca
     assert model.experts.expert_ids == [2] and model.experts.ranks[2] == model.config.expert.rank
     assert SkillStore(merged_run / "store.db").expert(2).training_history == [
         {"merged_from": [0, 1], "method": "ties_svd"}]
+
+
+def test_a_bad_freeform_length_is_refused_before_anything_is_written(run, tmp_path, capsys):
+    out = tmp_path / "new"
+    argv = ["train", "--stream", str(run / "stream.yaml"), "--out", str(out), "--model", str(run / "model"),
+            "--freeform-tokens", "0"]
+    assert main(argv) == 2
+    assert "--freeform-tokens" in capsys.readouterr().err and not out.exists()

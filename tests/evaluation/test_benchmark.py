@@ -79,3 +79,8 @@ def test_a_tiny_benchmark_runs_every_method_and_writes_the_report(tmp_path):
     assert "| dylora |" in report and "## Targets" in report and "dylora BWT" in report
     for png in ("matrices.png", "skills.png", "comparison.png"):
         assert (tmp_path / "out" / png).stat().st_size > 1000
+
+
+def test_a_bad_freeform_length_is_refused_when_the_benchmark_is_configured():
+    with pytest.raises(ValueError, match="freeform_tokens"):
+        BenchmarkConfig(freeform_tokens=0)

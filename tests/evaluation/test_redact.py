@@ -47,8 +47,10 @@ def test_n_must_be_positive():
 def test_samples_quote_only_the_projects_own_requests_and_redact_copies_otherwise():
     own = FreeformSet("examples", "README", [Example("Write a Python function that adds two numbers.", "")],
                       quotable=True)
-    assert sample(own, 0, "r", "\n\n") == {"index": 0, "request": own.examples[0].prompt, "routed": "r",
-                                          "frozen": "\n\n", "kind": None, "kind_frozen": "whitespace"}
+    row = sample(own, 0, "r", "\n\n", kind=None, kind_frozen="whitespace")
+    assert row == {"index": 0, "request": own.examples[0].prompt, "routed": "r", "frozen": "\n\n", "kind": None,
+                   "kind_frozen": "whitespace"}
     data = FreeformSet("nl2bash", "NL2Bash", [Example(REQUEST, 'diff -rq "old" "new" | grep Only')])
-    row = sample(data, 0, 'Sure: list every hidden folder kept under "old" now', 'diff -rq "old" "new" | grep Only')
+    row = sample(data, 0, 'Sure: list every hidden folder kept under "old" now', 'diff -rq "old" "new" | grep Only',
+                 kind=None, kind_frozen=None)
     assert row == {"index": 0, "routed": f"Sure: {MARK} now", "frozen": MARK, "kind": None, "kind_frozen": None}

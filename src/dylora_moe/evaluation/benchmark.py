@@ -68,6 +68,10 @@ class BenchmarkConfig:
     generation_batch: int = 16
     spider_cache: str = field(default_factory=lambda: str(cache_dir() / "spider-sqlite"))
 
+    def __post_init__(self) -> None:
+        if self.freeform_tokens is not None and self.freeform_tokens < 1:  # refused before any training
+            raise ValueError(f"freeform_tokens must be >= 1 (or None for each set's own), got {self.freeform_tokens}")
+
 
 def method_configs(name: str, system: DyLoRAConfig, training: TrainingConfig) -> tuple[DyLoRAConfig, TrainingConfig]:
     if name == "spec_reference":

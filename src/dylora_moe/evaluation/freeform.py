@@ -294,13 +294,14 @@ def evaluate_set(model: DyLoRAMoE, fset: FreeformSet, *, forms: Sequence[str] = 
                 model, prompts, form=form, frozen=True, max_new_tokens=fset.max_new_tokens, batch_size=batch_size)
             if frozen_answers is not None:
                 frozen_answers[key] = frozen
-        kinds = [degenerate_kind(t) for t in routed]
+        kinds, kinds_frozen = [degenerate_kind(t) for t in routed], [degenerate_kind(t) for t in frozen]
         result = FreeformResult(
             fset.skill, fset.source, form, len(prompts),
             degenerate=sum(k is not None for k in kinds) / len(kinds),
-            degenerate_frozen=sum(degenerate_kind(t) is not None for t in frozen) / len(frozen),
+            degenerate_frozen=sum(k is not None for k in kinds_frozen) / len(kinds_frozen),
             kinds={k: kinds.count(k) for k in sorted({k for k in kinds if k})}, metric=fset.metric,
-            samples=[sample(fset, k, r, f) for k, (r, f) in enumerate(zip(routed, frozen, strict=True))][:samples])
+            samples=[sample(fset, k, r, f, kind=kr, kind_frozen=kf) for k, (r, f, kr, kf)
+                     in enumerate(zip(routed, frozen, kinds, kinds_frozen, strict=True))][:samples])
         result.max_new_tokens = fset.max_new_tokens
         result.degenerate_at = {str(n): [degenerate_rate(truncated(model.tokenizer, routed, n)),
                                          degenerate_rate(truncated(model.tokenizer, frozen, n))]
@@ -322,13 +323,14 @@ def truncated(tokenizer, texts: Sequence[str], max_tokens: int) -> list[str]:
             for row, text in zip(ids, texts, strict=True)]
 
 
-def sample(fset: FreeformSet, k: int, routed: str, frozen: str) -> dict[str, str | int | None]:
-    """The answers to request ``k`` of a set, as results keep them, with their degenerate kinds (judged on the
-    answers as written): datasets' text stays in the datasets, so a request is named by its position in the set
-    unless it is the project's own (the README examples), and what an answer copies from its request or
-    reference is redacted (``CopyFilter``)."""
+def sample(fset: FreeformSet, k: int, routed: str, frozen: str, *, kind: str | None,
+           kind_frozen: str | None) -> dict[str, str | int | None]:
+    """The answers to request ``k`` of a set, as results keep them, with their degenerate kinds (``kind``,
+    ``kind_frozen``: judged on the answers as written): datasets' text stays in the datasets, so a request is
+    named by its position in the set unless it is the project's own (the README examples), and what an answer
+    copies from its request or reference is redacted (``CopyFilter``)."""
     example = fset.examples[k]
-    kinds = {"kind": degenerate_kind(routed), "kind_frozen": degenerate_kind(frozen)}
+    kinds = {"kind": kind, "kind_frozen": kind_frozen}
     if fset.quotable:
         return {"index": k, "request": example.prompt, "routed": routed, "frozen": frozen, **kinds}
     copies = CopyFilter.of([example.prompt, example.response])
