@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dylora_moe import DyLoRAConfig, DyLoRAMoE
+from dylora_moe.experts.targets import decoder_layers
 from tests.conftest import batch, build, char_tokenizer, randomise_experts, tiny_gpt2, tiny_llama
 
 # where the gate reads: the embeddings inline, the final states, layer 1 inline, layer 1 from a prefix pass
@@ -94,6 +95,28 @@ def test_force_expert_runs_exactly_one_expert_or_none(granularity):
     assert torch.equal(generated, alone_generated)  # per-token routing too: every new token gets the same expert
     with pytest.raises(KeyError, match="no expert with id 99"), model.force_expert(99):
         pass
+
+
+@pytest.mark.parametrize("router", [dict(route_layer=None), dict(route_layer=1, route_pass="separate")])
+def test_a_forced_expert_runs_no_gate_pass(router):
+    """The KL's frozen and forced forwards run every training step: a forced routing reads no hidden state, so
+    the gate's own pass (the frozen final states, or a prefix up to ``route_layer``) is skipped."""
+    model = grown(**router)
+    inputs = batch()
+    first_layer = decoder_layers(model.backbone)[0]
+    calls = []
+    hook = first_layer.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+            assert len(calls) == 2  # the gate's pass, then the routed pass
+            for expert in (model.experts.expert_ids[1], None):
+                calls.clear()
+                with model.force_expert(expert):
+                    model(**inputs)
+                assert len(calls) == 1
+    finally:
+        hook.remove()
 
 
 def gate_input_by_hand(model, inputs):

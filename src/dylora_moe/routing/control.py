@@ -98,6 +98,8 @@ class RoutingControl:
         """The routing of a batch without running the experts; ``pool_mask`` defaults to the attention mask.
         ``position_ids`` [B, T] are the routed pass's own (left-padded generation), so the prefix pass sees each
         token where that pass does."""
+        if self.forced is not None:  # a forced routing reads no hidden state: no prefix or frozen pass to run
+            return self.forced_routing(input_ids)
         pool_mask = attention_mask if pool_mask is None else pool_mask
         return self.decide(self.hidden(input_ids, attention_mask, position_ids), pool_mask)
 
@@ -131,15 +133,16 @@ class RoutingControl:
     def decide(self, hidden: Tensor, pool_mask: Tensor | None) -> RouterOutput:
         """Route hidden states [B, T, H]: per token, or once per sequence on the pooled ``pool_mask`` tokens."""
         if self.forced is not None:
-            return self.forced_routing(hidden)
+            return self.forced_routing(hidden[..., 0])
         if self.config.granularity == "token":
             return self.router(hidden)  # [B, T, E]
         # The gate is linear, so routing the mean hidden state equals averaging the per-token logits.
         return self.router(pool(hidden, pool_mask))  # [B, E]
 
-    def forced_routing(self, hidden: Tensor) -> RouterOutput:
-        lead = hidden.shape[:-1] if self.config.granularity == "token" else hidden.shape[:1]  # [B] or [B, T]
-        dtype, device = self.router.gate.weight.dtype, hidden.device
+    def forced_routing(self, tokens: Tensor) -> RouterOutput:
+        """The forced column's routing for a batch of ``tokens`` [B, T] (ids, or any per-token tensor)."""
+        lead = tokens.shape if self.config.granularity == "token" else tokens.shape[:1]  # [B, T] or [B]
+        dtype, device = self.router.gate.weight.dtype, tokens.device
         weights = torch.zeros(*lead, self.router.num_experts, dtype=dtype, device=device)  # [..., E]
         if self.forced == NO_EXPERT:
             return RouterOutput(weights, weights.clone(), None, None, DENSE)  # every delta weighted 0
