@@ -16,6 +16,8 @@ from optuna.trial import TrialState
 
 from dylora_moe import DyLoRAMoE
 from dylora_moe.cli import main
+from dylora_moe.data.stream import load_stream
+from dylora_moe.tuning.params import apply_params, build_configs, load_params
 from tests.conftest import write_tiny_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -242,3 +244,18 @@ def test_the_loser_of_a_race_to_create_the_study_database_opens_it_again(tmp_pat
         sqlalchemy.exc.IntegrityError("INSERT ...", {}, Exception("UNIQUE constraint failed: trials.number"))))
     with pytest.raises(sqlalchemy.exc.IntegrityError):  # any other failure is not a race: it is raised
         study_module.storage_for(f"sqlite:///{tmp_path / 'other.db'}", TuneConfig())
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "params").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_params_file_applies_to_the_default_stream(path):
+    stream = load_stream(ROOT / "configs" / "streams" / "default.yaml")
+    params = load_params(path)
+    system, training = apply_params(stream.system, stream.training, params)
+    config, training_config = build_configs(system, training)
+    for name, value in params.items():
+        section, *keys = name.split(".")
+        node = config if section == "system" else training_config
+        for key in keys:
+            node = getattr(node, key)
+        assert node == value, name
