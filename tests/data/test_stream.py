@@ -102,3 +102,21 @@ def test_split_is_deterministic_and_never_leaks():
 def test_unreachable_hf_dataset_is_a_clear_error():
     with pytest.raises(ValueError, match="without hub access use a file source"):
         load_examples(SkillSpec("x", source={"type": "hf", "name": "no-such-org/no-such-dataset"}))
+
+
+def test_a_shuffle_seed_makes_slices_disjoint_random_samples(tmp_path):
+    rows = [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(40)]
+    write(tmp_path / "a.jsonl", "\n".join(json.dumps(r) for r in rows))
+
+    def prompts(**source):
+        spec = SkillSpec("x", source={"type": "file", "path": str(tmp_path / "a.jsonl"), **source})
+        return [e.prompt for e in load_examples(spec)]
+
+    assert prompts(stop=10) == [f"p{i}" for i in range(10)]  # no seed: the file's order
+    first, second = prompts(shuffle=3, stop=20), prompts(shuffle=3, start=20)
+    assert first == prompts(shuffle=3, stop=20)  # the same seed, the same order
+    assert not set(first) & set(second) and sorted(first + second) == sorted(r["prompt"] for r in rows)
+    assert first != [f"p{i}" for i in range(20)]  # spread over the file, not its head
+    assert prompts(shuffle=4, stop=20) != first
+    with pytest.raises(ValueError, match="`shuffle` is a seed"):
+        prompts(shuffle="yes")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -74,6 +75,11 @@ class SkillSource:
         task: SuperNI task name (``task363_sst2_polarity_classification``; see ``data/superni.py``).
         pair: composed-task pair (sql-python, bash-python, python-js; see ``data/composed.py``).
         start, stop: the slice of the source's examples this skill uses.
+        shuffle: a seed: the source's records are put in that seed's random order before ``start``/``stop``
+            slice them, so disjoint slices of one seed are disjoint random samples of the whole source. For a
+            sorted file (NL2Bash is sorted by description: records 400-700 are mostly ``chmod`` and ``find``),
+            slices without it are different command families, and a recurrence of the skill drawn from them is
+            rightly novel. ``None`` (default): the source's own order.
     """
 
     type: str = "builtin"
@@ -86,8 +92,11 @@ class SkillSource:
     pair: str | None = None
     start: int = 0
     stop: int | None = None
+    shuffle: int | None = None
 
     def __post_init__(self) -> None:
+        if self.shuffle is not None and (isinstance(self.shuffle, bool) or not isinstance(self.shuffle, int)):
+            raise ValueError(f"source `shuffle` is a seed (an integer), got {self.shuffle!r}")
         if self.type not in SOURCE_TYPES:
             raise ValueError(f"source type {self.type!r} is not supported; choose one of {', '.join(SOURCE_TYPES)}")
         if self.type == "builtin" and self.name not in BUILTINS:
@@ -289,6 +298,8 @@ def load_examples(skill: SkillSpec, data_dir: str | Path | None = None) -> list[
         records = read_records(Path(src.path))
     else:
         records = read_hf(src)
+    if src.shuffle is not None:
+        records = [records[i] for i in random.Random(src.shuffle).sample(range(len(records)), len(records))]
     records = records[src.start : src.stop]
     examples = [format_record(skill, r, i) for i, r in enumerate(records)]
     examples = [e for e in examples if e.prompt.strip() or e.response.strip()]
