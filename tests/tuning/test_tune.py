@@ -259,3 +259,10 @@ def test_every_shipped_params_file_applies_to_the_default_stream(path):
         for key in keys:
             node = getattr(node, key)
         assert node == value, name
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "streams").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_stream_file_loads_with_valid_configs(path):
+    stream = load_stream(path)
+    assert stream.skills or stream.chunks
+    build_configs(stream.system, stream.training)
