@@ -48,7 +48,7 @@ def main(argv=None) -> dict:
     sizes = [int(v) for v in args.sizes.split(",")]
     seeds = [int(v) for v in args.seeds.split(",")]
     novelty = NoveltyConfig(max_examples=max(sizes))
-    model = DyLoRAMoE.from_config(DyLoRAConfig(model=resolve_model(args.model), device="cpu", novelty=novelty)).eval()
+    model = DyLoRAMoE.from_config(DyLoRAConfig(model=resolve_model(args.model), novelty=novelty)).eval()
     rows = []
     for n in sizes:
         for shuffle in [None, *seeds]:
