@@ -53,6 +53,13 @@ def test_prompts_that_are_already_requests_or_hold_no_prose_have_no_view():
     assert instruction_view(Example("How many singers are there?", "SELECT count(*) FROM singer")) is None
     assert instruction_view(Example("def f(x):\n", "    return x\n")) is None
     assert instruction_view(Example("#include <stdio.h>\nint main() {\n", "}\n")) is None
+    # a task in a docstring that documents no code (MBPP's layout) is a request already: no view, whose answer
+    # would start by echoing the request
+    mbpp = Example('"""Write a function to add two numbers.\nassert add(1, 2) == 3\n"""\n',
+                   "def add(a, b): return a + b\n", {"language": "python"})
+    assert instruction_view(mbpp) is None
+    assert language_request(mbpp).prompt == "In Python: Write a function to add two numbers. assert add(1, 2) == 3"
+    assert language_request(mbpp).response == mbpp.response
 
 
 def test_a_one_line_comment_prompt_is_viewed_as_its_text_only_when_asked():

@@ -54,9 +54,10 @@ DOCTEST = re.compile(r"^\s*(>>>|[A-Za-z_]\w*\(.*\)\s*(==|=>|->|➞)\s*\S)")
 def prose_and_code(prompt: str) -> tuple[list[str], list[str], int]:
     """The prompt's prose lines (comment and docstring text; doctests and the output line after each left
     out), its code lines, and how many of its first lines are prose or blank (the header a completion-style
-    prompt puts before its code)."""
+    prompt puts before its code). A prompt with no line of code outside its comments and docstrings (MBPP's
+    task in a docstring) has no code lines: its docstring documents no code, it is the request."""
     prose, code, lead = [], [], 0
-    leading, closer, skip_output = True, None, False
+    leading, closer, skip_output, proper = True, None, False, False
 
     def take(text: str) -> None:
         nonlocal skip_output
@@ -93,12 +94,12 @@ def prose_and_code(prompt: str) -> tuple[list[str], list[str], int]:
         elif comment is not None:  # "#include", "#!" are code: the pattern leaves them out
             take(comment.group(2))
         elif text:
-            leading = False
+            leading, proper = False, True
         if leading:
             lead += 1
         else:
             code.append(line)
-    return prose, [c for c in code if c.strip()], lead
+    return prose, [c for c in code if c.strip()] if proper else [], lead
 
 
 def instruction_view(example, *, comments: bool = False):
