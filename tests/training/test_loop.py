@@ -12,6 +12,7 @@ from dylora_moe.data.stream import StreamSpec
 from dylora_moe.evaluation.report import write_report
 from dylora_moe.training import ContinualLearner, TrainingConfig
 from dylora_moe.training.distill import kl_to_frozen
+from dylora_moe.training.measure import gate_features
 from tests.conftest import build, decide_by_cosine
 
 
@@ -76,11 +77,11 @@ def test_two_phase_schedule_produces_the_configured_rates(tmp_path, monkeypatch)
         assert got == pytest.approx(want)
 
 
-def run_two_skills(tmp_path, *, second_recognised=False, **cfg):
+def run_two_skills(tmp_path, *, second_recognised=False, model=None, **cfg):
     """Two skills through a tiny model; TensorBoard logging on, as in a real run."""
     cfg.setdefault("report_to", ["tensorboard"])
     stream = StreamSpec("s", [skill_file(tmp_path, "digits", digits), skill_file(tmp_path, "letters", letters)])
-    model = build()
+    model = build() if model is None else model
     decide_by_cosine(model, 0.999)
     frozen = [(p, p.detach().clone()) for p in model.backbone.parameters()]  # objects survive peft injection
     learner = ContinualLearner(model, stream, small_config(**cfg), tmp_path / "out")
@@ -364,11 +365,20 @@ def test_the_gate_fits_of_the_loop_are_penalised(tmp_path, monkeypatch):
         TrainingConfig(router_weight_decay=-1.0)
 
 
+@pytest.mark.parametrize("mixing", ["fused", "reference"])
 @pytest.mark.parametrize("recognised", [False, True])
-def test_evaluation_runs_only_examples_whose_expert_changed(tmp_path, recognised):
+def test_evaluation_runs_only_examples_whose_expert_changed(tmp_path, recognised, mixing, monkeypatch):
+    import dylora_moe.training.loop as loop
     from dylora_moe.training.measure import eval_loss
 
-    model, learner, _, _ = run_two_skills(tmp_path, second_recognised=recognised)
+    model, cfg = build(), {}
+    if mixing == "reference":  # the spec's baseline: one pass per expert, the gate on the frozen final states
+        model, cfg = build(route_layer=None), {"kl_weight": 0.0}  # no expert-free pass to distil from
+        model.config.mixing = "reference"
+    reads = []  # the gate's inputs are read once per step's held-out set, however often it is evaluated
+    monkeypatch.setattr(loop, "gate_features", lambda m, d, b: reads.append(len(d)) or gate_features(m, d, b))
+    model, learner, _, _ = run_two_skills(tmp_path, second_recognised=recognised, model=model, **cfg)
+    assert reads == [len(step.eval_set) for step in learner.steps]
     n0, n1 = (len(step.eval_set) for step in learner.steps)
     assert learner.records[-1].routing[0] == {0: 1.0}  # digits' prompts stay with expert 0
     # after step 1, digits is scored again only when step 1 trained expert 0 (a recognised skill)

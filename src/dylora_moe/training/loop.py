@@ -40,7 +40,7 @@ from ..routing.fit import fit_gate
 from ..routing.router import SPARSE
 from .config import TrainingConfig, resolve_precision
 from .distill import Anchors, anchor_texts
-from .measure import collator, eval_routes, example_losses, routed_experts, routing_entropy
+from .measure import collator, example_losses, gate_features, routed_experts, routing_entropy
 from .rehearsal import RoutingMemory, mixture_key
 from .trainer import DyLoRATrainer
 
@@ -119,6 +119,7 @@ class ContinualLearner:
         self.trainings = 0
         self.trained_at: dict[int, int] = {}
         self.scores: dict[tuple[int, int], tuple[tuple[int | None, int], float, int]] = {}
+        self.eval_features: dict[int, torch.Tensor] = {}  # per step, what the gate reads of its held-out examples
         self.examples_evaluated = 0  # examples that ran through the model, for the benchmark's cost figures
         self.frozen_answers: dict[tuple[int, ...], list[int]] = {}  # the frozen model's answers to anchor prompts
         self.before_skill = before_skill
@@ -361,13 +362,16 @@ class ContinualLearner:
 
     def eval_experts(self, j: int, step: StepData) -> list[int | None] | None:
         """The expert (``None``: the frozen model) that alone decides the eval loss of each of step ``j``'s
-        held-out examples, or ``None`` when no single expert does: the gate routes each sequence top-1 once every
-        expert is mature, inside the one fused pass, so an example's loss depends on its expert's weights only."""
+        held-out examples, or ``None`` when no single expert does: once every expert is mature the gate routes
+        each sequence top-1, and the loss depends on that expert's weights only (inside the one fused pass, or
+        in the one expert pass of output-level mixing, weighted 1). The gate's inputs come from the frozen
+        backbone, so they are computed once per step's held-out set and routed by the current gate each time."""
         router, config = self.model.router, self.model.config
-        if (router.strategy != SPARSE or router.top_k != 1 or config.router.granularity != "sequence"
-                or config.router.route_layer is None or config.mixing != "fused"):
+        if router.strategy != SPARSE or router.top_k != 1 or config.router.granularity != "sequence":
             return None
-        return eval_routes(self.model, step.eval_set, self.training.eval_batch_size)
+        if j not in self.eval_features:
+            self.eval_features[j] = gate_features(self.model, step.eval_set, self.training.eval_batch_size)
+        return routed_experts(self.model, self.eval_features[j])
 
 
 def precision_flags(precision: str) -> dict[str, bool]:

@@ -11,7 +11,6 @@ import torch
 from transformers import DataCollatorForSeq2Seq
 
 from ..model import DyLoRAMoE
-from ..routing.control import prompt_mask
 
 
 def collator(model: DyLoRAMoE) -> DataCollatorForSeq2Seq:
@@ -55,18 +54,20 @@ def token_losses(model: DyLoRAMoE, dataset: datasets.Dataset, batch_size: int = 
 
 
 @torch.no_grad()
-def eval_routes(model: DyLoRAMoE, dataset: datasets.Dataset, batch_size: int = 8) -> list[int]:
-    """The top-1 expert id each example of ``dataset`` is routed to in ``eval_loss`` (on its prompt), from the
-    gate alone (a prefix pass up to ``route_layer``, no expert runs)."""
+@torch.no_grad()
+def gate_features(model: DyLoRAMoE, dataset: datasets.Dataset, batch_size: int = 8) -> torch.Tensor:
+    """What the gate reads for each example of ``dataset`` in ``eval_loss`` [N, H]: its hidden states (a prefix
+    pass up to ``route_layer``, or the frozen final states; no expert runs) pooled over the tokens it is routed
+    on (its prompt, or its whole text with ``route_on="text"``). They come from the frozen backbone alone, so
+    they stay valid while experts train and the pool grows: ``routed_experts`` routes them under the current
+    gate. Sequence routing only."""
     collate = collator(model)
-    chosen: list[int] = []
+    rows: list[torch.Tensor] = []
     for i in range(0, len(dataset), batch_size):
         batch = collate([dataset[k] for k in range(i, min(i + batch_size, len(dataset)))])
-        mask = batch["attention_mask"].to(model.device)
-        pool = prompt_mask(mask, batch["labels"].to(model.device))
-        routing = model.routing.route(batch["input_ids"].to(model.device), mask, pool)
-        chosen += routing.weights.argmax(-1).tolist()
-    return [model.experts.expert_ids[c] for c in chosen]
+        ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+        rows.append(model.routing.features(ids, mask, model.pool_mask(mask, batch["labels"].to(model.device))))
+    return torch.cat(rows)  # [N, H]
 
 
 def routing_entropy(counts: Sequence[float]) -> float:
