@@ -54,7 +54,6 @@ def token_losses(model: DyLoRAMoE, dataset: datasets.Dataset, batch_size: int = 
 
 
 @torch.no_grad()
-@torch.no_grad()
 def gate_features(model: DyLoRAMoE, dataset: datasets.Dataset, batch_size: int = 8) -> torch.Tensor:
     """What the gate reads for each example of ``dataset`` in ``eval_loss`` [N, H]: its hidden states (a prefix
     pass up to ``route_layer``, or the frozen final states; no expert runs) pooled over the tokens it is routed
