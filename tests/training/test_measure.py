@@ -9,7 +9,7 @@ import torch
 
 from dylora_moe.data.preprocess import build_dataset
 from dylora_moe.data.sources import Example
-from dylora_moe.training.measure import example_losses, routing_entropy, token_losses
+from dylora_moe.training.measure import example_losses, gate_features, length_batches, routing_entropy, token_losses
 
 
 def test_routing_entropy():
@@ -34,3 +34,24 @@ def test_token_losses_are_each_examples_response_tokens(model):
         with torch.no_grad():
             loss = model(**alone).loss
         assert row.mean().item() == pytest.approx(loss.item(), rel=1e-4)
+
+
+def test_length_batches_group_similar_lengths_and_cover_every_row_once(model):
+    examples = [Example("p" * n + "=", "r") for n in (9, 1, 5, 2, 8, 3)]
+    data = build_dataset(model.tokenizer, examples, max_length=64, chat=False)
+    batches = length_batches(data, 2)
+    lengths = [len(ids) for ids in data["input_ids"]]
+    assert sorted(k for b in batches for k in b) == list(range(len(examples)))
+    assert [lengths[k] for b in batches for k in b] == sorted(lengths)
+    assert all(len(b) <= 2 for b in batches)
+
+
+def test_gate_features_keep_the_datasets_order(model):
+    """Batched in length order, returned in the dataset's: each row is what the gate reads of that example
+    alone."""
+    examples = [Example("a long prompt of many words=", "x"), Example("q=", "yz"), Example("mid prompt=", "w")]
+    data = build_dataset(model.tokenizer, examples, max_length=64, chat=False)
+    features = gate_features(model, data, batch_size=2)
+    for k in range(len(examples)):
+        alone = gate_features(model, data.select([k]), batch_size=1)
+        torch.testing.assert_close(features[k], alone[0], rtol=1e-4, atol=1e-5)

@@ -33,13 +33,14 @@ def example_losses(model: DyLoRAMoE, dataset: datasets.Dataset, batch_size: int 
 
 @torch.no_grad()
 def token_losses(model: DyLoRAMoE, dataset: datasets.Dataset, batch_size: int = 8) -> list[torch.Tensor]:
-    """Per example of ``dataset``: the cross-entropy (nats) of each of its response tokens [n], on the host."""
+    """Per example of ``dataset``: the cross-entropy (nats) of each of its response tokens [n], on the host.
+    Batches are formed in length order (``length_batches``) and the rows returned in the dataset's order."""
     collate = collator(model)
-    rows: list[torch.Tensor] = []
+    rows: list[torch.Tensor | None] = [None] * len(dataset)
     was_training = model.training
     model.eval()
-    for i in range(0, len(dataset), batch_size):
-        batch = collate([dataset[k] for k in range(i, min(i + batch_size, len(dataset)))])
+    for indices in length_batches(dataset, batch_size):
+        batch = collate([dataset[k] for k in indices])
         batch = {k: v.to(model.device) for k, v in batch.items()}
         # The labels mark the prompt, so each sequence is routed as generation routes it (on its prompt).
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -48,12 +49,20 @@ def token_losses(model: DyLoRAMoE, dataset: datasets.Dataset, batch_size: int = 
         losses = torch.nn.functional.cross_entropy(
             logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=-100, reduction="none")  # [B, T-1]
         losses, keep = losses.cpu(), (labels != -100).cpu()  # one transfer per batch
-        rows += [row[k] for row, k in zip(losses, keep, strict=True)]
+        for k, row, kept in zip(indices, losses, keep, strict=True):
+            rows[k] = row[kept]
     model.train(was_training)
     return rows
 
 
-@torch.no_grad()
+def length_batches(dataset: datasets.Dataset, batch_size: int) -> list[list[int]]:
+    """Row indices of ``dataset`` in batches of similar length (stable sort by ``input_ids`` length), so a
+    padded batch wastes little: an example's loss and routing do not depend on what it is batched with."""
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def gate_features(model: DyLoRAMoE, dataset: datasets.Dataset, batch_size: int = 8) -> torch.Tensor:
     """What the gate reads for each example of ``dataset`` in ``eval_loss`` [N, H]: its hidden states (a prefix
     pass up to ``route_layer``, or the frozen final states; no expert runs) pooled over the tokens it is routed
@@ -61,12 +70,14 @@ def gate_features(model: DyLoRAMoE, dataset: datasets.Dataset, batch_size: int =
     they stay valid while experts train and the pool grows: ``routed_experts`` routes them under the current
     gate. Sequence routing only."""
     collate = collator(model)
-    rows: list[torch.Tensor] = []
-    for i in range(0, len(dataset), batch_size):
-        batch = collate([dataset[k] for k in range(i, min(i + batch_size, len(dataset)))])
+    rows, order = [], []
+    for indices in length_batches(dataset, batch_size):
+        batch = collate([dataset[k] for k in indices])
         ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
         rows.append(model.routing.features(ids, mask, model.pool_mask(mask, batch["labels"].to(model.device))))
-    return torch.cat(rows)  # [N, H]
+        order += indices
+    features = torch.cat(rows)  # [N, H], in length order
+    return features[torch.as_tensor(order, device=features.device).argsort()]  # [N, H], in the dataset's order
 
 
 def routing_entropy(counts: Sequence[float]) -> float:
