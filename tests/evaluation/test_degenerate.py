@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from dylora_moe.evaluation.degenerate import degenerate_kind, degenerate_rate, is_degenerate, repeated_run
+from dylora_moe.evaluation.degenerate import (
+    degenerate_kind,
+    degenerate_rate,
+    is_degenerate,
+    paired_excess,
+    repeated_run,
+)
 
 VERILOG_AND = "module and_gate(input a, input b, output y);\n    assign y = a & b;\nendmodule\n"
 PYTHON = ("def factorial(n):\n    if n == 0:\n        return 1\n    return n * factorial(n - 1)\n\n"
@@ -47,3 +53,15 @@ def test_thresholds_are_parameters():
 def test_rate():
     assert degenerate_rate([]) == 0.0
     assert degenerate_rate(["\n\n", VERILOG_AND, "", PYTHON]) == 0.5
+
+
+def test_paired_excess_counts_discordant_requests_and_its_exact_tail():
+    system = [True, True, False, True, False, False]
+    frozen = [True, False, False, False, True, False]
+    assert paired_excess(system, frozen) == {"worse": 2, "better": 1, "p": 0.5}  # P(X >= 2 | 3 pairs) = 4/8
+    assert paired_excess([True] * 2 + [False] * 14, [False] * 16)["p"] == 0.25  # 2 more loops of 16: p = 1/4
+    assert paired_excess([True] * 6, [False] * 6)["p"] == 1 / 64
+    assert paired_excess([False] * 3, [True] * 3)["p"] == 1.0  # the system is better on every pair
+    assert paired_excess([True, False], [True, False]) == {"worse": 0, "better": 0, "p": 1.0}
+    with pytest.raises(ValueError, match="equal lengths"):
+        paired_excess([True], [True, False])

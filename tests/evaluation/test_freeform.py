@@ -113,6 +113,10 @@ def test_evaluate_set_compares_the_system_with_its_frozen_backbone():
         assert r.degenerate == sum(s["kind"] is not None for s in r.samples) / r.n
         assert r.degenerate_frozen == sum(s["kind_frozen"] is not None for s in r.samples) / r.n
         assert all(s["kind"] == degenerate_kind(s["routed"]) for s in r.samples)  # nothing here is redacted
+        # the pairs at the generation length: requests where only one of the two degenerates
+        pair = r.paired[str(r.max_new_tokens)]
+        assert pair["worse"] == sum(s["kind"] is not None and s["kind_frozen"] is None for s in r.samples)
+        assert pair["better"] == sum(s["kind_frozen"] is not None and s["kind"] is None for s in r.samples)
     own = evaluate_set(model, dataclasses.replace(fset, quotable=True), forms=("raw",), samples=1)
     routed, frozen = own[0].samples[0]["routed"], trained[0].samples[0]["frozen"]
     assert own[0].samples == [{"index": 0, "request": "1+1=", "routed": routed, "frozen": frozen,
@@ -183,3 +187,4 @@ def test_answers_are_also_judged_cut_to_shorter_lengths():
     assert all(len(v) == 2 and all(0.0 <= x <= 1.0 for x in v) for v in result.degenerate_at.values())
     short = evaluate_set(model, dataclasses.replace(fset, max_new_tokens=8), forms=("raw",))[0]
     assert short.degenerate_at == {}
+    assert set(result.paired) == {"64", "96", "100"} and set(short.paired) == {"8"}  # and the pairs at each

@@ -16,6 +16,7 @@ over-fitted Verilog expert (newlines, a newline-tab cycle) do not (both kinds ar
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -52,3 +53,18 @@ def is_degenerate(text: str, **kwargs) -> bool:
 def degenerate_rate(texts: Sequence[str], **kwargs) -> float:
     """Share of ``texts`` that are degenerate (0.0 for no texts)."""
     return sum(is_degenerate(t, **kwargs) for t in texts) / len(texts) if texts else 0.0
+
+
+def paired_excess(system: Sequence[bool], frozen: Sequence[bool]) -> dict[str, float | int]:
+    """Whether the system degenerates more often than the frozen model on the same requests (pairs in order):
+    ``worse`` requests degenerate for the system only, ``better`` for the frozen model only, and ``p`` is the
+    exact one-sided McNemar p-value of ``worse`` given the discordant pairs (a binomial tail at one half;
+    1.0 without discordant pairs). A cell of 16 requests where the system loops on 2 more than the frozen model
+    has p >= 0.25: read such a cell as a count, not as a difference shown."""
+    if len(system) != len(frozen):
+        raise ValueError(f"paired answers need equal lengths, got {len(system)} and {len(frozen)}")
+    worse = sum(bool(s) and not bool(f) for s, f in zip(system, frozen, strict=True))
+    better = sum(bool(f) and not bool(s) for s, f in zip(system, frozen, strict=True))
+    n = worse + better
+    p = sum(math.comb(n, k) for k in range(worse, n + 1)) / 2**n
+    return {"worse": worse, "better": better, "p": p}

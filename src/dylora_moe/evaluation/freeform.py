@@ -37,7 +37,7 @@ from ..data.sources import Example, codealpaca, humaneval, mbpp, nl2bash, packag
 from ..data.stream import SkillSpec, load_examples, split_examples
 from ..generation import prompt_batch
 from ..model import DyLoRAMoE
-from .degenerate import degenerate_kind, degenerate_rate
+from .degenerate import degenerate_kind, is_degenerate, paired_excess
 from .execution import check_python
 from .generation import extract_code, normalise, sql_checker, trim_python
 from .redact import CopyFilter
@@ -87,6 +87,9 @@ class FreeformResult:
     max_new_tokens: int | None = None  # the answers' generation length
     # shorter lengths (str) -> [system, frozen] degenerate rates of the answers cut there (``truncated``)
     degenerate_at: dict[str, list[float]] = field(default_factory=dict)
+    # generation length and each shorter one (str) -> the paired comparison with the frozen model on the same
+    # requests: {"worse", "better", "p"} (``degenerate.paired_excess``)
+    paired: dict[str, dict[str, float | int]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- request sets
@@ -303,9 +306,13 @@ def evaluate_set(model: DyLoRAMoE, fset: FreeformSet, *, forms: Sequence[str] = 
             samples=[sample(fset, k, r, f, kind=kr, kind_frozen=kf) for k, (r, f, kr, kf)
                      in enumerate(zip(routed, frozen, kinds, kinds_frozen, strict=True))][:samples])
         result.max_new_tokens = fset.max_new_tokens
-        result.degenerate_at = {str(n): [degenerate_rate(truncated(model.tokenizer, routed, n)),
-                                         degenerate_rate(truncated(model.tokenizer, frozen, n))]
-                                for n in PREFIX_TOKENS if n < fset.max_new_tokens}
+        result.paired[str(fset.max_new_tokens)] = paired_excess([k is not None for k in kinds],
+                                                                [k is not None for k in kinds_frozen])
+        for n in PREFIX_TOKENS:
+            if n < fset.max_new_tokens:
+                cut = [[is_degenerate(t) for t in truncated(model.tokenizer, texts, n)] for texts in (routed, frozen)]
+                result.degenerate_at[str(n)] = [sum(c) / len(c) for c in cut]
+                result.paired[str(n)] = paired_excess(*cut)
         picks = routed_to(model, prompts, form)
         result.experts = {str(e): picks.count(e) for e in sorted(set(picks))}
         if fset.check is not None:
@@ -390,17 +397,21 @@ def evaluate_stream(model: DyLoRAMoE, skills: Sequence[SkillSpec], seen_examples
 
 def markdown_table(results: Sequence[FreeformResult | dict]) -> list[str]:
     """Rows of the reports' free-form table: degenerate rate and score, routed system vs frozen model, the
-    answers' generation length, the degenerate rates of the answers cut to shorter lengths, and the experts
-    the requests went to (``expert: count``; results written before
-    routing or the length was recorded show ``-``)."""
-    lines = ["| skill | requests | form | n | tokens | degenerate (system / frozen) | cut shorter (tokens: system / "
-             "frozen) | score (system / frozen) | routed to |",
-             "|---|---|---|---:|---:|---:|---|---:|---|"]
+    answers' generation length, the paired comparison at that length (requests where only the system
+    degenerates / only the frozen model does, and the one-sided p-value of the system degenerating more), the
+    degenerate rates of the answers cut to shorter lengths, and the experts the requests went to (``expert:
+    count``; results written before routing, the length or the pairs were recorded show ``-``)."""
+    lines = ["| skill | requests | form | n | tokens | degenerate (system / frozen) | only system / only frozen (p) "
+             "| cut shorter (tokens: system / frozen) | score (system / frozen) | routed to |",
+             "|---|---|---|---:|---:|---:|---:|---|---:|---|"]
     for r in results:
         r = r if isinstance(r, dict) else dataclasses.asdict(r)
         score = "-" if r["score"] is None else f"{r['metric']} {r['score']:.3f} / {r['score_frozen']:.3f}"
         experts = ", ".join(f"{e}: {c}" for e, c in r.get("experts", {}).items()) or "-"
         shorter = "; ".join(f"{n}: {a:.3f} / {b:.3f}" for n, (a, b) in r.get("degenerate_at", {}).items()) or "-"
+        pair = r.get("paired", {}).get(str(r.get("max_new_tokens")))
+        paired = f"{pair['worse']} / {pair['better']} ({pair['p']:.2f})" if pair else "-"
         lines.append(f"| {r['skill']} | {r['source']} | {r['form']} | {r['n']} | {r.get('max_new_tokens') or '-'} | "
-                     f"{r['degenerate']:.3f} / {r['degenerate_frozen']:.3f} | {shorter} | {score} | {experts} |")
+                     f"{r['degenerate']:.3f} / {r['degenerate_frozen']:.3f} | {paired} | {shorter} | {score} | "
+                     f"{experts} |")
     return lines
