@@ -7,7 +7,7 @@ import torch
 
 from dylora_moe.events import EXPERTS_MERGED
 from dylora_moe.training.rehearsal import RoutingMemory
-from tests.conftest import batch, decide_by_cosine, randomise_experts
+from tests.conftest import batch, decide_by_cosine, randomise_experts, tiny_llama
 from tests.experts.test_fused import grown, naive_logits
 
 
@@ -94,3 +94,18 @@ def test_a_pruning_merge_without_density_is_refused_before_anything_changes():
     with pytest.raises(ValueError, match="density"):
         model.merge_experts(0, 1, method="ties_svd")
     assert model.experts.expert_ids == [0, 1] and model.router.num_experts == 2
+
+
+@pytest.mark.parametrize("method", ["cat", "svd"])
+def test_a_merged_expert_of_a_bf16_backbone_keeps_the_sources_dtype_and_serves_alone(method):
+    """peft keeps adapters of a half-precision backbone in float32; its merge writes the new adapter in the
+    backbone's dtype. The merged expert takes its sources' dtype, so the fused mixture (float32 gate weights)
+    can run it alone and training it keeps float32 master weights."""
+    model = grown(n_experts=2, mature=True, top_k=1, backbone=tiny_llama().to(torch.bfloat16))
+    source = {p.dtype for p in model.experts.parameters(0)}
+    merged = model.merge_experts(0, 1, method=method)
+    assert {p.dtype for p in model.experts.parameters(merged)} == source == {torch.float32}
+    assert model.experts.expert_ids == [merged]  # the sources are gone: the merged expert serves alone
+    with torch.no_grad():
+        logits = model(**batch(bsz=2, t=8)).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()

@@ -164,6 +164,14 @@ class ExpertManager:
                                              combination_type=method, **extra)
         for n, p in self.backbone.named_parameters():
             p.requires_grad_(grads.get(n, False))
+        # peft keeps the adapters of a half-precision backbone in float32, but writes a merged one in the
+        # backbone's dtype: the merged expert takes its sources' dtype, as a new expert would
+        source = expert_name(expert_ids[0])
+        for layer in self.layers():
+            if name in layer.lora_A and source in layer.lora_A:
+                dtype = layer.lora_A[source].weight.dtype
+                layer.lora_A[name].to(dtype)
+                layer.lora_B[name].to(dtype)
         self.next_id += 1
         self.expert_ids.append(expert_id)
         self.ranks[expert_id] = self.peft_model.peft_config[name].r
