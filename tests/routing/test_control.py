@@ -17,6 +17,17 @@ def test_pool_is_the_masked_mean_and_rejects_a_mask_of_another_shape():
         pool(hidden, torch.ones(4, 3))  # e.g. a [B] mask against [B * beams] rows: never silently dropped
 
 
+def test_pool_accumulates_half_precision_states_in_float32():
+    """2048 tokens of bfloat16 states: a bfloat16 sum stops growing long before (its 8-bit mantissa), the
+    float32 one is the mean; in float16 the sum would overflow."""
+    hidden = torch.full((1, 2048, 4), 1.0 + 2**-7, dtype=torch.bfloat16)
+    pooled = pool(hidden, torch.ones(1, 2048, dtype=torch.long))
+    assert pooled.dtype == torch.float32
+    torch.testing.assert_close(pooled, torch.full((1, 4), 1.0 + 2**-7))
+    torch.testing.assert_close(pool(torch.full((1, 4096, 2), 60.0, dtype=torch.float16), None),
+                               torch.full((1, 2), 60.0))
+
+
 def test_prompt_mask_marks_the_unlabelled_attended_tokens():
     labels = torch.tensor([[-100, -100, 5, 6], [-100, -100, -100, 7], [3, 4, 5, 6]])
     attention = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 0]])

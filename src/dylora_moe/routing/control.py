@@ -51,12 +51,14 @@ def _positions(position_ids: Tensor | None) -> dict[str, Tensor]:
 
 
 def pool(hidden: Tensor, mask: Tensor | None) -> Tensor:
-    """Masked mean over tokens: [B, T, H] -> [B, H]."""
+    """Masked mean over tokens: [B, T, H] -> [B, H], accumulated in float32 whatever the hidden states' dtype
+    (a half-precision sum over a long prompt rounds away, or overflows in float16)."""
+    hidden = hidden.float()
     if mask is None:
         return hidden.mean(1)
     if mask.shape != hidden.shape[:2]:
         raise ValueError(f"pool mask {tuple(mask.shape)} does not match hidden states {tuple(hidden.shape[:2])}")
-    mask = mask.to(hidden.dtype).unsqueeze(-1)  # [B, T, 1]
+    mask = mask.to(hidden.device, hidden.dtype).unsqueeze(-1)  # [B, T, 1]
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
