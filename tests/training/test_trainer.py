@@ -7,6 +7,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from dylora_moe.training import DyLoRATrainer, RoutingMemory, TrainingConfig
+from dylora_moe.training.distill import Anchors
 from dylora_moe.training.measure import collator
 from tests.conftest import build, randomise_experts
 
@@ -30,7 +31,7 @@ def examples():
                                         "labels": [-100] * len(p) + r} for p, r in rows])
 
 
-def one_step(tmp_path, batch_size, grad_accum):
+def one_step(tmp_path, batch_size, grad_accum, anchors=False):
     model = build()
     model.create_expert()
     model.create_expert()
@@ -47,8 +48,11 @@ def one_step(tmp_path, batch_size, grad_accum):
                              learning_rate=1e-2, report_to=[], logging_steps=1,
                              save_strategy="no", remove_unused_columns=False, use_cpu=True, max_grad_norm=0.0,
                              seed=0, data_seed=0, disable_tqdm=True)
+    # anchors of one length: a KL averaged over one batch's tokens then equals the mean of two half batches'
+    kl = Anchors(model.tokenizer, ["abcd", "efgh", "ijkl", "mnop"], 1) if anchors else None
     trainer = DyLoRATrainer(model=model, args=args, train_dataset=examples(), data_collator=collator(model),
-                            training=TrainingConfig(), seed_steps=1, memory=memory, callbacks=[recorder])
+                            training=TrainingConfig(kl_weight=1.0 if anchors else 0.0), seed_steps=1,
+                            memory=memory, anchors=kl, callbacks=[recorder])
     trainer.train()
     log = next(e for e in trainer.state.log_history if "loss" in e)
     return recorder.grads[0], log
@@ -63,3 +67,14 @@ def test_grad_accumulation_gives_the_update_of_one_large_batch(tmp_path):
     assert abs(small_log["loss"] - big_log["loss"]) < 1e-4
     for name in ("task_loss", "rehearsal_loss"):
         assert abs(small_log[name] - big_log[name]) < 1e-4, name
+
+
+def test_grad_accumulation_takes_a_new_anchor_batch_per_micro_batch(tmp_path):
+    """Two micro-batches of 2 take anchor rows 0-1 and 2-3, as one batch of 4 takes 0-3: the KL's gradient is
+    the large batch's (one anchor batch per optimizer step would repeat rows 0-1 and never see 2-3)."""
+    big, big_log = one_step(tmp_path, batch_size=4, grad_accum=1, anchors=True)
+    small, small_log = one_step(tmp_path, batch_size=2, grad_accum=2, anchors=True)
+    assert big_log["kl_to_frozen"] > 0
+    for a, b in zip(small, big, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert abs(small_log["kl_to_frozen"] - big_log["kl_to_frozen"]) < 1e-5

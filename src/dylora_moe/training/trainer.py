@@ -54,6 +54,7 @@ class DyLoRATrainer(Trainer):
             experts = self._core().experts
             self._before = [p.detach().clone() for p in experts.parameters(self.retained.expert_id)]
         self._rehearsal = None  # the memory does not change while one skill trains: batch it once
+        self._micro_batches = 0  # training micro-batches so far: which anchor batch the next one takes
         self._extra: dict[str, torch.Tensor] = {}  # per loss term: its sum over the steps since the last log
         self._logged_step = 0
 
@@ -106,18 +107,20 @@ class DyLoRATrainer(Trainer):
         if outputs.rehearsal_loss is not None:
             loss = loss + share * self.training.rehearsal_weight * outputs.rehearsal_loss
             self._note("rehearsal_loss", outputs.rehearsal_loss, 1.0 / steps)
+        if not model.training:  # an evaluation pass (the Trainer's eval loop): the task's loss alone
+            return (loss, outputs) if return_outputs else loss
+        index = self.anchor_index()
         if self.training.kl_weight > 0 and self.anchors is not None:
-            kl, logits, mask = self.frozen_kl()
+            kl, logits, mask = self.frozen_kl(index)
             loss = loss + share * self.training.kl_weight * kl
             self._note("kl_to_frozen", kl, 1.0 / steps)
             if self.training.empty_unlikelihood > 0 and self.anchors.eos_id is not None:
-                ends = self.anchors.request_ends(self.state.global_step, self.args.per_device_train_batch_size,
-                                                 logits.device)
+                ends = self.anchors.request_ends(index, self.args.per_device_train_batch_size, logits.device)
                 unlikely = first_token_unlikelihood(logits, mask, self.anchors.eos_id, ends)
                 loss = loss + share * self.training.empty_unlikelihood * unlikely
                 self._note("empty_unlikelihood", unlikely, 1.0 / steps)
         if self.retained is not None:
-            kl = self.retained_kl()
+            kl = self.retained_kl(index)
             loss = loss + share * self.training.retain_kl_weight * kl
             self._note("kl_to_before", kl, 1.0 / steps)
         if self.training.balance_weight > 0 and outputs.router_logits is not None:
@@ -127,12 +130,21 @@ class DyLoRATrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     # ---------------------------------------------------------------- KL to the frozen model (distill.py)
-    def frozen_kl(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """KL(frozen || trained expert) on the next batch of anchor prompts: the expert is forced (the gate is
-        not asked), the frozen logits come from the same backbone with no expert, without gradient. Also the
+    def anchor_index(self) -> int:
+        """Which batch of anchor (and retained) prompts this training micro-batch takes: every micro-batch of
+        every process its own (micro-batch k of process r takes batch k * processes + r), so gradient
+        accumulation and data parallelism cover the anchors as one large batch would, rather than repeating
+        one batch per optimizer step. Without either it is the optimizer step."""
+        index = self._micro_batches * self.args.world_size + self.args.process_index
+        self._micro_batches += 1
+        return index
+
+    def frozen_kl(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """KL(frozen || trained expert) on anchor batch ``index``: the expert is forced (the gate is not
+        asked), the frozen logits come from the same backbone with no expert, without gradient. Also the
         expert's logits [B, T, V] and the batch's mask [B, T]."""
         core = self._core()
-        ids, mask = self.anchors.batch(self.state.global_step, self.args.per_device_train_batch_size, core.device)
+        ids, mask = self.anchors.batch(index, self.args.per_device_train_batch_size, core.device)
         with torch.no_grad(), core.force_expert(None):
             frozen = core(input_ids=ids, attention_mask=mask).logits
         # the unwrapped model: a second forward through DDP in one step would mark its gradients ready twice;
@@ -141,11 +153,11 @@ class DyLoRATrainer(Trainer):
             logits = core(input_ids=ids, attention_mask=mask).logits
         return kl_to_frozen(logits, frozen, mask), logits, mask
 
-    def retained_kl(self) -> torch.Tensor:
-        """KL(the expert as the step started || the expert) on the next batch of retained prompts, the expert
-        forced; the teacher is the same expert with its copied weights swapped in, without gradient."""
+    def retained_kl(self, index: int) -> torch.Tensor:
+        """KL(the expert as the step started || the expert) on batch ``index`` of the retained prompts, the
+        expert forced; the teacher is the same expert with its copied weights swapped in, without gradient."""
         core, expert = self._core(), self.retained.expert_id
-        ids, mask = self.retained.batch(self.state.global_step, self.args.per_device_train_batch_size, core.device)
+        ids, mask = self.retained.batch(index, self.args.per_device_train_batch_size, core.device)
         with torch.no_grad(), core.experts.weights(expert, self._before), core.force_expert(expert):
             before = core(input_ids=ids, attention_mask=mask).logits
         with core.force_expert(expert):
