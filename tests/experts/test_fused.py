@@ -252,10 +252,14 @@ def test_training_caches_the_frozen_experts_and_sees_every_update_of_the_trained
     model = grown(n_experts=4)
     trained = model.experts.expert_ids[-1]
     model.set_trainable([trained], router=False)
-    calls = []
-    real = fused.stack_concat
+    calls, indices, stacks = [], [], []
+    real, index, stacked = fused.stack_concat, fused.concat_index, fused.concat_weights
     monkeypatch.setattr(fused, "stack_concat", lambda layer, names, only=None: calls.append(only) or
                         real(layer, names, only))
+    monkeypatch.setattr(fused, "concat_index", lambda layer, names, only=None: indices.append(only) or
+                        index(layer, names, only))
+    monkeypatch.setattr(fused, "concat_weights", lambda layer, names, only=None: stacks.append(only) or
+                        stacked(layer, names, only))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     inputs = batch(bsz=2, t=8)
     for _ in range(3):
@@ -263,10 +267,13 @@ def test_training_caches_the_frozen_experts_and_sees_every_update_of_the_trained
         out = model(**inputs, labels=inputs["input_ids"])
         out.loss.backward()
         optimizer.step()
-    layers = len(model.experts.layers())
-    frozen_builds = [o for o in calls if o is not None and expert_name(trained) not in o]
-    assert len(frozen_builds) == layers  # once per layer, not once per step
-    assert len(calls) - len(frozen_builds) == 3 * layers  # the trained expert: every step
+    layers, mine = len(model.experts.layers()), frozenset({expert_name(trained)})
+    others = frozenset(expert_name(e) for e in model.experts.expert_ids if e != trained)
+    assert calls == [others] * layers  # the frozen experts' stack: once per layer, not once per step
+    # the trained expert: its owner/scale indices once per layer (no host-to-device copy per layer and step),
+    # its weights stacked with autograd at every step
+    assert [o for o in indices if o == mine] == [mine] * layers
+    assert [o for o in stacks if o == mine] == [mine] * 3 * layers
     model.set_trainable([], router=False)
     with torch.no_grad():  # the optimizer's updates reach the output: nothing stale was cached
         weights = model.route(**inputs).weights

@@ -64,24 +64,33 @@ class PaddedStack(NamedTuple):
 def stack_concat(layer: LoraLayer, names: list[str], only: frozenset[str] | None = None) -> ConcatStack | None:
     """The experts ``names`` (those in ``only``, when given) concatenated along the rank; ``owner`` holds
     positions in ``names``. ``None`` when the layer adapts none of them."""
-    As, Bs, owner, scale = [], [], [], []
-    for pos, name in enumerate(names):
-        if name not in layer.lora_A or (only is not None and name not in only):
-            continue
-        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight  # [R, I], [O, R]
-        As.append(a)
-        Bs.append(b)
-        owner += [pos] * a.shape[0]
-        scale += [layer.scaling[name]] * a.shape[0]
-    if not As:
+    index = concat_index(layer, names, only)
+    return None if index is None else ConcatStack(*concat_weights(layer, names, only), *index)
+
+
+def _members(layer: LoraLayer, names: list[str], only: frozenset[str] | None) -> list[tuple[int, str]]:
+    return [(pos, n) for pos, n in enumerate(names) if n in layer.lora_A and (only is None or n in only)]
+
+
+def concat_weights(layer: LoraLayer, names: list[str], only: frozenset[str] | None = None) -> tuple[Tensor, Tensor]:
+    """A [sum R, I] and B [O, sum R] of ``stack_concat``: what a trained expert's step changes."""
+    members = _members(layer, names, only)
+    return (torch.cat([layer.lora_A[n].weight for _, n in members], 0),
+            torch.cat([layer.lora_B[n].weight for _, n in members], 1))
+
+
+def concat_index(layer: LoraLayer, names: list[str],
+                 only: frozenset[str] | None = None) -> tuple[Tensor, Tensor] | None:
+    """owner and scale [sum R] of ``stack_concat``, on the weights' device: they depend on the experts' names,
+    ranks and scalings only, so a training pass caches them rather than copying them to the device per layer.
+    ``None`` when the layer adapts none of the experts."""
+    members = _members(layer, names, only)
+    if not members:
         return None
-    device, dtype = As[0].device, As[0].dtype
-    return ConcatStack(
-        torch.cat(As, 0),
-        torch.cat(Bs, 1),
-        torch.tensor(owner, device=device),
-        torch.tensor(scale, device=device, dtype=dtype),
-    )
+    owner = [pos for pos, n in members for _ in range(layer.lora_A[n].weight.shape[0])]
+    scale = [layer.scaling[n] for _, n in members for _ in range(layer.lora_A[n].weight.shape[0])]
+    ref = layer.lora_A[members[0][1]].weight
+    return torch.tensor(owner, device=ref.device), torch.tensor(scale, device=ref.device, dtype=ref.dtype)
 
 
 def stack_padded(layer: LoraLayer, names: list[str], blank: frozenset[str] = frozenset()) -> PaddedStack:
@@ -182,7 +191,8 @@ class ExpertMixture:
 
     def _split_stacks(self, layer: LoraLayer) -> tuple[ConcatStack | None, ConcatStack | None]:
         """The plan's frozen experts (cached without autograd, keyed on the pool and the trainable set, which
-        ``frozen_version`` follows) and its trainable ones (stacked with autograd on every call)."""
+        ``frozen_version`` follows) and its trainable ones (their weights stacked with autograd on every call,
+        their owner and scale indices cached with the frozen stack: no host-to-device copy per layer)."""
         names = list(self.plan.active)
         trained = self._trained
         frozen_names = frozenset(names) - trained
@@ -190,10 +200,13 @@ class ExpertMixture:
         hit = self._frozen.get(id(layer))
         if hit is None or hit[0] != key:
             with torch.no_grad():
-                hit = (key, stack_concat(layer, names, only=frozen_names) if frozen_names else None)
+                frozen = stack_concat(layer, names, only=frozen_names) if frozen_names else None
+                index = concat_index(layer, names, only=trained) if trained & set(names) else None
+            hit = (key, (frozen, index))
             self._frozen[id(layer)] = hit
-        live = stack_concat(layer, names, only=trained) if trained & set(names) else None
-        return hit[1], live
+        frozen, index = hit[1]
+        live = None if index is None else ConcatStack(*concat_weights(layer, names, only=trained), *index)
+        return frozen, live
 
     def _padded_for_training(self, layer: LoraLayer) -> PaddedStack:
         """The frozen experts' padded stack (cached with the trained experts' positions in it, so no index is
