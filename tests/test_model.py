@@ -270,3 +270,15 @@ def test_training_forward_builds_no_kv_cache():
     model.eval()
     with torch.no_grad():
         assert model(**inputs).past_key_values is not None  # inference keeps the backbone's default
+
+
+@pytest.mark.parametrize("device_map", [{"model.embed_tokens": 0, "model.layers": 1, "lm_head": 1},
+                                        {"model": "cpu", "lm_head": "disk"}])
+def test_a_backbone_dispatched_over_devices_is_refused_with_the_fix(device_map):
+    backbone = tiny_llama()
+    backbone.hf_device_map = device_map
+    with pytest.raises(ValueError, match=r"device_map.*offload_device"):
+        build(backbone=backbone)
+    one = tiny_llama()
+    one.hf_device_map = {"": "cpu"}  # one device: as if loaded without a map
+    assert build(backbone=one).num_experts == 0

@@ -72,6 +72,7 @@ class DyLoRAMoE(nn.Module):
         events: EventLog | None = None,
     ) -> None:
         super().__init__()
+        check_single_device(backbone)
         self.config = config or DyLoRAConfig()
         self.backbone = backbone
         self.tokenizer = tokenizer
@@ -376,3 +377,15 @@ class DyLoRAMoE(nn.Module):
         """Greedy completions of text prompts: see ``generation.complete``."""
         return generation.complete(self, prompts, max_new_tokens=max_new_tokens, chat=chat, batch_size=batch_size,
                                    max_prompt_tokens=max_prompt_tokens)
+
+
+def check_single_device(backbone: PreTrainedModel) -> None:
+    """Refuse a backbone that accelerate dispatched over several devices or offloaded to the CPU or disk
+    (``device_map``): the router, the fused mixture's stacks and expert offloading keep one device per model,
+    and an offloaded layer's weights live on ``meta``, where moving an expert would lose it."""
+    placed = set(map(str, (getattr(backbone, "hf_device_map", None) or {}).values()))
+    if len(placed) > 1 or placed & {"disk", "meta"}:
+        raise ValueError(
+            f"the backbone is dispatched over {sorted(placed)} (device_map); DyLoRA-MoE runs a backbone on one "
+            "device: load it without device_map (or device_map={'': 0}) and, to save accelerator memory, offload "
+            "idle experts instead (expert.offload_device='cpu')")
