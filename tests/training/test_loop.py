@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from dylora_moe.data.stream import StreamSpec
+from dylora_moe.data.stream import SkillSpec, StreamSpec
 from dylora_moe.evaluation.report import write_report
 from dylora_moe.training import ContinualLearner, TrainingConfig
 from dylora_moe.training.distill import kl_to_frozen
@@ -468,3 +468,18 @@ def test_empty_unlikelihood_is_trained_on_the_anchor_prompts_and_logged(tmp_path
             assert logged and all(0 < v < 1 for v in logged)
     with pytest.raises(ValueError, match="empty_unlikelihood"):
         TrainingConfig(empty_unlikelihood=-1.0)
+
+
+def test_several_gpus_in_one_process_are_refused_before_anything_trains(monkeypatch, tmp_path):
+    """The Trainer would wrap the model in DataParallel, whose replicas share one routing scope."""
+    model = build()
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda", 0)))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    stream = StreamSpec("s", [SkillSpec("a", {"type": "builtin", "name": "humaneval"})])
+    with pytest.raises(ValueError, match="2 GPUs are visible to one process"):
+        ContinualLearner(model, stream, TrainingConfig(report_to=["none"]), tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # launched with one process per GPU: each trains on its own
+    ContinualLearner(model, stream, TrainingConfig(report_to=["none"]), tmp_path)
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    ContinualLearner(model, stream, TrainingConfig(report_to=["none"]), tmp_path)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -99,6 +100,7 @@ class ContinualLearner:
     def __init__(self, model: DyLoRAMoE, stream: StreamSpec, training: TrainingConfig, out_dir: str | Path, *,
                  data_dir: str | Path | None = None, before_skill: Callable | None = None,
                  after_skill: Callable | None = None, evaluate_ahead: bool = False) -> None:
+        check_one_process_per_gpu(model)
         self.model = model
         self.stream = stream
         self.training = training
@@ -372,6 +374,19 @@ class ContinualLearner:
         if j not in self.eval_features:
             self.eval_features[j] = gate_features(self.model, step.eval_set, self.training.eval_batch_size)
         return routed_experts(self.model, self.eval_features[j])
+
+
+def check_one_process_per_gpu(model: DyLoRAMoE) -> None:
+    """Refuse to train on several visible GPUs from one process: the Trainer would wrap the model in
+    ``DataParallel``, whose replicas share one routing scope and mixture plan. Data parallelism is one process
+    per GPU (``torchrun``), where each process sees its own."""
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun/accelerate, before the Trainer joins
+    distributed = launched or (torch.distributed.is_available() and torch.distributed.is_initialized())
+    if model.device.type == "cuda" and torch.cuda.device_count() > 1 and not distributed:
+        raise ValueError(
+            f"{torch.cuda.device_count()} GPUs are visible to one process; train on one "
+            "(CUDA_VISIBLE_DEVICES=0 dylora train ...) or on all of them with one process each "
+            "(accelerate launch -m dylora_moe.cli train ..., or torchrun: one process per GPU)")
 
 
 def precision_flags(precision: str) -> dict[str, bool]:
