@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from dylora_moe import DyLoRAMoE
+from dylora_moe import DyLoRAConfig, DyLoRAMoE
 from tests.conftest import batch, build, char_tokenizer, decide_by_cosine, randomise_experts, tiny_llama
 
 
@@ -218,3 +218,23 @@ def test_a_save_rewrites_only_the_experts_that_changed(tmp_path):
     assert inode(0) != before[0] and inode(2) != before[2]
     again = DyLoRAMoE.from_pretrained(tmp_path / "system", backbone=tiny_llama(), tokenizer=char_tokenizer())
     torch.testing.assert_close(next(again.experts.parameters(0)), next(loaded.experts.parameters(0)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_trained_output_head_is_saved_and_loaded_in_float32(tmp_path, dtype):
+    """With ``trainable_lm_head`` the head trains with the experts: it is part of the system, not of the
+    backbone's file, and keeps float32 weights on a half-precision backbone."""
+    config = DyLoRAConfig(model="tiny", trainable_lm_head=True)
+    model = DyLoRAMoE(tiny_llama().to(dtype), char_tokenizer(), config)
+    head = model.backbone.get_output_embeddings()
+    assert head.weight.dtype == torch.float32 and head.weight.requires_grad
+    with torch.no_grad():
+        head.weight.add_(0.1 * torch.randn_like(head.weight))  # as training would move it
+        logits = model(**batch()).logits
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    model.save_pretrained(tmp_path / "system")
+    loaded = DyLoRAMoE.from_pretrained(tmp_path / "system", backbone=tiny_llama().to(dtype),
+                                       tokenizer=char_tokenizer())
+    torch.testing.assert_close(loaded.backbone.get_output_embeddings().weight, head.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch()).logits, logits)

@@ -129,6 +129,15 @@ def freeze(model: nn.Module) -> None:
         param.requires_grad_(False)
 
 
+class TrainableHead(nn.Linear):
+    """The untied output head: float32 weights (an optimizer's updates to a half-precision head round away, and
+    fp16 training cannot unscale half-precision gradients); hidden states are cast to them, so the logits are
+    float32."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden.to(self.weight.dtype))
+
+
 def untie_lm_head(model: PreTrainedModel) -> nn.Linear:
     """Give the model its own trainable output head, initialised from the (possibly tied) embeddings.
 
@@ -137,8 +146,8 @@ def untie_lm_head(model: PreTrainedModel) -> nn.Linear:
     forgetting that frozen weights and per-skill experts exist to prevent.
     """
     old = model.get_output_embeddings()
-    head = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None)
-    head = head.to(device=old.weight.device, dtype=old.weight.dtype)
+    head = TrainableHead(old.in_features, old.out_features, bias=old.bias is not None)
+    head = head.to(device=old.weight.device)  # float32 master weights, whatever the backbone's dtype
     with torch.no_grad():
         head.weight.copy_(old.weight)
         if old.bias is not None:

@@ -6,6 +6,7 @@
       library.json, library.safetensors  skills (names, experts, counts) and their embeddings
       experts/expert_<id>/             adapter_config.json + adapter_model.safetensors: loads with plain
                                        ``PeftModel.from_pretrained(base_model, path)``
+      lm_head.safetensors              the untied output head, with ``trainable_lm_head`` only
 
 A save is written to a temporary sibling folder, checked against its manifest, and swapped in by renames,
 so a crash leaves either the old or the new checkpoint, never a mixture. Writers of one folder exclude each
@@ -42,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "dylora.json"
+HEAD = "lm_head.safetensors"
 
 
 class FolderBusy(RuntimeError):
@@ -162,6 +164,8 @@ def verify(folder: Path) -> None:
     data = json.loads(manifest.read_text(encoding="utf-8"))
     for name in ("router.safetensors", "library.safetensors"):
         _load_tensors(folder / name)
+    if data["config"].get("trainable_lm_head"):
+        _load_tensors(folder / HEAD)
     json.loads((folder / "library.json").read_text(encoding="utf-8"))
     for expert_id in data["expert_ids"]:
         check_adapter(folder / "experts" / expert_name(expert_id))
@@ -182,6 +186,10 @@ def _write(model, out: Path, dest: Path) -> None:
     save_file({"gate.weight": router.gate.weight.detach().cpu().contiguous(),
                "gate.bias": router.gate.bias.detach().cpu().contiguous(),
                "expert_maturity": router.expert_maturity.cpu().contiguous()}, str(out / "router.safetensors"))
+    if model.config.trainable_lm_head:  # trained with the experts: the backbone's file does not hold it
+        head = model.backbone.get_output_embeddings()
+        save_file({name: t.detach().cpu().contiguous() for name, t in head.state_dict().items()},
+                  str(out / HEAD))
     library, tensors = model.library.state_dict()
     save_file(tensors or {"empty": torch.zeros(0)}, str(out / "library.safetensors"))
     (out / "library.json").write_text(json.dumps(library, indent=2), encoding="utf-8")
@@ -297,6 +305,14 @@ def _load(cls, path: Path, backbone, tokenizer, overrides: dict):
     # copied into the gate (on the backbone's device), skill embeddings go beside the embeddings ``embed`` makes.
     router_state = _load_tensors(path / "router.safetensors")
     model.router.load_state_dict(router_state)
+    if model.config.trainable_lm_head:
+        head = model.backbone.get_output_embeddings()
+        if (path / HEAD).is_file():
+            state = _load_tensors(path / HEAD)
+            head.load_state_dict({k: v.to(head.weight.dtype) for k, v in state.items()})
+        else:
+            logger.warning("%s has no %s (saved before the trained head was kept): the head is the backbone's",
+                           path, HEAD)
     library = json.loads((path / "library.json").read_text(encoding="utf-8"))
     model.library.load_state_dict(library, _load_tensors(path / "library.safetensors"))
     missing = model.library.missing_samples()
