@@ -127,12 +127,15 @@ class _RowStop(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         self.announce()
         n = input_ids.shape[1] - self.start
+        new_tokens = None  # read from the device once per step, only when a live row has stop strings
         for i, r in enumerate(self.rows):
             if self.stopped_at[i] is not None:
                 continue
             hit = n >= r.max_tokens or r.cancelled
             if not hit and r.stop:
-                text = self.tokenizer.decode(input_ids[i, self.start:], skip_special_tokens=True)
+                if new_tokens is None:
+                    new_tokens = input_ids[:, self.start:].tolist()
+                text = self.tokenizer.decode(new_tokens[i], skip_special_tokens=True)
                 hit = first_stop(text, r.stop) is not None
             if hit:
                 self.stopped_at[i] = n
