@@ -215,3 +215,28 @@ def test_embedding_layer_is_selectable_and_checked():
     model.config.novelty.layer = 7
     with pytest.raises(ValueError, match=r"novelty\.layer=7"):
         model.embed_sample(["abc"])
+
+
+def test_permutation_pvalue_is_exact_when_the_splits_are_few_and_counts_every_draw_of_a_split():
+    from dylora_moe.novelty.statistics import gram, permutation_pvalue
+
+    far, near = gaussian(2, 1000.0, seed=1), gaussian(8, seed=2)  # 45 splits: the observed one is the extreme
+    _, p = permutation_pvalue(*gram(far, near), permutations=200)
+    assert p == pytest.approx(1 / 45)  # exact: one split of C(10, 2) scores as high, however it is indexed
+    _, p = permutation_pvalue(*gram(gaussian(2, 1000.0, seed=1), gaussian(2, seed=2)), permutations=200)
+    assert p == pytest.approx(2 / 6)  # 2 against 2: the split and its mirror, of 6
+    # Monte Carlo beyond the splits: a split drawn in another row order ties with the observed one exactly
+    x, y = gaussian(3, 1000.0, seed=3), gaussian(7, seed=4)  # C(10, 3) = 120 splits, 400 draws
+    _, p = permutation_pvalue(*gram(x, y), permutations=400, seed=0)
+    assert p >= 1 / 120 - 0.01
+
+
+def test_one_example_against_a_one_example_skill_is_compared_on_the_librarys_spread():
+    lib = SkillLibrary()
+    lib.add_skill(unit(1, 0), expert_id=0, sample=sample(gaussian(1, seed=0)))
+    det = NoveltyDetector(lib, NoveltyConfig(permutations=99))
+    with pytest.raises(ValueError, match="one example each"):
+        det.decide(sample(gaussian(1, 8.0, seed=1), 100), unit(1, 0))
+    lib.add_skill(unit(0, 1), expert_id=1, sample=sample(gaussian(16, 30.0, seed=2), 50))
+    d = det.decide(sample(gaussian(1, 8.0, seed=1), 100), unit(1, 0))
+    assert not d.is_novel and d.scores[0]["p_value"] == 1.0  # one split of two each way: nothing is significant

@@ -190,17 +190,28 @@ class NoveltyDetector:
                         self.config.similarity_threshold, None, scores, lower_is_novel=True)
 
     def _two_sample(self, new: Tensor, space: str, *, whiten: bool) -> Decision:
+        """Separation and its significance against every known skill (exact when the samples allow few
+        relabellings: ``statistics.permutation_pvalue``). Samples too small to reach ``significance`` (e.g. one
+        example against three) are never called novel; two single examples are compared on the library's mean
+        within-skill spread."""
         cfg = self.config
         new = new.detach().double().cpu()
         new = new[st.canonical_order(new)]
+        samples = {i: getattr(s.sample, space).detach().double().cpu() for i, s in self.library.skills.items()}
+        spread = None if whiten else _mean_spread(samples.values())
         scores: dict[int, dict[str, float]] = {}
-        for skill_id, skill in self.library.skills.items():
-            known = getattr(skill.sample, space).detach().double().cpu()
+        for skill_id, known in samples.items():
+            if new.shape[0] + known.shape[0] < 3 and spread is None:
+                raise ValueError(
+                    f"the new data and skill {skill_id} hold one example each: there is no spread to compare them "
+                    f"by ({cfg.method!r} novelty); give at least 2 examples, or use novelty method 'cosine'")
             gram, ia, ib = st.gram(new, known, st.whitening(new, known) if whiten else None)
-            value = st.separation_from_gram(gram, ia, ib)
+            value = st.separation_from_gram(gram, ia, ib, spread)
             p_value = 1.0
             if value > cfg.granularity:  # only a separation beyond the granularity needs its significance
-                value, p_value = st.permutation_pvalue(gram, ia, ib, permutations=cfg.permutations)
+                value, p_value = st.permutation_pvalue(
+                    gram, ia, ib, lambda g, a, b: st.separation_from_gram(g, a, b, spread),
+                    permutations=cfg.permutations)
             scores[skill_id] = {"statistic": value, "p_value": p_value}
         nearest = min(scores, key=lambda i: scores[i]["statistic"])
         same = [i for i, s in scores.items() if s["statistic"] <= cfg.granularity or s["p_value"] > cfg.significance]
@@ -262,3 +273,10 @@ class NoveltyDetector:
         novel = excess > cfg.entropy_margin and p_value <= cfg.significance
         scores = {i: {"statistic": excess, "p_value": p_value} for i in ids}
         return Decision(novel, nearest, excess, cfg.entropy_margin, p_value, scores)
+
+
+def _mean_spread(samples) -> float | None:
+    """The mean within-sample spread (mean squared distance from the mean) of the samples with 2+ rows, or
+    ``None`` when none has: the scale two single examples are compared on."""
+    spreads = [float(((x - x.mean(0)) ** 2).sum(1).sum() / (x.shape[0] - 1)) for x in samples if x.shape[0] > 1]
+    return sum(spreads) / len(spreads) if spreads else None

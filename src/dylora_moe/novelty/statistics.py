@@ -21,6 +21,7 @@ Statistics are computed in float64 from a Gram matrix, so a permutation costs O(
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -40,13 +41,18 @@ def _spread(g: Tensor) -> Tensor:
     return (g.diagonal().mean() - g.mean()) * k / (k - 1)
 
 
-def separation_from_gram(gram: Tensor, ia: Tensor, ib: Tensor) -> float:
+def separation_from_gram(gram: Tensor, ia: Tensor, ib: Tensor, spread: float | None = None) -> float:
     """``separation`` of rows ``ia`` against rows ``ib`` of the pooled Gram matrix. A sample of one example
-    has no spread of its own; the other sample's stands in for it."""
+    has no spread of its own; the other sample's stands in for it, and when both hold one example ``spread``
+    does (e.g. the library's typical within-skill spread; without it two single examples cannot be compared)."""
     gaa, gbb, gab = _blocks(gram, ia, ib)
     n, m = gaa.shape[0], gbb.shape[0]
     va = _spread(gaa) if n > 1 else None
     vb = _spread(gbb) if m > 1 else None
+    if va is None and vb is None:
+        if spread is None:
+            raise ValueError("two single examples have no spread to compare them by: give a within-skill spread")
+        va = vb = torch.as_tensor(spread, dtype=gram.dtype)
     va = vb if va is None else va
     vb = va if vb is None else vb
     mean_a, mean_b, cross = gaa.mean(), gbb.mean(), gab.mean()  # ||mean_a||², ||mean_b||², <mean_a, mean_b>
@@ -102,15 +108,28 @@ def whitening(a: Tensor, b: Tensor) -> Tensor:
 
 def permutation_pvalue(gram: Tensor, ia: Tensor, ib: Tensor, statistic: Statistic = separation_from_gram, *,
                        permutations: int = 200, seed: int = 0) -> tuple[float, float]:
-    """(observed statistic, p-value): the share of seeded random relabellings of the pooled rows that score
-    at least as high, with the observed split counted once, so p >= 1 / (permutations + 1)."""
-    observed = statistic(gram, ia, ib)
+    """(observed statistic, p-value) of the split (``ia``, ``ib``) among the relabellings of the pooled rows.
+    When there are at most ``permutations`` splits, all of them are scored and p is exact (the share scoring at
+    least the observed value, the observed split included); otherwise p is the seeded Monte Carlo estimate
+    (hits + 1) / (permutations + 1). Each split is scored on its sorted rows, so one split scores the same
+    however it was drawn, and values within rounding (1e-9 relative) of the observed one count as ties."""
+    observed = statistic(gram, ia.sort().values, ib.sort().values)
     n, total = ia.numel(), ia.numel() + ib.numel()
+    tie = observed - 1e-9 * max(1.0, abs(observed))
+    everything = torch.arange(total)
+    if math.comb(total, n) <= permutations:
+        splits = list(itertools.combinations(range(total), n))
+        hits = 0
+        for chosen in splits:
+            keep = torch.ones(total, dtype=torch.bool)
+            keep[list(chosen)] = False
+            hits += statistic(gram, torch.tensor(chosen, dtype=torch.long), everything[keep]) >= tie
+        return observed, hits / len(splits)
     generator = torch.Generator().manual_seed(seed)
     hits = 0
     for _ in range(permutations):
         perm = torch.randperm(total, generator=generator)
-        hits += statistic(gram, perm[:n], perm[n:]) >= observed
+        hits += statistic(gram, perm[:n].sort().values, perm[n:].sort().values) >= tie
     return observed, (hits + 1) / (permutations + 1)
 
 
