@@ -27,3 +27,23 @@ def test_round_trip_through_dict():
     config = DyLoRAConfig(expert=ExpertConfig(rank=4), router=RouterConfig(top_k=2, route_layer=3))
     again = DyLoRAConfig.from_dict(config.to_dict())
     assert again == config
+
+
+def test_config_values_are_type_checked_and_numbers_written_as_text_convert():
+    from dylora_moe.training.config import TrainingConfig
+
+    assert TrainingConfig(seed_lr="2e-3").seed_lr == 0.002  # PyYAML's reading of 2e-3
+    assert DyLoRAConfig.from_dict({"expert": {"rank": "8"}}).expert.rank == 8
+    assert DyLoRAConfig.from_dict({"router": {"route_layer": None}}).router.route_layer is None  # optional
+    for bad, message in ((dict(seed_lr="fast"), "seed_lr must be a number"),
+                         (dict(batch_size=2.5), "batch_size must be a whole number"),
+                         (dict(packing="yes"), "packing must be true or false"),
+                         (dict(batch_size=True), "batch_size must be a number")):
+        with pytest.raises(ValueError, match=message):
+            TrainingConfig(**bad)
+    with pytest.raises(ValueError, match="unknown TrainingConfig field"):
+        TrainingConfig.from_dict({"seed_lrr": 0.1})
+    with pytest.raises(ValueError, match="model must be text"):
+        DyLoRAConfig.from_dict({"model": 5})
+    with pytest.raises(ValueError, match="not a device"):
+        DyLoRAConfig(device="gpu")

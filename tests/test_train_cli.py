@@ -176,3 +176,26 @@ def test_a_bad_freeform_length_is_refused_before_anything_is_written(run, tmp_pa
             "--freeform-tokens", "0"]
     assert main(argv) == 2
     assert "--freeform-tokens" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ("training: {seed_lr: fast}", "TrainingConfig.seed_lr must be a number"),
+    ("training: {seed_lrr: 0.1}", "unknown TrainingConfig field(s): seed_lrr"),
+    ("system: {expert: {rank: eight}}", "ExpertConfig.rank must be a number"),
+    ("system: {device: gpu}", "device='gpu' is not a device"),
+])
+def test_a_bad_config_value_fails_before_the_run_folder_is_written(run, tmp_path, capsys, section, message):
+    stream = (run / "stream.yaml").read_text() + "\n" + section + "\n"
+    (tmp_path / "bad.yaml").write_text(stream)
+    out = tmp_path / "out"
+    assert main(["train", "--stream", str(tmp_path / "bad.yaml"), "--out", str(out),
+                 "--model", str(run / "model")]) == 2
+    assert message in " ".join(capsys.readouterr().err.split())
+    assert not (out / "run.json").exists()  # nothing to resume from: fixing the file and rerunning works
+
+
+def test_a_number_written_as_text_is_read_as_the_number(run, tmp_path):
+    """PyYAML reads 2e-3 (no dot) as a string; the config converts it rather than failing in the optimizer."""
+    (run / "text-number.yaml").write_text((run / "stream.yaml").read_text() + "\ntraining: {seed_lr: 2e-3}\n")
+    assert main(["train", "--stream", str(run / "text-number.yaml"), "--out", str(tmp_path / "out"),
+                 "--model", str(run / "model"), "--dry-run"]) == 0

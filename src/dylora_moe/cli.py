@@ -163,14 +163,17 @@ def train(args: argparse.Namespace, console: Console) -> int:
     from .data.stream import load_examples, split_examples
     from .training.config import TrainingConfig
 
-    if args.stream is not None:
-        read_stream(args)  # a bad stream or params file fails before anything is written
+    def configs(stream: StreamSpec) -> tuple[DyLoRAConfig, TrainingConfig]:
+        system = DyLoRAConfig.from_dict({**stream.system, **({"model": args.model} if args.model else {})})
+        overrides = {k: v for k, v in (("seed_steps", args.seed_steps),
+                                       ("consolidation_steps", args.consolidation_steps)) if v is not None}
+        return system, TrainingConfig.from_dict({**stream.training, **overrides})
+
+    if args.stream is not None:  # a bad stream, params file or config value fails before anything is written
+        configs(read_stream(args))
     resolve_run(args)
     stream = read_stream(args) if args.resume is None else load_stream(args.stream)
-    system = DyLoRAConfig.from_dict({**stream.system, **({"model": args.model} if args.model else {})})
-    overrides = {k: v for k, v in (("seed_steps", args.seed_steps),
-                                   ("consolidation_steps", args.consolidation_steps)) if v is not None}
-    training = TrainingConfig(**{**stream.training, **overrides})
+    system, training = configs(stream)
     skills = stream.active(args.data_dir)
     skipped = [s.name for s in stream.skills if s not in skills]
     if skipped:

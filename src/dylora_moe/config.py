@@ -22,6 +22,41 @@ EMBED_ON = ("response", "text")
 NOVELTY_METHODS = ("separation", "mahalanobis", "entropy", "combined", "cosine")
 
 
+_NUMBERS = {"int": int, "float": float}
+
+
+def check_types(config: Any) -> None:
+    """Check (and where unambiguous, convert) the values of a config dataclass's plain fields (``int``,
+    ``float``, ``bool``, ``str``, optionally ``| None``), so that a YAML typo fails at once with the field's
+    name instead of deep inside training. A number written as text converts (PyYAML reads ``2e-3`` without a
+    dot as a string); anything else of the wrong type is refused."""
+    for f in fields(config):
+        kind = str(f.type).removesuffix(" | None")
+        if kind not in ("int", "float", "bool", "str"):
+            continue
+        value = getattr(config, f.name)
+        if value is None and str(f.type).endswith("| None"):
+            continue
+        where = f"{type(config).__name__}.{f.name}"
+        if kind in _NUMBERS:
+            if isinstance(value, str):
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise ValueError(f"{where} must be a number, got {value!r}") from None
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{where} must be a number, got {value!r} ({type(value).__name__})")
+            if kind == "int":
+                if not float(value).is_integer():
+                    raise ValueError(f"{where} must be a whole number, got {value!r}")
+                value = int(value)
+            setattr(config, f.name, value)
+        elif kind == "bool" and not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r} ({type(value).__name__})")
+        elif kind == "str" and not isinstance(value, str):
+            raise ValueError(f"{where} must be text, got {value!r} ({type(value).__name__})")
+
+
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(allowed)}")
@@ -57,6 +92,7 @@ class ExpertConfig:
     )
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.rank < 1 or self.max_rank < self.rank:
             raise ValueError(f"need 1 <= rank <= max_rank, got rank={self.rank} max_rank={self.max_rank}")
         if not 0.0 <= self.dropout < 1.0:
@@ -121,6 +157,7 @@ class RouterConfig:
     )
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.temperature <= 0:
@@ -216,6 +253,7 @@ class NoveltyConfig:
     sort_weight_decay: float = field(default=1e-2, metadata={"help": "mixed streams: classifier L2 penalty"})
 
     def __post_init__(self) -> None:
+        check_types(self)
         _choice("method", self.method, NOVELTY_METHODS)
         if not -1.0 <= self.similarity_threshold <= 1.0:
             raise ValueError(f"similarity_threshold must be in [-1, 1], got {self.similarity_threshold}")
@@ -272,11 +310,20 @@ class DyLoRAConfig:
     max_experts: int | None = field(default=None, metadata={"help": "bound on the pool; None = unbounded"})
 
     def __post_init__(self) -> None:
+        check_types(self)
         _choice("mixing", self.mixing, MIXING_MODES)
         if self.max_experts is not None and self.max_experts < 2:
             raise ValueError(f"max_experts must be >= 2 (a merge needs two established experts), got "
                              f"{self.max_experts}")
         _choice("dtype", self.dtype, DTYPES)
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"device={self.device!r} is not a device; use auto, cpu, cuda, cuda:N or "
+                                 "mps") from None
         for name, cls in (("expert", ExpertConfig), ("router", RouterConfig), ("novelty", NoveltyConfig)):
             value = getattr(self, name)
             if isinstance(value, dict):

@@ -106,4 +106,4 @@ class ServerConfig:
             raise ValueError(f"default_max_tokens={self.default_max_tokens} exceeds max_tokens_cap="
                              f"{self.max_tokens_cap}: lower it or raise the cap")
         if isinstance(self.training, dict):
-            self.training = TrainingConfig(**{"report_to": ["none"], **self.training})
+            self.training = TrainingConfig.from_dict({"report_to": ["none"], **self.training})

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config import check_types, from_dict
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -114,7 +116,13 @@ class TrainingConfig:
     seed: int = field(default=0, metadata={"help": "random seed"})
     logging_steps: int = field(default=4, metadata={"help": "Trainer logging interval"})
 
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainingConfig:
+        """Built from a stream's ``training:`` section, naming unknown keys instead of a TypeError."""
+        return from_dict(cls, data)
+
     def __post_init__(self) -> None:
+        check_types(self)
         if self.seed_steps < 0 or self.consolidation_steps < 0 or self.seed_steps + self.consolidation_steps == 0:
             raise ValueError("seed_steps and consolidation_steps must be >= 0 and not both 0")
         for name in ("seed_lr", "consolidation_lr", "router_lr"):

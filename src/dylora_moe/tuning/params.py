@@ -78,7 +78,7 @@ def apply_params(system: dict[str, Any], training: dict[str, Any],
 
 def build_configs(system: dict[str, Any], training: dict[str, Any]) -> tuple[DyLoRAConfig, TrainingConfig]:
     """The config objects of a stream's sections (their ``__post_init__`` checks run here)."""
-    return DyLoRAConfig.from_dict(system), TrainingConfig(**training)
+    return DyLoRAConfig.from_dict(system), TrainingConfig.from_dict(training)
 
 
 def load_params(path: str | Path) -> dict[str, Any]:
