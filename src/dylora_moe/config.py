@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -53,6 +54,8 @@ def check_types(config: Any) -> None:
             setattr(config, f.name, value)
         elif kind == "bool" and not isinstance(value, bool):
             raise ValueError(f"{where} must be true or false, got {value!r} ({type(value).__name__})")
+        elif kind == "str" and isinstance(value, os.PathLike):  # a model folder given as a Path
+            setattr(config, f.name, os.fspath(value))
         elif kind == "str" and not isinstance(value, str):
             raise ValueError(f"{where} must be text, got {value!r} ({type(value).__name__})")
 
