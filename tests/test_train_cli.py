@@ -153,6 +153,11 @@ def test_experts_merge_and_prune_rewrite_system_memory_and_registry(run, tmp_pat
     assert [e.expert_id for e in SkillStore(pruned_run / "store.db").experts()] == model.experts.expert_ids
     assert main(["experts", "merge", str(pruned_run), "0", "7"]) == 2  # an unknown expert: a message, no change
     assert "no expert with id 7" in capsys.readouterr().err
+    # the runs stay resumable: steps whose expert was merged away or pruned are not registered again
+    for folder in (merged_run, pruned_run):
+        assert main(["train", "--resume", str(folder)]) == 0, capsys.readouterr().err
+        assert [e.expert_id for e in SkillStore(folder / "store.db").experts()] == \
+            DyLoRAMoE.from_pretrained(folder / "system").experts.expert_ids
 
 
 def test_experts_merge_with_a_pruning_method_takes_the_density(run, tmp_path, capsys):
@@ -199,3 +204,17 @@ def test_a_number_written_as_text_is_read_as_the_number(run, tmp_path):
     (run / "text-number.yaml").write_text((run / "stream.yaml").read_text() + "\ntraining: {seed_lr: 2e-3}\n")
     assert main(["train", "--stream", str(run / "text-number.yaml"), "--out", str(tmp_path / "out"),
                  "--model", str(run / "model"), "--dry-run"]) == 0
+
+
+def test_resume_takes_a_moved_data_dir_and_refuses_other_options(run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(run / "out", out)
+    assert main(["train", "--resume", str(out), "--seed-steps", "3"]) == 2
+    assert "drop seed_steps" in capsys.readouterr().err
+    moved = tmp_path / "data"  # where the data is now (here: a folder without the free-form sets' files)
+    moved.mkdir()
+    assert main(["train", "--resume", str(out), "--data-dir", str(moved)]) == 2
+    assert str(moved / "codealpaca") in " ".join(capsys.readouterr().err.split())  # read from the folder given
+    assert json.loads((out / "run.json").read_text())["data_dir"] == str(moved)  # and the next resume keeps it

@@ -31,6 +31,11 @@ from .registry_cli import experts, skills
 from .serving.cli import add_parser as add_serve_parser
 from .tuning.cli import add_parser as add_tune_parser
 
+RUN_OPTIONS = ("model", "data_dir", "seed_steps", "consolidation_steps", "max_train", "freeform_limit",
+               "freeform_tokens")
+FREEFORM_LIMIT = 8
+RESUME_DEFAULTS = {"freeform_limit": FREEFORM_LIMIT}  # the parser's defaults of RUN_OPTIONS that are not None
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dylora", description="Continual skill acquisition with LoRA experts.")
@@ -49,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed-steps", type=int, default=None, help="override training.seed_steps")
     train.add_argument("--consolidation-steps", type=int, default=None, help="override training.consolidation_steps")
     train.add_argument("--max-train", type=int, default=None, help="cap training examples per skill")
-    train.add_argument("--freeform-limit", type=int, default=8, metavar="N",
+    train.add_argument("--freeform-limit", type=int, default=FREEFORM_LIMIT, metavar="N",
                        help="free-form requests per skill asked at the end, chat and raw, system and frozen "
                             "model (0: skip)")
     train.add_argument("--freeform-tokens", type=int, default=None, metavar="N",
@@ -109,9 +114,6 @@ def record_error(args: argparse.Namespace, err: Exception) -> None:
                                                    kind=type(err).__name__)
 
 
-RUN_OPTIONS = ("model", "data_dir", "seed_steps", "consolidation_steps", "max_train", "freeform_limit",
-               "freeform_tokens")
-
 
 def resolve_run(args: argparse.Namespace) -> None:
     """Set up ``args`` for a new run or a resumed one.
@@ -124,10 +126,22 @@ def resolve_run(args: argparse.Namespace) -> None:
         if not run_file.is_file():
             raise FileNotFoundError(f"{args.resume} has no run.json: it is not a `dylora train` output folder")
         saved = json.loads(run_file.read_text(encoding="utf-8"))
+        given = [k for k in RUN_OPTIONS if k != "data_dir" and getattr(args, k) not in (None, RESUME_DEFAULTS.get(k))
+                 and getattr(args, k) != saved.get(k, getattr(args, k))]
+        if given:
+            raise ValueError(f"--resume keeps the options the run started with; drop {', '.join(given)} (a "
+                             "different setting is a new run: --stream and another --out)")
+        data_dir = args.data_dir  # the data may have moved since: a folder given now is where it is
         args.out, args.stream = args.resume, args.resume / "stream.yaml"
         for key in RUN_OPTIONS:
             if key in saved:  # runs started before an option existed keep its default
                 setattr(args, key, saved[key])
+        if data_dir is not None and data_dir != saved.get("data_dir"):
+            args.data_dir = data_dir
+            saved["data_dir"] = data_dir
+            tmp = run_file.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(saved, indent=2))
+            os.replace(tmp, run_file)
         return
     if args.stream is None or args.out is None:
         raise ValueError("give --stream and --out for a new run, or --resume DIR to continue one")
@@ -338,12 +352,17 @@ def register_step(store, learner, record, checkpoint: Path) -> None:
 
 def repair_store(store, learner, checkpoint: Path, console: Console) -> None:
     """A run killed between a step's checkpoint and its store write left the store a step behind: register
-    the checkpointed steps it lacks (their data was re-read by ``restore_progress``), then reconcile the rest."""
+    the checkpointed steps it lacks (their data was re-read by ``restore_progress``), then reconcile the rest.
+    A step whose expert or skill is gone since (``dylora experts delete|merge|prune`` on a paused run) is not
+    registered again: the store already records what replaced it."""
     from .store.reconcile import reconcile
 
+    model = learner.model
     registered = {entry.get("step") for row in store.experts() for entry in row.training_history}
     for record in learner.records:
-        if record.step not in registered:
+        gone = (record.novelty.expert_id not in model.experts.expert_ids
+                or record.novelty.skill_id not in model.library.skills)
+        if record.step not in registered and not gone:
             register_step(store, learner, record, checkpoint)
             console.print(f"store: registered step {record.step} ({record.skill}), checkpointed but not registered")
     for line in reconcile(store, learner.model, checkpoint):
