@@ -240,3 +240,27 @@ def test_one_example_against_a_one_example_skill_is_compared_on_the_librarys_spr
     lib.add_skill(unit(0, 1), expert_id=1, sample=sample(gaussian(16, 30.0, seed=2), 50))
     d = det.decide(sample(gaussian(1, 8.0, seed=1), 100), unit(1, 0))
     assert not d.is_novel and d.scores[0]["p_value"] == 1.0  # one split of two each way: nothing is significant
+
+
+def test_entropy_reads_the_gates_whole_distribution_once_routing_is_sparse():
+    """A mature top-1 router's weights are one-hot whatever the gate thinks: the entropy trigger reads the
+    softmax of the logits, so data the gate splits between two experts is still seen as new."""
+    from dylora_moe.routing import DynamicHybridRouter
+
+    router = DynamicHybridRouter(2, top_k=1)
+    for column in (router.add_expert(), router.add_expert()):
+        router.set_maturity(column, True)
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.tensor([[4.0, 0.0], [-4.0, 0.0]]))
+        router.gate.bias.zero_()
+    g = torch.Generator().manual_seed(0)
+    known = torch.cat([torch.tensor([[2.0, 0.0]]), torch.tensor([[-2.0, 0.0]])]).repeat(16, 1)
+    known = known + 0.1 * torch.randn(known.shape, generator=g)  # confident rows of both experts
+    new = torch.tensor([[0.0, 1.0]]) + 0.1 * torch.randn(16, 2, generator=g)  # the gate splits them 50/50
+    lib = SkillLibrary()
+    for i in (0, 1):
+        rows = known[i::2]
+        lib.add_skill(unit(1, 0), expert_id=i, sample=SkillSample(rows, rows, torch.arange(16 * i, 16 * i + 16)))
+    d = NoveltyDetector(lib, NoveltyConfig(method="entropy", permutations=99)).decide(
+        SkillSample(new, new, torch.arange(100, 116)), unit(1, 0), (router, [0, 1]))
+    assert router.strategy == "sparse" and d.is_novel and d.statistic > 0.5

@@ -62,3 +62,8 @@ def test_binomial_tail_is_a_valid_count_test_under_the_null():
     level = sum(math.comb(n, c) * rate**c * (1 - rate) ** (n - c) for c in range(n + 1)
                 if binomial_tail(c, n, rate) <= 0.01)
     assert level <= 0.01
+
+
+def test_knn_scores_with_fewer_rows_than_neighbours_use_every_other_row():
+    scores = knn_scores([blob(2, 0.0, 1)], blob(3, 5.0, 2), k=10)  # 5 rows in all, 10 neighbours asked
+    assert scores.p_values.shape == (3,) and scores.nearest.tolist() == [0, 0, 0]

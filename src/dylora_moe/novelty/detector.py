@@ -256,9 +256,12 @@ class NoveltyDetector:
         ids = list(self.library.skills)
         known = torch.cat([self.library.skills[i].sample.gate for i in ids])
         device = gate.gate.weight.device
+        def probs(rows: Tensor) -> Tensor:  # the gate's full distribution: a sparse router's weights are top-k
+            logits = gate(rows.to(device, gate.gate.weight.dtype)).logits
+            return torch.softmax(logits.double() / gate.temperature, dim=-1).cpu()  # [n, E]
+
         with torch.no_grad():
-            probs_new = gate(new.to(device, gate.gate.weight.dtype)).weights.double().cpu()  # [n, E]
-            probs_known = gate(known.to(device, gate.gate.weight.dtype)).weights.double().cpu()  # [M, E]
+            probs_new, probs_known = probs(new), probs(known)  # [n, E], [M, E]
         h = torch.cat([st.entropy(probs_new), st.entropy(probs_known)])[:, None]  # [n + M, 1]
         n = probs_new.shape[0]
         ia, ib = torch.arange(n), torch.arange(n, h.shape[0])

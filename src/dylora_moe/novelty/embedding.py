@@ -72,7 +72,9 @@ def _batches(model: DyLoRAMoE, data, limit: int) -> Iterator[tuple[Tensor, Tenso
         ids = data["input_ids"]
         mask = data.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask
-        keys = torch.tensor([content_key(" ".join(map(str, row.tolist()))) for row in ids], dtype=torch.long)
+        # keyed on the tokens alone: the same example padded to another length is the same row
+        keys = torch.tensor([content_key(" ".join(map(str, row[m.bool()].tolist())))
+                             for row, m in zip(ids, mask, strict=True)], dtype=torch.long)
         order = torch.argsort(keys)[:limit]
         for i in range(0, order.numel(), cfg.batch_size):
             rows = order[i : i + cfg.batch_size]

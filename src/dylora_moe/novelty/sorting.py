@@ -113,7 +113,7 @@ def knn_scores(known: list[Tensor], pool: Tensor, *, k: int = 5) -> Scores:
     labels = torch.cat([torch.full((r.shape[0],), i) for i, r in enumerate(known)])
     sims = centred_cosine(torch.cat([library, pool.double()]))  # [N, N]
     m = library.shape[0]
-    neighbours = sims.topk(k, dim=1).indices  # [N, k]
+    neighbours = sims.topk(min(k, sims.shape[0] - 1), dim=1).indices  # [N, k] (fewer rows than k: all others)
     share = (neighbours >= m).double().mean(1)  # [N]
     in_library = sims[m:, :m].topk(min(k, m), dim=1).indices  # [n, k]
     votes = torch.nn.functional.one_hot(labels[in_library], len(known)).sum(1)  # [n, K]

@@ -45,8 +45,10 @@ class RoutingMemory:
         return any(isinstance(e, tuple) for e, _ in self.skills.values())
 
     def add(self, skill_id: int, expert_id: int | Sequence[int], features: Tensor) -> None:
-        """Keep a uniform sample of all features seen for the skill, at most ``per_skill`` rows. ``expert_id``
-        is one expert, or the experts a multi-label row needs (stored as a sorted tuple; one expert stays an int)."""
+        """Add ``features`` to the skill's rows and keep at most ``per_skill`` of them, drawn uniformly from the
+        rows kept so far and the new ones, row for row: a returning skill's newest data is favoured over a
+        uniform sample of everything it ever sent. ``expert_id`` is one expert, or the experts a multi-label row
+        needs (stored as a sorted tuple; one expert stays an int)."""
         label = _label(expert_id)
         features = features.detach().float().cpu()
         if skill_id in self.skills:
