@@ -24,6 +24,7 @@ from . import generation
 from .backbone import load_backbone, untie_lm_head
 from .checkpoint import load_pretrained, save_pretrained
 from .config import DyLoRAConfig
+from .data.preprocess import bos_prefix
 from .data.sources import Example
 from .events import EXPERT_CREATED, EXPERT_DELETED, EXPERTS_MERGED, SKILL_RECOGNISED, EventLog
 from .experts import ExpertManager, ExpertMixture, decoder_layers, expert_rank
@@ -283,13 +284,22 @@ class DyLoRAMoE(nn.Module):
         return self.routing.features(input_ids, attention_mask)
 
     @torch.no_grad()
-    def routing_features_for(self, texts: Sequence[str], *, max_length: int = 256, batch_size: int = 8) -> Tensor:
-        """``routing_features`` of raw texts, tokenised as the model sees them, one row per gate decision: [N, H]
-        with N = len(texts) under sequence routing, the number of tokens of all texts under per-token routing."""
+    def routing_features_for(self, texts: Sequence[str], *, raw: bool | Sequence[bool] = False, max_length: int = 256,
+                             batch_size: int = 8) -> Tensor:
+        """``routing_features`` of texts, tokenised as the model sees them, one row per gate decision: [N, H]
+        with N = len(texts) under sequence routing, the number of tokens of all texts under per-token routing.
+        ``raw`` marks the texts that are not chat-rendered (one flag, or one per text): they begin with the
+        start-of-sequence token that training and generation give a raw prompt (``preprocess.bos_prefix``;
+        none for tokenizers that add none), so the gate is fitted on what it later reads."""
+        flags = [raw] * len(texts) if isinstance(raw, bool) else list(raw)
+        if len(flags) != len(texts):
+            raise ValueError(f"raw needs one flag per text, got {len(flags)} for {len(texts)} texts")
+        prefix = bos_prefix(self.tokenizer)
         rows = []
         for i in range(0, len(texts), batch_size):
-            enc = self.tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True,
-                                 truncation=True, max_length=max_length, add_special_tokens=False)
+            ids = [([*prefix] if flag else []) + self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                   for text, flag in zip(texts[i : i + batch_size], flags[i : i + batch_size], strict=True)]
+            enc = self.tokenizer.pad({"input_ids": [row[:max_length] for row in ids]}, return_tensors="pt")
             mask = enc["attention_mask"].to(self.device)
             features = self.routing_features(enc["input_ids"].to(self.device), mask)
             rows.append(features[mask.bool()] if features.dim() == 3 else features)  # [N_tokens, H] or [B, H]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from dylora_moe.data.stream import SkillSpec, StreamSpec
+from dylora_moe.data.stream import SkillSpec, StreamSpec, load_stream
 from dylora_moe.evaluation.report import write_report
 from dylora_moe.training import ContinualLearner, TrainingConfig
 from dylora_moe.training.distill import kl_to_frozen
@@ -483,3 +483,31 @@ def test_several_gpus_in_one_process_are_refused_before_anything_trains(monkeypa
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     ContinualLearner(model, stream, TrainingConfig(report_to=["none"]), tmp_path)
+
+
+def test_the_routing_memory_reads_raw_prompts_with_the_start_token_training_gives_them(tmp_path):
+    """With a tokenizer that starts raw text with <s> (Llama, Gemma), training and generation feed raw prompts
+    as <s> + prompt: the memory the gate is fitted on must hold those features, not the prompt's without <s>."""
+    from dylora_moe.data.preprocess import encode_example
+    from dylora_moe.data.sources import Example
+
+    model = build()
+    model.tokenizer.add_bos_token = True
+    example = Example("x+y=", "z")
+    ids = encode_example(model.tokenizer, example, chat=False, max_length=32)["input_ids"][:4 + 1]  # <s> x + y =
+    assert ids[0] == model.tokenizer.bos_token_id
+    trained = model.routing_features(torch.tensor([ids]))
+    torch.testing.assert_close(model.routing_features_for([example.prompt], raw=True), trained)
+    assert not torch.allclose(model.routing_features_for([example.prompt]), trained)  # chat text: none added
+    rows = [{"prompt": f"{a}+{b}=", "response": str(a + b)} for a in range(4) for b in range(4)]
+    (tmp_path / "sums.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "s.yaml").write_text("name: s\nskills:\n  - {name: sums, source: {type: file, path: sums.jsonl}, "
+                                     "format: {chat: false}}\n")
+    training = TrainingConfig(report_to=["none"], instruction_views=False, raw_routing=False)
+    learner = ContinualLearner(model, load_stream(tmp_path / "s.yaml"), training, tmp_path)
+    data = learner.prepare(learner.skills[0])
+    learner.remember(data, model.add_new_skill(data.train, name="sums"))
+    first = encode_example(model.tokenizer, data.train[0], chat=False, max_length=32)
+    prompt_ids = first["input_ids"][: first["labels"].index(next(t for t in first["labels"] if t != -100))]
+    memory = learner.memory.skills[0][1]  # [rows, H], in the training examples' order
+    torch.testing.assert_close(memory[0], model.routing_features(torch.tensor([prompt_ids]))[0])

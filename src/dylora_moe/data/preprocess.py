@@ -26,6 +26,14 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool) -
     return prompt
 
 
+def bos_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The start-of-sequence token a raw (not chat-rendered) text begins with for this tokenizer: ``[bos]`` when
+    it adds one (``add_bos_token``, e.g. Llama, Gemma), else nothing. A chat-rendered text carries its own."""
+    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
+        return [tokenizer.bos_token_id]
+    return []
+
+
 def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example, *, chat: bool,
                    max_length: int) -> dict[str, list[int]] | None:
     """input_ids / labels of one example, truncated to ``max_length``; ``None`` if no response token fits."""
@@ -33,8 +41,8 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example, *, chat
     response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         response_ids = [*response_ids, tokenizer.eos_token_id]
-    if tokenizer.bos_token_id is not None and not chat and getattr(tokenizer, "add_bos_token", False):
-        prompt_ids = [tokenizer.bos_token_id, *prompt_ids]
+    if not chat:
+        prompt_ids = [*bos_prefix(tokenizer), *prompt_ids]
     ids = (prompt_ids + response_ids)[:max_length]
     labels = ([IGNORE] * len(prompt_ids) + response_ids)[:max_length]
     if all(label == IGNORE for label in labels):

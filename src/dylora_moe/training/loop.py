@@ -171,6 +171,7 @@ class ContinualLearner:
         experts) and kept on the step."""
         if step.held_out_features is None:
             step.held_out_features = self.model.routing_features_for(self.prompts(step, step.held_out),
+                                                                     raw=not step.skill.format.chat,
                                                                      max_length=self.training.max_length)
         return step.held_out_features
 
@@ -239,6 +240,7 @@ class ContinualLearner:
         token is routed on its own prefix); or, with ``route_on="text"``, of whole texts and prompts alone."""
         sample = data.train[: self.training.rehearsal_per_skill]
         prompts = self.prompts(data, sample)
+        raw = [not data.skill.format.chat] * len(prompts)  # which texts are not chat-rendered
         whole = [p + e.response for p, e in zip(prompts, sample, strict=True)]
         views = self.views(sample)  # requests in prose route to the skill too, not only its dataset's layout
         if self.training.instruction_views:  # and requests that name the skill's language
@@ -246,17 +248,19 @@ class ContinualLearner:
         view_prompts = [render_prompt(self.model.tokenizer, v.prompt, True) for v in views]
         prompts, whole = prompts + view_prompts, whole + [p + v.response for p, v in zip(view_prompts, views,
                                                                                           strict=True)]
+        raw += [False] * len(view_prompts)
         if self.training.raw_routing:  # the same requests as plain text (a chat-format skill's prompts too)
             plain = (sample if data.skill.format.chat else []) + views
             prompts, whole = prompts + [e.prompt for e in plain], whole + [e.prompt + e.response for e in plain]
+            raw += [True] * len(plain)
         router = self.model.config.router
         if router.granularity == "token":
-            texts = whole
+            texts, flags = whole, raw
         elif router.route_on == "prompt":
-            texts = prompts
+            texts, flags = prompts, raw
         else:
-            texts = whole + prompts
-        feats = self.model.routing_features_for(texts, max_length=self.training.max_length)
+            texts, flags = whole + prompts, raw + raw
+        feats = self.model.routing_features_for(texts, raw=flags, max_length=self.training.max_length)
         if result.components:  # a mixture of two known skills: multi-label rows, under their own key
             self.memory.add(mixture_key(result.components), self.model.component_experts(result), feats)
         else:
