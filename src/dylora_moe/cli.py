@@ -145,6 +145,8 @@ def resolve_run(args: argparse.Namespace) -> None:
         return
     if args.stream is None or args.out is None:
         raise ValueError("give --stream and --out for a new run, or --resume DIR to continue one")
+    if args.max_train is not None and args.max_train < 1:
+        raise ValueError(f"--max-train must be >= 1 (or left out for each skill's own cap), got {args.max_train}")
     if args.freeform_tokens is not None and args.freeform_tokens < 1:  # refused before any training
         raise ValueError(f"--freeform-tokens must be >= 1 (or left out for each set's own), got "
                          f"{args.freeform_tokens}")

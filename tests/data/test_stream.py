@@ -120,3 +120,9 @@ def test_a_shuffle_seed_makes_slices_disjoint_random_samples(tmp_path):
     assert prompts(shuffle=4, stop=20) != first
     with pytest.raises(ValueError, match="`shuffle` is a seed"):
         prompts(shuffle="yes")
+
+
+@pytest.mark.parametrize("cap", [{"max_train": 0}, {"max_eval": -1}, {"max_train": 2.5}])
+def test_example_caps_must_be_at_least_one(cap):
+    with pytest.raises(ValueError, match="must be a whole number >= 1"):
+        SkillSpec("s", {"type": "builtin", "name": "humaneval"}, **cap)

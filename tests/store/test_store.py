@@ -110,3 +110,11 @@ def test_older_schema_is_migrated_in_one_transaction(tmp_path, monkeypatch):
     assert [s.name for s in migrated.skills()] == ["python"]  # data survives the migration
     SkillStore(path)
     assert ran == [True]  # already at the new version: nothing runs again
+
+
+def test_a_file_that_is_not_a_database_is_refused_untouched(tmp_path):
+    path = tmp_path / "store.db"
+    path.write_bytes(b"not sqlite at all\n" * 64)
+    with pytest.raises(ValueError, match=r"is not a database.*restore the store"):
+        SkillStore(path)
+    assert path.read_bytes() == b"not sqlite at all\n" * 64

@@ -157,6 +157,11 @@ class SkillSpec:
             self.format = from_dict(SkillFormat, self.format)
         if not 0.0 < self.eval_share < 1.0:
             raise ValueError(f"skill {self.name!r}: eval_share must be in (0, 1), got {self.eval_share}")
+        for cap in ("max_train", "max_eval"):
+            value = getattr(self, cap)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"skill {self.name!r}: {cap} must be a whole number >= 1 (or left out for no "
+                                 f"cap), got {value!r}")
 
 
 @dataclass

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from sqlalchemy import Connection, create_engine, func, inspect, select
+from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .schema import SCHEMA_VERSION, Base, EventRow, ExpertRow, SchemaInfo, SkillDataRow, SkillRow
@@ -51,7 +52,11 @@ class SkillStore:
 
     # ------------------------------------------------------------ schema
     def _open(self) -> None:
-        tables = set(inspect(self.engine).get_table_names())
+        try:
+            tables = set(inspect(self.engine).get_table_names())
+        except DatabaseError as err:
+            raise ValueError(f"{self.url} is not a database ({err.orig}); restore the store from a copy, or "
+                             "move it aside and `dylora train --resume` rebuilds it from the system folder") from err
         if not tables:
             with self.engine.begin() as conn:
                 Base.metadata.create_all(conn)
