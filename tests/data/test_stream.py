@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from dylora_moe.data.stream import SkillSpec, load_examples, load_stream, read_records, split_examples
+from dylora_moe.data.stream import (
+    SkillSpec,
+    format_record,
+    load_examples,
+    load_stream,
+    read_records,
+    split_examples,
+)
 
 
 def write(path, text):
@@ -124,5 +131,25 @@ def test_a_shuffle_seed_makes_slices_disjoint_random_samples(tmp_path):
 
 @pytest.mark.parametrize("cap", [{"max_train": 0}, {"max_eval": -1}, {"max_train": 2.5}])
 def test_example_caps_must_be_at_least_one(cap):
-    with pytest.raises(ValueError, match="must be a whole number >= 1"):
+    with pytest.raises(ValueError, match="must be a whole number"):
         SkillSpec("s", {"type": "builtin", "name": "humaneval"}, **cap)
+
+
+def test_stream_fields_of_the_wrong_shape_or_type_are_named():
+    source = {"type": "builtin", "name": "mbpp"}
+    assert SkillSpec("s", {**source, "start": "2"}).source.start == 2  # a number written as text
+    for kwargs, message in (({"source": "data.jsonl"}, "`source` must be a mapping"),
+                            ({"source": source, "format": "x"}, "`format` must be a mapping"),
+                            ({"source": source, "format": {"prompt": 5}}, "SkillFormat.prompt must be text"),
+                            ({"source": {"type": "file", "path": 123}}, "SkillSource.path must be text")):
+        with pytest.raises(ValueError, match=message):
+            SkillSpec("s", **kwargs)
+
+
+@pytest.mark.parametrize(("template", "record", "message"), [
+    ("{0}", {"q": "a"}, "cannot be filled"), ("{q.x}", {"q": "a"}, "cannot be filled"),
+    ("{q}", "just text", "is not an object")])
+def test_records_and_templates_that_do_not_fit_are_named(template, record, message):
+    skill = SkillSpec("s", {"type": "file", "path": "x.jsonl"}, {"prompt": template, "response": "{q}"})
+    with pytest.raises(ValueError, match=message):
+        format_record(skill, record, 0)

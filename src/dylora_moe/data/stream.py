@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from ..config import from_dict
+from ..config import check_types, from_dict
 from .composed import PAIRS, composed
 from .sources import (
     Example,
@@ -97,6 +97,7 @@ class SkillSource:
     def __post_init__(self) -> None:
         if self.shuffle is not None and (isinstance(self.shuffle, bool) or not isinstance(self.shuffle, int)):
             raise ValueError(f"source `shuffle` is a seed (an integer), got {self.shuffle!r}")
+        check_types(self)
         if self.type not in SOURCE_TYPES:
             raise ValueError(f"source type {self.type!r} is not supported; choose one of {', '.join(SOURCE_TYPES)}")
         if self.type == "builtin" and self.name not in BUILTINS:
@@ -122,6 +123,9 @@ class SkillFormat:
     prompt: str = "{prompt}"
     response: str = "{response}"
     chat: bool = True
+
+    def __post_init__(self) -> None:
+        check_types(self)
 
 
 @dataclass
@@ -150,11 +154,16 @@ class SkillSpec:
     label: str | None = None
 
     def __post_init__(self) -> None:
+        check_types(self)
         self.label = self.label or self.name
-        if isinstance(self.source, dict):
-            self.source = from_dict(SkillSource, self.source)
-        if isinstance(self.format, dict):
-            self.format = from_dict(SkillFormat, self.format)
+        for part, cls, example in (("source", SkillSource, "{type: file, path: data.jsonl}"),
+                                   ("format", SkillFormat, "{prompt: '{question}', response: '{answer}'}")):
+            value = getattr(self, part)
+            if isinstance(value, dict):
+                setattr(self, part, from_dict(cls, value))
+            elif not isinstance(value, cls):
+                raise ValueError(f"skill {self.name!r}: `{part}` must be a mapping such as {example}, "
+                                 f"got {value!r}")
         if not 0.0 < self.eval_share < 1.0:
             raise ValueError(f"skill {self.name!r}: eval_share must be in (0, 1), got {self.eval_share}")
         for cap in ("max_train", "max_eval"):
@@ -314,6 +323,9 @@ def load_examples(skill: SkillSpec, data_dir: str | Path | None = None) -> list[
 
 
 def format_record(skill: SkillSpec, record: dict[str, Any], index: int) -> Example:
+    if not isinstance(record, dict):
+        raise ValueError(f"skill {skill.name!r}: record {index} is not an object with columns but "
+                         f"{type(record).__name__} {record!r:.60}; give one JSON object (or CSV row) per example")
     try:
         prompt = skill.format.prompt.format(**record)
         response = skill.format.response.format(**record)
@@ -321,6 +333,10 @@ def format_record(skill: SkillSpec, record: dict[str, Any], index: int) -> Examp
         columns = ", ".join(sorted(record))
         raise ValueError(f"skill {skill.name!r}: record {index} has no column {err}; its columns are: {columns}. "
                          "Map them with `format: {prompt: ..., response: ...}`") from err
+    except (IndexError, AttributeError, ValueError) as err:
+        raise ValueError(f"skill {skill.name!r}: the format templates {skill.format.prompt!r} / "
+                         f"{skill.format.response!r} cannot be filled from record {index} ({err}); name columns "
+                         "as {column}, e.g. `format: {prompt: '{question}', response: '{answer}'}`") from err
     meta = {k: v for k, v in record.items() if k not in ("prompt", "response")}
     return Example(prompt, response, meta)
 
