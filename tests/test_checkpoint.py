@@ -78,6 +78,16 @@ def test_bad_checkpoints_fail_clearly_and_change_nothing(tmp_path):
     with pytest.raises(FileNotFoundError, match="incomplete"):
         load()
     weights.write_bytes(good)
+    # a JSON file cut short or a manifest missing its fields: named, with the way out
+    for name, text, message in (("dylora.json", "{", r"dylora.json is corrupt"),
+                                ("dylora.json", json.dumps({"format_version": 1}), "not a complete manifest"),
+                                ("library.json", "[1,", r"library.json is corrupt"),
+                                ("experts/expert_1/adapter_config.json", "{", r"adapter_config.json is corrupt")):
+        before = (folder / name).read_text()
+        (folder / name).write_text(text)
+        with pytest.raises(ValueError, match=message):
+            load()
+        (folder / name).write_text(before)
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == snapshot
     load()
 

@@ -161,12 +161,12 @@ def verify(folder: Path) -> None:
     manifest = folder / MANIFEST
     if not manifest.is_file():
         raise FileNotFoundError(f"{folder} has no {MANIFEST}: the save did not complete")
-    data = json.loads(manifest.read_text(encoding="utf-8"))
+    data = read_json(manifest)
     for name in ("router.safetensors", "library.safetensors"):
-        _load_tensors(folder / name)
+        load_tensors(folder / name)
     if data["config"].get("trainable_lm_head"):
-        _load_tensors(folder / HEAD)
-    json.loads((folder / "library.json").read_text(encoding="utf-8"))
+        load_tensors(folder / HEAD)
+    read_json(folder / "library.json")
     for expert_id in data["expert_ids"]:
         check_adapter(folder / "experts" / expert_name(expert_id))
 
@@ -267,7 +267,10 @@ def read_manifest(path: str | Path) -> dict:
     if not manifest.is_file():
         raise FileNotFoundError(f"{path} is not a saved DyLoRA-MoE system (no {MANIFEST}); "
                                 "give the folder that save_pretrained wrote")
-    data = json.loads(manifest.read_text(encoding="utf-8"))
+    data = read_json(manifest)
+    if not isinstance(data, dict) or not {"config", "expert_ids", "ranks", "next_id"} <= set(data):
+        raise ValueError(f"{manifest} is not a complete manifest (it needs config, expert_ids, ranks and next_id); "
+                         "restore the folder from a copy or retrain")
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"{path} has format version {version}; this dylora-moe reads version {FORMAT_VERSION}: "
@@ -303,18 +306,18 @@ def _load(cls, path: Path, backbone, tokenizer, overrides: dict):
     model.mixture.sync()
     # Tensors are read onto the CPU; each goes where the live model keeps its kind: the router's state is
     # copied into the gate (on the backbone's device), skill embeddings go beside the embeddings ``embed`` makes.
-    router_state = _load_tensors(path / "router.safetensors")
+    router_state = load_tensors(path / "router.safetensors")
     model.router.load_state_dict(router_state)
     if model.config.trainable_lm_head:
         head = model.backbone.get_output_embeddings()
         if (path / HEAD).is_file():
-            state = _load_tensors(path / HEAD)
+            state = load_tensors(path / HEAD)
             head.load_state_dict({k: v.to(head.weight.dtype) for k, v in state.items()})
         else:
             logger.warning("%s has no %s (saved before the trained head was kept): the head is the backbone's",
                            path, HEAD)
-    library = json.loads((path / "library.json").read_text(encoding="utf-8"))
-    model.library.load_state_dict(library, _load_tensors(path / "library.safetensors"))
+    library = read_json(path / "library.json")
+    model.library.load_state_dict(library, load_tensors(path / "library.safetensors"))
     missing = model.library.missing_samples()
     if missing and model.config.novelty.method != "cosine":
         logger.warning("%s was saved without per-example skill embeddings (skills %s): the %r novelty method "
@@ -327,10 +330,19 @@ def check_adapter(folder: Path) -> None:
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"expert weights are incomplete: {folder / name} is missing")
-    _load_tensors(folder / "adapter_model.safetensors")
+    read_json(folder / "adapter_config.json")
+    load_tensors(folder / "adapter_model.safetensors")
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_json(path: Path):
+    """A JSON file of a saved system, or an error naming the file and the way out."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is corrupt or unreadable ({err}); restore it from a copy or retrain") from err
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as err:

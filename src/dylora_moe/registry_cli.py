@@ -125,8 +125,9 @@ def export(row, dest: Path, console: Console, *, base_model: str) -> int:
 def delete(run: Path, store, expert_id: int, console: Console) -> int:
     """Remove the expert from the saved system (atomically, keeping the run's progress) and then from the
     registry; the skill data it was trained on stays, versioned, in the store."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
+    from .checkpoint import load_tensors
     from .model import DyLoRAMoE
     from .training.progress import MEMORY, PROGRESS
     from .training.rehearsal import RoutingMemory
@@ -142,7 +143,7 @@ def delete(run: Path, store, expert_id: int, console: Console) -> int:
             shutil.copy2(system / PROGRESS, folder / PROGRESS)
         if (system / MEMORY).is_file():
             memory = RoutingMemory()
-            memory.load_tensors(load_file(str(system / MEMORY)))
+            memory.load_tensors(load_tensors(system / MEMORY))
             memory.drop_expert(expert_id)
             save_file(memory.tensors(), str(folder / MEMORY))
 
@@ -184,8 +185,9 @@ def skills(args: argparse.Namespace, console: Console) -> int:
 def reshape(args: argparse.Namespace, store, console: Console) -> int:
     """``merge`` or ``prune`` on the saved system (atomically, with its routing memory and progress), then the
     registry: the merged expert registered with its lineage, the experts that went removed."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
+    from .checkpoint import load_tensors
     from .experts import pool
     from .model import DyLoRAMoE
     from .training.progress import MEMORY, PROGRESS
@@ -197,7 +199,7 @@ def reshape(args: argparse.Namespace, store, console: Console) -> int:
                                 "routing features; give a folder written by `dylora train` or `dylora serve`")
     model = DyLoRAMoE.from_pretrained(system)
     memory = RoutingMemory()
-    memory.load_tensors(load_file(str(system / MEMORY)))
+    memory.load_tensors(load_tensors(system / MEMORY))
     if args.action == "merge":
         a, b = args.expert_ids
         merged = pool.merge(model, memory, a, b, method=args.method, rank=args.rank, density=args.density)

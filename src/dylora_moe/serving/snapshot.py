@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from ..checkpoint import MANIFEST, read_manifest, reading
+from ..checkpoint import MANIFEST, load_tensors, read_manifest, reading
 from ..experts.manager import expert_name
 
 ADAPTER = "adapter_model.safetensors"
@@ -70,9 +69,9 @@ def read_snapshot(folder: str | Path) -> Snapshot:
         files += [f"experts/{expert_name(e)}/{name}" for e in manifest["expert_ids"]
                   for name in ("adapter_config.json", ADAPTER)]
         digests = {f: digest(folder / f) for f in files}
-        router = load_file(str(folder / "router.safetensors"))
+        router = load_tensors(folder / "router.safetensors")
         library = json.loads((folder / "library.json").read_text(encoding="utf-8"))
-        library_tensors = load_file(str(folder / "library.safetensors"))
+        library_tensors = load_tensors(folder / "library.safetensors")
         version = hashlib.blake2b("\n".join(f"{f}:{d}" for f, d in digests.items()).encode(),
                                   digest_size=6).hexdigest()
         return Snapshot(folder, manifest, router, library, library_tensors, digests, version, stamp(folder))

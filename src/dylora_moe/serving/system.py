@@ -16,9 +16,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..checkpoint import MANIFEST, holds_writer_lock, recover
+from ..checkpoint import MANIFEST, holds_writer_lock, load_tensors, recover
 from ..model import DyLoRAMoE
 from ..store import SkillStore
 from ..store.reconcile import reconcile
@@ -92,7 +92,7 @@ class ServedSystem:
     def load_memory(self) -> RoutingMemory:
         memory = RoutingMemory(per_skill=64)
         if (self.files.system / MEMORY).is_file():
-            memory.load_tensors(load_file(str(self.files.system / MEMORY)))
+            memory.load_tensors(load_tensors(self.files.system / MEMORY))
         return memory
 
     def unrehearsable(self) -> list[str]:

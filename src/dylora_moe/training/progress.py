@@ -13,9 +13,9 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..checkpoint import read_manifest, recover
+from ..checkpoint import load_tensors, read_json, read_manifest, recover
 from ..novelty import NoveltyResult
 from .loop import ContinualLearner, StepRecord
 
@@ -46,14 +46,14 @@ def restore_progress(learner: ContinualLearner, path: str | Path) -> int:
     data of the completed steps; returns the number of completed steps."""
     path = Path(path)
     read_manifest(path)
-    state = json.loads((path / PROGRESS).read_text(encoding="utf-8"))
+    state = read_json(path / PROGRESS)
     names = [s.name for s in learner.skills]
     if state["stream"] != learner.stream.name or state["skills"][: len(names)] != names[: len(state["skills"])]:
         raise ValueError(f"{path} holds progress of stream {state['stream']!r} with skills {state['skills']}, "
                          f"not of {learner.stream.name!r} with {names}: resume with the same stream file")
     learner.records = [record_from_dict(r) for r in state["records"]]
     learner.merges = {int(k): v for k, v in state.get("merges", {}).items()}
-    learner.memory.load_tensors(load_file(str(path / MEMORY)))
+    learner.memory.load_tensors(load_tensors(path / MEMORY))
     learner.steps = [learner.prepare(skill) for skill in learner.skills[: state["completed"]]]
     return state["completed"]
 
