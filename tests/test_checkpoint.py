@@ -248,3 +248,23 @@ def test_a_trained_output_head_is_saved_and_loaded_in_float32(tmp_path, dtype):
     torch.testing.assert_close(loaded.backbone.get_output_embeddings().weight, head.weight)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch()).logits, logits)
+
+
+def test_a_save_reaches_the_disk_before_the_old_copy_is_removed(tmp_path, monkeypatch):
+    """Every file of the new folder is fsynced before the swap, and the parent folder after the renames, before
+    the old copy is removed: a power cut leaves a complete old or new checkpoint, never empty files."""
+    import os
+    import shutil
+
+    saved_system(tmp_path)
+    synced, removed = [], []
+    real_fsync, real_rmtree = os.fsync, shutil.rmtree
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    monkeypatch.setattr(shutil, "rmtree", lambda p, **kw: removed.append((str(p), len(synced))) or real_rmtree(p, **kw))
+    model = DyLoRAMoE.from_pretrained(tmp_path / "system", backbone=tiny_llama(), tokenizer=char_tokenizer())
+    model.experts.touch()
+    model.save_pretrained(tmp_path / "system")
+    names = {p.name for p in (tmp_path / "system").rglob("*") if p.is_file()}
+    assert names and names <= {path.rsplit("/", 1)[1] for path in synced}
+    old = [count for path, count in removed if path.endswith(".system.old")]
+    assert old and old[-1] == len(synced) and synced[-1] == str(tmp_path)

@@ -148,6 +148,7 @@ def save_pretrained(model, path: str | Path, extra: Callable[[Path], None] | Non
                 extra(tmp)
             _write(model, tmp, path)
             verify(tmp)  # the old copy is deleted only once the new one is known complete
+            sync_tree(tmp)  # and on disk: a power cut after the swap must not find empty files
             _swap_in(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -222,12 +223,35 @@ def _swap_in(tmp: Path, path: Path) -> None:
         _restore_old(path)
         if not path.exists():
             os.replace(tmp, path)
+            _sync_dir(path.parent)
             return
         old = _old(path)
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
         os.replace(tmp, path)
+        _sync_dir(path.parent)  # the renames are durable before the old copy goes
         shutil.rmtree(old, ignore_errors=True)
+
+
+def sync_tree(folder: Path) -> None:
+    """fsync every file under ``folder`` and every folder in it (contents and names reach the disk; a
+    hard-linked unchanged expert is synced through its link, which is cheap when nothing is dirty)."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _sync_dir(Path(root))
+
+
+def _sync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _old(path: Path) -> Path:
