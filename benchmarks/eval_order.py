@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 
 import torch
@@ -53,7 +54,7 @@ def main() -> None:
     stream = load_stream(args.stream)
     model = DyLoRAMoE.from_config(DyLoRAConfig(model=args.model))
     training = TrainingConfig(**{**stream.training, "report_to": ["none"]})
-    learner = ContinualLearner(model, stream, training, "/tmp/eval-order", data_dir=args.data_dir)
+    learner = ContinualLearner(model, stream, training, tempfile.mkdtemp(prefix="eval-order-"), data_dir=args.data_dir)
     rows = []
     for skill in learner.skills:
         data = learner.prepare(skill).eval_set

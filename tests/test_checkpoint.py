@@ -268,3 +268,6 @@ def test_a_save_reaches_the_disk_before_the_old_copy_is_removed(tmp_path, monkey
     assert names and names <= {path.rsplit("/", 1)[1] for path in synced}
     old = [count for path, count in removed if path.endswith(".system.old")]
     assert old and old[-1] == len(synced) and synced[-1] == str(tmp_path)
+    synced.clear()
+    model.save_pretrained(tmp_path / "system")  # nothing trained since: the experts are linked, not synced again
+    assert not any("adapter_model" in path for path in synced) and "router.safetensors" in str(synced)

@@ -234,11 +234,15 @@ def _swap_in(tmp: Path, path: Path) -> None:
 
 
 def sync_tree(folder: Path) -> None:
-    """fsync every file under ``folder`` and every folder in it (contents and names reach the disk; a
-    hard-linked unchanged expert is synced through its link, which is cheap when nothing is dirty)."""
+    """fsync every file this save wrote under ``folder`` and every folder in it (contents and names reach the
+    disk). A file with another link is an unchanged expert's, linked from the previous copy, whose save synced
+    it: a save still costs what changed."""
     for root, _dirs, files in os.walk(folder):
         for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            path = os.path.join(root, name)
+            if os.stat(path).st_nlink > 1:
+                continue
+            fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:

@@ -23,7 +23,7 @@ EMBED_ON = ("response", "text")
 NOVELTY_METHODS = ("separation", "mahalanobis", "entropy", "combined", "cosine")
 
 
-_NUMBERS = {"int": int, "float": float}
+_NUMBERS = ("int", "float")
 
 
 def check_types(config: Any) -> None:

@@ -297,8 +297,8 @@ class DyLoRAMoE(nn.Module):
         prefix = bos_prefix(self.tokenizer)
         rows = []
         for i in range(0, len(texts), batch_size):
-            ids = [([*prefix] if flag else []) + self.tokenizer(text, add_special_tokens=False)["input_ids"]
-                   for text, flag in zip(texts[i : i + batch_size], flags[i : i + batch_size], strict=True)]
+            tokens = self.tokenizer(list(texts[i : i + batch_size]), add_special_tokens=False)["input_ids"]
+            ids = [(prefix if flag else []) + row for row, flag in zip(tokens, flags[i : i + batch_size], strict=True)]
             enc = self.tokenizer.pad({"input_ids": [row[:max_length] for row in ids]}, return_tensors="pt")
             mask = enc["attention_mask"].to(self.device)
             features = self.routing_features(enc["input_ids"].to(self.device), mask)

@@ -198,7 +198,8 @@ class NoveltyDetector:
         new = new.detach().double().cpu()
         new = new[st.canonical_order(new)]
         samples = {i: getattr(s.sample, space).detach().double().cpu() for i, s in self.library.skills.items()}
-        spread = None if whiten else _mean_spread(samples.values())
+        single = new.shape[0] == 1 and any(known.shape[0] == 1 for known in samples.values())
+        spread = _mean_spread(samples.values()) if single and not whiten else None
         scores: dict[int, dict[str, float]] = {}
         for skill_id, known in samples.items():
             if new.shape[0] + known.shape[0] < 3 and spread is None:
