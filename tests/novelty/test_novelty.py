@@ -3,6 +3,7 @@ tiny model."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -264,3 +265,59 @@ def test_entropy_reads_the_gates_whole_distribution_once_routing_is_sparse():
     d = NoveltyDetector(lib, NoveltyConfig(method="entropy", permutations=99)).decide(
         SkillSample(new, new, torch.arange(100, 116)), unit(1, 0), (router, [0, 1]))
     assert router.strategy == "sparse" and d.is_novel and d.statistic > 0.5
+
+
+def test_whitened_permutation_test_keeps_its_level_when_the_dimension_is_near_the_sample_size():
+    """Each relabelling is scored with its own whitening: a covariance taken around the observed split's means
+    and reused for the relabellings leaves out the direction between the observed means only, so the observed
+    split gains from it and two samples of one distribution came out "different" far more often than the level."""
+    from functools import partial
+
+    from dylora_moe.novelty.statistics import gram, permutation_pvalue, whitened_separation_from_gram
+
+    statistic = partial(whitened_separation_from_gram, dim=24)
+    scale = torch.linspace(0.2, 3.0, 24)  # anisotropic, as a gate's input features are
+    p_values = []
+    for r in range(60):
+        a = gaussian(16, seed=2 * r, dim=24) * scale
+        b = gaussian(16, seed=2 * r + 1, dim=24) * scale
+        p_values.append(permutation_pvalue(*gram(a, b), statistic, permutations=99)[1])
+    assert sum(p <= 0.05 for p in p_values) <= 8  # 3 expected at a 5% level; 8 is p < 0.01 under Binomial(60, .05)
+    a, b = gaussian(16, seed=1, dim=24) * scale, gaussian(16, seed=2, dim=24) * scale
+    a[:, -1] += 3 * scale[-1]  # a shift of 3 standard deviations along the widest direction
+    assert permutation_pvalue(*gram(a, b), statistic, permutations=99)[1] <= 0.02  # is still seen
+
+
+@pytest.mark.parametrize(("n", "dim"), [(12, 40), (40, 6)])
+def test_whitened_gram_is_the_gram_of_rows_whitened_by_the_shrunk_within_sample_covariance(n, dim):
+    from dylora_moe.novelty.statistics import gram, shrunk_covariance, whitened_gram
+
+    a, b = gaussian(n, 2.0, seed=3, dim=dim) * torch.linspace(0.5, 2.0, dim), gaussian(n + 3, seed=4, dim=dim)
+    g, ia, ib = gram(a, b)
+    x = torch.cat([a, b]).double()
+    x = x - x.mean(0)
+    within = torch.cat([x[ia] - x[ia].mean(0), x[ib] - x[ib].mean(0)])
+    expected = x @ torch.linalg.solve(shrunk_covariance(within), x.T)
+    assert torch.allclose(whitened_gram(g, ia, ib, dim), expected, rtol=1e-6, atol=1e-6 * expected.abs().max())
+
+
+def test_whitening_of_constant_features_is_finite_and_finds_nothing():
+    from dylora_moe.novelty.statistics import gram, whitened_separation_from_gram
+
+    a = torch.full((6, 4), 2.5)
+    assert whitened_separation_from_gram(*gram(a, a), dim=4) == 0.0
+    lib = SkillLibrary()
+    lib.add_skill(unit(1, 0), expert_id=0, sample=SkillSample(a, a, torch.arange(6)))
+    decision = NoveltyDetector(lib, NoveltyConfig(method="mahalanobis", permutations=99)).decide(
+        SkillSample(a, a, torch.arange(6, 12)), unit(1, 0))
+    assert not decision.is_novel and decision.statistic == 0.0
+
+
+def test_two_constant_samples_at_different_points_are_told_apart_after_whitening():
+    from dylora_moe.novelty.statistics import gram, permutation_pvalue, whitened_separation_from_gram
+
+    a, b = torch.zeros(6, 4), torch.zeros(6, 4)
+    b[:, 1] = 1.0
+    value, p_value = permutation_pvalue(*gram(a, b), lambda g, x, y: whitened_separation_from_gram(g, x, y, 4),
+                                        permutations=99)
+    assert math.isfinite(value) and value > 1.0 and p_value <= 0.01

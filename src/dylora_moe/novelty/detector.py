@@ -10,7 +10,7 @@ Methods (``NoveltyConfig.method``):
   significance. The data belongs to a skill when the separation is at most ``granularity`` or is not
   significant at level ``significance``; it is novel when it belongs to none.
 - ``mahalanobis``: the same decision in the gate's input space (the router's features), whitened by a
-  shrunk within-skill covariance (spec 3.3.1's Mahalanobis trigger, on features instead of gradients).
+  shrunk covariance of the pooled rows (spec 3.3.1's Mahalanobis trigger, on features instead of gradients).
 - ``entropy``: spec 3.3.1's router-confidence trigger: novel when the gate's normalised entropy on the new
   data is significantly higher than on the known skills' stored data (a permutation test at
   ``significance``) and exceeds it by more than ``entropy_margin``; the nearest skill is the one the gate
@@ -206,13 +206,12 @@ class NoveltyDetector:
                 raise ValueError(
                     f"the new data and skill {skill_id} hold one example each: there is no spread to compare them "
                     f"by ({cfg.method!r} novelty); give at least 2 examples, or use novelty method 'cosine'")
-            gram, ia, ib = st.gram(new, known, st.whitening(new, known) if whiten else None)
-            value = st.separation_from_gram(gram, ia, ib, spread)
+            gram, ia, ib = st.gram(new, known)
+            statistic = _statistic(new.shape[1], whiten, spread)
+            value = statistic(gram, ia, ib)
             p_value = 1.0
             if value > cfg.granularity:  # only a separation beyond the granularity needs its significance
-                value, p_value = st.permutation_pvalue(
-                    gram, ia, ib, lambda g, a, b: st.separation_from_gram(g, a, b, spread),
-                    permutations=cfg.permutations)
+                value, p_value = st.permutation_pvalue(gram, ia, ib, statistic, permutations=cfg.permutations)
             scores[skill_id] = {"statistic": value, "p_value": p_value}
         nearest = min(scores, key=lambda i: scores[i]["statistic"])
         same = [i for i, s in scores.items() if s["statistic"] <= cfg.granularity or s["p_value"] > cfg.significance]
@@ -233,16 +232,17 @@ class NoveltyDetector:
         cfg = self.config
         rows = {i: getattr(s.sample, space).detach().double().cpu() for i, s in self.library.skills.items()}
         target = new.mean(0)
+        statistic = _statistic(new.shape[1], whiten, None)
         candidates = []
         for a, b in itertools.combinations(sorted(rows), 2):
             alpha = st.mixture_weight(target, rows[a].mean(0), rows[b].mean(0))
             reference = st.mixture_rows(rows[a], rows[b], alpha)
-            gram, ia, ib = st.gram(new, reference, st.whitening(new, reference) if whiten else None)
-            candidates.append((st.separation_from_gram(gram, ia, ib), a, b, alpha, gram, ia, ib))
+            gram, ia, ib = st.gram(new, reference)
+            candidates.append((statistic(gram, ia, ib), a, b, alpha, gram, ia, ib))
         for value, a, b, alpha, gram, ia, ib in sorted(candidates, key=lambda c: c[:3]):
             p_value = 1.0
             if value > cfg.granularity:
-                value, p_value = st.permutation_pvalue(gram, ia, ib, permutations=cfg.permutations)
+                value, p_value = st.permutation_pvalue(gram, ia, ib, statistic, permutations=cfg.permutations)
             if value <= cfg.granularity or p_value > cfg.significance:
                 main, other, share = (a, b, alpha) if alpha >= 0.5 else (b, a, 1 - alpha)
                 return Decision(False, main, value, cfg.granularity, p_value, scores, components=(main, other),
@@ -277,6 +277,14 @@ class NoveltyDetector:
         novel = excess > cfg.entropy_margin and p_value <= cfg.significance
         scores = {i: {"statistic": excess, "p_value": p_value} for i in ids}
         return Decision(novel, nearest, excess, cfg.entropy_margin, p_value, scores)
+
+
+def _statistic(dim: int, whiten: bool, spread: float | None) -> st.Statistic:
+    """The separation of a split of the pooled Gram matrix: whitened by the split's own covariance (``mahalanobis``),
+    or plain with ``spread`` standing in for two single examples' (``separation``)."""
+    if whiten:
+        return lambda g, a, b: st.whitened_separation_from_gram(g, a, b, dim)
+    return lambda g, a, b: st.separation_from_gram(g, a, b, spread)
 
 
 def _mean_spread(samples) -> float | None:

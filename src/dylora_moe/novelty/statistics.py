@@ -8,8 +8,9 @@ built so that its meaning does not depend on the backbone, the layer or the samp
   on average whatever ``n`` and ``m`` are; the denominator is the mean squared distance of an example from
   its own skill's mean. Translation-invariant, so the common direction that dominates mean-pooled hidden
   states (anisotropy) cancels out, and scale-invariant, so the units are the data's own.
-- the same ratio after ``whitening`` by a shrunk within-sample covariance (Ledoit-Wolf): the squared
-  Mahalanobis distance between the means divided by the dimension (the ``mahalanobis`` method).
+- the same ratio after whitening by a shrunk within-sample covariance (Ledoit-Wolf): a squared Mahalanobis
+  distance between the means (the ``mahalanobis`` method), recomputed for every split a permutation test
+  scores so that the test stays exact (``whitened_separation_from_gram``).
 - ``permutation_pvalue``: how often a random relabelling of the pooled rows scores at least as high as the
   observed split: the significance of any of the statistics above, exact under exchangeability.
 - ``mean_entropy`` / ``entropy_pvalue``: the router-confidence trigger.
@@ -68,11 +69,9 @@ def _check(a: Tensor, b: Tensor) -> None:
         raise ValueError(f"two samples need at least 3 examples between them, got {a.shape[0]} and {b.shape[0]}")
 
 
-def gram(a: Tensor, b: Tensor, whiten: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def gram(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     x = torch.cat([a, b]).double()  # [N, H]
     x = x - x.mean(0)  # translation changes nothing but keeps the Gram well-conditioned
-    if whiten is not None:
-        x = x @ whiten
     n = a.shape[0]
     return x @ x.T, torch.arange(n), torch.arange(n, x.shape[0])
 
@@ -98,12 +97,44 @@ def shrunk_covariance(x: Tensor) -> Tensor:
     return shrink * target + (1 - shrink) * sample
 
 
-def whitening(a: Tensor, b: Tensor) -> Tensor:
-    """A matrix W [H, H] with W Wᵀ = Σ⁻¹, Σ the shrunk covariance of each sample around its own mean."""
-    within = torch.cat([a.double() - a.double().mean(0), b.double() - b.double().mean(0)])
-    cov = shrunk_covariance(within)
-    vals, vecs = torch.linalg.eigh(cov)
-    return vecs / vals.clamp(min=vals.max() * 1e-9).sqrt()
+def within_centering(ia: Tensor, ib: Tensor, total: int) -> Tensor:
+    """C [N, N] with C X = the rows of X [N, H] each less its own sample's mean (samples ``ia`` and ``ib``)."""
+    c = torch.eye(total, dtype=torch.float64)
+    for rows in (ia, ib):
+        c[rows[:, None], rows[None, :]] -= 1.0 / rows.numel()
+    return c
+
+
+def whitened_gram(gram: Tensor, ia: Tensor, ib: Tensor, dim: int) -> Tensor:
+    """The Gram matrix X Σ⁻¹ Xᵀ [N, N] of the pooled rows X [N, H] (``gram`` = X Xᵀ) after whitening by Σ, the
+    Ledoit-Wolf shrunk covariance of the rows around their own sample's mean (``shrunk_covariance``'s estimate).
+
+    Computed in the N-dimensional dual by Woodbury, Σ = αI + β XcᵀXc with Xc = C X, so a relabelling costs one
+    N x N solve instead of an H x H eigendecomposition: the permutation test recomputes the whitening for every
+    split it scores, which keeps it exact (a covariance taken around the observed split's means and reused for
+    the relabellings leaves out the direction between the observed means only, and made two samples of one
+    distribution "different" at several times the level). Rows with no spread around their means are left
+    unwhitened (the separation is then 0 for one point and unbounded for two)."""
+    n = gram.shape[0]
+    c = within_centering(ia, ib, n)
+    inner = c @ gram @ c  # Xc Xcᵀ [N, N]
+    mu = float(inner.trace()) / (n * dim)  # mean eigenvalue of the covariance S = XcᵀXc / N
+    if not mu > 0:
+        return gram
+    frob = float((inner**2).sum()) / n**2  # ||S||²_F
+    delta = frob - mu * mu * dim  # ||S - mu I||²_F
+    beta = (float((inner.diagonal() ** 2).mean()) - frob) / n  # (1/N²) Σ_i ||x_i x_iᵀ - S||²_F
+    shrink = min(1.0, max(1e-9, beta / delta if delta > 0 else 1.0))
+    alpha, scale = shrink * mu, (1 - shrink) / n  # Σ = alpha I + scale XcᵀXc
+    cross = gram @ c  # X Xcᵀ [N, N]
+    system = alpha * torch.eye(n, dtype=gram.dtype) + scale * inner
+    return (gram - scale * cross @ torch.linalg.solve(system, cross.T)) / alpha
+
+
+def whitened_separation_from_gram(gram: Tensor, ia: Tensor, ib: Tensor, dim: int) -> float:
+    """``separation`` after whitening by the split's own shrunk within-sample covariance (``whitened_gram``):
+    the statistic of the ``mahalanobis`` method, for ``permutation_pvalue`` with ``gram`` = X Xᵀ unwhitened."""
+    return separation_from_gram(whitened_gram(gram, ia, ib, dim), ia, ib)
 
 
 def permutation_pvalue(gram: Tensor, ia: Tensor, ib: Tensor, statistic: Statistic = separation_from_gram, *,
