@@ -103,6 +103,18 @@ def test_export_names_the_backbone_as_other_machines_load_it(run, tmp_path):
     assert exported_base(run, tmp_path / "c", "org/some-model") == "org/some-model"
 
 
+def test_a_failed_export_leaves_no_partial_folder(run, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copy2", full_disk)
+    assert main(["experts", "export", str(run / "out"), "1", str(tmp_path / "exported")]) != 0
+    assert "No space left on device" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its temporary copy
+
+
 def test_delete_expert_keeps_the_rest(run, tmp_path):
     import shutil
 

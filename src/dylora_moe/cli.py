@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -92,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]error:[/] {err}", soft_wrap=True, markup=True)
         record_error(args, err)
         return 2
+    except OSError as err:  # the machine's, not the input's: a full disk, a folder without write permission
+        console.print(f"[red]error:[/] {err} (free space or fix permissions, then run the command again; "
+                      "saved state is left as it was)", soft_wrap=True, markup=True)
+        with contextlib.suppress(OSError):  # the event log may be on the full disk too
+            record_error(args, err)
+        return 2
     return 0
 
 
@@ -112,7 +119,6 @@ def record_error(args: argparse.Namespace, err: Exception) -> None:
 
         EventLog(Path(out) / "events.jsonl").emit(ERROR, command=args.command, error=str(err),
                                                    kind=type(err).__name__)
-
 
 
 def resolve_run(args: argparse.Namespace) -> None:

@@ -105,7 +105,7 @@ def export(row, dest: Path, console: Console, *, base_model: str) -> int:
     """Copy the expert's peft adapter to ``dest``, its ``base_model_name_or_path`` set to ``base_model``: peft
     records the folder it loaded the backbone from (for the default model, a conversion cache under
     ``~/.cache``), which no other machine has."""
-    from .checkpoint import check_adapter
+    from .checkpoint import check_adapter, read_json
 
     source = Path(row.storage_path)
     check_adapter(source)
@@ -113,11 +113,15 @@ def export(row, dest: Path, console: Console, *, base_model: str) -> int:
         raise ValueError(f"{dest} already exists: choose a new folder")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
-    shutil.copy2(source / "adapter_model.safetensors", tmp / "adapter_model.safetensors")
-    config = json.loads((source / "adapter_config.json").read_text(encoding="utf-8"))
-    config["base_model_name_or_path"] = base_model
-    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    tmp.rename(dest)
+    try:
+        shutil.copy2(source / "adapter_model.safetensors", tmp / "adapter_model.safetensors")
+        config = read_json(source / "adapter_config.json")
+        config["base_model_name_or_path"] = base_model
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed export leaves nothing half-written behind
+        raise
     console.print(f"expert {row.expert_id} -> {dest} (load with PeftModel.from_pretrained(base_model, '{dest}'))")
     return 0
 

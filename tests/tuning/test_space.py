@@ -89,6 +89,12 @@ def test_params_files_and_streams_carrying_params(tmp_path):
     (tmp_path / "plain.yaml").write_text("training: {seed_lr: 0.004}\n")
     with pytest.raises(ValueError, match=r"no `params:` mapping.*best.yaml"):
         load_params(tmp_path / "plain.yaml")
+    (tmp_path / "broken.yaml").write_text("params:\n  training.seed_lr: [0.004\n")
+    with pytest.raises(ValueError, match=r"broken.yaml is not valid YAML"):
+        load_params(tmp_path / "broken.yaml")
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00params")
+    with pytest.raises(ValueError, match=r"binary.yaml is not a UTF-8 text file"):
+        load_params(tmp_path / "binary.yaml")
     (tmp_path / "typo.yaml").write_text("params: {training.seed_lrr: 0.004}\n")
     with pytest.raises(ValueError, match=r"typo.yaml: unknown parameter 'training.seed_lrr'"):
         load_params(tmp_path / "typo.yaml")

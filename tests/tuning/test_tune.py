@@ -215,6 +215,9 @@ def test_space_file_replaces_the_streams_section(tmp_path):
     (tmp_path / "space.yaml").write_text("params:\n  system.router.topk: [1, 2]\n")  # the bare mapping works too
     with pytest.raises(ValueError, match=r"unknown parameter 'system.router.topk'.*did you mean system.router.top_k"):
         prepare(args)
+    (tmp_path / "space.yaml").write_text("tune:\n  params: {system.router.top_k: [1, 2\n")
+    with pytest.raises(ValueError, match=r"space.yaml is not valid YAML"):
+        prepare(args)
     args.trials = 0
     with pytest.raises(ValueError, match="--trials must be >= 1"):
         prepare(args)

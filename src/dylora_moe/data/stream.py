@@ -241,15 +241,25 @@ class StreamSpec:
         return [s for s in self.skills if data_dir or not s.requires_data_dir]
 
 
+def read_yaml(path: str | Path, what: str) -> Any:
+    """The parsed content of the YAML file ``path`` (a ``what``: "stream file", "params file", ...); a missing file,
+    a file that is not text and a YAML syntax error are named with the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not a UTF-8 text file ({err.reason} at byte {err.start}): give the {what} "
+                         "as YAML") from err
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from err
+
+
 def load_stream(path: str | Path) -> StreamSpec:
     """Read and validate a stream file; every problem is reported with the file and the skill it is in."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"stream file {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path} is not valid YAML: {err}") from err
+    data = read_yaml(path, "stream file")
     if not isinstance(data, dict) or not isinstance(data.get("skills"), list):
         raise ValueError(f"{path}: expected a mapping with a `skills` list (and optionally `name`)")
     skills = []

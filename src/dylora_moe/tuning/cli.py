@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import yaml
 from rich.console import Console
 
-from ..data.stream import StreamSpec, load_stream
+from ..data.stream import StreamSpec, load_stream, read_yaml
 from .space import TuneConfig, parse_tune
 
 
@@ -52,9 +51,7 @@ def prepare(args: argparse.Namespace) -> tuple[StreamSpec, TuneConfig]:
         raise ValueError(f"every skill of {args.stream} needs a data directory: pass --data-dir")
     section = stream.tune
     if args.space is not None:
-        if not args.space.is_file():
-            raise FileNotFoundError(f"search-space file {args.space} not found")
-        data = yaml.safe_load(args.space.read_text(encoding="utf-8")) or {}
+        data = read_yaml(args.space, "search-space file") or {}
         section = data.get("tune", data) if isinstance(data, dict) else None
         if not isinstance(section, dict):
             raise ValueError(f"{args.space}: expected a mapping (the `tune:` settings)")

@@ -14,9 +14,8 @@ import difflib
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..config import DyLoRAConfig
+from ..data.stream import read_yaml
 from ..training.config import TrainingConfig
 
 # fields that choose what runs, not how well it learns: never tuned
@@ -84,9 +83,7 @@ def build_configs(system: dict[str, Any], training: dict[str, Any]) -> tuple[DyL
 def load_params(path: str | Path) -> dict[str, Any]:
     """The ``params:`` section of a file ``dylora tune`` wrote (``best.yaml``), names checked."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"params file {path} not found")
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data = read_yaml(path, "params file")
     params = data.get("params") if isinstance(data, dict) else None
     if not isinstance(params, dict) or not params:
         raise ValueError(f"{path} has no `params:` mapping of tuned values (dotted names such as "
