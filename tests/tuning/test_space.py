@@ -64,6 +64,15 @@ def test_bad_sections_are_named(section, match):
         parse_tune(section)
 
 
+def test_a_bad_value_of_the_stream_itself_is_blamed_on_the_stream_not_on_the_tuned_range():
+    section = {"params": {"training.seed_lr": {"low": 1e-4, "high": 1e-2}}}
+    with pytest.raises(ValueError, match=r"stream's own system/training sections.*dropout") as err:
+        parse_tune(section, {"expert": {"dropout": 1.5}}, {})
+    assert "tune.params" not in str(err.value)
+    with pytest.raises(ValueError, match=r"stream's own system/training sections.*batch_size"):
+        parse_tune({}, {}, {"batch_size": 0})
+
+
 def test_baseline_takes_the_streams_own_values_then_the_defaults():
     config = parse_tune({"params": {"training.seed_lr": {"low": 1e-4, "high": 1e-2}, "system.expert.rank": [4, 8],
                                     "system.router.temperature": {"low": 0.5, "high": 2.0}}})
