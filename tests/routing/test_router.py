@@ -110,6 +110,39 @@ def test_fit_gate_learns_labelled_features_and_keeps_old_classes():
         fit_gate(r, feats, labels[:5])
 
 
+@pytest.mark.parametrize("offset", [0.0, 50.0, 500.0])
+def test_fit_gate_copes_with_features_far_from_the_origin(offset):
+    # A fresh column's random weights times a large common offset gave logits of hundreds: a warm start that
+    # Adam could not undo in 200 steps (at 500, one class for every row, loss 180 after the fit).
+    from dylora_moe.routing.fit import fit_gate
+
+    torch.manual_seed(0)
+    r = router_with(3)
+    centers = torch.randn(3, 16) * 3
+    labels = torch.arange(3).repeat_interleave(20)
+    feats = centers[labels] + torch.randn(60, 16) * 0.5 + offset
+    losses = fit_gate(r, feats, labels, steps=200)
+    assert losses[-1] < 0.05
+    assert (r(feats).weights.argmax(-1) == labels).all()
+
+
+def test_fit_gate_keeps_a_good_warm_start_and_fits_a_bf16_gate_in_fp32():
+    from dylora_moe.routing.fit import fit_gate
+
+    torch.manual_seed(0)
+    centers = torch.randn(3, 16) * 3
+    labels = torch.arange(3).repeat_interleave(20)
+    feats = centers[labels] + torch.randn(60, 16) * 0.5 + 10.0
+    r = router_with(3)
+    first = fit_gate(r, feats, labels, steps=100)
+    again = fit_gate(r, feats, labels, steps=1)
+    assert again[0] == pytest.approx(first[-1], rel=0.05)  # started where the first fit ended, not from zero
+    half = router_with(3).to(torch.bfloat16)
+    fit_gate(half, feats.bfloat16(), labels, steps=100)
+    assert half.gate.weight.dtype == torch.bfloat16
+    assert (half(feats.bfloat16()).weights.argmax(-1) == labels).all()
+
+
 def test_dense_top_m_mixes_every_new_expert_with_each_samples_top_m_mature_ones():
     full, limited = router_with(6), router_with(6, dense_top_m=2)
     for r in (full, limited):
@@ -154,8 +187,8 @@ def test_a_penalised_gate_fit_lands_on_one_gate_whatever_it_starts_from():
         for seed in (1, 2):
             r = router_with(3)
             torch.manual_seed(seed)
-            with torch.no_grad():  # two quite different starting gates
-                r.gate.weight.copy_(torch.randn_like(r.gate.weight) * 3.0)
+            with torch.no_grad():  # two quite different starting gates, each a better fit than the uniform gate
+                r.gate.weight.copy_(centers + torch.randn_like(r.gate.weight) * 1.5)
             fit_gate(r, feats, labels, steps=2000, weight_decay=decay)
             assert (r(feats).weights.argmax(-1) == labels).all()
             probs.append(torch.softmax(r(probe).logits, -1))

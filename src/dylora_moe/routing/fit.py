@@ -25,30 +25,44 @@ def fit_gate(router: DynamicHybridRouter, features: Tensor, columns: Tensor, *, 
     """Minimise cross-entropy between ``gate(features) / temperature`` [N, E] and the targets: expert
     ``columns`` [N] (int), or target distributions [N, E] (float rows summing to 1, multi-label).
 
-    Returns the loss per step. Only the gate's parameters change.
+    Returns the loss per step. Only the gate's parameters change. The fit starts from the gate as it is,
+    unless that fits the targets worse than the uniform gate (zero weights): a freshly initialised column's
+    random weights on features far from the origin give logits of hundreds, which Adam's steps of ``lr``
+    cannot undo in ``steps``.
     """
     if features.shape[0] != columns.shape[0] or features.shape[0] == 0:
         raise ValueError(f"need one target column per feature row, got {features.shape[0]} and {columns.shape[0]}")
     gate = router.gate
-    features = features.to(gate.weight.device, gate.weight.dtype)
+    dtype = torch.promote_types(gate.weight.dtype, torch.float32)  # a bf16 gate is fitted in fp32
+    features = features.to(gate.weight.device, dtype)
     columns = check_targets(columns, router.num_experts).to(gate.weight.device)
     # Standardising makes one learning rate work for hidden states of any scale; folded back afterwards.
     mean, std = features.mean(0), features.std(0).clamp(min=1e-6) if features.shape[0] > 1 else 1.0
     x = (features - mean) / std
-    w = (gate.weight.detach() * std).clone().requires_grad_(True)  # [E, H] in standardised units
-    b = (gate.bias.detach() + gate.weight.detach() @ mean).clone().requires_grad_(True)  # [E]
+    weight, bias = gate.weight.detach().to(dtype), gate.bias.detach().to(dtype)
+    w = weight * std  # [E, H] in standardised units
+    b = bias + weight @ mean  # [E]
+
+    def fit_loss(w: Tensor, b: Tensor) -> Tensor:
+        return torch.nn.functional.cross_entropy((x @ w.T + b) / router.temperature, columns)
+
+    with torch.no_grad():  # the gate as it is is a warm start only when it fits better than the uniform gate
+        warm = fit_loss(w, b) <= fit_loss(torch.zeros_like(w), torch.zeros_like(b))  # on device: no host sync
+        w, b = torch.where(warm, w, 0.0), torch.where(warm, b, 0.0)
+    w, b = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
     opt = torch.optim.Adam([w, b], lr=lr, weight_decay=weight_decay)
     losses = []
     with torch.enable_grad():
         for _ in range(steps):
-            loss = torch.nn.functional.cross_entropy((x @ w.T + b) / router.temperature, columns)
+            loss = fit_loss(w, b)
             opt.zero_grad()
             loss.backward()
             opt.step()
             losses.append(loss.detach())  # read once at the end: a read per step stalls an accelerator
     with torch.no_grad():
-        gate.weight.copy_(w / std)
-        gate.bias.copy_(b - gate.weight @ mean)
+        weight = w / std
+        gate.weight.copy_(weight)
+        gate.bias.copy_(b - weight @ mean)
     return torch.stack(losses).tolist()
 
 
