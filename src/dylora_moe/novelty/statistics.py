@@ -97,9 +97,9 @@ def shrunk_covariance(x: Tensor) -> Tensor:
     return shrink * target + (1 - shrink) * sample
 
 
-def within_centering(ia: Tensor, ib: Tensor, total: int) -> Tensor:
+def within_centering(ia: Tensor, ib: Tensor, total: int, device: torch.device | str = "cpu") -> Tensor:
     """C [N, N] with C X = the rows of X [N, H] each less its own sample's mean (samples ``ia`` and ``ib``)."""
-    c = torch.eye(total, dtype=torch.float64)
+    c = torch.eye(total, dtype=torch.float64, device=device)
     for rows in (ia, ib):
         c[rows[:, None], rows[None, :]] -= 1.0 / rows.numel()
     return c
@@ -116,7 +116,7 @@ def whitened_gram(gram: Tensor, ia: Tensor, ib: Tensor, dim: int) -> Tensor:
     distribution "different" at several times the level). Rows with no spread around their means are left
     unwhitened (the separation is then 0 for one point and unbounded for two)."""
     n = gram.shape[0]
-    c = within_centering(ia, ib, n)
+    c = within_centering(ia, ib, n, gram.device).to(gram.dtype)
     inner = c @ gram @ c  # Xc Xcᵀ [N, N]
     mu = float(inner.trace()) / (n * dim)  # mean eigenvalue of the covariance S = XcᵀXc / N
     if not mu > 0:
@@ -127,7 +127,7 @@ def whitened_gram(gram: Tensor, ia: Tensor, ib: Tensor, dim: int) -> Tensor:
     shrink = min(1.0, max(1e-9, beta / delta if delta > 0 else 1.0))
     alpha, scale = shrink * mu, (1 - shrink) / n  # Σ = alpha I + scale XcᵀXc
     cross = gram @ c  # X Xcᵀ [N, N]
-    system = alpha * torch.eye(n, dtype=gram.dtype) + scale * inner
+    system = alpha * torch.eye(n, dtype=gram.dtype, device=gram.device) + scale * inner
     return (gram - scale * cross @ torch.linalg.solve(system, cross.T)) / alpha
 
 
