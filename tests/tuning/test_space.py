@@ -70,7 +70,10 @@ def test_a_bad_value_of_the_stream_itself_is_blamed_on_the_stream_not_on_the_tun
         parse_tune(section, {"expert": {"dropout": 1.5}}, {})
     assert "tune.params" not in str(err.value)
     with pytest.raises(ValueError, match=r"stream's own system/training sections.*batch_size"):
-        parse_tune({}, {}, {"batch_size": 0})
+        parse_tune(section, {}, {"batch_size": 0})
+    # a stream that only the tuned values make valid is still accepted (each end of the range is valid)
+    wide = {"params": {"system.expert.max_rank": {"low": 48, "high": 64}}, "baseline": False}
+    assert parse_tune(wide, {"expert": {"rank": 48}}, {}).params[0].name == "system.expert.max_rank"
 
 
 def test_baseline_takes_the_streams_own_values_then_the_defaults():

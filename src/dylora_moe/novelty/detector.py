@@ -10,7 +10,8 @@ Methods (``NoveltyConfig.method``):
   significance. The data belongs to a skill when the separation is at most ``granularity`` or is not
   significant at level ``significance``; it is novel when it belongs to none.
 - ``mahalanobis``: the same decision in the gate's input space (the router's features), whitened by a
-  shrunk covariance of the pooled rows (spec 3.3.1's Mahalanobis trigger, on features instead of gradients).
+  shrunk within-sample covariance, recomputed for every relabelling the permutation test scores (spec 3.3.1's
+  Mahalanobis trigger, on features instead of gradients).
 - ``entropy``: spec 3.3.1's router-confidence trigger: novel when the gate's normalised entropy on the new
   data is significantly higher than on the known skills' stored data (a permutation test at
   ``significance``) and exceeds it by more than ``entropy_margin``; the nearest skill is the one the gate

@@ -17,7 +17,9 @@ built so that its meaning does not depend on the backbone, the layer or the samp
 - ``mixture_weight`` / ``mixture_rows``: the reference sample of a mixture of two known skills, against which
   data that needs both skills at once (a composed task) is compared with the same ``separation``.
 
-Statistics are computed in float64 from a Gram matrix, so a permutation costs O((n + m)²), not O((n + m) H).
+Statistics are computed in float64 from a Gram matrix, so a permutation costs O((n + m)²), not O((n + m) H);
+the whitened one solves an (n + m) x (n + m) system per permutation, O((n + m)³) (about 1.6 s for 200
+permutations of 256 rows on one CPU thread).
 """
 
 from __future__ import annotations

@@ -157,13 +157,16 @@ def parse_tune(section: dict[str, Any] | None, system: dict[str, Any] | None = N
         raise ValueError("tune.params must be a mapping of parameter name -> range or list of choices")
     section["params"] = parse_space(section.get("params") or {})
     config = TuneConfig(**section)
-    try:  # the stream's own values first, so that a bad one is not blamed on every tuned range
-        build_configs(system or {}, training or {})
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"the stream's own system/training sections are not valid ({err}); fix the stream file "
-                         "before tuning") from err
     for spec in config.params:
-        check_values(spec, system or {}, training or {})
+        try:
+            check_values(spec, system or {}, training or {})
+        except ValueError:
+            try:  # a bad value of the stream itself is the stream's, not every tuned range's
+                build_configs(system or {}, training or {})
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"the stream's own system/training sections are not valid ({err}); fix the "
+                                 "stream file before tuning") from err
+            raise
     return config
 
 
