@@ -201,6 +201,7 @@ class NoveltyDetector:
         samples = {i: getattr(s.sample, space).detach().double().cpu() for i, s in self.library.skills.items()}
         single = new.shape[0] == 1 and any(known.shape[0] == 1 for known in samples.values())
         spread = _mean_spread(samples.values()) if single and not whiten else None
+        statistic = _statistic(new.shape[1], whiten, spread)
         scores: dict[int, dict[str, float]] = {}
         for skill_id, known in samples.items():
             if new.shape[0] + known.shape[0] < 3 and spread is None:
@@ -208,7 +209,6 @@ class NoveltyDetector:
                     f"the new data and skill {skill_id} hold one example each: there is no spread to compare them "
                     f"by ({cfg.method!r} novelty); give at least 2 examples, or use novelty method 'cosine'")
             gram, ia, ib = st.gram(new, known)
-            statistic = _statistic(new.shape[1], whiten, spread)
             value = statistic(gram, ia, ib)
             p_value = 1.0
             if value > cfg.granularity:  # only a separation beyond the granularity needs its significance

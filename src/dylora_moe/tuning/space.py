@@ -158,15 +158,7 @@ def parse_tune(section: dict[str, Any] | None, system: dict[str, Any] | None = N
     section["params"] = parse_space(section.get("params") or {})
     config = TuneConfig(**section)
     for spec in config.params:
-        try:
-            check_values(spec, system or {}, training or {})
-        except ValueError:
-            try:  # a bad value of the stream itself is the stream's, not every tuned range's
-                build_configs(system or {}, training or {})
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"the stream's own system/training sections are not valid ({err}); fix the "
-                                 "stream file before tuning") from err
-            raise
+        check_values(spec, system or {}, training or {})
     return config
 
 
@@ -234,6 +226,11 @@ def check_values(spec: ParamSpec, system: dict[str, Any], training: dict[str, An
         try:
             build_configs(*apply_params(system, training, {spec.name: value}))
         except (TypeError, ValueError) as err:
+            try:  # a bad value of the stream itself is the stream's, not every tuned range's
+                build_configs(system, training)
+            except (TypeError, ValueError) as own:
+                raise ValueError(f"the stream's own system/training sections are not valid ({own}); fix the "
+                                 "stream file before tuning") from own
             raise ValueError(f"tune.params.{spec.name}: {value!r} is not a valid value ({err}); "
                              "narrow the range or change the choices") from err
 
