@@ -224,7 +224,8 @@ def forced_part(args: argparse.Namespace, shared: Path, say) -> dict:
         memory.load_tensors(load_file(str(system_dir / MEMORY)))
         torch.manual_seed(args.seed)  # dare drops entries at random
         start = time.perf_counter()
-        merged = pool.merge(model, memory, a, b, method=method, rank=args.rank, density=density)
+        rank = args.rank if "svd" in method else None
+        merged = pool.merge(model, memory, a, b, method=method, rank=rank, density=density)
         seconds = time.perf_counter() - start
         after, forced = measured(model, (merged,))
         after |= {"merged": forced[merged],

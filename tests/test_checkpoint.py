@@ -271,3 +271,27 @@ def test_a_save_reaches_the_disk_before_the_old_copy_is_removed(tmp_path, monkey
     synced.clear()
     model.save_pretrained(tmp_path / "system")  # nothing trained since: the experts are linked, not synced again
     assert not any("adapter_model" in path for path in synced) and "router.safetensors" in str(synced)
+
+
+def test_a_trainable_expert_is_written_at_every_save(tmp_path):
+    """A user's loop that saves after every epoch: the expert still training is written each time, never linked
+    from the previous save."""
+    model = build()
+    model.create_expert()
+    model.set_trainable([0])
+    for epoch in range(2):
+        with torch.no_grad():  # an optimizer step, as a user's loop takes it (no touch() call)
+            for p in model.experts.parameters(0):
+                p.add_(0.25)
+        model.save_pretrained(tmp_path / "system")
+        loaded = DyLoRAMoE.from_pretrained(tmp_path / "system", backbone=tiny_llama(), tokenizer=char_tokenizer())
+        for mine, theirs in zip(model.experts.parameters(0), loaded.experts.parameters(0), strict=True):
+            torch.testing.assert_close(mine, theirs, msg=f"save after epoch {epoch} holds stale weights")
+
+
+def test_set_trainable_refuses_an_unknown_expert():
+    model = build()
+    model.create_expert()
+    with pytest.raises(KeyError, match="no expert with id 7"):
+        model.set_trainable([7])
+    assert model.experts.trainable_ids == frozenset()

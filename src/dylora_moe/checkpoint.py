@@ -175,10 +175,12 @@ def verify(folder: Path) -> None:
 def _write(model, out: Path, dest: Path) -> None:
     """Write ``model`` into ``out``, the temporary folder of a save to ``dest``. An expert whose weights ``dest``
     already holds (loaded from there or saved there, and not trained or edited since) is hard-linked from it
-    instead of written again, so a save costs what changed, not the pool size."""
+    instead of written again, so a save costs what changed, not the pool size. A trainable expert is always
+    written: an optimizer may have stepped it since the last save (a user's loop saving every epoch)."""
     manager = model.experts
     dest = dest.resolve()
-    kept = [e for e in manager.expert_ids if manager.written.get(e) == dest and _link_expert(dest, out, e)]
+    kept = [e for e in manager.expert_ids
+            if e not in manager.trainable_ids and manager.written.get(e) == dest and _link_expert(dest, out, e)]
     changed = [e for e in manager.expert_ids if e not in kept]
     manager.onload(changed)
     if manager.peft_model is not None and changed:

@@ -96,6 +96,36 @@ def test_a_pruning_merge_without_density_is_refused_before_anything_changes():
     assert model.experts.expert_ids == [0, 1] and model.router.num_experts == 2
 
 
+@pytest.mark.parametrize("method, rank, density, message", [
+    ("svd", 17, None, "rank must be in"),  # wider than the 16-wide key/value projections
+    ("svd", 0, None, "rank must be in"),
+    ("cat", 4, None, "takes no rank"),
+    ("ties_svd", None, 0.0, "in \\(0, 1\\]"),  # keeps nothing of either expert
+    ("ties_svd", None, 2.0, "in \\(0, 1\\]"),
+    ("cat", None, 0.5, "takes no density"),
+])
+def test_merge_options_a_method_would_ignore_or_break_on_are_refused(method, rank, density, message):
+    model = grown(n_experts=2)
+    with pytest.raises(ValueError, match=message):
+        model.merge_experts(0, 1, method=method, rank=rank, density=density)
+    assert model.experts.expert_ids == [0, 1] and model.router.num_experts == 2
+
+
+def test_an_svd_merge_at_the_narrowest_layers_width_saves_and_loads(tmp_path):
+    from dylora_moe import DyLoRAMoE
+    from tests.conftest import char_tokenizer
+
+    model = grown(n_experts=2)
+    widest = min(min(layer.in_features, layer.out_features) for layer in model.experts.layers())
+    merged = model.merge_experts(0, 1, method="svd", rank=widest)
+    model.save_pretrained(tmp_path / "system")
+    loaded = DyLoRAMoE.from_pretrained(tmp_path / "system", backbone=tiny_llama(), tokenizer=char_tokenizer())
+    assert loaded.experts.ranks[merged] == widest
+    inputs = batch(bsz=2, t=8)
+    with torch.no_grad(), model.force_expert(merged), loaded.force_expert(merged):
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits)
+
+
 @pytest.mark.parametrize("method", ["cat", "svd"])
 def test_a_merged_expert_of_a_bf16_backbone_keeps_the_sources_dtype_and_serves_alone(method):
     """peft keeps adapters of a half-precision backbone in float32; its merge writes the new adapter in the

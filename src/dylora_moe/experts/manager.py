@@ -150,10 +150,9 @@ class ExpertManager:
         the new id."""
         for expert_id in expert_ids:
             self._check(expert_id)
-        if density is None and method in NEEDS_DENSITY:
-            raise ValueError(f"merge method {method!r} prunes the deltas: give the share to keep, density in (0, 1]")
         if len(expert_ids) < 2 or len(weights) != len(expert_ids):
             raise ValueError(f"merge needs two or more experts and one weight each, got {expert_ids} and {weights}")
+        self._check_merge_options(method, rank, density)
         self.onload(expert_ids)
         expert_id, name = self.next_id, expert_name(self.next_id)
         extra = {"svd_rank": rank or max(self.ranks[e] for e in expert_ids)} if "svd" in method else {}
@@ -178,6 +177,29 @@ class ExpertManager:
         self._refresh()
         self._apply_trainable()
         return expert_id
+
+    def _check_merge_options(self, method: str, rank: int | None, density: float | None) -> None:
+        """Refuse options a merge method would ignore or turn into a broken expert: a density outside (0, 1] (0
+        keeps nothing of either delta), or one given to a method that does not prune; a rank below 1, given to a
+        method that does not truncate, or above the smallest adapted layer's width (peft then cuts that layer's
+        factors to its width, and the saved expert no longer matches its own config)."""
+        if method in NEEDS_DENSITY:
+            if density is None:
+                raise ValueError(f"merge method {method!r} prunes the deltas: give the share to keep, density in (0, 1]")
+            if not 0 < density <= 1:
+                raise ValueError(f"density is the share of each delta kept, in (0, 1]; got {density}")
+        elif density is not None:
+            raise ValueError(f"merge method {method!r} keeps every entry and takes no density; "
+                             f"the pruning methods are {', '.join(NEEDS_DENSITY)}")
+        if rank is None:
+            return
+        if "svd" not in method:
+            raise ValueError(f"merge method {method!r} keeps the sources' ranks and takes no rank; "
+                             "give one to an svd method (svd, ties_svd, dare_ties_svd, ...)")
+        widest = min((min(layer.in_features, layer.out_features) for layer in self._layers), default=rank)
+        if not 1 <= rank <= widest:
+            raise ValueError(f"an svd merge's rank must be in [1, {widest}] (the narrowest adapted layer's width); "
+                             f"got {rank}")
 
     def delete_expert(self, expert_id: int) -> None:
         self._check(expert_id)
@@ -213,7 +235,10 @@ class ExpertManager:
     def set_trainable(self, expert_ids: Iterable[int]) -> None:
         """Only the given experts' LoRA weights receive gradients; every other expert stays frozen. Trainable
         experts are brought back and stay resident, so an optimizer built now holds their parameters."""
-        self.trainable_ids = frozenset(expert_ids)
+        expert_ids = frozenset(expert_ids)
+        for expert_id in expert_ids:
+            self._check(expert_id)
+        self.trainable_ids = expert_ids
         for expert_id in self.trainable_ids:  # their weights will change: the next save writes them
             self.written.pop(expert_id, None)
         self.onload(self.trainable_ids)
