@@ -295,3 +295,20 @@ def test_set_trainable_refuses_an_unknown_expert():
     with pytest.raises(KeyError, match="no expert with id 7"):
         model.set_trainable([7])
     assert model.experts.trainable_ids == frozenset()
+
+
+def test_a_section_override_changes_only_the_fields_it_names(tmp_path):
+    from dylora_moe.config import RouterConfig
+
+    model = build(route_layer=1, temperature=0.5, top_k=2)
+    model.save_pretrained(tmp_path / "system")
+    loaded = DyLoRAMoE.from_pretrained(tmp_path / "system", backbone=tiny_llama(), tokenizer=char_tokenizer(),
+                                       router={"top_k": 1}, novelty={"permutations": 99})
+    router = loaded.config.router
+    assert (router.top_k, router.route_layer, router.temperature) == (1, 1, 0.5)
+    assert loaded.config.novelty.permutations == 99
+    assert loaded.config.novelty.method == model.config.novelty.method
+    # a config object replaces the whole section
+    whole = DyLoRAMoE.from_pretrained(tmp_path / "system", backbone=tiny_llama(), tokenizer=char_tokenizer(),
+                                      router=RouterConfig(top_k=1))
+    assert whole.config.router == RouterConfig(top_k=1)

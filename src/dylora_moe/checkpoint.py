@@ -316,14 +316,27 @@ def load_pretrained(cls, path: str | Path, *, backbone=None, tokenizer=None, **o
         return _load(cls, path, backbone, tokenizer, overrides)
 
 
+def merged_config(saved: dict, overrides: dict) -> dict:
+    """The saved config with ``overrides`` applied: a section given as a dict (``router={"top_k": 1}``) changes
+    only the fields it names and keeps the saved others; a section given as a config object, or a plain field,
+    replaces the saved value."""
+    merged = dict(saved)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
 def _load(cls, path: Path, backbone, tokenizer, overrides: dict):
     manifest = read_manifest(path)
-    saved = dict(manifest["config"])
-    if "method" not in saved.get("novelty", {}) and "novelty" not in overrides:
+    saved = merged_config(manifest["config"], overrides)
+    if isinstance(saved.get("novelty", {}), dict) and "method" not in saved.get("novelty", {}):
         # Saved before the calibrated methods existed: keep deciding as it was built to (cosine threshold).
         saved["novelty"] = {**saved.get("novelty", {}), "method": "cosine"}
         logger.info("%s predates per-example skill statistics: its novelty decision stays 'cosine'", path)
-    config = DyLoRAConfig.from_dict({**saved, **overrides})
+    config = DyLoRAConfig.from_dict(saved)
     model = cls(backbone, tokenizer, config) if backbone is not None else cls.from_config(config)
     ranks = {int(k): v for k, v in manifest["ranks"].items()}
     for expert_id in manifest["expert_ids"]:
