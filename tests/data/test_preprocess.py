@@ -52,3 +52,14 @@ def test_build_dataset_columns_and_errors():
         build_dataset(tok, [], max_length=16)
     with pytest.raises(ValueError, match="raise max_length"):
         build_dataset(tok, [Example("abcdefgh", "x")], max_length=4, chat=False)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_an_example_without_a_prompt_is_plain_text_with_no_prompt_position(chat):
+    """A .txt source's lines: no chat turn around them, every position a label, so the gate routes the whole
+    text (routing.control.prompt_mask) instead of an empty prompt shared by every example."""
+    tok = char_tokenizer()
+    tok.chat_template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+    row = encode_example(tok, Example("  ", "cd"), chat=chat, max_length=64)
+    assert row["input_ids"] == tok("cd", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert row["labels"] == row["input_ids"]

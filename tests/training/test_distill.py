@@ -3,6 +3,7 @@ trainer's term is zero before the expert has changed anything."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dylora_moe.training.distill import kl_to_frozen
@@ -53,6 +54,18 @@ def test_anchor_texts_and_batches():
     assert mask.tolist() == [[1, 1], [1, 1], [1, 1]]  # "ab", "ab\n" cut to its last 2, "efg" to "fg"
     ids, mask = anchors.batch(1, 3)  # cycles: "efg\n", "x+y=", then "ab" again
     assert ids[2].tolist() == tok("ab", add_special_tokens=False)["input_ids"]
+
+
+def test_anchors_of_empty_prompts_are_none():
+    """Plain text has no prompt: a KL has nothing to anchor on, and training goes on without one."""
+    from dylora_moe.training.distill import Anchors, build_anchors
+    from tests.conftest import char_tokenizer
+
+    tok = char_tokenizer()
+    assert build_anchors(tok, ["", ""], expert_id=0) is None
+    with pytest.raises(ValueError, match="every one is empty"):
+        Anchors(tok, [""], expert_id=0)
+    assert len(build_anchors(tok, ["", "ab"], expert_id=0)) == 1
 
 
 def test_first_token_unlikelihood_reads_each_rows_last_real_position():

@@ -511,3 +511,25 @@ def test_the_routing_memory_reads_raw_prompts_with_the_start_token_training_give
     prompt_ids = first["input_ids"][: first["labels"].index(next(t for t in first["labels"] if t != -100))]
     memory = learner.memory.skills[0][1]  # [rows, H], in the training examples' order
     torch.testing.assert_close(memory[0], model.routing_features(torch.tensor([prompt_ids]))[0])
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_plain_text_skills_train_with_the_kl_on_and_are_routed_on_their_text(tmp_path, chat):
+    """.txt sources have no prompts: nothing to anchor a KL on, and a gate that read the (empty) prompt would
+    see one point for every skill. They train, and each skill's held-out text reaches its own expert."""
+    files = []
+    for name, line in (("words", lambda i: letters(i)["response"].lower() + " xyz"),
+                       ("numbers", lambda i: f"{i * 7} {i * 3}")):
+        path = tmp_path / f"{name}.txt"
+        path.write_text("\n".join(line(i) for i in range(40)), encoding="utf-8")
+        files.append({"name": name, "source": {"type": "file", "path": str(path)}, "format": {"chat": chat}})
+    model = build()
+    model.tokenizer.chat_template = TOY_TEMPLATE
+    decide_by_cosine(model, 0.999)
+    learner = ContinualLearner(model, StreamSpec("s", files), small_config(kl_weight=0.5), tmp_path / "out")
+    learner.run()
+    assert model.num_experts == 2
+    final = learner.records[-1]
+    assert final.routing[0].get(0, 0.0) == 1.0 and final.routing[1].get(1, 0.0) == 1.0
+    row = learner.steps[0].train_set[0]
+    assert all(label != -100 for label in row["labels"])  # no chat turn, no prompt position

@@ -36,11 +36,18 @@ def bos_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example, *, chat: bool,
                    max_length: int) -> dict[str, list[int]] | None:
-    """input_ids / labels of one example, truncated to ``max_length``; ``None`` if no response token fits."""
-    prompt_ids = tokenizer(render_prompt(tokenizer, example.prompt, chat), add_special_tokens=False)["input_ids"]
+    """input_ids / labels of one example, truncated to ``max_length``; ``None`` if no response token fits.
+
+    An example without a prompt is plain text (a ``.txt`` source, language-model data): no chat turn around it,
+    and no position marked as prompt, so it is routed on its whole text (``routing.control.prompt_mask``); the
+    start token's label is never predicted (the loss shifts by one), so marking it changes no loss."""
     response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         response_ids = [*response_ids, tokenizer.eos_token_id]
+    if not example.prompt.strip():
+        ids = [*bos_prefix(tokenizer), *response_ids][:max_length]
+        return {"input_ids": ids, "labels": list(ids)} if ids else None
+    prompt_ids = tokenizer(render_prompt(tokenizer, example.prompt, chat), add_special_tokens=False)["input_ids"]
     if not chat:
         prompt_ids = [*bos_prefix(tokenizer), *prompt_ids]
     ids = (prompt_ids + response_ids)[:max_length]

@@ -185,7 +185,8 @@ class ExpertManager:
         factors to its width, and the saved expert no longer matches its own config)."""
         if method in NEEDS_DENSITY:
             if density is None:
-                raise ValueError(f"merge method {method!r} prunes the deltas: give the share to keep, density in (0, 1]")
+                raise ValueError(f"merge method {method!r} prunes the deltas: give the share to keep, "
+                                 "density in (0, 1]")
             if not 0 < density <= 1:
                 raise ValueError(f"density is the share of each delta kept, in (0, 1]; got {density}")
         elif density is not None:

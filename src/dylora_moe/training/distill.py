@@ -105,6 +105,16 @@ def anchor_texts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], ear
     return texts + list(earlier)
 
 
+def build_anchors(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], expert_id: int, *,
+                  max_length: int = 256) -> Anchors | None:
+    """``Anchors`` of ``texts``, or ``None`` when none has a token (no prompts to anchor on: e.g. plain text
+    data, whose examples are all response)."""
+    try:
+        return Anchors(tokenizer, texts, expert_id, max_length=max_length)
+    except ValueError:
+        return None
+
+
 class Anchors:
     """Tokenised anchor prompts served in fixed-size, right-padded batches, cycling in order.
 
@@ -115,10 +125,10 @@ class Anchors:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], expert_id: int, *,
                  max_length: int = 256) -> None:
-        if not texts:
-            raise ValueError("no anchor prompts")
         self.ids = [tokenizer(t, add_special_tokens=False)["input_ids"][-max_length:] for t in texts]
-        self.ids = [ids for ids in self.ids if ids]
+        self.ids = [ids for ids in self.ids if ids]  # an empty prompt (data without prompts) anchors nothing
+        if not self.ids:
+            raise ValueError("no anchor prompts: every one is empty")
         self.prompt_lengths = [len(ids) for ids in self.ids]  # a row's request ends here, its answer starts
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_id = tokenizer.eos_token_id

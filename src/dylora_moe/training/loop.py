@@ -40,7 +40,7 @@ from ..novelty import NoveltyResult
 from ..routing.fit import fit_gate
 from ..routing.router import SPARSE
 from .config import TrainingConfig, resolve_precision
-from .distill import Anchors, anchor_texts
+from .distill import Anchors, anchor_texts, build_anchors
 from .measure import collator, example_losses, gate_features, routed_experts, routing_entropy
 from .rehearsal import RoutingMemory, mixture_key
 from .trainer import DyLoRATrainer
@@ -170,10 +170,19 @@ class ContinualLearner:
         """The routing features of a step's held-out prompts [N, H], computed once (they do not depend on the
         experts) and kept on the step."""
         if step.held_out_features is None:
-            step.held_out_features = self.model.routing_features_for(self.prompts(step, step.held_out),
-                                                                     raw=not step.skill.format.chat,
+            texts, raw = self.routed_texts(step, step.held_out)
+            step.held_out_features = self.model.routing_features_for(texts, raw=raw,
                                                                      max_length=self.training.max_length)
         return step.held_out_features
+
+    def routed_texts(self, step: StepData, examples: list[Example]) -> tuple[list[str], list[bool]]:
+        """What the gate reads of each example, as generation would route it, and whether it is raw (not
+        chat-rendered): its rendered prompt, or for plain text (no prompt) the text itself, raw, as it trains
+        (``data.preprocess.encode_example``)."""
+        chat = step.skill.format.chat
+        texts = [render_prompt(self.model.tokenizer, e.prompt, chat) if e.prompt.strip() else e.response
+                 for e in examples]
+        return texts, [not (chat and e.prompt.strip()) for e in examples]
 
     # ------------------------------------------------------------------ loop
     def run(self, progress: Callable[[str], None] | None = None) -> list[StepRecord]:
@@ -239,9 +248,8 @@ class ContinualLearner:
         their prompts (sequence routing on the prompt, as in generation); of their whole texts per token (every
         token is routed on its own prefix); or, with ``route_on="text"``, of whole texts and prompts alone."""
         sample = data.train[: self.training.rehearsal_per_skill]
-        prompts = self.prompts(data, sample)
-        raw = [not data.skill.format.chat] * len(prompts)  # which texts are not chat-rendered
-        whole = [p + e.response for p, e in zip(prompts, sample, strict=True)]
+        prompts, raw = self.routed_texts(data, sample)  # raw: which texts are not chat-rendered
+        whole = [p + e.response if e.prompt.strip() else p for p, e in zip(prompts, sample, strict=True)]
         views = self.views(sample)  # requests in prose route to the skill too, not only its dataset's layout
         if self.training.instruction_views:  # and requests that name the skill's language
             views += [r for e in sample if (r := language_request(e)) is not None]
@@ -315,10 +323,11 @@ class ContinualLearner:
         ``None`` when nothing is left to anchor on."""
         others = [step for j, step in enumerate(self.steps[:i])  # a returning skill's own prompts are no anchor
                   if j < len(self.records) and self.records[j].novelty.expert_id != expert_id]
-        earlier = [p for step in others for p in self.prompts(step, step.train[: self.training.anchors_per_skill])]
+        per = self.training.anchors_per_skill
+        earlier = [p for step in others for p in self.prompts(step, prompted(step.train[:per]))]
         own = [e.prompt for e in data.train if self.view(e) is None]
         texts = anchor_texts(self.model.tokenizer, own, earlier, with_prose=self.training.prose_anchors)
-        return Anchors(self.model.tokenizer, texts, expert_id, max_length=self.training.max_length) if texts else None
+        return build_anchors(self.model.tokenizer, texts, expert_id, max_length=self.training.max_length)
 
     def retained(self, i: int, expert_id: int) -> Anchors | None:
         """Prompts of the earlier steps whose skill ``expert_id`` serves (a recognised or returning skill trains
@@ -326,8 +335,9 @@ class ContinualLearner:
         ``None`` when the expert is new."""
         mine = [step for j, step in enumerate(self.steps[:i])
                 if j < len(self.records) and self.records[j].novelty.expert_id == expert_id]
-        texts = [p for step in mine for p in self.prompts(step, step.train[: self.training.anchors_per_skill])]
-        return Anchors(self.model.tokenizer, texts, expert_id, max_length=self.training.max_length) if texts else None
+        per = self.training.anchors_per_skill
+        texts = [p for step in mine for p in self.prompts(step, prompted(step.train[:per]))]
+        return build_anchors(self.model.tokenizer, texts, expert_id, max_length=self.training.max_length)
 
     def measure(self, i: int, data: StepData, result: NoveltyResult, seconds: float) -> StepRecord:
         losses: list[float | None] = [None] * len(self.skills)
@@ -378,6 +388,11 @@ class ContinualLearner:
         if j not in self.eval_features:
             self.eval_features[j] = gate_features(self.model, step.eval_set, self.training.eval_batch_size)
         return routed_experts(self.model, self.eval_features[j])
+
+
+def prompted(examples: list[Example]) -> list[Example]:
+    """The examples that have a prompt (plain text has none to anchor a KL on)."""
+    return [e for e in examples if e.prompt.strip()]
 
 
 def check_one_process_per_gpu(model: DyLoRAMoE) -> None:

@@ -33,8 +33,8 @@ from ..model import DyLoRAMoE
 from ..novelty import NoveltyResult, content_key
 from ..novelty.sorting import ChunkSort, SkillSorter
 from .config import TrainingConfig
-from .distill import Anchors, anchor_texts
-from .loop import ContinualLearner, StepData, StepRecord
+from .distill import Anchors, anchor_texts, build_anchors
+from .loop import ContinualLearner, StepData, StepRecord, prompted
 from .measure import routed_experts, routing_entropy
 
 logger = logging.getLogger(__name__)
@@ -164,20 +164,21 @@ class MixedLearner(ContinualLearner):
         return NoveltyResult(is_novel, skill_id, skill.expert_id, None, None, self.model.experts.ranks[skill.expert_id],
                              method="sorting")
 
-    def anchors(self, i: int, data: StepData, expert_id: int) -> Anchors:
+    def anchors(self, i: int, data: StepData, expert_id: int) -> Anchors | None:
         """Anchor prompts of the KL to the frozen model: the expert's requests in this chunk without their code,
         and requests sorted to the other experts so far (the sorting's labels, not the stream's)."""
         per = self.training.anchors_per_skill
-        earlier = [self.prompts(data, examples[:per]) for e, examples in sorted(self.history.items()) if e != expert_id]
+        earlier = [self.prompts(data, prompted(examples[:per])) for e, examples in sorted(self.history.items())
+                   if e != expert_id]
         texts = anchor_texts(self.model.tokenizer, [e.prompt for e in data.train], [p for ps in earlier for p in ps],
                              with_prose=self.training.prose_anchors)
-        return Anchors(self.model.tokenizer, texts, expert_id, max_length=self.training.max_length)
+        return build_anchors(self.model.tokenizer, texts, expert_id, max_length=self.training.max_length)
 
     def retained(self, i: int, expert_id: int) -> Anchors | None:
         """Requests sorted to this expert in earlier chunks: it keeps what it answered them with."""
-        earlier = self.history.get(expert_id, [])[: self.training.anchors_per_skill]
+        earlier = prompted(self.history.get(expert_id, [])[: self.training.anchors_per_skill])
         texts = [render_prompt(self.model.tokenizer, e.prompt, self.chat) for e in earlier]
-        return Anchors(self.model.tokenizer, texts, expert_id, max_length=self.training.max_length) if texts else None
+        return build_anchors(self.model.tokenizer, texts, expert_id, max_length=self.training.max_length)
 
     def step_data(self, i: int, examples: list[Example]) -> StepData:
         """The examples one expert trains on in chunk ``i``, built like a step's training set."""
