@@ -76,6 +76,27 @@ def test_every_file_format(tmp_path):
         read_records(write(tmp_path / "b.json", "{not json"))
 
 
+def test_byte_order_marks_parquet_and_nulls(tmp_path):
+    """Excel's "CSV UTF-8" and Windows editors start files with a byte-order mark; a JSON null (an Alpaca row's
+    absent input) fills a template as empty text, not as "None"."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": "p1", "response": "r1"}, {"prompt": "p2", "response": "r2"}]
+    (tmp_path / "a.csv").write_text("prompt,response\np1,r1\np2,r2\n", encoding="utf-8-sig")
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8-sig")
+    (tmp_path / "a.json").write_text(json.dumps(rows), encoding="utf-8-sig")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
+    for name in ("a.csv", "a.jsonl", "a.json", "a.parquet"):
+        assert read_records(tmp_path / name) == rows, name
+    (tmp_path / "a.txt").write_text("r1\nr2\n", encoding="utf-8-sig")
+    assert [r["response"] for r in read_records(tmp_path / "a.txt")] == ["r1", "r2"]
+    skill = SkillSpec("x", source={"type": "file", "path": "-"},
+                      format={"prompt": "{instruction}\n{input}", "response": "{output}"})
+    example = format_record(skill, {"instruction": "Add 1 and 1", "input": None, "output": "2"}, 0)
+    assert example.prompt == "Add 1 and 1\n" and example.response == "2"
+
+
 def test_missing_column_names_the_columns(tmp_path):
     write(tmp_path / "a.jsonl", json.dumps({"question": "q", "answer": "a"}))
     skill = SkillSpec("x", source={"type": "file", "path": str(tmp_path / "a.jsonl")})

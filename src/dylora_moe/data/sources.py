@@ -40,7 +40,7 @@ def package_file(package: str, relative: str, pip_name: str) -> Path:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as fh:
+    with opener(path, "rt", encoding="utf-8-sig") as fh:  # -sig: a byte-order mark (Windows editors) is no text
         return [json.loads(line) for line in fh if line.strip()]
 
 

@@ -336,9 +336,10 @@ def format_record(skill: SkillSpec, record: dict[str, Any], index: int) -> Examp
     if not isinstance(record, dict):
         raise ValueError(f"skill {skill.name!r}: record {index} is not an object with columns but "
                          f"{type(record).__name__} {record!r:.60}; give one JSON object (or CSV row) per example")
+    values = {k: "" if v is None else v for k, v in record.items()}  # JSON null (an absent Alpaca input) is empty
     try:
-        prompt = skill.format.prompt.format(**record)
-        response = skill.format.response.format(**record)
+        prompt = skill.format.prompt.format(**values)
+        response = skill.format.response.format(**values)
     except KeyError as err:
         columns = ", ".join(sorted(record))
         raise ValueError(f"skill {skill.name!r}: record {index} has no column {err}; its columns are: {columns}. "
@@ -352,8 +353,8 @@ def format_record(skill: SkillSpec, record: dict[str, Any], index: int) -> Examp
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """Records of a local file: .jsonl/.jsonl.gz, .json (a list, or a dict holding one), .csv, or .txt (one
-    example per line, as ``response`` with an empty ``prompt``)."""
+    """Records of a local file: .jsonl/.jsonl.gz, .json (a list, or a dict holding one), .csv, .parquet, or .txt
+    (one example per line, as ``response`` with an empty ``prompt``: plain text)."""
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} not found")
     name = path.name.lower()
@@ -361,21 +362,25 @@ def read_records(path: Path) -> list[dict[str, Any]]:
         if name.endswith((".jsonl", ".jsonl.gz")):
             return read_jsonl(path)
         if name.endswith(".json"):
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
             if isinstance(data, dict):
                 data = next((v for v in data.values() if isinstance(v, list)), None)
             if not isinstance(data, list):
                 raise ValueError("expected a list of records")
             return data
         if name.endswith(".csv"):
-            with path.open(newline="", encoding="utf-8") as fh:
+            with path.open(newline="", encoding="utf-8-sig") as fh:  # Excel's "CSV UTF-8" has a BOM
                 return list(csv.DictReader(fh))
+        if name.endswith(".parquet"):
+            import pyarrow.parquet as pq  # a dependency of ``datasets``
+
+            return pq.read_table(path).to_pylist()
         if name.endswith(".txt"):
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
             return [{"prompt": "", "response": line} for line in lines if line.strip()]
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, csv.Error) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, csv.Error, OSError) as err:
         raise ValueError(f"cannot read {path}: {err}") from err
-    raise ValueError(f"{path}: unsupported file type; use .jsonl, .json, .csv or .txt")
+    raise ValueError(f"{path}: unsupported file type; use .jsonl, .json, .csv, .parquet or .txt")
 
 
 def read_hf(src: SkillSource) -> list[dict[str, Any]]:
