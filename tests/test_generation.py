@@ -131,3 +131,11 @@ def test_complete_matches_a_greedy_loop_by_hand(router):
     assert texts == [greedy_by_hand(model, p, 4) for p in prompts]
     assert model.complete(prompts, max_new_tokens=4, chat=False, batch_size=1) == texts
     assert model.tokenizer.padding_side == char_tokenizer().padding_side  # the shared tokenizer is not touched
+
+
+def test_complete_names_prompts_without_tokens_and_a_prompt_cap_below_one():
+    model = build()  # the test tokenizer adds no start token, as GPT-2's does not
+    with pytest.raises(ValueError, match=r"prompt\(s\) \[1\] have no tokens"):
+        model.complete(["1+1=", ""], max_new_tokens=2, chat=False)
+    with pytest.raises(ValueError, match="max_prompt_tokens must be >= 1"):
+        model.complete(["1+1="], max_new_tokens=2, chat=False, max_prompt_tokens=0)

@@ -89,10 +89,16 @@ def prompt_batch(model: DyLoRAMoE, prompts: Sequence[str], *, chat: bool = True,
     tokenizer has one (which then supplies the special tokens), else the tokenizer's own special tokens;
     truncated to ``max_prompt_tokens``; left-padded input_ids and attention_mask [B, T] on the host."""
     tok = model.tokenizer
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise ValueError(f"max_prompt_tokens must be >= 1 (or None: no cut), got {max_prompt_tokens}")
     rendered = bool(chat and tok.chat_template)
     if rendered:
         prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                            add_generation_prompt=True) for p in prompts]
     rows = tok(list(prompts), add_special_tokens=not rendered, truncation=max_prompt_tokens is not None,
                max_length=max_prompt_tokens)["input_ids"]
+    empty = [i for i, row in enumerate(rows) if not row]
+    if empty:
+        raise ValueError(f"prompt(s) {empty} have no tokens (an empty prompt, and a tokenizer that adds no start "
+                         "token): give each prompt some text to continue, or use chat=True with a chat template")
     return left_pad(rows, pad_id(tok))
