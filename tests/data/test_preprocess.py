@@ -63,3 +63,12 @@ def test_an_example_without_a_prompt_is_plain_text_with_no_prompt_position(chat)
     row = encode_example(tok, Example("  ", "cd"), chat=chat, max_length=64)
     assert row["input_ids"] == tok("cd", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert row["labels"] == row["input_ids"]
+
+
+def test_examples_whose_prompt_fills_max_length_are_left_out_with_a_warning(caplog):
+    tok = char_tokenizer()
+    examples = [Example("ab=", "cd"), Example("abcdefghij=", "cd")]
+    with caplog.at_level("WARNING", logger="dylora_moe.data.preprocess"):
+        built = build_dataset(tok, examples, max_length=8, chat=False)
+    assert len(built) == 1
+    assert "1 of 2 examples are left out" in caplog.text and "max_length=8" in caplog.text

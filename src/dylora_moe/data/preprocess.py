@@ -8,6 +8,7 @@ never a label, so no example is trained to follow the previous one.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import datasets
@@ -16,6 +17,8 @@ from transformers import PreTrainedTokenizerBase
 from .sources import Example
 
 IGNORE = -100
+
+logger = logging.getLogger(__name__)
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool) -> str:
@@ -90,5 +93,9 @@ def build_dataset(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example
     encoded = encoded.filter(lambda r: len(r["input_ids"]) > 0)
     if len(encoded) == 0:
         raise ValueError(f"every example was truncated away at max_length={max_length}: raise max_length")
+    if len(encoded) < len(raw):
+        logger.warning("%d of %d examples are left out: their prompt fills max_length=%d, leaving no response token "
+                       "to train or score; raise max_length to keep them", len(raw) - len(encoded), len(raw),
+                       max_length)
     rows = pack(list(encoded), max_length) if packing else list(encoded)
     return datasets.Dataset.from_list([{**r, "attention_mask": [1] * len(r["input_ids"])} for r in rows])
