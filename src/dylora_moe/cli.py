@@ -182,7 +182,7 @@ def read_stream(args: argparse.Namespace) -> StreamSpec:
 
 def train(args: argparse.Namespace, console: Console) -> int:
     from .config import DyLoRAConfig
-    from .data.stream import load_examples, split_examples
+    from .data.stream import check_pools, load_examples, split_examples
     from .training.config import TrainingConfig
 
     def configs(stream: StreamSpec) -> tuple[DyLoRAConfig, TrainingConfig]:
@@ -207,12 +207,16 @@ def train(args: argparse.Namespace, console: Console) -> int:
         table = Table(title=f"stream {stream.name} (dry run)")
         for col in ("step", "skill", "source", "examples", "train", "eval"):
             table.add_column(col)
+        available = {}
         for i, s in enumerate(skills):
             examples = load_examples(s, args.data_dir)
             tr, ev = split_examples(examples, s.eval_share)
+            available[s.name] = len([e for e in tr[: s.max_train] if e.response.strip()])
             table.add_row(str(i), s.name, s.source.name or s.source.path or "", str(len(examples)),
                           str(len(tr[: s.max_train])), str(len(ev[: s.max_eval])))
         console.print(table)
+        if stream.mixed:
+            check_pools(stream.chunks, available)
         console.print(f"model {system.model}; training {training}")
         return 0
     return run_training(args, stream, system, training, console)

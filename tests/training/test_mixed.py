@@ -160,3 +160,12 @@ def test_dylora_train_runs_a_mixed_stream(tmp_path):
     assert summary["experts"] == 2 and summary["chunks"] == 3
     assert "sorting purity" in (tmp_path / "run" / "report.md").read_text()
     assert (tmp_path / "run" / "system" / "manifest.json").exists() or any((tmp_path / "run" / "system").iterdir())
+
+
+def test_chunks_that_overdraw_a_pool_fail_in_the_dry_run_and_before_any_training(tmp_path, capsys):
+    write_mixed_stream(tmp_path, n=60)  # about 48 training examples per skill; the chunks want 48 + 34 + 24 digits
+    stream, run = tmp_path / "mixed.yaml", tmp_path / "run"
+    assert main(["train", "--stream", str(stream), "--out", str(run), "--dry-run"]) == 2
+    assert "'digits' needs 106 over all chunks but its pool holds" in capsys.readouterr().err
+    assert main(["train", "--stream", str(stream), "--out", str(run), "--freeform-limit", "0"]) == 2
+    assert not (run / "system").exists()  # nothing trained

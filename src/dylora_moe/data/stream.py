@@ -22,7 +22,7 @@ import csv
 import hashlib
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,6 +196,25 @@ class ChunkSpec:
         for name in sorted(exact, key=lambda n: counts[n] - exact[n])[: self.size - sum(counts.values())]:
             counts[name] += 1
         return counts
+
+
+def chunk_demands(chunks: Sequence[ChunkSpec]) -> dict[str, int]:
+    """Examples each skill's pool must hold for every chunk of a mixed stream to be drawn."""
+    demands: dict[str, int] = {}
+    for chunk in chunks:
+        for name, count in chunk.counts().items():
+            demands[name] = demands.get(name, 0) + count
+    return demands
+
+
+def check_pools(chunks: Sequence[ChunkSpec], available: dict[str, int]) -> None:
+    """Refuse a mixed stream whose chunks draw more examples of a skill than its pool holds (``available``:
+    training examples per skill), before anything trains."""
+    short = [f"{name!r} needs {need} over all chunks but its pool holds {available.get(name, 0)}"
+             for name, need in chunk_demands(chunks).items() if need > available.get(name, 0)]
+    if short:
+        raise ValueError("the chunks draw more examples than the pools hold: " + "; ".join(short)
+                         + ". Raise those skills' max_train (or their sources' slices) or lower the chunk sizes")
 
 
 @dataclass

@@ -28,7 +28,7 @@ import datasets
 
 from ..data.preprocess import render_prompt
 from ..data.sources import Example
-from ..data.stream import SkillSpec, StreamSpec
+from ..data.stream import SkillSpec, StreamSpec, check_pools, chunk_demands
 from ..model import DyLoRAMoE
 from ..novelty import NoveltyResult, content_key
 from ..novelty.sorting import ChunkSort, SkillSorter
@@ -111,6 +111,8 @@ class MixedLearner(ContinualLearner):
 
     # ------------------------------------------------------------------ loop
     def run(self, progress: Callable[[str], None] | None = None) -> list[ChunkRecord]:
+        # every pool is read first: a chunk that cannot be drawn fails now, not after the chunks before it trained
+        check_pools(self.chunks, {name: len(self.pool(name).train) for name in chunk_demands(self.chunks)})
         for i in range(len(self.records), self.total):
             self.run_step(i, progress)
         return self.records
