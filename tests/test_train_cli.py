@@ -230,3 +230,23 @@ def test_resume_takes_a_moved_data_dir_and_refuses_other_options(run, tmp_path, 
     assert main(["train", "--resume", str(out), "--data-dir", str(moved)]) == 2
     assert str(moved / "codealpaca") in " ".join(capsys.readouterr().err.split())  # read from the folder given
     assert json.loads((out / "run.json").read_text())["data_dir"] == str(moved)  # and the next resume keeps it
+
+
+def test_a_run_named_by_relative_paths_works_from_another_folder_and_after_a_move(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    write_tiny_run(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--stream", "stream.yaml", "--out", "out", "--model", "model"]) == 0
+    manifest = json.loads((tmp_path / "out" / "system" / "dylora.json").read_text())
+    assert manifest["config"]["model"] == str(tmp_path / "model")  # the backbone, found from any folder
+    shutil.move(tmp_path / "out", tmp_path / "moved")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["experts", "list", str(tmp_path / "moved")]) == 0
+    assert "missing" not in capsys.readouterr().out
+    assert main(["experts", "export", str(tmp_path / "moved"), "1", "exported"]) == 0
+    assert (elsewhere / "exported" / "adapter_model.safetensors").is_file()
+    assert main(["experts", "merge", str(tmp_path / "moved"), "0", "1"]) == 0

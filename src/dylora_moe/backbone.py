@@ -61,6 +61,15 @@ def resolve_model(name: str) -> str:
     return name
 
 
+def absolute_if_local(name: str) -> str:
+    """A backbone named by an existing local path (a folder or a ``.gguf`` file), made absolute, so a saved
+    system and its registry still find it from another directory; ``default`` and hub ids unchanged."""
+    if name in ("default", DEFAULT_MODEL):
+        return name
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
 def hub_id(name: str) -> str:
     """The name another machine loads the backbone ``name`` by: the hub id of the embedded default model, or
     ``name`` as the user gave it (a hub id, a folder, a ``.gguf`` file), never the local conversion cache."""

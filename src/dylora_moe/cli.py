@@ -181,12 +181,14 @@ def read_stream(args: argparse.Namespace) -> StreamSpec:
 
 
 def train(args: argparse.Namespace, console: Console) -> int:
+    from .backbone import absolute_if_local
     from .config import DyLoRAConfig
     from .data.stream import check_pools, load_examples, split_examples
     from .training.config import TrainingConfig
 
     def configs(stream: StreamSpec) -> tuple[DyLoRAConfig, TrainingConfig]:
         system = DyLoRAConfig.from_dict({**stream.system, **({"model": args.model} if args.model else {})})
+        system.model = absolute_if_local(system.model)  # a relative folder is recorded as found from here
         overrides = {k: v for k, v in (("seed_steps", args.seed_steps),
                                        ("consolidation_steps", args.consolidation_steps)) if v is not None}
         return system, TrainingConfig.from_dict({**stream.training, **overrides})

@@ -67,7 +67,7 @@ def experts(args: argparse.Namespace, console: Console) -> int:
             table.add_column(col)
         names = {s.skill_id: s.name for s in store.skills()}
         for row in store.experts():
-            present = (Path(row.storage_path) / "adapter_model.safetensors").is_file()
+            present = (expert_folder(args.run, row.expert_id) / "adapter_model.safetensors").is_file()
             loss = row.eval_metrics.get("loss")
             table.add_row(str(row.expert_id), f"{row.skill_id}: {names.get(row.skill_id, '?')}", str(row.rank),
                           "yes" if row.maturity_state else "no", str(row.version),
@@ -90,7 +90,16 @@ def experts(args: argparse.Namespace, console: Console) -> int:
             "created_at": str(row.created_at), "lora_config": row.lora_config,
             "training_history": row.training_history, "eval_metrics": row.eval_metrics}, default=str))
         return 0
-    return export(row, args.dest, console, base_model=base_model(args.run / "system"))
+    return export(row, args.dest, console, base_model=base_model(args.run / "system"),
+                  source=expert_folder(args.run, row.expert_id))
+
+
+def expert_folder(run: Path, expert_id: int) -> Path:
+    """Where the run at ``run`` keeps an expert's weights: read from the run folder given, not from the path the
+    registry recorded, so a run moved, copied or named from another directory finds its own files."""
+    from .experts.manager import expert_name
+
+    return run / "system" / "experts" / expert_name(expert_id)
 
 
 def base_model(system: Path) -> str:
@@ -101,13 +110,12 @@ def base_model(system: Path) -> str:
     return hub_id(read_manifest(system)["config"]["model"])
 
 
-def export(row, dest: Path, console: Console, *, base_model: str) -> int:
+def export(row, dest: Path, console: Console, *, base_model: str, source: Path) -> int:
     """Copy the expert's peft adapter to ``dest``, its ``base_model_name_or_path`` set to ``base_model``: peft
     records the folder it loaded the backbone from (for the default model, a conversion cache under
     ``~/.cache``), which no other machine has."""
     from .checkpoint import check_adapter, read_json
 
-    source = Path(row.storage_path)
     check_adapter(source)
     if dest.exists():
         raise ValueError(f"{dest} already exists: choose a new folder")

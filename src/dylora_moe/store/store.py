@@ -154,7 +154,9 @@ class SkillStore:
     def register_expert(self, expert_id: int, *, skill_id: int | None, lora_config: dict, storage_path: str,
                         rank: int, maturity_state: int = 0, training: dict | None = None,
                         eval_metrics: dict | None = None) -> ExpertRow:
-        """Insert or update an expert; call only once its weights are completely written."""
+        """Insert or update an expert; call only once its weights are completely written. ``storage_path`` is
+        recorded absolute, so the row names the folder whatever directory it is read from."""
+        storage_path = str(Path(storage_path).resolve())
         with self.session() as s:
             row = s.get(ExpertRow, expert_id)
             if row is None:

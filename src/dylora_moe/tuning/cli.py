@@ -43,7 +43,9 @@ def prepare(args: argparse.Namespace) -> tuple[StreamSpec, TuneConfig]:
         raise ValueError(f"--trials must be >= 1, got {args.trials}")
     stream = load_stream(args.stream)
     if args.model:
-        stream.system = {**stream.system, "model": args.model}
+        from ..backbone import absolute_if_local
+
+        stream.system = {**stream.system, "model": absolute_if_local(args.model)}
     if args.max_train is not None:
         for s in stream.skills:
             s.max_train = min(s.max_train or args.max_train, args.max_train)
