@@ -174,3 +174,20 @@ def test_records_and_templates_that_do_not_fit_are_named(template, record, messa
     skill = SkillSpec("s", {"type": "file", "path": "x.jsonl"}, {"prompt": template, "response": "{q}"})
     with pytest.raises(ValueError, match=message):
         format_record(skill, record, 0)
+
+
+def test_a_dataset_saved_with_save_to_disk_beside_the_stream_is_an_hf_source(tmp_path):
+    import datasets
+
+    rows = [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(20)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dict"))
+    (tmp_path / "s.yaml").write_text("name: s\nskills:\n"
+                                     "  - {name: a, source: {type: hf, name: one}}\n"
+                                     "  - {name: b, source: {type: hf, name: dict, split: train}}\n"
+                                     "  - {name: c, source: {type: hf, name: dict, split: test}}\n")
+    stream = load_stream(tmp_path / "s.yaml")
+    for skill in stream.skills[:2]:
+        assert [e.response for e in load_examples(skill)] == [r["response"] for r in rows]
+    with pytest.raises(ValueError, match="has no split 'test'; its splits are: train"):
+        load_examples(stream.skills[2])

@@ -65,10 +65,11 @@ class SkillSource:
     """Where a skill's examples come from.
 
     Args:
-        type: ``builtin`` (a reader of this package), ``file`` (local JSON/JSONL/CSV/text) or ``hf`` (a
+        type: ``builtin`` (a reader of this package), ``file`` (local JSON/JSONL/CSV/Parquet/text) or ``hf`` (a
             Hugging Face dataset, for machines with hub access or a local dataset cache).
         name: builtin name (humaneval, verilogeval, mbpp, humaneval-x, spider, nl2bash, codealpaca, superni,
-            composed) or the HF dataset name.
+            composed), the HF dataset name, or a folder written by ``save_to_disk`` (relative to the stream
+            file's folder when it lies there).
         path: file path for ``file`` sources (relative paths resolve against the stream file's folder).
         config: HF dataset config. split: HF split, or the VerilogEval split (Human / Machine).
         language: HumanEval-X language (python, js, cpp, java).
@@ -291,6 +292,8 @@ def load_stream(path: str | Path) -> StreamSpec:
             raise ValueError(f"{path}: skill #{i} ({raw.get('name')}): {err}") from err
         if skill.source.type == "file" and not Path(skill.source.path).is_absolute():
             skill.source.path = str(path.parent / skill.source.path)
+        if skill.source.type == "hf" and skill.source.name and (path.parent / skill.source.name).exists():
+            skill.source.name = str(path.parent / skill.source.name)  # a local dataset folder beside the stream
         skills.append(skill)
     unknown = sorted(set(data) - set(TOP_LEVEL))
     if unknown:
@@ -405,6 +408,15 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 def read_hf(src: SkillSource) -> list[dict[str, Any]]:
     import datasets
 
+    folder = Path(src.name).expanduser()
+    if (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file():  # save_to_disk's layout
+        ds = datasets.load_from_disk(str(folder))
+        if isinstance(ds, datasets.DatasetDict):
+            split = src.split or "train"
+            if split not in ds:
+                raise ValueError(f"dataset folder {folder} has no split {split!r}; its splits are: {', '.join(ds)}")
+            ds = ds[split]
+        return [dict(r) for r in ds]
     try:
         ds = datasets.load_dataset(src.name, src.config, split=src.split or "train")
     except Exception as err:  # datasets raises many types for unreachable or unknown datasets
