@@ -43,6 +43,14 @@ def test_a_lone_surrogate_in_an_upload_is_refused_before_it_is_accepted(client):
     assert error_of(r, 400)["code"] == "invalid_upload"
 
 
+def test_a_lone_surrogate_in_a_key_is_a_400_that_quotes_it_escaped(client):
+    body = b'{"model": "dylora-moe", "prompt": "1+1=", "max_tokens": 2, "\\udc00": 1}'
+    r = client.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    error = error_of(r, 400)
+    assert error["code"] == "invalid_json" and "\\udc00" in error["message"]
+    assert client.get("/health").status_code == 200
+
+
 def test_invented_http_methods_do_not_grow_the_metrics(client):
     for i in range(20):
         client.request(f"BREW{i}", "/health")

@@ -57,6 +57,7 @@ def test_ranges_choices_and_yaml_number_strings():
     ({"forgetting_weight": "much"}, "forgetting_weight must be a number"),
     ({"startup_trials": 2.5}, "startup_trials must be a whole number"),
     ({"baseline": "yes"}, "baseline must be true or false"),
+    ({"params": {"training.seed_lr": {"low": 1e-4, "high": 1e-2, "log": "false"}}}, "log must be true or false"),
     ({"trials": 8}, "unknown tune key.*trials; allowed"),
 ])
 def test_bad_sections_are_named(section, match):

@@ -269,3 +269,15 @@ def test_every_shipped_stream_file_loads_with_valid_configs(path):
     stream = load_stream(path)
     assert stream.skills or stream.chunks
     build_configs(stream.system, stream.training)
+
+
+def test_a_study_left_short_by_failed_trials_exits_non_zero(tmp_path, monkeypatch, capsys):
+    from dylora_moe.tuning.objective import Objective
+
+    def failing(self, trial):
+        raise ValueError("this configuration cannot train")
+
+    monkeypatch.setattr(Objective, "__call__", failing)
+    tiny_stream(tmp_path, RESUME_SPACE)
+    assert main(tune_argv(tmp_path, trials=2)) == 1
+    assert "holds 0 of 2 finished trials" in " ".join(capsys.readouterr().out.split())

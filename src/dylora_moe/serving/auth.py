@@ -18,7 +18,8 @@ def check_key(request: Request, api_key: str | None) -> None:
 
 
 def check_authorization(header: str, api_key: str | None) -> None:
-    """``check_key`` on the raw ``Authorization`` header value."""
+    """``check_key`` on the ``Authorization`` header value as the ASGI server decoded it (latin-1, byte for
+    byte): its bytes are compared with the key's UTF-8 bytes, which is what a client in a UTF-8 shell sends."""
     if not api_key:
         raise APIError(403, f"this endpoint changes the served system and the server has no API key: start it with "
                             f"{API_KEY_ENV}=... or --api-key ... and send `Authorization: Bearer <key>`",
@@ -27,5 +28,14 @@ def check_authorization(header: str, api_key: str | None) -> None:
     if scheme.lower() != "bearer" or not token.strip():
         raise APIError(401, "missing API key: send `Authorization: Bearer <key>`", code="missing_api_key",
                        headers=CHALLENGE)
-    if not hmac.compare_digest(token.strip().encode("utf-8"), api_key.encode("utf-8")):
+    if not hmac.compare_digest(_header_bytes(token.strip()), api_key.encode("utf-8")):
         raise APIError(401, "invalid API key", code="invalid_api_key", headers=CHALLENGE)
+
+
+def _header_bytes(value: str) -> bytes:
+    """The bytes a header value was sent as: ASGI servers decode headers as latin-1, one character per byte (a
+    value that did not come from a header may hold wider characters: those are taken as UTF-8)."""
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value.encode("utf-8")

@@ -28,6 +28,8 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
                  type: str | None = None, headers: dict[str, str] | None = None) -> None:
+        # a message or param quoting the request (a key holding a lone surrogate) must still encode as UTF-8
+        message, param = _encodable(message), None if param is None else _encodable(param)
         super().__init__(message)
         self.status = status
         self.message = message
@@ -41,6 +43,11 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def _encodable(text: str) -> str:
+    """``text`` with what UTF-8 cannot encode (lone surrogates) written as backslash escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:

@@ -109,6 +109,11 @@ def tune(args: argparse.Namespace, console: Console) -> int:
     best = data["best"]
     console.print(f"ran {ran} trial(s); best: " + (f"trial {best['number']} {best['values']}" if best else "none yet"))
     console.print(f"report: {args.out / 'tune-report.md'}" + (f"; best: {args.out / 'best.yaml'}" if best else ""))
+    done = finished(study)
+    if done < args.trials:  # failed trials (their messages are above): the study is short of what was asked
+        console.print(f"[red]the study holds {done} of {args.trials} finished trials[/]: the failed ones' messages "
+                      "are above; fix their cause and rerun the command to run the rest")
+        return 1
     return 0
 
 

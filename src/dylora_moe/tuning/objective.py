@@ -29,6 +29,7 @@ from ..evaluation.benchmark import BenchmarkConfig, results_from, run_method
 from ..evaluation.metrics import average_accuracy, forgetting
 from .params import apply_params, build_configs
 from .space import TuneConfig
+from .study import claim
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         gc.collect()  # the previous trial's model (a pruned one is still referenced by its traceback) goes first
+        claim(trial)
         params = {spec.name: spec.suggest(trial) for spec in self.config.params}
         steps = len(self.stream.active(self.data_dir))
         result = run_configuration(self.stream, params, self.out / "trials" / str(trial.number),

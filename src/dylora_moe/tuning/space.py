@@ -194,7 +194,9 @@ def parse_param(name: str, raw: Any) -> ParamSpec:
     low, high, step = (number(raw.get(k), where + k) for k in ("low", "high", "step"))
     if integer and any(v is not None and v != int(v) for v in (low, high, step)):
         raise ValueError(f"{where}is an integer parameter: low, high and step must be whole numbers")
-    log = bool(raw.get("log", False))
+    log = raw.get("log", False)
+    if not isinstance(log, bool):  # a quoted "false" is a non-empty string: bool() would turn the log scale on
+        raise ValueError(f"{where}log must be true or false (unquoted), got {log!r}")
     if not low < high:
         raise ValueError(f"{where}low ({low}) must be below high ({high})")
     if log and low <= 0:

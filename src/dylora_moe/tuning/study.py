@@ -5,14 +5,18 @@ PostgreSQL) so a study survives its process and several processes can share it (
 heartbeat, so that a trial whose process was killed is marked failed and run again with the same parameters
 (``RetryHeartbeatStaleTrialCallback``); ``MaxTrialsCallback``, so ``--trials N`` means N finished trials in
 the study, whoever ran them, and a restart runs only the rest. A killed trial is noticed once its heartbeat is
-older than twice ``heartbeat_seconds``, by the next trial any process starts. Optuna cannot tell a trial killed
-in the instant between its creation and its first heartbeat from one just started: it stays ``RUNNING`` in the
-study, never counts as finished, and the study still reaches its N finished trials.
+older than twice ``heartbeat_seconds``, by the next trial any process starts; a rerun on the same host notices at
+once a trial whose process is gone (each trial records its host and pid, ``claim``), so a study killed and
+rerun right away runs the killed trial again, the baseline included. Optuna cannot tell a trial of another host
+killed in the instant between its creation and its first heartbeat from one just started: it stays ``RUNNING``
+in the study, never counts as finished, and the study still reaches its N finished trials.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -27,6 +31,7 @@ from .space import TuneConfig, baseline_params
 logger = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+OWNER = "owner"  # user attr: {"host", "pid"} of the process running a trial
 
 
 def make_sampler(config: TuneConfig, seed: int) -> optuna.samplers.BaseSampler:
@@ -45,6 +50,11 @@ def make_pruner(config: TuneConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_startup_trials=config.startup_trials)
 
 
+def retry() -> Callable[[optuna.Study, FrozenTrial], None]:
+    """Queue a failed trial again with its parameters and attributes, at most twice per trial."""
+    return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
+
+
 def storage_for(url: str, config: TuneConfig, attempts: int = 5) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage on ``url``. Two processes opening a new database at once race to create its
     tables ("table ... already exists" for the loser) or to stamp its schema version (a UNIQUE failure on
@@ -55,7 +65,7 @@ def storage_for(url: str, config: TuneConfig, attempts: int = 5) -> optuna.stora
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(
                     url, heartbeat_interval=config.heartbeat_seconds, grace_period=2 * config.heartbeat_seconds,
-                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+                    heartbeat_stale_trial_callback=retry())
         except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as err:
             lost_race = "already exists" in str(err) or "alembic_version" in str(err)
             if not lost_race or attempt == attempts - 1:
@@ -76,9 +86,60 @@ def open_study(url: str, name: str, config: TuneConfig) -> optuna.Study:
     elif saved != settings:
         raise ValueError(f"study {name!r} in {url} was made with {saved}, not {settings}: its values are not "
                          "comparable; give another --study-name or the study's own tune settings")
+    check_space(study, name, config)
+    retry_dead_trials(study)
     # a resumed study must not draw the parameters of its first trials again: seed by the trials it holds
     study.sampler = make_sampler(config, config.seed + len(study.trials))
     return study
+
+
+def check_space(study: optuna.Study, name: str, config: TuneConfig) -> None:
+    """Refuse a search space whose choices differ from those the study's trials drew from: Optuna cannot sample
+    a categorical parameter whose choices changed, so every new trial would fail. Numeric ranges may change."""
+    wanted = {p.name: p.distribution() for p in config.params if p.choices is not None}
+    for trial in study.get_trials(deepcopy=False):
+        for param, dist in trial.distributions.items():
+            if param in wanted and dist != wanted[param]:
+                raise ValueError(f"study {name!r} drew {param} from choices {list(dist.choices)}, the space now "
+                                 f"gives {list(wanted[param].choices)}: Optuna cannot change a categorical "
+                                 "parameter's choices within a study; give another --study-name (or --out), or "
+                                 "the study's own choices")
+
+
+def claim(trial: optuna.Trial) -> None:
+    """Record which process runs ``trial`` (host and pid), so that a rerun can tell a trial whose process is gone
+    at once, without waiting for its heartbeat to go stale (``retry_dead_trials``)."""
+    trial.set_user_attr(OWNER, {"host": socket.gethostname(), "pid": os.getpid()})
+
+
+def retry_dead_trials(study: optuna.Study) -> list[int]:
+    """Fail the ``RUNNING`` trials whose process, on this host, no longer exists (killed, then rerun before
+    the heartbeat went stale) and queue each again with its parameters and attributes (``retry``, as the
+    heartbeat does); returns their numbers. Trials of live processes, or of other hosts, are left to the heartbeat."""
+    dead = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = trial.user_attrs.get(OWNER) or {}
+        if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int) or alive(owner["pid"]):
+            continue
+        study.tell(trial.number, state=TrialState.FAIL)
+        failed = next(t for t in study.get_trials(deepcopy=True) if t.number == trial.number)
+        failed.user_attrs = {k: v for k, v in failed.user_attrs.items() if k != OWNER}  # the retry's is its own
+        retry()(study, failed)  # what the heartbeat does with a stale trial: the same parameters, queued again
+        dead.append(trial.number)
+    if dead:
+        logger.warning("trial(s) %s were left running by a process that is gone: queued again with their "
+                       "parameters", dead)
+    return dead
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def finished(study: optuna.Study) -> int:

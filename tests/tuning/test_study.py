@@ -1,0 +1,69 @@
+"""The study beneath `dylora tune`: a space that no longer fits the stored trials, trials left by a dead process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from dylora_moe.tuning.space import parse_tune
+from dylora_moe.tuning.study import OWNER, claim, open_study, retry_dead_trials
+
+SPACE = {"sampler": "random", "pruner": "none", "params": {"training.seed_lr": {"low": 1e-4, "high": 1e-2},
+                                                           "system.expert.rank": [2, 4]}}
+
+
+def url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'study.db'}"
+
+
+def test_a_changed_categorical_choice_is_refused_before_any_trial_runs(tmp_path):
+    study = open_study(url(tmp_path), "s", parse_tune(SPACE))
+    study.optimize(lambda t: t.suggest_categorical("system.expert.rank", [2, 4]) * 1.0, n_trials=1)
+    changed = {**SPACE, "params": {**SPACE["params"], "system.expert.rank": [4, 8]}}
+    with pytest.raises(ValueError, match=r"drew system.expert.rank from choices \[2, 4\].*another --study-name"):
+        open_study(url(tmp_path), "s", parse_tune(changed))
+    narrower = {**SPACE, "params": {**SPACE["params"], "training.seed_lr": {"low": 1e-3, "high": 1e-2}}}
+    open_study(url(tmp_path), "s", parse_tune(narrower))  # a numeric range may change
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_trial_left_running_by_a_dead_process_is_queued_again_at_once(tmp_path, monkeypatch):
+    config = parse_tune(SPACE)
+    study = open_study(url(tmp_path), "s", config)
+    study.enqueue_trial({"training.seed_lr": 2e-3, "system.expert.rank": 4}, user_attrs={"baseline": True})
+    trial = study.ask()  # the baseline, started by a process that was then killed before its heartbeat went stale
+    trial.suggest_float("training.seed_lr", 1e-4, 1e-2)
+    pid = dead_pid()
+    with monkeypatch.context() as m:
+        m.setattr(os, "getpid", lambda: pid)
+        claim(trial)
+    live = study.ask()  # a trial this (live) process runs: left alone
+    claim(live)
+    study = open_study(url(tmp_path), "s", config)  # the rerun
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING]
+    retried = trials[2]
+    assert retried.system_attrs["failed_trial"] == 0 and retried.user_attrs["baseline"]
+    queued = study.ask()  # the retry runs with the killed trial's parameters, the ones it had not drawn yet too
+    assert queued.number == 2
+    assert queued.suggest_float("training.seed_lr", 1e-4, 1e-2) == 2e-3
+    assert queued.suggest_categorical("system.expert.rank", [2, 4]) == 4
+    assert retry_dead_trials(study) == []  # nothing else is dead
+
+
+def test_each_trial_records_the_process_that_runs_it(tmp_path):
+    study = optuna.create_study(storage=url(tmp_path), study_name="s")
+    trial = study.ask()
+    claim(trial)
+    assert study.trials[0].user_attrs[OWNER] == {"host": socket.gethostname(), "pid": os.getpid()}
