@@ -293,7 +293,7 @@ def train_loop(args, stream, system, training, console: Console, state) -> int:
     seconds = time.perf_counter() - start
     summary = write_report(args.out, learner.records, stream=stream.name, model=system.model,
                            experts=model.experts.expert_ids, seconds=seconds, sources=DATA_NOTE, freeform=freeform,
-                           merges=learner.merges)
+                           merges=learner.merges, labels=[s.label for s in learner.skills[: len(learner.records)]])
     console.print(summary_table(summary))
     console.print(f"[bold]done in {seconds:.0f}s[/]: {summary['experts']} experts, routing accuracy "
                   f"{summary['routing_accuracy']:.3f}, BWT {summary['bwt_loss']:+.4f} nats")

@@ -32,12 +32,11 @@ def test_results_from_computes_loss_metrics_against_the_base_row():
     d = results["methods"]["dylora"]
     assert d["metric"] == "loss" and d["matrix"] == m
     assert d["acc"] == pytest.approx((1.1 + 1.2 + 1.0) / 3)
-    # loss units: BWT = -mean(final - just learned) over the first two skills
-    assert d["bwt"] == pytest.approx(-((1.1 - 1.0) + (1.2 - 1.0)) / 2)
-    # FWT = -mean(R[j-1][j] - base[j]) for j = 1, 2
-    assert d["fwt"] == pytest.approx(-((2.5 - 3.0) + (1.4 - 2.0)) / 2)
-    # forgetting: best (lowest) earlier loss vs final: skill a best 1.0 -> 1.1, skill b best 1.0 -> 1.2
-    assert d["forgetting"] == pytest.approx((0.1 + 0.2) / 2)
+    # skill a returns at step 2: its first column's change is relearning, so BWT and forgetting read skill b
+    # alone (final - just learned 1.2 - 1.0), and FWT the one step that brings a new skill (b: 2.5 vs 3.0)
+    assert d["bwt"] == pytest.approx(-(1.2 - 1.0))
+    assert d["fwt"] == pytest.approx(-(2.5 - 3.0))
+    assert d["forgetting"] == pytest.approx(1.2 - 1.0)
     assert d["novelty"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
     assert d["routing_accuracy"] == 1.0 and d["routing_entropy"] == [0.0, 0.0, 0.0]
     o = results["methods"]["oracle_experts"]

@@ -30,6 +30,12 @@ TRUTH_TABLE = "a b | y\n0 0 | 0\n0 1 | 0\n1 0 | 0\n1 1 | 1\n"
     (TRUTH_TABLE, None),
     ("x = [0, 0, 0, 0, 0, 0]\nprint(sum(x))\n", None),
     ("ls -la", None),
+    # loops whose unit begins with a run of its own: the shortest repeating unit from the start is that run
+    ("    x = x\n" * 4, "loop"),
+    ("    return x\n" * 4, "loop"),
+    ("====\n" * 4, "loop"),
+    ("aaaaX" * 4, "loop"),
+    ("Answer: " + "0000\n" * 4, "loop"),
 ])
 def test_kinds(text, kind):
     assert degenerate_kind(text) == kind

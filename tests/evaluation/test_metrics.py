@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from dylora_moe.evaluation.metrics import (
@@ -45,6 +47,32 @@ def test_forward_transfer_on_loss():
     matrix = [[1.0, 3.0], [1.0, 2.0]]
     # base loss on skill 1 is 3.5; after step 0 it is 3.0: 0.5 nats better -> positive transfer
     assert forward_transfer(matrix, [2.0, 3.5], higher_is_better=False) == pytest.approx(0.5)
+
+
+def test_a_returning_skill_is_neither_backward_nor_forward_transfer():
+    """Stream A, B, A again, each skill its own expert and no interaction: base loss 2.0 everywhere, a skill's
+    loss 1.0 once learned and 0.9 once learned twice; B's loss never moves."""
+    loss = [[1.0, 2.0, 1.0],
+            [1.0, 1.0, 1.0],
+            [0.9, 1.0, 0.9]]
+    labels = ["a", "b", "a"]
+    # without labels the return step is read as transfer: FWT (0 + 1.0) / 2, BWT (0.1 + 0) / 2
+    assert forward_transfer(loss, [2.0] * 3, higher_is_better=False) == pytest.approx(0.5)
+    assert backward_transfer(loss, higher_is_better=False) == pytest.approx(0.05)
+    # with them: FWT only on B's first step (2.0 - 2.0 = 0), BWT and forgetting on B alone (settled), A's first
+    # column left out (its gain is relearning)
+    assert forward_transfer(loss, [2.0] * 3, higher_is_better=False, labels=labels) == 0.0
+    assert backward_transfer(loss, higher_is_better=False, labels=labels) == 0.0
+    assert forgetting(loss, higher_is_better=False, labels=labels) == 0.0
+    assert bwt_loss(loss, labels) == 0.0
+    with pytest.raises(ValueError, match="one label per stream step"):
+        bwt_loss(loss, ["a", "b"])
+
+
+def test_a_diverged_loss_shows_as_nan():
+    nan = float("nan")
+    assert math.isnan(max_transient_forgetting([[1.0, None], [nan, 0.8]]))
+    assert math.isnan(forgetting([[1.0, None, None], [nan, 1.0, None], [1.1, 1.0, 1.0]], higher_is_better=False))
 
 
 def test_routing_accuracy_pools_examples():

@@ -85,6 +85,16 @@ def test_spread_skips_unmeasured_values():
     assert spread([None]) is None and spread([]) is None
 
 
+def test_a_diverged_order_shows_as_nan_and_a_cell_measured_in_fewer_orders_says_so():
+    import math
+
+    for bad in (float("nan"), float("inf")):
+        s = spread([1.0, bad, 3.0])
+        assert s["n"] == 3 and all(math.isnan(s[k]) for k in ("mean", "std", "min", "max"))
+    assert spread_cell(spread([0.3]), "+.4f", orders=3) == "+0.3000 [1 of 3 orders]"
+    assert spread_cell(spread([0.3, 0.3, 0.3]), "+.4f", orders=3) == "+0.3000"
+
+
 def test_results_from_feeds_the_order_metrics():
     m = [[1.0, 2.0, 2.0], [1.5, 1.0, 2.0], [1.1, 1.2, 1.0]]  # skill 0 rose 0.5 after step 1, then fell back
     raw = {"skills": ["a", "b", "c"], "labels": ["a", "b", "a"], "matrix": m, "experts": 2, "trainable_params": 10,

@@ -216,7 +216,9 @@ def humaneval_retention(model: DyLoRAMoE, bench: BenchmarkConfig) -> dict:
 # ---------------------------------------------------------------- metrics of all methods
 def results_from(raw: dict[str, dict], *, stream: str, model: str) -> dict:
     """``results.json``: per method the matrix and ACC/BWT/FWT/forgetting in loss units (lower loss is better:
-    ``acc`` is the mean final loss, negative ``bwt`` and positive ``forgetting`` mean forgetting), routing
+    ``acc`` is the mean final loss, negative ``bwt`` and positive ``forgetting`` mean forgetting; a skill that
+    returns counts in BWT and forgetting at its last step and in FWT at its first, ``metrics.settled_steps``
+    and ``first_steps``), routing
     accuracy, entropy and final routing shares where a gate routes, novelty precision/recall/F1 where a
     detector decides, and the generation scores. ``train_seconds`` is the time spent training (the expert's
     optimizer steps and the gate's fits, summed over steps), ``stream_seconds`` the wall time of the method's
@@ -227,15 +229,15 @@ def results_from(raw: dict[str, dict], *, stream: str, model: str) -> dict:
     base_row = base["matrix"][0] if base else None
     methods = {}
     for name, r in raw.items():
-        matrix = r["matrix"]
+        matrix, labels = r["matrix"], r.get("labels")
         entry = {
             "matrix": matrix,
             "metric": "loss",
             "acc": average_accuracy(matrix),
-            "bwt": backward_transfer(matrix, higher_is_better=False),
+            "bwt": backward_transfer(matrix, higher_is_better=False, labels=labels),
             "max_transient_forgetting": max_transient_forgetting(matrix),
-            "fwt": forward_transfer(matrix, base_row, higher_is_better=False) if base_row else None,
-            "forgetting": forgetting(matrix, higher_is_better=False),
+            "fwt": forward_transfer(matrix, base_row, higher_is_better=False, labels=labels) if base_row else None,
+            "forgetting": forgetting(matrix, higher_is_better=False, labels=labels),
             "routing_accuracy": gate_routing_accuracy(r) if r.get("uses_router") else None,
             "routing_entropy": ([routing_entropy(list(shares.values())) for shares in r["final_routing"]]
                                 if r.get("uses_router") else None),
@@ -266,16 +268,16 @@ def score_metrics(r: dict, base: dict | None) -> dict:
     score on the final examples (``pass_limit`` per skill, e.g. SuperNI's whole test split), ``acc`` the mean of
     the matrix's last row (``step_limit`` per skill); BWT, forgetting (drop from each skill's best earlier score)
     and FWT (against ``base``) come from the matrix."""
-    matrix = r["score_matrix"]
+    matrix, labels = r["score_matrix"], r.get("labels")
     base_row = base["score_matrix"][0] if base and base.get("score_matrix") else None
     return {
         "metric": r["score_metric"],
         "matrix": matrix,
         "ap": mean_score(r["generation"]),
         "acc": average_accuracy(matrix),
-        "bwt": backward_transfer(matrix),
-        "forgetting": forgetting(matrix),
-        "fwt": forward_transfer(matrix, base_row) if base_row else None,
+        "bwt": backward_transfer(matrix, labels=labels),
+        "forgetting": forgetting(matrix, labels=labels),
+        "fwt": forward_transfer(matrix, base_row, labels=labels) if base_row else None,
         "final": r["generation"],
     }
 

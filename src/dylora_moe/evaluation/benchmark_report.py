@@ -105,8 +105,10 @@ def render(results: dict, *, command: str, seconds: float, notes: list[str], par
              "", "```bash", command, "```", "",
              "Scores are eval loss (nats) on each step's held-out examples; `acc` is the mean loss over all steps "
              "after the last one (lower is better), `bwt` is backward transfer (negative: forgetting), "
-             "`forgetting` the mean drop from each skill's best (positive: forgetting), `fwt` forward transfer "
-             "against the untrained model (positive: earlier skills helped). Generation scores are greedy "
+             "`forgetting` the mean drop from each skill's best (positive: forgetting), both over the skills not "
+             "trained again later (a returning skill counts at its last step), `fwt` forward transfer "
+             "against the untrained model over the steps that bring a new skill (positive: earlier skills "
+             "helped). Generation scores are greedy "
              "decoding on the final system: pass@1 by execution for Python, JavaScript and SQL, exact match "
              "otherwise; HumanEval pass@1 measures a pretrained ability the stream does not train. `max transient` is "
              "the largest rise of any skill's loss above its just-learned value at any later step. `train s` is "
@@ -225,14 +227,17 @@ ORDER_COLUMNS = (("acc", "mean final loss", ".4f"), ("bwt", "BWT", "+.4f"), ("fo
                  ("stream_seconds", "stream s", ".0f"))
 
 
-def spread_cell(s: dict | None, spec: str) -> str:
-    """``mean ± std (min–max)``, or the value alone when every order agrees; ``-`` when not measured."""
+def spread_cell(s: dict | None, spec: str, orders: int | None = None) -> str:
+    """``mean ± std (min–max)``, or the value alone when every order agrees; ``-`` when not measured; ``[n of
+    N orders]`` after it when fewer of the ``orders`` that ran the method measured it."""
     if s is None:
         return "-"
     if s["min"] == s["max"]:
-        return format(s["mean"], spec)
-    return f"{format(s['mean'], spec)} ± {format(s['std'], spec.lstrip('+'))} ({format(s['min'], spec)}–" \
-           f"{format(s['max'], spec)})"
+        cell = format(s["mean"], spec)
+    else:
+        cell = f"{format(s['mean'], spec)} ± {format(s['std'], spec.lstrip('+'))} ({format(s['min'], spec)}–" \
+               f"{format(s['max'], spec)})"
+    return cell + (f" [{s['n']} of {orders} orders]" if orders is not None and s["n"] < orders else "")
 
 
 def coverage(ran: dict[str, list[int]], orders: list[int], requested: int) -> str:
@@ -262,8 +267,9 @@ def render_orders(results: dict, *, command: str) -> str:
              "Each cell is the mean ± sample standard deviation (min–max) over the orders that ran the method "
              "(`orders`). Loss "
              "units (nats): `mean final loss` is the mean loss over all steps after the last one, `BWT` backward "
-             "transfer (negative: forgetting), `forgetting` the mean rise from each skill's best loss, `FWT` forward "
-             "transfer against the untrained model, `max transient` the largest rise of any skill's loss above its "
+             "transfer (negative: forgetting), `forgetting` the mean rise from each skill's best loss (both over "
+             "the skills not trained again later), `FWT` forward transfer against the untrained model (over the "
+             "steps that bring a new skill), `max transient` the largest rise of any skill's loss above its "
              "just-learned value at any later step. `train s` is training alone, `stream s` the whole pass through "
              "the stream with every evaluation.", "",
              "| method | orders | " + " | ".join(title for _, title, _ in ORDER_COLUMNS) + " |",
@@ -271,7 +277,8 @@ def render_orders(results: dict, *, command: str) -> str:
     for name in names:
         m = results["methods"][name]
         lines.append(f"| {name} | {len(ran[name])} | "
-                     + " | ".join(spread_cell(m[key], spec) for key, _, spec in ORDER_COLUMNS) + " |")
+                     + " | ".join(spread_cell(m[key], spec, len(ran[name])) for key, _, spec in ORDER_COLUMNS)
+                     + " |")
     lines += ["", "## Orders", "", "| order | steps |", "|---:|---|"]
     lines += [f"| {o['order']} | {', '.join(o['skills'])} |" for o in orders]
     lines += ["", "## Max transient forgetting per order", "",

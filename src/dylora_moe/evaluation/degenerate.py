@@ -24,15 +24,19 @@ KINDS = ("empty", "whitespace", "loop")
 
 
 def repeated_run(text: str, *, max_unit: int = 64, min_repeats: int = 4) -> tuple[int, str]:
-    """Length and unit of the longest run of one unit repeated ``min_repeats``+ times back to back."""
-    pattern = re.compile(rf"(.{{1,{max_unit}}}?)\1{{{min_repeats - 1},}}", re.DOTALL)
+    """Length and unit of the longest run of one unit repeated ``min_repeats``+ times back to back. From each
+    start both the shortest unit that repeats and the longest one are tried: the shortest alone measures only
+    its own run when the loop's unit begins with a run of its own (``"    x = x\n" * 4`` would give four
+    spaces), the longest alone can miss a finer cycle that runs further."""
+    patterns = [re.compile(rf"(.{{1,{max_unit}}}{lazy})\1{{{min_repeats - 1},}}", re.DOTALL) for lazy in ("?", "")]
     best, unit = 0, ""
     for start in range(len(text)):
-        match = pattern.match(text, start)
-        if match and match.end() - start > best:
-            best, unit = match.end() - start, match.group(1)
-            if best == len(text) - start:
-                break  # no later run can be longer
+        for pattern in patterns:
+            match = pattern.match(text, start)
+            if match and match.end() - start > best:
+                best, unit = match.end() - start, match.group(1)
+        if best == len(text) - start:
+            break  # no later run can be longer
     return best, unit
 
 

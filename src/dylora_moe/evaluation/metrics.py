@@ -9,6 +9,7 @@ just learned: positive = forgetting). Entries for skills not yet seen may be ``N
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 Matrix = Sequence[Sequence[float | None]]
@@ -25,44 +26,79 @@ def average_accuracy(matrix: Matrix) -> float:
     return sum(last) / len(last)
 
 
-def backward_transfer(matrix: Matrix, higher_is_better: bool = True) -> float:
-    """BWT (Lopez-Paz & Ranzato 2017): mean over j < T-1 of R[T-1][j] - R[j][j] (oriented)."""
+Labels = Sequence[str] | None  # the true skill of each step: a skill may return at a later step
+
+
+def _check(labels: Labels, n: int) -> None:
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"one label per stream step is needed: {len(labels)} labels for {n} steps")
+
+
+def first_steps(labels: Labels, n: int) -> list[int]:
+    """Steps that bring a skill for the first time (every step without labels)."""
+    _check(labels, n)
+    return [j for j in range(n) if labels is None or labels[j] not in labels[:j]]
+
+
+def settled_steps(labels: Labels, n: int) -> list[int]:
+    """Steps before the last whose skill is not trained again later (every step but the last without labels):
+    the columns whose later change is transfer from other skills, not the skill's own return."""
+    _check(labels, n)
+    return [j for j in range(n - 1) if labels is None or labels[j] not in labels[j + 1 :]]
+
+
+def backward_transfer(matrix: Matrix, higher_is_better: bool = True, labels: Labels = None) -> float:
+    """BWT (Lopez-Paz & Ranzato 2017): mean over j < T-1 of R[T-1][j] - R[j][j] (oriented). With ``labels``, a
+    skill that returns counts once, at its last step (``settled_steps``): its first column's gain from being
+    trained again is relearning, not backward transfer. 0.0 when no column qualifies."""
     r = _oriented(matrix, higher_is_better)
     last = len(r) - 1
-    deltas = [r[last][j] - r[j][j] for j in range(last)]
+    deltas = [r[last][j] - r[j][j] for j in settled_steps(labels, len(r))]
     return sum(deltas) / len(deltas) if deltas else 0.0
 
 
-def forward_transfer(matrix: Matrix, base: Sequence[float], higher_is_better: bool = True) -> float:
+def forward_transfer(matrix: Matrix, base: Sequence[float], higher_is_better: bool = True,
+                     labels: Labels = None) -> float:
     """FWT (Lopez-Paz & Ranzato 2017): mean over j >= 1 of R[j-1][j] - b[j], with b the untrained base
-    model's score on skill j (oriented). Needs the entries above the diagonal."""
+    model's score on skill j (oriented). Needs the entries above the diagonal. With ``labels``, only the steps
+    that bring a new skill count (``first_steps``): before a returning skill's step the model has already
+    learned it, which is retention, not forward transfer."""
     r = _oriented(matrix, higher_is_better)
     b = [v if higher_is_better else -v for v in base]
-    deltas = [r[j - 1][j] - b[j] for j in range(1, len(r))]
+    deltas = [r[j - 1][j] - b[j] for j in first_steps(labels, len(r)) if j >= 1]
     return sum(deltas) / len(deltas) if deltas else 0.0
 
 
-def forgetting(matrix: Matrix, higher_is_better: bool = True) -> float:
+def forgetting(matrix: Matrix, higher_is_better: bool = True, labels: Labels = None) -> float:
     """Average forgetting (Chaudhry et al. 2018): mean over j < T-1 of max_{l < T-1} R[l][j] - R[T-1][j]
-    (oriented, over the steps at which j had been seen)."""
+    (oriented, over the steps at which j had been seen; with ``labels``, over ``settled_steps``). A non-finite
+    cell (a diverged run) makes it NaN."""
     r = _oriented(matrix, higher_is_better)
     last = len(r) - 1
-    drops = [max(r[step][j] for step in range(j, last)) - r[last][j] for j in range(last)]
+    drops = [_max(r[step][j] for step in range(j, last)) - r[last][j] for j in settled_steps(labels, len(r))]
     return sum(drops) / len(drops) if drops else 0.0
 
 
-def bwt_loss(matrix: Matrix) -> float:
-    """Mean over all but the last skill of (final loss - loss right after learning it); 0.0 for one skill."""
-    return -backward_transfer(matrix, higher_is_better=False)
+def bwt_loss(matrix: Matrix, labels: Labels = None) -> float:
+    """Mean over the settled skills of (final loss - loss right after learning it) (``backward_transfer``'s
+    columns, loss-native sign: positive = forgetting); 0.0 for one skill."""
+    return -backward_transfer(matrix, higher_is_better=False, labels=labels)
 
 
 def max_transient_forgetting(matrix: Matrix) -> float:
     """The largest rise of any skill's loss above its just-learned value at any later step (not only the
     last): what a user of the system sees between two skills, which BWT (final - just learned) hides. 0.0 when
-    no loss ever rose; ``matrix[i][j]`` is skill j's loss after step i (``None`` before it is learned)."""
+    no loss ever rose, NaN when a loss is not finite (a diverged run hides nothing); ``matrix[i][j]`` is skill
+    j's loss after step i (``None`` before it is learned)."""
     rises = [row[j] - matrix[j][j] for i, row in enumerate(matrix) for j in range(i)
              if row[j] is not None and matrix[j][j] is not None]
-    return max([0.0, *rises])
+    return _max([0.0, *rises])
+
+
+def _max(values) -> float:
+    """``max``, but NaN as soon as a value is NaN or infinite (``max`` would skip a NaN unless it came first)."""
+    values = list(values)
+    return math.nan if any(not math.isfinite(v) for v in values) else max(values)
 
 
 def routing_accuracy(correct: Sequence[int], totals: Sequence[int]) -> float:

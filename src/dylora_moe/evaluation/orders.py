@@ -10,6 +10,7 @@ appearance), ``permuted`` applies one to a stream, and ``aggregate`` reduces the
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import statistics
 from collections.abc import Sequence
@@ -66,10 +67,13 @@ def order_metrics(entry: dict) -> dict[str, float | None]:
 
 def spread(values: Sequence[float | None]) -> dict[str, float | int] | None:
     """Mean, sample standard deviation (0 for one value), minimum, maximum and count of the measured values;
-    ``None`` when none was measured."""
+    ``None`` when none was measured. A non-finite value (a diverged order) makes every statistic NaN, so that
+    it shows instead of being averaged away or stopping the aggregation."""
     known = [float(v) for v in values if v is not None]
     if not known:
         return None
+    if not all(math.isfinite(v) for v in known):
+        return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan, "n": len(known)}
     return {"mean": statistics.fmean(known), "std": statistics.stdev(known) if len(known) > 1 else 0.0,
             "min": min(known), "max": max(known), "n": len(known)}
 

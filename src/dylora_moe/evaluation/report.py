@@ -25,10 +25,11 @@ def serving_expert(expert_id: int, merges: dict[int, int]) -> int:
 
 
 def summarise(records: Sequence[StepRecord], *, stream: str, model: str, experts: Sequence[int],
-              merges: dict[int, int] | None = None) -> dict:
+              merges: dict[int, int] | None = None, labels: Sequence[str] | None = None) -> dict:
     """The summary of a run. ``routing_accuracy``: share of every seen skill's held-out prompts routed (top-1)
     to the expert serving that skill at the end (its own, or the one it was merged into: ``merges``);
-    ``bwt_loss``: mean over earlier skills of final - just-learned loss."""
+    ``bwt_loss``: mean over earlier skills of final - just-learned loss (with ``labels``, the steps' true skills,
+    a skill trained again later counts at its last step: ``metrics.settled_steps``)."""
     merges = merges or {}
     n = len(records)
     matrix = [[r.losses[j] if j <= i else None for j in range(n)] for i, r in enumerate(records)]
@@ -51,7 +52,7 @@ def summarise(records: Sequence[StepRecord], *, stream: str, model: str, experts
         "routing_accuracy": routing_accuracy(correct, totals),
         "routing_accuracy_per_skill": [c / t if t else 0.0 for c, t in zip(correct, totals, strict=True)],
         "routing_entropy": final.routing_entropy if final else [],
-        "bwt_loss": bwt_loss(matrix) if records else 0.0,
+        "bwt_loss": bwt_loss(matrix, labels) if records else 0.0,
         "max_transient_forgetting": max_transient_forgetting(matrix) if records else 0.0,
         "expert_count": [r.experts for r in records],
         "train_seconds": [r.train_seconds for r in records],
@@ -108,10 +109,10 @@ def plot_expert_count(summary: dict, path: Path) -> None:
 
 
 def write_report(out: Path, records: Sequence[StepRecord], *, stream: str, model: str, experts: Sequence[int],
-                 seconds: float, sources: str = "", freeform: Sequence = (), merges: dict[int, int] | None = None
-                 ) -> dict:
+                 seconds: float, sources: str = "", freeform: Sequence = (), merges: dict[int, int] | None = None,
+                 labels: Sequence[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarise(records, stream=stream, model=model, experts=experts, merges=merges)
+    summary = summarise(records, stream=stream, model=model, experts=experts, merges=merges, labels=labels)
     summary["total_seconds"] = seconds
     summary["freeform"] = [r if isinstance(r, dict) else dataclasses.asdict(r) for r in freeform]
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -128,7 +129,8 @@ def render_markdown(summary: dict, records: Sequence[StepRecord], sources: str) 
         f"Model `{summary['model']}`; {summary['experts']} experts after {len(records)} steps; "
         f"{summary['total_seconds']:.0f} s.", "",
         f"- routing accuracy (held-out prompts to their skill's expert): **{summary['routing_accuracy']:.3f}**",
-        f"- backward transfer on loss (final - just learned, mean over earlier skills): "
+        f"- backward transfer on loss (final - just learned, mean over earlier skills; a skill trained again "
+        f"later counts at its last step; positive: forgetting): "
         f"**{summary['bwt_loss']:+.4f} nats**",
         f"- max transient forgetting (largest rise of any skill's loss above its just-learned value, at any "
         f"later step): **{summary['max_transient_forgetting']:.4f} nats**", "",
