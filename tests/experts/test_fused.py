@@ -279,3 +279,24 @@ def test_training_caches_the_frozen_experts_and_sees_every_update_of_the_trained
         weights = model.route(**inputs).weights
         torch.testing.assert_close(model(**inputs).logits, naive_logits(model, inputs, weights), rtol=1e-4,
                                    atol=1e-5)
+
+
+def test_passes_alternating_between_two_plans_build_each_stack_once(monkeypatch):
+    """A training step's routed pass and its KL pass forced to one expert (or a served batch and a joining
+    request's prefill) alternate plans: each layer keeps both stacks instead of rebuilding them every pass."""
+    from dylora_moe.experts import fused
+
+    model = grown(n_experts=3)
+    model.eval()
+    built = []
+    real = fused.stack_concat
+    monkeypatch.setattr(fused, "stack_concat", lambda *a, **k: built.append(1) or real(*a, **k))
+    inputs = batch(bsz=2, t=8)
+    with torch.no_grad():
+        for _ in range(3):
+            with model.force_expert(0):
+                model(**inputs)
+            with model.force_expert(1):
+                model(**inputs)
+    layers = len(model.experts.layers())
+    assert len(built) == 2 * layers  # one stack per plan and layer, at the first pass of each

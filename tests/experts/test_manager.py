@@ -140,16 +140,21 @@ def offloading_model():
     return model
 
 
+def cached_stacks(model) -> dict:
+    """(layer, key) -> the stack the mixture holds for it."""
+    return {(layer, key): stack for layer, entries in model.mixture._cache.items() for key, stack in entries.items()}
+
+
 def test_offloading_keeps_the_stacked_weight_cache():
     model = offloading_model()
     inputs = batch()
     with torch.no_grad():
         first = model(**inputs).logits
         version = model.experts.version
-        stacks = {key: entry[1] for key, entry in model.mixture._cache.items()}
+        stacks = cached_stacks(model)
         second = model(**inputs).logits
     assert stacks and model.experts.version == version  # nothing moved, nothing changed
-    assert all(model.mixture._cache[key][1] is stack for key, stack in stacks.items())  # served from the cache
+    assert all(cached_stacks(model)[key] is stack for key, stack in stacks.items())  # served from the cache
     assert torch.equal(first, second)
 
 
@@ -177,10 +182,10 @@ def test_training_with_offloading_updates_the_trainable_expert_and_the_cache_hit
     model.eval()
     with torch.no_grad():
         model(**inputs)
-        version, stacks = model.experts.version, {k: v[1] for k, v in model.mixture._cache.items()}
+        version, stacks = model.experts.version, cached_stacks(model)
         model(**inputs)
     assert model.experts.version == version
-    assert all(model.mixture._cache[k][1] is stack for k, stack in stacks.items())
+    assert all(cached_stacks(model)[k] is stack for k, stack in stacks.items())
 
 
 def test_weights_swaps_a_copy_in_and_the_experts_own_back_with_the_caches_invalidated():

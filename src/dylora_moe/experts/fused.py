@@ -87,10 +87,14 @@ def concat_index(layer: LoraLayer, names: list[str],
     members = _members(layer, names, only)
     if not members:
         return None
-    owner = [pos for pos, n in members for _ in range(layer.lora_A[n].weight.shape[0])]
-    scale = [layer.scaling[n] for _, n in members for _ in range(layer.lora_A[n].weight.shape[0])]
     ref = layer.lora_A[members[0][1]].weight
-    return torch.tensor(owner, device=ref.device), torch.tensor(scale, device=ref.device, dtype=ref.dtype)
+    ranks = [layer.lora_A[n].weight.shape[0] for _, n in members]
+    # filled on the device (no host-to-device copy, which would wait for every queued kernel)
+    owner = torch.cat([torch.full((r,), pos, dtype=torch.long, device=ref.device)
+                       for (pos, _), r in zip(members, ranks, strict=True)])
+    scale = torch.cat([torch.full((r,), float(layer.scaling[n]), dtype=ref.dtype, device=ref.device)
+                       for (_, n), r in zip(members, ranks, strict=True)])
+    return owner, scale
 
 
 def stack_padded(layer: LoraLayer, names: list[str], blank: frozenset[str] = frozenset()) -> PaddedStack:
@@ -148,6 +152,22 @@ def sparse_sequence_delta(x: Tensor, st: PaddedStack, indices: Tensor, weights: 
     return torch.bmm(h, bw.transpose(1, 2))  # [B, T, O]
 
 
+CACHED_PLANS = 2  # stacks kept per layer: one per plan of the two a pass alternates between
+
+
+def _cached(store: dict[int, dict[tuple, object]], layer: LoraLayer, key: tuple, build):
+    """``store``'s entry for ``layer`` and ``key``, built on a miss; each layer keeps its ``CACHED_PLANS`` most
+    recently used keys (a key holds the weights' version, so stale stacks age out)."""
+    entries = store.setdefault(id(layer), {})
+    if key in entries:
+        entries[key] = entries.pop(key)  # most recently used last
+        return entries[key]
+    value = entries[key] = build()
+    while len(entries) > CACHED_PLANS:
+        del entries[next(iter(entries))]
+    return value
+
+
 class ExpertMixture:
     """Adds the routed experts' deltas to every adapted layer while a plan is set."""
 
@@ -155,8 +175,11 @@ class ExpertMixture:
         self.manager = manager
         self.plan: MixturePlan | None = None
         self._handles: dict[int, RemovableHandle] = {}
-        self._cache: dict[int, tuple[tuple, ConcatStack | PaddedStack]] = {}
-        self._frozen: dict[int, tuple[tuple, object]] = {}  # layer -> (key, frozen experts' stack)
+        # Per layer, the stacks of the last CACHED_PLANS keys (active experts, layout, weights' version): passes
+        # alternate between plans (a training step's routed pass and its KL pass forced to one expert; a served
+        # batch's decode steps and a joining request's prefill), and one entry per layer would rebuild both.
+        self._cache: dict[int, dict[tuple, ConcatStack | PaddedStack]] = {}
+        self._frozen: dict[int, dict[tuple, object]] = {}  # layer -> key -> frozen experts' stack (and indices)
         self._trained: frozenset[str] = frozenset()  # adapter names of the trainable experts, set per pass
 
     def sync(self) -> None:
@@ -181,13 +204,12 @@ class ExpertMixture:
         if not plan.cacheable:
             return stack_padded(layer, names) if padded else stack_concat(layer, names)
         key = (plan.active, padded, self.manager.version)
-        hit = self._cache.get(id(layer))
-        if hit is None or hit[0] != key:
+
+        def build() -> ConcatStack | PaddedStack:
             with torch.no_grad():
-                stack = stack_padded(layer, names) if padded else stack_concat(layer, names)
-            hit = (key, stack)
-            self._cache[id(layer)] = hit
-        return hit[1]
+                return stack_padded(layer, names) if padded else stack_concat(layer, names)
+
+        return _cached(self._cache, layer, key, build)
 
     def _split_stacks(self, layer: LoraLayer) -> tuple[ConcatStack | None, ConcatStack | None]:
         """The plan's frozen experts (cached without autograd, keyed on the pool and the trainable set, which
@@ -197,14 +219,14 @@ class ExpertMixture:
         trained = self._trained
         frozen_names = frozenset(names) - trained
         key = (self.plan.active, "frozen", self.manager.frozen_version)
-        hit = self._frozen.get(id(layer))
-        if hit is None or hit[0] != key:
+
+        def build() -> tuple[ConcatStack | None, tuple[Tensor, Tensor] | None]:
             with torch.no_grad():
                 frozen = stack_concat(layer, names, only=frozen_names) if frozen_names else None
                 index = concat_index(layer, names, only=trained) if trained & set(names) else None
-            hit = (key, (frozen, index))
-            self._frozen[id(layer)] = hit
-        frozen, index = hit[1]
+            return frozen, index
+
+        frozen, index = _cached(self._frozen, layer, key, build)
         live = None if index is None else ConcatStack(*concat_weights(layer, names, only=trained), *index)
         return frozen, live
 
@@ -213,15 +235,15 @@ class ExpertMixture:
         copied to the device per layer and step) with the trained experts filled in."""
         names = list(self.plan.active)
         key = (self.plan.active, "padded", self.manager.frozen_version)
-        hit = self._frozen.get(id(layer))
-        if hit is None or hit[0] != key:
+
+        def build() -> tuple[PaddedStack, list[str], Tensor]:
             trained = [n for n in names if n in self._trained and n in layer.lora_A]
             with torch.no_grad():
                 stack = stack_padded(layer, names, blank=frozenset(trained))
             pos = torch.tensor([names.index(n) for n in trained], dtype=torch.long, device=stack.A.device)
-            hit = (key, (stack, trained, pos))
-            self._frozen[id(layer)] = hit
-        stack, trained, pos = hit[1]
+            return stack, trained, pos
+
+        stack, trained, pos = _cached(self._frozen, layer, key, build)
         return fill_padded(layer, stack, trained, pos)
 
     def _hook(self, layer: LoraLayer, args: tuple, output: Tensor) -> Tensor | None:

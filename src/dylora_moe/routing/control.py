@@ -174,7 +174,8 @@ class RoutingControl:
             return
         # One host sync per pass (never per layer): which experts some sample selected, so that only those
         # are stacked (and, with offloading, resident).
-        used = routing.indices.unique().tolist()
+        # (A forced routing's one column is known on the host: no read at all.)
+        used = [self.forced] if self.forced is not None else routing.indices.unique().tolist()
         self.experts.ensure_resident([ids[c] for c in used])
         active = tuple(names[c] for c in used)
         if len(used) == routing.indices.shape[-1] or routing.indices.dim() == 3:
