@@ -183,7 +183,7 @@ def read_stream(args: argparse.Namespace) -> StreamSpec:
 def train(args: argparse.Namespace, console: Console) -> int:
     from .backbone import absolute_if_local
     from .config import DyLoRAConfig
-    from .data.stream import check_pools, load_examples, split_examples
+    from .data.stream import check_pools, load_examples, poolable, split_examples
     from .training.config import TrainingConfig
 
     def configs(stream: StreamSpec) -> tuple[DyLoRAConfig, TrainingConfig]:
@@ -213,7 +213,7 @@ def train(args: argparse.Namespace, console: Console) -> int:
         for i, s in enumerate(skills):
             examples = load_examples(s, args.data_dir)
             tr, ev = split_examples(examples, s.eval_share)
-            available[s.name] = len([e for e in tr[: s.max_train] if e.response.strip()])
+            available[s.name] = len(poolable(tr[: s.max_train]))
             table.add_row(str(i), s.name, s.source.name or s.source.path or "", str(len(examples)),
                           str(len(tr[: s.max_train])), str(len(ev[: s.max_eval])))
         console.print(table)

@@ -208,6 +208,11 @@ def chunk_demands(chunks: Sequence[ChunkSpec]) -> dict[str, int]:
     return demands
 
 
+def poolable(examples: Sequence[Example]) -> list[Example]:
+    """The examples a mixed stream's pool keeps: those with a response (nothing to embed or learn otherwise)."""
+    return [e for e in examples if e.response.strip()]
+
+
 def check_pools(chunks: Sequence[ChunkSpec], available: dict[str, int]) -> None:
     """Refuse a mixed stream whose chunks draw more examples of a skill than its pool holds (``available``:
     training examples per skill), before anything trains."""

@@ -111,8 +111,12 @@ def build_anchors(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], expe
     data, whose examples are all response)."""
     try:
         return Anchors(tokenizer, texts, expert_id, max_length=max_length)
-    except ValueError:
+    except NoAnchors:
         return None
+
+
+class NoAnchors(ValueError):
+    """Every anchor prompt is empty: there is nothing to anchor a KL on."""
 
 
 class Anchors:
@@ -128,7 +132,7 @@ class Anchors:
         self.ids = [tokenizer(t, add_special_tokens=False)["input_ids"][-max_length:] for t in texts]
         self.ids = [ids for ids in self.ids if ids]  # an empty prompt (data without prompts) anchors nothing
         if not self.ids:
-            raise ValueError("no anchor prompts: every one is empty")
+            raise NoAnchors("no anchor prompts: every one is empty")
         self.prompt_lengths = [len(ids) for ids in self.ids]  # a row's request ends here, its answer starts
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_id = tokenizer.eos_token_id

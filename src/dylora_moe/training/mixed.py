@@ -28,7 +28,7 @@ import datasets
 
 from ..data.preprocess import render_prompt
 from ..data.sources import Example
-from ..data.stream import SkillSpec, StreamSpec, check_pools, chunk_demands
+from ..data.stream import SkillSpec, StreamSpec, check_pools, chunk_demands, poolable
 from ..model import DyLoRAMoE
 from ..novelty import NoveltyResult, content_key
 from ..novelty.sorting import ChunkSort, SkillSorter
@@ -89,7 +89,7 @@ class MixedLearner(ContinualLearner):
         if name not in self.pools:
             skill = next(s for s in self.skills if s.name == name)
             data = self.prepare(skill)
-            data.train = [e for e in data.train if e.response.strip()]  # nothing to embed or learn otherwise
+            data.train = poolable(data.train)
             self.pools[name], self.used[name] = data, 0
         return self.pools[name]
 

@@ -14,6 +14,7 @@ in the study, never counts as finished, and the study still reaches its N finish
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import socket
@@ -122,7 +123,7 @@ def retry_dead_trials(study: optuna.Study) -> list[int]:
         if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int) or alive(owner["pid"]):
             continue
         study.tell(trial.number, state=TrialState.FAIL)
-        failed = next(t for t in study.get_trials(deepcopy=True) if t.number == trial.number)
+        failed = copy.deepcopy(trial)  # the retry reads its parameters and attributes, not its state
         failed.user_attrs = {k: v for k, v in failed.user_attrs.items() if k != OWNER}  # the retry's is its own
         retry()(study, failed)  # what the heartbeat does with a stale trial: the same parameters, queued again
         dead.append(trial.number)
