@@ -282,3 +282,36 @@ def test_a_backbone_dispatched_over_devices_is_refused_with_the_fix(device_map):
     one = tiny_llama()
     one.hf_device_map = {"": "cpu"}  # one device: as if loaded without a map
     assert build(backbone=one).num_experts == 0
+
+
+@pytest.mark.parametrize("mature", [False, True])
+@pytest.mark.parametrize("granularity", ["sequence", "token"])
+def test_a_system_cast_to_bf16_mixes_its_float32_routing(mature, granularity):
+    """``model.to(torch.bfloat16)`` casts the adapters and the gate; routing stays float32 and the fused
+    mixture scales the bf16 ranks with it cast to their dtype (a bf16 @ fp32 matmul would raise); at top-1 it
+    matches one bf16 pass of the routed expert (the reference mixing)."""
+    model = grown(top_k=1, granularity=granularity).to(torch.bfloat16)
+    for e in model.experts.expert_ids:
+        model.mark_mature(e, mature)
+    inputs = batch()
+    with torch.no_grad():
+        out = model(**inputs)
+        assert out.routing_weights.dtype == torch.float32 and out.logits.dtype == torch.bfloat16
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+    assert torch.isfinite(loss)
+    if mature and granularity == "sequence":  # top-1, where the reference mixing is exact
+        model.config.mixing = "reference"
+        with torch.no_grad():
+            reference = model(**inputs).logits
+        torch.testing.assert_close(out.logits.float(), reference.float(), rtol=0.05, atol=0.05)
+
+
+def test_rehearsal_loss_under_bf16_autocast_is_the_float32_one():
+    model = grown()
+    features, columns = torch.randn(8, model.router.hidden_size), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    inputs = batch()
+    expected = model(**inputs, rehearsal=(features, columns)).rehearsal_loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(**inputs, rehearsal=(features, columns)).rehearsal_loss
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -194,3 +194,28 @@ def test_a_penalised_gate_fit_lands_on_one_gate_whatever_it_starts_from():
             probs.append(torch.softmax(r(probe).logits, -1))
         spread[decay] = float((probs[0] - probs[1]).abs().max())
     assert spread[1e-2] < 1e-3 and spread[0.0] > 0.5
+
+
+@pytest.mark.parametrize("mature", [False, True])
+def test_routing_is_float32_under_bf16_autocast(mature):
+    """Autocast would run the gate's matmul and softmax in bf16: the router computes outside it, so its
+    logits and weights are the float32 ones (a near-tie between two skills is not decided by rounding)."""
+    r = router_with(4, top_k=2)
+    for column in range(4):
+        r.set_maturity(column, mature)
+    h = torch.randn(6, 16)
+    expected = r(h)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = r(h)
+    assert out.logits.dtype == out.weights.dtype == torch.float32
+    torch.testing.assert_close(out.logits, expected.logits, rtol=0, atol=0)
+    torch.testing.assert_close(out.weights, expected.weights, rtol=0, atol=0)
+
+
+def test_a_bf16_gate_routes_in_float32():
+    r = router_with(3).to(torch.bfloat16)
+    h = torch.randn(4, 16, dtype=torch.bfloat16)
+    out = r(h)
+    assert out.logits.dtype == out.weights.dtype == torch.float32
+    by_hand = h.float() @ r.gate.weight.float().T + r.gate.bias.float()
+    torch.testing.assert_close(out.logits, by_hand)

@@ -19,7 +19,9 @@ Axis key: B batch, T tokens, I in-features, O out-features, S experts in the act
 K experts per sample (top-k).
 
 Numerics follow peft's LoRA layer: the delta is computed in the adapters' dtype (peft keeps adapters in fp32
-on a bf16/fp16 backbone), added to the base output in that dtype, and only the sum is rounded back.
+on a bf16/fp16 backbone), added to the base output in that dtype, and only the sum is rounded back. The
+routing weights arrive in float32 (the router's dtype) and are cast to the adapters' dtype where they scale
+the ranks.
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def fill_padded(layer: LoraLayer, stack: PaddedStack, fill: list[str], pos: Tens
 def dense_delta(x: Tensor, st: ConcatStack, weights: Tensor) -> Tensor:
     """sum_e w_e s_e B_e A_e x for every expert; ``weights`` is [B, S] or [B, T, S]."""
     h = x @ st.A.T  # [B, T, sum R]
-    coef = weights.index_select(-1, st.owner) * st.scale  # [B, sum R] or [B, T, sum R]
+    coef = weights.index_select(-1, st.owner).to(st.scale.dtype) * st.scale  # [B, sum R] or [B, T, sum R]
     if coef.dim() == 2:
         coef = coef.unsqueeze(1)  # [B, 1, sum R]
     return (h * coef) @ st.B.T  # [B, T, O]
@@ -147,7 +149,7 @@ def sparse_sequence_delta(x: Tensor, st: PaddedStack, indices: Tensor, weights: 
     r = st.A.shape[1]
     a = st.A[indices].reshape(b, k * r, -1)  # [B, K*R, I]
     bw = st.B[indices].permute(0, 2, 1, 3).reshape(b, -1, k * r)  # [B, K, O, R] -> [B, O, K*R]
-    coef = (weights * st.scale[indices]).repeat_interleave(r, dim=1)  # [B, K*R]
+    coef = (weights.to(st.scale.dtype) * st.scale[indices]).repeat_interleave(r, dim=1)  # [B, K*R]
     h = torch.bmm(x, a.transpose(1, 2)) * coef.unsqueeze(1)  # [B, T, K*R]
     return torch.bmm(h, bw.transpose(1, 2))  # [B, T, O]
 

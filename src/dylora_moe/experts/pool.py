@@ -50,7 +50,7 @@ def routing_shares(model, memory: RoutingMemory) -> dict[int, float]:
     if batch is None:
         return dict.fromkeys(ids, 0.0)
     features, _ = batch
-    chosen = model.router.gate(features.to(model.router.gate.weight.dtype)).argmax(-1)  # [M]
+    chosen = model.router.logits(features).argmax(-1)  # [M]
     counts = torch.bincount(chosen, minlength=len(ids)).tolist()
     return {e: counts[c] / features.shape[0] for c, e in enumerate(ids)}
 
@@ -91,8 +91,7 @@ def prune(model, memory: RoutingMemory, below: float, *, fit_steps: int = 200) -
         rows = [f for e, f in memory.skills.values() if e == expert_id and f.numel()]
         into = None
         if rows:
-            features = torch.cat(rows).to(model.device, model.router.gate.weight.dtype)
-            logits = model.router.gate(features)
+            logits = model.router.logits(torch.cat(rows).to(model.device))
             logits[:, model.column(expert_id)] = float("-inf")
             votes = torch.bincount(logits.argmax(-1), minlength=model.num_experts)
             into = model.experts.expert_ids[int(votes.argmax())]

@@ -144,7 +144,7 @@ class RoutingControl:
     def forced_routing(self, tokens: Tensor) -> RouterOutput:
         """The forced column's routing for a batch of ``tokens`` [B, T] (ids, or any per-token tensor)."""
         lead = tokens.shape if self.config.granularity == "token" else tokens.shape[:1]  # [B, T] or [B]
-        dtype, device = self.router.gate.weight.dtype, tokens.device
+        dtype, device = self.router.dtype, tokens.device
         weights = torch.zeros(*lead, self.router.num_experts, dtype=dtype, device=device)  # [..., E]
         if self.forced == NO_EXPERT:
             return RouterOutput(weights, weights.clone(), None, None, DENSE)  # every delta weighted 0

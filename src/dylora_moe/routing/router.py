@@ -98,9 +98,17 @@ class DynamicHybridRouter(nn.Module):
         return self.dense_top_m is not None and sum(self._mature) > self.dense_top_m
 
     def forward(self, hidden: Tensor) -> RouterOutput:
-        """hidden: [..., H] (a pooled [B, H] or per-token [B, T, H]) -> routing over [..., E]."""
-        logits = self.gate(hidden.to(self.gate.weight.dtype))  # [..., E]
-        scaled = logits / self.temperature
+        """hidden: [..., H] (a pooled [B, H] or per-token [B, T, H]) -> routing over [..., E], in float32.
+
+        The gate runs outside autocast and in at least float32 (as peft keeps adapters on a half-precision
+        backbone): under bf16 autocast its logits, softmax and the rehearsal loss would otherwise be rounded to
+        bf16, and a few hundredths of weight move a near-tie. The fused mixture casts the weights to its adapters'
+        dtype where it uses them."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self._route(self.logits(hidden))
+
+    def _route(self, logits: Tensor) -> RouterOutput:
+        scaled = logits / self.temperature  # [..., E]
         if self.strategy == DENSE:
             if self.dense_restricted:  # every immature expert, and each sample's top-m mature ones
                 mature = self.expert_maturity.bool()  # [E], on the device: no host read
@@ -115,6 +123,18 @@ class DynamicHybridRouter(nn.Module):
             topk_weights = self.cut_cumulative(scaled, top, indices)
         weights = torch.zeros_like(scaled).scatter(-1, indices, topk_weights)  # [..., E]
         return RouterOutput(weights, logits, indices, topk_weights, SPARSE)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Gate logits [..., E] of hidden states [..., H], in float32 (or the gate's dtype if wider), autocast off."""
+        dtype = self.dtype
+        with torch.autocast(hidden.device.type, enabled=False):
+            weight, bias = self.gate.weight.to(dtype), self.gate.bias.to(dtype)
+            return torch.nn.functional.linear(hidden.to(dtype), weight, bias)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype routing is computed in: the gate's, at least float32."""
+        return torch.promote_types(self.gate.weight.dtype, torch.float32)
 
     def cut_cumulative(self, scaled: Tensor, top: Tensor, indices: Tensor) -> Tensor:
         """Weights [..., K] of the top-k experts under the cumulative rule: an expert is kept when the
