@@ -61,6 +61,18 @@ def kl_to_frozen(logits: Tensor, frozen_logits: Tensor, mask: Tensor) -> Tensor:
     return (per_position * weights).sum() / weights.sum().clamp_min(1.0)
 
 
+def kl_on_anchors(model: DyLoRAMoE, ids: Tensor, mask: Tensor, expert_id: int) -> tuple[Tensor, Tensor]:
+    """KL(frozen || ``model`` with ``expert_id`` forced) on anchor prompts ids, mask [B, T], and the expert's
+    logits [B, T, V]. The frozen logits come from the same backbone with no expert, without gradient; the expert
+    is forced (the gate is not asked), so the anchors cost one pass of the frozen model and one of the expert
+    whatever the pool's size."""
+    with torch.no_grad(), model.force_expert(None):
+        frozen = model(input_ids=ids, attention_mask=mask).logits
+    with model.force_expert(expert_id):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    return kl_to_frozen(logits, frozen, mask), logits
+
+
 def first_token_unlikelihood(logits: Tensor, mask: Tensor, token_id: int, last: Tensor | None = None) -> Tensor:
     """Mean over rows of -log(1 - p(``token_id``)) at each row's request end (``last``; by default its last real
     position): the prediction of the first answer token after a request, where an end of sequence is never

@@ -13,7 +13,7 @@ from transformers import Trainer
 
 from ..routing.losses import load_balancing_loss
 from .config import TrainingConfig
-from .distill import Anchors, first_token_unlikelihood, kl_to_frozen
+from .distill import Anchors, first_token_unlikelihood, kl_on_anchors, kl_to_frozen
 from .rehearsal import RoutingMemory
 from .schedule import two_phase_scheduler
 
@@ -145,13 +145,10 @@ class DyLoRATrainer(Trainer):
         expert's logits [B, T, V] and the batch's mask [B, T]."""
         core = self._core()
         ids, mask = self.anchors.batch(index, self.args.per_device_train_batch_size, core.device)
-        with torch.no_grad(), core.force_expert(None):
-            frozen = core(input_ids=ids, attention_mask=mask).logits
         # the unwrapped model: a second forward through DDP in one step would mark its gradients ready twice;
         # the anchor gradients join the task's in the same backward and are reduced with them
-        with core.force_expert(self.anchors.expert_id):
-            logits = core(input_ids=ids, attention_mask=mask).logits
-        return kl_to_frozen(logits, frozen, mask), logits, mask
+        kl, logits = kl_on_anchors(core, ids, mask, self.anchors.expert_id)
+        return kl, logits, mask
 
     def retained_kl(self, index: int) -> torch.Tensor:
         """KL(the expert as the step started || the expert) on batch ``index`` of the retained prompts, the
