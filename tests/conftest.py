@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -16,11 +17,30 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
+from torch.overrides import TorchFunctionMode
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from dylora_moe import DyLoRAConfig, DyLoRAMoE, ExpertConfig, RouterConfig
 
 VOCAB = 128
+
+
+class HostReads(TorchFunctionMode):
+    """Counts reads of a tensor's value on the host (``bool``, ``item``, ``tolist``, ``int``, ``float``: on an
+    accelerator each waits for every queued kernel) made directly by code in a file whose path ends with
+    ``filename``."""
+
+    READS = frozenset({torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__int__,
+                       torch.Tensor.__float__})
+
+    def __init__(self, filename: str) -> None:
+        super().__init__()
+        self.filename, self.count = filename, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS and sys._getframe(1).f_code.co_filename.endswith(self.filename):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 def tiny_llama() -> LlamaForCausalLM:

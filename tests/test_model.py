@@ -7,7 +7,7 @@ import torch
 
 from dylora_moe import DyLoRAConfig, DyLoRAMoE
 from dylora_moe.experts.targets import decoder_layers
-from tests.conftest import batch, build, char_tokenizer, randomise_experts, tiny_gpt2, tiny_llama
+from tests.conftest import HostReads, batch, build, char_tokenizer, randomise_experts, tiny_gpt2, tiny_llama
 
 # where the gate reads: the embeddings inline, the final states, layer 1 inline, layer 1 from a prefix pass
 GATE_INPUTS = [dict(), dict(route_layer=None), dict(route_layer=1), dict(route_layer=1, route_pass="separate")]
@@ -315,3 +315,14 @@ def test_rehearsal_loss_under_bf16_autocast_is_the_float32_one():
         got = model(**inputs, rehearsal=(features, columns)).rehearsal_loss
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mature", [False, True])
+def test_reference_mixing_reads_the_routing_once_per_forward_not_once_per_expert(mature):
+    model = grown(n=4, top_k=2)
+    for e in model.experts.expert_ids:
+        model.mark_mature(e, mature)
+    model.config.mixing = "reference"
+    with torch.no_grad(), HostReads("dylora_moe/model.py") as reads:
+        model(**batch())
+    assert reads.count == 1

@@ -361,10 +361,12 @@ class DyLoRAMoE(nn.Module):
         routing = self.routing.route(input_ids, attention_mask, pool_mask)
         weights = routing.weights  # [B, E] or [B, T, E]
         logits = None
+        # One host read per forward (not one per expert): the experts some sample or token weighs.
+        used = (weights.reshape(-1, weights.shape[-1]) != 0).any(0).tolist()  # [E]
         for column, expert_id in enumerate(list(self.experts.expert_ids)):
-            w = weights[..., column]
-            if not bool((w != 0).any()):
+            if not used[column]:
                 continue
+            w = weights[..., column]
             with self.routing.plain(), self.single_expert(expert_id):
                 part = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             w = w[:, None, None] if w.dim() == 1 else w[..., None]  # broadcast over [B, T, V]
