@@ -28,17 +28,17 @@ VOCAB = 128
 class HostReads(TorchFunctionMode):
     """Counts reads of a tensor's value on the host (``bool``, ``item``, ``tolist``, ``int``, ``float``: on an
     accelerator each waits for every queued kernel) made directly by code in a file whose path ends with
-    ``filename``."""
+    ``filename``; or calls of the tensor methods ``calls`` instead."""
 
     READS = frozenset({torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__int__,
                        torch.Tensor.__float__})
 
-    def __init__(self, filename: str) -> None:
+    def __init__(self, filename: str, calls: frozenset | set | None = None) -> None:
         super().__init__()
-        self.filename, self.count = filename, 0
+        self.filename, self.count, self.calls = filename, 0, self.READS if calls is None else calls
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.READS and sys._getframe(1).f_code.co_filename.endswith(self.filename):
+        if func in self.calls and sys._getframe(1).f_code.co_filename.endswith(self.filename):
             self.count += 1
         return func(*args, **(kwargs or {}))
 

@@ -162,3 +162,35 @@ def test_first_token_unlikelihood_reads_given_request_ends():
     p = torch.softmax(torch.tensor([[0.0, 0, 2, 0, 0], [0, 0, -2, 0, 0]]), -1)[:, 2]
     expected = -torch.log1p(-p).mean()
     torch.testing.assert_close(first_token_unlikelihood(logits, mask, 2, torch.tensor([1, 0])), expected)
+
+
+def batch_by_hand(anchors, step: int, size: int):
+    rows = [anchors.ids[(step * size + k) % len(anchors.ids)] for k in range(size)]
+    width = max(len(r) for r in rows)
+    ids = [r + [anchors.pad] * (width - len(r)) for r in rows]
+    return ids, [[1] * len(r) + [0] * (width - len(r)) for r in rows]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7])
+def test_anchor_batches_are_slices_of_one_copy_on_the_device(size, monkeypatch):
+    """Every batch (wrapping round the rows, or wider than them all) equals one padded by hand, and after the
+    first no batch builds a tensor on the host or copies one over: the rows were copied to the device once."""
+    from dylora_moe.training.distill import Anchors
+    from tests.conftest import HostReads, char_tokenizer
+
+    tok = char_tokenizer()
+    anchors = Anchors(tok, ["ab", "hello wor", "x+y=", "a longer prompt"], expert_id=0, max_length=12)
+    for step in range(6):
+        ids, mask = anchors.batch(step, size)
+        assert (ids.tolist(), mask.tolist()) == batch_by_hand(anchors, step, size)
+        ends = [anchors.prompt_lengths[(step * size + k) % 4] - 1 for k in range(size)]
+        assert anchors.request_ends(step, size).tolist() == ends
+    built = []
+    real = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **kw: built.append(a) or real(*a, **kw))
+    copies = HostReads("dylora_moe/training/distill.py", calls={torch.Tensor.to})
+    with copies:
+        for step in range(6):
+            anchors.batch(step, size)
+            anchors.request_ends(step, size)
+    assert built == [] and copies.count == 0

@@ -150,6 +150,7 @@ class Anchors:
         self.eos_id = tokenizer.eos_token_id
         self.expert_id = expert_id
         self.max_length = max_length
+        self._table: tuple[str, Tensor, Tensor, Tensor] | None = None  # every row, padded, on one device
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -157,21 +158,39 @@ class Anchors:
     def _rows(self, step: int, size: int) -> list[int]:
         return [(step * size + k) % len(self.ids) for k in range(size)]
 
+    def _on(self, device: torch.device | str) -> tuple[Tensor, Tensor, Tensor]:
+        """Every row right-padded, its mask and its request end, on ``device``: copied there once (and again
+        only when the rows change), so a batch is slices of it, with no host-to-device copy per micro-batch."""
+        if self._table is None or self._table[0] != str(device):
+            width = max(len(r) for r in self.ids)
+            ids = torch.full((len(self.ids), width), self.pad, dtype=torch.long)  # [N, T]
+            mask = torch.zeros((len(self.ids), width), dtype=torch.long)  # [N, T]
+            for k, r in enumerate(self.ids):
+                ids[k, : len(r)] = torch.tensor(r)
+                mask[k, : len(r)] = 1
+            ends = torch.tensor([n - 1 for n in self.prompt_lengths])  # [N]
+            self._table = (str(device), ids.to(device), mask.to(device), ends.to(device))
+        return self._table[1:]
+
+    def _take(self, table: Tensor, step: int, size: int) -> Tensor:
+        """Rows ``_rows(step, size)`` of ``table``: consecutive ones, wrapping to the start, taken as slices."""
+        n, start, parts = len(self.ids), (step * size) % len(self.ids), []
+        while size > 0:
+            take = min(size, n - start)
+            parts.append(table[start : start + take])
+            size, start = size - take, 0
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
     def batch(self, step: int, size: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-        """input_ids, attention_mask [size, T] of the ``step``-th batch."""
-        rows = [self.ids[r] for r in self._rows(step, size)]
-        width = max(len(r) for r in rows)
-        ids = torch.full((size, width), self.pad, dtype=torch.long)
-        mask = torch.zeros((size, width), dtype=torch.long)
-        for k, r in enumerate(rows):
-            ids[k, : len(r)] = torch.tensor(r)
-            mask[k, : len(r)] = 1
-        return ids.to(device), mask.to(device)
+        """input_ids, attention_mask [size, T] of the ``step``-th batch (T: its longest row)."""
+        width = max(len(self.ids[r]) for r in self._rows(step, size))
+        ids, mask, _ = self._on(device)
+        return self._take(ids, step, size)[:, :width], self._take(mask, step, size)[:, :width]
 
     def request_ends(self, step: int, size: int, device: torch.device | str = "cpu") -> Tensor:
         """[size] position of each row's last request token in the ``step``-th batch (where its answer is
         predicted), whether or not the frozen model's answer follows it."""
-        return torch.tensor([self.prompt_lengths[r] - 1 for r in self._rows(step, size)], device=device)
+        return self._take(self._on(device)[2], step, size)
 
     @torch.no_grad()
     def answer_with_frozen(self, model: DyLoRAMoE, max_new_tokens: int, *, batch_size: int = 16,
@@ -196,3 +215,4 @@ class Anchors:
             for r, answer in zip(chunk, out[:, input_ids.shape[1]:].tolist(), strict=True):
                 cache[keys[r]] = answer[: answer.index(self.eos_id)] if self.eos_id in answer else answer
         self.ids = [(ids + cache[k])[: self.max_length] for ids, k in zip(self.ids, keys, strict=True)]
+        self._table = None
