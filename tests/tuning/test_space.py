@@ -133,3 +133,13 @@ def test_objective_from_a_hand_built_loss_matrix():
     assert metrics_of([[1.2, None]])["loss"] == 1.2 and metrics_of([[1.2, None]])["forgetting"] == 0.0
     improved = metrics_of([[1.0, None], [0.8, 2.0]])  # a later step helped skill 0: negative forgetting
     assert math.isclose(improved["forgetting"], -0.2)
+
+
+def test_the_objective_does_not_count_a_returning_skills_relearning_as_retention():
+    """Stream a, b, a: a's first column rose when b trained and fell when a came back; that fall is relearning.
+    With the labels (as the benchmark reads them) forgetting is b's rise alone; the pruner's partial matrices
+    read the labels of the steps seen so far."""
+    matrix = [[1.0, None, None], [1.5, 2.0, None], [0.9, 2.3, 0.9]]
+    assert math.isclose(metrics_of(matrix)["forgetting"], (-0.1 + 0.3) / 2)
+    assert math.isclose(metrics_of(matrix, labels=["a", "b", "a"])["forgetting"], 0.3)
+    assert math.isclose(metrics_of(matrix[:2], labels=["a", "b", "a"])["forgetting"], 0.5)

@@ -6,7 +6,7 @@ examples (``SkillSpec.eval_share``, split by content hash, never trained on), fi
 objective is computed from that matrix only:
 
 - ``weighted``: mean final held-out loss + ``forgetting_weight`` * average forgetting (nats; positive when a
-  skill's loss rose after it was learned);
+  skill's loss rose after it was learned; over the skills not trained again later, as in the benchmark);
 - ``pareto``: (mean final loss, forgetting, trainable parameters), minimised together.
 
 After every step the same quantity on the skills seen so far goes to the trial's pruner.
@@ -36,11 +36,15 @@ logger = logging.getLogger(__name__)
 NO_DECODING = BenchmarkConfig(pass_limit=0, humaneval_limit=0, freeform_limit=0)
 
 
-def metrics_of(matrix: Sequence[Sequence[float | None]], trainable_params: int = 0) -> dict[str, float]:
+def metrics_of(matrix: Sequence[Sequence[float | None]], trainable_params: int = 0,
+               labels: Sequence[str] | None = None) -> dict[str, float]:
     """Loss (mean final held-out loss over the skills seen), forgetting (nats) and size of a run's loss matrix
-    after ``len(matrix)`` steps (row i: losses after step i; cells of skills not yet seen are ignored)."""
+    after ``len(matrix)`` steps (row i: losses after step i; cells of skills not yet seen are ignored). With the
+    steps' ``labels``, forgetting reads the skills not trained again later, as the benchmark's does (a returning
+    skill's relearning is not a lack of forgetting)."""
     square = [list(row[: len(matrix)]) for row in matrix]  # T x T: skills seen so far
-    return {"loss": average_accuracy(square), "forgetting": forgetting(square, higher_is_better=False),
+    seen = None if labels is None else list(labels[: len(square)])
+    return {"loss": average_accuracy(square), "forgetting": forgetting(square, higher_is_better=False, labels=seen),
             "trainable_params": float(trainable_params)}
 
 
@@ -65,7 +69,7 @@ def run_configuration(stream: StreamSpec, params: dict[str, Any], out: Path, *, 
     raw = run_method("dylora", stream, system, training, out, data_dir=data_dir, bench=NO_DECODING,
                      progress=progress, after_skill=after_skill, evaluate_ahead=False)
     result = results_from({"dylora": raw}, stream=stream.name, model=system.model)["methods"]["dylora"]
-    metrics = metrics_of(raw["matrix"], raw["trainable_params"])
+    metrics = metrics_of(raw["matrix"], raw["trainable_params"], raw["labels"])
     return {**metrics, "matrix": raw["matrix"], "experts": raw["experts"], "novel": raw["novel"],
             "bwt": result["bwt"], "routing_accuracy": result["routing_accuracy"],
             "seconds": time.perf_counter() - start}
@@ -109,12 +113,13 @@ class Objective:
         prune in Optuna, so nothing is reported there."""
 
         rows: list[list[float | None]] = []
+        labels = [skill.label for skill in self.stream.active(self.data_dir)]
 
         def after_skill(i: int, record) -> None:
             rows.append(record.losses)
             if self.config.multi:
                 return
-            value = weighted(metrics_of(rows), self.config.forgetting_weight)
+            value = weighted(metrics_of(rows, labels=labels), self.config.forgetting_weight)
             trial.report(value, step=i)
             if i < steps - 1 and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after step {i + 1} of {steps} at {value:.4f}")
