@@ -250,3 +250,45 @@ def test_a_run_named_by_relative_paths_works_from_another_folder_and_after_a_mov
     assert main(["experts", "export", str(tmp_path / "moved"), "1", "exported"]) == 0
     assert (elsewhere / "exported" / "adapter_model.safetensors").is_file()
     assert main(["experts", "merge", str(tmp_path / "moved"), "0", "1"]) == 0
+
+
+def test_a_full_pool_during_train_is_mirrored_in_the_registry_with_its_lineage(tmp_path):
+    """``system.max_experts: 2`` on three new skills: the merge the loop makes reaches the store (the merged
+    expert with ``merged_from``, the sources gone), and ``experts export`` finds the merged expert."""
+    stream = write_tiny_run(tmp_path)
+    bounded = "novelty: {method: cosine, similarity_threshold: 1.0}\n  max_experts: 2"
+    stream.write_text(stream.read_text().replace("novelty: {similarity_threshold: 0.9}", bounded))
+    assert main(["train", "--stream", str(stream), "--out", str(tmp_path / "out"), "--model",
+                 str(tmp_path / "model")]) == 0
+    system = DyLoRAMoE.from_pretrained(tmp_path / "out" / "system")
+    assert system.experts.expert_ids == [2, 3] and system.experts.lineage == {3: {"merged_from": [0, 1],
+                                                                                 "method": "cat"}}
+    store = SkillStore(tmp_path / "out" / "store.db")
+    assert [e.expert_id for e in store.experts()] == [2, 3]
+    assert store.expert(3).training_history == [{"merged_from": [0, 1], "method": "cat"}]
+    assert main(["experts", "export", str(tmp_path / "out"), "3", str(tmp_path / "exported")]) == 0
+
+
+def test_a_merge_on_a_paused_run_is_followed_by_resume_and_its_lineage_survives_a_crash(run, tmp_path, monkeypatch,
+                                                                                         capsys):
+    """A run stopped after two steps, its experts merged from the command line, then resumed: the progress
+    learns where the skills went (the report routes them to the merged expert), and a crash between the
+    merge's save and its registry write loses no lineage (the manifest keeps it, ``reconcile`` reads it)."""
+    import shutil
+
+    from dylora_moe.training.progress import PROGRESS
+
+    out = tmp_path / "out"
+    shutil.copytree(run / "out", out)
+    progress = json.loads((out / "system" / PROGRESS).read_text())
+    progress.update(completed=2, records=progress["records"][:2])  # as if stopped before the third step
+    (out / "system" / PROGRESS).write_text(json.dumps(progress))
+    monkeypatch.setattr(SkillStore, "register_expert", lambda *a, **kw: (_ for _ in ()).throw(OSError("disk")))
+    assert main(["experts", "merge", str(out), "0", "1"]) != 0  # saved, then killed before the registry
+    monkeypatch.undo()
+    assert json.loads((out / "system" / PROGRESS).read_text())["merges"] == {"0": 2, "1": 2}
+    assert main(["train", "--resume", str(out)]) == 0, capsys.readouterr().err
+    assert SkillStore(out / "store.db").expert(2).training_history[0] == {
+        "source": "reconciled", "merged_from": [0, 1], "method": "cat"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["expert_of_skill"] == [2, 2, 2] and summary["routing_accuracy"] == 1.0

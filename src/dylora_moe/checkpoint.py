@@ -198,7 +198,7 @@ def _write(model, out: Path, dest: Path) -> None:
     (out / "library.json").write_text(json.dumps(library, indent=2), encoding="utf-8")
     manifest = {"format_version": FORMAT_VERSION, "config": model.config.to_dict(),
                 "expert_ids": manager.expert_ids, "ranks": {str(k): v for k, v in manager.ranks.items()},
-                "next_id": manager.next_id}
+                "next_id": manager.next_id, "lineage": {str(k): v for k, v in manager.lineage.items()}}
     # The manifest goes last: a folder without it is never mistaken for a complete checkpoint.
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
 
@@ -344,6 +344,7 @@ def _load(cls, path: Path, backbone, tokenizer, overrides: dict):
         check_adapter(folder)
         model.experts.load_expert(expert_id, folder, ranks[expert_id])
     model.experts.next_id = manifest["next_id"]
+    model.experts.lineage = {int(k): v for k, v in manifest.get("lineage", {}).items()}
     model.experts.written = dict.fromkeys(manifest["expert_ids"], path.resolve())
     model.experts.disable_adapters()
     model.mixture.sync()

@@ -28,7 +28,7 @@ from rich.table import Table
 from .checkpoint import FolderBusy, writer_lock
 from .data.stream import StreamSpec, load_stream, with_params
 from .registry_cli import add_parsers as add_registry_parsers
-from .registry_cli import experts, skills
+from .registry_cli import experts, mirror_pool, skills
 from .serving.cli import add_parser as add_serve_parser
 from .tuning.cli import add_parser as add_tune_parser
 
@@ -285,6 +285,7 @@ def train_loop(args, stream, system, training, console: Console, state) -> int:
             if main_process:
                 save_progress(learner, checkpoint)
                 register_step(store, learner, record, checkpoint)
+                mirror_pool(store, model, checkpoint)  # experts merged to keep max_experts, and their sources
             state.wait_for_everyone()
             progress.advance(task)
     if not main_process:

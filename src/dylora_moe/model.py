@@ -169,6 +169,7 @@ class DyLoRAMoE(nn.Module):
         skills = self.library.reassign(a, merged) + self.library.reassign(b, merged)
         for old in (a, b):
             self.delete_expert(old)
+        self.experts.lineage[merged] = {"merged_from": [a, b], "method": method}
         self.events.emit(EXPERTS_MERGED, expert_id=merged, merged_from=[a, b], method=method, skills=skills,
                          rank=self.experts.ranks[merged])
         return merged

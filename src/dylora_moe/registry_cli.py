@@ -199,7 +199,7 @@ def reshape(args: argparse.Namespace, store, console: Console) -> int:
     registry: the merged expert registered with its lineage, the experts that went removed."""
     from safetensors.torch import save_file
 
-    from .checkpoint import load_tensors
+    from .checkpoint import load_tensors, read_json
     from .experts import pool
     from .model import DyLoRAMoE
     from .training.progress import MEMORY, PROGRESS
@@ -215,30 +215,44 @@ def reshape(args: argparse.Namespace, store, console: Console) -> int:
     if args.action == "merge":
         a, b = args.expert_ids
         merged = pool.merge(model, memory, a, b, method=args.method, rank=args.rank, density=args.density)
-        gone, message = [a, b], f"merged experts {a} and {b} into expert {merged} ({args.method})"
+        moved, message = {a: merged, b: merged}, f"merged experts {a} and {b} into expert {merged} ({args.method})"
     else:
         pruned = pool.prune(model, memory, args.below)
-        merged, gone = None, [e for e, _ in pruned]
-        message = "pruned " + (", ".join(f"expert {e} (skills now served by {into})" for e, into in pruned)
-                               if pruned else f"nothing: every expert gets at least {args.below:g} of the traffic")
+        moved = {e: into for e, into in pruned if into is not None}
+        if pruned:
+            message = "pruned " + ", ".join(f"expert {e} (skills now served by {into})" for e, into in pruned)
+        elif model.num_experts <= 1:
+            message = "nothing: the last expert is never pruned"
+        else:
+            message = f"nothing: every expert gets at least {args.below:g} of the traffic"
 
     def keep_state(folder: Path) -> None:
-        if (system / PROGRESS).is_file():
-            shutil.copy2(system / PROGRESS, folder / PROGRESS)
+        if (system / PROGRESS).is_file():  # a run's progress learns where its skills' experts went
+            progress = read_json(system / PROGRESS)
+            progress["merges"] = {**progress.get("merges", {}), **{str(k): v for k, v in moved.items()}}
+            (folder / PROGRESS).write_text(json.dumps(progress, indent=2), encoding="utf-8")
         save_file(memory.tensors() or {}, str(folder / MEMORY))
 
     model.save_pretrained(system, extra=keep_state)
-    if merged is not None:
-        name = f"expert_{merged}"
-        skill = next((s.skill_id for s in model.library.skills.values() if s.expert_id == merged), None)
-        config = model.experts.peft_model.peft_config[name].to_dict()
-        store.register_expert(merged, skill_id=skill, lora_config=json.loads(json.dumps(config, default=str)),
-                              storage_path=str(system / "experts" / name), rank=model.experts.ranks[merged],
-                              maturity_state=int(model.router.expert_maturity[model.column(merged)]),
-                              training={"merged_from": gone, "method": args.method})
-    known = {row.expert_id for row in store.experts()}
-    for expert_id in gone:
-        if expert_id in known:
-            store.delete_expert(expert_id)
+    mirror_pool(store, model, system)
     console.print(f"{message}; {model.num_experts} experts remain")
     return 0
+
+
+def mirror_pool(store, model, system: Path) -> None:
+    """After a merge or prune saved in ``system``: register each merged expert the registry lacks, with its
+    lineage (``merged_from``, method; the manifest keeps it too, for ``reconcile`` after a crash), and remove
+    the rows of experts no longer in the system."""
+    known = {row.expert_id for row in store.experts()}
+    for expert_id, lineage in model.experts.lineage.items():
+        if expert_id in known:
+            continue
+        name = f"expert_{expert_id}"
+        skill = next((s.skill_id for s in model.library.skills.values() if s.expert_id == expert_id), None)
+        config = model.experts.peft_model.peft_config[name].to_dict()
+        store.register_expert(expert_id, skill_id=skill, lora_config=json.loads(json.dumps(config, default=str)),
+                              storage_path=str(system / "experts" / name), rank=model.experts.ranks[expert_id],
+                              maturity_state=int(model.router.expert_maturity[model.column(expert_id)]),
+                              training=dict(lineage))
+    for expert_id in sorted(known - set(model.experts.expert_ids)):
+        store.delete_expert(expert_id)

@@ -139,3 +139,16 @@ def test_a_merged_expert_of_a_bf16_backbone_keeps_the_sources_dtype_and_serves_a
     with torch.no_grad():
         logits = model(**batch(bsz=2, t=8)).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def test_a_merge_leaves_every_expert_outside_the_trainable_set_frozen():
+    """peft activates another adapter when the active one is deleted, which makes it require grad: the manager
+    puts the trainable set back, so an optimizer built from ``requires_grad`` trains nothing it was not asked to."""
+    model = grown(4)
+    model.set_trainable([3], router=False)
+    model.merge_experts(0, 1)
+    trained = {n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {"expert_3"}
+    model.set_trainable([], router=False)
+    model.merge_experts(2, 3)
+    assert not [n for n, p in model.named_parameters() if p.requires_grad]

@@ -11,7 +11,8 @@ from transformers import TrainerCallback
 from dylora_moe.data.stream import SkillSpec, StreamSpec, load_stream
 from dylora_moe.evaluation.report import write_report
 from dylora_moe.training import ContinualLearner, TrainingConfig
-from dylora_moe.training.distill import kl_to_frozen
+from dylora_moe.training.distill import anchor_texts, kl_to_frozen
+from dylora_moe.training.loop import prompted
 from dylora_moe.training.measure import gate_features
 from tests.conftest import build, decide_by_cosine
 
@@ -324,6 +325,32 @@ def test_a_full_pool_merges_the_closest_pair_before_a_new_expert(tmp_path):
     assert summary["expert_of_skill"] == [merged, merged, 2]
     assert {s.expert_id for s in model.library.skills.values()} == {2, merged}
     assert {e for e, _ in learner.memory.skills.values()} == {2, merged}
+    # digits returns and trains the merged expert: its own and letters' prompts are what it retains, not what
+    # the KL pulls back to the frozen model (more-digits, served by another expert, is)
+    assert [learner.served_by(j) for j in range(3)] == [merged, merged, 2]
+    step, per = learner.prepare(stream.skills[0]), learner.training.anchors_per_skill
+    earlier = [learner.prompts(s, prompted(s.train[:per])) for s in learner.steps]
+    texts = anchor_texts(model.tokenizer, [e.prompt for e in step.train], earlier[2],
+                         with_prose=learner.training.prose_anchors)
+    assert len(learner.anchors(3, step, merged)) == len(texts)
+    assert len(learner.retained(3, merged)) == len(earlier[0]) + len(earlier[1])
+
+
+def test_a_bound_lowered_below_the_pool_is_reached_at_the_next_new_skill(tmp_path):
+    def more_digits(i):
+        return {"prompt": f"{i + 50}+{i + 50}=", "response": f"{2 * i + 100}"}
+
+    stream = StreamSpec("s", [skill_file(tmp_path, "digits", digits), skill_file(tmp_path, "letters", letters),
+                              skill_file(tmp_path, "more-digits", more_digits),
+                              skill_file(tmp_path, "words", lambda i: {"prompt": f"say {i}", "response": "ok"})])
+    model = build()
+    decide_by_cosine(model, 1.0)  # every step is a new skill
+    learner = ContinualLearner(model, stream, small_config(seed_steps=1, consolidation_steps=0), tmp_path / "run")
+    for i in range(3):
+        learner.run_step(i)
+    model.config.max_experts = 2  # a system loaded with a smaller bound than it holds
+    learner.run_step(3)
+    assert model.num_experts == 2 and len(learner.merges) == 4  # two merges: 3 + 1 new -> 2
 
 
 def test_pool_prune_folds_an_unused_expert_into_the_one_its_prompts_reach(tmp_path):

@@ -12,16 +12,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from ..experts.pool import serving_expert
 from ..training.loop import StepRecord
 from .freeform import markdown_table
 from .metrics import bwt_loss, max_transient_forgetting, routing_accuracy
-
-
-def serving_expert(expert_id: int, merges: dict[int, int]) -> int:
-    """The expert that serves what ``expert_id`` served, following merges (old id -> merged id)."""
-    while expert_id in merges:
-        expert_id = merges[expert_id]
-    return expert_id
 
 
 def summarise(records: Sequence[StepRecord], *, stream: str, model: str, experts: Sequence[int],

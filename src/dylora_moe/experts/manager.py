@@ -85,6 +85,9 @@ class ExpertManager:
         # or last saved there); a save to that folder links those files instead of writing them again.
         self.written: dict[int, Path] = {}
         self.trainable_ids: frozenset[int] = frozenset()
+        # Merged expert id -> {"merged_from": [a, b], "method": ...}: saved with the system (the manifest), so the
+        # lineage survives a crash between the save and the registry's write.
+        self.lineage: dict[int, dict] = {}
         self._offloaded: dict[int, dict[str, tuple[torch.Tensor, bool]]] = {}
         self._layers: list[LoraLayer] = []
 
@@ -210,9 +213,13 @@ class ExpertManager:
         del self.ranks[expert_id]
         self.written.pop(expert_id, None)
         self.trainable_ids = self.trainable_ids - {expert_id}
+        self.lineage.pop(expert_id, None)
         if self.current_expert_id == expert_id:
             self.current_expert_id = None
         self._refresh()
+        # peft activates another adapter when the active one goes, and an active adapter requires grad: put the
+        # trainable set back, so a frozen expert does not silently become trainable.
+        self._apply_trainable()
 
     def set_active_expert(self, expert_id: int) -> None:
         """Make one expert the only active peft adapter (single-expert forward), offloading the previous one."""

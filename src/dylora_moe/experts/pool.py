@@ -24,6 +24,14 @@ if TYPE_CHECKING:  # the training package imports this module: a runtime import 
     from ..training.rehearsal import RoutingMemory
 
 
+def serving_expert(expert_id: int, merges: dict[int, int]) -> int:
+    """The expert that serves what ``expert_id`` served, following merges and prunes (old id -> the expert that
+    took its skills)."""
+    while expert_id in merges:
+        expert_id = merges[expert_id]
+    return expert_id
+
+
 def closest_pair(model, exclude: set[int] = frozenset()) -> tuple[int, int, float] | None:
     """``(a, b, cosine)`` of the two experts (not in ``exclude``) whose skills are most alike; ``None`` when
     fewer than two experts serve skills."""

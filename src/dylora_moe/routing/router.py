@@ -169,6 +169,8 @@ class DynamicHybridRouter(nn.Module):
         with torch.no_grad():
             new.weight.copy_(old.weight[keep])
             new.bias.copy_(old.bias[keep])
+        new.weight.requires_grad_(old.weight.requires_grad)  # a frozen gate stays frozen
+        new.bias.requires_grad_(old.bias.requires_grad)
         self.gate = new
         self.expert_maturity = self.expert_maturity[keep]
         self._mature = [self._mature[i] for i in keep]

@@ -2,8 +2,9 @@
 folder first and mirrored into the store afterwards, so a process killed (or a database that failed) between
 the two leaves the store behind. ``reconcile`` repairs that at start-up:
 
-- a skill or expert on disk but not in the store is registered (``training`` says ``reconciled``; the examples
-  it was trained on are not recoverable from the folder, so its data history stays empty),
+- a skill or expert on disk but not in the store is registered (``training`` says ``reconciled``, with a merged
+  expert's ``merged_from`` and method, which the folder's manifest keeps; the examples it was trained on are
+  not recoverable from the folder, so its data history stays empty),
 - an expert whose maturity differs is updated,
 - an expert row whose weights are no longer in the folder is removed (its skill and data rows stay).
 """
@@ -40,7 +41,7 @@ def reconcile(store: SkillStore, model, system: str | Path) -> list[str]:
         store.register_expert(
             expert_id, skill_id=skill_id, lora_config=json.loads(json.dumps(config, default=str)),
             storage_path=str(system / "experts" / name), rank=model.experts.ranks[expert_id],
-            maturity_state=maturity, training={"source": "reconciled"})
+            maturity_state=maturity, training={"source": "reconciled", **model.experts.lineage.get(expert_id, {})})
         changes.append(f"registered expert {expert_id}, found in the system folder only" if row is None else
                        f"expert {expert_id}: maturity {row.maturity_state} -> {maturity} as in the system folder")
     for expert_id in sorted(set(rows) - on_disk):

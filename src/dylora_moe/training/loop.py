@@ -34,7 +34,7 @@ from ..data.augment import instruction_view, language_request, normalise_example
 from ..data.preprocess import build_dataset, render_prompt
 from ..data.sources import Example
 from ..data.stream import SkillSpec, StreamSpec, load_examples, split_examples
-from ..experts.pool import closest_pair, merge
+from ..experts.pool import closest_pair, merge, serving_expert
 from ..model import DyLoRAMoE
 from ..novelty import NoveltyResult
 from ..routing.fit import fit_gate
@@ -222,18 +222,24 @@ class ContinualLearner:
     # ------------------------------------------------------------------ overridable by baselines
     def assign(self, i: int, data: StepData) -> NoveltyResult:
         """Which expert step ``i`` trains: the novelty detector decides (spec 3.1.3). A new expert that takes
-        the pool past ``max_experts`` first has the two closest established experts merged."""
+        the pool past ``max_experts`` first has the two closest established experts merged, as often as it
+        takes to come back to the bound (more than once when the bound was lowered on a loaded system)."""
         result = self.model.add_new_skill(data.train, name=data.skill.name)
         limit = self.model.config.max_experts
-        if result.is_novel and limit is not None and self.model.num_experts > limit:
+        while result.is_novel and limit is not None and self.model.num_experts > limit:
             pair = closest_pair(self.model, exclude={result.expert_id})
-            if pair is not None:
-                merged = merge(self.model, self.memory, pair[0], pair[1], fit_steps=self.training.router_fit_steps,
-                               fit_decay=self.training.router_weight_decay)
-                self.merges.update({pair[0]: merged, pair[1]: merged})
-                logger.info("pool full (%d experts): merged experts %d and %d (skills %.3f alike) into %d",
-                            limit, pair[0], pair[1], pair[2], merged)
+            if pair is None:
+                break
+            merged = merge(self.model, self.memory, pair[0], pair[1], fit_steps=self.training.router_fit_steps,
+                           fit_decay=self.training.router_weight_decay)
+            self.merges.update({pair[0]: merged, pair[1]: merged})
+            logger.info("pool full (%d experts): merged experts %d and %d (skills %.3f alike) into %d",
+                        limit, pair[0], pair[1], pair[2], merged)
         return result
+
+    def served_by(self, j: int) -> int:
+        """The expert serving step ``j``'s skill now: its own, or the one it was merged or pruned into."""
+        return serving_expert(self.records[j].novelty.expert_id, self.merges)
 
     def training_set(self, i: int, data: StepData) -> datasets.Dataset:
         """What step ``i`` trains on: the step's own data."""
@@ -322,7 +328,7 @@ class ContinualLearner:
         answer in the skill's language is no anchor: the KL would pull that answer back to the frozen model's.
         ``None`` when nothing is left to anchor on."""
         others = [step for j, step in enumerate(self.steps[:i])  # a returning skill's own prompts are no anchor
-                  if j < len(self.records) and self.records[j].novelty.expert_id != expert_id]
+                  if j < len(self.records) and self.served_by(j) != expert_id]
         per = self.training.anchors_per_skill
         earlier = [p for step in others for p in self.prompts(step, prompted(step.train[:per]))]
         own = [e.prompt for e in data.train if self.view(e) is None]
@@ -334,7 +340,7 @@ class ContinualLearner:
         it further), on which the expert keeps what it answered before this step (``training/distill.py``);
         ``None`` when the expert is new."""
         mine = [step for j, step in enumerate(self.steps[:i])
-                if j < len(self.records) and self.records[j].novelty.expert_id == expert_id]
+                if j < len(self.records) and self.served_by(j) == expert_id]
         per = self.training.anchors_per_skill
         texts = [p for step in mine for p in self.prompts(step, prompted(step.train[:per]))]
         return build_anchors(self.model.tokenizer, texts, expert_id, max_length=self.training.max_length)
