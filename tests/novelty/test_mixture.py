@@ -32,7 +32,23 @@ def test_mixture_weight_and_rows():
     assert st.mixture_weight(torch.full((3,), 0.25), a.mean(0), b.mean(0)) == 0.75
     assert st.mixture_weight(torch.full((3,), 2.0), a.mean(0), b.mean(0)) == 0.0  # clipped to the segment
     rows = st.mixture_rows(a, b, 0.75)
-    assert rows.shape == (5, 3) and torch.allclose(rows, torch.full((5, 3), 0.25, dtype=torch.float64))
+    assert rows.shape == (8, 3) and torch.allclose(rows, torch.full((8, 3), 0.25, dtype=torch.float64))
+    a, b = torch.arange(2.0)[:, None], 10 * torch.arange(1.0, 6.0)[:, None]  # the smaller sample is cycled
+    assert st.mixture_rows(a, b, 0.5).flatten().tolist() == [5.0, 10.5, 15.0, 20.5, 25.0]
+
+
+def test_new_data_near_one_skill_is_no_mixture_with_a_tiny_far_skill():
+    """A new skill a little apart from a well-sampled skill 0, and a 3-example skill 1 far away: the nearest
+    point of the segment is (nearly) skill 0 alone, which already separated from the data; the mixture's
+    reference cycles skill 1's rows to skill 0's size, so its test has skill 0's power and the data is novel."""
+    g = torch.Generator().manual_seed(0)
+    e = torch.eye(16)
+    rows = {"a": torch.randn(128, 16, generator=g), "b": torch.randn(3, 16, generator=g) + 20 * e[0]}
+    new = torch.randn(40, 16, generator=g) - 2.5 * e[1]
+    plain, mixing = detector(rows, "ab", mixtures=False), detector(rows, "ab", mixtures=True)
+    assert plain.decide(sample(new, 5000), new.mean(0)).is_novel
+    decision = mixing.decide(sample(new, 5000), new.mean(0))
+    assert decision.is_novel and decision.components is None
 
 
 def detector(rows: dict[str, torch.Tensor], known: str, mixtures: bool) -> NoveltyDetector:

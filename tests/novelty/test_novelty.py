@@ -113,6 +113,31 @@ def test_calibrated_decision_needs_both_effect_and_significance():
     assert few.statistic > 0.25 and few.p_value > 0.2 and not few.is_novel  # 4 relabellings cannot reach 1%
 
 
+@pytest.mark.parametrize("n", [16, 98])
+def test_a_skill_founded_from_one_example_does_not_take_in_everything(n):
+    """The exact test of n new examples against one stored example has n + 1 splits, so it cannot reach 1% below
+    n = 99: against a known sample that small the separation alone decides. One new example against a larger
+    known sample stays undecided (not novel), as above."""
+    lib = SkillLibrary()
+    lib.add_skill(unit(1, 0), expert_id=0, sample=sample(gaussian(1, seed=0)))
+    det = NoveltyDetector(lib, NoveltyConfig(permutations=99))
+    far = det.decide(sample(gaussian(n, 30.0, seed=1), 100), unit(1, 0))
+    assert far.is_novel and far.statistic > 0.25
+    same = det.decide(sample(gaussian(n, 0.0, seed=2), 100), unit(1, 0))
+    assert not same.is_novel and same.statistic <= 0.25
+
+
+def test_non_finite_embeddings_are_refused_before_anything_is_stored():
+    lib = SkillLibrary()
+    det = NoveltyDetector(lib, NoveltyConfig())
+    bad = gaussian(8)
+    bad[0, 0] = float("nan")
+    for _ in range(2):  # the first skill (empty library) and a later one
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            det.decide(sample(bad), unit(1, 0))
+        lib.add_skill(unit(1, 0), expert_id=len(lib), sample=sample(gaussian(8)))
+
+
 def test_decision_does_not_depend_on_example_order():
     lib = SkillLibrary()
     lib.add_skill(unit(1, 0), expert_id=0, sample=sample(gaussian(40, seed=0)))

@@ -67,3 +67,61 @@ def test_binomial_tail_is_a_valid_count_test_under_the_null():
 def test_knn_scores_with_fewer_rows_than_neighbours_use_every_other_row():
     scores = knn_scores([blob(2, 0.0, 1)], blob(3, 5.0, 2), k=10)  # 5 rows in all, 10 neighbours asked
     assert scores.p_values.shape == (3,) and scores.nearest.tolist() == [0, 0, 0]
+
+
+def test_binomial_tail_of_thousands_of_trials_does_not_overflow():
+    """Chunks of a thousand examples and more: math.comb(1030, i) * rate**i overflowed a float."""
+    tail = binomial_tail(60, 1030, 0.05)
+    assert 0.12 < tail < 0.13
+    assert binomial_tail(1, 5000, 0.05) == pytest.approx(1 - 0.95**5000)
+    assert binomial_tail(300, 5000, 0.05) == pytest.approx(
+        1 - sum(math.exp(math.lgamma(5001) - math.lgamma(i + 1) - math.lgamma(5001 - i) + i * math.log(0.05)
+                         + (5000 - i) * math.log(0.95)) for i in range(300)), abs=1e-9)
+    assert binomial_tail(6, 5, 0.5) == 0.0
+
+
+def add_like_the_model(library, detector):
+    """What ``DyLoRAMoE.add_skill_sample`` does with the library (no experts): decide, then found or join."""
+    from dylora_moe.novelty.detector import NoveltyResult
+
+    def found(sample, name):
+        embedding = torch.nn.functional.normalize(sample.features.mean(0), dim=0)
+        decision = detector.decide(sample, embedding)
+        if decision.is_novel:
+            skill = library.add_skill(embedding, expert_id=len(library), name=name, examples=len(sample),
+                                      sample=sample)
+        else:
+            skill = library.update_skill(decision.nearest_skill, embedding, len(sample), sample)
+        return NoveltyResult(decision.is_novel, skill.skill_id, skill.expert_id, decision.nearest_skill, None, 0)
+
+    return found
+
+
+@pytest.mark.parametrize("first", [10, 18])
+def test_a_first_chunk_too_small_to_calibrate_waits_instead_of_blinding_the_sorter(first):
+    """A conformal p-value against m stored rows is at least 1 / (m + 1): a first skill of fewer than 19 rows
+    (at example_significance 0.05) could never flag a later row, and rows sorted into it do not enter the
+    library. So the first skill waits for 19 rows; a new skill arriving later is then found."""
+    from dylora_moe.config import NoveltyConfig
+    from dylora_moe.novelty.detector import NoveltyDetector
+    from dylora_moe.novelty.library import SkillLibrary, SkillSample
+    from dylora_moe.novelty.sorting import SkillSorter, smallest_library
+
+    assert smallest_library(0.05) == 19
+    g = torch.Generator().manual_seed(0)
+    config = NoveltyConfig()
+    library = SkillLibrary(config.capacity)
+    sorter = SkillSorter(library, config, add_like_the_model(library, NoveltyDetector(library, config)))
+    shift = 30 * torch.nn.functional.normalize(torch.randn(16, generator=g), dim=0)
+    key, sorted_b = 0, 0
+    for chunk in range(7):
+        n = first if chunk == 0 else 48
+        x, b = torch.randn(n, 16, generator=g), 0 if chunk == 0 else int(0.4 * n)
+        x[:b] += shift  # the first b rows of later chunks are a second, far skill
+        keys = list(range(key, key + n))
+        key += n
+        result = sorter.sort(chunk, keys, SkillSample(x, None, torch.tensor(keys)), keys)
+        if chunk == 0:
+            assert result.founded == [] and result.waiting == first
+        sorted_b += sum(1 for k in result.assigned.get(0, []) if 0 <= k - keys[0] < b)
+    assert len(library) == 2 and len(library.skills[0].sample) >= 19 and sorted_b == 0

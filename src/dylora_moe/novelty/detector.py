@@ -150,7 +150,9 @@ class NoveltyDetector:
 
     def decide(self, sample: SkillSample, embedding: Tensor, router: Router | None = None) -> Decision:
         """Decide on new data given its per-example ``sample`` and its mean unit ``embedding`` [H]; ``router``
-        (gate, expert id of each gate column) is needed by ``entropy``."""
+        (gate, expert id of each gate column) is needed by ``entropy``. Non-finite embeddings are refused: a NaN
+        statistic would read as "not separated" and the rows would poison the skill they joined."""
+        check_finite(sample, embedding)
         method = self.config.method
         if not self.library.skills:
             boundary = self.config.similarity_threshold if method == "cosine" else self.config.granularity
@@ -192,8 +194,10 @@ class NoveltyDetector:
 
     def _two_sample(self, new: Tensor, space: str, *, whiten: bool) -> Decision:
         """Separation and its significance against every known skill (exact when the samples allow few
-        relabellings: ``statistics.permutation_pvalue``). Samples too small to reach ``significance`` (e.g. one
-        example against three) are never called novel; two single examples are compared on the library's mean
+        relabellings: ``statistics.permutation_pvalue``). New data too small to reach ``significance`` (e.g. one
+        example against three) is never called novel; a known skill whose stored sample is the smaller one and too
+        small for the test (a skill founded from one example, against 16 new ones) is compared on the separation
+        alone, or it would take in any data at all; two single examples are compared on the library's mean
         within-skill spread."""
         cfg = self.config
         new = new.detach().double().cpu()
@@ -208,14 +212,10 @@ class NoveltyDetector:
                 raise ValueError(
                     f"the new data and skill {skill_id} hold one example each: there is no spread to compare them "
                     f"by ({cfg.method!r} novelty); give at least 2 examples, or use novelty method 'cosine'")
-            gram, ia, ib = st.gram(new, known)
-            value = statistic(gram, ia, ib)
-            p_value = 1.0
-            if value > cfg.granularity:  # only a separation beyond the granularity needs its significance
-                value, p_value = st.permutation_pvalue(gram, ia, ib, statistic, permutations=cfg.permutations)
+            value, p_value = self._compare(new, known, statistic)
             scores[skill_id] = {"statistic": value, "p_value": p_value}
         nearest = min(scores, key=lambda i: scores[i]["statistic"])
-        same = [i for i, s in scores.items() if s["statistic"] <= cfg.granularity or s["p_value"] > cfg.significance]
+        same = [i for i, s in scores.items() if self._same(s["statistic"], s["p_value"])]
         if same:
             nearest = min(same, key=lambda i: scores[i]["statistic"])
         best = scores[nearest]
@@ -224,6 +224,24 @@ class NoveltyDetector:
             if mixture is not None:
                 return mixture
         return Decision(not same, nearest, best["statistic"], cfg.granularity, best["p_value"], scores)
+
+    def _compare(self, new: Tensor, known: Tensor, statistic: st.Statistic) -> tuple[float, float]:
+        """(separation, p-value) of ``new`` against ``known``; the p-value is 1.0 when the separation is within
+        the granularity (only a larger one needs its significance) and 0.0 when ``known`` is the smaller sample
+        and too small for the permutation test to reach ``significance`` (the separation alone decides)."""
+        cfg = self.config
+        gram, ia, ib = st.gram(new, known)
+        value = statistic(gram, ia, ib)
+        if value <= cfg.granularity:
+            return value, 1.0
+        if (known.shape[0] < new.shape[0]
+                and st.smallest_pvalue(new.shape[0], known.shape[0], cfg.permutations) > cfg.significance):
+            return value, 0.0
+        return st.permutation_pvalue(gram, ia, ib, statistic, permutations=cfg.permutations)
+
+    def _same(self, value: float, p_value: float) -> bool:
+        """Not separated: within the granularity, or beyond it without significance."""
+        return value <= self.config.granularity or p_value > self.config.significance
 
     def _mixture(self, new: Tensor, space: str, scores: dict[int, dict[str, float]], *,
                  whiten: bool) -> Decision | None:
@@ -237,14 +255,13 @@ class NoveltyDetector:
         candidates = []
         for a, b in itertools.combinations(sorted(rows), 2):
             alpha = st.mixture_weight(target, rows[a].mean(0), rows[b].mean(0))
+            if alpha in (0.0, 1.0):  # the nearest point of the segment is one skill: already compared, and apart
+                continue
             reference = st.mixture_rows(rows[a], rows[b], alpha)
-            gram, ia, ib = st.gram(new, reference)
-            candidates.append((statistic(gram, ia, ib), a, b, alpha, gram, ia, ib))
-        for value, a, b, alpha, gram, ia, ib in sorted(candidates, key=lambda c: c[:3]):
-            p_value = 1.0
-            if value > cfg.granularity:
-                value, p_value = st.permutation_pvalue(gram, ia, ib, statistic, permutations=cfg.permutations)
-            if value <= cfg.granularity or p_value > cfg.significance:
+            candidates.append((statistic(*st.gram(new, reference)), a, b, alpha, reference))
+        for _, a, b, alpha, reference in sorted(candidates, key=lambda c: c[:3]):
+            value, p_value = self._compare(new, reference, statistic)
+            if self._same(value, p_value):
                 main, other, share = (a, b, alpha) if alpha >= 0.5 else (b, a, 1 - alpha)
                 return Decision(False, main, value, cfg.granularity, p_value, scores, components=(main, other),
                                 mixture_weight=share)
@@ -278,6 +295,17 @@ class NoveltyDetector:
         novel = excess > cfg.entropy_margin and p_value <= cfg.significance
         scores = {i: {"statistic": excess, "p_value": p_value} for i in ids}
         return Decision(novel, nearest, excess, cfg.entropy_margin, p_value, scores)
+
+
+def check_finite(sample: SkillSample, embedding: Tensor) -> None:
+    """Raise when the new data's embeddings hold NaN or infinite values (before any skill is founded or joined
+    with them)."""
+    parts = {"per-example embeddings": sample.features, "router features": sample.gate, "mean embedding": embedding}
+    bad = [name for name, t in parts.items() if t is not None and t.numel() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"the new data's {' and '.join(bad)} hold NaN or infinite values: the backbone's hidden "
+                         "states overflowed or the inputs are broken; load the backbone in float32 or bfloat16 (not "
+                         "float16) and check the examples, then add the data again (nothing was stored)")
 
 
 def _statistic(dim: int, whiten: bool, spread: float | None) -> st.Statistic:

@@ -77,10 +77,24 @@ def conformal_pvalues(scores: Tensor, reference: Tensor) -> Tensor:
 
 
 def binomial_tail(count: int, trials: int, rate: float) -> float:
-    """P(X >= count) for X ~ Binomial(trials, rate)."""
+    """P(X >= count) for X ~ Binomial(trials, rate), summed in log space (the binomial coefficients of a few
+    thousand trials overflow a float)."""
     if count <= 0:
         return 1.0
-    return float(sum(math.comb(trials, i) * rate**i * (1 - rate) ** (trials - i) for i in range(count, trials + 1)))
+    if count > trials or rate <= 0.0:
+        return 0.0
+    if rate >= 1.0:
+        return 1.0
+    log_rate, log_rest, log_all = math.log(rate), math.log1p(-rate), math.lgamma(trials + 1)
+    terms = torch.tensor([log_all - math.lgamma(i + 1) - math.lgamma(trials - i + 1) + i * log_rate
+                          + (trials - i) * log_rest for i in range(count, trials + 1)], dtype=torch.float64)
+    return min(1.0, float(torch.logsumexp(terms, 0).exp()))
+
+
+def smallest_library(example_significance: float) -> int:
+    """The fewest stored rows with which a conformal p-value, at least 1 / (rows + 1), can reach
+    ``example_significance``: a library with fewer can never flag a row as novel."""
+    return math.ceil(1.0 / example_significance - 1.0 - 1e-9)
 
 
 @dataclass
@@ -241,7 +255,10 @@ class SkillSorter:
         count = int(candidates.sum())
         tail = binomial_tail(count, screened, cfg.example_significance) if self.library.skills else 0.0
         founded: list[int] = []
-        if count > 1 and tail <= cfg.significance and (self.library.skills or count >= cfg.min_group):
+        # The first skill is founded only from enough rows for the library to flag later rows at all (rows sorted
+        # into a skill do not enter the library, so a smaller first skill would leave the sorter blind for good).
+        first = max(cfg.min_group, smallest_library(cfg.example_significance))
+        if count > 1 and tail <= cfg.significance and (self.library.skills or count >= first):
             pool_rows = self._rows(pool)
             group = candidates
             if self.library.skills:
@@ -250,7 +267,7 @@ class SkillSorter:
             parts = components(pool_rows[index], k=cfg.neighbours) if index.numel() else []
             taken = torch.zeros(len(pool), dtype=torch.bool)
             for part in parts:  # largest first; a part that is a skill known by now joins it
-                if part.numel() < cfg.min_group:
+                if part.numel() < (cfg.min_group if self.library.skills else first):
                     break
                 rows = index[part]
                 members = [pool[r] for r in rows.tolist()]

@@ -166,6 +166,13 @@ def permutation_pvalue(gram: Tensor, ia: Tensor, ib: Tensor, statistic: Statisti
     return observed, (hits + 1) / (permutations + 1)
 
 
+def smallest_pvalue(n: int, m: int, permutations: int) -> float:
+    """The smallest p-value ``permutation_pvalue`` can return for samples of ``n`` and ``m`` rows: one split of all
+    of them when they are scored exhaustively, else 1 / (permutations + 1)."""
+    splits = math.comb(n + m, n)
+    return 1.0 / splits if splits <= permutations else 1.0 / (permutations + 1)
+
+
 def mixture_weight(target: Tensor, mean_a: Tensor, mean_b: Tensor) -> float:
     """alpha in [0, 1] that puts ``alpha * mean_a + (1 - alpha) * mean_b`` closest to ``target`` (all [H]): the
     share of skill ``a`` in data that mixes two skills, by least squares on the segment between their means."""
@@ -177,13 +184,15 @@ def mixture_weight(target: Tensor, mean_a: Tensor, mean_b: Tensor) -> float:
 
 
 def mixture_rows(a: Tensor, b: Tensor, alpha: float) -> Tensor:
-    """Rows ``alpha * a_i + (1 - alpha) * b_i`` for i < min(len(a), len(b)): a sample from examples that each
-    mix the two skills in the share alpha, as an example embedding (a mean over its tokens) does when part of its
-    tokens are one skill's and part the other's. Its mean is the mixture of the two means; its spread,
-    alpha² var_a + (1 - alpha)² var_b, is below either skill's, so the comparison is no looser than against one
-    skill."""
-    k = min(a.shape[0], b.shape[0])
-    return alpha * a[:k].double() + (1 - alpha) * b[:k].double()  # [k, H]
+    """Rows ``alpha * a_(i mod len a) + (1 - alpha) * b_(i mod len b)`` for i < max(len(a), len(b)): a sample
+    from examples that each mix the two skills in the share alpha, as an example embedding (a mean over its
+    tokens) does when part of its tokens are one skill's and part the other's. Its mean is the mixture of the two
+    means; its spread, alpha² var_a + (1 - alpha)² var_b, is below either skill's, so the comparison is no looser
+    than against one skill. The smaller sample is cycled rather than the larger one cut: a reference of a
+    3-example skill's size would leave the test too weak to reject anything."""
+    k = max(a.shape[0], b.shape[0])
+    index = torch.arange(k)
+    return alpha * a[index % a.shape[0]].double() + (1 - alpha) * b[index % b.shape[0]].double()  # [k, H]
 
 
 def canonical_order(x: Tensor) -> Tensor:
