@@ -312,3 +312,19 @@ def test_a_section_override_changes_only_the_fields_it_names(tmp_path):
     whole = DyLoRAMoE.from_pretrained(tmp_path / "system", backbone=tiny_llama(), tokenizer=char_tokenizer(),
                                       router=RouterConfig(top_k=1))
     assert whole.config.router == RouterConfig(top_k=1)
+
+
+def test_an_expert_target_override_that_differs_from_the_saved_experts_is_refused_at_load(tmp_path):
+    """Experts on different layers cannot share a pool (stacked, mixed, merged): a load that would create new
+    experts on other targets than the saved ones stops with the fix named, instead of a KeyError later."""
+    model = build()
+    model.create_expert()
+    model.save_pretrained(tmp_path / "system")
+    targets = sorted(model.experts.target_modules)
+    with pytest.raises(ValueError, match="must adapt the same layers"):
+        DyLoRAMoE.from_pretrained(tmp_path / "system", backbone=tiny_llama(), tokenizer=char_tokenizer(),
+                                  expert={"target_modules": targets[:1]})
+    same = DyLoRAMoE.from_pretrained(tmp_path / "system", backbone=tiny_llama(), tokenizer=char_tokenizer(),
+                                     expert={"target_modules": list(reversed(targets))})
+    same.create_expert()  # the same targets in another order load, and the pool grows
+    assert same.experts.expert_ids == [0, 1]

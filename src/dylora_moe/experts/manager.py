@@ -15,6 +15,7 @@ change them, so caches of stacked weights survive offloading.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -128,8 +129,15 @@ class ExpertManager:
         return expert_id
 
     def load_expert(self, expert_id: int, folder: str, rank: int) -> None:
-        """Add a saved expert (a peft adapter folder) under its original id."""
+        """Add a saved expert (a peft adapter folder) under its original id. Its target modules must be the
+        pool's: experts on different layers cannot be stacked, mixed or merged."""
         name = expert_name(expert_id)
+        saved = json.loads((Path(folder) / "adapter_config.json").read_text(encoding="utf-8")).get("target_modules")
+        saved = sorted([saved] if isinstance(saved, str) else saved or [])
+        if saved != sorted(self.target_modules):
+            raise ValueError(f"expert {expert_id} adapts {saved} but this system's expert.target_modules give "
+                             f"{sorted(self.target_modules)}: the pool's experts must adapt the same layers; load the "
+                             "system without an expert.target_modules override (or start a new one for those targets)")
         grads = {n: p.requires_grad for n, p in self.backbone.named_parameters()}
         if self.peft_model is None:
             self.peft_model = PeftModel.from_pretrained(self.backbone, str(folder), adapter_name=name)
