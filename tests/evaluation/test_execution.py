@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 
 import pytest
 
 from dylora_moe.data import humaneval
-from dylora_moe.evaluation.execution import _network_isolation, check_javascript, check_python, pass_at_1
+from dylora_moe.evaluation.execution import _isolation, check_javascript, check_python, pass_at_1
 
 
 def test_humaneval_reference_passes_and_a_wrong_body_fails():
@@ -26,7 +27,7 @@ def test_timeouts_and_memory_are_contained():
     assert not hungry.passed and "MemoryError" in hungry.stderr
 
 
-@pytest.mark.skipif(not _network_isolation(), reason="no network namespaces here (needs root or user namespaces)")
+@pytest.mark.skipif("unshare" not in _isolation(), reason="no network namespaces here (needs root or user namespaces)")
 def test_candidates_cannot_reach_the_network():
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
@@ -47,3 +48,46 @@ def test_javascript_console_assert_failures_count():
 def test_pass_at_1():
     results = [check_python("x = 1", "assert x == 1"), check_python("x = 1", "assert x == 2")]
     assert pass_at_1(results) == 0.5 and pass_at_1([]) == 0.0
+
+
+@pytest.mark.parametrize("body", ["    import sys\n    sys.exit(0)\n", "    import os\n    os._exit(0)\n",
+                                  "    print(a - b)\n    exit()\n"])
+def test_a_candidate_that_exits_with_status_0_before_the_tests_fails(body):
+    """Passing needs the random marker the tests end with, not only exit status 0."""
+    tests = "assert add(2, 2) == 4"
+    assert check_python("def add(a, b):\n    return a + b\n", tests).passed
+    early = check_python(f"def add(a, b):\n{body}", f"{tests}\n")
+    assert early.returncode == 0 and not early.passed
+    dumps_itself = check_python("print(open(__file__).read())\nimport sys\nsys.exit(0)", "")
+    assert not dumps_itself.passed  # its own source holds the marker's halves, never the marker
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
+def test_a_javascript_candidate_that_exits_early_fails():
+    early = check_javascript("const add = (a, b) => { process.exit(0); };", "console.assert(add(2, 2) === 4);")
+    assert early.returncode == 0 and not early.passed
+
+
+def test_processes_a_candidate_starts_die_with_it_and_output_is_capped(tmp_path):
+    """A detached grandchild is killed when the check returns (before, it kept running and writing), and a
+    flood of output is cut at the file-size limit instead of filling the scorer's memory."""
+    import time
+
+    flag = tmp_path / "still-running"
+    tmp_path.chmod(0o777)  # writable by the sandbox's user, so only the kill can stop the write
+    spawn = (f"import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(2)\n"
+             f"    open({str(flag)!r}, 'w').write('x')\n    os._exit(0)\n")
+    assert check_python(spawn, "").passed
+    time.sleep(3)
+    assert not flag.exists()
+    flood = check_python("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)", "", timeout=5.0)
+    assert not flood.passed and len(flood.stdout) <= 4000
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or "setpriv" not in _isolation(), reason="the scorer is not root here")
+def test_a_candidate_of_a_root_scorer_runs_as_nobody_and_cannot_touch_the_scorer():
+    probe = ("import os\nassert os.getuid() == 65534\n"
+             "try:\n    open(f'/proc/{os.getppid() or 1}/environ').read()\n    raise SystemExit(3)\n"
+             "except PermissionError:\n    pass\n")
+    result = check_python(probe, "")
+    assert result.passed, result.stderr

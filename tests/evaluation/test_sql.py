@@ -52,6 +52,33 @@ def test_queries_are_read_only_and_confined(tmp_path):
     assert len(run_query(db, gold)) == 2
 
 
+def test_a_query_too_large_for_memory_is_a_mismatch_not_a_crash(tmp_path):
+    import time
+
+    from dylora_moe.evaluation.sql import MAX_ROWS
+
+    dump = tmp_path / "d.sql"
+    dump.write_text(SMALL_DUMP)
+    db = mysql_dump_to_sqlite(dump, tmp_path / "db")["shop"]
+    start = time.monotonic()
+    assert not execution_match(db, "SELECT zeroblob(1000000000), zeroblob(1000000000)", "SELECT name FROM item")
+    many = f"WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n LIMIT {MAX_ROWS + 5}) SELECT i FROM n"
+    assert not execution_match(db, many, "SELECT name FROM item")
+    assert time.monotonic() - start < 30
+
+
+def test_the_converted_databases_are_built_once_and_replaced_whole(tmp_path):
+    dump = tmp_path / "d.sql"
+    dump.write_text(SMALL_DUMP)
+    first = mysql_dump_to_sqlite(dump, tmp_path / "db")["shop"]
+    inode = first.stat().st_ino
+    assert mysql_dump_to_sqlite(dump, tmp_path / "db")["shop"].stat().st_ino == inode  # up to date: kept
+    dump.write_text(SMALL_DUMP.replace("'cake',4", "'pie',5"))
+    again = mysql_dump_to_sqlite(dump, tmp_path / "db")["shop"]
+    assert run_query(again, "SELECT name FROM item WHERE id = 2") == [("pie",)]
+    assert [p.name for p in (tmp_path / "db").iterdir() if p.name.startswith(".building")] == []
+
+
 @pytest.mark.skipif(not DUMP.is_file(), reason=f"Spider data not found in {DATA_DIR} (set DYLORA_DATA_DIR)")
 def test_every_spider_gold_query_runs_and_matching_is_strict(tmp_path):
     files = mysql_dump_to_sqlite(DUMP, tmp_path)

@@ -60,18 +60,18 @@ def sql_python_checker(dbs: dict[str, Path]) -> ComposedChecker:
         program = python_code(completion)
         query = executed_sql(program)
         sql_ok = query is not None and execution_match(db, query, gold)
-        return {"pass": check_python(program, rows_test(db, gold)).passed, "sql": sql_ok}
+        return {"pass": check_python(program, rows_test(db, gold), files={"db.sqlite": db}).passed, "sql": sql_ok}
 
     return check
 
 
 def rows_test(db: Path, gold: str) -> str:
-    """Python that calls the candidate's ``answer`` on a copy of ``db`` and asserts the gold rows."""
+    """Python that calls the candidate's ``answer`` on ``db.sqlite`` (a copy of ``db`` the sandbox puts beside it)
+    and asserts the gold rows."""
     expected = [repr(tuple(r)) for r in run_query(db, gold)]
     ordered = re.search(r"\border\s+by\b", gold, re.IGNORECASE) is not None
     compare = "_rows == _expected" if ordered else "sorted(_rows) == sorted(_expected)"
-    return (f"import shutil\nshutil.copy({str(Path(db).resolve())!r}, 'db.sqlite')\n"
-            f"_rows = [repr(tuple(r)) for r in answer('db.sqlite')]\n_expected = {expected!r}\n"
+    return (f"_rows = [repr(tuple(r)) for r in answer('db.sqlite')]\n_expected = {expected!r}\n"
             f"assert {compare}, 'wrong rows'\n")
 
 

@@ -9,11 +9,17 @@ refused and a time limit, so a model's output cannot change or reach beyond its 
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+
+MAX_VALUE_BYTES = 1 << 20  # the largest string or blob a query may build (SQLITE_LIMIT_LENGTH)
+MAX_RESULT_BYTES = 64 << 20  # text and blob bytes a query's rows may hold in all
+MAX_ROWS = 200_000
 
 _DROP_LINE = re.compile(r"^\s*(KEY|UNIQUE KEY|FULLTEXT KEY|INDEX)\s", re.IGNORECASE)
 _COLUMN_NOISE = re.compile(
@@ -88,9 +94,30 @@ def convert_create(statement: str) -> str:
 
 
 def mysql_dump_to_sqlite(dump: str | Path, out_dir: str | Path) -> dict[str, Path]:
-    """Write one SQLite file per database of the dump into ``out_dir``; returns database name -> file."""
-    out_dir = Path(out_dir)
+    """One SQLite file per database of the dump in ``out_dir``; returns database name -> file. The files are
+    built in a private folder and renamed into place (a process scoring with them meanwhile keeps reading whole
+    files), and not rebuilt while ``out_dir`` holds those of this very dump (its path, size and time)."""
+    dump, out_dir = Path(dump), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    info = dump.stat()
+    source = f"{dump.resolve()}\n{info.st_size}\n{info.st_mtime_ns}\n"
+    stamp = out_dir / ".source"
+    if stamp.is_file() and stamp.read_text(encoding="utf-8").startswith(source):
+        names = stamp.read_text(encoding="utf-8")[len(source):].split()
+        if all((out_dir / f"{name}.sqlite").is_file() for name in names):
+            return {name: out_dir / f"{name}.sqlite" for name in names}
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".building-") as tmp:
+        built = _convert(dump, Path(tmp))
+        for path in built.values():
+            os.replace(path, out_dir / path.name)
+    stamp_tmp = out_dir / f".source.{os.getpid()}"
+    stamp_tmp.write_text(source + "\n".join(built) + "\n", encoding="utf-8")
+    os.replace(stamp_tmp, stamp)
+    return {name: out_dir / path.name for name, path in built.items()}
+
+
+def _convert(dump: Path, out_dir: Path) -> dict[str, Path]:
+    """Write one SQLite file per database of the dump into ``out_dir``; returns database name -> file."""
     files: dict[str, Path] = {}
     conn = None
     for statement in split_statements(Path(dump).read_text(encoding="utf-8")):
@@ -117,15 +144,30 @@ def mysql_dump_to_sqlite(dump: str | Path, out_dir: str | Path) -> dict[str, Pat
     return files
 
 
+class ResultTooLarge(sqlite3.DataError):
+    """A query's rows exceed ``MAX_ROWS`` or ``MAX_RESULT_BYTES`` (a generated query must not exhaust memory)."""
+
+
 def run_query(db: str | Path, sql: str, *, timeout: float = 5.0) -> list[tuple]:
-    """Rows of ``sql`` on a read-only connection; raises ``sqlite3.Error`` for bad SQL or on timeout."""
+    """Rows of ``sql`` on a read-only connection; raises ``sqlite3.Error`` for bad SQL, on timeout, for a value
+    over ``MAX_VALUE_BYTES`` and for rows over ``MAX_ROWS`` or ``MAX_RESULT_BYTES`` (``ResultTooLarge``): rows are
+    fetched in batches and counted, so a query like ``SELECT zeroblob(1e9)`` never reaches this process's memory."""
     conn = sqlite3.connect(f"file:{Path(db).resolve()}?mode=ro", uri=True)
     deadline = time.monotonic() + timeout
     conn.set_progress_handler(lambda: int(time.monotonic() > deadline), 10_000)
     conn.set_authorizer(lambda action, *_: sqlite3.SQLITE_DENY if action == sqlite3.SQLITE_ATTACH
                         else sqlite3.SQLITE_OK)
+    if hasattr(conn, "setlimit"):  # Python 3.11+
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
     try:
-        return conn.execute(sql).fetchall()
+        cursor, rows, size = conn.execute(sql), [], 0
+        while batch := cursor.fetchmany(1000):
+            rows += batch
+            size += sum(len(v) for row in batch for v in row if isinstance(v, (str, bytes)))
+            if len(rows) > MAX_ROWS or size > MAX_RESULT_BYTES or time.monotonic() > deadline:
+                raise ResultTooLarge(f"the query's rows exceed {MAX_ROWS} rows, {MAX_RESULT_BYTES} bytes or "
+                                     f"{timeout:g} s")
+        return rows
     finally:
         conn.close()
 
@@ -136,7 +178,7 @@ def execution_match(db: str | Path, predicted: str, gold: str, *, timeout: float
     expected = run_query(db, gold, timeout=timeout)
     try:
         got = run_query(db, predicted, timeout=timeout)
-    except (sqlite3.Error, sqlite3.Warning, ValueError):
+    except (sqlite3.Error, sqlite3.Warning, ValueError, MemoryError, OverflowError):
         return False
     if re.search(r"\border\s+by\b", gold, re.IGNORECASE):
         return got == expected
