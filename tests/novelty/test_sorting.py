@@ -125,3 +125,35 @@ def test_a_first_chunk_too_small_to_calibrate_waits_instead_of_blinding_the_sort
             assert result.founded == [] and result.waiting == first
         sorted_b += sum(1 for k in result.assigned.get(0, []) if 0 <= k - keys[0] < b)
     assert len(library) == 2 and len(library.skills[0].sample) >= 19 and sorted_b == 0
+
+
+@pytest.mark.parametrize("size", [96, 512])
+def test_a_chunk_larger_than_the_library_sample_still_shows_a_new_skill(size):
+    """A known skill of 128 stored rows; one chunk, 60% more of it and 40% of a far new skill. At 512 rows the
+    stored rows' neighbours were mostly chunk rows and every new row was sorted into the known skill; scored in
+    parts (``score_parts``), the new skill is founded with none of its rows lost to the old one."""
+    from dylora_moe.novelty.sorting import score_parts
+
+    assert score_parts([29, 19], [48, 19], 10, 0.05) == 1  # chunks of the library's size: the whole pool at once
+    assert score_parts([512], [128], 10, 0.05) > 1
+    from dylora_moe.config import NoveltyConfig
+    from dylora_moe.novelty.detector import NoveltyDetector
+    from dylora_moe.novelty.library import SkillLibrary, SkillSample
+    from dylora_moe.novelty.sorting import SkillSorter
+
+    g = torch.Generator().manual_seed(0)
+    config = NoveltyConfig()
+    library = SkillLibrary(config.capacity)
+    found = add_like_the_model(library, NoveltyDetector(library, config))
+    known = torch.randn(200, 16, generator=g)
+    found(SkillSample(known, None, torch.arange(10**6, 10**6 + 200)), "a")  # stores 128 rows (the capacity)
+    sorter = SkillSorter(library, config, found)
+    x, new = torch.randn(size, 16, generator=g), int(0.4 * size)
+    x[:new] += 16 * torch.nn.functional.normalize(torch.randn(16, generator=g), dim=0)
+    keys = list(range(size))
+    result = sorter.sort(0, keys, SkillSample(x, None, torch.tensor(keys)), keys)
+    assert result.founded == [1] and not [k for k in result.assigned.get(0, []) if k < new]
+    null = SkillSorter(library, config, found)  # the known skill alone: about 5% flagged at most, nothing founded
+    y = torch.randn(size, 16, generator=g)
+    result = null.sort(0, keys, SkillSample(y, None, torch.tensor(keys)), keys)
+    assert result.founded == [] and result.candidates <= 0.08 * size

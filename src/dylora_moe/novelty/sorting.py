@@ -97,6 +97,23 @@ def smallest_library(example_significance: float) -> int:
     return math.ceil(1.0 / example_significance - 1.0 - 1e-9)
 
 
+def score_parts(counts: list[int], stored: list[int], k: int, significance: float) -> int:
+    """The fewest parts to split a pool into (each skill's ``counts`` pool rows spread evenly; ``stored`` rows of
+    it in the library) so that the expected share of library rows whose ``k`` nearest neighbours are all pool
+    rows stays below ``significance - 1 / (m + 1)``: the room a pool row with a full share (a new skill's) needs
+    to reach ``significance``. A stored row of skill j has each neighbour in the pool with probability about
+    n_j / (n_j + s_j) (its skill's rows are exchangeable), so all k with about that to the power k. At most as many
+    parts as leave every skill no more pool rows than stored ones."""
+    m = sum(stored)
+    room = significance - 1.0 / (m + 1)
+    most = max(1, *(math.ceil(c / s) for c, s in zip(counts, stored, strict=True)))
+    for parts in range(1, most):
+        full = sum(s / m * (c / parts / (c / parts + s)) ** k for c, s in zip(counts, stored, strict=True) if c)
+        if full < room:
+            return parts
+    return most
+
+
 @dataclass
 class Scores:
     """Per-row verdicts on a pool of unlabelled rows against the known skills.
@@ -310,14 +327,36 @@ class SkillSorter:
 
     def _score(self, pool: list[Waiting]) -> tuple[Tensor, list[int | None]]:
         """Novel rows of ``pool`` [n] (bool) and the nearest known skill id of every row (``None`` while the
-        library is empty, when every row is novel)."""
+        library is empty, when every row is novel).
+
+        The library rows' neighbour shares calibrate the pool's, but when a known skill has many more pool rows
+        than stored rows, its stored rows' neighbours are mostly pool rows too: many of their shares reach 1,
+        and a new skill's rows, at 1 as well, can no longer be told from them. So the pool is scored in the
+        fewest interleaved parts (``score_parts``) for which a row whose neighbours are all pool rows can still
+        reach ``example_significance``: one part, the whole pool, unless a skill's pool rows outnumber its
+        stored rows by far (a chunk several times the library's sample)."""
         if not self.library.skills:
             return torch.ones(len(pool), dtype=torch.bool), [None] * len(pool)
         if not pool:
             return torch.zeros(0, dtype=torch.bool), []
         ids, known = self._known()
-        scores = knn_scores(known, self._rows(pool), k=self.config.neighbours)
-        return scores.p_values <= self.config.example_significance, [ids[i] for i in scores.nearest.tolist()]
+        rows, k = self._rows(pool), self.config.neighbours
+        scores = knn_scores(known, rows, k=k)
+        nearest = scores.nearest
+        counts = torch.bincount(nearest, minlength=len(known)).tolist()
+        parts = score_parts(counts, [r.shape[0] for r in known], k, self.config.example_significance)
+        if parts > 1:  # row i of skill j (in pool order) goes to part (its rank among skill j's rows) mod parts
+            rank = torch.zeros(len(pool), dtype=torch.long)
+            for j in range(len(known)):
+                members = (nearest == j).nonzero().flatten()
+                rank[members] = torch.arange(members.numel())
+            part = rank % parts
+            p_values = torch.empty(len(pool), dtype=torch.float64)
+            for b in range(parts):
+                chosen = (part == b).nonzero().flatten()
+                p_values[chosen] = knn_scores(known, rows[chosen], k=k).p_values
+            scores = Scores(p_values, nearest)
+        return scores.p_values <= self.config.example_significance, [ids[i] for i in nearest.tolist()]
 
     @staticmethod
     def _sample(rows: list[Waiting]) -> SkillSample:
