@@ -115,3 +115,24 @@ def test_score_examples_decodes_greedily_and_scores_each_problem():
     assert again.score == 1.0
     with pytest.raises(ValueError, match="no examples"):
         score_examples(model, [], Checker("probe", check))
+
+
+def test_trim_python_keeps_what_black_and_modules_write_and_drops_usage():
+    signature = "def add(\n    a: int,\n    b: int,\n) -> int:\n    return a + b\n"
+    assert trim_python(signature + "\nprint(add(1, 2))\n") == signature
+    imports = "from operator import (\n    add as _add,\n)\n\ndef f(a, b):\n    return _add(a, b)\n"
+    assert trim_python(imports + "assert f(1, 2) == 3\n") == imports
+    constant = "MOD = 10 ** 9 + 7\nNAMES: list[str] = ['a']\n\ndef f(x):\n    return x % MOD\n"
+    assert trim_python(constant + "result = f(5)\nprint(result)\n") == constant  # a value that calls is usage
+    docstring = '"""Helpers."""\n\ndef f():\n    return 1\n'
+    assert trim_python(docstring + "f()\n") == docstring
+    assert trim_python("    return x + 1\n\nprint(") == "    return x + 1\n"
+
+
+def test_extract_code_reads_a_spaced_tag_and_prefers_the_language_asked_for():
+    spaced = "Here is the code:\n``` python\ndef f():\n    return 1\n```\nThat's it."
+    assert extract_code(spaced) == "def f():\n    return 1\n"
+    install = "First:\n```bash\npip install numpy\n```\nThen:\n```python\nimport numpy\n```\n"
+    assert extract_code(install, "python") == "import numpy\n"
+    assert extract_code(install) == "pip install numpy\n"  # no language asked: the first block
+    assert extract_code("```\nx = 1\n```\n```js\nlet a\n```", "javascript") == "x = 1\n"  # untagged counts

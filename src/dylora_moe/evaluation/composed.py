@@ -48,7 +48,7 @@ def composed_checker(pair: str, *, data_dir: str | Path | None = None,
 
 
 def python_code(completion: str) -> str:
-    return trim_python(extract_code(completion))
+    return trim_python(extract_code(completion, "python"))
 
 
 def sql_python_checker(dbs: dict[str, Path]) -> ComposedChecker:

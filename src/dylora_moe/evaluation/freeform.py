@@ -126,7 +126,7 @@ def humaneval_request(example: Example) -> Example:
 
 
 def check_humaneval_request(example: Example, completion: str) -> bool:
-    program = example.meta.get("imports", "") + "\n" + trim_python(extract_code(completion))
+    program = example.meta.get("imports", "") + "\n" + trim_python(extract_code(completion, "python"))
     return check_python(program, f"{example.meta['test']}\ncheck({example.meta['entry_point']})").passed
 
 
@@ -139,7 +139,7 @@ def mbpp_request(example: Example, language: str = "Python") -> Example:
 
 def check_mbpp_request(example: Example, completion: str) -> bool:
     tests = example.meta.get("test_setup_code", "") + "\n" + "\n".join(example.meta["test_list"])
-    return check_python(trim_python(extract_code(completion)), tests).passed
+    return check_python(trim_python(extract_code(completion, "python")), tests).passed
 
 
 def spider_request(example: Example) -> Example:

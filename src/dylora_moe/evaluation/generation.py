@@ -9,6 +9,7 @@ Candidates run only in the sandbox of ``execution.py``; nothing generated is imp
 
 from __future__ import annotations
 
+import ast
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,8 +23,11 @@ from .execution import check_javascript, check_python
 from .rouge import rouge_l_example
 from .sql import execution_match, mysql_dump_to_sqlite
 
-FENCE = re.compile(r"```[\w+-]*\n(.*?)(?:```|\Z)", re.DOTALL)
-KEEP_TOP_LEVEL = ("def ", "class ", "import ", "from ", "@", " ", "\t", "#")
+FENCE = re.compile(r"```[ \t]*([\w+#-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
+FENCE_TAGS = {"python": {"python", "py", "python3"}, "javascript": {"javascript", "js", "node"},
+              "sql": {"sql", "sqlite", "mysql"}}
+KEEP_TOP_LEVEL = ("def ", "class ", "import ", "from ", "@", "#", "async def ")
+STRING_START = ('"', "'", 'r"', "r'", 'b"', "b'", 'f"', "f'")
 
 
 @dataclass
@@ -48,31 +52,61 @@ class GenerationScore:
     values: list[float] = field(default_factory=list)  # per example: 1.0 / 0.0 for pass or fail, else the grade
 
 
-def extract_code(completion: str) -> str:
-    """The first fenced code block of a completion when it has one, else the completion itself."""
-    match = FENCE.search(completion)
-    return match.group(1) if match else completion
+def extract_code(completion: str, language: str | None = None) -> str:
+    """A completion's fenced code block when it has one (the first tagged ``language`` or untagged, when
+    ``language`` is given and such a block exists; else the first), otherwise the completion itself. The tag may
+    follow the fence after spaces (```` ``` python ````)."""
+    blocks = [(m.group(1).lower(), m.group(2)) for m in FENCE.finditer(completion)]
+    if not blocks:
+        return completion
+    tags = FENCE_TAGS.get(language or "", {language} if language else set())
+    return next((code for tag, code in blocks if language and (tag in tags or not tag)), blocks[0][1])
 
 
 def trim_python(code: str) -> str:
-    """Drop what follows the program: the first top-level statement that is not a definition or import
-    (example calls, prints, a half-written line at the token limit)."""
-    kept = []
+    """Drop what follows the program: the first top-level statement that is not a definition, an import, a
+    docstring or comment, or an assignment without calls (a module constant), such as example calls, prints,
+    asserts or a half-written line at the token limit. A statement's continuation lines (indented, or closing a
+    bracket at the margin, as black writes long signatures and imports) belong to it."""
+    kept: list[str] = []
+    statement: list[str] = []  # the top-level statement being read
     for line in code.splitlines():
-        if line.strip() and not line.startswith(KEEP_TOP_LEVEL):
-            break
-        kept.append(line)
+        top = bool(line.strip()) and not line[0].isspace() and not line.startswith((")", "]", "}"))
+        if top and statement:
+            if not _kept_statement(statement):
+                statement = []
+                break
+            kept += statement
+            statement = []
+        (statement if top or statement else kept).append(line)
+    if statement and _kept_statement(statement):
+        kept += statement
     return "\n".join(kept).rstrip() + "\n"
+
+
+def _kept_statement(lines: list[str]) -> bool:
+    """Is this top-level statement part of a program: a definition, import, comment or docstring, or an
+    assignment whose value calls nothing?"""
+    head = lines[0]
+    if head.startswith(KEEP_TOP_LEVEL) or head.startswith(STRING_START):
+        return True
+    try:
+        tree = ast.parse("\n".join(lines))
+    except SyntaxError:
+        return False
+    return all(isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None
+               and not any(isinstance(n, (ast.Call, ast.Await, ast.Yield, ast.YieldFrom)) for n in ast.walk(node.value))
+               for node in tree.body)
 
 
 def python_program(example: Example, completion: str) -> str:
     """HumanEval-style prompts end in a docstring (a valid body), so a body or a whole new definition both
     follow it; MBPP prompts are a task statement in a string, also valid before the code."""
-    return example.prompt + trim_python(extract_code(completion))
+    return example.prompt + trim_python(extract_code(completion, "python"))
 
 
 def javascript_program(example: Example, completion: str) -> str:
-    code = extract_code(completion)
+    code = extract_code(completion, "javascript")
     declaration = next((line for line in example.prompt.splitlines() if re.match(r"\s*(const|function) ", line)),
                        None)
     whole = declaration is not None and declaration.strip() in code  # the model wrote the whole function
