@@ -73,6 +73,11 @@ def test_bash_python_checks_the_wrapper_and_the_command(tmp_path):
     assert check(wc, wc.response.replace("wc -l", "wc -c")) == {"pass": False, "python": True, "shell": False}
     assert check(ls, "import os\n\n\ndef run():\n    return os.listdir('.')\n") == {
         "pass": False, "python": False, "shell": False}
+    right = {"pass": True, "python": True, "shell": True}
+    for wrapper in ("from subprocess import run as sh\n\ndef run():\n    return sh('ls', shell=True)\n",
+                    "import subprocess as sp\n\ndef run():\n    return sp.check_output('ls', shell=True)\n",
+                    "import subprocess\n\nCMD = 'ls'\n\ndef run():\n    return subprocess.run(CMD, shell=True)\n"):
+        assert check(ls, wrapper) == right, wrapper
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="JavaScript checks need Node.js")

@@ -92,10 +92,10 @@ def check_bash_python(example: Example, completion: str) -> dict[str, bool]:
     tree = _parse(python_code(completion))
     run = None if tree is None else next((n for n in tree.body if isinstance(n, ast.FunctionDef)
                                           and n.name == "run" and not n.args.args), None)
-    call = None if run is None else _subprocess_call(run)
+    call = None if run is None else _subprocess_call(run, tree)
     command = None
-    if call is not None and call.args:
-        command = _literal(call.args[0], _string_bindings(run))
+    if call is not None and call.args:  # a literal, or a name bound to one in run() or at module level
+        command = _literal(call.args[0], {**_string_bindings(tree), **_string_bindings(run)})
     shell_ok = command is not None and " ".join(command.split()) == " ".join(example.meta["command"].split())
     python_ok = call is not None
     return {"pass": python_ok and shell_ok, "python": python_ok, "shell": shell_ok}
@@ -138,13 +138,27 @@ def _literal(node: ast.AST, strings: dict[str, str]) -> str | None:
     return None
 
 
-def _subprocess_call(function: ast.FunctionDef) -> ast.Call | None:
-    """The first call of a ``subprocess`` function (``subprocess.run(...)`` or an imported ``run(...)``)."""
+def _subprocess_names(tree: ast.AST) -> tuple[set[str], set[str]]:
+    """The names under which ``tree`` imports the ``subprocess`` module (``import subprocess as sp``) and its
+    call functions (``from subprocess import run as sh``)."""
+    modules, functions = {"subprocess"}, set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules |= {a.asname or a.name for a in node.names if a.name == "subprocess"}
+        elif isinstance(node, ast.ImportFrom) and node.module == "subprocess":
+            functions |= {a.asname or a.name for a in node.names if a.name in SUBPROCESS_CALLS}
+    return modules, functions
+
+
+def _subprocess_call(function: ast.FunctionDef, tree: ast.AST | None = None) -> ast.Call | None:
+    """The first call of a ``subprocess`` function in ``function`` (``subprocess.run(...)``, through an alias of
+    the module, or a function imported from it, under its own name or an alias, anywhere in ``tree``)."""
+    modules, functions = _subprocess_names(tree if tree is not None else function)
     for node in ast.walk(function):
         if not isinstance(node, ast.Call):
             continue
         func = node.func
         if (isinstance(func, ast.Attribute) and func.attr in SUBPROCESS_CALLS and isinstance(func.value, ast.Name)
-                and func.value.id == "subprocess"):
+                and func.value.id in modules) or (isinstance(func, ast.Name) and func.id in functions):
             return node
     return None
