@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -68,18 +70,24 @@ def test_a_javascript_candidate_that_exits_early_fails():
     assert early.returncode == 0 and not early.passed
 
 
-def test_processes_a_candidate_starts_die_with_it_and_output_is_capped(tmp_path):
+def test_processes_a_candidate_starts_die_with_it_and_output_is_capped():
     """A detached grandchild is killed when the check returns (before, it kept running and writing), and a
     flood of output is cut at the file-size limit instead of filling the scorer's memory."""
     import time
 
-    flag = tmp_path / "still-running"
-    tmp_path.chmod(0o777)  # writable by the sandbox's user, so only the kill can stop the write
-    spawn = (f"import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(2)\n"
-             f"    open({str(flag)!r}, 'w').write('x')\n    os._exit(0)\n")
-    assert check_python(spawn, "").passed
+    folder = Path(tempfile.mkdtemp(dir="/tmp"))  # writable by the sandbox's user: only the kill stops the write
+    folder.chmod(0o777)
+
+    def spawn(flag: Path, delay: float) -> str:
+        return (f"import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep({delay})\n"
+                f"    open({str(flag)!r}, 'w').write('x')\n    os._exit(0)\ntime.sleep(0.5)\n")
+
+    assert check_python(spawn(folder / "written", 0), "").passed
+    assert (folder / "written").exists()  # a grandchild can write there while the candidate runs
+    assert check_python(spawn(folder / "late", 2), "").passed
     time.sleep(3)
-    assert not flag.exists()
+    assert not (folder / "late").exists()  # but not after the check returned
+    shutil.rmtree(folder)
     flood = check_python("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)", "", timeout=5.0)
     assert not flood.passed and len(flood.stdout) <= 4000
 
