@@ -292,3 +292,31 @@ def test_a_merge_on_a_paused_run_is_followed_by_resume_and_its_lineage_survives_
         "source": "reconciled", "merged_from": [0, 1], "method": "cat"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["expert_of_skill"] == [2, 2, 2] and summary["routing_accuracy"] == 1.0
+
+
+def test_a_resume_refused_by_a_live_writer_changes_nothing_in_its_folder(run, tmp_path, capsys):
+    """The data folder a resume names is recorded in run.json only once it holds the writer lock: a second
+    writer, refused, leaves the live run's options as they were (and a new run into a locked folder leaves no
+    run.json)."""
+    import shutil
+    import subprocess
+    import sys
+
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    shutil.copytree(run / "out", out)
+    before = (out / "run.json").read_text()
+    hold = ("import sys, time\nfrom dylora_moe.checkpoint import writer_lock\n"
+            "with writer_lock(sys.argv[1], who='another writer'), writer_lock(sys.argv[2], who='another writer'):\n"
+            "    print('held', flush=True)\n    time.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out / "system"), str(fresh / "system")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["train", "--resume", str(out), "--data-dir", str(tmp_path / "elsewhere")]) != 0
+        assert "another writer" in capsys.readouterr().err
+        assert main(["train", "--stream", str(run / "stream.yaml"), "--out", str(fresh), "--model",
+                     str(run / "model")]) != 0
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / "run.json").read_text() == before and not (fresh / "run.json").exists()

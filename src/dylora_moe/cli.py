@@ -124,7 +124,10 @@ def record_error(args: argparse.Namespace, err: Exception) -> None:
 def resolve_run(args: argparse.Namespace) -> None:
     """Set up ``args`` for a new run or a resumed one.
 
-    ``--resume DIR`` reuses the stream and options the run in DIR was started with; a new run records them."""
+    ``--resume DIR`` reuses the stream and options the run in DIR was started with; a new run records them. What
+    goes into the run folder (``stream.yaml``, ``run.json``) is left in ``args.run_files`` and written by
+    ``run_training`` once it holds the folder's writer lock: a second writer that is refused changes nothing."""
+    args.run_files = {}
     if args.resume is not None:
         if args.params is not None:
             raise ValueError("--params applies to a new run; a resumed run keeps the values it started with")
@@ -145,9 +148,7 @@ def resolve_run(args: argparse.Namespace) -> None:
         if data_dir is not None and data_dir != saved.get("data_dir"):
             args.data_dir = data_dir
             saved["data_dir"] = data_dir
-            tmp = run_file.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(saved, indent=2))
-            os.replace(tmp, run_file)
+            args.run_files = {run_file: json.dumps(saved, indent=2)}
         return
     if args.stream is None or args.out is None:
         raise ValueError("give --stream and --out for a new run, or --resume DIR to continue one")
@@ -162,12 +163,18 @@ def resolve_run(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.out} already holds a run: continue it with --resume {args.out}, "
                          "or choose another --out")
     args.out.mkdir(parents=True, exist_ok=True)
-    # the stream as loaded (file paths made absolute), so --resume reads the same data from any folder
-    (args.out / "stream.yaml").write_text(yaml.safe_dump(read_stream(args).to_dict(), sort_keys=False))
-    # run.json marks the folder as a run; written last and atomically so a killed start leaves none
-    tmp = args.out / "run.json.tmp"
-    tmp.write_text(json.dumps({k: getattr(args, k) for k in RUN_OPTIONS}, indent=2))
-    os.replace(tmp, args.out / "run.json")
+    # the stream as loaded (file paths made absolute), so --resume reads the same data from any folder; run.json
+    # marks the folder as a run, so it is written last (dicts keep their order)
+    args.run_files = {args.out / "stream.yaml": yaml.safe_dump(read_stream(args).to_dict(), sort_keys=False),
+                      args.out / "run.json": json.dumps({k: getattr(args, k) for k in RUN_OPTIONS}, indent=2)}
+
+
+def write_run_files(files: dict[Path, str]) -> None:
+    """Write each file atomically, in order (a killed start leaves no run.json)."""
+    for path, text in files.items():
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
 
 
 def read_stream(args: argparse.Namespace) -> StreamSpec:
@@ -236,6 +243,7 @@ def run_training(args, stream, system, training, console: Console) -> int:
     if not main_process:
         return train_loop(args, stream, system, training, console, state)
     with writer_lock(args.out / "system", who="dylora train"):  # one writer per system folder
+        write_run_files(getattr(args, "run_files", {}))
         return train_loop(args, stream, system, training, console, state)
 
 
