@@ -294,6 +294,27 @@ def test_a_merge_on_a_paused_run_is_followed_by_resume_and_its_lineage_survives_
     assert summary["expert_of_skill"] == [2, 2, 2] and summary["routing_accuracy"] == 1.0
 
 
+def test_a_registry_left_behind_by_a_killed_merge_is_caught_up_by_the_next_registry_write(run, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """Killed between the merge's save and its registry write: the registry still lists the merged-away experts
+    and lacks the merged one. The next `experts` write (here a prune that prunes nothing, then a delete of the
+    merged expert, which the registry did not know) first brings it in line with the folder, lineage included."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(run / "out", out)
+    monkeypatch.setattr(SkillStore, "register_expert", lambda *a, **kw: (_ for _ in ()).throw(OSError("disk")))
+    assert main(["experts", "merge", str(out), "0", "1"]) != 0
+    monkeypatch.undo()
+    assert [e.expert_id for e in SkillStore(out / "store.db").experts()] == [0, 1]  # a write behind
+    assert main(["experts", "prune", str(out), "--below", "0"]) == 0
+    store = SkillStore(out / "store.db")
+    assert [e.expert_id for e in store.experts()] == [2]
+    assert store.expert(2).training_history[0] == {"source": "reconciled", "merged_from": [0, 1], "method": "cat"}
+    assert "registry: registered expert 2" in " ".join(capsys.readouterr().out.split())
+    assert main(["experts", "delete", str(out), "7"]) == 2 and "no expert with id 7" in capsys.readouterr().err
+
+
 def test_a_resume_refused_by_a_live_writer_changes_nothing_in_its_folder(run, tmp_path, capsys):
     """The data folder a resume names is recorded in run.json only once it holds the writer lock: a second
     writer, refused, leaves the live run's options as they were (and a new run into a locked folder leaves no

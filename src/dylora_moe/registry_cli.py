@@ -79,7 +79,6 @@ def experts(args: argparse.Namespace, console: Console) -> int:
 
         with writer_lock(args.run / "system", who=f"dylora experts {args.action}"):
             if args.action == "delete":
-                store.expert(args.expert_id)
                 return delete(args.run, store, args.expert_id, console)
             return reshape(args, store, console)
     row = store.expert(args.expert_id)
@@ -139,13 +138,15 @@ def delete(run: Path, store, expert_id: int, console: Console) -> int:
     registry; the skill data it was trained on stays, versioned, in the store."""
     from safetensors.torch import save_file
 
-    from .checkpoint import load_tensors
-    from .model import DyLoRAMoE
+    from .checkpoint import load_tensors, read_manifest
     from .training.progress import MEMORY, PROGRESS
     from .training.rehearsal import RoutingMemory
 
     system = run / "system"
-    model = DyLoRAMoE.from_pretrained(system)
+    held = read_manifest(system)["expert_ids"]  # the folder is the truth: the registry may be a write behind
+    if expert_id not in held:
+        raise KeyError(f"no expert with id {expert_id} in {system}; its experts are {held}")
+    model = load_and_catch_up(system, store, console)
     model.delete_expert(expert_id)
 
     def keep_progress(folder: Path) -> None:
@@ -201,7 +202,6 @@ def reshape(args: argparse.Namespace, store, console: Console) -> int:
 
     from .checkpoint import load_tensors, read_json
     from .experts import pool
-    from .model import DyLoRAMoE
     from .training.progress import MEMORY, PROGRESS
     from .training.rehearsal import RoutingMemory
 
@@ -209,7 +209,7 @@ def reshape(args: argparse.Namespace, store, console: Console) -> int:
     if not (system / MEMORY).is_file():
         raise FileNotFoundError(f"{system} has no {MEMORY}: the gate cannot be refitted without the stored "
                                 "routing features; give a folder written by `dylora train` or `dylora serve`")
-    model = DyLoRAMoE.from_pretrained(system)
+    model = load_and_catch_up(system, store, console)
     memory = RoutingMemory()
     memory.load_tensors(load_tensors(system / MEMORY))
     if args.action == "merge":
@@ -237,6 +237,19 @@ def reshape(args: argparse.Namespace, store, console: Console) -> int:
     mirror_pool(store, model, system)
     console.print(f"{message}; {model.num_experts} experts remain")
     return 0
+
+
+def load_and_catch_up(system: Path, store, console: Console):
+    """The saved system, with the registry first brought in line with it (``reconcile``): a merge or prune killed
+    between its save and its registry write left the registry a write behind (the merged expert missing, its
+    sources listed), and this write would otherwise build on that."""
+    from .model import DyLoRAMoE
+    from .store.reconcile import reconcile
+
+    model = DyLoRAMoE.from_pretrained(system)
+    for change in reconcile(store, model, system):
+        console.print(f"registry: {change}")
+    return model
 
 
 def mirror_pool(store, model, system: Path) -> None:
