@@ -188,3 +188,17 @@ def test_answers_are_also_judged_cut_to_shorter_lengths():
     short = evaluate_set(model, dataclasses.replace(fset, max_new_tokens=8), forms=("raw",))[0]
     assert short.degenerate_at == {}
     assert set(result.paired) == {"64", "96", "100"} and set(short.paired) == {"8"}  # and the pairs at each
+
+
+def test_an_answer_repeating_the_dataset_record_behind_a_request_is_redacted():
+    """A HumanEval request names the signature without ``def``; an answer that writes the problem's own
+    signature line repeats five words of the dataset's prompt, not of the request: the record's texts (``meta``)
+    are redaction sources too."""
+    from dylora_moe.evaluation.freeform import sample
+
+    problem = humaneval()[1]
+    request = humaneval_request(problem)
+    signature = next(line for line in problem.prompt.splitlines() if line.startswith("def "))
+    fset = FreeformSet("humaneval", "HumanEval problems as requests", [request])
+    kept = sample(fset, 0, f"```python\n{signature}\n    return []\n```", "", kind=None, kind_frozen=None)
+    assert signature not in kept["routed"] and "[...]" in kept["routed"] and "return []" in kept["routed"]

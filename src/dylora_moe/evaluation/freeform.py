@@ -122,7 +122,7 @@ def humaneval_request(example: Example) -> Example:
     text = re.split(r"\s(?:>>>|For example|Example)", text)[0].strip()
     imports = "\n".join(line for line in prompt.splitlines() if line.startswith(("import ", "from ")))
     request = f"Write a Python function `{signature.removeprefix('def ').rstrip(':')}`. {text}"
-    return Example(request, "", {**example.meta, "imports": imports})
+    return Example(request, "", {**example.meta, "imports": imports, "problem": prompt, "solution": example.response})
 
 
 def check_humaneval_request(example: Example, completion: str) -> bool:
@@ -335,13 +335,22 @@ def sample(fset: FreeformSet, k: int, routed: str, frozen: str, *, kind: str | N
     """The answers to request ``k`` of a set, as results keep them, with their degenerate kinds (``kind``,
     ``kind_frozen``: judged on the answers as written): datasets' text stays in the datasets, so a request is
     named by its position in the set unless it is the project's own (the README examples), and what an answer
-    copies from its request or reference is redacted (``CopyFilter``)."""
+    copies from its request, its reference or any text of the dataset record it was made from (``meta``: e.g. the
+    HumanEval problem a request rephrases, whose signature an answer repeats) is redacted (``CopyFilter``)."""
     example = fset.examples[k]
     kinds = {"kind": kind, "kind_frozen": kind_frozen}
     if fset.quotable:
         return {"index": k, "request": example.prompt, "routed": routed, "frozen": frozen, **kinds}
-    copies = CopyFilter.of([example.prompt, example.response])
+    copies = CopyFilter.of([example.prompt, example.response, *dataset_texts(example.meta)])
     return {"index": k, "routed": copies(routed), "frozen": copies(frozen), **kinds}
+
+
+def dataset_texts(value) -> list[str]:
+    """Every string in a record's ``meta`` (nested lists and dicts included)."""
+    if isinstance(value, str):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return [text for item in items for text in dataset_texts(item)]
 
 
 def _score(fset: FreeformSet, completions: Sequence[str]) -> float:
