@@ -243,7 +243,7 @@ def run_training(args, stream, system, training, console: Console) -> int:
     if not main_process:
         return train_loop(args, stream, system, training, console, state)
     with writer_lock(args.out / "system", who="dylora train"):  # one writer per system folder
-        write_run_files(getattr(args, "run_files", {}))
+        write_run_files(args.run_files)
         return train_loop(args, stream, system, training, console, state)
 
 
