@@ -67,3 +67,18 @@ def test_each_trial_records_the_process_that_runs_it(tmp_path):
     trial = study.ask()
     claim(trial)
     assert study.trials[0].user_attrs[OWNER] == {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+@pytest.mark.parametrize("before, after, match", [
+    ({"low": 0.0, "high": 1.0}, [0.0, 0.5], r"from a range 0.0..1.0, the space now gives choices \[0.0, 0.5\]"),
+    ([0.0, 0.5], {"low": 0.0, "high": 1.0}, r"from choices \[0.0, 0.5\], the space now gives a range 0.0..1.0"),
+    ({"low": 0.1, "high": 1.0}, {"low": 0.1, "high": 1.0, "log": True},
+     r"the space now gives a range 0.1..1.0 \(log\)"),
+])
+def test_a_parameter_that_changed_kind_or_scale_is_refused_before_any_trial_runs(tmp_path, before, after, match):
+    first = parse_tune({"sampler": "random", "pruner": "none", "params": {"training.kl_weight": before}})
+    study = open_study(url(tmp_path), "s", first)
+    study.optimize(lambda t: first.params[0].suggest(t), n_trials=1)
+    changed = parse_tune({"sampler": "random", "pruner": "none", "params": {"training.kl_weight": after}})
+    with pytest.raises(ValueError, match=match + ".*another --study-name"):  # not every new trial failing
+        open_study(url(tmp_path), "s", changed)

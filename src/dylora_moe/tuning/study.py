@@ -95,16 +95,29 @@ def open_study(url: str, name: str, config: TuneConfig) -> optuna.Study:
 
 
 def check_space(study: optuna.Study, name: str, config: TuneConfig) -> None:
-    """Refuse a search space whose choices differ from those the study's trials drew from: Optuna cannot sample
-    a categorical parameter whose choices changed, so every new trial would fail. Numeric ranges may change."""
-    wanted = {p.name: p.distribution() for p in config.params if p.choices is not None}
+    """Refuse a search space that Optuna cannot continue the study's trials with, so every new trial would fail:
+    a categorical parameter whose choices changed, a parameter that changed kind (choices <-> range, integer <->
+    real) or scale (``log``). The ends and step of a range may change."""
+    wanted = {p.name: p.distribution() for p in config.params}
     for trial in study.get_trials(deepcopy=False):
         for param, dist in trial.distributions.items():
-            if param in wanted and dist != wanted[param]:
-                raise ValueError(f"study {name!r} drew {param} from choices {list(dist.choices)}, the space now "
-                                 f"gives {list(wanted[param].choices)}: Optuna cannot change a categorical "
-                                 "parameter's choices within a study; give another --study-name (or --out), or "
-                                 "the study's own choices")
+            if param not in wanted:
+                continue
+            try:
+                optuna.distributions.check_distribution_compatibility(dist, wanted[param])
+            except ValueError:
+                raise ValueError(f"study {name!r} drew {param} from {distribution_text(dist)}, the space now "
+                                 f"gives {distribution_text(wanted[param])}: Optuna cannot change a parameter's "
+                                 "choices, kind or log scale within a study; give another --study-name (or --out), "
+                                 "or the study's own setting") from None
+
+
+def distribution_text(dist: optuna.distributions.BaseDistribution) -> str:
+    """A distribution as the space's YAML gives it: ``choices [4, 8]``, ``an integer range 2..8 (log)``."""
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+        return f"choices {list(dist.choices)}"
+    kind = "an integer range" if isinstance(dist, optuna.distributions.IntDistribution) else "a range"
+    return f"{kind} {dist.low}..{dist.high}" + (" (log)" if dist.log else "")
 
 
 def claim(trial: optuna.Trial) -> None:
