@@ -35,6 +35,16 @@ def test_ranges_choices_and_yaml_number_strings():
     assert config.directions == ["minimize"] * 3
 
 
+
+def test_an_integer_field_whose_default_is_none_gets_whole_numbers():
+    config = parse_tune({"sampler": "random", "params": {"system.max_experts": {"low": 2, "high": 8}}})
+    assert config.params[0].distribution() == optuna.distributions.IntDistribution(2, 8)  # `int | None`, not a float
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    assert type(config.params[0].suggest(trial)) is int
+    with pytest.raises(ValueError, match="offload_device: is not numeric"):  # `str | None`: no range
+        parse_tune({"params": {"system.expert.offload_device": {"low": 0, "high": 1}}})
+
+
 @pytest.mark.parametrize("section, match", [
     ({"params": {"training.seed_rate": {"low": 1, "high": 2}}}, "unknown parameter 'training.seed_rate'.*seed_lr"),
     ({"params": {"seed_lr": {"low": 1e-4, "high": 1e-2}}}, "did you mean training.seed_lr"),

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,34 @@ def defaults() -> dict[str, Any]:
     """Every tunable name with its library default (``system.expert.rank`` -> 8, ...)."""
     every = {**_leaves(DyLoRAConfig(), "system."), **_leaves(TrainingConfig(), "training.")}
     return {name: value for name, value in every.items() if name not in NOT_TUNABLE}
+
+
+def _types(cls: type, prefix: str) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            out.update(_types(kind, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = kind
+    return out
+
+
+@functools.cache
+def declared_types() -> dict[str, Any]:
+    """Every tunable name with its field's declared type (``system.max_experts`` -> ``int | None``, ...)."""
+    every = {**_types(DyLoRAConfig, "system."), **_types(TrainingConfig, "training.")}
+    return {name: kind for name, kind in every.items() if name not in NOT_TUNABLE}
+
+
+def number_kind(name: str) -> type | None:
+    """``int`` or ``float`` when the parameter takes numbers (``None`` allowed besides), else ``None``. Read from the
+    field's declared type, not its default: a default of ``None`` (``system.max_experts``) says nothing."""
+    kinds = set(typing.get_args(declared_types()[name]) or (declared_types()[name],)) - {type(None)}
+    if kinds == {int}:
+        return int
+    return float if kinds and kinds <= {int, float} else None
 
 
 def check_name(name: str, where: str = "") -> None:

@@ -11,8 +11,8 @@
         system.expert.target_modules: {choices: [attention, mlp]}
 
 Ranges are Optuna's distributions: ``low``/``high`` (both included), ``log`` for a log scale, ``step`` for a
-grid; ``choices`` (or a bare list) for a categorical. Integer parameters (their default is an int) get an
-integer distribution. Every problem is reported with the parameter's name and how to fix it.
+grid; ``choices`` (or a bare list) for a categorical. Integer parameters (a field declared ``int``, or
+``int | None``) get an integer distribution. Every problem is reported with the parameter's name and how to fix it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 import optuna
 
-from .params import apply_params, build_configs, check_name, defaults, get_value
+from .params import apply_params, build_configs, check_name, defaults, get_value, number_kind
 
 OBJECTIVES = ("weighted", "pareto")
 PARETO_METRICS = ("loss", "forgetting", "trainable_params")
@@ -56,7 +56,7 @@ class ParamSpec:
         log: sample on a log scale (``low`` must be > 0).
         step: grid step of a numeric parameter (not with ``log``).
         choices: values of a categorical parameter (instead of ``low``/``high``).
-        integer: draw integers (set from the parameter's default type).
+        integer: draw integers (set from the field's declared type).
     """
 
     name: str
@@ -188,9 +188,10 @@ def parse_param(name: str, raw: Any) -> ParamSpec:
         return ParamSpec(name, choices=choices)
     if "low" not in raw or "high" not in raw:
         raise ValueError(f"{where}a range needs both low and high (or give a list of choices)")
-    if isinstance(default, bool) or (not isinstance(default, int | float) and default is not None):
+    kind = number_kind(name)
+    if kind is None:
         raise ValueError(f"{where}is not numeric (default {default!r}): give a list of choices")
-    integer = isinstance(default, int) and not isinstance(default, bool)
+    integer = kind is int
     low, high, step = (number(raw.get(k), where + k) for k in ("low", "high", "step"))
     if integer and any(v is not None and v != int(v) for v in (low, high, step)):
         raise ValueError(f"{where}is an integer parameter: low, high and step must be whole numbers")
