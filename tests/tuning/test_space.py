@@ -96,6 +96,14 @@ def test_baseline_takes_the_streams_own_values_then_the_defaults():
         baseline_params(config, {"expert": {"rank": 16}}, {})
 
 
+def test_a_baseline_without_a_number_for_a_range_is_refused_with_the_fix():
+    config = parse_tune({"params": {"system.router.cumulative_weight": {"low": 0.5, "high": 1.0}}})
+    with pytest.raises(ValueError, match=r"cumulative_weight: the stream's own value None is not a number of the "
+                                         r"range 0.5..1.0; set system.router.cumulative_weight.*tune.baseline: false"):
+        baseline_params(config, {}, {})  # the library default is None: not a trial Optuna can run
+    assert baseline_params(config, {"router": {"cumulative_weight": 0.9}}, {}) == {
+        "system.router.cumulative_weight": 0.9}
+
 def test_apply_params_sets_nested_values_without_touching_the_input():
     system, training = {"expert": {"dropout": 0.0}}, {"seed_steps": 2}
     new_system, new_training = apply_params(system, training, {"system.expert.rank": 16, "training.seed_lr": 0.01,

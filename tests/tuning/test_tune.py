@@ -161,6 +161,12 @@ def test_bad_tune_section_fails_before_a_study_is_made(tmp_path, capsys):
     assert not (tmp_path / "out" / "store.db").exists()
 
 
+def test_a_baseline_that_cannot_be_a_trial_fails_before_a_study_is_made(tmp_path, capsys):
+    tiny_stream(tmp_path, "tune:\n  params:\n    system.max_experts: {low: 2, high: 4}\n")
+    assert main(tune_argv(tmp_path)) == 2
+    assert "the stream's own value None is not a number" in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "out" / "store.db").exists()
+
 @pytest.mark.slow
 def test_pareto_study_reports_the_front(tmp_path):
     tiny_stream(tmp_path, RESUME_SPACE.replace("pruner: none", "objective: pareto"))

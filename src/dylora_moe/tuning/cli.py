@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 
 from ..data.stream import StreamSpec, load_stream, read_yaml
-from .space import TuneConfig, parse_tune
+from .space import TuneConfig, baseline_params, parse_tune
 
 
 def add_parser(sub) -> None:
@@ -57,7 +57,10 @@ def prepare(args: argparse.Namespace) -> tuple[StreamSpec, TuneConfig]:
         section = data.get("tune", data) if isinstance(data, dict) else None
         if not isinstance(section, dict):
             raise ValueError(f"{args.space}: expected a mapping (the `tune:` settings)")
-    return stream, parse_tune(section, stream.system, stream.training)
+    config = parse_tune(section, stream.system, stream.training)
+    if config.baseline:  # the stream's own values must make a trial (enqueued once the study is open)
+        baseline_params(config, stream.system, stream.training)
+    return stream, config
 
 
 def tune(args: argparse.Namespace, console: Console) -> int:

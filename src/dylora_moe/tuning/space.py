@@ -240,11 +240,16 @@ def check_values(spec: ParamSpec, system: dict[str, Any], training: dict[str, An
 
 def baseline_params(config: TuneConfig, system: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:
     """The stream's own value of every tuned parameter (its section's, else the library default): the baseline
-    trial. A value outside a categorical's choices cannot be enqueued and is reported."""
+    trial. A value outside a categorical's choices, or that is not a number for a range (``None``, the default
+    of ``system.max_experts``), cannot be a trial and is reported."""
     values = {spec.name: get_value(system, training, spec.name) for spec in config.params}
     for spec in config.params:
         value = values[spec.name]
         if spec.choices is not None and value not in spec.choices:
             raise ValueError(f"tune.params.{spec.name}: the stream's own value {value!r} is not among the choices "
                              f"{spec.choices}; add it, or set tune.baseline: false")
+        if spec.choices is None and (isinstance(value, bool) or number(value, spec.name) is None):
+            raise ValueError(f"tune.params.{spec.name}: the stream's own value {value!r} is not a number of the "
+                             f"range {spec.low}..{spec.high}; set {spec.name} in the stream, give the parameter a "
+                             "list of choices that includes it, or set tune.baseline: false")
     return values
