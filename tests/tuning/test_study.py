@@ -12,7 +12,15 @@ import pytest
 from optuna.trial import TrialState
 
 from dylora_moe.tuning.space import parse_tune
-from dylora_moe.tuning.study import OWNER, claim, open_study, retry_dead_trials
+from dylora_moe.tuning.study import (
+    OWNER,
+    baseline_trial,
+    claim,
+    enqueue_baseline,
+    open_study,
+    retry_dead_trials,
+    run_study,
+)
 
 SPACE = {"sampler": "random", "pruner": "none", "params": {"training.seed_lr": {"low": 1e-4, "high": 1e-2},
                                                            "system.expert.rank": [2, 4]}}
@@ -82,3 +90,25 @@ def test_a_parameter_that_changed_kind_or_scale_is_refused_before_any_trial_runs
     changed = parse_tune({"sampler": "random", "pruner": "none", "params": {"training.kl_weight": after}})
     with pytest.raises(ValueError, match=match + ".*another --study-name"):  # not every new trial failing
         open_study(url(tmp_path), "s", changed)
+
+
+def test_a_baseline_interrupted_by_ctrl_c_runs_again_on_the_rerun(tmp_path):
+    config = parse_tune(SPACE)
+    training = {"seed_lr": 5e-3}
+
+    def interrupted(trial):
+        config.params[0].suggest(trial)
+        raise KeyboardInterrupt  # Optuna marks the trial failed, then lets the interrupt through
+
+    study = open_study(url(tmp_path), "s", config)
+    enqueue_baseline(study, config, {"expert": {"rank": 2}}, training)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(study, interrupted, 2)
+    assert study.trials[0].state == TrialState.FAIL and study.trials[0].user_attrs["baseline"]
+    study = open_study(url(tmp_path), "s", config)  # the rerun
+    enqueue_baseline(study, config, {"expert": {"rank": 2}}, training)
+    enqueue_baseline(study, config, {"expert": {"rank": 2}}, training)  # queued once, however often it is called
+    run_study(study, lambda t: sum(float(spec.suggest(t)) for spec in config.params), 2)
+    base = baseline_trial(study)
+    assert base is not None and base.params == {"training.seed_lr": 5e-3, "system.expert.rank": 2}
+    assert sum(bool(t.user_attrs.get("baseline")) for t in study.trials) == 2  # the failed one and its rerun

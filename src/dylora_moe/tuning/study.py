@@ -162,11 +162,17 @@ def finished(study: optuna.Study) -> int:
 
 def enqueue_baseline(study: optuna.Study, config: TuneConfig, system: dict[str, Any],
                      training: dict[str, Any]) -> None:
-    """The stream's own configuration as a trial, once per study (marked ``baseline`` in its user attrs)."""
-    if not config.baseline or any(t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)):
+    """The stream's own configuration as a trial, once per study (marked ``baseline`` in its user attrs). A
+    baseline that failed (interrupted with Ctrl-C, or a cause fixed since) and is not queued again is queued anew,
+    as the rest of a study is run by a rerun."""
+    if not config.baseline:
         return
+    baselines = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("baseline")]
+    if any(t.state != TrialState.FAIL for t in baselines):  # finished, running or queued
+        return
+    # a failed baseline holds the same parameters: Optuna's skip_if_exists would take it for a repeat
     study.enqueue_trial(baseline_params(config, system, training), user_attrs={"baseline": True},
-                        skip_if_exists=True)
+                        skip_if_exists=not baselines)
 
 
 def run_study(study: optuna.Study, objective: Callable, n_trials: int,
