@@ -112,3 +112,14 @@ def test_a_baseline_interrupted_by_ctrl_c_runs_again_on_the_rerun(tmp_path):
     base = baseline_trial(study)
     assert base is not None and base.params == {"training.seed_lr": 5e-3, "system.expert.rank": 2}
     assert sum(bool(t.user_attrs.get("baseline")) for t in study.trials) == 2  # the failed one and its rerun
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_workers_that_open_a_study_together_draw_different_parameters(tmp_path, sampler):
+    config = parse_tune({**SPACE, "sampler": sampler, "baseline": False})
+    first, second = open_study(url(tmp_path), "s", config), open_study(url(tmp_path), "s", config)
+    for _ in range(2):  # the same number of trials seen by both: one seed per process would repeat every draw
+        a, b = first.ask(), second.ask()
+        assert {s.name: s.suggest(a) for s in config.params} != {s.name: s.suggest(b) for s in config.params}
+        first.tell(a, 1.0)
+        second.tell(b, 1.0)

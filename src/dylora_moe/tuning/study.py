@@ -41,6 +41,39 @@ def make_sampler(config: TuneConfig, seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=config.startup_trials)
 
 
+class TrialSeeded(optuna.samplers.BaseSampler):
+    """``config.sampler`` seeded anew for each trial with ``config.seed`` + the trial's number. The storage gives
+    each trial its own number, so workers started together on one study, or a study resumed, draw different
+    parameters (one seed per process would make every worker that opened the study with the same trial count
+    draw the same ones), and each trial's draw is the same whoever runs it. TPE reads the history from the
+    study, so a fresh sampler per trial loses nothing."""
+
+    def __init__(self, config: TuneConfig) -> None:
+        self.config = config
+        self.inner = make_sampler(config, config.seed)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.inner = make_sampler(self.config, self.config.seed + trial.number)
+        self.inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+        return self.inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict:
+        return self.inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: optuna.distributions.BaseDistribution) -> Any:
+        return self.inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Any) -> None:
+        self.inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()
+
+
 def make_pruner(config: TuneConfig) -> optuna.pruners.BasePruner:
     if config.pruner == "none" or config.multi:
         return optuna.pruners.NopPruner()
@@ -89,8 +122,8 @@ def open_study(url: str, name: str, config: TuneConfig) -> optuna.Study:
                          "comparable; give another --study-name or the study's own tune settings")
     check_space(study, name, config)
     retry_dead_trials(study)
-    # a resumed study must not draw the parameters of its first trials again: seed by the trials it holds
-    study.sampler = make_sampler(config, config.seed + len(study.trials))
+    # neither a resumed study nor another worker on it may draw the same parameters again: seed by trial number
+    study.sampler = TrialSeeded(config)
     return study
 
 
