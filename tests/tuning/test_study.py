@@ -20,6 +20,7 @@ from dylora_moe.tuning.study import (
     open_study,
     retry_dead_trials,
     run_study,
+    stream_identity,
 )
 
 SPACE = {"sampler": "random", "pruner": "none", "params": {"training.seed_lr": {"low": 1e-4, "high": 1e-2},
@@ -123,3 +124,23 @@ def test_workers_that_open_a_study_together_draw_different_parameters(tmp_path, 
         assert {s.name: s.suggest(a) for s in config.params} != {s.name: s.suggest(b) for s in config.params}
         first.tell(a, 1.0)
         second.tell(b, 1.0)
+
+
+def test_a_study_continued_on_another_stream_is_refused(tmp_path):
+    from dylora_moe.data.stream import StreamSpec
+
+    def stream(folder: str, max_train: int = 8) -> StreamSpec:
+        skills = [{"name": n, "source": {"type": "file", "path": f"{folder}/{n}.jsonl"}, "max_train": max_train}
+                  for n in ("digits", "letters")]
+        return StreamSpec("s", skills, training={"seed_steps": 2})
+
+    config = parse_tune(SPACE)
+    open_study(url(tmp_path), "s", config, stream_identity(stream("/data"), None))
+    # the same stream read from another folder or host: the same study
+    open_study(url(tmp_path), "s", config, stream_identity(stream("/elsewhere/data"), None))
+    with pytest.raises(ValueError, match=r"study 's' was run on another stream: its skills differ.*--study-name"):
+        open_study(url(tmp_path), "s", config, stream_identity(stream("/data", max_train=16), None))
+    other = stream("/data")
+    other.training = {"seed_steps": 4}
+    with pytest.raises(ValueError, match="its training differ"):
+        open_study(url(tmp_path), "s", config, stream_identity(other, None))

@@ -287,3 +287,23 @@ def test_a_study_left_short_by_failed_trials_exits_non_zero(tmp_path, monkeypatc
     tiny_stream(tmp_path, RESUME_SPACE)
     assert main(tune_argv(tmp_path, trials=2)) == 1
     assert "holds 0 of 2 finished trials" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_rerun_on_a_changed_stream_is_refused(tmp_path, monkeypatch, capsys):
+    from dylora_moe.tuning.objective import Objective
+
+    def quick(self, trial):  # no training: the study's bookkeeping is what is tested
+        for spec in self.config.params:
+            spec.suggest(trial)
+        for key, value in (("loss", 1.0), ("forgetting", 0.0), ("trainable_params", 0)):
+            trial.set_user_attr(key, value)
+        return 1.0
+
+    monkeypatch.setattr(Objective, "__call__", quick)
+    stream = tiny_stream(tmp_path, RESUME_SPACE)
+    assert main(tune_argv(tmp_path, trials=2)) == 0
+    stream.write_text(stream.read_text().replace("seed_steps: 2", "seed_steps: 3"))
+    assert main(tune_argv(tmp_path, trials=3)) == 2
+    assert "was run on another stream: its training differ" in " ".join(capsys.readouterr().err.split())
+    assert len(load(tmp_path).trials) == 2
+    assert main([*tune_argv(tmp_path, trials=3), "--study-name", "tiny-3-steps"]) == 0  # a new study is fine

@@ -72,7 +72,7 @@ def tune(args: argparse.Namespace, console: Console) -> int:
     from ..store import SkillStore
     from . import report
     from .objective import Objective
-    from .study import enqueue_baseline, finished, open_study, run_study
+    from .study import enqueue_baseline, finished, open_study, run_study, stream_identity
 
     stream, config = prepare(args)
     if args.storage:
@@ -87,7 +87,7 @@ def tune(args: argparse.Namespace, console: Console) -> int:
     name = args.study_name or stream.name
     optuna.logging.set_verbosity(optuna.logging.INFO if args.verbose else optuna.logging.WARNING)
     try:
-        study = open_study(url, name, config)
+        study = open_study(url, name, config, stream_identity(stream, args.data_dir))
     except SQLAlchemyError as err:  # an unknown driver, an unreachable server, a folder that does not exist
         raise ValueError(f"cannot open the study storage {shown}: {err}") from err
     enqueue_baseline(study, config, stream.system, stream.training)

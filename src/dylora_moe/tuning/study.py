@@ -15,18 +15,21 @@ in the study, never counts as finished, and the study still reaches its N finish
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import socket
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import optuna
 import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
+from ..data.stream import StreamSpec
 from .space import TuneConfig, baseline_params
 
 logger = logging.getLogger(__name__)
@@ -108,8 +111,9 @@ def storage_for(url: str, config: TuneConfig, attempts: int = 5) -> optuna.stora
     raise AssertionError("unreachable")
 
 
-def open_study(url: str, name: str, config: TuneConfig) -> optuna.Study:
-    """Create the study, or load it to continue; a study made with another objective is refused."""
+def open_study(url: str, name: str, config: TuneConfig, stream: dict[str, Any] | None = None) -> optuna.Study:
+    """Create the study, or load it to continue; a study made with another objective, or on another stream
+    (``stream``: ``stream_identity`` of the stream the trials run, when given), is refused."""
     study = optuna.create_study(storage=storage_for(url, config), study_name=name, directions=config.directions,
                                 pruner=make_pruner(config), load_if_exists=True)
     settings = {"objective": config.objective, "forgetting_weight": config.forgetting_weight}
@@ -120,11 +124,44 @@ def open_study(url: str, name: str, config: TuneConfig) -> optuna.Study:
     elif saved != settings:
         raise ValueError(f"study {name!r} in {url} was made with {saved}, not {settings}: its values are not "
                          "comparable; give another --study-name or the study's own tune settings")
+    if stream is not None:
+        check_stream(study, name, stream)
     check_space(study, name, config)
     retry_dead_trials(study)
     # neither a resumed study nor another worker on it may draw the same parameters again: seed by trial number
     study.sampler = TrialSeeded(config)
     return study
+
+
+def stream_identity(stream: StreamSpec, data_dir: str | Path | None) -> dict[str, Any]:
+    """What a trial's values depend on besides its parameters: the skills that run (sources, slices, sizes,
+    formats), the chunks, and the ``system``/``training`` sections the parameters overlay. A file source and a
+    local model folder count by name, so the same stream continued from another folder or host is the same."""
+    data = json.loads(json.dumps(stream.to_dict(), default=str))
+    skills = [s for s, spec in zip(data["skills"], stream.skills, strict=True) if spec in stream.active(data_dir)]
+    for skill in skills:
+        if skill["source"].get("path"):
+            skill["source"]["path"] = Path(skill["source"]["path"]).name
+    system = dict(data["system"])
+    if isinstance(system.get("model"), str) and Path(system["model"]).is_absolute():
+        system["model"] = Path(system["model"]).name
+    return {"skills": skills, "chunks": data["chunks"], "system": system, "training": data["training"]}
+
+
+def check_stream(study: optuna.Study, name: str, stream: dict[str, Any]) -> None:
+    """Refuse to add trials on another stream than the one the study's trials ran (other skills, slices or
+    sections: their values would be compared with values measured on other data). A study made before streams
+    were recorded takes this one."""
+    saved = study.user_attrs.get("stream")
+    if saved is None:
+        study.set_user_attr("stream", stream)
+        return
+    changed = [key for key in stream if saved.get(key) != stream[key]]
+    if changed:
+        raise ValueError(f"study {name!r} was run on another stream: its {', '.join(changed)} differ from this "
+                         "stream's (or --model, --max-train, --data-dir changed what runs); the trials' values are "
+                         "not comparable: give another --study-name (or --out), or the study's own stream and "
+                         "options")
 
 
 def check_space(study: optuna.Study, name: str, config: TuneConfig) -> None:
