@@ -307,3 +307,12 @@ def test_a_rerun_on_a_changed_stream_is_refused(tmp_path, monkeypatch, capsys):
     assert "was run on another stream: its training differ" in " ".join(capsys.readouterr().err.split())
     assert len(load(tmp_path).trials) == 2
     assert main([*tune_argv(tmp_path, trials=3), "--study-name", "tiny-3-steps"]) == 0  # a new study is fine
+
+
+def test_a_mixed_stream_is_refused_before_a_study_is_made(tmp_path, capsys):
+    stream = tiny_stream(tmp_path, RESUME_SPACE)
+    stream.write_text(stream.read_text() + "chunks:\n  - {size: 8, mix: {digits: 0.5, letters: 0.5}}\n"
+                      "  - {size: 8, mix: {digits: 1.0}}\n")
+    assert main(tune_argv(tmp_path)) == 2  # a trial would train the pools one after another, not the chunks
+    assert "is a mixed stream (`chunks:`), which a trial cannot run" in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "out" / "store.db").exists()

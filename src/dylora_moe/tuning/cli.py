@@ -42,6 +42,11 @@ def prepare(args: argparse.Namespace) -> tuple[StreamSpec, TuneConfig]:
     if args.trials < 1:
         raise ValueError(f"--trials must be >= 1, got {args.trials}")
     stream = load_stream(args.stream)
+    if stream.mixed:  # a trial is the benchmark's step-by-step run: it would train the pools one after another
+        raise ValueError(f"{args.stream} is a mixed stream (`chunks:`), which a trial cannot run: it runs a stream "
+                         "skill by skill and would ignore the chunks; tune on a stream of the same skills without "
+                         "`chunks:` and apply the tuned values with dylora train --stream "
+                         f"{args.stream} --params OUT/best.yaml")
     if args.model:
         from ..backbone import absolute_if_local
 
