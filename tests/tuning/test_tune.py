@@ -229,6 +229,15 @@ def test_space_file_replaces_the_streams_section(tmp_path):
         prepare(args)
 
 
+@pytest.mark.parametrize("cap", ["0", "-1"])
+def test_a_max_train_below_one_fails_before_a_study_is_made(tmp_path, capsys, cap):
+    tiny_stream(tmp_path, RESUME_SPACE)
+    assert main([*tune_argv(tmp_path), "--max-train", cap]) == 2  # 0 left every trial without training data
+    assert f"--max-train must be >= 1 (or left out for each skill's own cap), got {cap}" in " ".join(
+        capsys.readouterr().err.split())
+    assert not (tmp_path / "out" / "store.db").exists()
+
+
 @pytest.mark.parametrize("message", ["table studies already exists",
                                      "UNIQUE constraint failed: alembic_version.version_num"])
 def test_the_loser_of_a_race_to_create_the_study_database_opens_it_again(tmp_path, monkeypatch, message):

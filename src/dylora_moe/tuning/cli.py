@@ -41,6 +41,8 @@ def prepare(args: argparse.Namespace) -> tuple[StreamSpec, TuneConfig]:
     study is touched."""
     if args.trials < 1:
         raise ValueError(f"--trials must be >= 1, got {args.trials}")
+    if args.max_train is not None and args.max_train < 1:  # 0 would leave every skill without training examples
+        raise ValueError(f"--max-train must be >= 1 (or left out for each skill's own cap), got {args.max_train}")
     stream = load_stream(args.stream)
     if stream.mixed:  # a trial is the benchmark's step-by-step run: it would train the pools one after another
         raise ValueError(f"{args.stream} is a mixed stream (`chunks:`), which a trial cannot run: it runs a stream "
