@@ -8,7 +8,7 @@
 optimistic estimate. This runs both configurations through another stream exactly as a trial runs (same
 loop, same held-out scoring, `tuning/objective.run_configuration`) and reports the objective of each. With
 `--seed`, both run under another training seed, which tells a real difference from the luck of one seed
-(on the tuned stream too).
+(on the tuned stream too); a `training.seed` among the params is not applied, both runs share one seed.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from dylora_moe.data.stream import load_stream
+from dylora_moe.training.config import TrainingConfig
 from dylora_moe.tuning.objective import run_configuration, weighted
 from dylora_moe.tuning.params import load_params
 from results import write_json
@@ -44,10 +45,12 @@ def main(argv=None) -> None:
     if weight is None:
         weight = json.loads(study.read_text())["forgetting_weight"] if study.is_file() else 1.0
     stream = load_stream(args.stream)
-    if args.seed is not None:
-        stream.training = {**stream.training, "seed": args.seed}
+    seed = args.seed if args.seed is not None else stream.training.get("seed", TrainingConfig().seed)
+    if "training.seed" in params:  # a seed is no configuration to confirm: both runs use the check's own
+        print(f"params: training.seed {params['training.seed']} left out, both runs use seed {seed}", flush=True)
     runs = {}
     for name, values in (("baseline", {}), ("tuned", params)):
+        values = {**values, "training.seed": seed}  # over the params: --seed is the seed of both runs
         started = time.perf_counter()
         result = run_configuration(stream, values, Path("runs") / "tune-confirm" / name, data_dir=args.data_dir,
                                    progress=lambda msg, n=name, t=started: print(
@@ -58,7 +61,7 @@ def main(argv=None) -> None:
               f"{result['forgetting']:+.4f}) in {result['seconds']:.0f}s", flush=True)
     write_json(args.out, {
         "stream": stream.name, "skills": [s.name for s in stream.active(args.data_dir)], "params": params,
-        "seed": stream.training.get("seed", 0),
+        "seed": seed,
         "forgetting_weight": weight, "runs": runs,
         "tuned_minus_baseline": runs["tuned"]["objective"] - runs["baseline"]["objective"],
     })
