@@ -144,3 +144,19 @@ def test_a_study_continued_on_another_stream_is_refused(tmp_path):
     other.training = {"seed_steps": 4}
     with pytest.raises(ValueError, match="its training differ"):
         open_study(url(tmp_path), "s", config, stream_identity(other, None))
+
+
+def test_two_workers_restarted_together_queue_a_dead_trial_once(tmp_path, monkeypatch):
+    config = parse_tune(SPACE)
+    study = open_study(url(tmp_path), "s", config)
+    trial = study.ask()
+    trial.suggest_float("training.seed_lr", 1e-4, 1e-2)
+    trial.set_user_attr(OWNER, {"host": socket.gethostname(), "pid": dead_pid()})
+    first, second = (optuna.load_study(study_name="s", storage=url(tmp_path)) for _ in range(2))
+    listed = second.get_trials(deepcopy=False, states=(TrialState.RUNNING,))  # the second looked first
+    assert retry_dead_trials(first) == [0]
+    monkeypatch.setattr(second, "get_trials", lambda deepcopy=True, states=None: listed)
+    assert retry_dead_trials(second) == []  # the first failed it: no crash, no second retry
+    monkeypatch.undo()
+    assert [(t.state, t.system_attrs.get("failed_trial")) for t in second.trials] == [
+        (TrialState.FAIL, None), (TrialState.WAITING, 0)]

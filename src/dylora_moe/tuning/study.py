@@ -205,7 +205,10 @@ def retry_dead_trials(study: optuna.Study) -> list[int]:
         owner = trial.user_attrs.get(OWNER) or {}
         if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int) or alive(owner["pid"]):
             continue
-        study.tell(trial.number, state=TrialState.FAIL)
+        try:
+            study.tell(trial.number, state=TrialState.FAIL)
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+            continue  # another process, restarted at the same moment, failed it first and queues it again
         failed = copy.deepcopy(trial)  # the retry reads its parameters and attributes, not its state
         failed.user_attrs = {k: v for k, v in failed.user_attrs.items() if k != OWNER}  # the retry's is its own
         retry()(study, failed)  # what the heartbeat does with a stale trial: the same parameters, queued again
