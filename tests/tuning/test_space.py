@@ -69,6 +69,7 @@ def test_an_integer_field_whose_default_is_none_gets_whole_numbers():
     ({"baseline": "yes"}, "baseline must be true or false"),
     ({"params": {"training.seed_lr": {"low": 1e-4, "high": 1e-2, "log": "false"}}}, "log must be true or false"),
     ({"trials": 8}, "unknown tune key.*trials; allowed"),
+    ({"params": {"training.seed": [0, 1, 2]}}, "training.seed: a seed is not searched"),
 ])
 def test_bad_sections_are_named(section, match):
     with pytest.raises(ValueError, match=match):

@@ -26,6 +26,10 @@ import optuna
 from .params import apply_params, build_configs, check_name, defaults, get_value, number_kind
 
 OBJECTIVES = ("weighted", "pareto")
+# Names a params file may set but a search may not draw: searching them selects a lucky draw, not a configuration.
+NOT_SEARCHED = {"training.seed": "a seed is not searched (the best of several seeds is luck, not a better "
+                                 "configuration); set it in the stream, and confirm tuned values under another seed "
+                                 "with benchmarks/tune_confirm.py --seed"}
 PARETO_METRICS = ("loss", "forgetting", "trainable_params")
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "percentile", "hyperband", "none")
@@ -169,6 +173,8 @@ def parse_space(space: dict[str, Any]) -> list[ParamSpec]:
 def parse_param(name: str, raw: Any) -> ParamSpec:
     where = f"tune.params.{name}: "
     check_name(name)
+    if name in NOT_SEARCHED:
+        raise ValueError(f"{where}{NOT_SEARCHED[name]}")
     default = defaults()[name]
     if isinstance(raw, list):
         raw = {"choices": raw}
