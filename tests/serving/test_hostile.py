@@ -199,3 +199,23 @@ def test_a_body_that_never_completes_gets_408_and_frees_the_connection(run_dir):
         # a slow but complete body is unaffected, and so is waiting for a reply afterwards
         ok = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "1+1=", "max_tokens": 2})
         assert ok.status_code == 200
+
+
+def test_a_chunked_body_that_never_completes_gets_408_not_a_server_error(run_dir):
+    import socket
+
+    from dylora_moe.serving import create_app
+    from dylora_moe.serving.server import BackgroundServer
+    from tests.serving.conftest import server_config
+
+    with BackgroundServer(create_app(run_dir, server_config(body_timeout=0.5))) as server:
+        for path in ("/v1/completions", "/skills"):
+            with socket.create_connection((server.host, server.port), timeout=10) as conn:
+                conn.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             f"{'Authorization: ' + AUTH['Authorization']}\r\nTransfer-Encoding: chunked\r\n\r\n"
+                             "5\r\n{\"a\":\r\n".encode())  # no Content-Length, and the last chunk never comes
+                reply = conn.recv(4096).decode()
+            assert reply.startswith("HTTP/1.1 408"), reply
+            assert json.loads(reply.split("\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+        metrics = httpx.get(server.url + "/metrics").text
+        assert 'dylora_errors_total{kind="internal_error"' not in metrics

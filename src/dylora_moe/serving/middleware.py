@@ -50,7 +50,12 @@ class Observe:
                     await _send_json(observed_send, error.status, error.body(), error.headers)
                     return
             receive = self._deadline(receive, start + self.config.body_timeout)
-            receive = await self._limited(scope, receive, limit, upload)
+            try:  # a body without a declared length is read here, outside the app and its error handlers
+                receive = await self._limited(scope, receive, limit, upload)
+            except APIError as error:  # 408: the body did not arrive in time
+                self.metrics.error(error.code or error.type, error.status)
+                await _send_json(observed_send, error.status, error.body(), error.headers)
+                return
             if receive is None:
                 error = APIError(413, f"the request body is larger than this server's limit of {limit} bytes"
                                       + (" for skill uploads: split the upload" if upload else ""),
