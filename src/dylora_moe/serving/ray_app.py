@@ -102,6 +102,9 @@ async def replica_generate(replica, payload: dict) -> dict:
         gen = await asyncio.wrap_future(replica.engine.submit(req))
     except APIError as err:
         return {"error": error_to_wire(err)}
+    except asyncio.CancelledError:  # the ingress cancelled the call (its client went away)
+        req.cancelled = True  # stop at the next token (a request still queued is dropped)
+        raise
     finally:
         await done_with(replica, held)
     if not replica.system.current(held) or not same_routing(gen.routing, expected):

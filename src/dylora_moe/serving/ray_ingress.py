@@ -63,6 +63,11 @@ def same_routing(got: dict, expected: dict, tol: float = 1e-4) -> bool:
             and all(abs(x["weight"] - y["weight"]) <= tol for x, y in zip(a, b, strict=True)))
 
 
+def gone() -> dict:
+    """The answer to a request whose client went away."""
+    return {"error": error_to_wire(APIError(499, "the client went away", code="client_disconnected"))}
+
+
 def error_to_wire(err: APIError) -> dict:
     return {"status": err.status, "message": err.message, "param": err.param, "code": err.code, "type": err.type,
             "headers": err.headers}
@@ -167,11 +172,14 @@ class RayEngine:
                        code="replicas_unavailable", headers={"Retry-After": "1"})
 
     async def _ask(self, req: GenerationRequest, key: str, payload: dict, streamed: list[bool]) -> dict:
-        """The replica's answer; a stream's routing and text go to ``req.on_event`` as they arrive."""
+        """The replica's answer; a stream's routing and text go to ``req.on_event`` as they arrive. A client that
+        goes away (``req.cancelled``) cancels the call, which stops the replica's generation at the next token:
+        merely leaving the stream would let the replica generate to ``max_tokens`` for nobody."""
         handle = self.generator.options(multiplexed_model_id=key, stream=req.on_event is not None)
         if req.on_event is None:
-            return await handle.generate.remote(payload)
-        async for item in handle.generate_stream.remote(payload):
+            return await self._unary(handle.generate.remote(payload), req)
+        stream = handle.generate_stream.remote(payload)
+        async for item in stream:
             if "routing" in item:
                 req.on_event("routing", {**item["routing"], "replica": item["replica"],
                                          "system_version": item["version"]})
@@ -180,9 +188,27 @@ class RayEngine:
                 req.on_event("delta", item["delta"])
             else:
                 return item
-            if req.cancelled:  # the client went away: closing the stream stops the replica's generation
+            if req.cancelled:  # the client went away
+                stream.cancel()
                 break
-        return {"error": error_to_wire(APIError(499, "the client went away", code="client_disconnected"))}
+        return gone()
+
+    @staticmethod
+    async def _unary(response, req: GenerationRequest, poll: float = 0.25) -> dict:
+        """A non-streamed call's answer, cancelled when its client goes away meanwhile."""
+
+        async def answer():
+            return await response
+
+        waiting = asyncio.ensure_future(answer())
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=poll)
+            if done:
+                return waiting.result()
+            if req.cancelled:
+                response.cancel()
+                waiting.cancel()
+                return gone()
 
     def _finish(self, answer: dict) -> Generation:
         data = answer["generation"]

@@ -1,0 +1,120 @@
+"""The ingress's calls to the generation replicas, with fake Ray handles: a client that goes away cancels its
+call, so the replica stops generating for nobody."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Future
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("ray")
+
+from dylora_moe.serving import ray_app
+from dylora_moe.serving.config import ServerConfig
+from dylora_moe.serving.ray_ingress import RayEngine
+from dylora_moe.serving.requests import GenerationRequest
+
+
+class FakeStream:
+    """A streaming ``DeploymentResponseGenerator``: routing, then deltas for as long as it is not cancelled."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.sent = 0
+
+    def __aiter__(self):
+        return self._items()
+
+    async def _items(self):
+        yield {"routing": {"strategy": "none", "experts": []}, "replica": "r", "version": "v"}
+        while not self.cancelled and self.sent < 100:
+            self.sent += 1
+            await asyncio.sleep(0)
+            yield {"delta": (0, "x")}
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeResponse:
+    """A unary ``DeploymentResponse`` that answers only when cancelled (then raises)."""
+
+    def __init__(self) -> None:
+        self.cancelled = asyncio.Event()
+
+    def __await__(self):
+        return self._wait().__await__()
+
+    async def _wait(self):
+        await self.cancelled.wait()
+        raise RuntimeError("request cancelled")
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class FakeGenerator:
+    def __init__(self, call) -> None:
+        self.call = call
+
+    def options(self, **_):
+        return SimpleNamespace(generate=SimpleNamespace(remote=lambda payload: self.call),
+                               generate_stream=SimpleNamespace(remote=lambda payload: self.call))
+
+
+def engine(call) -> RayEngine:
+    return RayEngine(head=None, generator=FakeGenerator(call), config=ServerConfig(), metrics=None)
+
+
+def test_a_stream_whose_client_left_is_cancelled_on_the_replica():
+    stream = FakeStream()
+    req = GenerationRequest("1+1=", 100)
+
+    def on_event(kind, payload):
+        if kind == "delta" and stream.sent >= 2:
+            req.cancelled = True  # the app's stream sets this when its client goes away
+
+    req.on_event = on_event
+    answer = asyncio.run(engine(stream)._ask(req, "v:none", {}, [False]))
+    assert answer["error"]["code"] == "client_disconnected"
+    assert stream.cancelled and stream.sent < 5
+
+
+def test_a_completion_whose_client_left_is_cancelled_on_the_replica():
+    async def main():
+        response = FakeResponse()
+        req = GenerationRequest("1+1=", 100)
+        asked = asyncio.ensure_future(engine(response)._ask(req, "v:none", {}, [False]))
+        await asyncio.sleep(0.05)
+        req.cancelled = True  # until_disconnected sets this when the client goes away
+        answer = await asyncio.wait_for(asked, 5)
+        return response, answer
+
+    response, answer = asyncio.run(main())
+    assert response.cancelled.is_set()
+    assert answer["error"]["code"] == "client_disconnected"
+
+
+def test_a_cancelled_call_stops_the_replicas_generation(monkeypatch):
+    req = GenerationRequest("1+1=", 100)
+    running = Future()
+    running.set_running_or_notify_cancel()  # the engine is generating it: only the flag can stop it
+    system = SimpleNamespace(using_enter=lambda held: None, using_exit=lambda held: False)
+    replica = SimpleNamespace(system=system, engine=SimpleNamespace(submit=lambda r: running))
+
+    async def prepare(replica_, payload):
+        return object(), req, {}
+
+    monkeypatch.setattr(ray_app, "prepare", prepare)
+
+    async def main():
+        call = asyncio.ensure_future(ray_app.replica_generate(replica, {}))
+        await asyncio.sleep(0.05)
+        call.cancel()  # what Ray does to the replica's coroutine when the ingress cancels the call
+        with pytest.raises(asyncio.CancelledError):
+            await call
+
+    asyncio.run(main())
+    assert req.cancelled
