@@ -78,6 +78,18 @@ def test_joining_mid_batch_decodes_what_each_request_decodes_alone(kind):
         assert len({g.routing["experts"][0]["expert_id"] for g in batched}) > 1
 
 
+
+def test_a_choice_that_ends_on_end_of_sequence_finishes_with_stop():
+    model = system("dense")
+    new = alone(model, SPECS[:1])[0]
+    token = model.tokenizer(new.text, add_special_tokens=False)["input_ids"][2]
+    with torch.no_grad():  # end of sequence just beats the token the model picks third: some choices now end on it
+        weight = model.backbone.get_output_embeddings().weight
+        weight[model.tokenizer.eos_token_id] = weight[token] * 1.05
+    single, batched = alone(model, SPECS), staggered(model, SPECS)
+    assert "stop" in [g.finish_reason for g in single]
+    assert [(g.text, g.finish_reason) for g in batched] == [(g.text, g.finish_reason) for g in single]
+
 def test_the_cache_is_never_wider_than_its_longest_row_so_absolute_positions_fit():
     model = system("gpt2")  # 128 absolute positions
     specs = [("7" * 100, 20), ("1+1=", 100), ("ab", 60)]  # each fits alone; padded together they would not

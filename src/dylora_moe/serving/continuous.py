@@ -194,7 +194,8 @@ class RunningBatch:
         tok = self.model.tokenizer
         for row, t in zip(rows, tokens.tolist(), strict=True):
             r = row.request
-            if t in self.eos:
+            if t in self.eos:  # kept, so that finish_choice cuts there and reports "stop" rather than "length"
+                row.ids.append(t)
                 row.done = True
                 continue
             row.ids.append(t)
