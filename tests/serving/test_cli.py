@@ -6,6 +6,8 @@ import io
 import json
 import logging
 
+import pytest
+
 from dylora_moe.cli import main
 from dylora_moe.serving import logs
 from dylora_moe.serving.cli import loopback
@@ -28,6 +30,14 @@ def test_serve_loads_the_run_and_listens_on_loopback_by_default(run_dir, monkeyp
 def test_serve_refuses_a_folder_that_is_not_a_system(tmp_path, capsys):
     assert main(["serve", str(tmp_path)]) == 2
     assert "neither a `dylora train` output folder" in " ".join(capsys.readouterr().err.split())
+
+
+def test_serve_refuses_a_port_out_of_range_before_loading_anything(tmp_path, capsys):
+    for port in ("99999", "-1", "http"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["serve", str(tmp_path), "--port", port])
+        assert exit_.value.code == 2
+        assert "not a port number: give 0-65535" in capsys.readouterr().err
 
 
 def test_loopback():

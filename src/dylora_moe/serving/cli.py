@@ -19,11 +19,22 @@ from .config import API_KEY_ENV
 logger = logging.getLogger("dylora_moe.serving")
 
 
+def port_number(text: str) -> int:
+    """``--port``: a TCP port; refused with argparse's usage message otherwise (before the system loads)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number: give 0-65535") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number: give 0-65535 (0: any free port)")
+    return port
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve a trained system over HTTP (OpenAI-compatible API, live skills)")
     p.add_argument("dir", type=Path, help="a `dylora train` output folder, or a saved system folder")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port, 0-65535 (0: any free port)")
     p.add_argument("--api-key", default=None,
                    help=f"key for mutating endpoints (POST /skills); prefer the {API_KEY_ENV} environment variable")
     p.add_argument("--model-name", default="dylora-moe", help="the model id clients send")
