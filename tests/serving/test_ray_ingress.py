@@ -118,3 +118,22 @@ def test_a_cancelled_call_stops_the_replicas_generation(monkeypatch):
 
     asyncio.run(main())
     assert req.cancelled
+
+
+def test_a_submitted_request_is_held_until_it_ends(monkeypatch):
+    async def main():
+        eng = engine(None)
+        release = asyncio.Event()
+
+        async def run(request):
+            await release.wait()
+
+        monkeypatch.setattr(eng, "_run", run)
+        eng.submit(GenerationRequest("1+1=", 4))
+        held = len(eng.tasks)
+        release.set()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return held, len(eng.tasks)
+
+    assert asyncio.run(main()) == (1, 0)

@@ -114,9 +114,14 @@ class RayEngine:
         self.attempts = attempts
         # the single-process engine's prompt checks, run here so a bad prompt never reaches a replica
         self._limits = types.SimpleNamespace(config=config)
+        # the event loop keeps only weak references to tasks: a request's task is held here until it ends, or it
+        # could be collected mid-flight and its client would wait forever
+        self.tasks: set[asyncio.Task] = set()
 
     def submit(self, request: GenerationRequest):
-        asyncio.get_running_loop().create_task(self._run(request))
+        task = asyncio.get_running_loop().create_task(self._run(request))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
         return request.future
 
     def close(self) -> None:
