@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datasets
+import pytest
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
@@ -31,7 +32,8 @@ def examples():
                                         "labels": [-100] * len(p) + r} for p, r in rows])
 
 
-def one_step(tmp_path, batch_size, grad_accum, anchors=False):
+def one_step(tmp_path, batch_size, grad_accum, anchors=False, texts=("abcd", "efgh", "ijkl", "mnop"), kl_weight=1.0,
+             retained=False):
     model = build()
     model.create_expert()
     model.create_expert()
@@ -49,10 +51,14 @@ def one_step(tmp_path, batch_size, grad_accum, anchors=False):
                              save_strategy="no", remove_unused_columns=False, use_cpu=True, max_grad_norm=0.0,
                              seed=0, data_seed=0, disable_tqdm=True)
     # anchors of one length: a KL averaged over one batch's tokens then equals the mean of two half batches'
-    kl = Anchors(model.tokenizer, ["abcd", "efgh", "ijkl", "mnop"], 1) if anchors else None
+    kl = Anchors(model.tokenizer, list(texts), 1) if anchors or retained else None
+    training = TrainingConfig(kl_weight=kl_weight if anchors else 0.0, retain_kl_weight=kl_weight if retained else 0.0)
     trainer = DyLoRATrainer(model=model, args=args, train_dataset=examples(), data_collator=collator(model),
-                            training=TrainingConfig(kl_weight=1.0 if anchors else 0.0), seed_steps=1,
-                            memory=memory, anchors=kl, callbacks=[recorder])
+                            training=training, seed_steps=1, memory=memory, anchors=kl if anchors else None,
+                            retained=kl if retained else None, callbacks=[recorder])
+    if trainer._before is not None:  # a teacher other than the expert itself, so that the KL to it has a gradient at the first step
+        g = torch.Generator().manual_seed(2)
+        trainer._before = [p + 0.05 * torch.randn(p.shape, generator=g) for p in trainer._before]
     trainer.train()
     log = next(e for e in trainer.state.log_history if "loss" in e)
     return recorder.grads[0], log
@@ -78,3 +84,24 @@ def test_grad_accumulation_takes_a_new_anchor_batch_per_micro_batch(tmp_path):
     for a, b in zip(small, big, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     assert abs(small_log["kl_to_frozen"] - big_log["kl_to_frozen"]) < 1e-5
+
+
+@pytest.mark.parametrize("term", ["kl_to_frozen", "kl_to_before"])
+def test_grad_accumulation_weighs_every_anchor_token_as_one_large_batch_does(tmp_path, term):
+    """Anchor prompts of 3 tokens in the first micro-batch and 55 in the second: the KL's gradient is still the
+    large batch's, every position weighed 1/58 (a mean of the two micro-batches' means would weigh each of the
+    first three 1/6)."""
+    texts = ("a", "bc", "defghijklmnopqrstuvwxyz0123", "ghijklmnopqrstuvwxyz01234567")
+    retained = term == "kl_to_before"
+    grads = {}
+    for batch_size, grad_accum in ((4, 1), (2, 2)):
+        with_kl, log = one_step(tmp_path, batch_size, grad_accum, anchors=not retained, texts=texts,
+                                retained=retained)
+        task, _ = one_step(tmp_path, batch_size, grad_accum, anchors=not retained, texts=texts, retained=retained,
+                           kl_weight=0.0)
+        grads[grad_accum] = ([a - b for a, b in zip(with_kl, task, strict=True)], log[term])  # the KL's part
+    (big, big_kl), (small, small_kl) = grads[1], grads[2]
+    assert any(g.abs().sum() > 0 for g in big)
+    for a, b in zip(small, big, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-7)
+    assert abs(small_kl - big_kl) < 1e-5

@@ -48,9 +48,11 @@ if TYPE_CHECKING:
     from ..model import DyLoRAMoE
 
 
-def kl_to_frozen(logits: Tensor, frozen_logits: Tensor, mask: Tensor) -> Tensor:
+def kl_to_frozen(logits: Tensor, frozen_logits: Tensor, mask: Tensor, positions: int | None = None) -> Tensor:
     """Mean over positions where ``mask`` is 1 of KL(frozen || system) between next-token distributions (any
-    fixed teacher in place of the frozen model: the expert before the step for the retained anchors).
+    fixed teacher in place of the frozen model: the expert before the step for the retained anchors). With
+    ``positions``, the sum over them divided by ``positions`` instead: the positions of a whole accumulated
+    batch this one is a part of, so that the parts add up to its mean whatever their lengths.
 
     logits, frozen_logits: [B, T, V]; mask: [B, T] (1 = a position whose prediction counts).
     """
@@ -58,19 +60,21 @@ def kl_to_frozen(logits: Tensor, frozen_logits: Tensor, mask: Tensor) -> Tensor:
     log_q = torch.log_softmax(frozen_logits.float(), dim=-1)  # [B, T, V]
     per_position = (log_q.exp() * (log_q - log_p)).sum(-1)  # [B, T]
     weights = mask.to(per_position.dtype)
-    return (per_position * weights).sum() / weights.sum().clamp_min(1.0)
+    total = weights.sum().clamp_min(1.0) if positions is None else max(positions, 1)
+    return (per_position * weights).sum() / total
 
 
-def kl_on_anchors(model: DyLoRAMoE, ids: Tensor, mask: Tensor, expert_id: int) -> tuple[Tensor, Tensor]:
+def kl_on_anchors(model: DyLoRAMoE, ids: Tensor, mask: Tensor, expert_id: int,
+                  positions: int | None = None) -> tuple[Tensor, Tensor]:
     """KL(frozen || ``model`` with ``expert_id`` forced) on anchor prompts ids, mask [B, T], and the expert's
     logits [B, T, V]. The frozen logits come from the same backbone with no expert, without gradient; the expert
     is forced (the gate is not asked), so the anchors cost one pass of the frozen model and one of the expert
-    whatever the pool's size."""
+    whatever the pool's size. ``positions``: as in ``kl_to_frozen``."""
     with torch.no_grad(), model.force_expert(None):
         frozen = model(input_ids=ids, attention_mask=mask).logits
     with model.force_expert(expert_id):
         logits = model(input_ids=ids, attention_mask=mask).logits
-    return kl_to_frozen(logits, frozen, mask), logits
+    return kl_to_frozen(logits, frozen, mask, positions), logits
 
 
 def first_token_unlikelihood(logits: Tensor, mask: Tensor, token_id: int, last: Tensor | None = None) -> Tensor:
@@ -180,6 +184,10 @@ class Anchors:
             parts.append(table[start : start + take])
             size, start = size - take, 0
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def positions(self, step: int, size: int) -> int:
+        """The real tokens (the mask's ones) of the ``step``-th batch, counted on the host."""
+        return sum(len(self.ids[r]) for r in self._rows(step, size))
 
     def batch(self, step: int, size: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
         """input_ids, attention_mask [size, T] of the ``step``-th batch (T: its longest row)."""

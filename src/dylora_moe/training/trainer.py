@@ -55,6 +55,8 @@ class DyLoRATrainer(Trainer):
             self._before = [p.detach().clone() for p in experts.parameters(self.retained.expert_id)]
         self._rehearsal = None  # the memory does not change while one skill trains: batch it once
         self._micro_batches = 0  # training micro-batches so far: which anchor batch the next one takes
+        self._step_start = (-1, 0)  # (optimizer step, micro-batches before its first one)
+        self._positions: dict[int, int] = {}  # per anchor set: its positions in the current optimizer step
         self._extra: dict[str, torch.Tensor] = {}  # per loss term: its sum over the steps since the last log
         self._logged_step = 0
 
@@ -86,8 +88,10 @@ class DyLoRATrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Task loss + weighted router losses. With ``num_items_in_batch`` (the response tokens of the whole
         accumulated batch) the task loss is a sum over this micro-batch's tokens divided by it, and the Trainer
-        does not divide by the accumulation steps; the router losses, means over their own rows, are divided by
-        the steps here, so every term of ``grad_accum`` micro-batches adds up to the term of one large batch."""
+        does not divide by the accumulation steps; the KL terms likewise sum over this micro-batch's anchor
+        positions divided by those of the whole accumulated batch (``step_positions``); the router losses, means
+        over their own rows, are divided by the steps here, so every term of ``grad_accum`` micro-batches adds up
+        to the term of one large batch."""
         core = self._core()
         if self.memory is not None and self.training.rehearsal_weight > 0:
             if self._rehearsal is None:
@@ -99,6 +103,7 @@ class DyLoRATrainer(Trainer):
         steps = getattr(self, "current_gradient_accumulation_steps", 1)
         scaled = num_items_in_batch is not None
         share = 1.0 / steps if scaled else 1.0  # the Trainer divides unscaled losses by the steps itself
+        whole = 1.0 if scaled else float(steps)  # and so a term normalised over the whole step is multiplied back
         loss = outputs.loss
         if scaled and self.args.average_tokens_across_devices:
             # ``num_items_in_batch`` then counts every process's tokens, while DDP averages the gradients.
@@ -112,8 +117,8 @@ class DyLoRATrainer(Trainer):
         index = self.anchor_index()
         if self.training.kl_weight > 0 and self.anchors is not None:
             kl, logits, mask = self.frozen_kl(index)
-            loss = loss + share * self.training.kl_weight * kl
-            self._note("kl_to_frozen", kl, 1.0 / steps)
+            loss = loss + whole * self.training.kl_weight * kl
+            self._note("kl_to_frozen", kl, 1.0)
             if self.training.empty_unlikelihood > 0 and self.anchors.eos_id is not None:
                 ends = self.anchors.request_ends(index, self.args.per_device_train_batch_size, logits.device)
                 unlikely = first_token_unlikelihood(logits, mask, self.anchors.eos_id, ends)
@@ -121,8 +126,8 @@ class DyLoRATrainer(Trainer):
                 self._note("empty_unlikelihood", unlikely, 1.0 / steps)
         if self.retained is not None:
             kl = self.retained_kl(index)
-            loss = loss + share * self.training.retain_kl_weight * kl
-            self._note("kl_to_before", kl, 1.0 / steps)
+            loss = loss + whole * self.training.retain_kl_weight * kl
+            self._note("kl_to_before", kl, 1.0)
         if self.training.balance_weight > 0 and outputs.router_logits is not None:
             balance = load_balancing_loss(outputs.router_logits, core.router.temperature)
             loss = loss + share * self.training.balance_weight * balance
@@ -135,31 +140,53 @@ class DyLoRATrainer(Trainer):
         every process its own (micro-batch k of process r takes batch k * processes + r), so gradient
         accumulation and data parallelism cover the anchors as one large batch would, rather than repeating
         one batch per optimizer step. Without either it is the optimizer step."""
+        if self._step_start[0] != self.state.global_step:  # the first micro-batch of an optimizer step
+            self._step_start = (self.state.global_step, self._micro_batches)
+            self._positions = {}
         index = self._micro_batches * self.args.world_size + self.args.process_index
         self._micro_batches += 1
         return index
 
+    def step_positions(self, anchors: Anchors) -> int:
+        """The positions of ``anchors`` that the current optimizer step covers: those of the batches of its every
+        micro-batch on every process (``anchor_index``), counted on the host once per step. A KL term divided by
+        them adds up over the micro-batches to the mean over the whole accumulated batch, as one large batch
+        would weigh its tokens, whatever the lengths of the prompts each micro-batch takes."""
+        if id(anchors) not in self._positions:
+            first, steps = self._step_start[1], getattr(self, "current_gradient_accumulation_steps", 1)
+            world, size = self.args.world_size, self.args.per_device_train_batch_size
+            self._positions[id(anchors)] = sum(anchors.positions(k * world + r, size)
+                                               for k in range(first, first + steps) for r in range(world))
+        return self._positions[id(anchors)]
+
+    def kl_scale(self) -> int:
+        """Data parallelism averages the processes' gradients, while ``step_positions`` counts every process's
+        positions: each process's KL is multiplied by their number, as the task loss is."""
+        return self.args.world_size
+
     def frozen_kl(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """KL(frozen || trained expert) on anchor batch ``index``: the expert is forced (the gate is not
-        asked), the frozen logits come from the same backbone with no expert, without gradient. Also the
-        expert's logits [B, T, V] and the batch's mask [B, T]."""
+        """KL(frozen || trained expert) on anchor batch ``index``, summed over its positions and divided by the
+        optimizer step's (``step_positions``): the expert is forced (the gate is not asked), the frozen logits
+        come from the same backbone with no expert, without gradient. Also the expert's logits [B, T, V] and the
+        batch's mask [B, T]."""
         core = self._core()
         ids, mask = self.anchors.batch(index, self.args.per_device_train_batch_size, core.device)
         # the unwrapped model: a second forward through DDP in one step would mark its gradients ready twice;
         # the anchor gradients join the task's in the same backward and are reduced with them
-        kl, logits = kl_on_anchors(core, ids, mask, self.anchors.expert_id)
-        return kl, logits, mask
+        kl, logits = kl_on_anchors(core, ids, mask, self.anchors.expert_id, self.step_positions(self.anchors))
+        return kl * self.kl_scale(), logits, mask
 
     def retained_kl(self, index: int) -> torch.Tensor:
         """KL(the expert as the step started || the expert) on batch ``index`` of the retained prompts, the
-        expert forced; the teacher is the same expert with its copied weights swapped in, without gradient."""
+        expert forced, divided by the optimizer step's positions as ``frozen_kl``; the teacher is the same expert
+        with its copied weights swapped in, without gradient."""
         core, expert = self._core(), self.retained.expert_id
         ids, mask = self.retained.batch(index, self.args.per_device_train_batch_size, core.device)
         with torch.no_grad(), core.experts.weights(expert, self._before), core.force_expert(expert):
             before = core(input_ids=ids, attention_mask=mask).logits
         with core.force_expert(expert):
             logits = core(input_ids=ids, attention_mask=mask).logits
-        return kl_to_frozen(logits, before, mask)
+        return kl_to_frozen(logits, before, mask, self.step_positions(self.retained)) * self.kl_scale()
 
     def _note(self, name: str, value: torch.Tensor, share: float) -> None:
         """Accumulate this micro-batch's part of an optimizer step's loss term; kept on the device (a host read
