@@ -63,6 +63,10 @@ class DyLoRAMoE(nn.Module):
     # The forward takes ``num_items_in_batch`` and normalises the task loss by it, so the Trainer must not divide
     # by the accumulation steps again (its own detection would guess from ``**kwargs``).
     accepts_loss_kwargs = True
+    # The loss is the backbone's causal LM loss, which shifts the labels: the Trainer then counts the targets
+    # ``num_items_in_batch`` normalises by without each row's first label, which no position predicts (a plain
+    # text row, all of whose labels are targets, would otherwise add one to the count).
+    loss_type = "ForCausalLM"
 
     def __init__(
         self,

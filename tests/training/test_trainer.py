@@ -105,3 +105,27 @@ def test_grad_accumulation_weighs_every_anchor_token_as_one_large_batch_does(tmp
     for a, b in zip(small, big, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-7)
     assert abs(small_kl - big_kl) < 1e-5
+
+
+def test_the_task_loss_of_plain_text_rows_is_the_mean_over_the_tokens_they_predict(tmp_path):
+    """Plain text has no prompt: every label is a target, the first one included, which no position predicts.
+    The loss the Trainer optimises is still the mean over the predicted tokens (the model's own loss), not a sum
+    divided by one more token per row."""
+    model = build()
+    model.create_expert()
+    randomise_experts(model)
+    model.set_trainable([0], router=False)
+    model.train()
+    rows = [[1, 5, 6, 7, 2], [1, 8, 9, 2], [1, 10, 11, 12, 13, 2]]
+    data = datasets.Dataset.from_list([{"input_ids": r, "attention_mask": [1] * len(r), "labels": list(r)}
+                                       for r in rows])
+    with torch.no_grad():
+        expected = float(model(**collator(model)(list(data))).loss)  # 12 predicted tokens
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=3,
+                             learning_rate=1e-2, report_to=[], logging_steps=1, save_strategy="no",
+                             remove_unused_columns=False, use_cpu=True, disable_tqdm=True)
+    trainer = DyLoRATrainer(model=model, args=args, train_dataset=data, data_collator=collator(model),
+                            training=TrainingConfig(kl_weight=0.0, rehearsal_weight=0.0), seed_steps=1)
+    trainer.train()
+    log = next(e for e in trainer.state.log_history if "loss" in e)
+    assert abs(log["task_loss"] - expected) < 1e-4, (log["task_loss"], expected)
