@@ -169,3 +169,31 @@ def test_chunks_that_overdraw_a_pool_fail_in_the_dry_run_and_before_any_training
     assert "'digits' needs 106 over all chunks but its pool holds" in capsys.readouterr().err
     assert main(["train", "--stream", str(stream), "--out", str(run), "--freeform-limit", "0"]) == 2
     assert not (run / "system").exists()  # nothing trained
+
+
+def test_each_expert_trains_one_pass_over_its_share_under_gradient_accumulation(tmp_path, monkeypatch):
+    """An optimizer step takes batch_size * grad_accum sequences: the chunk's 48 examples are one pass of three
+    steps of 2 x 8, not six steps (two passes)."""
+    from dylora_moe import DyLoRAConfig, DyLoRAMoE
+    from dylora_moe.training import TrainingConfig
+    from dylora_moe.training.trainer import DyLoRATrainer
+
+    write_mixed_stream(tmp_path)
+    stream = load_stream(tmp_path / "mixed.yaml")
+    stream.chunks = stream.chunks[:1]
+    trained = []
+    compute_loss = DyLoRATrainer.compute_loss
+
+    def counting(self, model, inputs, *args, **kwargs):
+        if model.training:
+            trained.append(inputs["input_ids"].shape[0])
+        return compute_loss(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(DyLoRATrainer, "compute_loss", counting)
+    training = TrainingConfig(**{**stream.training, "grad_accum": 2, "raw_copies": False, "instruction_views": False,
+                                 "router_fit_steps": 0})
+    learner = MixedLearner(DyLoRAMoE.from_config(DyLoRAConfig.from_dict(stream.system)), stream, training,
+                           tmp_path / "out")
+    record = learner.run()[0]
+    assert sum(record.sorted[0].values()) == 48
+    assert sum(trained) == 48 and len(trained) == 6  # 3 optimizer steps of 2 micro-batches of 8

@@ -4,8 +4,8 @@ Each chunk (``ChunkSpec``: a size and the skills' shares) is drawn from the skil
 shuffled. The learner embeds every example and the ``SkillSorter`` (``novelty/sorting.py``) assigns it to a
 known skill, holds it in the novelty buffer, or founds a new skill (and expert) from a coherent buffered group.
 Then every expert with examples in the chunk trains on them, one pass over its examples
-(``ceil(n / batch_size)`` optimizer steps, the first ``seed_steps`` of them at the seeding rate when the
-expert was created in this chunk), the gate rehearsing as in the boundary-given loop. Buffered examples are
+(``ceil(n / (batch_size * grad_accum * processes))`` optimizer steps, the first ``seed_steps`` of them at the
+seeding rate when the expert was created in this chunk), the gate rehearsing as in the boundary-given loop. Buffered examples are
 not trained on until they are sorted.
 
 The skills' labels are never read by the learner: they only name the evaluation columns. After each chunk
@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -139,7 +140,7 @@ class MixedLearner(ContinualLearner):
             novelty = self.novelty_of(skill_id, is_novel=expert_id in founded)
             self.remember(data, novelty)
             self.fit_router()
-            total = math.ceil(len(items) / self.training.batch_size)
+            total = math.ceil(len(items) / self.optimizer_batch())
             seed = min(self.training.seed_steps, total) if novelty.is_novel else 0
             log += self.train_expert(i, data, novelty, steps=(seed, total - seed))
             self.history.setdefault(expert_id, []).extend(data.train)
@@ -153,6 +154,12 @@ class MixedLearner(ContinualLearner):
         if self.after_skill:
             self.after_skill(i, record)
         return record
+
+    def optimizer_batch(self) -> int:
+        """Sequences one optimizer step takes: ``batch_size`` per micro-batch and process, ``grad_accum``
+        micro-batches, every process of a data-parallel run (torchrun/accelerate set ``WORLD_SIZE``)."""
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        return self.training.batch_size * self.training.grad_accum * processes
 
     def sort_chunk(self, i: int, items: list, sample, keys: list[int]) -> ChunkSort:
         """Which skill each item of chunk ``i`` goes to (overridable by baselines)."""
