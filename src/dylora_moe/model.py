@@ -106,6 +106,13 @@ class DyLoRAMoE(nn.Module):
         self.library = SkillLibrary(self.config.novelty.capacity)
         self.novelty = NoveltyDetector(self.library, self.config.novelty)
 
+    def _apply(self, fn, recurse: bool = True):
+        """``to``/``cuda``/``float`` of the whole system (the Trainer moves its model to its device): offloaded
+        experts' placeholders hold no data and are left out (``ExpertManager.placeholders_detached``)."""
+        experts = self.__dict__.get("experts")  # not yet set while ``__init__`` runs
+        with experts.placeholders_detached() if experts is not None else contextlib.nullcontext():
+            return super()._apply(fn, recurse)
+
     @classmethod
     def from_config(cls, config: DyLoRAConfig | None = None, **kwargs) -> DyLoRAMoE:
         config = config or DyLoRAConfig()

@@ -209,3 +209,35 @@ def test_weights_swaps_a_copy_in_and_the_experts_own_back_with_the_caches_invali
     assert all(p is q for p, q in zip(model.experts.parameters(expert), params, strict=True))  # same Parameters
     with pytest.raises(ValueError, match="weight tensors"), model.experts.weights(expert, other[:1]):
         pass
+
+
+def test_a_model_with_offloaded_experts_moves_and_trains_with_the_trainer(tmp_path):
+    """The Trainer moves its model to its device (``Module.to``) when it is built: an offloaded expert's
+    placeholders hold no data and are left as they are, and the expert comes back exact."""
+    import datasets
+    from transformers import TrainingArguments
+
+    from dylora_moe.training import DyLoRATrainer, TrainingConfig
+    from dylora_moe.training.measure import collator
+
+    model = offloading_model()
+    inputs = batch()
+    with torch.no_grad(), model.force_expert(0):
+        expected = model(**inputs).logits
+    model.experts.offload([0])
+    model.to(torch.device("cpu"))
+    assert not model.experts.is_resident(0)
+    assert all(p.device.type == "meta" for p in model.experts.parameters(0))
+    model.set_trainable([1], router=True)
+    model.train()
+    rows = [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14]]
+    data = datasets.Dataset.from_list([{"input_ids": r, "attention_mask": [1] * len(r),
+                                        "labels": [-100, -100, *r[2:]]} for r in rows])
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[],
+                             save_strategy="no", remove_unused_columns=False, use_cpu=True, disable_tqdm=True)
+    DyLoRATrainer(model=model, args=args, train_dataset=data, data_collator=collator(model),
+                  training=TrainingConfig(kl_weight=0.0, rehearsal_weight=0.0), seed_steps=1).train()
+    model.set_trainable([], router=False)
+    model.eval()
+    with torch.no_grad(), model.force_expert(0):
+        torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=0)

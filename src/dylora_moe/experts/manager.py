@@ -365,6 +365,22 @@ class ExpertManager:
                 data, requires_grad = store[key]
                 setattr(module, attr, nn.Parameter(data.to(layer_device), requires_grad))
 
+    @contextlib.contextmanager
+    def placeholders_detached(self) -> Iterator[None]:
+        """Take the ``meta`` placeholders of the offloaded experts out of their modules for the duration, and put
+        them back after: a ``Module.to`` (``_apply``) of the whole model cannot move a tensor that holds no data
+        and would raise. The offloaded weights stay where ``offload`` put them; ``onload`` brings them to
+        wherever the backbone is then."""
+        held = [(module, attr, module._parameters[attr])
+                for expert_id in self._offloaded for _, module, attr in self._adapter_tensors(expert_id)]
+        for module, attr, _ in held:
+            module._parameters[attr] = None  # ``_apply`` skips an unset parameter
+        try:
+            yield
+        finally:
+            for module, attr, placeholder in held:
+                module._parameters[attr] = placeholder
+
     def ensure_resident(self, expert_ids: Iterable[int]) -> None:
         """Onload ``expert_ids`` and, when offloading is on, offload every other expert that is not trainable."""
         wanted = set(expert_ids)
