@@ -197,3 +197,30 @@ def test_each_expert_trains_one_pass_over_its_share_under_gradient_accumulation(
     record = learner.run()[0]
     assert sum(record.sorted[0].values()) == 48
     assert sum(trained) == 48 and len(trained) == 6  # 3 optimizer steps of 2 micro-batches of 8
+
+
+def test_a_mixed_stream_keeps_the_pool_within_max_experts(tmp_path):
+    """A third skill arriving in a pool bounded at two experts: the two established experts are merged first,
+    as in the boundary-given loop, and the examples sorted to them before follow into the merged one."""
+    from dylora_moe import DyLoRAConfig, DyLoRAMoE
+    from dylora_moe.training import TrainingConfig
+
+    write_mixed_stream(tmp_path)
+    text = (tmp_path / "mixed.yaml").read_text()
+    text = text.replace("  novelty: {min_group: 8}", "  novelty: {min_group: 8}\n  max_experts: 2")
+    text = text.replace("chunks:", "  - {name: symbols, source: {type: file, path: symbols.jsonl}, "
+                                   "format: {chat: false}, max_eval: 8}\nchunks:")
+    text = text.replace("{digits: 0.5, letters: 0.5}", "{digits: 0.5, symbols: 0.5}")
+    (tmp_path / "mixed.yaml").write_text(text)
+    stream = load_stream(tmp_path / "mixed.yaml")
+    model = DyLoRAMoE.from_config(DyLoRAConfig.from_dict(stream.system))
+    learner = MixedLearner(model, stream, TrainingConfig(**{**stream.training, "router_fit_steps": 20}),
+                           tmp_path / "out")
+    records = learner.run()
+    assert [r.experts for r in records] == [1, 2, 2]
+    assert learner.merges == {0: 3, 1: 3} and model.experts.expert_ids == [2, 3]  # 2: symbols', 3: the merge
+    assert sorted(learner.history) == [2, 3]
+    sorted_to = {e: sum(sum(r.sorted.get(e, {}).values()) for r in records) for e in (0, 1, 3)}
+    assert len(learner.history[3]) == sum(sorted_to.values()) >= 96  # chunks 0 and 1 too
+    summary = summarise_mixed(records, [s.name for s in stream.skills], stream="tiny-mixed", model="tiny")
+    assert summary["experts"] == 2

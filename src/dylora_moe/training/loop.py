@@ -225,6 +225,12 @@ class ContinualLearner:
         the pool past ``max_experts`` first has the two closest established experts merged, as often as it
         takes to come back to the bound (more than once when the bound was lowered on a loaded system)."""
         result = self.model.add_new_skill(data.train, name=data.skill.name)
+        self.bound_pool(result)
+        return result
+
+    def bound_pool(self, result: NoveltyResult) -> None:
+        """When ``result`` created an expert that takes the pool past ``max_experts``, merge the two closest
+        established experts (not the new one) until the pool is back at the bound."""
         limit = self.model.config.max_experts
         while result.is_novel and limit is not None and self.model.num_experts > limit:
             pair = closest_pair(self.model, exclude={result.expert_id})
@@ -232,10 +238,13 @@ class ContinualLearner:
                 break
             merged = merge(self.model, self.memory, pair[0], pair[1], fit_steps=self.training.router_fit_steps,
                            fit_decay=self.training.router_weight_decay)
-            self.merges.update({pair[0]: merged, pair[1]: merged})
+            self.merged(pair[0], pair[1], merged)
             logger.info("pool full (%d experts): merged experts %d and %d (skills %.3f alike) into %d",
                         limit, pair[0], pair[1], pair[2], merged)
-        return result
+
+    def merged(self, a: int, b: int, into: int) -> None:
+        """Experts ``a`` and ``b`` were merged into ``into``: what the loop keeps per expert follows."""
+        self.merges.update({a: into, b: into})
 
     def served_by(self, j: int) -> int:
         """The expert serving step ``j``'s skill now: its own, or the one it was merged or pruned into."""

@@ -6,7 +6,8 @@ known skill, holds it in the novelty buffer, or founds a new skill (and expert) 
 Then every expert with examples in the chunk trains on them, one pass over its examples
 (``ceil(n / (batch_size * grad_accum * processes))`` optimizer steps, the first ``seed_steps`` of them at the
 seeding rate when the expert was created in this chunk), the gate rehearsing as in the boundary-given loop. Buffered examples are
-not trained on until they are sorted.
+not trained on until they are sorted. A new expert that takes the pool past ``max_experts`` first has the two
+closest established experts merged, as in the boundary-given loop.
 
 The skills' labels are never read by the learner: they only name the evaluation columns. After each chunk
 every skill seen so far is evaluated on its held-out examples (loss and routing), and the record keeps how
@@ -166,7 +167,16 @@ class MixedLearner(ContinualLearner):
         return self.sorter.sort(i, items, sample, keys, name=f"chunk{i}")
 
     def found(self, sample, name: str) -> NoveltyResult:
-        return self.model.add_skill_sample(sample, name)
+        """Found a skill (and its expert) from a buffered group; a pool that grows past ``max_experts`` has its
+        closest established experts merged, as in the boundary loop (``bound_pool``)."""
+        result = self.model.add_skill_sample(sample, name)
+        self.bound_pool(result)
+        return result
+
+    def merged(self, a: int, b: int, into: int) -> None:
+        """The examples sorted to ``a`` and ``b`` so far are ``into``'s (its anchor and retained prompts)."""
+        super().merged(a, b, into)
+        self.history[into] = self.history.pop(a, []) + self.history.pop(b, [])
 
     def novelty_of(self, skill_id: int, *, is_novel: bool) -> NoveltyResult:
         skill = self.model.library.skills[skill_id]
