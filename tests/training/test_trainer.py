@@ -33,11 +33,14 @@ def examples():
 
 
 def one_step(tmp_path, batch_size, grad_accum, anchors=False, texts=("abcd", "efgh", "ijkl", "mnop"), kl_weight=1.0,
-             retained=False):
-    model = build()
+             retained=False, balance_weight=0.0, granularity="sequence", split_gate=False):
+    model = build(granularity=granularity)
     model.create_expert()
     model.create_expert()
     randomise_experts(model)
+    if split_gate:  # a gate that splits the rows between the experts, differently in each micro-batch
+        with torch.no_grad():
+            model.router.gate.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(6))
     model.set_trainable([1], router=True)
     model.train()
     memory = RoutingMemory()
@@ -52,7 +55,8 @@ def one_step(tmp_path, batch_size, grad_accum, anchors=False, texts=("abcd", "ef
                              seed=0, data_seed=0, disable_tqdm=True)
     # anchors of one length: a KL averaged over one batch's tokens then equals the mean of two half batches'
     kl = Anchors(model.tokenizer, list(texts), 1) if anchors or retained else None
-    training = TrainingConfig(kl_weight=kl_weight if anchors else 0.0, retain_kl_weight=kl_weight if retained else 0.0)
+    training = TrainingConfig(kl_weight=kl_weight if anchors else 0.0, retain_kl_weight=kl_weight if retained else 0.0,
+                              balance_weight=balance_weight)
     trainer = DyLoRATrainer(model=model, args=args, train_dataset=examples(), data_collator=collator(model),
                             training=training, seed_steps=1, memory=memory, anchors=kl if anchors else None,
                             retained=kl if retained else None, callbacks=[recorder])
@@ -129,3 +133,21 @@ def test_the_task_loss_of_plain_text_rows_is_the_mean_over_the_tokens_they_predi
     trainer.train()
     log = next(e for e in trainer.state.log_history if "loss" in e)
     assert abs(log["task_loss"] - expected) < 1e-4, (log["task_loss"], expected)
+
+
+@pytest.mark.parametrize("granularity", ["sequence", "token"])
+def test_grad_accumulation_gives_the_balance_loss_of_one_large_batch(tmp_path, granularity):
+    """The balance loss weighs each expert's mean probability by its top-1 share: the shares are the whole
+    accumulated batch's (shares per micro-batch gave the two halves' rows other weights than one batch gives
+    them); padding tokens make no routing decision."""
+    grads = {}
+    for batch_size, grad_accum in ((4, 1), (2, 2)):
+        with_balance, log = one_step(tmp_path, batch_size, grad_accum, balance_weight=1.0, granularity=granularity,
+                                     split_gate=True)
+        without, _ = one_step(tmp_path, batch_size, grad_accum, granularity=granularity, split_gate=True)
+        grads[grad_accum] = ([a - b for a, b in zip(with_balance, without, strict=True)], log["balance_loss"])
+    (big, big_loss), (small, small_loss) = grads[1], grads[2]
+    assert any(g.abs().sum() > 0 for g in big)
+    for a, b in zip(small, big, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-7)
+    assert abs(small_loss - big_loss) < 1e-5

@@ -2,7 +2,8 @@
 
 Only the documented extension points change: ``create_optimizer`` (one group for the trainable expert, one
 for the gate), ``create_scheduler`` (the two-phase ``LambdaLR``), ``compute_loss`` (router rehearsal, the
-optional load-balancing loss, the KL to the frozen model and to the expert before the step) and ``log`` (their
+optional load-balancing loss, the KL to the frozen model and to the expert before the step),
+``get_batch_samples`` (the balance loss's routing shares of a whole accumulated batch) and ``log`` (their
 running means).
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
-from ..routing.losses import load_balancing_loss
+from ..routing.losses import load_balancing_loss, top1_counts
 from .config import TrainingConfig
 from .distill import Anchors, first_token_unlikelihood, kl_on_anchors, kl_to_frozen
 from .rehearsal import RoutingMemory
@@ -58,6 +59,7 @@ class DyLoRATrainer(Trainer):
         self._step_start = (-1, 0)  # (optimizer step, micro-batches before its first one)
         self._positions: dict[int, int] = {}  # per anchor set: its positions in the current optimizer step
         self._extra: dict[str, torch.Tensor] = {}  # per loss term: its sum over the steps since the last log
+        self._balance: tuple[torch.Tensor, torch.Tensor] | None = None  # the step's top-1 shares [E] and decisions
         self._logged_step = 0
 
     def _core(self):
@@ -89,9 +91,10 @@ class DyLoRATrainer(Trainer):
         """Task loss + weighted router losses. With ``num_items_in_batch`` (the response tokens of the whole
         accumulated batch) the task loss is a sum over this micro-batch's tokens divided by it, and the Trainer
         does not divide by the accumulation steps; the KL terms likewise sum over this micro-batch's anchor
-        positions divided by those of the whole accumulated batch (``step_positions``); the router losses, means
-        over their own rows, are divided by the steps here, so every term of ``grad_accum`` micro-batches adds up
-        to the term of one large batch."""
+        positions divided by those of the whole accumulated batch (``step_positions``); the load-balancing loss
+        weighs this micro-batch's probabilities by the whole batch's top-1 shares (``get_batch_samples``); the
+        rehearsal and unlikelihood losses, means over rows every micro-batch has as many of, are divided by the
+        steps here, so every term of ``grad_accum`` micro-batches adds up to the term of one large batch."""
         core = self._core()
         if self.memory is not None and self.training.rehearsal_weight > 0:
             if self._rehearsal is None:
@@ -129,10 +132,46 @@ class DyLoRATrainer(Trainer):
             loss = loss + whole * self.training.retain_kl_weight * kl
             self._note("kl_to_before", kl, 1.0)
         if self.training.balance_weight > 0 and outputs.router_logits is not None:
-            balance = load_balancing_loss(outputs.router_logits, core.router.temperature)
-            loss = loss + share * self.training.balance_weight * balance
-            self._note("balance_loss", balance, 1.0 / steps)
+            logits, mask = outputs.router_logits, decisions(outputs.router_logits, inputs.get("attention_mask"))
+            # one micro-batch (no shares counted beforehand): its own shares are the step's
+            shares = (None, None) if self._balance is None else self._balance
+            balance = load_balancing_loss(logits, core.router.temperature, *shares, mask=mask)
+            loss = loss + whole * self.training.balance_weight * balance
+            self._note("balance_loss", balance, 1.0)
         return (loss, outputs) if return_outputs else loss
+
+    def get_batch_samples(self, epoch_iterator, num_batches, *args, **kwargs):
+        """The Trainer's micro-batches of one optimizer step; with the load-balancing loss and more than one of
+        them, also their top-1 routing shares (``balance_shares``), which every micro-batch's term is weighted
+        by, so that the terms add up to the loss of one large batch (shares counted per micro-batch would
+        weigh each one's probabilities by its own)."""
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, *args, **kwargs)
+        wanted = self.training.balance_weight > 0 and len(batches) > 1 and self._core().num_experts > 0
+        self._balance = self.balance_shares(batches) if wanted else None
+        return batches, num_items
+
+    @torch.no_grad()
+    def balance_shares(self, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-1 shares [E] of the routing decisions of ``batches`` (every sequence, or every real token under
+        per-token routing) and their number, on the device: a routing pass per micro-batch (the frozen prefix
+        up to ``route_layer``, or the frozen backbone with ``route_layer=None``), without the experts; the gate
+        does not change until the step ends, so it routes them as their training forwards will."""
+        core = self._core()
+        with self.accelerator.autocast():  # the precision the training forwards route in
+            counts, rows = self._count_decisions(core, batches)
+        return counts.float() / rows, rows
+
+    @staticmethod
+    def _count_decisions(core, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        counts, rows = None, None
+        for batch in batches:
+            ids, mask = batch["input_ids"].to(core.device), batch["attention_mask"].to(core.device)
+            labels = batch["labels"].to(core.device) if "labels" in batch else None
+            logits = core.routing.route(ids, mask, core.pool_mask(mask, labels)).logits
+            part = top1_counts(logits, decisions(logits, mask))
+            counts = part if counts is None else counts + part
+            rows = part.sum() if rows is None else rows + part.sum()
+        return counts, rows
 
     # ---------------------------------------------------------------- KL to the frozen model (distill.py)
     def anchor_index(self) -> int:
@@ -201,3 +240,11 @@ class DyLoRATrainer(Trainer):
         self._extra = {}
         self._logged_step = self.state.global_step
         super().log(logs, *args, **kwargs)
+
+
+def decisions(router_logits: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Which gate logits are routing decisions: ``None`` (all: [B, E], one per sequence) or, under per-token
+    routing ([B, T, E]), the attention mask [B, T] (padding makes no decision)."""
+    if router_logits.dim() == 3 and attention_mask is not None:
+        return attention_mask
+    return None
