@@ -81,9 +81,12 @@ class RoutingMemory:
     def batch(self, expert_ids: list[int], device: torch.device | str = "cpu") -> tuple[Tensor, Tensor] | None:
         """All stored features [M, H] and their targets: the experts' router columns [M] while every row is
         single-label, else target distributions [M, E] (a label set's columns weighted equally); ``None`` when
-        empty. Experts no longer in ``expert_ids`` are left out of a label set."""
+        empty. Experts no longer in ``expert_ids`` are left out of a label set. Rows come in the order of their
+        keys (skills by id, then mixtures), not of their arrival: a memory loaded from its file (``load_tensors``,
+        whose order is the file's) gives a resumed run the batch, and so the gate fits, of the run it continues."""
         rows = []
-        for label, f in self.skills.values():
+        for key in sorted(self.skills, key=lambda k: (k < 0, abs(k))):
+            label, f = self.skills[key]
             columns = [expert_ids.index(e) for e in (label if isinstance(label, tuple) else (label,))
                        if e in expert_ids]
             if columns and f.numel():
