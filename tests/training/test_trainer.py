@@ -60,7 +60,8 @@ def one_step(tmp_path, batch_size, grad_accum, anchors=False, texts=("abcd", "ef
     trainer = DyLoRATrainer(model=model, args=args, train_dataset=examples(), data_collator=collator(model),
                             training=training, seed_steps=1, memory=memory, anchors=kl if anchors else None,
                             retained=kl if retained else None, callbacks=[recorder])
-    if trainer._before is not None:  # a teacher other than the expert itself, so that the KL to it has a gradient at the first step
+    if trainer._before is not None:
+        # a teacher other than the expert itself, so that the KL to it has a gradient at the first step
         g = torch.Generator().manual_seed(2)
         trainer._before = [p + 0.05 * torch.randn(p.shape, generator=g) for p in trainer._before]
     trainer.train()

@@ -5,9 +5,9 @@ shuffled. The learner embeds every example and the ``SkillSorter`` (``novelty/so
 known skill, holds it in the novelty buffer, or founds a new skill (and expert) from a coherent buffered group.
 Then every expert with examples in the chunk trains on them, one pass over its examples
 (``ceil(n / (batch_size * grad_accum * processes))`` optimizer steps, the first ``seed_steps`` of them at the
-seeding rate when the expert was created in this chunk), the gate rehearsing as in the boundary-given loop. Buffered examples are
-not trained on until they are sorted. A new expert that takes the pool past ``max_experts`` first has the two
-closest established experts merged, as in the boundary-given loop.
+seeding rate when the expert was created in this chunk), the gate rehearsing as in the boundary-given loop.
+Buffered examples are not trained on until they are sorted. A new expert that takes the pool past
+``max_experts`` first has the two closest established experts merged, as in the boundary-given loop.
 
 The skills' labels are never read by the learner: they only name the evaluation columns. After each chunk
 every skill seen so far is evaluated on its held-out examples (loss and routing), and the record keeps how
