@@ -110,8 +110,12 @@ class DyLoRAMoE(nn.Module):
         """``to``/``cuda``/``float`` of the whole system (the Trainer moves its model to its device): offloaded
         experts' placeholders hold no data and are left out (``ExpertManager.placeholders_detached``)."""
         experts = self.__dict__.get("experts")  # not yet set while ``__init__`` runs
-        with experts.placeholders_detached() if experts is not None else contextlib.nullcontext():
+        if experts is None:
             return super()._apply(fn, recurse)
+        with experts.placeholders_detached():
+            out = super()._apply(fn, recurse)
+        experts.convert_offloaded(fn)  # ``half()``/``to(dtype)``: offloaded experts follow the resident ones
+        return out
 
     @classmethod
     def from_config(cls, config: DyLoRAConfig | None = None, **kwargs) -> DyLoRAMoE:

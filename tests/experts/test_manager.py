@@ -241,3 +241,17 @@ def test_a_model_with_offloaded_experts_moves_and_trains_with_the_trainer(tmp_pa
     model.eval()
     with torch.no_grad(), model.force_expert(0):
         torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=0)
+
+
+def test_an_offloaded_expert_follows_a_dtype_change_of_the_model():
+    """``half()``/``to(dtype)`` converts the resident experts; an offloaded one comes back in the same dtype
+    (not in the one it was offloaded in), where it was offloaded to until then."""
+    model = offloading_model()
+    model.experts.offload([0])
+    model.to(torch.bfloat16)
+    store = model.experts._offloaded[0]
+    assert all(data.dtype == torch.bfloat16 and data.device.type == "cpu" for data, _ in store.values())
+    model.experts.onload([0])
+    assert {p.dtype for e in (0, 1) for p in model.experts.parameters(e)} == {torch.bfloat16}
+    with torch.no_grad(), model.force_expert(0):
+        assert torch.isfinite(model(**batch()).logits).all()

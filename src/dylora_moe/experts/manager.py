@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -364,6 +364,19 @@ class ExpertManager:
                 layer_device = self._layers[int(key.split(".", 1)[0])].get_base_layer().weight.device
                 data, requires_grad = store[key]
                 setattr(module, attr, nn.Parameter(data.to(layer_device), requires_grad))
+
+    def convert_offloaded(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply the dtype change of a ``Module._apply`` function (``half``, ``float``, ``to(dtype)``) to the
+        offloaded experts' weights where they are, so that they come back in the dtype of the experts the call
+        converted; a device move in ``fn`` is not applied to them (``onload`` follows the backbone)."""
+        for expert_id, store in self._offloaded.items():
+            for key, module, attr in self._adapter_tensors(expert_id):
+                data, requires_grad = store[key]
+                dtype = fn(torch.empty(0, dtype=data.dtype, device=data.device)).dtype  # what fn makes of it
+                if dtype != data.dtype:
+                    store[key] = (data.to(dtype), requires_grad)
+                    setattr(module, attr, nn.Parameter(torch.empty_like(data, device="meta", dtype=dtype),
+                                                       requires_grad))
 
     @contextlib.contextmanager
     def placeholders_detached(self) -> Iterator[None]:
