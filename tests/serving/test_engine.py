@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from dylora_moe.data.sources import Example
-from dylora_moe.serving import ServedSystem, create_app
+from dylora_moe.serving import ServedSystem, continuous, create_app
 from dylora_moe.serving.config import ServerConfig
 from dylora_moe.serving.decoding import safe_prefix
 from dylora_moe.serving.engine import Engine, GenerationRequest
@@ -204,7 +204,6 @@ def test_joiners_wait_a_few_decode_steps_to_share_one_prefill_pass(untrained, mo
     """While a long request decodes, a lone arrival waits ``join_wait_steps`` decode steps for company, and
     arrivals that fill ``join_batch`` join together at once."""
     wait_steps = 5
-    from dylora_moe.serving import continuous
 
     passes: list[tuple[int, list[str]]] = []  # (decode steps run so far, prompts prefilled in one pass)
     steps = [0]
@@ -284,3 +283,28 @@ def test_prefill_share_makes_joiners_wait_until_decoding_has_earned_the_pass(unt
 def test_prefill_share_outside_its_range_is_refused(share):
     with pytest.raises(ValueError, match="prefill_share"):
         ServerConfig(prefill_share=share)
+
+
+def test_requests_abandoned_in_a_full_queue_do_not_turn_a_live_one_away(two_experts, monkeypatch):
+    hold, release = threading.Event(), threading.Event()
+    step = continuous.RunningBatch.step
+    monkeypatch.setattr(continuous.RunningBatch, "step", lambda self: (hold.is_set() and release.wait(60),
+                                                                       step(self))[1])
+    engine = Engine(two_experts, ServerConfig(max_batch=1, max_queue=2, max_tokens_cap=100), Metrics())
+    try:
+        long = start_streaming(engine, 60)  # holds the one row: later requests wait in the queue
+        hold.set()  # and it stays there until released
+        gone = requests(("1+1=", 2, ()), ("2+2=", 2, ()))
+        for r in gone:
+            engine.submit(r)
+        with pytest.raises(APIError, match="requests waiting"):
+            engine.submit(requests(("3+3=", 2, ()))[0])
+        for r in gone:
+            assert r.future.cancel()  # their clients went away while they waited
+        live = requests(("4+4=", 2, ()))[0]
+        engine.submit(live)  # taken in place of the abandoned ones
+        long.cancelled = True
+        release.set()
+        assert live.future.result(timeout=60).completion_tokens >= 1
+    finally:
+        engine.close()

@@ -55,10 +55,29 @@ class Engine:
         try:
             self._queue.put_nowait(request)
         except queue.Full:
-            raise APIError(429, f"the server has {self.config.max_queue} requests waiting for generation: retry in a "
-                                "moment", code="queue_full", headers={"Retry-After": "1"}) from None
+            try:
+                if not self._drop_abandoned():
+                    raise queue.Full from None
+                self._queue.put_nowait(request)
+            except queue.Full:
+                raise APIError(429, f"the server has {self.config.max_queue} requests waiting for generation: retry "
+                                    "in a moment", code="queue_full", headers={"Retry-After": "1"}) from None
         self.metrics.queue_depth.set(self._queue.qsize())
         return request.future
+
+    def _drop_abandoned(self) -> int:
+        """Take the requests whose clients went away while they waited (their futures cancelled) out of a full
+        queue, so that they do not turn live clients away with 429s; returns how many were dropped."""
+        with self._queue.mutex:
+            waiting = self._queue.queue
+            kept = [r for r in waiting if not r.future.cancelled()]
+            dropped = len(waiting) - len(kept)
+            if dropped:
+                waiting.clear()
+                waiting.extend(kept)
+                self._queue.unfinished_tasks -= dropped
+                self._queue.not_full.notify(dropped)
+        return dropped
 
     def close(self, timeout: float = 30.0) -> None:
         self._closed.set()
