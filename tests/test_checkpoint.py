@@ -328,3 +328,14 @@ def test_an_expert_target_override_that_differs_from_the_saved_experts_is_refuse
                                      expert={"target_modules": list(reversed(targets))})
     same.create_expert()  # the same targets in another order load, and the pool grows
     assert same.experts.expert_ids == [0, 1]
+
+
+def test_an_atomic_text_write_leaves_the_old_file_whole_when_it_fails(tmp_path, monkeypatch):
+    from dylora_moe.checkpoint import write_text_atomic
+
+    target = tmp_path / "tune.json"
+    write_text_atomic(target, "old")
+    monkeypatch.setattr("os.replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        write_text_atomic(target, "new")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["tune.json"]  # no temp left

@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -218,6 +219,19 @@ def _link_expert(src: Path, out: Path, expert_id: int) -> bool:
             except OSError:
                 shutil.copy2(f, target / f.name)
     return True
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a file of this process and thread beside it and a rename: a reader, or
+    another writer of the same file, sees the old contents or the new, never a torn file, and a killed writer
+    leaves the old one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _swap_in(tmp: Path, path: Path) -> None:

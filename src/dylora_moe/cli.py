@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -171,10 +170,10 @@ def resolve_run(args: argparse.Namespace) -> None:
 
 def write_run_files(files: dict[Path, str]) -> None:
     """Write each file atomically, in order (a killed start leaves no run.json)."""
+    from .checkpoint import write_text_atomic
+
     for path, text in files.items():
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
 
 
 def read_stream(args: argparse.Namespace) -> StreamSpec:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import write_text_atomic
 from ..data.sources import Example, codealpaca, humaneval, mbpp, nl2bash, package_file, read_jsonl, spider
 from ..data.stream import SkillSpec, load_examples, split_examples
 from ..generation import prompt_batch
@@ -271,10 +271,7 @@ class FrozenAnswers:
 
     def __setitem__(self, key: tuple, answers: list[str]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        target = self._file(key)
-        tmp = target.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"model": self.model, "key": list(key), "answers": answers}), encoding="utf-8")
-        os.replace(tmp, target)
+        write_text_atomic(self._file(key), json.dumps({"model": self.model, "key": list(key), "answers": answers}))
 
 
 def evaluate_set(model: DyLoRAMoE, fset: FreeformSet, *, forms: Sequence[str] = FORMS, batch_size: int = 16,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
+from ..checkpoint import write_text_atomic
 from ..data.stream import StreamSpec, with_params
 from .space import TuneConfig
 from .study import baseline_trial, best_trial
@@ -70,7 +72,9 @@ def write_plots(study: optuna.Study, config: TuneConfig, out: Path) -> list[str]
             fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
             fig.set_size_inches(8, 5)
             fig.tight_layout()
-            fig.savefig(out / file, dpi=100)
+            tmp = out / f".{file}.tmp-{os.getpid()}.png"  # several workers may write one report
+            fig.savefig(tmp, dpi=100)
+            os.replace(tmp, out / file)
             plt.close(fig)
             written.append(file)
         except (ValueError, RuntimeError, ZeroDivisionError, IndexError) as err:
@@ -119,7 +123,8 @@ def write(out: Path, study: optuna.Study, config: TuneConfig, stream: StreamSpec
     """Write the report, JSON, plots and ``best.yaml`` (when a trial completed); returns the summary."""
     out.mkdir(parents=True, exist_ok=True)
     data = summary(study, config, stream=stream.name, storage=storage, command=command)
-    (out / "tune.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    # workers of one study may share --out: each file is replaced whole, never torn
+    write_text_atomic(out / "tune.json", json.dumps(data, indent=2, default=str) + "\n")
     plots = write_plots(study, config, out) if data["best"] else []
     if data["best"]:
         header = (f"# Best configuration of study {study.study_name!r} (trial {data['best']['number']}), "
@@ -127,8 +132,8 @@ def write(out: Path, study: optuna.Study, config: TuneConfig, stream: StreamSpec
                   f"# Or apply only the tuned values to another stream: dylora train --stream S.yaml "
                   f"--params {out / 'best.yaml'} --out runs/x\n")
         body = yaml.safe_dump(best_stream(stream, data["best"]["params"]), sort_keys=False)
-        (out / "best.yaml").write_text(header + body)
-    (out / "tune-report.md").write_text(markdown(data, plots))
+        write_text_atomic(out / "best.yaml", header + body)
+    write_text_atomic(out / "tune-report.md", markdown(data, plots))
     return data
 
 
