@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from tokenizers import processors
 
-from dylora_moe.data.preprocess import IGNORE, build_dataset, encode_example, pack
+from dylora_moe.data.preprocess import IGNORE, bos_prefix, build_dataset, encode_example, pack
 from dylora_moe.data.sources import Example
 from tests.conftest import char_tokenizer
 
@@ -72,3 +73,17 @@ def test_examples_whose_prompt_fills_max_length_are_left_out_with_a_warning(capl
         built = build_dataset(tok, examples, max_length=8, chat=False)
     assert len(built) == 1
     assert "1 of 2 examples are left out" in caplog.text and "max_length=8" in caplog.text
+
+
+def test_raw_prompts_start_with_the_start_token_a_post_processor_adds():
+    """Gemma's tokenizer puts <bos> before every text through its post-processor while its add_bos_token reads
+    False; generation tokenises a raw prompt with the special tokens, so training must start it with <bos> too."""
+    tok = char_tokenizer()
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                                         special_tokens=[("<s>", 1)])
+    assert not getattr(tok, "add_bos_token", False) and tok("ab=")["input_ids"][0] == tok.bos_token_id
+    assert bos_prefix(tok) == [tok.bos_token_id]
+    row = encode_example(tok, Example("ab=", "cd"), chat=False, max_length=64)
+    assert row["input_ids"][:4] == tok("ab=")["input_ids"]  # the prompt as generation feeds it
+    assert row["labels"][:4] == [IGNORE] * 4
+    assert bos_prefix(char_tokenizer()) == []  # a tokenizer that adds nothing gets nothing

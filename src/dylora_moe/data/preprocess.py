@@ -31,10 +31,22 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool) -
 
 def bos_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The start-of-sequence token a raw (not chat-rendered) text begins with for this tokenizer: ``[bos]`` when
-    it adds one (``add_bos_token``, e.g. Llama, Gemma), else nothing. A chat-rendered text carries its own."""
-    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
-        return [tokenizer.bos_token_id]
+    it adds one, else nothing. A chat-rendered text carries its own. A tokenizer adds one when its
+    ``add_bos_token`` says so (Llama) or when its special tokens put it before a text (Gemma's post-processor
+    does, while its ``add_bos_token`` reads False): generation tokenises raw prompts with the special tokens."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    if getattr(tokenizer, "add_bos_token", False) or adds_bos(tokenizer, bos):
+        return [bos]
     return []
+
+
+def adds_bos(tokenizer: PreTrainedTokenizerBase, bos: int) -> bool:
+    """Whether tokenising a text with the special tokens puts ``bos`` before it."""
+    with_special = tokenizer("a")["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return with_special[:1] == [bos] and plain[:1] != [bos]
 
 
 def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example, *, chat: bool,
