@@ -75,15 +75,32 @@ def test_examples_whose_prompt_fills_max_length_are_left_out_with_a_warning(capl
     assert "1 of 2 examples are left out" in caplog.text and "max_length=8" in caplog.text
 
 
-def test_raw_prompts_start_with_the_start_token_a_post_processor_adds():
-    """Gemma's tokenizer puts <bos> before every text through its post-processor while its add_bos_token reads
-    False; generation tokenises a raw prompt with the special tokens, so training must start it with <bos> too."""
+def bos_tokenizer():
+    """A tokenizer that puts <s> before every text with its special tokens, as Gemma's does, while its
+    add_bos_token reads False."""
     tok = char_tokenizer()
     tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A",
                                                                          special_tokens=[("<s>", 1)])
+    return tok
+
+
+def test_raw_prompts_start_with_the_start_token_a_post_processor_adds():
+    """Gemma's tokenizer puts <bos> before every text through its post-processor while its add_bos_token reads
+    False; generation tokenises a raw prompt with the special tokens, so training must start it with <bos> too."""
+    tok = bos_tokenizer()
     assert not getattr(tok, "add_bos_token", False) and tok("ab=")["input_ids"][0] == tok.bos_token_id
     assert bos_prefix(tok) == [tok.bos_token_id]
     row = encode_example(tok, Example("ab=", "cd"), chat=False, max_length=64)
     assert row["input_ids"][:4] == tok("ab=")["input_ids"]  # the prompt as generation feeds it
     assert row["labels"][:4] == [IGNORE] * 4
     assert bos_prefix(char_tokenizer()) == []  # a tokenizer that adds nothing gets nothing
+
+
+def test_a_chat_prompt_without_a_chat_template_is_raw_text_with_the_start_token():
+    """A base model's tokenizer has no chat template: generation feeds a chat=True prompt as raw text with the
+    special tokens (generation.prompt_batch), so a chat-format example trains on those ids, <s> first."""
+    tok = bos_tokenizer()
+    assert not tok.chat_template
+    row = encode_example(tok, Example("ab=", "cd"), chat=True, max_length=64)
+    assert row == encode_example(tok, Example("ab=", "cd"), chat=False, max_length=64)
+    assert row["input_ids"][:4] == tok("ab=")["input_ids"] and row["labels"][:4] == [IGNORE] * 4

@@ -560,3 +560,31 @@ def test_plain_text_skills_train_with_the_kl_on_and_are_routed_on_their_text(tmp
     assert final.routing[0].get(0, 0.0) == 1.0 and final.routing[1].get(1, 0.0) == 1.0
     row = learner.steps[0].train_set[0]
     assert all(label != -100 for label in row["labels"])  # no chat turn, no prompt position
+
+
+def test_chat_prompts_of_a_tokenizer_without_a_chat_template_are_routed_as_raw_text(tmp_path):
+    """With no chat template a chat-format prompt is raw text: it trains and generates with the tokenizer's start
+    token, so the routing memory must read it with that token too, for the skill's prompts and its views."""
+    from dylora_moe.data.preprocess import encode_example
+
+    model = build()
+    model.tokenizer.add_bos_token = True  # starts raw text with <s>; the tiny tokenizer has no chat template
+    rows = [{"prompt": f"# add {a} and {b}\nx = {a} + {b}\n", "response": str(a + b)}
+            for a in range(4) for b in range(4)]
+    (tmp_path / "sums.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "s.yaml").write_text("name: s\nskills:\n  - {name: sums, source: {type: file, path: sums.jsonl}}\n")
+    training = TrainingConfig(report_to=["none"], instruction_views=True, raw_routing=False)
+    learner = ContinualLearner(model, load_stream(tmp_path / "s.yaml"), training, tmp_path)
+    data = learner.prepare(learner.skills[0])
+    assert learner.routed_texts(data, data.train[:2])[1] == [True, True]
+    learner.remember(data, model.add_new_skill(data.train, name="sums"))
+    first = encode_example(model.tokenizer, data.train[0], chat=True, max_length=64)
+    prompt_ids = first["input_ids"][: first["labels"].index(next(t for t in first["labels"] if t != -100))]
+    assert prompt_ids[0] == model.tokenizer.bos_token_id
+    memory = learner.memory.skills[0][1]  # the sample's prompts, then their views
+    torch.testing.assert_close(memory[0], model.routing_features(torch.tensor([prompt_ids]))[0])
+    view = learner.view(data.train[0])
+    view_ids = encode_example(model.tokenizer, view, chat=True, max_length=64)
+    view_prompt = view_ids["input_ids"][: view_ids["labels"].index(next(t for t in view_ids["labels"] if t != -100))]
+    sample = len(data.train[: training.rehearsal_per_skill])
+    torch.testing.assert_close(memory[sample], model.routing_features(torch.tensor([view_prompt]))[0])

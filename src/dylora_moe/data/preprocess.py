@@ -21,9 +21,15 @@ IGNORE = -100
 logger = logging.getLogger(__name__)
 
 
+def renders_chat(tokenizer: PreTrainedTokenizerBase, chat: bool) -> bool:
+    """Whether a prompt becomes a chat turn: asked for, and the tokenizer has a chat template. A prompt that does
+    not is raw text, which starts with the tokenizer's start token (``bos_prefix``), as in generation."""
+    return bool(chat and getattr(tokenizer, "chat_template", None))
+
+
 def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool) -> str:
     """The prompt as the model sees it: a user turn of the chat template when asked for and available."""
-    if chat and getattr(tokenizer, "chat_template", None):
+    if renders_chat(tokenizer, chat):
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
     return prompt
@@ -63,7 +69,7 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example, *, chat
         ids = [*bos_prefix(tokenizer), *response_ids][:max_length]
         return {"input_ids": ids, "labels": list(ids)} if ids else None
     prompt_ids = tokenizer(render_prompt(tokenizer, example.prompt, chat), add_special_tokens=False)["input_ids"]
-    if not chat:
+    if not renders_chat(tokenizer, chat):  # raw text, also when chat is asked for but there is no template
         prompt_ids = [*bos_prefix(tokenizer), *prompt_ids]
     ids = (prompt_ids + response_ids)[:max_length]
     labels = ([IGNORE] * len(prompt_ids) + response_ids)[:max_length]

@@ -31,7 +31,7 @@ import transformers
 from transformers import TrainingArguments
 
 from ..data.augment import instruction_view, language_request, normalise_example
-from ..data.preprocess import build_dataset, render_prompt
+from ..data.preprocess import build_dataset, render_prompt, renders_chat
 from ..data.sources import Example
 from ..data.stream import SkillSpec, StreamSpec, load_examples, split_examples
 from ..experts.pool import closest_pair, merge, serving_expert
@@ -182,7 +182,8 @@ class ContinualLearner:
         chat = step.skill.format.chat
         texts = [render_prompt(self.model.tokenizer, e.prompt, chat) if e.prompt.strip() else e.response
                  for e in examples]
-        return texts, [not (chat and e.prompt.strip()) for e in examples]
+        rendered = renders_chat(self.model.tokenizer, chat)  # no chat template: chat prompts stay raw text
+        return texts, [not (rendered and e.prompt.strip()) for e in examples]
 
     # ------------------------------------------------------------------ loop
     def run(self, progress: Callable[[str], None] | None = None) -> list[StepRecord]:
@@ -271,7 +272,7 @@ class ContinualLearner:
         view_prompts = [render_prompt(self.model.tokenizer, v.prompt, True) for v in views]
         prompts, whole = prompts + view_prompts, whole + [p + v.response for p, v in zip(view_prompts, views,
                                                                                           strict=True)]
-        raw += [False] * len(view_prompts)
+        raw += [not renders_chat(self.model.tokenizer, True)] * len(view_prompts)
         if self.training.raw_routing:  # the same requests as plain text (a chat-format skill's prompts too)
             plain = (sample if data.skill.format.chat else []) + views
             prompts, whole = prompts + [e.prompt for e in plain], whole + [e.prompt + e.response for e in plain]
