@@ -97,6 +97,17 @@ def test_byte_order_marks_parquet_and_nulls(tmp_path):
     assert example.prompt == "Add 1 and 1\n" and example.response == "2"
 
 
+def test_a_csv_row_with_another_number_of_fields_is_refused_with_its_line(tmp_path):
+    """An unquoted comma shifts the columns after it: the row would train on the wrong response."""
+    write(tmp_path / "a.csv", 'question,answer\n"x, quoted",1\nx, unquoted,2\nno answer\nq,a\n')
+    with pytest.raises(ValueError, match=r"a\.csv: line\(s\) 3, 4 have another number of fields than the header "
+                                         r"\(question, answer\); quote fields"):
+        read_records(tmp_path / "a.csv")
+    write(tmp_path / "b.csv", 'question,answer\n"x, quoted",1\nq,\n')
+    assert read_records(tmp_path / "b.csv") == [{"question": "x, quoted", "answer": "1"},
+                                                {"question": "q", "answer": ""}]
+
+
 def test_missing_column_names_the_columns(tmp_path):
     write(tmp_path / "a.jsonl", json.dumps({"question": "q", "answer": "a"}))
     skill = SkillSpec("x", source={"type": "file", "path": str(tmp_path / "a.jsonl")})

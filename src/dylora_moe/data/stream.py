@@ -397,7 +397,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
             return data
         if name.endswith(".csv"):
             with path.open(newline="", encoding="utf-8-sig") as fh:  # Excel's "CSV UTF-8" has a BOM
-                return list(csv.DictReader(fh))
+                return csv_records(csv.DictReader(fh))
         if name.endswith(".parquet"):
             import pyarrow.parquet as pq  # a dependency of ``datasets``
 
@@ -408,6 +408,21 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError, csv.Error, OSError) as err:
         raise ValueError(f"cannot read {path}: {err}") from err
     raise ValueError(f"{path}: unsupported file type; use .jsonl, .json, .csv, .parquet or .txt")
+
+
+def csv_records(reader: csv.DictReader) -> list[dict[str, Any]]:
+    """The rows of a CSV file; a row with more or fewer fields than the header (an unquoted comma shifts every
+    column after it) is refused with its line, instead of filling the templates from the wrong columns."""
+    records, ragged = [], []
+    for row in reader:
+        if None in row or None in row.values():
+            ragged.append(reader.line_num)
+        records.append(row)
+    if ragged:
+        lines = ", ".join(map(str, ragged[:10])) + (" ..." if len(ragged) > 10 else "")
+        raise ValueError(f"line(s) {lines} have another number of fields than the header "
+                         f"({', '.join(reader.fieldnames or [])}); quote fields that hold commas, e.g. \"a, b\"")
+    return records
 
 
 def read_hf(src: SkillSource) -> list[dict[str, Any]]:
