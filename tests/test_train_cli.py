@@ -211,6 +211,26 @@ def test_a_bad_config_value_fails_before_the_run_folder_is_written(run, tmp_path
     assert not (out / "run.json").exists()  # nothing to resume from: fixing the file and rerunning works
 
 
+@pytest.mark.parametrize(("change", "message"), [
+    (("letters.jsonl", "lettres.jsonl"), "lettres.jsonl not found"),
+    (("type: file, path: letters.jsonl", "type: builtin, name: spider"), "source spider reads a data directory"),
+    (("format: {chat: false}}\n  - {name: digits-again", "format: {prompt: '{question}'}}\n  - {name: digits-again"),
+     "no column 'question'"),
+])
+def test_a_skill_whose_data_cannot_be_read_fails_before_the_run_folder_is_written(tmp_path, capsys, change, message):
+    """A typo in a later step's source must not leave a run folder behind: a rerun of the fixed stream with the
+    same --out would be refused, and --resume would read the saved stream with the typo."""
+    stream = write_tiny_run(tmp_path)
+    text = stream.read_text()
+    assert change[0] in text
+    (tmp_path / "bad.yaml").write_text(text.replace(change[0], change[1], 1))
+    out = tmp_path / "out"
+    assert main(["train", "--stream", str(tmp_path / "bad.yaml"), "--out", str(out),
+                 "--model", str(tmp_path / "model")]) == 2
+    assert message in " ".join(capsys.readouterr().err.split())
+    assert not out.exists()
+
+
 def test_a_number_written_as_text_is_read_as_the_number(run, tmp_path):
     """PyYAML reads 2e-3 (no dot) as a string; the config converts it rather than failing in the optimizer."""
     (run / "text-number.yaml").write_text((run / "stream.yaml").read_text() + "\ntraining: {seed_lr: 2e-3}\n")

@@ -201,6 +201,8 @@ def train(args: argparse.Namespace, console: Console) -> int:
 
     if args.stream is not None:  # a bad stream, params file or config value fails before anything is written
         configs(read_stream(args))
+        if args.resume is None and not args.dry_run:  # and so does data that cannot be read (the dry run shows it)
+            check_data(read_stream(args), args.data_dir, args.max_train)
     resolve_run(args)
     stream = read_stream(args) if args.resume is None else load_stream(args.stream)
     system, training = configs(stream)
@@ -228,6 +230,21 @@ def train(args: argparse.Namespace, console: Console) -> int:
         console.print(f"model {system.model}; training {training}")
         return 0
     return run_training(args, stream, system, training, console)
+
+
+def check_data(stream: StreamSpec, data_dir: Path | None, max_train: int | None) -> None:
+    """Read and split every active skill's examples as the run will, so that a missing file or column, a source
+    that needs --data-dir or a mixed stream's short pool fails before the run folder is written, and the fixed
+    stream can be run again with the same --out."""
+    from .data.stream import check_pools, load_examples, poolable, split_examples
+
+    available = {}
+    for s in stream.active(data_dir):
+        train, _ = split_examples(load_examples(s, data_dir), s.eval_share)
+        cap = min(s.max_train or max_train, max_train) if max_train is not None else s.max_train
+        available[s.name] = len(poolable(train[:cap]))
+    if stream.mixed:
+        check_pools(stream.chunks, available)
 
 
 def run_training(args, stream, system, training, console: Console) -> int:
