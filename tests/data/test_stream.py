@@ -108,6 +108,21 @@ def test_a_csv_row_with_another_number_of_fields_is_refused_with_its_line(tmp_pa
                                                 {"question": "q", "answer": ""}]
 
 
+def test_steps_of_one_source_with_different_eval_shares_are_refused(tmp_path):
+    """The hash that holds an example out below one share would train on it at a step with a smaller share."""
+    write(tmp_path / "qa.jsonl", "\n".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) for i in range(40)))
+    step = "  - {{name: {name}, source: {{type: file, path: qa.jsonl, {slice}}}, eval_share: {share}}}\n"
+    first = "name: s\nskills:\n" + step.format(name="qa", slice="stop: 30", share=0.3)
+    write(tmp_path / "s.yaml", first + step.format(name="qa-again", slice="start: 10", share=0.1))
+    with pytest.raises(ValueError, match=r"skills 'qa' and 'qa-again' read the same source with eval_share 0\.3 and "
+                                         r"0\.1, .* give them the same eval_share"):
+        load_stream(tmp_path / "s.yaml")
+    write(tmp_path / "s.yaml", first + step.format(name="qa-again", slice="start: 10", share=0.3))
+    stream = load_stream(tmp_path / "s.yaml")
+    held = {e.text for e in split_examples(load_examples(stream.skills[0]), 0.3)[1]}
+    assert not held & {e.text for e in split_examples(load_examples(stream.skills[1]), 0.3)[0]}
+
+
 def test_missing_column_names_the_columns(tmp_path):
     write(tmp_path / "a.jsonl", json.dumps({"question": "q", "answer": "a"}))
     skill = SkillSpec("x", source={"type": "file", "path": str(tmp_path / "a.jsonl")})

@@ -223,6 +223,26 @@ def check_pools(chunks: Sequence[ChunkSpec], available: dict[str, int]) -> None:
                          + ". Raise those skills' max_train (or their sources' slices) or lower the chunk sizes")
 
 
+def source_key(source: SkillSource) -> tuple:
+    """What names a source's records, whatever slice of them a step takes."""
+    return (source.type, source.name, source.path, source.config, source.split, source.language, source.task,
+            source.pair)
+
+
+def check_eval_shares(stream: str, skills: Sequence[SkillSpec]) -> None:
+    """Refuse steps that read one source with different ``eval_share``: the content hash that holds an example
+    out at a share below the other's would train on it at the other step. SuperNI keeps its published split."""
+    first: dict[tuple, SkillSpec] = {}
+    for skill in skills:
+        if skill.source.type == "builtin" and skill.source.name == "superni":
+            continue
+        other = first.setdefault(source_key(skill.source), skill)
+        if other.eval_share != skill.eval_share:
+            raise ValueError(f"stream {stream!r}: skills {other.name!r} and {skill.name!r} read the same source with "
+                             f"eval_share {other.eval_share} and {skill.eval_share}, so examples held out by one "
+                             "would be trained on by the other; give them the same eval_share")
+
+
 @dataclass
 class StreamSpec:
     """A named list of skills; optional ``system`` (DyLoRAConfig fields) and ``training`` (TrainingConfig
@@ -253,6 +273,7 @@ class StreamSpec:
                                  f"the skills are {', '.join(names)}")
         if self.chunks and len(set(names)) != len(names):
             raise ValueError(f"stream {self.name!r}: a mixed stream's skills need distinct names")
+        check_eval_shares(self.name, self.skills)
 
     @property
     def mixed(self) -> bool:
