@@ -123,6 +123,20 @@ def test_steps_of_one_source_with_different_eval_shares_are_refused(tmp_path):
     assert not held & {e.text for e in split_examples(load_examples(stream.skills[1]), 0.3)[0]}
 
 
+@pytest.mark.parametrize(("source", "message"), [
+    ({"type": "builtin", "name": "humaneval", "language": "js"}, "the humaneval source does not read `language`"),
+    ({"type": "builtin", "name": "mbpp", "split": "test"}, "the mbpp source does not read `split`"),
+    ({"type": "file", "path": "a.jsonl", "split": "test"}, "a file source does not read `split`; it reads path"),
+    ({"type": "hf", "name": "x/y", "task": "t"}, "an? hf source does not read `task`"),
+])
+def test_a_source_field_the_source_does_not_read_is_refused(source, message):
+    """`language: js` meant for humaneval-x would otherwise be dropped and the skill trained on Python."""
+    with pytest.raises(ValueError, match=message):
+        SkillSpec("x", source=source)
+    SkillSpec("x", source={"type": "builtin", "name": "humaneval-x", "language": "js"})
+    SkillSpec("x", source={"type": "builtin", "name": "verilogeval", "split": "Machine"})
+
+
 def test_missing_column_names_the_columns(tmp_path):
     write(tmp_path / "a.jsonl", json.dumps({"question": "q", "answer": "a"}))
     skill = SkillSpec("x", source={"type": "file", "path": str(tmp_path / "a.jsonl")})

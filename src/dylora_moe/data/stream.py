@@ -58,6 +58,9 @@ BUILTINS: dict[str, tuple[Callable[..., list[Example]], bool]] = {
     "superni": (lambda data_dir, task=None, **kw: superni(data_dir, task), True),
     "composed": (lambda data_dir, pair=None, **kw: composed(data_dir, pair), True),
 }
+# The SkillSource fields each kind of source reads, besides type, start, stop and shuffle.
+SOURCE_FIELDS = {"file": ("path",), "hf": ("name", "config", "split")}
+BUILTIN_OPTIONS = {"verilogeval": ("split",), "humaneval-x": ("language",), "superni": ("task",), "composed": ("pair",)}
 
 
 @dataclass
@@ -111,6 +114,18 @@ class SkillSource:
             raise ValueError("the superni source needs `task`, e.g. task363_sst2_polarity_classification")
         if self.type == "builtin" and self.name == "composed" and self.pair not in PAIRS:
             raise ValueError(f"the composed source needs `pair`, one of {', '.join(PAIRS)}; got {self.pair!r}")
+        self.check_unread()
+
+    def check_unread(self) -> None:
+        """Refuse a field this source does not read (``language: js`` on humaneval instead of humaneval-x): it
+        would be dropped, and the skill trained on other data than the stream says."""
+        reads = SOURCE_FIELDS.get(self.type) or ("name", *BUILTIN_OPTIONS.get(self.name, ()))
+        unread = [f for f in ("name", "path", "config", "split", "language", "task", "pair")
+                  if getattr(self, f) is not None and f not in reads]
+        if unread:
+            what = f"the {self.name} source" if self.type == "builtin" else f"a {self.type} source"
+            raise ValueError(f"{what} does not read {', '.join(f'`{f}`' for f in unread)}; it reads "
+                             f"{', '.join(reads)} (with type, start, stop, shuffle): leave the others out")
 
 
 @dataclass
