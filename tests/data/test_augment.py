@@ -90,3 +90,15 @@ def test_a_request_names_the_language_its_source_declares():
                                            "singers are there?"
     assert language_request(VERILOG) is None  # no language declared
     assert language_request(Example("x = 1\n", "", {"language": "python"})) is None  # no prose
+
+
+def test_a_request_in_prose_followed_by_its_input_has_no_view():
+    """An instruction-style prompt (a sentence, then the code it is about) is already a request: viewing the
+    input's comments as the request would train "Definition of a node." -> "Write a function ..." + code."""
+    examples = [Example("Write a function that counts the nodes of a tree.\n# A tree node.\nclass Node:\n"
+                        "    def __init__(self, kids):\n        self.kids = kids\n", "def count(n):\n    return 1\n"),
+                Example("Fix the bug in this code:\ndef half(x):\n    # halve x\n    return x * 2\n",
+                        "def half(x):\n    return x / 2\n"),
+                Example("Complete the loop below.\nfor i in range(3):\n    // TODO: print i\n", "    print(i)\n")]
+    assert [instruction_view(e) for e in examples] == [None, None, None]
+    assert instruction_view(VERILOG) is not None and instruction_view(PYTHON) is not None

@@ -102,9 +102,23 @@ def prose_and_code(prompt: str) -> tuple[list[str], list[str], int]:
     return prose, [c for c in code if c.strip()] if proper else [], lead
 
 
+SENTENCE = re.compile(r"^[A-Z][a-z']*(\s+\S+){3,}[.?!:]$")
+CODE_MARKS = re.compile(r"[(){}\[\];=<>]")
+
+
+def opens_with_request(prompt: str) -> bool:
+    """Whether the prompt's first line is a sentence outside any comment ("Write a function to delete a node of a
+    binary search tree."): a request in prose followed by its input (CodeAlpaca's layout), not code. The comments
+    of that input are no request of their own, and the request is no code of the answer."""
+    first = next((line.strip() for line in prompt.split("\n") if line.strip()), "")
+    return SENTENCE.match(first) is not None and CODE_MARKS.search(first) is None and COMMENT.match(first) is None
+
+
 def instruction_view(example, *, comments: bool = False):
     """``example`` as a bare request (see the module doc), or ``None`` when its prompt is not code with prose
-    (or, with ``comments``, a one-line comment)."""
+    (or, with ``comments``, a one-line comment), or is already a request in prose followed by its input."""
+    if opens_with_request(example.prompt):
+        return None
     prose, code, lead = prose_and_code(example.prompt)
     if comments and not code and len(prose) == 1 and "\n" not in example.prompt.strip():
         return replace(example, prompt=prose[0])
