@@ -71,3 +71,15 @@ def test_paired_excess_counts_discordant_requests_and_its_exact_tail():
     assert paired_excess([True, False], [True, False]) == {"worse": 0, "better": 0, "p": 1.0}
     with pytest.raises(ValueError, match="equal lengths"):
         paired_excess([True], [True, False])
+
+
+def test_a_loop_is_measured_to_its_last_whole_cycle():
+    # nine copies of a 10-character line: the longest unit repeating four times is two lines (80 characters),
+    # but the run of the line itself is 90
+    loop = "    x = x\n" * 9
+    assert repeated_run(loop) == (90, "    x = x\n")
+    assert repeated_run("aaaaX" * 9) == (45, "aaaaX")
+    prose = "Here is the module you asked for; please check the port names before you use it, thanks!"
+    assert degenerate_kind(prose) is None
+    # the run covers 90 of 178 characters (over half): a loop by the rule, missed when measured as 80
+    assert degenerate_kind(prose + loop) == "loop"

@@ -27,17 +27,37 @@ def repeated_run(text: str, *, max_unit: int = 64, min_repeats: int = 4) -> tupl
     """Length and unit of the longest run of one unit repeated ``min_repeats``+ times back to back. From each
     start both the shortest unit that repeats and the longest one are tried: the shortest alone measures only
     its own run when the loop's unit begins with a run of its own (``"    x = x\n" * 4`` would give four
-    spaces), the longest alone can miss a finer cycle that runs further."""
+    spaces), the longest alone can miss a finer cycle that runs further. A unit found is reduced to the cycle it
+    repeats and the run measured in copies of that cycle: the longest unit is a whole number of cycles, so it
+    stops short of a run whose length is not a multiple of it (nine copies of a 10-character line match a
+    20-character unit four times, 80 characters of the 90)."""
     patterns = [re.compile(rf"(.{{1,{max_unit}}}{lazy})\1{{{min_repeats - 1},}}", re.DOTALL) for lazy in ("?", "")]
     best, unit = 0, ""
     for start in range(len(text)):
         for pattern in patterns:
             match = pattern.match(text, start)
-            if match and match.end() - start > best:
-                best, unit = match.end() - start, match.group(1)
-        if best == len(text) - start:
+            if match:
+                cycle = _cycle(match.group(1))
+                run = _extent(text, start, cycle)
+                if run > best:
+                    best, unit = run, cycle
+        if best >= len(text) - start:
             break  # no later run can be longer
     return best, unit
+
+
+def _cycle(unit: str) -> str:
+    """The shortest string whose copies make up ``unit`` (``"abab"`` -> ``"ab"``; ``unit`` itself if none)."""
+    n = len(unit)
+    return next(unit[:size] for size in range(1, n + 1) if n % size == 0 and unit[:size] * (n // size) == unit)
+
+
+def _extent(text: str, start: int, cycle: str) -> int:
+    """Length of the run of back-to-back copies of ``cycle`` in ``text`` from ``start``."""
+    end = start
+    while text.startswith(cycle, end):
+        end += len(cycle)
+    return end - start
 
 
 def degenerate_kind(text: str, *, max_unit: int = 64, min_repeats: int = 4, min_share: float = 0.5) -> str | None:
