@@ -129,6 +129,17 @@ def test_trim_python_keeps_what_black_and_modules_write_and_drops_usage():
     assert trim_python("    return x + 1\n\nprint(") == "    return x + 1\n"
 
 
+def test_trim_python_reads_the_lines_of_a_multi_line_string_as_part_of_its_statement():
+    # the inner and closing lines of a string sit at the margin, but they are not statements
+    module_doc = '"""\nSquares of numbers.\n"""\ndef square(x):\n    return x * x\n'
+    assert trim_python(module_doc + "\nprint(square(3))\n") == module_doc
+    text = 'def usage():\n    return """\nusage: tool FILE\n"""\n'
+    assert trim_python(text + "\n\nassert usage()\n") == text
+    cut = 'def f():\n    return """\nstill in the string\nprint(1)'  # a string still open at the token limit
+    assert trim_python(cut) == cut + "\n"
+    assert trim_python("    return x + 1\n\nprint(") == "    return x + 1\n"
+
+
 def test_extract_code_reads_a_spaced_tag_and_prefers_the_language_asked_for():
     spaced = "Here is the code:\n``` python\ndef f():\n    return 1\n```\nThat's it."
     assert extract_code(spaced) == "def f():\n    return 1\n"

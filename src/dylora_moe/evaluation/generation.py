@@ -10,7 +10,9 @@ Candidates run only in the sandbox of ``execution.py``; nothing generated is imp
 from __future__ import annotations
 
 import ast
+import io
 import re
+import tokenize
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,12 +68,15 @@ def extract_code(completion: str, language: str | None = None) -> str:
 def trim_python(code: str) -> str:
     """Drop what follows the program: the first top-level statement that is not a definition, an import, a
     docstring or comment, or an assignment without calls (a module constant), such as example calls, prints,
-    asserts or a half-written line at the token limit. A statement's continuation lines (indented, or closing a
-    bracket at the margin, as black writes long signatures and imports) belong to it."""
+    asserts or a half-written line at the token limit. A statement's continuation lines (indented, closing a
+    bracket at the margin, as black writes long signatures and imports, or inside a multi-line string, whatever
+    their indentation) belong to it."""
     kept: list[str] = []
     statement: list[str] = []  # the top-level statement being read
-    for line in code.splitlines():
-        top = bool(line.strip()) and not line[0].isspace() and not line.startswith((")", "]", "}"))
+    in_string = string_lines(code)
+    for index, line in enumerate(code.splitlines()):
+        top = (bool(line.strip()) and not line[0].isspace() and not line.startswith((")", "]", "}"))
+               and index not in in_string)
         if top and statement:
             if not _kept_statement(statement):
                 statement = []
@@ -82,6 +87,22 @@ def trim_python(code: str) -> str:
     if statement and _kept_statement(statement):
         kept += statement
     return "\n".join(kept).rstrip() + "\n"
+
+
+def string_lines(code: str) -> set[int]:
+    """Indices (from 0) of the lines that continue a string begun on an earlier line: a multi-line string's
+    inner and closing lines, and every line after one left open at the end. Lines after a tokenizing error
+    (such as an inconsistent dedent) are not examined."""
+    inside: set[int] = set()
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(code).readline):
+            inside.update(range(token.start[0], token.end[0]))  # rows from 1: those after the token's first
+    except tokenize.TokenError as err:
+        if "string" in str(err.args[0]):  # EOF in multi-line string: it runs to the end
+            inside.update(range(err.args[1][0], len(code.splitlines())))
+    except SyntaxError:
+        pass
+    return inside
 
 
 def _kept_statement(lines: list[str]) -> bool:
