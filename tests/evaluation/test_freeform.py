@@ -22,6 +22,7 @@ from dylora_moe.evaluation.freeform import (
     markdown_table,
     mbpp_request,
     nl2bash_request,
+    requests_for,
     spider_request,
     stream_sets,
     trained_examples,
@@ -60,6 +61,16 @@ def test_verilog_requests_have_no_module_header_and_skip_trained_problems():
     assert not any("module top_module" in r.prompt for r in requests)
     trained = {e.meta["task_id"] for e in verilogeval()[:50]}
     assert not {r.meta["task_id"] for r in verilog_requests("Machine", exclude_tasks=trained, limit=200)} & trained
+
+
+def test_mbpp_requests_skip_the_humaneval_problems_the_stream_trains_on(tmp_path):
+    stream = load_stream("configs/streams/default.yaml")
+    skill = next(s for s in stream.skills if s.source.name == "mbpp")
+    trained = humaneval()[:5]
+    fset = requests_for(skill, seen={e.text for e in trained}, seen_tasks=set(), data_dir=tmp_path, limit=8)
+    asked = [e.meta["task_id"] for e in fset.examples]
+    assert len(asked) == 8 and not set(asked) & {e.meta["task_id"] for e in trained}
+    assert asked == [e.meta["task_id"] for e in humaneval()[5:13]]
 
 
 def test_nl2bash_and_spider_requests():

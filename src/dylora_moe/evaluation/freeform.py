@@ -9,7 +9,7 @@ requests from another source of its domain (``requests_for``):
   as "Write a Verilog module that ..." (no module header);
 - HumanEval -> MBPP tasks with their first test ("Write a function to ..."), scored by execution; without a
   data directory, HumanEval problems the stream never trains on, rephrased as a request;
-- MBPP -> HumanEval problems rephrased as requests, scored by execution;
+- MBPP -> HumanEval problems the stream does not train on, rephrased as requests, scored by execution;
 - HumanEval-X JavaScript -> MBPP tasks asked in JavaScript;
 - Spider -> questions outside the stream's slice with the schema in words, scored by execution match;
 - NL2Bash -> descriptions outside the stream's slice asked as "How do I ... in bash?" (exact match of the
@@ -184,8 +184,8 @@ def requests_for(skill: SkillSpec, *, seen: set[str], seen_tasks: set[str], data
                            check_humaneval_request, "pass@1") if problems else None
     if data_dir is None:
         return None
-    if src.name == "mbpp":
-        problems = [humaneval_request(e) for e in humaneval()[:limit]]
+    if src.name == "mbpp":  # a stream that also trains on HumanEval is not asked the problems it trained on
+        problems = [humaneval_request(e) for e in humaneval() if e.text not in seen][:limit]
         return FreeformSet(skill.label, "HumanEval problems as requests", problems, check_humaneval_request,
                            "pass@1")
     if src.name == "humaneval-x":
