@@ -77,6 +77,17 @@ def test_javascript_program_keeps_the_function_and_cuts_what_follows():
     assert program.endswith("return x + y;\n}\n") and "console.log" not in program
 
 
+def test_javascript_program_completes_the_last_function_of_a_prompt_with_a_helper():
+    # the prompt defines a helper first and ends inside the function to complete
+    prompt = ("const isSame = (s) => {\n  return s == s.split('').reverse().join('');\n}\n\n"
+              "/* Double x. */\nconst twice = (x) => {\n")
+    ex = Example(prompt, "", {"test": "const assert = require('node:assert');\nassert.equal(twice(3), 6);\n"})
+    program = javascript_program(ex, "  return 2 * x;\n}\n\nconsole.log(twice(3));\n")
+    assert program == prompt + "  return 2 * x;\n}\n"
+    whole = "```javascript\nconst twice = (x) => {\n  return x + x;\n}\n```\nDone."
+    assert javascript_program(ex, whole) == "const twice = (x) => {\n  return x + x;\n}\n"
+
+
 def test_exact_match_and_sql_statement_normalisation():
     ex = Example("# list files\n", "ls -la\n")
     assert exact_match(ex, "```bash\nls   -la\n```\nThis lists files.")

@@ -127,9 +127,11 @@ def python_program(example: Example, completion: str) -> str:
 
 
 def javascript_program(example: Example, completion: str) -> str:
+    """The prompt and the completed body, or the whole function the model wrote, up to the line that closes the
+    function the prompt opens: its last declaration (a prompt may define helper functions before it)."""
     code = extract_code(completion, "javascript")
-    declaration = next((line for line in example.prompt.splitlines() if re.match(r"\s*(const|function) ", line)),
-                       None)
+    declaration = next((line for line in reversed(example.prompt.splitlines())
+                        if re.match(r"\s*(const|function) ", line)), None)
     whole = declaration is not None and declaration.strip() in code  # the model wrote the whole function
     program = code if whole else example.prompt + code
     kept = []
