@@ -13,8 +13,10 @@ Methods (see ``dylora_moe.evaluation.baselines``): dylora, spec_reference, seque
 oracle_experts, base. Each trains with the stream's steps and rates (or the overrides below) and LoRA experts of
 the configured rank. Each method's raw measurements are kept in OUT/methods/NAME.json as soon as it finishes
 (what it has measured so far in OUT/methods/NAME.partial.json after every step):
-a rerun with the same OUT skips finished methods (delete the file to redo one). ``--jobs 2`` runs two methods
-at a time in separate processes, each with half the cores. Writes OUT/results.json, OUT/report.md and plots.
+a rerun with the same OUT skips finished methods (delete the file to redo one); method files measured on other
+steps (another stream, order or data directory run into OUT) are refused rather than reported together.
+``--jobs 2`` runs two methods at a time in separate processes, each with half the cores. Writes OUT/results.json,
+OUT/report.md and plots.
 ``--step-limit N`` also scores N held-out examples per skill by greedy decoding after every step (the score
 matrix; ROUGE-L for SuperNI) and ``--pass-limit`` examples per skill after the last step.
 
@@ -200,6 +202,12 @@ def main(argv=None) -> None:
             raw[name] = json.loads(path.read_text())
     partials = {name: json.loads(path.read_text()) for name in METHODS if name not in raw
                 and (path := args.out / "methods" / f"{name}.partial.json").is_file()}
+    steps = [s.name for s in stream.active(args.data_dir)]
+    stale = other_steps(raw, steps) + [f"{n}.partial" for n in other_steps(partials, steps)]
+    if stale:
+        raise SystemExit(f"{args.out / 'methods'}: {', '.join(stale)} ran other steps than this stream's "
+                         f"({', '.join(steps)}): another stream, order or data directory; delete those files or "
+                         "choose another --out")
     command = "python benchmarks/continual.py " + " ".join(a for a in argv if a != "--report")
     if not raw:
         head = [f"# Continual-learning benchmark: {stream.name} (no method finished)", "", "```bash", command, "```"]
@@ -223,6 +231,12 @@ def main(argv=None) -> None:
             print(f"{'':16s} {sc['metric']}: AP={sc['ap']:.2f} acc={sc['acc']:.2f} bwt={sc['bwt']:+.2f} "
                   f"forgetting={sc['forgetting']:+.2f} fwt={sc['fwt'] if sc['fwt'] is None else round(sc['fwt'], 2)}")
     print(f"report: {args.out / 'report.md'}")
+
+
+def other_steps(raw: dict[str, dict], steps: list[str]) -> list[str]:
+    """The methods whose measurements were taken on other steps than ``steps`` (another stream or order run into
+    the same folder): their matrices' columns are not this stream's, so they cannot be reported beside it."""
+    return [name for name, r in raw.items() if r.get("skills") != steps]
 
 
 def run_orders(args: argparse.Namespace, argv: list[str]) -> None:

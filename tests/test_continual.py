@@ -73,3 +73,29 @@ def test_a_params_file_sets_system_and_training_fields(tmp_path):
     params.write_text("params:\n  system.router.route_passes: separate\n")
     with pytest.raises(ValueError, match=r"did you mean system\.router\.route_pass"):
         continual.configs(args)
+
+
+def test_method_files_of_other_steps_are_refused_not_reported(tmp_path):
+    from tests.conftest import TINY_STREAM
+
+    (tmp_path / "stream.yaml").write_text(TINY_STREAM.format(steps=1))
+    out = tmp_path / "out"
+    (out / "methods").mkdir(parents=True)
+    steps = ["digits", "letters", "digits-again"]
+    raw = {"method": "base", "skills": steps, "labels": steps, "matrix": [[1.0, 3.0, 1.0]] * 3, "experts": 0,
+           "trainable_params": 0, "train_seconds": 0.0, "stream_seconds": 0.0, "novel": [], "expert_of_step": [],
+           "final_routing": [], "uses_router": False, "generation": [], "seconds": 0.0}
+    (out / "methods" / "base.json").write_text(json.dumps(raw))
+    argv = ["--stream", str(tmp_path / "stream.yaml"), "--out", str(out), "--report"]
+    continual.main(argv)
+    assert json.loads((out / "results.json").read_text())["skills"] == steps
+    # a method left by a run of another order into the same folder: its columns are other skills
+    other = {**raw, "method": "sequential_lora", "skills": ["letters", "digits", "digits-again"]}
+    (out / "methods" / "sequential_lora.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="sequential_lora ran other steps"):
+        continual.main(argv)
+    (out / "methods" / "sequential_lora.json").unlink()
+    (out / "methods" / "dylora.partial.json").write_text(json.dumps({**other, "steps_done": 1}))
+    with pytest.raises(SystemExit, match=r"dylora\.partial ran other steps"):
+        continual.main(argv)
+    assert continual.other_steps({"base": raw}, steps) == []
