@@ -4,6 +4,7 @@ evaluation of a set on a tiny model against its frozen backbone."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 from tokenizers import decoders
@@ -71,6 +72,22 @@ def test_mbpp_requests_skip_the_humaneval_problems_the_stream_trains_on(tmp_path
     asked = [e.meta["task_id"] for e in fset.examples]
     assert len(asked) == 8 and not set(asked) & {e.meta["task_id"] for e in trained}
     assert asked == [e.meta["task_id"] for e in humaneval()[5:13]]
+
+
+def test_humaneval_x_requests_are_asked_in_the_skills_language(tmp_path):
+    (tmp_path / "mbpp").mkdir()
+    task = {"text": "Write a function to square a number.", "code": "", "task_id": 1, "test_setup_code": "",
+            "test_list": ["assert square(3) == 9"], "challenge_test_list": []}
+    (tmp_path / "mbpp" / "mbpp.jsonl").write_text(json.dumps(task) + "\n")
+    stream = load_stream("configs/streams/long-code.yaml")
+    asked = {}
+    for skill in stream.skills:
+        if skill.source.name == "humaneval-x" and skill.source.language != "python":
+            fset = requests_for(skill, seen=set(), seen_tasks=set(), data_dir=tmp_path, limit=1)
+            asked[skill.source.language] = (fset.source, fset.examples[0].prompt)
+    assert asked == {"js": ("MBPP tasks asked in JavaScript", "Write a JavaScript function to square a number."),
+                     "cpp": ("MBPP tasks asked in C++", "Write a C++ function to square a number."),
+                     "java": ("MBPP tasks asked in Java", "Write a Java function to square a number.")}
 
 
 def test_nl2bash_and_spider_requests():

@@ -10,7 +10,7 @@ requests from another source of its domain (``requests_for``):
 - HumanEval -> MBPP tasks with their first test ("Write a function to ..."), scored by execution; without a
   data directory, HumanEval problems the stream never trains on, rephrased as a request;
 - MBPP -> HumanEval problems the stream does not train on, rephrased as requests, scored by execution;
-- HumanEval-X JavaScript -> MBPP tasks asked in JavaScript;
+- HumanEval-X JavaScript (C++, Java) -> MBPP tasks asked in that language;
 - Spider -> questions outside the stream's slice with the schema in words, scored by execution match;
 - NL2Bash -> descriptions outside the stream's slice asked as "How do I ... in bash?" (exact match of the
   command as a reference score);
@@ -50,6 +50,8 @@ EXAMPLE_REQUESTS = (
     "Write a Python function that checks whether a string is a palindrome.",
 )
 FORMS = ("chat", "raw")
+# How a request names a HumanEval-X language other than Python (whose skills get MBPP's own tasks).
+LANGUAGE_NAMES = {"js": "JavaScript", "cpp": "C++", "java": "Java"}
 # Shorter generation lengths at which answers are also judged (the sets' own lengths are 96 and 64 tokens).
 PREFIX_TOKENS = (64, 96, 128)
 
@@ -188,9 +190,10 @@ def requests_for(skill: SkillSpec, *, seen: set[str], seen_tasks: set[str], data
         problems = [humaneval_request(e) for e in humaneval() if e.text not in seen][:limit]
         return FreeformSet(skill.label, "HumanEval problems as requests", problems, check_humaneval_request,
                            "pass@1")
-    if src.name == "humaneval-x":
-        return FreeformSet(skill.label, "MBPP tasks asked in JavaScript",
-                           [mbpp_request(e, "JavaScript")
+    if src.name == "humaneval-x":  # the skill's own language (JavaScript when none is named)
+        language = LANGUAGE_NAMES[src.language or "js"]
+        return FreeformSet(skill.label, f"MBPP tasks asked in {language}",
+                           [mbpp_request(e, language)
                             for e in _outside(mbpp(data_dir), seen, limit, from_end=False)])
     if src.name == "spider":
         checker = sql_checker(data_dir, spider_cache) if spider_cache else sql_checker(data_dir, _cache())
