@@ -47,6 +47,21 @@ def test_humaneval_problem_as_a_request_is_scored_by_its_tests():
     assert not check_humaneval_request(request, "\n" * 40)
 
 
+def test_a_humaneval_request_is_checked_with_the_helpers_its_prompt_defines():
+    # a made-up problem in HumanEval's shape: a helper before the asked function, and tests that call the helper
+    prompt = ('import string\n\n\ndef shift(s: str) -> str:\n    """Shift each letter by one."""\n'
+              '    return "".join(chr(ord(c) + 1) for c in s)\n\n\ndef unshift(s: str) -> str:\n'
+              '    """Undo shift.\n    >>> unshift("bc")\n    \'ab\'\n    """\n')
+    problem = Example(prompt, '    return "".join(chr(ord(c) - 1) for c in s)\n',
+                      {"entry_point": "unshift", "test": "def check(candidate):\n"
+                                                         "    assert candidate(shift('hal')) == 'hal'\n"})
+    request = humaneval_request(problem)
+    assert request.prompt == "Write a Python function `unshift(s: str) -> str`. Undo shift."
+    answer = "```python\ndef unshift(s: str) -> str:\n    return ''.join(chr(ord(c) - 1) for c in s)\n```"
+    assert check_humaneval_request(request, answer)
+    assert not check_humaneval_request(request, "```python\ndef unshift(s):\n    return s\n```")
+
+
 def test_mbpp_request_and_check():
     request = mbpp_request(MBPP)
     assert request.prompt == ("Write a function to square a number.\nYour code should pass this test:\n"

@@ -122,13 +122,20 @@ def humaneval_request(example: Example) -> Example:
     doc = re.search(r'("""|\'\'\')(.*?)(\1|\Z)', prompt.split(f"def {entry}(", 1)[-1], re.DOTALL)
     text = " ".join((doc.group(2) if doc else "").split())
     text = re.split(r"\s(?:>>>|For example|Example)", text)[0].strip()
-    imports = "\n".join(line for line in prompt.splitlines() if line.startswith(("import ", "from ")))
+    lines = prompt.splitlines()
+    imports = "\n".join(line for line in lines if line.startswith(("import ", "from ")))
+    # what the prompt defines before the asked function: imports and helpers its tests call (``encode_shift``)
+    start = next((i for i, line in enumerate(lines) if line.startswith(f"def {entry}(")), len(lines))
     request = f"Write a Python function `{signature.removeprefix('def ').rstrip(':')}`. {text}"
-    return Example(request, "", {**example.meta, "imports": imports, "problem": prompt, "solution": example.response})
+    return Example(request, "", {**example.meta, "imports": imports, "preamble": "\n".join(lines[:start]),
+                                 "problem": prompt, "solution": example.response})
 
 
 def check_humaneval_request(example: Example, completion: str) -> bool:
-    program = example.meta.get("imports", "") + "\n" + trim_python(extract_code(completion, "python"))
+    """The answer's program after the problem's imports and helper functions (the request names only the asked
+    function, so an answer does not repeat them, and some tests call them), run with the problem's tests."""
+    head = example.meta.get("preamble", example.meta.get("imports", ""))
+    program = head + "\n" + trim_python(extract_code(completion, "python"))
     return check_python(program, f"{example.meta['test']}\ncheck({example.meta['entry_point']})").passed
 
 
