@@ -137,3 +137,28 @@ def test_a_submitted_request_is_held_until_it_ends(monkeypatch):
         return held, len(eng.tasks)
 
     assert asyncio.run(main()) == (1, 0)
+
+
+def test_the_ingress_describes_the_latest_save_before_any_completion(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from dylora_moe.serving.app import create_app
+    from dylora_moe.serving.ray_ingress import following_saves
+    from dylora_moe.serving.routing_head import RoutingHead
+    from dylora_moe.serving.system import ServedSystem
+    from tests.serving.conftest import two_skill_run
+
+    run = two_skill_run(tmp_path)
+    head = RoutingHead(run)
+    idle = SimpleNamespace(close=lambda: None, jobs={})
+    app = following_saves(create_app(head, ServerConfig(), engine=idle, jobs=idle), head)
+    with TestClient(app) as client:
+        before = client.get("/experts").json()
+        full = ServedSystem(run)
+        full.model.mark_mature(1, False)  # a new save, as a finished skill job makes
+        full.save(full.model, full.memory)
+        after = client.get("/experts").json()
+        health = client.get("/health").json()
+    assert before["routing_strategy"] == "sparse" and after["routing_strategy"] == "dense"
+    assert after["system_version"] != before["system_version"]
+    assert health["system_version"] == after["system_version"]

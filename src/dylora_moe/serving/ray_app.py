@@ -49,7 +49,16 @@ from .engine import Engine, GenerationRequest
 from .errors import APIError
 from .metrics import Metrics
 from .ray_config import RayServeConfig
-from .ray_ingress import RayEngine, RayMetrics, RemoteJobs, SkillJobs, error_to_wire, parse_key, same_routing
+from .ray_ingress import (
+    RayEngine,
+    RayMetrics,
+    RemoteJobs,
+    SkillJobs,
+    error_to_wire,
+    following_saves,
+    parse_key,
+    same_routing,
+)
 from .replica import ReplicaSystem, StaleVersion
 from .routing_head import RoutingHead
 
@@ -177,7 +186,8 @@ class Ingress:
         self.head = RoutingHead(path)
         metrics = RayMetrics()
         engine = RayEngine(self.head, generator, config, metrics, attempts)
-        self.asgi = create_app(self.head, config, engine=engine, jobs=RemoteJobs(jobs), metrics=metrics)
+        self.asgi = following_saves(create_app(self.head, config, engine=engine, jobs=RemoteJobs(jobs),
+                                               metrics=metrics), self.head)
 
     def __serve_build_asgi_app__(self):
         return self.asgi

@@ -21,6 +21,7 @@ import torch
 from prometheus_client import Counter, Gauge
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from starlette.concurrency import run_in_threadpool
 
 from ..checkpoint import writer_lock
 from .config import ServerConfig
@@ -100,6 +101,19 @@ class RayMetrics(Metrics):
         self.replica_seconds.labels(replica, top).inc(seconds)
         for e in version_experts:
             self.resident.labels(replica, str(e)).set(1.0 if e in resident else 0.0)
+
+
+def following_saves(app, head: RoutingHead):
+    """Every request through the ingress first picks up a newer save of the folder (one ``stat`` when there is
+    none), so ``/experts``, ``/skills``, ``/health`` and ``/v1/models`` describe the system a completion would
+    now use, not the one the last completion used."""
+
+    @app.middleware("http")
+    async def refresh(request, call_next):
+        await run_in_threadpool(head.refresh)
+        return await call_next(request)
+
+    return app
 
 
 class RayEngine:
