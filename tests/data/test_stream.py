@@ -150,6 +150,17 @@ def test_empty_source_is_an_error(tmp_path):
         load_examples(SkillSpec("x", source={"type": "file", "path": str(tmp_path / "a.jsonl")}))
 
 
+def test_examples_without_a_response_are_left_out_and_all_of_them_is_an_error(tmp_path, caplog):
+    rows = [{"prompt": "q1", "response": "a1"}, {"prompt": "q2", "response": "  "}, {"prompt": "q3", "response": "a3"}]
+    write(tmp_path / "a.jsonl", "\n".join(json.dumps(r) for r in rows))
+    skill = SkillSpec("x", source={"type": "file", "path": str(tmp_path / "a.jsonl")})
+    assert [e.prompt for e in load_examples(skill)] == ["q1", "q3"]
+    assert "1 of 3 examples are left out: their response is empty" in caplog.text
+    write(tmp_path / "b.jsonl", json.dumps({"prompt": "q", "response": ""}))
+    with pytest.raises(ValueError, match="every example's response is empty"):
+        load_examples(SkillSpec("y", source={"type": "file", "path": str(tmp_path / "b.jsonl")}))
+
+
 def test_builtin_needing_data_dir_says_so():
     with pytest.raises(FileNotFoundError, match="--data-dir"):
         load_examples(SkillSpec("x", source={"type": "builtin", "name": "mbpp"}))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -61,6 +62,8 @@ BUILTINS: dict[str, tuple[Callable[..., list[Example]], bool]] = {
 # The SkillSource fields each kind of source reads, besides type, start, stop and shuffle.
 SOURCE_FIELDS = {"file": ("path",), "hf": ("name", "config", "split")}
 BUILTIN_OPTIONS = {"verilogeval": ("split",), "humaneval-x": ("language",), "superni": ("task",), "composed": ("pair",)}
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -392,7 +395,21 @@ def load_examples(skill: SkillSpec, data_dir: str | Path | None = None) -> list[
     examples = [e for e in examples if e.prompt.strip() or e.response.strip()]
     if not examples:
         raise ValueError(f"skill {skill.name!r}: the source gave no examples (check start/stop and the file)")
-    return examples
+    return examples if src.type == "builtin" else answered_only(skill.name, examples)
+
+
+def answered_only(name: str, examples: list[Example]) -> list[Example]:
+    """A file's examples without those whose response is empty (trained, a prompt with no answer teaches the
+    expert to stop at once; a user's file holding them is most likely a mapping mistake). Built-in datasets keep
+    their records as published (SuperNI's test sets hold a few empty references)."""
+    answered = [e for e in examples if e.response.strip()]
+    if not answered:
+        raise ValueError(f"skill {name!r}: every example's response is empty, so there is nothing to learn: check "
+                         "the format's response field (plain text goes in the response, with an empty prompt)")
+    if len(answered) < len(examples):
+        logger.warning("skill %r: %d of %d examples are left out: their response is empty; fill it in or remove "
+                       "them", name, len(examples) - len(answered), len(examples))
+    return answered
 
 
 def format_record(skill: SkillSpec, record: dict[str, Any], index: int) -> Example:
