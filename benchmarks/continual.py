@@ -135,10 +135,13 @@ def run_one(args: argparse.Namespace, name: str) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     stream, system, training, bench = configs(args)
+    settings = run_settings(stream, system, training, bench, args.data_dir)
     started = time.perf_counter()
     raw = run_method(name, stream, system, training, args.out, data_dir=args.data_dir, bench=bench,
                      progress=lambda msg: print(f"[{time.perf_counter() - started:6.0f}s] {msg}", flush=True),
-                     partial=lambda so_far: write_atomic(args.out / "methods" / f"{name}.partial.json", so_far))
+                     partial=lambda so_far: write_atomic(args.out / "methods" / f"{name}.partial.json",
+                                                         {**so_far, "settings": settings}))
+    raw["settings"] = settings
     write_atomic(args.out / "methods" / f"{name}.json", raw)
     print(f"{name}: done in {raw['seconds']:.0f}s", flush=True)
     return raw
@@ -180,11 +183,14 @@ def main(argv=None) -> None:
     unknown = sorted(set(names) - set(METHODS))
     if unknown:
         raise SystemExit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    stream, system, _, _ = configs(args)  # a bad stream or option fails before any work
+    stream, system, training, bench = configs(args)  # a bad stream or option fails before any work
     if args.orders > 1:
         run_orders(args, argv)
         return
     (args.out / "methods").mkdir(parents=True, exist_ok=True)
+    settings = run_settings(stream, system, training, bench, args.data_dir)
+    if not args.report:  # a finished method measured under other options is not "done" for this command
+        check_settings(args.out, finished(args.out), settings)
     started = time.perf_counter()
     todo = [] if args.report else [n for n in names if not (args.out / "methods" / f"{n}.json").is_file()]
     if args.threads is None and args.jobs > 1 and len(todo) > 1:
@@ -208,6 +214,13 @@ def main(argv=None) -> None:
         raise SystemExit(f"{args.out / 'methods'}: {', '.join(stale)} ran other steps than this stream's "
                          f"({', '.join(steps)}): another stream, order or data directory; delete those files or "
                          "choose another --out")
+    # --report compares the files with each other (the first that recorded its settings), a run with itself
+    recorded = [(n, r["settings"]) for n, r in raw.items() if "settings" in r]
+    files = {**raw, **{f"{n}.partial": p for n, p in partials.items()}}
+    if args.report and recorded:
+        check_settings(args.out, files, recorded[0][1], against=f"{recorded[0][0]}'s")
+    elif not args.report:
+        check_settings(args.out, files, settings)
     command = "python benchmarks/continual.py " + " ".join(a for a in argv if a != "--report")
     if not raw:
         head = [f"# Continual-learning benchmark: {stream.name} (no method finished)", "", "```bash", command, "```"]
@@ -231,6 +244,61 @@ def main(argv=None) -> None:
             print(f"{'':16s} {sc['metric']}: AP={sc['ap']:.2f} acc={sc['acc']:.2f} bwt={sc['bwt']:+.2f} "
                   f"forgetting={sc['forgetting']:+.2f} fwt={sc['fwt'] if sc['fwt'] is None else round(sc['fwt'], 2)}")
     print(f"report: {args.out / 'report.md'}")
+
+
+UNMEASURED = {"report_to", "logging_steps"}  # TrainingConfig fields that change no figure
+
+
+def run_settings(stream, system: DyLoRAConfig, training: TrainingConfig, bench: BenchmarkConfig,
+                 data_dir) -> dict:
+    """What every method's figures depend on besides the method (the options of this command over the stream
+    file: the system and training configuration before a method adapts them, the benchmark's sizes and each
+    step's caps), JSON-ready; kept in each method file, so that methods measured under other options are not
+    reported beside each other."""
+    data = {"system": system.to_dict(),
+            "training": {k: v for k, v in dataclasses.asdict(training).items() if k not in UNMEASURED},
+            "bench": {k: v for k, v in dataclasses.asdict(bench).items() if k != "spider_cache"},
+            "skills": [[s.name, s.max_train, s.max_eval] for s in stream.active(data_dir)]}
+    return json.loads(json.dumps(data, default=str))
+
+
+def flat(data, prefix: str = "") -> dict:
+    """A nested dict as dotted keys -> leaves."""
+    if isinstance(data, dict) and data:
+        return {k: v for key, value in data.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): data}
+
+
+def other_settings(raw: dict[str, dict], settings: dict) -> dict[str, list[str]]:
+    """Per method file measured under other ``settings`` (``run_settings``): the differing settings, as
+    ``name: theirs -> these``. Files written before settings were recorded are not checked."""
+    want = flat(settings)
+    out = {}
+    for name, r in raw.items():
+        if "settings" not in r:
+            continue
+        have = flat(r["settings"])
+        keys = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+        if keys:
+            out[name] = [f"{k}: {have.get(k)!r} -> {want.get(k)!r}" for k in keys]
+    return out
+
+
+def finished(out: Path) -> dict[str, dict]:
+    """The method files of ``out`` (finished methods), by method name."""
+    return {name: json.loads(path.read_text()) for name in METHODS
+            if (path := out / "methods" / f"{name}.json").is_file()}
+
+
+def check_settings(out: Path, raw: dict[str, dict], settings: dict, against: str = "this command's") -> None:
+    """Refuse method files measured under other settings than ``settings`` (``against`` names whose), naming
+    what differs."""
+    differ = other_settings(raw, settings)
+    if differ:
+        lines = "; ".join(f"{name} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
+                          for name, keys in differ.items())
+        raise SystemExit(f"{out / 'methods'}: measured under other options than {against}: {lines}. Give the "
+                         "options they ran with, delete those files to rerun them, or choose another --out")
 
 
 def other_steps(raw: dict[str, dict], steps: list[str]) -> list[str]:

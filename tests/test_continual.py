@@ -99,3 +99,29 @@ def test_method_files_of_other_steps_are_refused_not_reported(tmp_path):
     with pytest.raises(SystemExit, match=r"dylora\.partial ran other steps"):
         continual.main(argv)
     assert continual.other_steps({"base": raw}, steps) == []
+
+
+def test_method_files_measured_under_other_options_are_refused(tmp_path):
+    from tests.conftest import TINY_STREAM
+
+    (tmp_path / "stream.yaml").write_text(TINY_STREAM.format(steps=1))
+    out = tmp_path / "out"
+    (out / "methods").mkdir(parents=True)
+    argv = ["--stream", str(tmp_path / "stream.yaml"), "--out", str(out), "--methods", "base"]
+    settings = continual.run_settings(*continual.configs(continual.parse_args(argv)), None)
+    assert settings["training"]["consolidation_steps"] == 1 and "report_to" not in settings["training"]
+    steps = ["digits", "letters", "digits-again"]
+    raw = {"method": "base", "skills": steps, "labels": steps, "matrix": [[1.0, 3.0, 1.0]] * 3, "experts": 0,
+           "trainable_params": 0, "train_seconds": 0.0, "stream_seconds": 0.0, "novel": [], "expert_of_step": [],
+           "final_routing": [], "uses_router": False, "generation": [], "seconds": 0.0, "settings": settings}
+    (out / "methods" / "base.json").write_text(json.dumps(raw))
+    continual.main([*argv, "--report"])  # the same options: reported
+    with pytest.raises(SystemExit, match=r"base \(training.consolidation_steps: 1 -> 3\)"):
+        continual.main([*argv, "--consolidation-steps", "3"])  # refused before anything runs
+    other = {**settings, "bench": {**settings["bench"], "pass_limit": 100}}
+    (out / "methods" / "oracle_experts.json").write_text(json.dumps({**raw, "method": "oracle_experts",
+                                                                      "settings": other}))
+    with pytest.raises(SystemExit, match=r"than oracle_experts's: base \(bench.pass_limit: 16 -> 100\)"):
+        continual.main([*argv, "--report"])  # files that disagree with each other are not reported together
+    older = {k: v for k, v in raw.items() if k != "settings"}  # written before settings were recorded
+    assert continual.other_settings({"older": older}, {**settings, "bench": {}}) == {}
