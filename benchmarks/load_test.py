@@ -106,8 +106,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def served(folder: Path, mode: str, args: argparse.Namespace, key: str, log: Path):
-    """`dylora serve folder` in its own process; yields its URL once /health answers."""
+def served(folder: Path, mode: str, args: argparse.Namespace, key: str | None, log: Path):
+    """`dylora serve folder` in its own process; yields its URL once /health answers. ``key``: the API key
+    that allows uploads (None: a read-only server)."""
     port = free_port()
     dylora = Path(sys.executable).with_name("dylora")
     cmd = [str(dylora)] if dylora.exists() else [sys.executable, "-m", "dylora_moe.cli"]
@@ -116,8 +117,10 @@ def served(folder: Path, mode: str, args: argparse.Namespace, key: str, log: Pat
             "--consolidation-steps", str(args.consolidation_steps), "--train-batch-size", "2"]
     cmd += ["--join-batch", str(args.join_batch), "--join-wait-steps", str(args.join_wait_steps),
             "--prefill-share", str(args.prefill_share)]
-    env = {**os.environ, "DYLORA_API_KEY": key, "PYTHONPATH": os.pathsep.join(
-        [str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = {k: v for k, v in os.environ.items() if k != "DYLORA_API_KEY"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
+    if key is not None:
+        env["DYLORA_API_KEY"] = key
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"

@@ -6,11 +6,12 @@ other in one run, on the same system and the same machine.
 
 A fresh default-model system first learns two skills through ``dylora serve`` (the 32 shortest HumanEval and
 VerilogEval problems; not timed), so requests are routed to two real experts. Then the clients (completions
-and chat, greedy, --max-tokens new tokens, prompts of both skills) load the single-process server, which is
-stopped, then ``dylora serve --ray`` on a local Ray cluster (--replicas generation replicas holding
---experts-per-replica experts each, an ingress). Writes both phases (requests, errors, p50/p99, throughput),
-the requests each replica answered, and a paper extrapolation from the measured per-replica throughput to N
-replicas on N machines (results/load_test_ray.json).
+and chat, greedy, --max-tokens new tokens, prompts of both skills) load ``dylora serve`` as users run it, a
+process of its own (the clients are threads of this one), which is stopped, then the Ray Serve app on a local Ray
+cluster (--replicas generation replicas holding --experts-per-replica experts each, an ingress; same batch,
+token cap and scheduler options). Both servers get the same untimed warm-up requests first. Writes both
+phases (requests, errors, p50/p99, throughput), the requests each replica answered, and a paper extrapolation
+from the measured per-replica throughput to N replicas on N machines (results/load_test_ray.json).
 """
 
 from __future__ import annotations
@@ -46,11 +47,23 @@ def learn_skills(system: Path, config: ServerConfig, key: str, job_timeout: floa
                 raise RuntimeError(f"setup failed: {job['error']}")
 
 
-def single_process(system: Path, config: ServerConfig, args) -> dict:
-    from load_test import phase
+def warm_up(url: str, args, requests: int) -> None:
+    """The same untimed requests before either server's measured phase (a Ray replica loads its experts)."""
+    from load_test import request_body
 
-    with BackgroundServer(create_app(system, config)) as server:
-        return phase(server.url, args.clients, args.duration, args.max_tokens)
+    with httpx.Client(base_url=url, timeout=300.0) as http:
+        for i in range(requests):
+            path, body = request_body(i, 1, args.max_tokens)
+            http.post(path, json=body).raise_for_status()
+
+
+def single_process(system: Path, args, log: Path) -> dict:
+    """``dylora serve`` as users run it: a process of its own (read-only), the clients in this one."""
+    from load_test import phase, served
+
+    with served(system, "continuous", args, None, log) as url:
+        warm_up(url, args, 4 * args.replicas)
+        return phase(url, args.clients, args.duration, args.max_tokens)
 
 
 def on_ray(system: Path, config: ServerConfig, args) -> tuple[dict, dict[str, int]]:
@@ -73,12 +86,7 @@ def on_ray(system: Path, config: ServerConfig, args) -> tuple[dict, dict[str, in
                                 replica_cpus=0.8 * cpus / args.replicas, ingress_cpus=0.2 * cpus)
         serve.run(build_app(system, config, layout), name="dylora", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        with httpx.Client(base_url=url, timeout=300.0) as http:  # every replica loads its experts first
-            from load_test import request_body
-
-            for i in range(4 * args.replicas):
-                path, body = request_body(i, 1, args.max_tokens)
-                http.post(path, json=body).raise_for_status()
+        warm_up(url, args, 4 * args.replicas)  # every replica loads its experts first
         before = answered(url)
         result = phase(url, args.clients, args.duration, args.max_tokens)
         after = answered(url)
@@ -113,13 +121,17 @@ def compare(args) -> int:
                               batch_size=2, max_length=256, router_fit_steps=100, report_to=["none"],
                               instruction_views=False, raw_copies=False)  # the recipe it was measured with
     config = ServerConfig(model_name="dylora-moe", api_key=key, max_batch=args.max_batch, training=training)
-    serving = ServerConfig(model_name="dylora-moe", api_key=None, max_batch=args.max_batch, training=training)
+    # Ray's servers get what `dylora serve` gets on its command line (load_test.served).
+    serving = ServerConfig(model_name="dylora-moe", api_key=None, max_batch=args.max_batch, training=training,
+                           max_tokens_cap=max(args.max_tokens), default_max_tokens=min(64, max(args.max_tokens)),
+                           join_batch=args.join_batch, join_wait_steps=args.join_wait_steps,
+                           prefill_share=args.prefill_share)
     with tempfile.TemporaryDirectory(prefix="dylora-ray-load-") as tmp:
         system = Path(tmp) / "system"
         print("building a fresh system on the default model")
         DyLoRAMoE.from_config(DyLoRAConfig(model="default")).save_pretrained(system)
         learn_skills(system, config, key, args.job_timeout)
-        single = single_process(system, serving, args)
+        single = single_process(system, args, Path(tmp) / "serve.log")
         print(f"dylora serve: {line(single)} ({single['requests_per_second']} req/s)")
         ray_result, per_replica = on_ray(system, serving, args)
         print(f"ray, {args.replicas} replicas: {line(ray_result)} ({ray_result['requests_per_second']} req/s; "
