@@ -1,7 +1,8 @@
 """The load of ``load_test.py`` against ``dylora serve`` and against the Ray Serve deployment, one after the
 other in one run, on the same system and the same machine.
 
-    python benchmarks/load_test.py --ray                            # 16 clients x 60 s per server
+    python benchmarks/load_test.py --ray                            # 16 clients x 40 s per server
+    python benchmarks/load_test.py --ray --duration 60 --max-tokens 16 --max-batch 8   # the README's run
     python benchmarks/load_test.py --ray --duration 10 --clients 4  # a quick check
 
 A fresh default-model system first learns two skills through ``dylora serve`` (the 32 shortest HumanEval and
