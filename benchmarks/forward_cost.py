@@ -19,6 +19,7 @@ import torch
 from peft import get_peft_model
 
 from dylora_moe import DyLoRAConfig, DyLoRAMoE, ExpertConfig, RouterConfig, load_backbone
+from dylora_moe.backbone import resolve_device
 from results import ratio_table, write_json
 
 
@@ -32,6 +33,7 @@ def cost_arguments(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per cell after a warm-up (median)")
     p.add_argument("--rank", type=int, default=ExpertConfig.rank)
     p.add_argument("--targets", default=ExpertConfig.target_modules, help="attention | mlp | all-linear")
+    p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N | mps")
     return p
 
 
@@ -47,12 +49,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def timed(fn, repeats: int) -> float:
+def synchronize(device: torch.device | str | None) -> None:
+    """Wait for the work queued on ``device`` (an accelerator runs kernels asynchronously of the host)."""
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device is not None and device.type == "mps":
+        torch.mps.synchronize()
+
+
+def timed(fn, repeats: int, device: torch.device | str | None = None) -> float:
+    """Median seconds of ``repeats`` calls of ``fn`` after a warm-up call, the device synchronised before each
+    clock read so that the time covers the work ``fn`` queued."""
     fn()  # warm-up: allocations, stacked-weight caches
+    synchronize(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -64,21 +79,21 @@ def randomise(params) -> None:
 
 
 def single_lora_baseline(args, model: DyLoRAMoE, inputs, prompt) -> tuple[float, float]:
-    backbone, _ = load_backbone(args.model, device="cpu")
+    backbone, _ = load_backbone(args.model, device=str(model.device))
     lora = model.experts.lora_config(args.rank)
     peft_model = get_peft_model(backbone, lora, adapter_name="single").eval()
     randomise(p for n, p in peft_model.named_parameters() if "lora_" in n)
     with torch.no_grad():
-        forward = timed(lambda: peft_model(**inputs), args.repeats)
-    decode = decode_rate(lambda **kw: peft_model.generate(**kw), prompt, args)
+        forward = timed(lambda: peft_model(**inputs), args.repeats, model.device)
+    decode = decode_rate(lambda **kw: peft_model.generate(**kw), prompt, args, model.device)
     return forward, decode
 
 
-def decode_rate(generate, prompt, args) -> float:
+def decode_rate(generate, prompt, args, device=None) -> float:
     kwargs = dict(max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens, do_sample=False,
                   pad_token_id=0, use_cache=True)
     with torch.no_grad():
-        seconds = timed(lambda: generate(**prompt, **kwargs), args.repeats)
+        seconds = timed(lambda: generate(**prompt, **kwargs), args.repeats, device)
     return args.decode_tokens / seconds
 
 
@@ -97,14 +112,15 @@ def set_maturity(model: DyLoRAMoE, mature: bool) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(0)
-    config = DyLoRAConfig(model=args.model, device="cpu",
+    device = resolve_device(args.device)
+    config = DyLoRAConfig(model=args.model, device=str(device),
                           expert=ExpertConfig(rank=args.rank, target_modules=args.targets, dropout=0.0),
                           router=RouterConfig(top_k=1, route_layer=args.route_layer, route_pass=args.route_pass))
     model = DyLoRAMoE.from_config(config).eval()
     vocab = model.backbone.config.vocab_size
-    ids = torch.randint(100, vocab, (args.batch, args.seq_len))
+    ids = torch.randint(100, vocab, (args.batch, args.seq_len)).to(device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    prompt_ids = torch.randint(100, vocab, (1, args.decode_prompt))
+    prompt_ids = torch.randint(100, vocab, (1, args.decode_prompt)).to(device)
     prompt = {"input_ids": prompt_ids, "attention_mask": torch.ones_like(prompt_ids)}
 
     base_s, base_decode = single_lora_baseline(args, model, inputs, prompt)
@@ -116,7 +132,7 @@ def main(argv=None) -> dict:
             model.config.mixing = "reference" if mode == "reference" else "fused"
             set_maturity(model, mode == "top1")
             with torch.no_grad():
-                seconds = timed(lambda: model(**inputs), args.repeats)
+                seconds = timed(lambda: model(**inputs), args.repeats, device)
             rows.append({"experts": n, "mode": mode, "seconds": seconds, "ratio": seconds / base_s})
             print(f"  N={n:<3d} {mode:<9s} {seconds:7.3f}s  ratio {seconds / base_s:5.2f}", flush=True)
 
@@ -125,13 +141,13 @@ def main(argv=None) -> dict:
         model.delete_expert(model.experts.expert_ids[-1])
     grow_to(model, args.decode_experts)
     set_maturity(model, False)
-    dense = decode_rate(model.generate, prompt, args)
+    dense = decode_rate(model.generate, prompt, args, device)
     set_maturity(model, True)
-    top1 = decode_rate(model.generate, prompt, args)
+    top1 = decode_rate(model.generate, prompt, args, device)
     result = {
         "model": args.model, "batch": args.batch, "seq_len": args.seq_len, "single_lora_s": base_s,
         "rank": args.rank, "targets": args.targets, "route_layer": args.route_layer,
-        "route_pass": args.route_pass,
+        "route_pass": args.route_pass, "device": str(device),
         "threads": torch.get_num_threads(), "rows": rows,
         "decode": {"experts": args.decode_experts, "tokens": args.decode_tokens,
                    "single_lora_tok_s": base_decode, "dense_tok_s": dense, "top1_tok_s": top1},

@@ -33,6 +33,7 @@ import torch
 from peft import get_peft_model
 
 from dylora_moe import DyLoRAConfig, DyLoRAMoE, ExpertConfig, RouterConfig, load_backbone
+from dylora_moe.backbone import resolve_device
 from dylora_moe.training.distill import kl_on_anchors, kl_to_frozen
 from forward_cost import cost_arguments, grow_to, randomise, timed
 from results import ratio_table, write_json
@@ -65,8 +66,8 @@ def training_step(model, params, inputs, anchor_kl=None, kl_weight: float = 0.0)
     return step
 
 
-def single_lora_step(args, lora_config, inputs, anchors=None) -> float:
-    backbone, _ = load_backbone(args.model, device="cpu")
+def single_lora_step(args, lora_config, inputs, anchors=None, device=None) -> float:
+    backbone, _ = load_backbone(args.model, device=str(device or "cpu"))
     peft_model = get_peft_model(backbone, lora_config, adapter_name="single").train()
     params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
     randomise(params)
@@ -77,7 +78,7 @@ def single_lora_step(args, lora_config, inputs, anchors=None) -> float:
         return kl_to_frozen(peft_model(**anchors).logits, frozen, anchors["attention_mask"])
 
     kl = anchor_kl if anchors is not None else None
-    return timed(training_step(peft_model, params, inputs, kl, args.kl_weight), args.repeats)
+    return timed(training_step(peft_model, params, inputs, kl, args.kl_weight), args.repeats, device)
 
 
 def mixed_gate(model: DyLoRAMoE, inputs, trained: int) -> None:
@@ -109,7 +110,7 @@ def pool_step(model: DyLoRAMoE, mode: str, repeats: int, inputs, anchors=None, k
         def kl() -> torch.Tensor:
             return kl_on_anchors(model, anchors["input_ids"], anchors["attention_mask"], trained)[0]
     try:
-        return timed(training_step(model, params, inputs, kl, kl_weight), repeats)
+        return timed(training_step(model, params, inputs, kl, kl_weight), repeats, model.device)
     finally:
         model.set_trainable([], router=False)
         model.eval()
@@ -118,21 +119,22 @@ def pool_step(model: DyLoRAMoE, mode: str, repeats: int, inputs, anchors=None, k
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(0)
-    config = DyLoRAConfig(model=args.model, device="cpu",
+    device = resolve_device(args.device)
+    config = DyLoRAConfig(model=args.model, device=str(device),
                           expert=ExpertConfig(rank=args.rank, target_modules=args.targets, dropout=0.0),
                           router=RouterConfig(top_k=1, dense_top_m=args.dense_top_m))
     model = DyLoRAMoE.from_config(config)
     vocab = model.backbone.config.vocab_size
-    ids = torch.randint(100, vocab, (args.batch, args.seq_len))
+    ids = torch.randint(100, vocab, (args.batch, args.seq_len)).to(device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     anchors = None
     if args.kl_weight > 0:
-        anchor_ids = torch.randint(100, vocab, (args.batch, args.anchor_len))
+        anchor_ids = torch.randint(100, vocab, (args.batch, args.anchor_len)).to(device)
         anchors = {"input_ids": anchor_ids, "attention_mask": torch.ones_like(anchor_ids)}
     with torch.no_grad():
         model.router.gate.weight.normal_(0, 1.0)  # a random gate spreads a batch over the experts
 
-    base_s = single_lora_step(args, model.experts.lora_config(args.rank), inputs, anchors)
+    base_s = single_lora_step(args, model.experts.lora_config(args.rank), inputs, anchors, device)
     kl = f" + KL on {args.batch}x{args.anchor_len} anchors" if anchors is not None else ""
     print(f"single LoRA training step {args.batch}x{args.seq_len}{kl}: {base_s:.3f}s", flush=True)
     rows = []
@@ -147,7 +149,7 @@ def main(argv=None) -> dict:
     result = {"model": args.model, "batch": args.batch, "seq_len": args.seq_len, "rank": args.rank,
               "targets": args.targets, "dense_top_m": args.dense_top_m, "single_lora_step_s": base_s,
               "kl_weight": args.kl_weight, "anchor_len": args.anchor_len if anchors is not None else None,
-              "threads": torch.get_num_threads(), "rows": rows}
+              "device": str(device), "threads": torch.get_num_threads(), "rows": rows}
     print_table(result)
     write_json(args.out, result)
     return result
