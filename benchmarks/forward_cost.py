@@ -58,18 +58,21 @@ def synchronize(device: torch.device | str | None) -> None:
         torch.mps.synchronize()
 
 
-def timed(fn, repeats: int, device: torch.device | str | None = None) -> float:
+def timed(fn, repeats: int, device: torch.device | str | None = None, times: list[float] | None = None) -> float:
     """Median seconds of ``repeats`` calls of ``fn`` after a warm-up call, the device synchronised before each
-    clock read so that the time covers the work ``fn`` queued."""
+    clock read so that the time covers the work ``fn`` queued. ``times`` (a list) receives every repeat's
+    seconds, for the spread."""
     fn()  # warm-up: allocations, stacked-weight caches
     synchronize(device)
-    times = []
+    runs = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        runs.append(time.perf_counter() - start)
+    if times is not None:
+        times.extend(runs)
+    return statistics.median(runs)
 
 
 def randomise(params) -> None:
@@ -78,13 +81,13 @@ def randomise(params) -> None:
             p.normal_(0, 0.02)
 
 
-def single_lora_baseline(args, model: DyLoRAMoE, inputs, prompt) -> tuple[float, float]:
+def single_lora_baseline(args, model: DyLoRAMoE, inputs, prompt, times: list[float]) -> tuple[float, float]:
     backbone, _ = load_backbone(args.model, device=str(model.device))
     lora = model.experts.lora_config(args.rank)
     peft_model = get_peft_model(backbone, lora, adapter_name="single").eval()
     randomise(p for n, p in peft_model.named_parameters() if "lora_" in n)
     with torch.no_grad():
-        forward = timed(lambda: peft_model(**inputs), args.repeats, model.device)
+        forward = timed(lambda: peft_model(**inputs), args.repeats, model.device, times)
     decode = decode_rate(lambda **kw: peft_model.generate(**kw), prompt, args, model.device)
     return forward, decode
 
@@ -123,7 +126,8 @@ def main(argv=None) -> dict:
     prompt_ids = torch.randint(100, vocab, (1, args.decode_prompt)).to(device)
     prompt = {"input_ids": prompt_ids, "attention_mask": torch.ones_like(prompt_ids)}
 
-    base_s, base_decode = single_lora_baseline(args, model, inputs, prompt)
+    base_times: list[float] = []
+    base_s, base_decode = single_lora_baseline(args, model, inputs, prompt, base_times)
     print(f"single LoRA forward {args.batch}x{args.seq_len}: {base_s:.3f}s; decode {base_decode:.1f} tok/s")
     rows = []
     for n in [int(x) for x in args.experts.split(",")]:
@@ -131,9 +135,10 @@ def main(argv=None) -> dict:
         for mode in ("reference", "dense", "top1"):
             model.config.mixing = "reference" if mode == "reference" else "fused"
             set_maturity(model, mode == "top1")
+            times: list[float] = []
             with torch.no_grad():
-                seconds = timed(lambda: model(**inputs), args.repeats, device)
-            rows.append({"experts": n, "mode": mode, "seconds": seconds, "ratio": seconds / base_s})
+                seconds = timed(lambda: model(**inputs), args.repeats, device, times)
+            rows.append({"experts": n, "mode": mode, "seconds": seconds, "ratio": seconds / base_s, "times": times})
             print(f"  N={n:<3d} {mode:<9s} {seconds:7.3f}s  ratio {seconds / base_s:5.2f}", flush=True)
 
     model.config.mixing = "fused"
@@ -146,6 +151,7 @@ def main(argv=None) -> dict:
     top1 = decode_rate(model.generate, prompt, args, device)
     result = {
         "model": args.model, "batch": args.batch, "seq_len": args.seq_len, "single_lora_s": base_s,
+        "single_lora_times": base_times, "repeats": args.repeats,
         "rank": args.rank, "targets": args.targets, "route_layer": args.route_layer,
         "route_pass": args.route_pass, "device": str(device),
         "threads": torch.get_num_threads(), "rows": rows,

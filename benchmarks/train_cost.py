@@ -66,7 +66,7 @@ def training_step(model, params, inputs, anchor_kl=None, kl_weight: float = 0.0)
     return step
 
 
-def single_lora_step(args, lora_config, inputs, anchors=None, device=None) -> float:
+def single_lora_step(args, lora_config, inputs, anchors=None, device=None, times=None) -> float:
     backbone, _ = load_backbone(args.model, device=str(device or "cpu"))
     peft_model = get_peft_model(backbone, lora_config, adapter_name="single").train()
     params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
@@ -78,7 +78,7 @@ def single_lora_step(args, lora_config, inputs, anchors=None, device=None) -> fl
         return kl_to_frozen(peft_model(**anchors).logits, frozen, anchors["attention_mask"])
 
     kl = anchor_kl if anchors is not None else None
-    return timed(training_step(peft_model, params, inputs, kl, args.kl_weight), args.repeats, device)
+    return timed(training_step(peft_model, params, inputs, kl, args.kl_weight), args.repeats, device, times)
 
 
 def mixed_gate(model: DyLoRAMoE, inputs, trained: int) -> None:
@@ -95,7 +95,8 @@ def mixed_gate(model: DyLoRAMoE, inputs, trained: int) -> None:
     raise RuntimeError("no random gate sends the batch to the trained expert and to another one")
 
 
-def pool_step(model: DyLoRAMoE, mode: str, repeats: int, inputs, anchors=None, kl_weight: float = 0.0) -> float:
+def pool_step(model: DyLoRAMoE, mode: str, repeats: int, inputs, anchors=None, kl_weight: float = 0.0,
+              times: list[float] | None = None) -> float:
     trained = model.experts.expert_ids[-1]
     for e in model.experts.expert_ids:
         model.mark_mature(e, mode == "recognised" or e != trained)
@@ -110,7 +111,7 @@ def pool_step(model: DyLoRAMoE, mode: str, repeats: int, inputs, anchors=None, k
         def kl() -> torch.Tensor:
             return kl_on_anchors(model, anchors["input_ids"], anchors["attention_mask"], trained)[0]
     try:
-        return timed(training_step(model, params, inputs, kl, kl_weight), repeats, model.device)
+        return timed(training_step(model, params, inputs, kl, kl_weight), repeats, model.device, times)
     finally:
         model.set_trainable([], router=False)
         model.eval()
@@ -134,7 +135,8 @@ def main(argv=None) -> dict:
     with torch.no_grad():
         model.router.gate.weight.normal_(0, 1.0)  # a random gate spreads a batch over the experts
 
-    base_s = single_lora_step(args, model.experts.lora_config(args.rank), inputs, anchors, device)
+    base_times: list[float] = []
+    base_s = single_lora_step(args, model.experts.lora_config(args.rank), inputs, anchors, device, base_times)
     kl = f" + KL on {args.batch}x{args.anchor_len} anchors" if anchors is not None else ""
     print(f"single LoRA training step {args.batch}x{args.seq_len}{kl}: {base_s:.3f}s", flush=True)
     rows = []
@@ -143,11 +145,13 @@ def main(argv=None) -> dict:
         with torch.no_grad():
             model.router.gate.weight.normal_(0, 1.0)
         for mode in MODES:
-            seconds = pool_step(model, mode, args.repeats, inputs, anchors, args.kl_weight)
-            rows.append({"experts": n, "mode": mode, "seconds": seconds, "ratio": seconds / base_s})
+            times: list[float] = []
+            seconds = pool_step(model, mode, args.repeats, inputs, anchors, args.kl_weight, times)
+            rows.append({"experts": n, "mode": mode, "seconds": seconds, "ratio": seconds / base_s, "times": times})
             print(f"  N={n:<3d} {mode:<15s} {seconds:7.3f}s  ratio {seconds / base_s:5.2f}", flush=True)
     result = {"model": args.model, "batch": args.batch, "seq_len": args.seq_len, "rank": args.rank,
               "targets": args.targets, "dense_top_m": args.dense_top_m, "single_lora_step_s": base_s,
+              "single_lora_step_times": base_times, "repeats": args.repeats,
               "kl_weight": args.kl_weight, "anchor_len": args.anchor_len if anchors is not None else None,
               "device": str(device), "threads": torch.get_num_threads(), "rows": rows}
     print_table(result)

@@ -4,6 +4,7 @@ device's queued work before it reads the clock, and the benchmark runs on the de
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -38,3 +39,17 @@ def test_the_run_uses_and_records_the_device_it_is_given(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["device"] == "cpu"
     assert [(r["experts"], r["mode"]) for r in saved["rows"]] == [(2, m) for m in ("reference", "dense", "top1")]
+
+
+def test_every_cell_records_the_repeats_its_median_is_taken_of(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "model")
+    char_tokenizer().save_pretrained(tmp_path / "model")
+    out = tmp_path / "fc.json"
+    forward_cost.main(["--model", str(tmp_path / "model"), "--experts", "1", "--repeats", "3", "--batch", "2",
+                       "--seq-len", "8", "--decode-tokens", "2", "--decode-prompt", "4", "--decode-experts", "1",
+                       "--device", "cpu", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["repeats"] == 3 and len(saved["single_lora_times"]) == 3
+    assert saved["single_lora_s"] == statistics.median(saved["single_lora_times"])
+    for row in saved["rows"]:
+        assert len(row["times"]) == 3 and row["seconds"] == statistics.median(row["times"])

@@ -30,6 +30,8 @@ def test_every_mode_and_pool_size_is_timed_against_the_single_lora_step(tmp_path
     assert [(r["experts"], r["mode"]) for r in saved["rows"]] == [(n, m) for n in (1, 3) for m in train_cost.MODES]
     assert all(r["seconds"] > 0 and r["ratio"] == pytest.approx(r["seconds"] / result["single_lora_step_s"])
                for r in saved["rows"])
+    assert saved["repeats"] == 1 and len(saved["single_lora_step_times"]) == 1
+    assert all(r["times"] == [r["seconds"]] for r in saved["rows"])  # the median of the repeats it records
 
 
 def test_the_anchor_kl_is_zero_without_the_expert_and_trains_only_it():
