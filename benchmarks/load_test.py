@@ -19,8 +19,8 @@ Per phase: completion tokens per second (all tokens of all requests over the pha
 p50/p99 latency of whole requests (a streamed one until its last event), p50 time to first token of streamed
 requests, errors (any status but 200, or a stream without [DONE]), and what the server counted (its
 worker's seconds in prefill and decode, prompt and generated tokens). The summary gives per mode and phase the
-median over repeats, and the continuous/static ratios per repeat with their median, min and max. JSON goes
-to results/load_test.json.
+median over repeats of tokens/s, p50, p99 and streamed first-token p50, the errors and requests of all repeats,
+and the continuous/static ratios per repeat with their median, min and max. JSON goes to results/load_test.json.
 """
 
 from __future__ import annotations
@@ -294,12 +294,19 @@ def run_mode(base: Path, mode: str, args: argparse.Namespace, key: str, tmp: Pat
                            "requests_answered_while_training": during, "error": job["error"]}}
 
 
+def median_of(values) -> float | None:
+    """The median of the values that were measured (a phase without a streamed answer has none)."""
+    known = [v for v in values if v is not None]
+    return float(np.median(known)) if known else None
+
+
 def summary(runs: list[dict], modes: list[str]) -> dict:
     out: dict = {}
     for ph in ("serving", "serving_with_upload"):
         per = {m: [r[m][ph] for r in runs] for m in modes}
         out[ph] = {m: {k: float(np.median([x[k] for x in per[m]])) for k in ("tokens_per_second", "p50_ms", "p99_ms")}
-                   | {"errors": sum(x["errors"] for x in per[m]), "requests": sum(x["requests"] for x in per[m])}
+                   | {"stream_first_token_p50_ms": median_of(x["stream_first_token_p50_ms"] for x in per[m]),
+                      "errors": sum(x["errors"] for x in per[m]), "requests": sum(x["requests"] for x in per[m])}
                    for m in modes}
         if set(modes) == {"continuous", "static"}:
             for k in ("tokens_per_second", "p50_ms", "p99_ms"):
