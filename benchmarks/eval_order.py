@@ -5,10 +5,10 @@
 
 For every step of the stream, its held-out set is scored twice in one process by ``training.measure.token_losses``:
 in the dataset's order (every ``--batch-size`` consecutive examples padded to the longest of them, as
-evaluation batched before) and in length order (``length_batches``, what it batches now), alternating
-``--repeats`` times. Reports per step the padded tokens of each batching, the median seconds of each and their
-ratio, and the largest difference of any example's summed loss between them. The model is the frozen
-backbone: the cost of a pass does not depend on which expert a top-1 route picks.
+evaluation batched before) and in length order (``length_batches``, what it batches now), once each untimed
+(warm-up), then alternating ``--repeats`` times. Reports per step the padded tokens of each batching, the
+median seconds of each and their ratio, and the largest difference of any example's summed loss between them.
+The model is the frozen backbone: the cost of a pass does not depend on which expert a top-1 route picks.
 """
 
 from __future__ import annotations
@@ -41,6 +41,24 @@ def in_dataset_order(model: DyLoRAMoE, dataset, batch_size: int) -> list[torch.T
     return rows
 
 
+def time_both(model: DyLoRAMoE, data, batch_size: int, repeats: int) -> tuple[dict, list, list]:
+    """Seconds of ``repeats`` alternating scorings in dataset order and in length order, after one untimed
+    scoring of each (warm-up: the first passes' allocations and one-time set-up are not timed), and the
+    losses of each."""
+    in_dataset_order(model, data, batch_size)
+    token_losses(model, data, batch_size)
+    seconds: dict[str, list[float]] = {"dataset_order": [], "length_order": []}
+    before = after = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        before = in_dataset_order(model, data, batch_size)
+        seconds["dataset_order"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        after = token_losses(model, data, batch_size)
+        seconds["length_order"].append(time.perf_counter() - start)
+    return seconds, before, after
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stream", default="configs/streams/shared-code.yaml")
@@ -61,14 +79,7 @@ def main() -> None:
         lengths = [len(ids) for ids in data["input_ids"]]
         size = args.batch_size
         consecutive = [list(range(i, min(i + size, len(data)))) for i in range(0, len(data), size)]
-        seconds = {"dataset_order": [], "length_order": []}
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            before = in_dataset_order(model, data, args.batch_size)
-            seconds["dataset_order"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            after = token_losses(model, data, args.batch_size)
-            seconds["length_order"].append(time.perf_counter() - start)
+        seconds, before, after = time_both(model, data, args.batch_size, args.repeats)
         diff = max(abs(a.sum().item() - b.sum().item()) for a, b in zip(before, after, strict=True))
         median = {k: statistics.median(v) for k, v in seconds.items()}
         row = {"skill": skill.name, "examples": len(data), "tokens": sum(lengths),
