@@ -61,12 +61,12 @@ def time_both(model: DyLoRAMoE, data, batch_size: int, repeats: int) -> tuple[di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stream", default="configs/streams/shared-code.yaml")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--model", default="default")
-    parser.add_argument("--batch-size", type=int, default=TrainingConfig.eval_batch_size)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default="results/eval_order.json")
+    parser.add_argument("--stream", default="configs/streams/shared-code.yaml", help="stream YAML to score")
+    parser.add_argument("--data-dir", default=None, help="data directory for the stream's data-dir sources")
+    parser.add_argument("--model", default="default", help="HF id, local path or 'default'")
+    parser.add_argument("--batch-size", type=int, default=TrainingConfig.eval_batch_size, help="examples per pass")
+    parser.add_argument("--repeats", type=int, default=3, help="timed scorings of each batching (median)")
+    parser.add_argument("--out", default="results/eval_order.json", help="JSON result")
     args = parser.parse_args()
 
     stream = load_stream(args.stream)

@@ -27,11 +27,11 @@ def cost_arguments(doc: str) -> argparse.ArgumentParser:
     """The options every cost benchmark shares: model, batch shape, pool sizes, repeats, expert shape."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default", help="HF id, local path or 'default'")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch", type=int, default=4, help="sequences per timed batch")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (random ids, no padding)")
     p.add_argument("--experts", default="1,4,8,16,32", help="comma-separated pool sizes")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per cell after a warm-up (median)")
-    p.add_argument("--rank", type=int, default=ExpertConfig.rank)
+    p.add_argument("--rank", type=int, default=ExpertConfig.rank, help="LoRA rank of every expert and the baseline")
     p.add_argument("--targets", default=ExpertConfig.target_modules, help="attention | mlp | all-linear")
     p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N | mps")
     return p
@@ -39,13 +39,14 @@ def cost_arguments(doc: str) -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = cost_arguments(__doc__)
-    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--decode-tokens", type=int, default=32, help="new tokens per greedy decode (all of them forced)")
     p.add_argument("--decode-prompt", type=int, default=32, help="prompt length for the decode test")
     p.add_argument("--decode-experts", type=int, default=8, help="pool size for the decode test")
-    p.add_argument("--route-layer", type=int, default=RouterConfig.route_layer)
+    p.add_argument("--route-layer", type=int, default=RouterConfig.route_layer,
+                   help="decoder layer whose input the gate reads (RouterConfig.route_layer)")
     p.add_argument("--route-pass", default=RouterConfig.route_pass, choices=("inline", "separate"),
                    help="separate: the gate's layer from a frozen prefix pass, experts on every layer")
-    p.add_argument("--out", default="results/forward_cost.json")
+    p.add_argument("--out", default="results/forward_cost.json", help="JSON result")
     return p.parse_args(argv)
 
 

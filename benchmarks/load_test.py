@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--system", type=Path, default=None,
                    help="a saved system folder to serve copies of (default: a fresh default-model system)")
-    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--clients", type=int, default=16, help="concurrent clients (the odd-numbered ones stream)")
     p.add_argument("--duration", type=float, default=40.0, help="seconds per phase")
     p.add_argument("--repeats", type=int, default=3, help="runs of each mode")
     p.add_argument("--max-tokens", type=int, nargs="+", default=[8, 16, 32, 64],
@@ -84,8 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the server's --join-wait-steps (0 admits joiners at every decode step)")
     p.add_argument("--prefill-share", type=float, default=ServerConfig.prefill_share,
                    help="the server's --prefill-share (1: no limit)")
-    p.add_argument("--seed-steps", type=int, default=2)
-    p.add_argument("--consolidation-steps", type=int, default=4)
+    p.add_argument("--seed-steps", type=int, default=2, help="the server's --seed-steps for the uploads' training")
+    p.add_argument("--consolidation-steps", type=int, default=4,
+                   help="the server's --consolidation-steps for the uploads' training")
     p.add_argument("--job-timeout", type=float, default=600.0, help="seconds to wait for a skill job")
     p.add_argument("--out", default=None, help="JSON result (default results/load_test.json, with --ray "
                                                "results/load_test_ray.json)")

@@ -43,11 +43,12 @@ MODES = ("new", "new-whole-pool", "recognised")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = cost_arguments(__doc__)
-    p.add_argument("--dense-top-m", type=int, default=RouterConfig.dense_top_m)
+    p.add_argument("--dense-top-m", type=int, default=RouterConfig.dense_top_m,
+                   help="established experts mixed with a new one in the 'new' mode (RouterConfig.dense_top_m)")
     p.add_argument("--kl-weight", type=float, default=0.0,
                    help="> 0: each step adds the KL to the frozen model on an anchor batch (the default recipe)")
     p.add_argument("--anchor-len", type=int, default=64, help="tokens per anchor prompt with --kl-weight")
-    p.add_argument("--out", default="results/train_cost.json")
+    p.add_argument("--out", default="results/train_cost.json", help="JSON result")
     return p.parse_args(argv)
 
 
