@@ -339,3 +339,20 @@ def test_an_atomic_text_write_leaves_the_old_file_whole_when_it_fails(tmp_path, 
     with pytest.raises(OSError, match="disk full"):
         write_text_atomic(target, "new")
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["tune.json"]  # no temp left
+
+
+@pytest.mark.parametrize("kept", ["half", "none"])
+def test_an_adapter_file_missing_tensors_is_refused_not_loaded_blank(tmp_path, kept):
+    """peft only warns about an adapter's missing tensors and leaves those layers freshly initialised: a load
+    must refuse the file, naming it and the way out, instead of serving a blank expert as the trained one."""
+    from safetensors.torch import load_file, save_file
+
+    saved_system(tmp_path)
+    weights = tmp_path / "system" / "experts" / "expert_1" / "adapter_model.safetensors"
+    state = load_file(str(weights))
+    keys = sorted(state)[: len(state) // 2] if kept == "half" else []
+    save_file({k: state[k] for k in keys} or {"unrelated": torch.zeros(1)}, str(weights))
+    before = weights.read_bytes()
+    with pytest.raises(ValueError, match=r"(?s)expert_1/adapter_model.safetensors lacks \d+ of .*restore it"):
+        DyLoRAMoE.from_pretrained(tmp_path / "system", backbone=tiny_llama(), tokenizer=char_tokenizer())
+    assert weights.read_bytes() == before

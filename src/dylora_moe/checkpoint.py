@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from peft import get_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -355,8 +356,9 @@ def _load(cls, path: Path, backbone, tokenizer, overrides: dict):
     ranks = {int(k): v for k, v in manifest["ranks"].items()}
     for expert_id in manifest["expert_ids"]:
         folder = path / "experts" / expert_name(expert_id)
-        check_adapter(folder)
+        saved_tensors = check_adapter(folder)
         model.experts.load_expert(expert_id, folder, ranks[expert_id])
+        check_complete_adapter(model.experts, expert_id, folder, saved_tensors)
     model.experts.next_id = manifest["next_id"]
     model.experts.lineage = {int(k): v for k, v in manifest.get("lineage", {}).items()}
     model.experts.written = dict.fromkeys(manifest["expert_ids"], path.resolve())
@@ -384,12 +386,24 @@ def _load(cls, path: Path, backbone, tokenizer, overrides: dict):
     return model
 
 
-def check_adapter(folder: Path) -> None:
+def check_adapter(folder: Path) -> set[str]:
+    """Check that an expert's adapter folder is complete and readable; returns the names of its tensors."""
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"expert weights are incomplete: {folder / name} is missing")
     read_json(folder / "adapter_config.json")
-    load_tensors(folder / "adapter_model.safetensors")
+    return set(load_tensors(folder / "adapter_model.safetensors"))
+
+
+def check_complete_adapter(manager, expert_id: int, folder: Path, saved: set[str]) -> None:
+    """Refuse an adapter file that lacks some of the expert's weight tensors: peft would only warn and leave
+    those layers at their fresh initialisation, silently replacing the trained expert by a blank one."""
+    expected = set(get_peft_model_state_dict(manager.peft_model, adapter_name=expert_name(expert_id)))
+    missing = sorted(expected - saved)
+    if missing:
+        raise ValueError(f"{folder / 'adapter_model.safetensors'} lacks {len(missing)} of the expert's "
+                         f"{len(expected)} weight tensors (e.g. {missing[0]}): the file is incomplete or belongs to "
+                         "another model; restore it from a copy or retrain the expert")
 
 
 def read_json(path: Path):
