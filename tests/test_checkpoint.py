@@ -356,3 +356,22 @@ def test_an_adapter_file_missing_tensors_is_refused_not_loaded_blank(tmp_path, k
     with pytest.raises(ValueError, match=r"(?s)expert_1/adapter_model.safetensors lacks \d+ of .*restore it"):
         DyLoRAMoE.from_pretrained(tmp_path / "system", backbone=tiny_llama(), tokenizer=char_tokenizer())
     assert weights.read_bytes() == before
+
+
+def test_saved_tensors_that_do_not_fit_the_backbone_name_the_file_and_the_fix(tmp_path):
+    """A system loaded on another backbone (other widths), or a router file of another pool's shape: the error
+    names the file that does not fit and how to load it, not only torch's size mismatch."""
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    saved_system(tmp_path)
+    folder = tmp_path / "system"
+    wider = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0))
+    with pytest.raises(ValueError, match=r"(?s)expert_0/adapter_model.safetensors does not fit .*size mismatch"
+                                         r".*saved with \('tiny'\)"):
+        DyLoRAMoE.from_pretrained(folder, backbone=wider, tokenizer=char_tokenizer())
+    router = load_file(str(folder / "router.safetensors"))
+    save_file({**router, "gate.weight": torch.zeros(5, 32)}, str(folder / "router.safetensors"))
+    with pytest.raises(ValueError, match=r"router.safetensors does not fit .*restore the file from a copy"):
+        DyLoRAMoE.from_pretrained(folder, backbone=tiny_llama(), tokenizer=char_tokenizer())

@@ -357,7 +357,8 @@ def _load(cls, path: Path, backbone, tokenizer, overrides: dict):
     for expert_id in manifest["expert_ids"]:
         folder = path / "experts" / expert_name(expert_id)
         saved_tensors = check_adapter(folder)
-        model.experts.load_expert(expert_id, folder, ranks[expert_id])
+        with _fits(folder / "adapter_model.safetensors", manifest):
+            model.experts.load_expert(expert_id, folder, ranks[expert_id])
         check_complete_adapter(model.experts, expert_id, folder, saved_tensors)
     model.experts.next_id = manifest["next_id"]
     model.experts.lineage = {int(k): v for k, v in manifest.get("lineage", {}).items()}
@@ -367,12 +368,14 @@ def _load(cls, path: Path, backbone, tokenizer, overrides: dict):
     # Tensors are read onto the CPU; each goes where the live model keeps its kind: the router's state is
     # copied into the gate (on the backbone's device), skill embeddings go beside the embeddings ``embed`` makes.
     router_state = load_tensors(path / "router.safetensors")
-    model.router.load_state_dict(router_state)
+    with _fits(path / "router.safetensors", manifest):
+        model.router.load_state_dict(router_state)
     if model.config.trainable_lm_head:
         head = model.backbone.get_output_embeddings()
         if (path / HEAD).is_file():
             state = load_tensors(path / HEAD)
-            head.load_state_dict({k: v.to(head.weight.dtype) for k, v in state.items()})
+            with _fits(path / HEAD, manifest):
+                head.load_state_dict({k: v.to(head.weight.dtype) for k, v in state.items()})
         else:
             logger.warning("%s has no %s (saved before the trained head was kept): the head is the backbone's",
                            path, HEAD)
@@ -384,6 +387,19 @@ def _load(cls, path: Path, backbone, tokenizer, overrides: dict):
                        "will refuse to decide until it is loaded with novelty={'method': 'cosine'}",
                        path, ", ".join(missing), model.config.novelty.method)
     return model
+
+
+@contextlib.contextmanager
+def _fits(file: Path, manifest: dict) -> Iterator[None]:
+    """Name the file and the way out when its saved tensors do not fit the model being rebuilt (torch's size
+    mismatch or missing-key error names neither)."""
+    try:
+        yield
+    except RuntimeError as err:
+        detail = " ".join(line.strip() for line in str(err).strip().splitlines()[:2])
+        raise ValueError(f"{file} does not fit this model ({detail}): it was saved on another backbone or is "
+                         f"corrupt; load the system on the backbone it was saved with "
+                         f"({manifest['config'].get('model')!r}), or restore the file from a copy") from err
 
 
 def check_adapter(folder: Path) -> set[str]:
