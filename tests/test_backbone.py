@@ -59,3 +59,25 @@ def test_a_hub_id_under_hf_hub_offline_says_nothing_can_be_downloaded(monkeypatc
     with pytest.raises(ValueError, match=r"(?s)'some-org/no-such-model'.*HF_HUB_OFFLINE is set: nothing can be "
                                          r"downloaded.*huggingface-cli download some-org/no-such-model"):
         load_backbone("some-org/no-such-model")
+
+
+def test_a_damaged_conversion_cache_names_the_folder_to_delete(tmp_path, monkeypatch):
+    """A converted default model whose weights were cut short (a disk that filled, a power cut): the error names
+    the cached copy and how to have it converted again, instead of safetensors' bare header error."""
+    from tests.conftest import char_tokenizer
+
+    monkeypatch.setenv("DYLORA_CACHE", str(tmp_path / "cache"))
+    target = tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct"
+    tiny_llama().save_pretrained(target)
+    char_tokenizer().save_pretrained(target)
+    weights = target / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"(?s)'default': its converted copy .*SmolLM2-135M-Instruct is damaged"
+                                         r".*rm -r .*converts the GGUF file again"):
+        load_backbone("default", device="cpu")
+    local = tmp_path / "local"
+    tiny_llama().save_pretrained(local)
+    char_tokenizer().save_pretrained(local)
+    (local / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"cannot load model .*local"):
+        load_backbone(str(local), device="cpu")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import constants as hf_constants
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -123,7 +124,12 @@ def load_backbone(
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], **extra)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
+        if path != name and Path(path).is_relative_to(cache_dir()):
+            raise ValueError(
+                f"cannot load model {name!r}: its converted copy {path} is damaged ({err}).\nDelete that folder "
+                f"(`rm -r {path}`): the next load converts the GGUF file again."
+            ) from err
         if not Path(path).is_dir() and hub_offline():
             reason = str(err).strip().splitlines()[0]
             raise ValueError(
