@@ -47,3 +47,12 @@ def test_config_values_are_type_checked_and_numbers_written_as_text_convert():
         DyLoRAConfig.from_dict({"model": 5})
     with pytest.raises(ValueError, match="not a device"):
         DyLoRAConfig(device="gpu")
+
+
+@pytest.mark.parametrize("value", [None, 8, "cosine", ["rank"]])
+def test_a_section_that_is_not_a_mapping_is_refused_with_its_name(value):
+    """YAML reads an emptied ``router:`` as None: refused at once with the section named, not accepted and
+    failing later as an AttributeError deep inside the model."""
+    for section in ("expert", "router", "novelty"):
+        with pytest.raises(ValueError, match=rf"DyLoRAConfig.{section} must be a mapping of \w+Config fields"):
+            DyLoRAConfig.from_dict({section: value})

@@ -331,6 +331,10 @@ class DyLoRAConfig:
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, from_dict(cls, value))
+            elif not isinstance(value, cls):
+                raise ValueError(f"DyLoRAConfig.{name} must be a mapping of {cls.__name__} fields (or a "
+                                 f"{cls.__name__}), got {value!r} ({type(value).__name__}); leave the section "
+                                 "out for its defaults")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
