@@ -375,3 +375,21 @@ def test_saved_tensors_that_do_not_fit_the_backbone_name_the_file_and_the_fix(tm
     save_file({**router, "gate.weight": torch.zeros(5, 32)}, str(folder / "router.safetensors"))
     with pytest.raises(ValueError, match=r"router.safetensors does not fit .*restore the file from a copy"):
         DyLoRAMoE.from_pretrained(folder, backbone=tiny_llama(), tokenizer=char_tokenizer())
+
+
+def test_a_config_field_of_a_newer_version_names_the_manifest_and_the_upgrade(tmp_path):
+    """A system saved by a newer dylora-moe (a config field this version lacks) is refused with the manifest, the
+    fields and the way out; one saved by an older version (fields missing) loads with their defaults."""
+    build().save_pretrained(tmp_path / "system")
+    manifest = tmp_path / "system" / "dylora.json"
+    saved = json.loads(manifest.read_text())
+    newer = {**saved, "config": {**saved["config"], "future": 1,
+                                 "novelty": {**saved["config"]["novelty"], "knob": 2}}}
+    manifest.write_text(json.dumps(newer))
+    with pytest.raises(ValueError, match=r"dylora.json has config field\(s\) this dylora-moe does not know "
+                                         r"\(future, novelty.knob\).*newer dylora-moe; upgrade"):
+        DyLoRAMoE.from_pretrained(tmp_path / "system", backbone=tiny_llama(), tokenizer=char_tokenizer())
+    older = {**saved, "config": {k: v for k, v in saved["config"].items() if k != "max_experts"}}
+    manifest.write_text(json.dumps(older))
+    loaded = DyLoRAMoE.from_pretrained(tmp_path / "system", backbone=tiny_llama(), tokenizer=char_tokenizer())
+    assert loaded.config.max_experts is None

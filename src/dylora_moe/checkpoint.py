@@ -38,7 +38,7 @@ from peft import get_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import DyLoRAConfig
+from .config import DyLoRAConfig, unknown_fields
 from .experts.manager import expert_name
 
 logger = logging.getLogger(__name__)
@@ -346,6 +346,10 @@ def merged_config(saved: dict, overrides: dict) -> dict:
 
 def _load(cls, path: Path, backbone, tokenizer, overrides: dict):
     manifest = read_manifest(path)
+    unknown = unknown_fields(manifest["config"])
+    if unknown:
+        raise ValueError(f"{path / MANIFEST} has config field(s) this dylora-moe does not know ({', '.join(unknown)}): "
+                         "the system was saved by a newer dylora-moe; upgrade dylora-moe to load it")
     saved = merged_config(manifest["config"], overrides)
     if isinstance(saved.get("novelty", {}), dict) and "method" not in saved.get("novelty", {}):
         # Saved before the calibrated methods existed: keep deciding as it was built to (cosine threshold).

@@ -355,3 +355,17 @@ def from_dict(cls: type, data: dict[str, Any]):
     if unknown:
         raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     return cls(**data)
+
+
+SECTIONS = {"expert": ExpertConfig, "router": RouterConfig, "novelty": NoveltyConfig}
+
+
+def unknown_fields(data: dict[str, Any]) -> list[str]:
+    """The keys of a ``DyLoRAConfig`` dict (its sections' included, dotted) that no field of this version has."""
+    known = {f.name for f in fields(DyLoRAConfig)}
+    unknown = [key for key in data if key not in known]
+    for name, cls in SECTIONS.items():
+        if isinstance(data.get(name), dict):
+            section = {f.name for f in fields(cls)}
+            unknown += [f"{name}.{key}" for key in data[name] if key not in section]
+    return sorted(unknown)
