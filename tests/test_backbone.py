@@ -100,4 +100,63 @@ def test_a_damaged_gguf_file_names_the_file_and_the_fix(tmp_path, monkeypatch):
     other.write_bytes(b"not a gguf file" * 8)
     with pytest.raises(ValueError, match=r"cannot convert .*other.gguf .*give an intact .gguf file"):
         load_backbone(str(other), device="cpu")
-    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.suffix != ".lock"]
+
+
+def fake_gguf_loader(monkeypatch, calls, interrupt=False):
+    """Stand-ins for the GGUF loaders that build the tiny model (counting conversions); ``interrupt`` stops the
+    conversion with a KeyboardInterrupt while it writes the tokenizer."""
+    import threading
+    import time
+
+    import dylora_moe.backbone as backbone
+    from tests.conftest import char_tokenizer
+
+    lock = threading.Lock()
+
+    class Model:
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            with lock:
+                calls.append(1)
+            time.sleep(0.2)  # long enough for a second converter to arrive meanwhile
+            return tiny_llama()
+
+    class Tokenizer:
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            tok = char_tokenizer()
+            if interrupt:
+                tok.save_pretrained = lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
+            return tok
+
+    monkeypatch.setattr(backbone, "AutoModelForCausalLM", Model)
+    monkeypatch.setattr(backbone, "AutoTokenizer", Tokenizer)
+
+
+def test_an_interrupted_or_killed_conversion_leaves_no_copy_of_the_weights_behind(tmp_path, monkeypatch):
+    monkeypatch.setenv("DYLORA_CACHE", str(tmp_path))
+    models = tmp_path / "models"
+    calls = []
+    fake_gguf_loader(monkeypatch, calls, interrupt=True)
+    with pytest.raises(KeyboardInterrupt):
+        resolve_model("default")
+    assert not [p for p in models.iterdir() if ".convert-" in p.name]
+    killed = models / ".SmolLM2-135M-Instruct.convert-x1"  # what a killed conversion leaves
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"\0" * 1000)
+    fake_gguf_loader(monkeypatch, calls)
+    assert resolve_model("default") == str(models / "SmolLM2-135M-Instruct")
+    assert not killed.exists()
+
+
+def test_processes_that_need_the_default_model_at_once_convert_it_once(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("DYLORA_CACHE", str(tmp_path))
+    calls = []
+    fake_gguf_loader(monkeypatch, calls)
+    with ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda _: resolve_model("default"), range(2)))
+    assert paths == [str(tmp_path / "models" / "SmolLM2-135M-Instruct")] * 2 and len(calls) == 1
+    load_backbone("default", device="cpu")

@@ -9,11 +9,14 @@ A path to a ``.gguf`` file is de-quantised and cached the same way. Any other va
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -82,9 +85,31 @@ def hub_id(name: str) -> str:
 
 def _cached_conversion(gguf: Path, target: Path, fix: str = "give an intact .gguf file of a causal LM") -> str:
     """The safetensors copy of ``gguf`` in ``target``, converted on first use; ``fix`` is the way out named when
-    the file cannot be converted."""
+    the file cannot be converted. Processes that need the same copy at once convert it once: the others wait for
+    it under a lock beside it."""
     if (target / "config.json").is_file():
         return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _conversion_lock(target):
+        if not (target / "config.json").is_file():  # converted by another process while this one waited
+            for stale in target.parent.glob(f".{target.name}.convert-*"):  # left by a killed conversion
+                shutil.rmtree(stale, ignore_errors=True)
+            _convert(gguf, target, fix)
+    return str(target)
+
+
+@contextlib.contextmanager
+def _conversion_lock(target: Path) -> Iterator[None]:
+    """Hold the exclusive lock of the conversion into ``target`` (released by the system if its holder dies)."""
+    fd = os.open(target.parent / f".{target.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _convert(gguf: Path, target: Path, fix: str) -> None:
     logger.info("converting %s to safetensors in %s (once)", gguf.name, target)
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -96,18 +121,16 @@ def _cached_conversion(gguf: Path, target: Path, fix: str = "give an intact .ggu
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and rename, so a killed conversion never leaves a half-written cache.
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    # Write beside the target and rename, so a killed conversion never leaves a half-written cache; an
+    # interrupted one removes its copy of the weights (a killed one leaves it to the next conversion).
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.convert-"))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
-    except OSError:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").is_file():
-            raise
-    return str(target)
+        raise
 
 
 def resolve_device(device: str) -> torch.device:
