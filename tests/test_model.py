@@ -326,3 +326,17 @@ def test_reference_mixing_reads_the_routing_once_per_forward_not_once_per_expert
     with torch.no_grad(), HostReads("dylora_moe/model.py") as reads:
         model(**batch())
     assert reads.count == 1
+
+
+def test_a_backbone_folder_given_relative_is_found_again_from_another_directory(tmp_path, monkeypatch):
+    """``DyLoRAConfig(model="models/x")`` resolves against the working directory of the build: the saved system
+    records the folder absolute, so it loads from anywhere (as the CLI's systems do)."""
+    monkeypatch.chdir(tmp_path)
+    tiny_llama().save_pretrained("models/tiny")
+    char_tokenizer().save_pretrained("models/tiny")
+    model = DyLoRAMoE.from_config(DyLoRAConfig(model="models/tiny", device="cpu"))
+    model.create_expert()
+    model.save_pretrained("runs/system")
+    assert model.config.model == str(tmp_path / "models" / "tiny")
+    monkeypatch.chdir(tmp_path / "runs")
+    assert DyLoRAMoE.from_pretrained("system").num_experts == 1

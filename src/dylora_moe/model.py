@@ -11,6 +11,7 @@ Generation and text completion live in ``generation.py``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import generation
-from .backbone import load_backbone, untie_lm_head
+from .backbone import absolute_if_local, load_backbone, untie_lm_head
 from .checkpoint import load_pretrained, save_pretrained
 from .config import DyLoRAConfig
 from .data.preprocess import bos_prefix
@@ -119,7 +120,10 @@ class DyLoRAMoE(nn.Module):
 
     @classmethod
     def from_config(cls, config: DyLoRAConfig | None = None, **kwargs) -> DyLoRAMoE:
+        """Load the backbone ``config.model`` and build the system on it. A local folder given by a relative path
+        is recorded absolute, so the saved system finds it again from another working directory."""
         config = config or DyLoRAConfig()
+        config = dataclasses.replace(config, model=absolute_if_local(config.model))
         backbone, tokenizer = load_backbone(config.model, dtype=config.dtype, device=config.device)
         return cls(backbone, tokenizer, config, **kwargs)
 
