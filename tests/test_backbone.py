@@ -160,3 +160,21 @@ def test_processes_that_need_the_default_model_at_once_convert_it_once(tmp_path,
         paths = list(pool.map(lambda _: resolve_model("default"), range(2)))
     assert paths == [str(tmp_path / "models" / "SmolLM2-135M-Instruct")] * 2 and len(calls) == 1
     load_backbone("default", device="cpu")
+
+
+def test_a_device_this_machine_lacks_is_named_with_the_way_to_load_anyway(tmp_path, monkeypatch):
+    """A system saved with device='cuda' (trained on a GPU machine) and loaded where there is none: the error
+    says the device is absent and how to load it here, not torch's AssertionError after reading the weights."""
+    import torch
+
+    from tests.conftest import char_tokenizer
+
+    tiny_llama().save_pretrained(tmp_path)
+    char_tokenizer().save_pretrained(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device='cuda' is not available on this machine .*device='auto'"):
+        load_backbone(str(tmp_path), device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"device='cuda:1' is not available .*1 CUDA device"):
+        load_backbone(str(tmp_path), device="cuda:1")

@@ -134,13 +134,32 @@ def _convert(gguf: Path, target: Path, fix: str) -> None:
 
 
 def resolve_device(device: str) -> torch.device:
+    """``auto``: CUDA, else MPS, else the CPU; any other device must be present on this machine."""
     if device != "auto":
-        return torch.device(device)
+        return _available(torch.device(device))
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _available(device: torch.device) -> torch.device:
+    """``device``, or an error saying it is absent here and how to run anyway (a system saved on a GPU machine
+    records its device)."""
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        present = count > (device.index or 0)
+        have = f"{count} CUDA device(s)"
+    elif device.type == "mps":
+        present = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+        have = "no MPS support"
+    else:
+        return device
+    if not present:
+        raise ValueError(f"device={str(device)!r} is not available on this machine ({have}): give device='auto' "
+                         "(or 'cpu'); a saved system loads here with DyLoRAMoE.from_pretrained(path, device='auto')")
+    return device
 
 
 def load_backbone(
@@ -149,6 +168,7 @@ def load_backbone(
     """Load a causal LM and its tokenizer, frozen, with a pad token and the KV cache enabled. ``layers`` keeps
     only the first decoder layers (the weights of the others are never loaded): a prefix that computes the
     hidden states the gate reads, for a router that does not generate."""
+    target = resolve_device(device)  # an absent device is named before the weights are read
     path = resolve_model(name)
     check_model_name(name, path)
     extra = {} if layers is None else {"num_hidden_layers": layers}
@@ -174,7 +194,7 @@ def load_backbone(
         tokenizer.pad_token = tokenizer.eos_token
     model.config.use_cache = True
     freeze(model)
-    return model.to(resolve_device(device)).eval(), tokenizer
+    return model.to(target).eval(), tokenizer
 
 
 _WAY_OUT = (f"Give a local folder with config.json and weights, a Hugging Face model id reachable from this machine, "
