@@ -56,3 +56,12 @@ def test_a_section_that_is_not_a_mapping_is_refused_with_its_name(value):
     for section in ("expert", "router", "novelty"):
         with pytest.raises(ValueError, match=rf"DyLoRAConfig.{section} must be a mapping of \w+Config fields"):
             DyLoRAConfig.from_dict({section: value})
+
+
+@pytest.mark.parametrize("make", [lambda: RouterConfig(temperature=float("nan")),
+                                  lambda: DyLoRAConfig.from_dict({"router": {"temperature": "nan"}}),
+                                  lambda: ExpertConfig(alpha="nan")])
+def test_nan_is_refused_with_the_field_named(make):
+    """NaN passes every range check (each comparison is false): refused where the type is checked."""
+    with pytest.raises(ValueError, match=r"(RouterConfig.temperature|ExpertConfig.alpha) must be a number, got NaN"):
+        make()

@@ -30,7 +30,7 @@ def check_types(config: Any) -> None:
     """Check (and where unambiguous, convert) the values of a config dataclass's plain fields (``int``,
     ``float``, ``bool``, ``str``, optionally ``| None``), so that a YAML typo fails at once with the field's
     name instead of deep inside training. A number written as text converts (PyYAML reads ``2e-3`` without a
-    dot as a string); anything else of the wrong type is refused."""
+    dot as a string); anything else of the wrong type is refused, and so is NaN."""
     for f in fields(config):
         kind = str(f.type).removesuffix(" | None")
         if kind not in ("int", "float", "bool", "str"):
@@ -47,6 +47,8 @@ def check_types(config: Any) -> None:
                     raise ValueError(f"{where} must be a number, got {value!r}") from None
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{where} must be a number, got {value!r} ({type(value).__name__})")
+            if math.isnan(value):  # would pass every range check below (each comparison is false)
+                raise ValueError(f"{where} must be a number, got NaN")
             if kind == "int":
                 if not float(value).is_integer():
                     raise ValueError(f"{where} must be a whole number, got {value!r}")
