@@ -393,3 +393,26 @@ def test_a_config_field_of_a_newer_version_names_the_manifest_and_the_upgrade(tm
     manifest.write_text(json.dumps(older))
     loaded = DyLoRAMoE.from_pretrained(tmp_path / "system", backbone=tiny_llama(), tokenizer=char_tokenizer())
     assert loaded.config.max_experts is None
+
+
+def test_a_system_on_a_read_only_file_system_loads(tmp_path, monkeypatch):
+    """A saved folder copied to a read-only mount (without the lock files beside it): no lock file can be made
+    there, and none is needed, since no save can swap the folder; the load reads it as is."""
+    import errno
+    import os
+    import shutil
+
+    model = build()
+    model.create_expert()
+    model.save_pretrained(tmp_path / "build" / "system")
+    shared = tmp_path / "shared" / "system"
+    shutil.copytree(tmp_path / "build" / "system", shared)
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if str(path).startswith(str(shared.parent)) and flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    assert DyLoRAMoE.from_pretrained(shared, backbone=tiny_llama(), tokenizer=char_tokenizer()).num_experts == 1

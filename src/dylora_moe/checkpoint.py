@@ -105,7 +105,18 @@ def _swap_lock(path: Path, *, shared: bool) -> Iterator[None]:
     if not lock.parent.exists():
         yield
         return
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        if not shared:
+            raise
+        # A reader of a folder it cannot write beside (a read-only mount, another user's folder): share the lock
+        # if a writer made it, else no save can run there to swap the folder under it.
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except OSError:
+            yield
+            return
     try:
         fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
