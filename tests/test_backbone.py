@@ -178,3 +178,24 @@ def test_a_device_this_machine_lacks_is_named_with_the_way_to_load_anyway(tmp_pa
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match=r"device='cuda:1' is not available .*1 CUDA device"):
         load_backbone(str(tmp_path), device="cuda:1")
+
+
+def test_two_gguf_files_of_one_name_and_size_get_their_own_converted_copy(tmp_path, monkeypatch):
+    """Two fine-tunes of one base at one quantisation, each saved as model.gguf, have the same size: each must
+    load its own conversion, and a file replaced in place must not load the copy of the old one."""
+    import os
+
+    import dylora_moe.backbone as backbone
+
+    monkeypatch.setenv("DYLORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(backbone, "_cached_conversion", lambda gguf, target, **kwargs: str(target))
+    a, b = tmp_path / "a" / "model.gguf", tmp_path / "b" / "model.gguf"
+    for path, fill in ((a, b"\1"), (b, b"\2")):
+        path.parent.mkdir()
+        path.write_bytes(b"GGUF" + fill * 1000)
+    first = resolve_model(str(a))
+    assert first != resolve_model(str(b))
+    assert resolve_model(str(a)) == first  # the same file keeps its copy
+    a.write_bytes(b"GGUF" + b"\3" * 1000)
+    os.utime(a, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns + 10**9))
+    assert resolve_model(str(a)) != first

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import importlib.util
 import logging
 import os
@@ -63,9 +64,17 @@ def resolve_model(name: str) -> str:
         gguf = Path(name).expanduser()
         if not gguf.is_file():
             raise FileNotFoundError(f"GGUF file {gguf} not found: give the path of an existing .gguf file")
-        stat = gguf.stat()
-        return _cached_conversion(gguf, cache_dir() / "models" / f"{gguf.stem}-{stat.st_size:x}")
+        return _cached_conversion(gguf, cache_dir() / "models" / gguf_cache_name(gguf))
     return name
+
+
+def gguf_cache_name(gguf: Path) -> str:
+    """The conversion cache folder of a ``.gguf`` file: its name and size, and a digest of where it lies and when
+    it was written, so two files of one name and size (two fine-tunes of one base at one quantisation, or a file
+    replaced in place) never share a converted copy."""
+    stat = gguf.stat()
+    origin = hashlib.blake2b(f"{gguf.resolve()}\0{stat.st_mtime_ns}".encode(), digest_size=4).hexdigest()
+    return f"{gguf.stem}-{stat.st_size:x}-{origin}"
 
 
 def absolute_if_local(name: str) -> str:
