@@ -416,3 +416,23 @@ def test_a_system_on_a_read_only_file_system_loads(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "open", read_only)
     assert DyLoRAMoE.from_pretrained(shared, backbone=tiny_llama(), tokenizer=char_tokenizer()).num_experts == 1
+
+
+def test_a_save_refuses_to_replace_a_folder_that_is_not_a_saved_system(tmp_path):
+    """A save swaps its folder in whole: given a folder of other files (a run or project folder), it refuses and
+    deletes nothing; an empty folder or a saved system is replaced as before."""
+    model = build()
+    model.create_expert()
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "notes.md").write_text("notes")
+    (project / "data" / "train.jsonl").write_text("{}\n")
+    with pytest.raises(FileExistsError, match=r"project holds files but is not a saved DyLoRA-MoE system .*"
+                                              r"project/system"):
+        model.save_pretrained(project)
+    assert (project / "notes.md").read_text() == "notes" and (project / "data" / "train.jsonl").is_file()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    (tmp_path / "empty").mkdir()
+    model.save_pretrained(tmp_path / "empty")
+    model.save_pretrained(tmp_path / "empty")  # a saved system is replaced
+    assert (tmp_path / "empty" / "dylora.json").is_file()

@@ -155,6 +155,7 @@ def save_pretrained(model, path: str | Path, extra: Callable[[Path], None] | Non
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with writer_lock(path):
+        check_replaceable(path)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
         try:
             if extra is not None:
@@ -168,6 +169,17 @@ def save_pretrained(model, path: str | Path, extra: Callable[[Path], None] | Non
             raise
     model.experts.written = dict.fromkeys(model.experts.expert_ids, path.resolve())
     return path
+
+
+def check_replaceable(path: Path) -> None:
+    """A save replaces the folder ``path`` whole: refuse a file, or a folder of other files than a saved system
+    (a run or project folder given for its ``system`` subfolder), instead of deleting what it holds."""
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} is a file, not a system folder: save to a new or empty folder")
+    if path.is_dir() and not (path / MANIFEST).is_file() and any(path.iterdir()):
+        raise FileExistsError(f"{path} holds files but is not a saved DyLoRA-MoE system (no {MANIFEST}): a save "
+                              "replaces its folder whole and would delete them; save to a new or empty folder "
+                              f"(e.g. {path / 'system'})")
 
 
 def verify(folder: Path) -> None:
