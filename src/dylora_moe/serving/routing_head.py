@@ -54,6 +54,7 @@ class RouterModel:
             hf_logging.set_verbosity(verbosity)
         self.router = DynamicHybridRouter(self.backbone.config.hidden_size, top_k=config.router.top_k,
                                           temperature=config.router.temperature,
+                                          dense_top_m=config.router.dense_top_m,
                                           cumulative_weight=config.router.cumulative_weight)
         # an empty pool: the routing control needs one to switch experts off for its prefix pass
         empty = ExpertManager(self.backbone, config.expert, first_layer=config.router.first_adapted_layer)
