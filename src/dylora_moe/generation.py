@@ -56,6 +56,13 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor
     return input_ids, mask
 
 
+def prompt_positions(attention_mask: Tensor) -> Tensor:
+    """position_ids [B, T] of left-padded prompts as ``generate`` numbers them: each row's first attended token is
+    0 (padding gets 0 too; it is masked). Positions matter to the gate's input wherever they enter the hidden
+    states before ``route_layer`` (absolute position embeddings)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def complete(model: DyLoRAMoE, prompts: Sequence[str], *, max_new_tokens: int = 64, chat: bool = True,
              batch_size: int | None = None, max_prompt_tokens: int | None = None) -> list[str]:
     """Greedy completions of text prompts, ``batch_size`` at a time (all at once by default), left-padded.

@@ -293,9 +293,12 @@ class DyLoRAMoE(nn.Module):
         return [self.library.skills[s].expert_id for s in result.components]
 
     # ------------------------------------------------------------------ routing
-    def route(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> RouterOutput:
-        """The routing of a batch of prompts, without running the experts (a prefix pass up to ``route_layer``)."""
-        return self.routing.route(input_ids, attention_mask)
+    def route(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+              position_ids: Tensor | None = None) -> RouterOutput:
+        """The routing of a batch of prompts, without running the experts (a prefix pass up to ``route_layer``).
+        Tokens are numbered as a forward without ``position_ids`` numbers them; to route left-padded prompts as
+        generation does, pass ``generation.prompt_positions(attention_mask)``."""
+        return self.routing.route(input_ids, attention_mask, position_ids=position_ids)
 
     @torch.no_grad()
     def routing_features(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:

@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 from tokenizers import decoders
 
 from dylora_moe.data.sources import Example, humaneval, verilogeval
@@ -16,6 +17,7 @@ from dylora_moe.evaluation.freeform import (
     EXAMPLE_REQUESTS,
     FreeformSet,
     FrozenAnswers,
+    as_asked,
     check_humaneval_request,
     check_mbpp_request,
     evaluate_set,
@@ -24,13 +26,15 @@ from dylora_moe.evaluation.freeform import (
     mbpp_request,
     nl2bash_request,
     requests_for,
+    routed_to,
     spider_request,
     stream_sets,
     trained_examples,
     truncated,
     verilog_requests,
 )
-from tests.conftest import build, char_tokenizer, randomise_experts
+from dylora_moe.generation import prompt_batch
+from tests.conftest import build, char_tokenizer, randomise_experts, tiny_gpt2
 
 MBPP = Example('"""Write a function to square a number.\nassert square(3) == 9\n"""\n',
                "def square(x):\n    return x * x\n",
@@ -245,3 +249,23 @@ def test_an_answer_repeating_the_dataset_record_behind_a_request_is_redacted():
     fset = FreeformSet("humaneval", "HumanEval problems as requests", [request])
     kept = sample(fset, 0, f"```python\n{signature}\n    return []\n```", "", kind=None, kind_frozen=None)
     assert signature not in kept["routed"] and "[...]" in kept["routed"] and "return []" in kept["routed"]
+
+
+@pytest.mark.parametrize("router", [dict(), dict(route_layer=1, route_pass="separate")])
+def test_routed_to_routes_a_left_padded_request_as_generation_does(router):
+    """GPT-2's positions are absolute: a short request padded on the left goes to the expert it is generated
+    with, the one it goes to alone."""
+    model = build(tiny_gpt2(), top_k=1, **router)
+    for _ in range(3):
+        model.create_expert()
+    randomise_experts(model)
+    for e in model.experts.expert_ids:
+        model.mark_mature(e)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.router.gate.weight.normal_(0, 5.0)
+    prompts = ["a much longer prompt than the other one", "hi", "xyz", "hello there"]
+    with torch.no_grad():
+        alone = [int(model.route(*prompt_batch(model, as_asked([p], "raw"), chat=False)).weights.argmax())
+                 for p in prompts]
+    assert routed_to(model, prompts, "raw") == [model.experts.expert_ids[c] for c in alone]

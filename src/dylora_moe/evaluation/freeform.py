@@ -35,7 +35,7 @@ import torch
 from ..checkpoint import write_text_atomic
 from ..data.sources import Example, codealpaca, humaneval, mbpp, nl2bash, package_file, read_jsonl, spider
 from ..data.stream import SkillSpec, load_examples, split_examples
-from ..generation import prompt_batch
+from ..generation import prompt_batch, prompt_positions
 from ..model import DyLoRAMoE
 from .degenerate import degenerate_kind, is_degenerate, paired_excess
 from .execution import check_python
@@ -244,7 +244,8 @@ def routed_to(model: DyLoRAMoE, prompts: Sequence[str], form: str) -> list[int]:
         return []
     input_ids, mask = prompt_batch(model, as_asked(prompts, form), chat=form == "chat")
     mask = mask.to(model.device)
-    weights = model.route(input_ids.to(model.device), mask).weights  # [B, E], or [B, T, E] per token
+    # numbered as generation numbers a left-padded prompt, so a short prompt is routed as it is alone
+    weights = model.route(input_ids.to(model.device), mask, prompt_positions(mask)).weights  # [B, E] or [B, T, E]
     if weights.dim() == 3:
         weights = (weights * mask.unsqueeze(-1).to(weights.dtype)).sum(1)
     return [model.experts.expert_ids[c] for c in weights.argmax(-1).tolist()]
