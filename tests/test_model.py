@@ -340,3 +340,25 @@ def test_a_backbone_folder_given_relative_is_found_again_from_another_directory(
     assert model.config.model == str(tmp_path / "models" / "tiny")
     monkeypatch.chdir(tmp_path / "runs")
     assert DyLoRAMoE.from_pretrained("system").num_experts == 1
+
+
+@pytest.mark.parametrize("router", [dict(top_k=1), dict(top_k=1, route_layer=None),
+                                    dict(top_k=1, route_layer=1, route_pass="separate")])
+def test_reference_mixing_numbers_tokens_by_the_given_position_ids(router):
+    """GPT-2's positions are absolute: with ``position_ids`` for a left-padded batch, the spec's output-level
+    mixing (top-1: the routed expert's own pass) equals the fused pass, which numbers the tokens by them."""
+    model = build(tiny_gpt2(), **router)
+    for _ in range(3):
+        model.create_expert()
+    randomise_experts(model)
+    for e in model.experts.expert_ids:
+        model.mark_mature(e)
+    inputs = batch(bsz=4, t=12, seed=1)
+    positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    attended = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        fused = model(**inputs, position_ids=positions)
+        model.config.mixing = "reference"
+        reference = model(**inputs, position_ids=positions)
+    torch.testing.assert_close(reference.routing_weights, fused.routing_weights)
+    torch.testing.assert_close(reference.logits[attended], fused.logits[attended], rtol=1e-5, atol=1e-5)

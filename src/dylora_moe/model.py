@@ -380,8 +380,11 @@ class DyLoRAMoE(nn.Module):
 
     def _reference_forward(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor | None,
                            pool_mask: Tensor | None, **kwargs) -> DyLoRAOutput:
-        """Spec 3.1.2: one full pass per routed expert, logits mixed with the routing weights."""
-        routing = self.routing.route(input_ids, attention_mask, pool_mask)
+        """Spec 3.1.2: one full pass per routed expert, logits mixed with the routing weights. Every pass numbers
+        the tokens as the fused one would (``position_ids``, when given: left-padded rows)."""
+        position_ids = kwargs.get("position_ids")
+        positions = {} if position_ids is None else {"position_ids": position_ids}
+        routing = self.routing.route(input_ids, attention_mask, pool_mask, position_ids)
         weights = routing.weights  # [B, E] or [B, T, E]
         logits = None
         # One host read per forward (not one per expert): the experts some sample or token weighs.
@@ -391,7 +394,8 @@ class DyLoRAMoE(nn.Module):
                 continue
             w = weights[..., column]
             with self.routing.plain(), self.single_expert(expert_id):
-                part = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+                part = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                     **positions).logits
             w = w[:, None, None] if w.dim() == 1 else w[..., None]  # broadcast over [B, T, V]
             logits = w * part if logits is None else logits + w * part
         loss = None
