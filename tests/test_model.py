@@ -362,3 +362,17 @@ def test_reference_mixing_numbers_tokens_by_the_given_position_ids(router):
         reference = model(**inputs, position_ids=positions)
     torch.testing.assert_close(reference.routing_weights, fused.routing_weights)
     torch.testing.assert_close(reference.logits[attended], fused.logits[attended], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("granularity", ["sequence", "token"])
+def test_routing_features_for_do_not_depend_on_the_tokenizers_padding_side(granularity):
+    """GPT-2's positions are absolute: texts batched together get the features they get alone even when the
+    tokenizer pads on the left (its padding side is shared state a caller may have set for generation)."""
+    model = build(tiny_gpt2(), route_layer=1, granularity=granularity)
+    model.create_expert()
+    model.tokenizer.padding_side = "left"
+    texts = ["a much longer text than the other", "hi"]
+    with torch.no_grad():
+        batched = model.routing_features_for(texts, raw=True)
+        alone = torch.cat([model.routing_features_for([t], raw=True) for t in texts])
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)

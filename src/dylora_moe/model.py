@@ -322,7 +322,10 @@ class DyLoRAMoE(nn.Module):
         for i in range(0, len(texts), batch_size):
             tokens = self.tokenizer(list(texts[i : i + batch_size]), add_special_tokens=False)["input_ids"]
             ids = [(prefix if flag else []) + row for row, flag in zip(tokens, flags[i : i + batch_size], strict=True)]
-            enc = self.tokenizer.pad({"input_ids": [row[:max_length] for row in ids]}, return_tensors="pt")
+            # padded on the right whatever the tokenizer's (shared) padding side: each text's tokens keep the
+            # positions they have alone, which absolute position embeddings put into the gate's input
+            enc = self.tokenizer.pad({"input_ids": [row[:max_length] for row in ids]}, padding_side="right",
+                                     return_tensors="pt")
             mask = enc["attention_mask"].to(self.device)
             features = self.routing_features(enc["input_ids"].to(self.device), mask)
             rows.append(features[mask.bool()] if features.dim() == 3 else features)  # [N_tokens, H] or [B, H]
