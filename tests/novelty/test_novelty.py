@@ -346,3 +346,20 @@ def test_two_constant_samples_at_different_points_are_told_apart_after_whitening
     value, p_value = permutation_pvalue(*gram(a, b), lambda g, x, y: whitened_separation_from_gram(g, x, y, 4),
                                         permutations=99)
     assert math.isfinite(value) and value > 1.0 and p_value <= 0.01
+
+
+def test_embeddings_do_not_depend_on_the_tokenizers_padding_side():
+    """GPT-2's positions are absolute: a text embedded in a batch is embedded as alone, even when the tokenizer is
+    set to pad on the left (shared state another caller may have set)."""
+    from dylora_moe.novelty.embedding import embed_sample
+    from tests.conftest import tiny_gpt2
+
+    model = build(tiny_gpt2())
+    model.tokenizer.padding_side = "left"
+    texts = ["1+1=2", "a much longer text than the first one", "up ab: AB!"]
+    together = embed_sample(model, texts)
+    for text in texts:
+        alone = embed_sample(model, [text])
+        row = (together.keys == alone.keys[0]).nonzero().item()
+        torch.testing.assert_close(together.features[row], alone.features[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(together.gate[row], alone.gate[0], rtol=1e-5, atol=1e-5)

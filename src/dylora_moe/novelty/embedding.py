@@ -94,9 +94,11 @@ def _batches(model: DyLoRAMoE, data, limit: int) -> Iterator[tuple[Tensor, Tenso
     items.sort(key=lambda item: len(item[1][0]))  # batches of similar length pad less; rows are re-keyed
     for i in range(0, len(items), cfg.batch_size):
         chunk = items[i : i + cfg.batch_size]
+        # padded on the right whatever the tokenizer's own side (shared state): every text's tokens are then
+        # numbered from 0, as when it is embedded alone, also under absolute position embeddings
         enc = model.tokenizer([t for _, (t, _) in chunk], return_tensors="pt", padding=True, truncation=True,
-                              max_length=cfg.max_length)
+                              max_length=cfg.max_length, padding_side="right")
         whole = model.tokenizer([w for _, (_, w) in chunk], return_tensors="pt", padding=True, truncation=True,
-                                max_length=cfg.max_length, add_special_tokens=False)
+                                max_length=cfg.max_length, add_special_tokens=False, padding_side="right")
         yield (enc["input_ids"].to(device), enc["attention_mask"].to(device), whole["input_ids"].to(device),
                whole["attention_mask"].to(device), torch.tensor([k for k, _ in chunk], dtype=torch.long))
