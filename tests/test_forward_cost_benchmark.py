@@ -29,26 +29,25 @@ def test_the_timer_synchronises_an_accelerator_before_each_clock_read(monkeypatc
     assert "sync" not in events
 
 
-def test_the_run_uses_and_records_the_device_it_is_given(tmp_path):
+def tiny_run(tmp_path, experts: int, repeats: int) -> dict:
+    """The benchmark's JSON for a tiny model on the CPU, ``experts`` in the pool, ``repeats`` per cell."""
     tiny_llama().save_pretrained(tmp_path / "model")
     char_tokenizer().save_pretrained(tmp_path / "model")
     out = tmp_path / "fc.json"
-    forward_cost.main(["--model", str(tmp_path / "model"), "--experts", "2", "--repeats", "1", "--batch", "2",
-                       "--seq-len", "8", "--decode-tokens", "2", "--decode-prompt", "4", "--decode-experts", "2",
-                       "--device", "cpu", "--out", str(out)])
-    saved = json.loads(out.read_text())
+    forward_cost.main(["--model", str(tmp_path / "model"), "--experts", str(experts), "--repeats", str(repeats),
+                       "--batch", "2", "--seq-len", "8", "--decode-tokens", "2", "--decode-prompt", "4",
+                       "--decode-experts", str(experts), "--device", "cpu", "--out", str(out)])
+    return json.loads(out.read_text())
+
+
+def test_the_run_uses_and_records_the_device_it_is_given(tmp_path):
+    saved = tiny_run(tmp_path, experts=2, repeats=1)
     assert saved["device"] == "cpu"
     assert [(r["experts"], r["mode"]) for r in saved["rows"]] == [(2, m) for m in ("reference", "dense", "top1")]
 
 
 def test_every_cell_records_the_repeats_its_median_is_taken_of(tmp_path):
-    tiny_llama().save_pretrained(tmp_path / "model")
-    char_tokenizer().save_pretrained(tmp_path / "model")
-    out = tmp_path / "fc.json"
-    forward_cost.main(["--model", str(tmp_path / "model"), "--experts", "1", "--repeats", "3", "--batch", "2",
-                       "--seq-len", "8", "--decode-tokens", "2", "--decode-prompt", "4", "--decode-experts", "1",
-                       "--device", "cpu", "--out", str(out)])
-    saved = json.loads(out.read_text())
+    saved = tiny_run(tmp_path, experts=1, repeats=3)
     assert saved["repeats"] == 3 and len(saved["single_lora_times"]) == 3
     assert saved["single_lora_s"] == statistics.median(saved["single_lora_times"])
     for row in saved["rows"]:
