@@ -329,7 +329,7 @@ class DyLoRAConfig:
             except RuntimeError:
                 raise ValueError(f"device={self.device!r} is not a device; use auto, cpu, cuda, cuda:N or "
                                  "mps") from None
-        for name, cls in (("expert", ExpertConfig), ("router", RouterConfig), ("novelty", NoveltyConfig)):
+        for name, cls in SECTIONS.items():
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, from_dict(cls, value))

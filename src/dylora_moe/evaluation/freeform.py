@@ -123,19 +123,17 @@ def humaneval_request(example: Example) -> Example:
     text = " ".join((doc.group(2) if doc else "").split())
     text = re.split(r"\s(?:>>>|For example|Example)", text)[0].strip()
     lines = prompt.splitlines()
-    imports = "\n".join(line for line in lines if line.startswith(("import ", "from ")))
     # what the prompt defines before the asked function: imports and helpers its tests call (``encode_shift``)
     start = next((i for i, line in enumerate(lines) if line.startswith(f"def {entry}(")), len(lines))
     request = f"Write a Python function `{signature.removeprefix('def ').rstrip(':')}`. {text}"
-    return Example(request, "", {**example.meta, "imports": imports, "preamble": "\n".join(lines[:start]),
-                                 "problem": prompt, "solution": example.response})
+    return Example(request, "", {**example.meta, "preamble": "\n".join(lines[:start]), "problem": prompt,
+                                 "solution": example.response})
 
 
 def check_humaneval_request(example: Example, completion: str) -> bool:
     """The answer's program after the problem's imports and helper functions (the request names only the asked
     function, so an answer does not repeat them, and some tests call them), run with the problem's tests."""
-    head = example.meta.get("preamble", example.meta.get("imports", ""))
-    program = head + "\n" + trim_python(extract_code(completion, "python"))
+    program = example.meta["preamble"] + "\n" + trim_python(extract_code(completion, "python"))
     return check_python(program, f"{example.meta['test']}\ncheck({example.meta['entry_point']})").passed
 
 

@@ -98,7 +98,7 @@ class RunningBatch:
         model, tok = self.model, self.model.tokenizer
         input_ids, mask = left_pad([r.prompt_ids for r in requests], generation.pad_id(tok))
         input_ids, mask = input_ids.to(model.device), mask.to(model.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [b, T] each row counts its own tokens
+        positions = generation.prompt_positions(mask)  # [b, T] each row counts its own tokens
         cache = GrowingCache()
         with generation.routed(model) as scope:
             logits = model.backbone(input_ids=input_ids, attention_mask=mask, position_ids=positions,

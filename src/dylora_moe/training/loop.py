@@ -415,7 +415,7 @@ def check_one_process_per_gpu(model: DyLoRAMoE) -> None:
     """Refuse to train on several visible GPUs from one process: the Trainer would wrap the model in
     ``DataParallel``, whose replicas share one routing scope and mixture plan. Data parallelism is one process
     per GPU (``torchrun``), where each process sees its own."""
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun/accelerate, before the Trainer joins
+    launched = launched_processes() > 1  # torchrun/accelerate, before the Trainer joins
     distributed = launched or (torch.distributed.is_available() and torch.distributed.is_initialized())
     if model.device.type == "cuda" and torch.cuda.device_count() > 1 and not distributed:
         raise ValueError(
@@ -427,3 +427,9 @@ def check_one_process_per_gpu(model: DyLoRAMoE) -> None:
 def precision_flags(precision: str) -> dict[str, bool]:
     """``TrainingArguments`` autocast flags of a resolved precision."""
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def launched_processes() -> int:
+    """Processes of a data-parallel launch (torchrun and accelerate set ``WORLD_SIZE``; 1 without one), known
+    before the Trainer joins them."""
+    return int(os.environ.get("WORLD_SIZE", "1"))

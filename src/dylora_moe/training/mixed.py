@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from ..novelty import NoveltyResult, content_key
 from ..novelty.sorting import ChunkSort, SkillSorter
 from .config import TrainingConfig
 from .distill import Anchors, anchor_texts, build_anchors
-from .loop import ContinualLearner, StepData, StepRecord, prompted
+from .loop import ContinualLearner, StepData, StepRecord, launched_processes, prompted
 from .measure import routed_experts, routing_entropy
 
 logger = logging.getLogger(__name__)
@@ -159,8 +158,7 @@ class MixedLearner(ContinualLearner):
     def optimizer_batch(self) -> int:
         """Sequences one optimizer step takes: ``batch_size`` per micro-batch and process, ``grad_accum``
         micro-batches, every process of a data-parallel run (torchrun/accelerate set ``WORLD_SIZE``)."""
-        processes = int(os.environ.get("WORLD_SIZE", "1"))
-        return self.training.batch_size * self.training.grad_accum * processes
+        return self.training.batch_size * self.training.grad_accum * launched_processes()
 
     def sort_chunk(self, i: int, items: list, sample, keys: list[int]) -> ChunkSort:
         """Which skill each item of chunk ``i`` goes to (overridable by baselines)."""
