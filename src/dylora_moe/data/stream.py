@@ -43,7 +43,7 @@ from .sources import (
     spider,
     verilogeval,
 )
-from .superni import superni
+from .superni import CUTS, superni
 
 SOURCE_TYPES = ("builtin", "file", "hf")
 TOP_LEVEL = ("name", "skills", "system", "training", "chunks", "tune", "params")
@@ -56,12 +56,12 @@ BUILTINS: dict[str, tuple[Callable[..., list[Example]], bool]] = {
     "spider": (lambda data_dir, **kw: spider(data_dir), True),
     "nl2bash": (lambda data_dir, **kw: nl2bash(data_dir), True),
     "codealpaca": (lambda data_dir, **kw: codealpaca(data_dir), True),
-    "superni": (lambda data_dir, task=None, **kw: superni(data_dir, task), True),
+    "superni": (lambda data_dir, task=None, cut=None, **kw: superni(data_dir, task, cut=cut), True),
     "composed": (lambda data_dir, pair=None, **kw: composed(data_dir, pair), True),
 }
 # The SkillSource fields each kind of source reads, besides type, start, stop and shuffle.
 SOURCE_FIELDS = {"file": ("path",), "hf": ("name", "config", "split")}
-BUILTIN_OPTIONS = {"verilogeval": ("split",), "humaneval-x": ("language",), "superni": ("task",), "composed": ("pair",)}
+BUILTIN_OPTIONS = {"verilogeval": ("split",), "humaneval-x": ("language",), "superni": ("task", "cut"), "composed": ("pair",)}
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,8 @@ class SkillSource:
         language: HumanEval-X language (python, js, cpp, java).
         task: SuperNI task name (``task363_sst2_polarity_classification``; see ``data/superni.py``).
         pair: composed-task pair (sql-python, bash-python, python-js; see ``data/composed.py``).
+        cut: how SuperNI inputs longer than 1,200 characters are cut: ``head`` (default, keep the beginning) or
+            ``ends`` (keep the beginning and the end, where QuoRef's question is; see ``data/superni.py``).
         start, stop: the slice of the source's examples this skill uses.
         shuffle: a seed: the source's records are put in that seed's random order before ``start``/``stop``
             slice them, so disjoint slices of one seed are disjoint random samples of the whole source. For a
@@ -97,6 +99,7 @@ class SkillSource:
     language: str | None = None
     task: str | None = None
     pair: str | None = None
+    cut: str | None = None
     start: int = 0
     stop: int | None = None
     shuffle: int | None = None
@@ -115,6 +118,8 @@ class SkillSource:
             raise ValueError("an hf source needs `name` (the dataset id)")
         if self.type == "builtin" and self.name == "superni" and not self.task:
             raise ValueError("the superni source needs `task`, e.g. task363_sst2_polarity_classification")
+        if self.cut is not None and self.cut not in CUTS:
+            raise ValueError(f"source `cut` is {self.cut!r}; choose one of {', '.join(CUTS)}")
         if self.type == "builtin" and self.name == "composed" and self.pair not in PAIRS:
             raise ValueError(f"the composed source needs `pair`, one of {', '.join(PAIRS)}; got {self.pair!r}")
         self.check_unread()
@@ -123,7 +128,7 @@ class SkillSource:
         """Refuse a field this source does not read (``language: js`` on humaneval instead of humaneval-x): it
         would be dropped, and the skill trained on other data than the stream says."""
         reads = SOURCE_FIELDS.get(self.type) or ("name", *BUILTIN_OPTIONS.get(self.name, ()))
-        unread = [f for f in ("name", "path", "config", "split", "language", "task", "pair")
+        unread = [f for f in ("name", "path", "config", "split", "language", "task", "pair", "cut")
                   if getattr(self, f) is not None and f not in reads]
         if unread:
             what = f"the {self.name} source" if self.type == "builtin" else f"a {self.type} source"
@@ -244,7 +249,7 @@ def check_pools(chunks: Sequence[ChunkSpec], available: dict[str, int]) -> None:
 def source_key(source: SkillSource) -> tuple:
     """What names a source's records, whatever slice of them a step takes."""
     return (source.type, source.name, source.path, source.config, source.split, source.language, source.task,
-            source.pair)
+            source.pair, source.cut)
 
 
 def check_eval_shares(stream: str, skills: Sequence[SkillSpec]) -> None:
@@ -382,7 +387,7 @@ def load_examples(skill: SkillSpec, data_dir: str | Path | None = None) -> list[
         if needs_dir and data_dir is None:
             raise FileNotFoundError(f"skill {skill.name!r}: source {src.name} reads a data directory; pass --data-dir")
         kwargs = {k: v for k, v in (("split", src.split), ("language", src.language), ("task", src.task),
-                                                         ("pair", src.pair)) if v}
+                                                         ("pair", src.pair), ("cut", src.cut)) if v}
         records = [{"prompt": e.prompt, "response": e.response, **e.meta} for e in reader(data_dir, **kwargs)]
     elif src.type == "file":
         records = read_records(Path(src.path))

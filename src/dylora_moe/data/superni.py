@@ -15,8 +15,11 @@ Prompt template (the task definition, then the instance, as the papers combine t
 
 The response is the instance's first reference output, stripped of surrounding blanks; every reference is kept
 in ``meta["references"]`` for scoring (ROUGE-L takes the best over references, ``evaluation/rouge.py``).
-Inputs longer than ``max_input_chars`` are cut, keeping their beginning, so that definition, input and
-output fit a 512-token sequence, the source length the papers train with. The published train/test split is
+Inputs longer than ``max_input_chars`` are cut so that definition, input and output fit a 512-token sequence,
+the source length the papers train with. ``cut="head"`` (the default, what the committed figures used) keeps
+an input's beginning; ``cut="ends"`` keeps its first three quarters of the budget and its last quarter
+(``TAIL_SHARE``), joined by `` ... ``: QuoRef's inputs are a passage followed by the question (at most 271
+characters), which the head cut drops from 569 of its 600 inputs and the ends cut keeps in all of them. The published train/test split is
 kept: every example carries ``meta["split"]`` and ``split_examples`` honours it.
 """
 
@@ -31,6 +34,8 @@ from .sources import Example
 FOLDER = "superni-cl"
 TEMPLATE = "Definition: {definition}\n\nInput: {input}\nOutput:"
 MAX_INPUT_CHARS = 1200  # about 300 tokens of English
+CUTS = ("head", "ends")
+TAIL_SHARE = 0.25  # of max_input_chars kept from an input's end by the ends cut
 
 
 def superni_tasks(data_dir: str | Path) -> list[str]:
@@ -49,15 +54,30 @@ def superni_orders(data_dir: str | Path) -> dict[str, list[str]]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def superni_prompt(definition: str, text: str, max_input_chars: int = MAX_INPUT_CHARS) -> str:
-    cut = text if len(text) <= max_input_chars else text[:max_input_chars].rstrip() + " ..."
-    return TEMPLATE.format(definition=definition.strip(), input=cut.strip())
+def cut_input(text: str, max_input_chars: int = MAX_INPUT_CHARS, cut: str = "head") -> str:
+    """``text`` within ``max_input_chars`` (plus the `` ... `` marking a cut): its beginning (``head``) or its
+    beginning and end (``ends``, the last ``TAIL_SHARE`` of the budget from the end)."""
+    if cut not in CUTS:
+        raise ValueError(f"superni `cut` is {cut!r}; choose one of {', '.join(CUTS)}")
+    if len(text) <= max_input_chars:
+        return text
+    if cut == "head":
+        return text[:max_input_chars].rstrip() + " ..."
+    tail = int(max_input_chars * TAIL_SHARE)
+    return text[:max_input_chars - tail].rstrip() + " ... " + text[len(text) - tail:].lstrip()
 
 
-def superni(data_dir: str | Path, task: str | None, max_input_chars: int = MAX_INPUT_CHARS) -> list[Example]:
-    """One SuperNI task: its training instances, then its test instances (``meta["split"]`` says which)."""
+def superni_prompt(definition: str, text: str, max_input_chars: int = MAX_INPUT_CHARS, cut: str = "head") -> str:
+    return TEMPLATE.format(definition=definition.strip(), input=cut_input(text, max_input_chars, cut).strip())
+
+
+def superni(data_dir: str | Path, task: str | None, max_input_chars: int = MAX_INPUT_CHARS,
+            cut: str | None = None) -> list[Example]:
+    """One SuperNI task: its training instances, then its test instances (``meta["split"]`` says which);
+    long inputs cut as ``cut`` says (``head`` when None)."""
     if not task:
         raise ValueError("the superni source needs `task`, e.g. task363_sst2_polarity_classification")
+    cut = cut or "head"
     tasks = superni_tasks(data_dir)
     if task not in tasks:
         known = ", ".join(tasks) or "none"
@@ -68,7 +88,7 @@ def superni(data_dir: str | Path, task: str | None, max_input_chars: int = MAX_I
     for split in ("train", "test"):
         for row in data[split]:
             references = row["output"] if isinstance(row["output"], list) else [row["output"]]
-            examples.append(Example(superni_prompt(data["definition"], row["input"], max_input_chars),
+            examples.append(Example(superni_prompt(data["definition"], row["input"], max_input_chars, cut),
                                     references[0].strip(),
                                     {"split": split, "id": row["id"], "task": task, "references": references}))
     return examples
