@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from dylora_moe.data.stream import SkillSource, load_examples, load_stream, split_examples
-from dylora_moe.data.superni import superni, superni_orders, superni_prompt, superni_tasks
+from dylora_moe.data.superni import cut_input, superni, superni_orders, superni_prompt, superni_tasks
 from tests.conftest import write_superni
 
 
@@ -27,6 +27,41 @@ def test_the_published_split_is_kept(tmp_path):
 def test_long_inputs_are_cut_at_their_end():
     prompt = superni_prompt("Summarise.", "word " * 100, max_input_chars=20)
     assert prompt == "Definition: Summarise.\n\nInput: word word word word ...\nOutput:"
+
+
+def test_the_ends_cut_keeps_the_first_three_quarters_and_the_last_quarter():
+    text = "".join(f"{i:02d}" for i in range(50))  # 100 characters
+    assert cut_input(text, 40, "ends") == text[:30] + " ... " + text[-10:]
+    assert cut_input(text, 40, "head") == text[:40] + " ..."
+    assert cut_input(text, 100, "ends") == text  # within the budget: untouched
+    passage = "A long passage. " * 100 + "\nQuestion: Who?"
+    assert cut_input(passage, 1200, "ends").endswith("Question: Who?")
+    assert "Question" not in cut_input(passage, 1200, "head")
+    with pytest.raises(ValueError, match="head, ends"):
+        cut_input(text, 40, "middle")
+
+
+def test_a_stream_step_chooses_the_cut(tmp_path):
+    import gzip
+    import json
+
+    folder = tmp_path / "superni-cl"
+    folder.mkdir()
+    passage = "A long passage. " * 100 + "\nQuestion: Who?"
+    data = {"task": "task9_qa", "definition": "Answer.", "train": [{"id": "a", "input": passage, "output": ["Bo"]}],
+            "test": []}
+    with gzip.open(folder / "task9_qa.json.gz", "wt", encoding="utf-8") as fh:
+        json.dump(data, fh)
+    step = "skills:\n  - name: qa\n    source: {type: builtin, name: superni, task: task9_qa%s}\n"
+    (tmp_path / "ends.yaml").write_text(step % ", cut: ends")
+    (tmp_path / "head.yaml").write_text(step % "")
+    [ends] = load_examples(load_stream(tmp_path / "ends.yaml").skills[0], tmp_path)
+    [head] = load_examples(load_stream(tmp_path / "head.yaml").skills[0], tmp_path)
+    assert "Question: Who?\nOutput:" in ends.prompt and "Question" not in head.prompt
+    with pytest.raises(ValueError, match="`cut` is 'tail'"):
+        SkillSource(type="builtin", name="superni", task="task9_qa", cut="tail")
+    with pytest.raises(ValueError, match="does not read `cut`"):
+        SkillSource(type="builtin", name="mbpp", cut="ends")
 
 
 def test_unknown_task_names_the_tasks_there(tmp_path):
@@ -60,9 +95,12 @@ SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "streams"
 
 
-@pytest.mark.parametrize("order", ["order1", "order2"])
+@pytest.mark.parametrize("order", ["order1", "order2", "order1-ends", "order2-ends"])
 def test_the_stream_files_follow_the_published_orders(order):
-    tasks = [s.source.task for s in load_stream(CONFIGS / f"superni-{order}.yaml").skills]
+    skills = load_stream(CONFIGS / f"superni-{order}.yaml").skills
+    assert {s.source.cut for s in skills} == ({"ends"} if order.endswith("ends") else {None})
+    order = order.removesuffix("-ends")
+    tasks = [s.source.task for s in skills]
     assert len(tasks) == len(set(tasks)) == 15
     if not (SHARED / "superni-cl" / "orders.json").is_file():
         pytest.skip("no ../shared/data/superni-cl: the published orders are not here to compare with")

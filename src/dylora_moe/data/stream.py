@@ -61,7 +61,8 @@ BUILTINS: dict[str, tuple[Callable[..., list[Example]], bool]] = {
 }
 # The SkillSource fields each kind of source reads, besides type, start, stop and shuffle.
 SOURCE_FIELDS = {"file": ("path",), "hf": ("name", "config", "split")}
-BUILTIN_OPTIONS = {"verilogeval": ("split",), "humaneval-x": ("language",), "superni": ("task", "cut"), "composed": ("pair",)}
+BUILTIN_OPTIONS = {"verilogeval": ("split",), "humaneval-x": ("language",), "superni": ("task", "cut"),
+                   "composed": ("pair",)}
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ Inputs longer than ``max_input_chars`` are cut so that definition, input and out
 the source length the papers train with. ``cut="head"`` (the default, what the committed figures used) keeps
 an input's beginning; ``cut="ends"`` keeps its first three quarters of the budget and its last quarter
 (``TAIL_SHARE``), joined by `` ... ``: QuoRef's inputs are a passage followed by the question (at most 271
-characters), which the head cut drops from 569 of its 600 inputs and the ends cut keeps in all of them. The published train/test split is
-kept: every example carries ``meta["split"]`` and ``split_examples`` honours it.
+characters), which the head cut drops from 569 of its 600 inputs and the ends cut keeps in all of them.
+The published train/test split is kept: every example carries ``meta["split"]`` and ``split_examples`` honours it.
 """
 
 from __future__ import annotations
