@@ -252,14 +252,25 @@ UNMEASURED = {"report_to", "logging_steps"}  # TrainingConfig fields that change
 def run_settings(stream, system: DyLoRAConfig, training: TrainingConfig, bench: BenchmarkConfig,
                  data_dir) -> dict:
     """What every method's figures depend on besides the method (the options of this command over the stream
-    file: the system and training configuration before a method adapts them, the benchmark's sizes and each
-    step's caps), JSON-ready; kept in each method file, so that methods measured under other options are not
+    file: the system and training configuration before a method adapts them, the benchmark's sizes, each
+    step's caps and source), JSON-ready; kept in each method file, so that methods measured under other options
+    (or another stream with the same step names, e.g. the SuperNI orders with another input cut) are not
     reported beside each other."""
+    active = stream.active(data_dir)
     data = {"system": system.to_dict(),
             "training": {k: v for k, v in dataclasses.asdict(training).items() if k not in UNMEASURED},
             "bench": {k: v for k, v in dataclasses.asdict(bench).items() if k != "spider_cache"},
-            "skills": [[s.name, s.max_train, s.max_eval] for s in stream.active(data_dir)]}
+            "skills": [[s.name, s.max_train, s.max_eval] for s in active],
+            "sources": {str(i): source_settings(s.source) for i, s in enumerate(active)}}
     return json.loads(json.dumps(data, default=str))
+
+
+def source_settings(source) -> dict:
+    """A step's source as set (a file by its name: the folder differs between machines)."""
+    data = {k: v for k, v in dataclasses.asdict(source).items() if v is not None}
+    if "path" in data:
+        data["path"] = Path(data["path"]).name
+    return data
 
 
 def flat(data, prefix: str = "") -> dict:
@@ -271,13 +282,14 @@ def flat(data, prefix: str = "") -> dict:
 
 def other_settings(raw: dict[str, dict], settings: dict) -> dict[str, list[str]]:
     """Per method file measured under other ``settings`` (``run_settings``): the differing settings, as
-    ``name: theirs -> these``. Files written before settings were recorded are not checked."""
-    want = flat(settings)
+    ``name: theirs -> these``. Files written before settings were recorded are not checked, nor the sections
+    a file was written before (``sources``)."""
     out = {}
     for name, r in raw.items():
         if "settings" not in r:
             continue
         have = flat(r["settings"])
+        want = flat({k: v for k, v in settings.items() if k in r["settings"]})
         keys = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
         if keys:
             out[name] = [f"{k}: {have.get(k)!r} -> {want.get(k)!r}" for k in keys]

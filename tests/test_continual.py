@@ -125,3 +125,19 @@ def test_method_files_measured_under_other_options_are_refused(tmp_path):
         continual.main([*argv, "--report"])  # files that disagree with each other are not reported together
     older = {k: v for k, v in raw.items() if k != "settings"}  # written before settings were recorded
     assert continual.other_settings({"older": older}, {**settings, "bench": {}}) == {}
+
+
+def test_method_files_of_a_stream_with_other_sources_are_refused(tmp_path):
+    """Two streams with the same step names and other data (the SuperNI orders with another input cut) are not
+    reported side by side; files written before sources were recorded are not checked for them."""
+    from tests.conftest import TINY_STREAM
+
+    (tmp_path / "stream.yaml").write_text(TINY_STREAM.format(steps=1))
+    argv = ["--stream", str(tmp_path / "stream.yaml"), "--out", str(tmp_path / "out"), "--methods", "base"]
+    settings = continual.run_settings(*continual.configs(continual.parse_args(argv)), None)
+    assert settings["sources"]["0"] == {"type": "file", "path": "digits.jsonl", "start": 0}
+    moved = json.loads(json.dumps(settings))
+    moved["sources"]["0"]["stop"] = 7
+    assert continual.other_settings({"base": {"settings": moved}}, settings) == {"base": ["sources.0.stop: 7 -> None"]}
+    before = {k: v for k, v in settings.items() if k != "sources"}
+    assert continual.other_settings({"base": {"settings": before}}, settings) == {}
