@@ -85,7 +85,19 @@ def test_javascript_program_completes_the_last_function_of_a_prompt_with_a_helpe
     program = javascript_program(ex, "  return 2 * x;\n}\n\nconsole.log(twice(3));\n")
     assert program == prompt + "  return 2 * x;\n}\n"
     whole = "```javascript\nconst twice = (x) => {\n  return x + x;\n}\n```\nDone."
-    assert javascript_program(ex, whole) == "const twice = (x) => {\n  return x + x;\n}\n"
+    helper = prompt[:prompt.index("const twice")]
+    assert javascript_program(ex, whole) == helper + "const twice = (x) => {\n  return x + x;\n}\n"
+    both = "const isSame = (s) => {\n  return true;\n}\nconst twice = (x) => {\n  return x + x;\n}\n"
+    assert javascript_program(ex, both) == both  # the model rewrote the helper too: not defined twice
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js")
+def test_a_whole_javascript_function_can_call_the_prompts_helper():
+    prompt = ("const isSame = (s) => {\n  return s == s.split('').reverse().join('');\n}\n\n"
+              "/* Is x a palindrome twice over? */\nconst both = (x) => {\n")
+    test = "const assert = require('node:assert');\nassert.equal(both('aba'), true);\n"
+    ex = Example(prompt, "", {"test": test})
+    assert check_javascript_example(ex, "const both = (x) => {\n  return isSame(x) && isSame(x + x);\n}\n")
 
 
 def test_exact_match_and_sql_statement_normalisation():

@@ -128,12 +128,19 @@ def python_program(example: Example, completion: str) -> str:
 
 def javascript_program(example: Example, completion: str) -> str:
     """The prompt and the completed body, or the whole function the model wrote, up to the line that closes the
-    function the prompt opens: its last declaration (a prompt may define helper functions before it)."""
+    function the prompt opens: its last declaration (a prompt may define helper functions before it). A whole
+    function runs after what the prompt defines before it, unless the model wrote those definitions too."""
     code = extract_code(completion, "javascript")
-    declaration = next((line for line in reversed(example.prompt.splitlines())
-                        if re.match(r"\s*(const|function) ", line)), None)
+    lines = example.prompt.splitlines()
+    at = next((i for i in range(len(lines) - 1, -1, -1) if re.match(r"\s*(const|function) ", lines[i])), None)
+    declaration = lines[at] if at is not None else None
     whole = declaration is not None and declaration.strip() in code  # the model wrote the whole function
-    program = code if whole else example.prompt + code
+    if whole:
+        before = lines[:at]
+        rewritten = any(line.strip() in code for line in before if re.match(r"\s*(const|function|let|var) ", line))
+        program = code if rewritten or not before else "\n".join(before) + "\n" + code
+    else:
+        program = example.prompt + code
     kept = []
     for line in program.splitlines():
         kept.append(line)
