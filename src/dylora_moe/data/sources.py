@@ -90,7 +90,10 @@ def mbpp(data_dir: str | Path) -> list[Example]:
 
 
 def humaneval_x(data_dir: str | Path, language: str = "js") -> list[Example]:
-    """HumanEval-X (164 problems per language, Apache-2.0): prompt and reference solution."""
+    """HumanEval-X (164 problems per language, Apache-2.0): prompt and reference solution, as published. Three
+    JavaScript references fail their own tests, and are kept (the problems are sound; a correct answer passes):
+    JavaScript/112 returns ``(z, false)`` (the comma operator, not a pair), JavaScript/155 counts no digit in 0,
+    and JavaScript/162 requires the npm package ``js-md5``, which the execution check does not install."""
     if language not in HUMANEVAL_X_LANGUAGES:
         choices = ", ".join(HUMANEVAL_X_LANGUAGES)
         raise ValueError(f"HumanEval-X language {language!r} is not available; choose {choices}")
