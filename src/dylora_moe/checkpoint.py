@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 from peft import get_peft_model_state_dict
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import DyLoRAConfig, unknown_fields
@@ -435,7 +435,7 @@ def check_adapter(folder: Path) -> set[str]:
         if not (folder / name).is_file():
             raise FileNotFoundError(f"expert weights are incomplete: {folder / name} is missing")
     read_json(folder / "adapter_config.json")
-    return set(load_tensors(folder / "adapter_model.safetensors"))
+    return tensor_names(folder / "adapter_model.safetensors")
 
 
 def check_complete_adapter(manager, expert_id: int, folder: Path, saved: set[str]) -> None:
@@ -454,6 +454,16 @@ def read_json(path: Path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is corrupt or unreadable ({err}); restore it from a copy or retrain") from err
+
+
+def tensor_names(path: Path) -> set[str]:
+    """The tensor names of a safetensors file, from its header alone (peft reads the weights next); a file
+    whose data does not cover what its header lists (a cut-off write) is refused like a corrupt one."""
+    try:
+        with safe_open(str(path), "pt") as fh:
+            return set(fh.keys())
+    except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} is corrupt or unreadable ({err}); restore it from a copy or retrain") from err
 
 
