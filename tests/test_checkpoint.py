@@ -75,7 +75,7 @@ def test_bad_checkpoints_fail_clearly_and_change_nothing(tmp_path):
     with pytest.raises(ValueError, match="corrupt"):
         load()
     weights.write_bytes(good[:-64])  # a write cut short: the header lists more data than the file holds
-    with pytest.raises(ValueError, match="adapter_model.safetensors is corrupt"):
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors is corrupt"):
         load()
     weights.unlink()
     with pytest.raises(FileNotFoundError, match="incomplete"):
