@@ -162,3 +162,37 @@ def test_the_ingress_describes_the_latest_save_before_any_completion(tmp_path):
     assert before["routing_strategy"] == "sparse" and after["routing_strategy"] == "dense"
     assert after["system_version"] != before["system_version"]
     assert health["system_version"] == after["system_version"]
+
+
+def test_a_stale_answer_reloads_the_save_off_the_event_loop_and_routes_again():
+    """A replica that answers "stale" (the system changed under the request) makes the ingress pick up the new
+    save in a worker thread, not on the event loop every other request waits on, then ask again."""
+    import threading
+
+    answers = [{"stale": True}, {"error": {"status": 418, "message": "teapot", "type": "x", "code": "y", "param": None,
+                                             "headers": None}}]
+
+    class Once:
+        def __await__(self):
+            async def next_answer():
+                return answers.pop(0)
+            return next_answer().__await__()
+
+        def cancel(self):
+            pass
+
+    loop_thread, refreshed_in, routed = [], [], []
+    head = SimpleNamespace(refresh=lambda: refreshed_in.append(threading.current_thread()))
+    counter = SimpleNamespace(labels=lambda *_: SimpleNamespace(inc=lambda: None))
+    eng = RayEngine(head=head, generator=FakeGenerator(None), config=ServerConfig(),
+                    metrics=SimpleNamespace(retries=counter))
+    eng.generator.options = lambda **_: SimpleNamespace(generate=SimpleNamespace(remote=lambda payload: Once()))
+    eng._route = lambda req: routed.append(req) or ({"strategy": "none", "experts": []}, "v:none")
+
+    async def generate():
+        loop_thread.append(threading.current_thread())
+        return await eng._generate(GenerationRequest("1+1=", 4))
+
+    with pytest.raises(Exception, match="teapot"):
+        asyncio.run(generate())
+    assert len(routed) == 2 and len(refreshed_in) == 1 and refreshed_in[0] is not loop_thread[0]

@@ -143,8 +143,7 @@ class RayEngine:
 
     async def _run(self, req: GenerationRequest) -> None:
         if not req.future.set_running_or_notify_cancel():
-            return
-        self.head.refresh()
+            return  # (the ingress's middleware has picked up the latest save for this request: following_saves)
         if not Engine._prepare(self._limits, self.head.model, req):  # the future holds its 400
             return
         try:
@@ -181,7 +180,7 @@ class RayEngine:
                 continue
             if "stale" in answer:  # the system changed under the request: route it again on the new version
                 self.metrics.retries.labels("stale_version").inc()
-                self.head.refresh()
+                await run_in_threadpool(self.head.refresh)  # loading a save off the event loop
                 continue
             if "error" in answer:
                 raise error_from_wire(answer["error"])
