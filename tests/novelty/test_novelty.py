@@ -363,3 +363,25 @@ def test_embeddings_do_not_depend_on_the_tokenizers_padding_side():
         row = (together.keys == alone.keys[0]).nonzero().item()
         torch.testing.assert_close(together.features[row], alone.features[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(together.gate[row], alone.gate[0], rtol=1e-5, atol=1e-5)
+
+
+def test_token_id_batches_padded_on_the_left_are_embedded_as_padded_on_the_right():
+    """GPT-2's positions are absolute: rows of a token-id batch padded on the left are embedded (and give the gate
+    the features) they give padded on the right or alone, so the decision does not depend on the padding side."""
+    from tests.conftest import tiny_gpt2
+
+    model = build(tiny_gpt2())
+    lengths = torch.tensor([[6], [3], [4]])
+    tokens = torch.arange(5, 23).reshape(3, 6)
+    right_mask = (torch.arange(6) < lengths).long()
+    left_mask = right_mask.flip(1)
+    right_ids = tokens * right_mask
+    left_ids = torch.stack([row.roll(6 - int(n)) for row, n in zip(right_ids, lengths, strict=True)])
+    right = model.embed_sample({"input_ids": right_ids, "attention_mask": right_mask})
+    left = model.embed_sample({"input_ids": left_ids, "attention_mask": left_mask})
+    assert torch.equal(right.keys, left.keys)
+    torch.testing.assert_close(left.features, right.features, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(left.gate, right.gate, rtol=1e-5, atol=1e-5)
+    alone = model.embed_sample({"input_ids": tokens[1:2, :3]})
+    row = (left.keys == alone.keys[0]).nonzero().item()
+    torch.testing.assert_close(left.features[row], alone.features[0], rtol=1e-5, atol=1e-5)

@@ -78,7 +78,7 @@ def _batches(model: DyLoRAMoE, data, limit: int) -> Iterator[tuple[Tensor, Tenso
         order = torch.argsort(keys)[:limit]
         for i in range(0, order.numel(), cfg.batch_size):
             rows = order[i : i + cfg.batch_size]
-            pair = (ids[rows].to(device), mask[rows].to(device))
+            pair = tuple(t.to(device) for t in right_padded(ids[rows], mask[rows]))
             yield (*pair, *pair, keys[rows])
         return
     if model.tokenizer is None:
@@ -102,3 +102,13 @@ def _batches(model: DyLoRAMoE, data, limit: int) -> Iterator[tuple[Tensor, Tenso
                                 max_length=cfg.max_length, add_special_tokens=False, padding_side="right")
         yield (enc["input_ids"].to(device), enc["attention_mask"].to(device), whole["input_ids"].to(device),
                whole["attention_mask"].to(device), torch.tensor([k for k, _ in chunk], dtype=torch.long))
+
+
+def right_padded(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``ids`` [B, T] with each row's tokens (``mask`` 1) moved to its front in their order, and the matching mask:
+    a batch padded on the left (or with gaps) is embedded as the same rows padded on the right, so every row's
+    tokens are numbered from 0, as when it is embedded alone, also under absolute position embeddings."""
+    real = mask.bool()
+    order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)  # real tokens first, each side in order
+    lengths = real.sum(1, keepdim=True)
+    return ids.gather(1, order), (torch.arange(ids.shape[1], device=ids.device) < lengths).to(mask.dtype)
