@@ -11,7 +11,7 @@ import pytest
 
 from dylora_moe.cli import main
 from dylora_moe.data.sources import Example
-from dylora_moe.data.stream import ChunkSpec, StreamSpec, load_stream
+from dylora_moe.data.stream import ChunkSpec, StreamSpec, check_pools, load_stream
 from dylora_moe.evaluation.mixed import summarise_mixed
 from dylora_moe.novelty import content_key
 from dylora_moe.novelty.sorting import SkillSorter
@@ -105,6 +105,22 @@ def test_chunk_counts_follow_the_shares_and_bad_mixes_are_named():
         StreamSpec("s", [{"name": "a", "source": {"type": "file", "path": "x"}}], chunks=[{"size": 4, "mix": {"b": 1}}])
     with pytest.raises(ValueError, match="positive shares"):
         ChunkSpec(4, {"a": 0})
+
+
+def test_chunks_drawing_from_a_skill_that_needs_a_data_directory_name_it_and_the_fix(tmp_path):
+    """Without --data-dir a skill with requires_data_dir does not run; chunks that draw from it are refused with the
+    skill's name, not a bare StopIteration or a pool said to be too small."""
+    (tmp_path / "digits.jsonl").write_text("\n".join(json.dumps(SKILLS["digits"](i)) for i in range(40)))
+    digits = {"name": "digits", "source": {"type": "file", "path": str(tmp_path / "digits.jsonl")},
+              "format": {"chat": False}}
+    sql = {"name": "sql", "source": {"type": "builtin", "name": "spider"}, "requires_data_dir": True}
+    stream = StreamSpec("s", [digits, sql], chunks=[{"size": 8, "mix": {"digits": 1, "sql": 1}}])
+    with pytest.raises(ValueError, match=r"'sql', which do not run.*--data-dir"):
+        check_pools(stream.chunks, {"digits": 30})
+    from dylora_moe.training import TrainingConfig
+
+    with pytest.raises(ValueError, match=r"'sql', which do not run.*--data-dir"):
+        MixedLearner(build(), stream, TrainingConfig(report_to=["none"]), tmp_path / "out")
 
 
 def write_mixed_stream(tmp_path, n: int = 200) -> None:

@@ -23,7 +23,7 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,9 +237,19 @@ def poolable(examples: Sequence[Example]) -> list[Example]:
     return [e for e in examples if e.response.strip()]
 
 
+def check_chunk_skills(chunks: Sequence[ChunkSpec], running: Collection[str]) -> None:
+    """Refuse a mixed stream whose chunks draw from a skill that does not run (``running``: the names of those
+    that do; a skill with ``requires_data_dir`` runs only with a data directory)."""
+    skipped = sorted(set(chunk_demands(chunks)) - set(running))
+    if skipped:
+        raise ValueError(f"the chunks draw from skill(s) {', '.join(map(repr, skipped))}, which do not run: they need "
+                         "a data directory (requires_data_dir): pass --data-dir, or leave them out of the chunks' mix")
+
+
 def check_pools(chunks: Sequence[ChunkSpec], available: dict[str, int]) -> None:
-    """Refuse a mixed stream whose chunks draw more examples of a skill than its pool holds (``available``:
-    training examples per skill), before anything trains."""
+    """Refuse a mixed stream whose chunks draw from a skill that does not run or more examples of a skill than its
+    pool holds (``available``: training examples per running skill), before anything trains."""
+    check_chunk_skills(chunks, available)
     short = [f"{name!r} needs {need} over all chunks but its pool holds {available.get(name, 0)}"
              for name, need in chunk_demands(chunks).items() if need > available.get(name, 0)]
     if short:

@@ -29,7 +29,7 @@ import datasets
 
 from ..data.preprocess import render_prompt
 from ..data.sources import Example
-from ..data.stream import SkillSpec, StreamSpec, check_pools, chunk_demands, poolable
+from ..data.stream import SkillSpec, StreamSpec, check_chunk_skills, check_pools, chunk_demands, poolable
 from ..model import DyLoRAMoE
 from ..novelty import NoveltyResult, content_key
 from ..novelty.sorting import ChunkSort, SkillSorter
@@ -74,6 +74,7 @@ class MixedLearner(ContinualLearner):
         if not stream.mixed:
             raise ValueError(f"stream {stream.name!r} has no `chunks`: run it with ContinualLearner")
         super().__init__(model, stream, training, out_dir, data_dir=data_dir, after_skill=after_skill)
+        check_chunk_skills(stream.chunks, [s.name for s in self.skills])
         self.chunks = stream.chunks
         self.pools: dict[str, StepData] = {}
         self.used: dict[str, int] = {}
