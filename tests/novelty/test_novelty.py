@@ -385,3 +385,18 @@ def test_token_id_batches_padded_on_the_left_are_embedded_as_padded_on_the_right
     alone = model.embed_sample({"input_ids": tokens[1:2, :3]})
     row = (left.keys == alone.keys[0]).nonzero().item()
     torch.testing.assert_close(left.features[row], alone.features[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_sample_of_no_example_is_refused_by_name():
+    """An empty sample's separation is NaN, which the detector read as novel; through add_skill_sample it was refused
+    as a backbone overflow (its mean embedding is NaN)."""
+    model = build()
+    model.add_new_skill(["1+1=2", "2+2=4", "3+3=6", "4+4=8"])
+    empty = SkillSample(torch.zeros(0, 32), torch.zeros(0, 32), torch.zeros(0, dtype=torch.long))
+    for method in ("separation", "mahalanobis"):
+        model.config.novelty.method = method
+        with pytest.raises(ValueError, match="holds no example"):
+            model.add_skill_sample(empty)
+        with pytest.raises(ValueError, match="holds no example"):  # was novel, on a NaN separation
+            NoveltyDetector(model.library, model.config.novelty).decide(empty, unit(*[1.0] * 32))
+    assert model.num_experts == 1 and len(model.library) == 1

@@ -151,7 +151,11 @@ class NoveltyDetector:
     def decide(self, sample: SkillSample, embedding: Tensor, router: Router | None = None) -> Decision:
         """Decide on new data given its per-example ``sample`` and its mean unit ``embedding`` [H]; ``router``
         (gate, expert id of each gate column) is needed by ``entropy``. Non-finite embeddings are refused: a NaN
-        statistic would read as "not separated" and the rows would poison the skill they joined."""
+        statistic would read as "not separated" and the rows would poison the skill they joined; so is a sample of no
+        example (its statistics are NaN, and it would found a skill of nothing)."""
+        if len(sample) == 0:
+            raise ValueError("the new data's sample holds no example: embed at least one example (embed_sample) "
+                             "before deciding on it (nothing was stored)")
         check_finite(sample, embedding)
         method = self.config.method
         if not self.library.skills:
