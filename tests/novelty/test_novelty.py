@@ -400,3 +400,15 @@ def test_a_sample_of_no_example_is_refused_by_name():
         with pytest.raises(ValueError, match="holds no example"):  # was novel, on a NaN separation
             NoveltyDetector(model.library, model.config.novelty).decide(empty, unit(*[1.0] * 32))
     assert model.num_experts == 1 and len(model.library) == 1
+
+
+@pytest.mark.parametrize("method", ["mahalanobis", "entropy", "combined"])
+def test_methods_reading_router_features_name_the_skills_stored_without_them(method):
+    """A skill founded from data embedded with gate=False stores no router features: the methods that read them say
+    so by skill, instead of failing on None inside the statistics."""
+    model = build()
+    model.add_skill_sample(model.embed_sample(["1+1=2", "2+2=4", "3+3=6", "4+4=8"], gate=False), "sums")
+    model.config.novelty.method = method
+    with pytest.raises(ValueError, match=r"does not hold for skill\(s\) sums .*'separation'"):
+        model.add_new_skill(["UP ab: AB!", "UP cd: CD!", "UP ef: EF!"])
+    assert model.num_experts == 1

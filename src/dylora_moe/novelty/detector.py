@@ -169,6 +169,8 @@ class NoveltyDetector:
                 f"novelty method {method!r} needs per-example embeddings, which the library of this system does not "
                 f"hold for skill(s) {', '.join(missing)} (saved by an older dylora-moe): load it with "
                 "novelty={'method': 'cosine'} to keep the old decision, or re-add those skills' data")
+        if method != "separation":
+            self._check_gate_rows()
         if method == "separation":
             return self._two_sample(sample.features, "features", whiten=False)
         if method == "mahalanobis":
@@ -180,6 +182,16 @@ class NoveltyDetector:
             b = self._two_sample(self._gate_rows(sample), "gate", whiten=True)
             return a if not a.is_novel or b.is_novel else b
         raise ValueError(f"unknown novelty method {method!r}")
+
+    def _check_gate_rows(self) -> None:
+        """Refuse a method that reads the router's features when a known skill stores none (its data, or part of
+        it, was embedded with ``gate=False``)."""
+        lacking = [s.name for s in self.library.skills.values() if s.sample.gate is None]
+        if lacking:
+            raise ValueError(
+                f"novelty method {self.config.method!r} reads the router's features, which the library does not hold "
+                f"for skill(s) {', '.join(lacking)} (data embedded with embed_sample(..., gate=False)): use novelty "
+                "method 'separation', or embed skill data with its router features (the default)")
 
     @staticmethod
     def _gate_rows(sample: SkillSample) -> Tensor:
