@@ -107,6 +107,18 @@ def test_chunk_counts_follow_the_shares_and_bad_mixes_are_named():
         ChunkSpec(4, {"a": 0})
 
 
+def test_chunk_sizes_and_shares_of_the_wrong_type_are_named():
+    """A size of 64.0 (a YAML float) is 64 examples; 64.5, true, text, NaN or infinite shares, a share of true and
+    a mix that is a list are refused as the chunk's fields, not as a slice or NaN conversion error later."""
+    assert ChunkSpec(64.0, {"a": 1}).counts() == {"a": 64}
+    for size in (64.5, True, "x"):
+        with pytest.raises(ValueError, match=r"ChunkSpec\.size"):
+            ChunkSpec(size, {"a": 1})
+    for mix in ({"a": float("nan")}, {"a": float("inf"), "b": 1}, {"a": True}, ["a", "b"]):
+        with pytest.raises(ValueError, match="positive shares"):
+            ChunkSpec(4, mix)
+
+
 def test_chunks_drawing_from_a_skill_that_needs_a_data_directory_name_it_and_the_fix(tmp_path):
     """Without --data-dir a skill with requires_data_dir does not run; chunks that draw from it are refused with the
     skill's name, not a bare StopIteration or a pool said to be too small."""

@@ -22,6 +22,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import random
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
@@ -208,9 +209,12 @@ class ChunkSpec:
     mix: dict[str, float]
 
     def __post_init__(self) -> None:
+        check_types(self)  # a whole number of examples (64.0 reads as 64); 64.5, true or text are refused
         if self.size < 1:
             raise ValueError(f"a chunk needs size >= 1, got {self.size}")
-        if not self.mix or any(not isinstance(v, (int, float)) or v <= 0 for v in self.mix.values()):
+        if (not isinstance(self.mix, dict) or not self.mix
+                or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0
+                       for v in self.mix.values())):
             raise ValueError(f"a chunk's mix maps skill names to positive shares, got {self.mix!r}")
 
     def counts(self) -> dict[str, int]:
