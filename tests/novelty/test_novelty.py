@@ -412,3 +412,13 @@ def test_methods_reading_router_features_name_the_skills_stored_without_them(met
     with pytest.raises(ValueError, match=r"does not hold for skill\(s\) sums .*'separation'"):
         model.add_new_skill(["UP ab: AB!", "UP cd: CD!", "UP ef: EF!"])
     assert model.num_experts == 1
+
+
+def test_repeated_token_id_rows_are_one_example_as_repeated_texts_are():
+    """Text data is deduplicated by content; token-id data was not, so a repeated row weighed several times in the
+    decision (and shrank the sample's spread) and took several of the max_examples places."""
+    model = build()
+    ids = model.tokenizer(["12+3=15"] * 3 + ["4+4=8"], return_tensors="pt", padding=True)
+    got = model.embed_sample(dict(ids))
+    assert len(got) == 2 and got.keys.unique().numel() == 2
+    assert len(model.embed_sample(["12+3=15"] * 3 + ["4+4=8"])) == 2

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..data.sources import Example
 from ..routing.control import pool
-from .library import SkillSample, content_key
+from .library import SkillSample, _first_of_each, content_key
 
 if TYPE_CHECKING:
     from ..model import DyLoRAMoE
@@ -75,7 +75,7 @@ def _batches(model: DyLoRAMoE, data, limit: int) -> Iterator[tuple[Tensor, Tenso
         # keyed on the tokens alone: the same example padded to another length is the same row
         keys = torch.tensor([content_key(" ".join(map(str, row[m.bool()].tolist())))
                              for row, m in zip(ids, mask, strict=True)], dtype=torch.long)
-        order = torch.argsort(keys)[:limit]
+        order = _first_of_each(keys)[1][:limit]  # one row per distinct example in key order, as text data has
         for i in range(0, order.numel(), cfg.batch_size):
             rows = order[i : i + cfg.batch_size]
             pair = tuple(t.to(device) for t in right_padded(ids[rows], mask[rows]))
