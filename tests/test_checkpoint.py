@@ -38,9 +38,17 @@ def test_round_trip_gives_identical_logits_and_routing(tmp_path, mature):
     torch.testing.assert_close(b.routing_weights, a.routing_weights)
     torch.testing.assert_close(b.logits, a.logits)
     assert loaded.experts.ranks == model.experts.ranks and loaded.experts.next_id == 3
+    assert loaded.library.capacity == model.config.novelty.capacity
     assert [s.name for s in loaded.library.skills.values()] == ["letters", "digits"]
     assert loaded.router.expert_maturity.tolist() == model.router.expert_maturity.tolist()
     assert loaded.create_expert() == 3
+
+
+def test_a_load_can_change_the_librarys_capacity(tmp_path):
+    saved_system(tmp_path, mature=True)
+    smaller = DyLoRAMoE.from_pretrained(tmp_path / "system", backbone=tiny_llama(), tokenizer=char_tokenizer(),
+                                        novelty={"capacity": 5})
+    assert smaller.config.novelty.capacity == 5 and smaller.library.capacity == 5
 
 
 def test_each_expert_loads_with_plain_peft(tmp_path):

@@ -122,8 +122,9 @@ class SkillLibrary:
         return meta, tensors
 
     def load_state_dict(self, meta: dict, tensors: dict[str, Tensor]) -> None:
+        """The saved skills; ``capacity`` stays this library's (the system's ``novelty.capacity``, which a load
+        may override: the saved metadata's copy of it is not read back)."""
         self._next_id = meta["next_id"]
-        self.capacity = meta.get("capacity", self.capacity)
         self.skills = {}
         for s in meta["skills"]:
             key = f"skill_{s['skill_id']}"
