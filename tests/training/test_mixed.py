@@ -135,6 +135,25 @@ def test_chunks_drawing_from_a_skill_that_needs_a_data_directory_name_it_and_the
         MixedLearner(build(), stream, TrainingConfig(report_to=["none"]), tmp_path / "out")
 
 
+def test_a_skill_whose_share_rounds_to_no_example_is_not_seen(tmp_path):
+    """Only a chunk that draws examples of a skill makes it seen (evaluated from then on, a column of the
+    records): a share rounded to zero examples draws nothing."""
+    from dylora_moe.training import TrainingConfig
+
+    rows = {}
+    for skill in ("digits", "letters"):
+        (tmp_path / f"{skill}.jsonl").write_text("\n".join(json.dumps(SKILLS[skill](i)) for i in range(40)))
+        rows[skill] = {"name": skill, "source": {"type": "file", "path": str(tmp_path / f"{skill}.jsonl")},
+                       "format": {"chat": False}}
+    chunks = [{"size": 2, "mix": {"digits": 0.9, "letters": 0.1}}, {"size": 8, "mix": {"digits": 1, "letters": 1}}]
+    stream = StreamSpec("s", list(rows.values()), chunks=chunks)
+    assert stream.chunks[0].counts() == {"digits": 2, "letters": 0}
+    learner = MixedLearner(build(), stream, TrainingConfig(report_to=["none"]), tmp_path / "out")
+    assert [name for name, _ in learner.draw(0)] == ["digits", "digits"] and learner.seen == ["digits"]
+    learner.draw(1)
+    assert learner.seen == ["digits", "letters"]
+
+
 def write_mixed_stream(tmp_path, n: int = 200) -> None:
     for skill, make in SKILLS.items():
         (tmp_path / f"{skill}.jsonl").write_text("\n".join(json.dumps(make(i)) for i in range(n)))

@@ -106,7 +106,7 @@ class MixedLearner(ContinualLearner):
                                  "(or its source's slice) or lower the chunk sizes")
             drawn += [(name, e) for e in data.train[start : start + count]]
             self.used[name] = start + count
-            if name not in self.seen:
+            if count and name not in self.seen:  # a share rounded to no example draws nothing
                 self.seen.append(name)
         random.Random(self.training.seed + i).shuffle(drawn)
         return drawn
