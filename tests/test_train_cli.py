@@ -172,6 +172,25 @@ def test_experts_merge_and_prune_rewrite_system_memory_and_registry(run, tmp_pat
             DyLoRAMoE.from_pretrained(folder / "system").experts.expert_ids
 
 
+def test_experts_prune_on_an_empty_routing_memory_keeps_every_expert_and_skill(run, tmp_path, capsys):
+    """A system whose routing memory holds no stored prompt (a server that took no upload yet): no traffic is
+    known, so nothing is pruned, rather than every expert but one going with its skills."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from dylora_moe.training.progress import MEMORY
+
+    out = tmp_path / "out"
+    shutil.copytree(run / "out", out)
+    save_file({}, str(out / "system" / MEMORY))
+    assert main(["experts", "prune", str(out), "--below", "0.5"]) == 0
+    assert "no expert's traffic is known" in " ".join(capsys.readouterr().out.split())
+    model = DyLoRAMoE.from_pretrained(out / "system")
+    assert model.experts.expert_ids == [0, 1] and len(model.library.skills) == 2
+    assert [e.expert_id for e in SkillStore(out / "store.db").experts()] == [0, 1]
+
+
 def test_experts_merge_with_a_pruning_method_takes_the_density(run, tmp_path, capsys):
     import shutil
 

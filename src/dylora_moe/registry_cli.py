@@ -217,10 +217,14 @@ def reshape(args: argparse.Namespace, store, console: Console) -> int:
         merged = pool.merge(model, memory, a, b, method=args.method, rank=args.rank, density=args.density)
         moved, message = {a: merged, b: merged}, f"merged experts {a} and {b} into expert {merged} ({args.method})"
     else:
+        known = bool(pool.routing_shares(model, memory))
         pruned = pool.prune(model, memory, args.below)
         moved = {e: into for e, into in pruned if into is not None}
         if pruned:
             message = "pruned " + ", ".join(f"expert {e} (skills now served by {into})" for e, into in pruned)
+        elif not known:
+            message = (f"nothing: {system / MEMORY} holds no stored prompt of this pool's experts, so no expert's "
+                       "traffic is known (train or serve the system first)")
         elif model.num_experts <= 1:
             message = "nothing: the last expert is never pruned"
         else:

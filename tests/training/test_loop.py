@@ -366,6 +366,23 @@ def test_pool_prune_folds_an_unused_expert_into_the_one_its_prompts_reach(tmp_pa
     assert len(model.library.skills) == 2  # the pruned expert's skill is still known, now served by expert 0
 
 
+def test_pool_prune_without_stored_prompts_prunes_nothing(tmp_path):
+    """No routing-memory row of the pool's experts: no expert's traffic is known, so none is taken for unused (it
+    would otherwise go with its skills, every expert but the last)."""
+    from dylora_moe.experts.pool import prune, routing_shares
+    from dylora_moe.training.rehearsal import RoutingMemory
+
+    model, learner, _, _ = run_two_skills(tmp_path)
+    skills = dict(model.library.skills)
+    learner.memory.add(9, 7, torch.randn(4, model.backbone.config.hidden_size))  # rows of an expert since deleted
+    for expert_id in (0, 1):
+        learner.memory.drop_expert(expert_id)
+    for memory in (RoutingMemory(), learner.memory):
+        assert routing_shares(model, memory) == {}
+        assert prune(model, memory, 0.5, fit_steps=0) == []
+        assert model.experts.expert_ids == [0, 1] and model.library.skills.keys() == skills.keys()
+
+
 def test_requests_the_instruction_views_answer_are_no_kl_anchors(tmp_path):
     def commented(i):
         return {"prompt": f"# add {i} to x\ndef f{i}(x):\n", "response": f"  return x+{i}\n"}

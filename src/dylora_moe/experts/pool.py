@@ -52,11 +52,12 @@ def closest_pair(model, exclude: set[int] = frozenset()) -> tuple[int, int, floa
 
 @torch.no_grad()
 def routing_shares(model, memory: RoutingMemory) -> dict[int, float]:
-    """Share of the memory's rows routed (top-1 of the gate) to each expert of the pool."""
+    """Share of the memory's rows routed (top-1 of the gate) to each expert of the pool; empty when the memory
+    holds no row of the pool's experts (no traffic is known, which is not the same as none)."""
     ids = model.experts.expert_ids
     batch = memory.batch(ids, model.device)
     if batch is None:
-        return dict.fromkeys(ids, 0.0)
+        return {}
     features, _ = batch
     chosen = model.router.logits(features).argmax(-1)  # [M]
     counts = torch.bincount(chosen, minlength=len(ids)).tolist()
@@ -90,7 +91,8 @@ def merge(model, memory: RoutingMemory, a: int, b: int, *, method: str = "cat", 
 def prune(model, memory: RoutingMemory, below: float, *, fit_steps: int = 200) -> list[tuple[int, int | None]]:
     """Delete every expert the gate sends less than ``below`` of the memory's rows to; each one's skills and
     rows move to the expert its own skills' rows are routed to (``None`` when it has no rows: its skills go
-    with it). Returns ``(pruned, now serving its skills)`` pairs; the last expert is never pruned."""
+    with it). Returns ``(pruned, now serving its skills)`` pairs; the last expert is never pruned, and a memory
+    without rows of the pool's experts prunes nothing (``routing_shares`` is empty: no expert is known unused)."""
     shares = routing_shares(model, memory)
     done = []
     for expert_id in sorted(shares, key=shares.get):
