@@ -73,9 +73,13 @@ def test_merge_refuses_unknown_or_identical_experts():
         model.merge_experts(1, 1)
 
 
-@pytest.mark.parametrize("method, density", [("svd", None), ("ties_svd", 1.0), ("dare_ties_svd", 1.0)])
+@pytest.mark.parametrize("method, density", [
+    ("svd", None), ("ties_svd", 1.0), ("dare_ties_svd", 1.0), ("dare_linear_svd", 1.0),
+    ("linear", None), ("dare_linear", 1.0), ("magnitude_prune", 1.0), ("ties", 1.0), ("dare_ties", 1.0)])
 def test_merging_two_identical_experts_gives_that_expert_back_with_the_default_weights(method, density):
-    # the TIES methods average through their disjoint merge: at weights 0.5 they would halve the delta
+    # the TIES methods average through their disjoint merge: at weights 0.5 they would halve the delta; the
+    # methods that combine A and B one by one (linear, dare_linear, ...) weigh each by the weight's root: at 0.5
+    # they would double it
     model = grown(n_experts=2)
     with torch.no_grad():
         for a, b in zip(model.experts.parameters(0), model.experts.parameters(1), strict=True):

@@ -43,11 +43,18 @@ NEEDS_DENSITY = ("ties", "ties_svd", "dare_linear", "dare_linear_svd", "dare_tie
 
 
 def merge_weights(method: str, n: int = 2) -> list[float]:
-    """The weights under which peft's ``add_weighted_adapter`` averages ``n`` experts with ``method``: 1/n
-    each for the methods that sum the weighted deltas (``cat``, ``linear``, ``svd``, ``dare_linear``, ...);
-    1 each for the TIES methods, whose disjoint merge already divides every entry by the number of experts
-    that agree on its sign (at 1/n they would shrink the merged delta n-fold)."""
-    return [1.0] * n if "ties" in method else [1.0 / n] * n
+    """The weights under which peft's ``add_weighted_adapter`` averages ``n`` experts with ``method``: 1 each
+    for the TIES methods, whose disjoint merge already divides every entry by the number of experts that agree
+    on its sign (at 1/n they would shrink the merged delta n-fold); else 1/n each for the methods that sum the
+    weighted deltas (``cat``, ``svd``, ``dare_linear_svd``, ``magnitude_prune_svd``), and 1/n**2 each for those
+    that sum the factors (``linear``, ``dare_linear``, ``magnitude_prune``): peft weighs A and B by the root of
+    the weight each, so their product, the delta, scales as the square of the summed roots (at 1/n, n
+    identical experts would merge into one with n times their delta)."""
+    if "ties" in method:
+        return [1.0] * n
+    if method == "cat" or "svd" in method:
+        return [1.0 / n] * n
+    return [1.0 / n**2] * n
 
 
 class ExpertManager:
