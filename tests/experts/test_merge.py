@@ -115,6 +115,23 @@ def test_merge_options_a_method_would_ignore_or_break_on_are_refused(method, ran
     assert model.experts.expert_ids == [0, 1] and model.router.num_experts == 2
 
 
+@pytest.mark.parametrize("method, density, message", [
+    ("linear", None, "ranks \\[4, 8\\]: use svd"),
+    ("ties", 0.5, "ranks \\[4, 8\\]: use ties_svd"),
+    ("dare_linear", 0.5, "use dare_linear_svd"),
+    ("magnitude_prune", 0.5, "use magnitude_prune_svd"),
+    ("lineal", None, "unknown merge method 'lineal'; the methods are cat, linear, svd"),
+])
+def test_a_merge_method_that_cannot_combine_the_experts_is_refused_with_the_one_that_can(method, density, message):
+    model = grown(n_experts=2, ranks=[4, 8])
+    with pytest.raises(ValueError, match=message):
+        model.merge_experts(0, 1, method=method, density=density)
+    assert model.experts.expert_ids == [0, 1] and model.router.num_experts == 2
+    svd = "svd" if method in ("linear", "lineal") else f"{method}_svd"
+    merged = model.merge_experts(0, 1, method=svd, density=density)
+    assert model.experts.ranks[merged] == 8
+
+
 def test_an_svd_merge_at_the_narrowest_layers_width_saves_and_loads(tmp_path):
     from dylora_moe import DyLoRAMoE
     from tests.conftest import char_tokenizer

@@ -37,6 +37,11 @@ def expert_name(expert_id: int) -> str:
     return f"expert_{expert_id}"
 
 
+# peft's add_weighted_adapter methods; those without ``svd`` but ``cat`` combine the experts' A and B factors one by
+# one, which needs one rank for all
+MERGE_METHODS = ("cat", "linear", "svd", "ties", "ties_svd", "dare_linear", "dare_linear_svd", "dare_ties",
+                 "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
+FACTOR_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 # peft methods that prune each delta to a share ``density`` of its entries before combining them
 NEEDS_DENSITY = ("ties", "ties_svd", "dare_linear", "dare_linear_svd", "dare_ties", "dare_ties_svd",
                  "magnitude_prune", "magnitude_prune_svd")
@@ -170,7 +175,7 @@ class ExpertManager:
             self._check(expert_id)
         if len(expert_ids) < 2 or len(weights) != len(expert_ids):
             raise ValueError(f"merge needs two or more experts and one weight each, got {expert_ids} and {weights}")
-        self._check_merge_options(method, rank, density)
+        self._check_merge_options(method, rank, density, expert_ids)
         self.onload(expert_ids)
         expert_id, name = self.next_id, expert_name(self.next_id)
         extra = {"svd_rank": rank or max(self.ranks[e] for e in expert_ids)} if "svd" in method else {}
@@ -196,11 +201,21 @@ class ExpertManager:
         self._apply_trainable()
         return expert_id
 
-    def _check_merge_options(self, method: str, rank: int | None, density: float | None) -> None:
-        """Refuse options a merge method would ignore or turn into a broken expert: a density outside (0, 1] (0
-        keeps nothing of either delta), or one given to a method that does not prune; a rank below 1, given to a
-        method that does not truncate, or above the smallest adapted layer's width (peft then cuts that layer's
-        factors to its width, and the saved expert no longer matches its own config)."""
+    def _check_merge_options(self, method: str, rank: int | None, density: float | None,
+                             expert_ids: Sequence[int] = ()) -> None:
+        """Refuse options a merge method would ignore or turn into a broken expert: an unknown method; experts of
+        different ranks to a method that combines their factors; a density outside (0, 1] (0 keeps nothing of
+        either delta), or one given to a method that does not prune; a rank below 1, given to a method that does
+        not truncate, or above the smallest adapted layer's width (peft then cuts that layer's factors to its
+        width, and the saved expert no longer matches its own config)."""
+        if method not in MERGE_METHODS:
+            raise ValueError(f"unknown merge method {method!r}; the methods are {', '.join(MERGE_METHODS)}")
+        ranks = [self.ranks[e] for e in expert_ids]
+        if method in FACTOR_METHODS and len(set(ranks)) > 1:
+            svd = "svd" if method == "linear" else f"{method}_svd"
+            raise ValueError(f"merge method {method!r} combines the experts' factors one by one and needs one rank, "
+                             f"but experts {list(expert_ids)} have ranks {ranks}: use {svd} (the same merge of the "
+                             "deltas, at one rank) or cat")
         if method in NEEDS_DENSITY:
             if density is None:
                 raise ValueError(f"merge method {method!r} prunes the deltas: give the share to keep, "
