@@ -162,6 +162,21 @@ def test_a_merged_expert_of_a_bf16_backbone_keeps_the_sources_dtype_and_serves_a
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
 
 
+def test_a_cat_merge_of_a_bf16_backbone_is_still_the_exact_average_of_the_deltas():
+    """peft fills a cat merge in the backbone's dtype; rounded to bf16, the merged delta would be off the average
+    by a few thousandths."""
+    model = grown(n_experts=2, backbone=tiny_llama().to(torch.bfloat16))
+    layers = model.experts.layers()
+
+    def delta(layer, name):
+        return layer.scaling[name] * layer.lora_B[name].weight @ layer.lora_A[name].weight
+
+    average = [(delta(layer, "expert_0") + delta(layer, "expert_1")) / 2 for layer in layers]
+    merged = model.merge_experts(0, 1)
+    for layer, expected in zip(layers, average, strict=True):
+        torch.testing.assert_close(delta(layer, f"expert_{merged}"), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_a_merge_leaves_every_expert_outside_the_trainable_set_frozen():
     """peft activates another adapter when the active one is deleted, which makes it require grad: the manager
     puts the trainable set back, so an optimizer built from ``requires_grad`` trains nothing it was not asked to."""

@@ -187,13 +187,23 @@ class ExpertManager:
         for n, p in self.backbone.named_parameters():
             p.requires_grad_(grads.get(n, False))
         # peft keeps the adapters of a half-precision backbone in float32, but writes a merged one in the
-        # backbone's dtype: the merged expert takes its sources' dtype, as a new expert would
-        source = expert_name(expert_ids[0])
+        # backbone's dtype: the merged expert takes its sources' dtype, as a new expert would. A cat merge was
+        # rounded to the backbone's dtype on the way (the other methods hand over tensors in their sources'), so
+        # it is filled again in the sources' dtype, as peft fills it, and stays exact.
+        sources = [expert_name(e) for e in expert_ids]
         for layer in self.layers():
-            if name in layer.lora_A and source in layer.lora_A:
-                dtype = layer.lora_A[source].weight.dtype
+            if name in layer.lora_A and sources[0] in layer.lora_A:
+                dtype = layer.lora_A[sources[0]].weight.dtype
+                rounded = layer.lora_A[name].weight.dtype != dtype
                 layer.lora_A[name].to(dtype)
                 layer.lora_B[name].to(dtype)
+                if method == "cat" and rounded:
+                    parts = [(s, w) for s, w in zip(sources, weights, strict=True) if s in layer.lora_A]
+                    with torch.no_grad():
+                        a = torch.cat([layer.lora_A[s].weight * w * layer.scaling[s] for s, w in parts])
+                        b = torch.cat([layer.lora_B[s].weight for s, _ in parts], dim=1)
+                        layer.lora_A[name].weight[: a.shape[0]].copy_(a)
+                        layer.lora_B[name].weight[:, : b.shape[1]].copy_(b)
         self.next_id += 1
         self.expert_ids.append(expert_id)
         self.ranks[expert_id] = self.peft_model.peft_config[name].r
