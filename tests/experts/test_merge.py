@@ -132,6 +132,30 @@ def test_a_merge_method_that_cannot_combine_the_experts_is_refused_with_the_one_
     assert model.experts.ranks[merged] == 8
 
 
+def test_a_merge_that_fails_inside_peft_leaves_nothing_a_later_merge_would_pick_up():
+    """An svd merge of an expert gone non-finite fails in the middle of peft's add_weighted_adapter; the half-made
+    adapter must go, or the next merge (peft returns at once for a name it knows) would serve it as its result."""
+    model = grown(n_experts=2)
+    weight = next(iter(model.experts.parameters(1)))
+    kept = weight.detach().clone()
+    with torch.no_grad():
+        weight.fill_(float("nan"))
+    model.experts.touch()
+    with pytest.raises(RuntimeError, match="non-finite"):
+        model.merge_experts(0, 1, method="svd")
+    assert list(model.experts.peft_model.peft_config) == ["expert_0", "expert_1"]
+    assert model.experts.expert_ids == [0, 1] and model.router.num_experts == 2
+    with torch.no_grad():
+        weight.copy_(kept)
+    model.experts.touch()
+    inputs = batch(bsz=2, t=8)
+    expected = naive_logits(model, inputs, torch.full((2, 2), 0.5))
+    merged = model.merge_experts(0, 1)
+    assert model.experts.ranks[merged] == 8  # cat: the sum of the ranks, not the failed svd's 4
+    with torch.no_grad(), model.force_expert(merged):
+        torch.testing.assert_close(model(**inputs).logits, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_an_svd_merge_at_the_narrowest_layers_width_saves_and_loads(tmp_path):
     from dylora_moe import DyLoRAMoE
     from tests.conftest import char_tokenizer

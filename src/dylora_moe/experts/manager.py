@@ -182,10 +182,18 @@ class ExpertManager:
         if density is not None:
             extra["density"] = density
         grads = {n: p.requires_grad for n, p in self.backbone.named_parameters()}
-        self.peft_model.add_weighted_adapter([expert_name(e) for e in expert_ids], list(weights), name,
-                                             combination_type=method, **extra)
-        for n, p in self.backbone.named_parameters():
-            p.requires_grad_(grads.get(n, False))
+        try:
+            self.peft_model.add_weighted_adapter([expert_name(e) for e in expert_ids], list(weights), name,
+                                                 combination_type=method, **extra)
+        except BaseException:
+            # peft registers the new adapter before it fills it, and a later add_weighted_adapter under the same
+            # name returns at once: a half-made adapter left behind would become the next merge's expert
+            if name in self.peft_model.peft_config:
+                self.peft_model.delete_adapter(name)
+            raise
+        finally:
+            for n, p in self.backbone.named_parameters():
+                p.requires_grad_(grads.get(n, False))
         # peft keeps the adapters of a half-precision backbone in float32, but writes a merged one in the
         # backbone's dtype: the merged expert takes its sources' dtype, as a new expert would. A cat merge was
         # rounded to the backbone's dtype on the way (the other methods hand over tensors in their sources'), so
