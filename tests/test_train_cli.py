@@ -346,6 +346,9 @@ def test_a_registry_left_behind_by_a_killed_merge_is_caught_up_by_the_next_regis
     assert main(["experts", "merge", str(out), "0", "1"]) != 0
     monkeypatch.undo()
     assert [e.expert_id for e in SkillStore(out / "store.db").experts()] == [0, 1]  # a write behind
+    err = " ".join(capsys.readouterr().err.split())  # the merge is done: the message must not invite a rerun
+    assert "merged experts 0 and 1 into expert 2 (cat), saved in" in err and "do not run the command again" in err
+    assert "saved state is left as it was" not in err
     assert main(["experts", "prune", str(out), "--below", "0"]) == 0
     store = SkillStore(out / "store.db")
     assert [e.expert_id for e in store.experts()] == [2]

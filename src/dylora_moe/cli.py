@@ -26,8 +26,8 @@ from rich.table import Table
 
 from .checkpoint import FolderBusy, writer_lock
 from .data.stream import StreamSpec, load_stream, with_params
+from .registry_cli import RegistryBehind, experts, mirror_pool, skills
 from .registry_cli import add_parsers as add_registry_parsers
-from .registry_cli import experts, mirror_pool, skills
 from .serving.cli import add_parser as add_serve_parser
 from .tuning.cli import add_parser as add_tune_parser
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             from .serving.cli import serve
 
             return serve(args)
-    except (ValueError, FileNotFoundError, KeyError, FolderBusy) as err:
+    except (ValueError, FileNotFoundError, KeyError, FolderBusy, RegistryBehind) as err:
         console.print(f"[red]error:[/] {err}", soft_wrap=True, markup=True)
         record_error(args, err)
         return 2

@@ -13,13 +13,33 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+
+class RegistryBehind(Exception):
+    """A change saved in the system folder that the registry could not record: it is done, and must not be run
+    again; the registry catches up with the folder at the run's next registry write."""
+
+
+@contextlib.contextmanager
+def registry_write(system: Path, done: str) -> Iterator[None]:
+    """Mirror into the registry a change ``done`` that is already saved in ``system``: a failure here says so,
+    rather than passing for a command that changed nothing and can be run again."""
+    try:
+        yield
+    except Exception as err:
+        raise RegistryBehind(f"{done}, saved in {system}, but the registry could not record it ({err}); do not "
+                             "run the command again: the registry catches up with the folder at the next `dylora "
+                             "experts delete|merge|prune`, `dylora train --resume` or `dylora serve` of the "
+                             "run") from err
 
 
 def add_parsers(sub) -> None:
@@ -161,7 +181,8 @@ def delete(run: Path, store, expert_id: int, console: Console) -> int:
             save_file(memory.tensors(), str(folder / MEMORY))
 
     model.save_pretrained(system, extra=keep_progress)
-    store.delete_expert(expert_id)
+    with registry_write(system, f"deleted expert {expert_id}"):
+        store.delete_expert(expert_id)
     console.print(f"deleted expert {expert_id}; {model.num_experts} experts remain")
     return 0
 
@@ -238,7 +259,8 @@ def reshape(args: argparse.Namespace, store, console: Console) -> int:
         save_file(memory.tensors() or {}, str(folder / MEMORY))
 
     model.save_pretrained(system, extra=keep_state)
-    mirror_pool(store, model, system)
+    with registry_write(system, message):
+        mirror_pool(store, model, system)
     console.print(f"{message}; {model.num_experts} experts remain")
     return 0
 
