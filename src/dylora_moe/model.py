@@ -168,9 +168,10 @@ class DyLoRAMoE(nn.Module):
                       rank: int | None = None, density: float | None = None) -> int:
         """Replace experts ``a`` and ``b`` by one (``ExpertManager.merge_experts``; ``weights`` by default
         those under which ``method`` averages the two, ``merge_weights``: ``cat`` then averages the deltas
-        exactly). The gate gets one column for it (the two rows averaged, the biases
-        combined as a log-sum-exp, so it starts as the better of the two for their inputs; refit it on the
-        routing memory afterwards), their skills move to it, and it is mature when both were. Returns its id."""
+        exactly). The gate gets one column for it (the two rows averaged, the biases combined as a log-sum-exp:
+        a start that keeps the pair's total bias, not a fit to their inputs; refit the gate on the routing memory
+        afterwards, as ``pool.merge`` does), their skills move to it, and it is mature when both were. Returns its
+        id."""
         if a == b:
             raise ValueError(f"cannot merge expert {a} with itself")
         columns = [self.column(a), self.column(b)]
