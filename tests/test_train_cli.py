@@ -172,6 +172,28 @@ def test_experts_merge_and_prune_rewrite_system_memory_and_registry(run, tmp_pat
             DyLoRAMoE.from_pretrained(folder / "system").experts.expert_ids
 
 
+def test_experts_merge_and_prune_refit_the_gate_as_the_run_does(run, tmp_path, monkeypatch):
+    """The gate refit after a merge or prune takes the run's own fit settings (its stream.yaml's training
+    section), not the defaults."""
+    import shutil
+
+    import yaml
+
+    from dylora_moe.experts import pool
+
+    fits = []
+    real = pool.fit_gate
+    monkeypatch.setattr(pool, "fit_gate", lambda *a, **kw: fits.append(kw) or real(*a, **kw))
+    for action in (["merge", "0", "1"], ["prune", "--below", "1.01"]):
+        out = tmp_path / action[0]
+        shutil.copytree(run / "out", out)
+        stream = yaml.safe_load((out / "stream.yaml").read_text())
+        stream["training"] = {**stream.get("training", {}), "router_fit_steps": 7, "router_weight_decay": 0.3}
+        (out / "stream.yaml").write_text(yaml.safe_dump(stream))
+        assert main(["experts", action[0], str(out), *action[1:]]) == 0
+        assert fits[-1] == {"steps": 7, "weight_decay": 0.3}
+
+
 def test_experts_prune_on_an_empty_routing_memory_keeps_every_expert_and_skill(run, tmp_path, capsys):
     """A system whose routing memory holds no stored prompt (a server that took no upload yet): no traffic is
     known, so nothing is pruned, rather than every expert but one going with its skills."""

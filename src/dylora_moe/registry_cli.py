@@ -233,13 +233,15 @@ def reshape(args: argparse.Namespace, store, console: Console) -> int:
     model = load_and_catch_up(system, store, console)
     memory = RoutingMemory()
     memory.load_tensors(load_tensors(system / MEMORY))
+    training = run_training(args.run)  # the gate is refitted as the run's own fits are
+    fit = {"fit_steps": training.router_fit_steps, "fit_decay": training.router_weight_decay}
     if args.action == "merge":
         a, b = args.expert_ids
-        merged = pool.merge(model, memory, a, b, method=args.method, rank=args.rank, density=args.density)
+        merged = pool.merge(model, memory, a, b, method=args.method, rank=args.rank, density=args.density, **fit)
         moved, message = {a: merged, b: merged}, f"merged experts {a} and {b} into expert {merged} ({args.method})"
     else:
         known = bool(pool.routing_shares(model, memory))
-        pruned = pool.prune(model, memory, args.below)
+        pruned = pool.prune(model, memory, args.below, **fit)
         moved = {e: into for e, into in pruned if into is not None}
         if pruned:
             message = "pruned " + ", ".join(f"expert {e} (skills now served by {into})" for e, into in pruned)
@@ -263,6 +265,16 @@ def reshape(args: argparse.Namespace, store, console: Console) -> int:
         mirror_pool(store, model, system)
     console.print(f"{message}; {model.num_experts} experts remain")
     return 0
+
+
+def run_training(run: Path):
+    """The training configuration of the run in ``run`` (its ``stream.yaml``, as ``dylora train`` recorded it);
+    the defaults for a folder without one (a system written by ``dylora serve``)."""
+    from .data.stream import load_stream
+    from .training.config import TrainingConfig
+
+    stream = run / "stream.yaml"
+    return TrainingConfig.from_dict(load_stream(stream).training) if stream.is_file() else TrainingConfig()
 
 
 def load_and_catch_up(system: Path, store, console: Console):

@@ -88,7 +88,8 @@ def merge(model, memory: RoutingMemory, a: int, b: int, *, method: str = "cat", 
 
 
 @torch.no_grad()
-def prune(model, memory: RoutingMemory, below: float, *, fit_steps: int = 200) -> list[tuple[int, int | None]]:
+def prune(model, memory: RoutingMemory, below: float, *, fit_steps: int = 200,
+          fit_decay: float | None = None) -> list[tuple[int, int | None]]:
     """Delete every expert the gate sends less than ``below`` of the memory's rows to; each one's skills and
     rows move to the expert its own skills' rows are routed to (``None`` when it has no rows: its skills go
     with it). Returns ``(pruned, now serving its skills)`` pairs; the last expert is never pruned, and a memory
@@ -112,5 +113,5 @@ def prune(model, memory: RoutingMemory, below: float, *, fit_steps: int = 200) -
         model.delete_expert(expert_id)
         done.append((expert_id, into))
     if done:
-        refit(model, memory, fit_steps)
+        refit(model, memory, fit_steps, fit_decay)
     return done
