@@ -185,11 +185,15 @@ class ExpertManager:
         try:
             self.peft_model.add_weighted_adapter([expert_name(e) for e in expert_ids], list(weights), name,
                                                  combination_type=method, **extra)
-        except BaseException:
+        except BaseException as err:
             # peft registers the new adapter before it fills it, and a later add_weighted_adapter under the same
             # name returns at once: a half-made adapter left behind would become the next merge's expert
             if name in self.peft_model.peft_config:
                 self.peft_model.delete_adapter(name)
+            if isinstance(err, torch.linalg.LinAlgError):  # the svd of the combined delta did not converge
+                raise ValueError(f"merging experts {expert_ids} with {method!r} failed in its SVD ({err}): an expert "
+                                 "holds non-finite or degenerate weights; check them, or merge with 'cat' (no SVD)") \
+                    from err
             raise
         finally:
             for n, p in self.backbone.named_parameters():
