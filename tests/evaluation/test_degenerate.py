@@ -83,3 +83,29 @@ def test_a_loop_is_measured_to_its_last_whole_cycle():
     assert degenerate_kind(prose) is None
     # the run covers 90 of 178 characters (over half): a loop by the rule, missed when measured as 80
     assert degenerate_kind(prose + loop) == "loop"
+
+
+SENTENCE = "I am using the find command to find files that match a pattern that is a substring of a pattern.\n\n"
+
+
+def test_a_sentence_said_over_and_over_is_a_loop_whatever_its_length():
+    # a 98-character unit: longer than any fixed cap of 64 would allow
+    answer = "\nI am using bash 2.0.11.\n\n" + SENTENCE * 10 + "I am"
+    assert len(SENTENCE) > 64
+    run, unit = repeated_run(answer)
+    # ten copies; the run starts where the repetition does, three characters early (the prefix also ends ".\n\n")
+    assert run == 10 * len(SENTENCE) and len(unit) == len(SENTENCE) and unit in SENTENCE * 2
+    assert degenerate_kind(answer) == "loop"
+    assert degenerate_kind(answer, max_unit=64) is None  # the old cap missed it
+    # three copies are not a loop, however long the unit
+    assert degenerate_kind(SENTENCE * 3) is None
+    # a paragraph of two alternating lines repeated: the unit is both lines
+    paragraph = "The output should be:\n\n```\n/path/a.png\n```\n\nThe output should be:\n\n```\n/path/a.jpg\n```\n\n"
+    assert degenerate_kind("Try this:\n" + paragraph * 4) == "loop"
+
+
+def test_the_run_is_found_wherever_it_starts_and_in_any_script():
+    assert repeated_run("prefix " + "ab" * 5 + " suffix") == (10, "ab")
+    assert repeated_run("été " * 4) == (16, "été ")  # characters, not bytes
+    assert repeated_run("x") == (0, "")
+    assert repeated_run("") == (0, "")
