@@ -159,7 +159,7 @@ def test_experts_merge_and_prune_rewrite_system_memory_and_registry(run, tmp_pat
     assert store.expert(2).training_history == [{"merged_from": [0, 1], "method": "cat"}]
     assert "merged experts 0 and 1 into expert 2" in " ".join(capsys.readouterr().out.split())
 
-    assert main(["experts", "prune", str(pruned_run), "--below", "1.01"]) == 0  # all but one go
+    assert main(["experts", "prune", str(pruned_run), "--below", "1"]) == 0  # all but the most used go
     model = DyLoRAMoE.from_pretrained(pruned_run / "system")
     assert model.num_experts == 1 and len(model.library.skills) == 2  # both skills kept, one expert serves them
     assert [e.expert_id for e in SkillStore(pruned_run / "store.db").experts()] == model.experts.expert_ids
@@ -184,7 +184,7 @@ def test_experts_merge_and_prune_refit_the_gate_as_the_run_does(run, tmp_path, m
     fits = []
     real = pool.fit_gate
     monkeypatch.setattr(pool, "fit_gate", lambda *a, **kw: fits.append(kw) or real(*a, **kw))
-    for action in (["merge", "0", "1"], ["prune", "--below", "1.01"]):
+    for action in (["merge", "0", "1"], ["prune", "--below", "1"]):
         out = tmp_path / action[0]
         shutil.copytree(run / "out", out)
         stream = yaml.safe_load((out / "stream.yaml").read_text())
@@ -192,6 +192,20 @@ def test_experts_merge_and_prune_refit_the_gate_as_the_run_does(run, tmp_path, m
         (out / "stream.yaml").write_text(yaml.safe_dump(stream))
         assert main(["experts", action[0], str(out), *action[1:]]) == 0
         assert fits[-1] == {"steps": 7, "weight_decay": 0.3}
+
+
+@pytest.mark.parametrize("below", ["nan", "-1", "2", "half"])
+def test_experts_prune_refuses_a_share_outside_0_1_before_loading_anything(run, tmp_path, capsys, below):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(run / "out", out)
+    before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file())
+    with pytest.raises(SystemExit) as exit_:
+        main(["experts", "prune", str(out), "--below", below])
+    assert exit_.value.code == 2
+    assert "routing share in [0, 1]" in " ".join(capsys.readouterr().err.split())
+    assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()) == before
 
 
 def test_experts_prune_on_an_empty_routing_memory_keeps_every_expert_and_skill(run, tmp_path, capsys):

@@ -61,7 +61,8 @@ def add_parsers(sub) -> None:
                        help="share of each delta's entries kept by ties_svd, dare_ties_svd, ... (required by them)")
     prune = ex.add_parser("prune", help="remove experts the gate sends almost no stored prompt to")
     prune.add_argument("run", type=Path, help="a `dylora train` output folder")
-    prune.add_argument("--below", type=float, required=True, help="routing share under which an expert goes")
+    prune.add_argument("--below", type=routing_share, required=True, metavar="SHARE",
+                       help="routing share in [0, 1] under which an expert goes")
     skills = sub.add_parser("skills", help="list skills, show one, or its data history")
     sk = skills.add_subparsers(dest="action", required=True)
     for action in ("list", "show", "history"):
@@ -69,6 +70,21 @@ def add_parsers(sub) -> None:
         p.add_argument("run", type=Path, help="a `dylora train` output folder")
         if action != "list":
             p.add_argument("skill_id", type=int)
+
+
+def routing_share(text: str) -> float:
+    """``--below``: a share in [0, 1], checked before the system is loaded."""
+    from .experts.pool import check_share
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number: give a routing share in [0, 1], e.g. 0.01") from None
+    try:
+        return check_share(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def open_store(run: Path):

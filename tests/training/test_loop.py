@@ -383,6 +383,18 @@ def test_pool_prune_without_stored_prompts_prunes_nothing(tmp_path):
         assert model.experts.expert_ids == [0, 1] and model.library.skills.keys() == skills.keys()
 
 
+@pytest.mark.parametrize("below", [float("nan"), -0.1, 1.5])
+def test_pool_prune_refuses_a_share_outside_0_1_and_keeps_the_pool(tmp_path, below):
+    """NaN compares as nothing: every expert but one would go with its skills; a share is never above 1."""
+    from dylora_moe.experts.pool import prune
+
+    model, learner, _, _ = run_two_skills(tmp_path)
+    skills = dict(model.library.skills)
+    with pytest.raises(ValueError, match=r"routing share in \[0, 1\]"):
+        prune(model, learner.memory, below, fit_steps=0)
+    assert model.experts.expert_ids == [0, 1] and model.library.skills.keys() == skills.keys()
+
+
 def test_requests_the_instruction_views_answer_are_no_kl_anchors(tmp_path):
     def commented(i):
         return {"prompt": f"# add {i} to x\ndef f{i}(x):\n", "response": f"  return x+{i}\n"}

@@ -24,6 +24,16 @@ if TYPE_CHECKING:  # the training package imports this module: a runtime import 
     from ..training.rehearsal import RoutingMemory
 
 
+def check_share(below: float) -> float:
+    """``below`` if it is a routing share a prune can use, else a ValueError naming the range. NaN would prune
+    every expert but one (no share compares as ``>=`` it)."""
+    if not 0.0 <= below <= 1.0:  # False for NaN too
+        raise ValueError(f"prune below={below!r}: give a routing share in [0, 1], e.g. 0.01 for experts the gate "
+                         "sends under 1% of the stored prompts (0 prunes nothing, 1 every expert but the most used "
+                         "one)")
+    return below
+
+
 def serving_expert(expert_id: int, merges: dict[int, int]) -> int:
     """The expert that serves what ``expert_id`` served, following merges and prunes (old id -> the expert that
     took its skills)."""
@@ -93,7 +103,9 @@ def prune(model, memory: RoutingMemory, below: float, *, fit_steps: int = 200,
     """Delete every expert the gate sends less than ``below`` of the memory's rows to; each one's skills and
     rows move to the expert its own skills' rows are routed to (``None`` when it has no rows: its skills go
     with it). Returns ``(pruned, now serving its skills)`` pairs; the last expert is never pruned, and a memory
-    without rows of the pool's experts prunes nothing (``routing_shares`` is empty: no expert is known unused)."""
+    without rows of the pool's experts prunes nothing (``routing_shares`` is empty: no expert is known unused).
+    ``below`` is a share in [0, 1]: 0 prunes nothing, 1 every expert but the most used one."""
+    check_share(below)
     shares = routing_shares(model, memory)
     done = []
     for expert_id in sorted(shares, key=shares.get):
