@@ -44,6 +44,14 @@ def test_sequential_lora_trains_one_expert_through_the_stream(tmp_path):
     assert ContinualLearner(build(), stream(tmp_path), small_config(), tmp_path / "d").retained(0, 0) is None
 
 
+def test_label_baselines_never_replay(tmp_path):
+    """With replay, sequential_lora's one LoRA would train on everything seen (joint_lora) at every step."""
+    learner = SequentialLoRA(build(), stream(tmp_path), small_config(expert_replay=True), tmp_path / "s")
+    learner.run()
+    assert learner.replayed(2, 0) == []
+    assert len(learner.training_set(2, learner.steps[2], 0)) == len(learner.steps[2].train_set)
+
+
 def test_joint_lora_trains_on_everything_seen_so_far(tmp_path):
     learner = JointLoRA(build(), stream(tmp_path), small_config(), tmp_path / "o")
     learner.run()

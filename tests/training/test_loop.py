@@ -94,6 +94,33 @@ def run_two_skills(tmp_path, *, second_recognised=False, model=None, **cfg):
     return model, learner, frozen, after_first
 
 
+def trained_sizes(monkeypatch) -> list[int]:
+    """Records the size of every training set the loop hands the Trainer."""
+    import dylora_moe.training.loop as loop
+
+    sizes, real = [], loop.DyLoRATrainer
+    monkeypatch.setattr(loop, "DyLoRATrainer",
+                        lambda *a, **kw: sizes.append(len(kw["train_dataset"])) or real(*a, **kw))
+    return sizes
+
+
+@pytest.mark.parametrize("replay", [False, True])
+def test_expert_replay_trains_a_recognised_skills_expert_on_the_steps_it_serves(tmp_path, monkeypatch, replay):
+    sizes = trained_sizes(monkeypatch)
+    _, learner, _, _ = run_two_skills(tmp_path, second_recognised=True, expert_replay=replay)
+    assert [r.novelty.expert_id for r in learner.records] == [0, 0]
+    first, second = (len(step.train_set) for step in learner.steps)
+    assert sizes == [first, first + second if replay else second]
+    assert learner.replayed(1, 0) == [learner.steps[0].train_set] and learner.replayed(1, 1) == []
+
+
+def test_expert_replay_leaves_a_new_skills_expert_on_its_own_data(tmp_path, monkeypatch):
+    sizes = trained_sizes(monkeypatch)
+    _, learner, _, _ = run_two_skills(tmp_path, expert_replay=True)
+    assert [r.novelty.expert_id for r in learner.records] == [0, 1]
+    assert sizes == [len(step.train_set) for step in learner.steps]
+
+
 def test_stream_keeps_backbone_bit_identical_and_old_expert_untouched(tmp_path):
     model, learner, frozen, after_first = run_two_skills(tmp_path)
     assert model.num_experts == 2

@@ -61,6 +61,11 @@ class LabelledLearner(ContinualLearner):
         distilled to its past self would be another method, not ``sequential_lora``, the forgetting baseline)."""
         return None
 
+    def replayed(self, i: int, expert_id: int) -> list[datasets.Dataset]:
+        """No replay: with it ``sequential_lora``'s one LoRA would train on everything seen, i.e. become
+        ``joint_lora``; the label baselines train as their recipes do."""
+        return []
+
     def train_expert(self, i: int, data: StepData, result: NoveltyResult) -> list[dict]:
         with self.model.force_expert(result.expert_id):  # the expert trains alone, whatever the gate says
             return super().train_expert(i, data, result)
@@ -73,7 +78,7 @@ class SequentialLoRA(LabelledLearner):
 class JointLoRA(LabelledLearner):
     shared = True
 
-    def training_set(self, i: int, data: StepData) -> datasets.Dataset:
+    def training_set(self, i: int, data: StepData, expert_id: int | None = None) -> datasets.Dataset:
         return datasets.concatenate_datasets([step.train_set for step in self.steps])  # the Trainer shuffles
 
 

@@ -47,6 +47,9 @@ class TrainingConfig:
             as without (CommonsenseQA's loss rose 0.071 nats either way when Sentiment140 trained its expert), and
             on the default stream it held back a returning skill (HumanEval-a 0.619 against 0.603 nats) and made
             the recognised step's training 39% slower (README, "The SuperNI benchmark").
+        expert_replay: when a step trains an expert that already serves earlier steps' skills (a recognised or
+            returning skill), those steps' training examples join the step's: the expert trains on what it
+            serves as joint training would, with the same optimizer steps. The label baselines never replay.
         anchors_per_skill: anchor prompts taken from each earlier skill (the skill's own: one per example).
         strip_leading_blank_lines: drop the blank lines a training response starts with (``data/augment.py``).
         raw_copies: also train on every example without the chat template (the prompt as plain text), so the
@@ -97,6 +100,8 @@ class TrainingConfig:
     kl_weight: float = field(default=0.5, metadata={"help": "weight of KL to the frozen model on anchor prompts"})
     retain_kl_weight: float = field(default=0.0, metadata={"help": "weight of KL to the expert before the step "
                                                                     "on earlier prompts it serves"})
+    expert_replay: bool = field(default=False, metadata={"help": "a trained expert also trains on the earlier "
+                                                                  "steps' examples whose skills it serves"})
     anchors_per_skill: int = field(default=16, metadata={"help": "anchor prompts from each earlier skill"})
     strip_leading_blank_lines: bool = field(default=True, metadata={"help": "drop responses' leading blank lines"})
     raw_copies: bool = field(default=True, metadata={"help": "also train without the chat template"})

@@ -251,9 +251,17 @@ class ContinualLearner:
         """The expert serving step ``j``'s skill now: its own, or the one it was merged or pruned into."""
         return serving_expert(self.records[j].novelty.expert_id, self.merges)
 
-    def training_set(self, i: int, data: StepData) -> datasets.Dataset:
-        """What step ``i`` trains on: the step's own data."""
-        return data.train_set
+    def training_set(self, i: int, data: StepData, expert_id: int | None = None) -> datasets.Dataset:
+        """What step ``i`` trains on: the step's own data, and with ``expert_replay`` the training data of the
+        earlier steps whose skills ``expert_id`` serves (``replayed``), concatenated (the Trainer shuffles)."""
+        earlier = self.replayed(i, expert_id) if expert_id is not None and self.training.expert_replay else []
+        return datasets.concatenate_datasets([*earlier, data.train_set]) if earlier else data.train_set
+
+    def replayed(self, i: int, expert_id: int) -> list[datasets.Dataset]:
+        """The training sets of the steps before ``i`` whose skill ``expert_id`` serves now (its own, one
+        recognised as it, or one merged or pruned into it)."""
+        return [step.train_set for j, step in enumerate(self.steps[:i])
+                if j < len(self.records) and self.served_by(j) == expert_id]
 
     def eval_routing(self, j: int) -> contextlib.AbstractContextManager:
         """How evaluation of step ``j``'s skill is routed: by the gate (a baseline may pin an expert)."""
@@ -319,7 +327,8 @@ class ContinualLearner:
             max_grad_norm=1.0, run_name=f"{self.stream.name}-step{i}-{data.skill.name}",
             **precision_flags(resolve_precision(cfg.precision, self.model.device)),
         )
-        trainer = DyLoRATrainer(model=self.model, args=args, train_dataset=self.training_set(i, data),
+        trainer = DyLoRATrainer(model=self.model, args=args,
+                                train_dataset=self.training_set(i, data, result.expert_id),
                                 data_collator=collator(self.model), training=cfg, seed_steps=seed_steps,
                                 memory=self.memory if self.trains_router else None,
                                 anchors=self.anchors(i, data, result.expert_id) if cfg.kl_weight > 0 else None,
