@@ -219,3 +219,25 @@ def test_a_chunked_body_that_never_completes_gets_408_not_a_server_error(run_dir
             assert json.loads(reply.split("\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
         metrics = httpx.get(server.url + "/metrics").text
         assert 'dylora_errors_total{kind="internal_error"' not in metrics
+
+
+def test_a_client_that_leaves_before_its_stream_starts_cancels_it(client):
+    app, engine = client.app, client.app.state.engine
+    body = json.dumps({"model": MODEL, "prompt": "1+1=", "max_tokens": 4, "stream": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+             "scheme": "http", "server": ("test", 80), "client": ("test", 1),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+    messages = iter([{"type": "http.request", "body": body, "more_body": False}])
+    sent = []
+
+    async def receive():
+        return next(messages, {"type": "http.disconnect"})  # then the client is gone
+
+    async def send(message):
+        sent.append(message)
+
+    with engine.system.lock:  # the stream can only wait in the queue: nobody would ever read its events
+        asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout=10))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    assert status == 499

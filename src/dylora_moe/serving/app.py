@@ -215,7 +215,7 @@ async def respond(engine: Engine, req: GenerationRequest, body, kind: str, confi
     rid = f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if body.stream:
-        return await stream(engine, req, body, kind, rid, created, config)
+        return await stream(engine, req, body, kind, rid, created, config, request)
     gen = await until_disconnected(engine.submit(req), req, request)
     if gen is None:  # the client went away: nobody reads an answer
         return Response(status_code=499)
@@ -227,8 +227,9 @@ async def respond(engine: Engine, req: GenerationRequest, body, kind: str, confi
 
 
 async def until_disconnected(future, req: GenerationRequest, request: Request, poll: float = 0.25):
-    """The generation's result; a client that goes away meanwhile cancels it: dropped if it still waits in the
-    queue, stopped at the next token if it runs."""
+    """``future``'s result (the generation's, or a stream's first event); ``None`` when the client goes away
+    meanwhile, which cancels the generation: dropped if it still waits in the queue, stopped at the next token
+    if it runs."""
     waiting = asyncio.wrap_future(future)
     while True:
         done, _ = await asyncio.wait({waiting}, timeout=poll)
@@ -241,15 +242,21 @@ async def until_disconnected(future, req: GenerationRequest, request: Request, p
 
 
 async def stream(engine: Engine, req: GenerationRequest, body, kind: str, rid: str, created: int,
-                 config: ServerConfig) -> Response:
+                 config: ServerConfig, request: Request) -> Response:
     """Server-sent events: ``data: {chunk}`` lines, then ``data: [DONE]``. The routing is known before the
-    first token, so it goes into the response headers as for any other completion."""
+    first token, so it goes into the response headers as for any other completion; a client that goes away
+    while its stream waits for it cancels the generation, as for a plain completion."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     req.on_event = lambda kind_, payload: loop.call_soon_threadsafe(events.put_nowait, (kind_, payload))
-    future = asyncio.wrap_future(engine.submit(req))
+    submitted = engine.submit(req)
+    future = asyncio.wrap_future(submitted)
     future.add_done_callback(lambda _: events.put_nowait(("done", None)))
-    first, routing = await events.get()
+    event = await until_disconnected(asyncio.ensure_future(events.get()), req, request)
+    if event is None:  # the client went away before the first event: nobody reads the stream
+        submitted.cancel()
+        return Response(status_code=499)
+    first, routing = event
     if first == "done":  # refused before generation started (bad prompt): a normal error response
         future.result()
     chunk_kind = "chat.completion.chunk" if kind.startswith("chat") else "text_completion"
