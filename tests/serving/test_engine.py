@@ -132,6 +132,13 @@ def test_decoding_guard_is_off_by_default_and_applied_when_configured():
         ServerConfig(repetition_penalty=0.0)
 
 
+@pytest.mark.parametrize("penalty", [float("nan"), float("inf")])
+def test_a_repetition_penalty_that_is_not_a_finite_number_is_refused(penalty):
+    # accepted, it would fail every batch's decoding guard (transformers refuses NaN) rather than the start
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        ServerConfig(repetition_penalty=penalty)
+
+
 @pytest.fixture(scope="module")
 def untrained(tmp_path_factory):
     """A saved tiny system with three random experts: its answers run to max_tokens rather than stopping."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -99,8 +100,8 @@ class ServerConfig:
             raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
         if not 0 <= self.routing_min_weight <= 1:
             raise ValueError(f"routing_min_weight must be in [0, 1], got {self.routing_min_weight}")
-        if self.repetition_penalty <= 0 or self.no_repeat_ngram_size < 0:
-            raise ValueError(f"repetition_penalty must be > 0 and no_repeat_ngram_size >= 0, got "
+        if not 0 < self.repetition_penalty < math.inf or self.no_repeat_ngram_size < 0:  # "not": NaN fails
+            raise ValueError(f"repetition_penalty must be a finite number > 0 and no_repeat_ngram_size >= 0, got "
                              f"{self.repetition_penalty} and {self.no_repeat_ngram_size}")
         if self.default_max_tokens > self.max_tokens_cap:
             raise ValueError(f"default_max_tokens={self.default_max_tokens} exceeds max_tokens_cap="
