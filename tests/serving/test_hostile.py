@@ -67,6 +67,22 @@ def test_an_unauthenticated_upload_is_refused_before_its_body_is_read(client):
     assert error_of(r, 401)["code"] == "missing_api_key"  # not 413: the key is checked first
 
 
+def test_uploads_keep_their_key_check_and_size_limit_under_a_root_path(client):
+    from fastapi.testclient import TestClient
+
+    mounted = TestClient(client.app, root_path="/dylora")  # e.g. a Ray Serve route_prefix; no second lifespan
+
+    def chunks():
+        for _ in range(10):
+            yield b"x" * (1 << 20)
+
+    r = mounted.post("/dylora/skills", content=chunks(), headers={"Content-Type": "application/x-ndjson"})
+    assert error_of(r, 401)["code"] == "missing_api_key"
+    padded = b'{"name": "../x", "examples": [{"response": "a"}]}' + b" " * (2 << 20)  # over the completion limit
+    r = mounted.post("/dylora/skills", content=padded, headers={**AUTH, "Content-Type": "application/json"})
+    assert error_of(r, 400)["param"] == "name"  # read as an upload (8 MB limit), not refused as too large
+
+
 def test_job_status_needs_the_key(client):
     assert error_of(client.get("/jobs"), 401)["code"] == "missing_api_key"
     assert error_of(client.get("/jobs/job-x", headers={"Authorization": "Bearer nope"}), 401)["code"] == \

@@ -31,7 +31,8 @@ class Observe:
             await self.app(scope, receive, send)
             return
         start, status = time.perf_counter(), 500
-        upload = scope["path"] in UPLOAD_PATHS
+        path = route_path(scope)
+        upload = path in UPLOAD_PATHS
         limit = self.config.max_upload_bytes if upload else self.config.max_body_bytes
 
         async def observed_send(message) -> None:
@@ -70,7 +71,7 @@ class Observe:
             seconds = time.perf_counter() - start
             method = scope["method"] if scope["method"] in HTTP_METHODS else "other"  # bounded label values
             self.metrics.latency.labels(endpoint, method, str(status)).observe(seconds)
-            level = logging.DEBUG if scope["path"] in QUIET_PATHS else logging.INFO
+            level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
             logger.log(level, "request", extra={"fields": {
                 "event": "request", "method": scope["method"], "path": scope["path"], "endpoint": endpoint,
                 "status": status, "ms": round(seconds * 1000, 2)}})
@@ -127,6 +128,15 @@ class Observe:
             return await receive()
 
         return replay
+
+
+def route_path(scope) -> str:
+    """The path the app routes on: ``path`` without the ``root_path`` it is mounted under (a Ray Serve
+    ``route_prefix``, a proxy's prefix), which ASGI servers leave at the front of ``path``."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root):][:1] in ("", "/"):
+        return path[len(root):]
+    return path
 
 
 async def _send_json(send, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
