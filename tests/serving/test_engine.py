@@ -185,6 +185,22 @@ def test_a_short_request_joins_a_running_stream_and_leaves_first(untrained, batc
         engine.close()
 
 
+def test_static_batching_generates_at_most_max_batch_sequences_together(untrained):
+    metrics = Metrics()
+    engine = Engine(untrained, ServerConfig(batching="static", max_batch=4, max_tokens_cap=100), metrics)
+    try:
+        batch = [GenerationRequest(p, 2, n=2) for p in ("1+1=", "2+2=", "3+3=")]  # as the worker takes them
+        engine._serve(batch)
+        assert [len(r.future.result(timeout=0).choices) for r in batch] == [2, 2, 2]
+        wide = GenerationRequest("1+1=", 2, n=5)  # more choices than max_batch: it runs alone
+        engine._serve([wide])
+        assert len(wide.future.result(timeout=0).choices) == 5
+    finally:
+        engine.close()
+    assert metrics.registry.get_sample_value("dylora_batch_size_sum") == 11
+    assert metrics.registry.get_sample_value("dylora_batch_size_count") == 3  # 4 + 2 rows, then 5: never 6
+
+
 def test_a_running_batch_finishes_on_its_system_and_the_next_runs_on_the_new_one(untrained):
     from tests.conftest import randomise_experts
 

@@ -196,7 +196,7 @@ class Engine:
 
     def _serve(self, batch: list[GenerationRequest]) -> None:
         """Static batching of ``batch``: validated, grouped by sampling settings (a streaming request alone),
-        split to fit the model's positions, each group run to its end."""
+        split to fit the model's positions and ``max_batch`` sequences, each part run to its end."""
         # A request whose future was cancelled (its client went away while it waited) is dropped; the others
         # are marked running, so a late cancel can no longer make setting their result fail.
         batch = [r for r in batch if r.future.set_running_or_notify_cancel()]
@@ -209,7 +209,7 @@ class Engine:
                 groups.setdefault(key, []).append(r)
             context = getattr(model.backbone.config, "max_position_embeddings", None) or 1 << 30
             for group in groups.values():
-                for part in fitting(group, context):
+                for part in fitting(group, context, self.config.max_batch):
                     generate_static(model, part, self.config, self.metrics)
 
     # ------------------------------------------------------------------ both

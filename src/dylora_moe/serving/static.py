@@ -1,7 +1,8 @@
 """Static batching, the older scheme (``--batching static``), kept to compare against continuous batching: the
 requests that arrived together run as one ``generate`` call to the end of the longest, a streaming request
 alone. Requests are grouped by sampling settings, and a group is split so that its longest prompt (left
-padding) plus its largest ``max_tokens`` fits the model's positions (``fitting``). The routing each row gets is
+padding) plus its largest ``max_tokens`` fits the model's positions, in batches of at most ``max_batch``
+sequences (``fitting``). The routing each row gets is
 read from the generation's own first pass, before its first token is streamed.
 """
 
@@ -24,13 +25,16 @@ from .requests import Generation, GenerationRequest
 from .routing_info import describe, summarise
 
 
-def fitting(group: list[GenerationRequest], context: int) -> list[list[GenerationRequest]]:
+def fitting(group: list[GenerationRequest], context: int, max_rows: int | None = None) -> list[list[GenerationRequest]]:
     """Split a group so that every batch fits the model's positions: a batch runs its longest prompt (left
-    padding) plus its largest ``max_tokens``, which each request alone fits but two together may not."""
+    padding) plus its largest ``max_tokens``, which each request alone fits but two together may not; and so
+    that it has at most ``max_rows`` sequences (a request's ``n`` choices each take one; one with more runs
+    alone)."""
     parts: list[list[GenerationRequest]] = []
     for r in sorted(group, key=lambda r: len(r.prompt_ids)):
         last = parts[-1] if parts else None
-        if last is not None and len(r.prompt_ids) + max(r.max_tokens, *(q.max_tokens for q in last)) <= context:
+        if last is not None and len(r.prompt_ids) + max(r.max_tokens, *(q.max_tokens for q in last)) <= context \
+                and (max_rows is None or r.n + sum(q.n for q in last) <= max_rows):
             last.append(r)
         else:
             parts.append([r])
