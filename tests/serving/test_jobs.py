@@ -165,6 +165,47 @@ def test_a_dead_job_worker_is_restarted(tmp_path, monkeypatch):
         assert wait(client, job["id"])["error"]["code"] == "skill_job_failed"
 
 
+def test_uploads_arriving_together_cannot_pass_the_pending_job_limit_together(run_dir, monkeypatch):
+    import contextlib
+
+    import dylora_moe.serving.jobs as jobs
+    from dylora_moe.data.sources import Example
+    from dylora_moe.serving.errors import APIError
+    from dylora_moe.serving.metrics import Metrics
+    from dylora_moe.serving.uploads import Upload
+
+    together = threading.Barrier(2, timeout=2)
+    real = jobs.SkillJob
+
+    def job_after_the_check(*args, **kwargs):  # both requests between the limit check and the job's entry
+        with contextlib.suppress(threading.BrokenBarrierError):
+            together.wait()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "SkillJob", job_after_the_check)
+    manager = jobs.JobManager(ServedSystem(run_dir), server_config(max_pending_jobs=1), Metrics())
+    release = threading.Event()
+    manager._run = lambda job: release.wait(30)  # the accepted job holds the worker
+    outcomes: list[object] = []
+
+    def submit(name: str) -> None:
+        try:
+            outcomes.append(manager.submit(Upload(name, [Example("p", "r")], False)).status)
+        except APIError as err:
+            outcomes.append(err.status)
+
+    threads = [threading.Thread(target=submit, args=(name,)) for name in ("a", "b")]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(outcomes) == 2 and outcomes.count(429) == 1  # one accepted, the other refused
+    finally:
+        release.set()
+        manager.close()
+
+
 def event_names(run) -> list[str]:
     path = run / "events.jsonl"
     return [json.loads(line)["event"] for line in path.read_text().splitlines()] if path.is_file() else []

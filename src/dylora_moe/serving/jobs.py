@@ -84,6 +84,7 @@ class JobManager:
         self.jobs: dict[str, SkillJob] = {}
         self._queue: queue.Queue[SkillJob | None] = queue.Queue()
         self._closed = False
+        self._submitting = threading.Lock()  # uploads arriving together are checked and entered one at a time
         self._thread = self._start()
 
     def _start(self) -> threading.Thread:
@@ -107,6 +108,13 @@ class JobManager:
         self._thread = self._start()
 
     def submit(self, upload: Upload) -> SkillJob:
+        """Queue a job for ``upload``. Called from several request threads at once: the checks and the entry
+        of the job are one step, so two uploads cannot both pass the pending-job limit (or both restart a
+        dead worker)."""
+        with self._submitting:
+            return self._submit(upload)
+
+    def _submit(self, upload: Upload) -> SkillJob:
         if self._closed:
             raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
         self._supervise()
