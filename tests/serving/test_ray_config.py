@@ -30,6 +30,16 @@ def test_bad_options_are_refused_with_the_reason(fields, message):
         RayServeConfig(**fields)
 
 
+@pytest.mark.parametrize("fields", [{"target_ongoing_requests": float("nan")}, {"replica_cpus": float("nan")},
+                                    {"replica_gpus": float("inf")}, {"ingress_cpus": float("nan")}])
+def test_numbers_that_are_not_finite_are_refused_before_ray_starts(fields):
+    # argparse's float takes "nan" and "inf"; Ray would refuse them only once the cluster is up, by a
+    # conversion error (or an OverflowError) that names no option
+    name = next(iter(fields))
+    with pytest.raises(ValueError, match=name):
+        RayServeConfig(**fields)
+
+
 def test_serve_ray_passes_the_layout_and_ray_flags_need_ray(run_dir, monkeypatch, capsys):
     seen = {}
 

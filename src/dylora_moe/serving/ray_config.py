@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -50,10 +51,12 @@ class RayServeConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_replicas is not None and self.max_replicas < self.min_replicas:
             raise ValueError(f"max_replicas={self.max_replicas} is below min_replicas={self.min_replicas}")
-        if self.target_ongoing_requests <= 0:
-            raise ValueError(f"target_ongoing_requests must be > 0, got {self.target_ongoing_requests}")
-        if min(self.replica_cpus, self.replica_gpus, self.ingress_cpus) < 0:
-            raise ValueError("replica_cpus, replica_gpus and ingress_cpus must be >= 0")
+        # written so that NaN fails them: argparse's float takes "nan" and "inf"
+        if not 0 < self.target_ongoing_requests < math.inf:
+            raise ValueError(f"target_ongoing_requests must be > 0 and finite, got {self.target_ongoing_requests}")
+        for name in ("replica_cpus", "replica_gpus", "ingress_cpus"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be >= 0 and finite, got {getattr(self, name)}")
         if not self.route_prefix.startswith("/"):
             raise ValueError(f"route_prefix must start with '/', got {self.route_prefix!r}")
 
