@@ -242,3 +242,17 @@ def test_a_dataset_saved_with_save_to_disk_beside_the_stream_is_an_hf_source(tmp
         assert [e.response for e in load_examples(skill)] == [r["response"] for r in rows]
     with pytest.raises(ValueError, match="has no split 'test'; its splits are: train"):
         load_examples(stream.skills[2])
+
+
+@pytest.mark.parametrize(("bounds", "message"), [
+    ({"start": -3}, "`start` must be >= 0"), ({"stop": -1}, "`stop` must be >= 1"),
+    ({"stop": 0}, "`stop` must be >= 1"),
+    ({"start": 5, "stop": 5}, "`start` 5 must be below `stop` 5"), ({"start": 8, "stop": 2}, "below `stop` 2")])
+def test_a_slice_that_is_negative_or_empty_is_refused_when_the_stream_is_read(tmp_path, bounds, message):
+    """A negative bound would count from the end (``start: -3`` took the last three records) and an empty slice
+    left nothing to learn: both are refused with the stream file, before anything loads."""
+    write(tmp_path / "a.jsonl", "\n".join(json.dumps({"prompt": f"p{i}", "response": f"r{i}"}) for i in range(10)))
+    fields = ", ".join(f"{k}: {v}" for k, v in bounds.items())
+    text = f"skills:\n  - name: a\n    source: {{type: file, path: a.jsonl, {fields}}}\n"
+    with pytest.raises(ValueError, match=rf"skill #0 \(a\): .*{message}"):
+        load_stream(write(tmp_path / "s.yaml", text))

@@ -85,7 +85,8 @@ class SkillSource:
         pair: composed-task pair (sql-python, bash-python, python-js; see ``data/composed.py``).
         cut: how SuperNI inputs longer than 1,200 characters are cut: ``head`` (default, keep the beginning) or
             ``ends`` (keep the beginning and the end, where QuoRef's question is; see ``data/superni.py``).
-        start, stop: the slice of the source's examples this skill uses.
+        start, stop: the slice of the source's examples this skill uses (``0 <= start < stop``; no ``stop``: to
+            the end).
         shuffle: a seed: the source's records are put in that seed's random order before ``start``/``stop``
             slice them, so disjoint slices of one seed are disjoint random samples of the whole source. For a
             sorted file (NL2Bash is sorted by description: records 400-700 are mostly ``chmod`` and ``find``),
@@ -110,6 +111,13 @@ class SkillSource:
         if self.shuffle is not None and (isinstance(self.shuffle, bool) or not isinstance(self.shuffle, int)):
             raise ValueError(f"source `shuffle` is a seed (an integer), got {self.shuffle!r}")
         check_types(self)
+        if self.start < 0:
+            raise ValueError(f"source `start` must be >= 0 (the index of the first record used), got {self.start}")
+        if self.stop is not None and self.stop < 1:
+            raise ValueError(f"source `stop` must be >= 1 (the index after the last record used; leave it out for "
+                             f"the end), got {self.stop}")
+        if self.stop is not None and self.start >= self.stop:
+            raise ValueError(f"source `start` {self.start} must be below `stop` {self.stop}: the slice would be empty")
         if self.type not in SOURCE_TYPES:
             raise ValueError(f"source type {self.type!r} is not supported; choose one of {', '.join(SOURCE_TYPES)}")
         if self.type == "builtin" and self.name not in BUILTINS:
