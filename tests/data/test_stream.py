@@ -97,6 +97,14 @@ def test_byte_order_marks_parquet_and_nulls(tmp_path):
     assert example.prompt == "Add 1 and 1\n" and example.response == "2"
 
 
+def test_a_jsonl_line_that_is_not_json_is_named_by_its_line_in_the_file(tmp_path):
+    """``json.loads`` reads one line at a time, so its own message said "line 1" whatever the line."""
+    write(tmp_path / "a.jsonl", '{"prompt": "p1", "response": "r1"}\n\n{"prompt": "p2" "response": "r2"}\n')
+    with pytest.raises(ValueError, match=r"a\.jsonl: line 3 of a\.jsonl is not JSON \(Expecting ',' delimiter at "
+                                         r"column 17\): give one JSON object per line"):
+        read_records(tmp_path / "a.jsonl")
+
+
 def test_a_csv_row_with_another_number_of_fields_is_refused_with_its_line(tmp_path):
     """An unquoted comma shifts the columns after it: the row would train on the wrong response."""
     write(tmp_path / "a.csv", 'question,answer\n"x, quoted",1\nx, unquoted,2\nno answer\nq,a\n')

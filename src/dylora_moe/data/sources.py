@@ -39,9 +39,20 @@ def package_file(package: str, relative: str, pip_name: str) -> Path:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON Lines file (gzipped when it ends in ``.gz``); a line that is not JSON is named by its
+    number in the file (``json`` alone would call every line "line 1")."""
     opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
     with opener(path, "rt", encoding="utf-8-sig") as fh:  # -sig: a byte-order mark (Windows editors) is no text
-        return [json.loads(line) for line in fh if line.strip()]
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"line {number} of {path.name} is not JSON ({err.msg} at column {err.colno}): "
+                                 "give one JSON object per line") from err
+    return rows
 
 
 def humaneval() -> list[Example]:
