@@ -186,6 +186,15 @@ def test_split_is_deterministic_and_never_leaks():
     assert not {e.text for e in half_train} & {e.text for e in held}
 
 
+def test_a_data_directory_file_without_the_published_fields_is_named(tmp_path):
+    """Sanitized MBPP (``prompt``, not ``text``) saved as ``mbpp/mbpp.jsonl`` crashed with a bare KeyError."""
+    (tmp_path / "mbpp").mkdir()
+    write(tmp_path / "mbpp" / "mbpp.jsonl", json.dumps({"task_id": 2, "prompt": "Add.", "code": "x", "test_list": []}))
+    with pytest.raises(ValueError, match=r"skill 'm': a record of the mbpp data in .* has no field 'text': its file "
+                                         "is not the dataset as published"):
+        load_examples(SkillSpec("m", source={"type": "builtin", "name": "mbpp"}), tmp_path)
+
+
 def test_unreachable_hf_dataset_is_a_clear_error():
     with pytest.raises(ValueError, match="without hub access use a file source"):
         load_examples(SkillSpec("x", source={"type": "hf", "name": "no-such-org/no-such-dataset"}))

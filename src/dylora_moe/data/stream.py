@@ -411,7 +411,13 @@ def load_examples(skill: SkillSpec, data_dir: str | Path | None = None) -> list[
             raise FileNotFoundError(f"skill {skill.name!r}: source {src.name} reads a data directory; pass --data-dir")
         kwargs = {k: v for k, v in (("split", src.split), ("language", src.language), ("task", src.task),
                                                          ("pair", src.pair), ("cut", src.cut)) if v}
-        records = [{"prompt": e.prompt, "response": e.response, **e.meta} for e in reader(data_dir, **kwargs)]
+        try:
+            read = reader(data_dir, **kwargs)
+        except KeyError as err:  # a file of the right name holding another dataset (sanitized MBPP as mbpp.jsonl)
+            where = f"in {data_dir}" if needs_dir else "of its package"
+            raise ValueError(f"skill {skill.name!r}: a record of the {src.name} data {where} has no field {err}: its "
+                             "file is not the dataset as published; put the published file there") from err
+        records = [{"prompt": e.prompt, "response": e.response, **e.meta} for e in read]
     elif src.type == "file":
         records = read_records(Path(src.path))
     else:
