@@ -56,6 +56,16 @@ def test_bad_stream_files_are_named(tmp_path, text, match):
         load_stream(write(tmp_path / "bad.yaml", text))
 
 
+def test_a_stream_name_left_empty_is_the_file_name_and_one_that_is_not_text_is_refused(tmp_path):
+    """``name:`` with nothing after it reads as None: the stream was named None, and every ``dylora tune`` of it
+    opened a new study under a random name instead of continuing its own."""
+    skills = "skills:\n  - name: a\n    source: {type: builtin, name: humaneval}\n"
+    assert load_stream(write(tmp_path / "mine.yaml", "name:\n" + skills)).name == "mine"
+    for value in ("2024", "[a, b]", "''"):
+        with pytest.raises(ValueError, match=r"`name` must be text .* leave it out to use the file's name, 'bad'"):
+            load_stream(write(tmp_path / "bad.yaml", f"name: {value}\n" + skills))
+
+
 def test_missing_stream_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         load_stream(tmp_path / "none.yaml")

@@ -373,12 +373,16 @@ def load_stream(path: str | Path) -> StreamSpec:
     for key in ("system", "training", "tune", "params"):
         if not isinstance(data.get(key) or {}, dict):
             raise ValueError(f"{path}: `{key}` must be a mapping")
+    name = path.stem if data.get("name") is None else data["name"]  # `name:` left empty reads as None
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{path}: `name` must be text (it names the run and its tuning study), got {name!r}; "
+                         f"leave it out to use the file's name, {path.stem!r}")
     chunks = data.get("chunks") or []
     if not isinstance(chunks, list) or not all(isinstance(c, dict) for c in chunks):
         raise ValueError(f"{path}: `chunks` must be a list of mappings, e.g. "
                          "{size: 64, mix: {python: 0.7, sql: 0.3}}")
     try:
-        stream = StreamSpec(name=data.get("name", path.stem), skills=skills, system=data.get("system") or {},
+        stream = StreamSpec(name=name, skills=skills, system=data.get("system") or {},
                             training=data.get("training") or {}, chunks=chunks, tune=data.get("tune") or {},
                             params=data.get("params") or {})
     except (TypeError, ValueError) as err:
