@@ -107,6 +107,15 @@ def test_exact_match_and_sql_statement_normalisation():
     assert first_statement("```sql\nSELECT count(*) FROM singer;\nSELECT 1;\n```") == "SELECT count(*) FROM singer"
 
 
+def test_a_semicolon_inside_a_sql_string_does_not_end_the_statement():
+    """The statement was cut at the first semicolon anywhere: a correct query comparing with 'a;b' ran as
+    ``... = 'a`` and failed."""
+    query = "SELECT name FROM singer WHERE note = 'a;b' OR note = \"c;d\" OR note = 'it''s; ok'"
+    assert first_statement(f"{query}; SELECT 1;") == query
+    assert first_statement(f"```sql\n{query};\n```") == query
+    assert first_statement("SELECT 1;;") == "SELECT 1"
+
+
 def test_checker_for_follows_the_source():
     def skill(**source):
         return SkillSpec("s", source=source)

@@ -30,6 +30,8 @@ FENCE_TAGS = {"python": {"python", "py", "python3"}, "javascript": {"javascript"
               "sql": {"sql", "sqlite", "mysql"}}
 KEEP_TOP_LEVEL = ("def ", "class ", "import ", "from ", "@", "#", "async def ")
 STRING_START = ('"', "'", 'r"', "r'", 'b"', "b'", 'f"', "f'")
+# SQL text up to its first semicolon outside quotes ('' inside a literal is a quote); an unclosed quote is text
+STATEMENT = re.compile(r"""(?:'(?:[^']|'')*'|"[^"]*"|[^;'"]|['"])*""")
 
 
 @dataclass
@@ -163,8 +165,9 @@ def check_javascript_example(example: Example, completion: str) -> bool:
 
 
 def first_statement(completion: str) -> str:
-    code = extract_code(completion).strip()
-    return code.split(";")[0].strip()
+    """A SQL completion's first statement: up to its first semicolon outside a quoted string (``'a;b'`` is a
+    value, not the end of the query)."""
+    return STATEMENT.match(extract_code(completion).strip()).group().strip()
 
 
 def normalise(text: str) -> str:
