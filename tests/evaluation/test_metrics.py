@@ -34,6 +34,15 @@ def test_accuracy_metrics_by_hand():
     assert forgetting(ACC) == pytest.approx(0.25)
 
 
+def test_average_accuracy_of_an_empty_or_unmeasured_last_row_is_a_clear_error():
+    """It was an IndexError (no step), a ZeroDivisionError (no skill) or a TypeError (an unmeasured cell)."""
+    for matrix in ([], [[]]):
+        with pytest.raises(ValueError, match="at least one step: the score matrix is empty"):
+            average_accuracy(matrix)
+    with pytest.raises(ValueError, match=r"skill\(s\) \[1\] of the last row were not measured"):
+        average_accuracy([[1.0, None], [1.0, None]])
+
+
 def test_loss_metrics_share_the_sign_convention():
     # skill 0: 1.5 - 1.0 = +0.5 nats worse; skill 1: 1.9 - 2.0 = -0.1 (better) -> mean +0.2 nats of forgetting
     assert bwt_loss(LOSS) == pytest.approx(0.2)

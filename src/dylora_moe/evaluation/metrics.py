@@ -22,7 +22,13 @@ def _oriented(matrix: Matrix, higher_is_better: bool) -> list[list[float | None]
 
 def average_accuracy(matrix: Matrix) -> float:
     """ACC: mean score over all skills after the last step (in the matrix's own units, either kind)."""
+    if not matrix or not matrix[-1]:
+        raise ValueError("ACC needs the scores after at least one step: the score matrix is empty")
     last = matrix[-1]
+    unmeasured = [j for j, v in enumerate(last) if v is None]
+    if unmeasured:
+        raise ValueError(f"ACC needs every skill's score after the last step; skill(s) {unmeasured} of the last row "
+                         "were not measured")
     return sum(last) / len(last)
 
 
