@@ -331,3 +331,41 @@ def test_requests_abandoned_in_a_full_queue_do_not_turn_a_live_one_away(two_expe
         assert live.future.result(timeout=60).completion_tokens >= 1
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_close_answers_the_requests_still_queued(untrained, batching):
+    engine = Engine(untrained, ServerConfig(batching=batching, max_batch=1, max_tokens_cap=100), Metrics())
+    first, queued = requests(("1+1=", 2, ()), ("2+2=", 2, ()))
+    with untrained.lock:  # the worker takes the first request and waits for the system: the second stays queued
+        engine.submit(first)
+        engine.submit(queued)
+        engine.close(timeout=0.2)
+    try:
+        with pytest.raises(APIError, match="shutting down"):
+            queued.future.result(timeout=10)
+        first.future.exception(timeout=10)  # answered too: generated, or refused by the stopping worker
+    finally:
+        engine.close()
+
+
+def test_a_request_submitted_while_the_engine_closes_is_answered(untrained, monkeypatch):
+    engine = Engine(untrained, ServerConfig(), Metrics())
+    put = engine._queue.put_nowait
+
+    def closing_then_put(request):  # close runs between submit's check and its put
+        closer = threading.Thread(target=engine.close)
+        closer.start()
+        closer.join(0.5)
+        put(request)
+
+    monkeypatch.setattr(engine._queue, "put_nowait", closing_then_put)
+    late = requests(("1+1=", 2, ()))[0]
+    try:
+        engine.submit(late)
+    except APIError:  # refused outright: answered as well
+        return
+    finally:
+        engine.close()
+    error = late.future.exception(timeout=10)  # generated before the close, or refused by it: never left waiting
+    assert error is None or "shutting down" in str(error)

@@ -43,6 +43,7 @@ class Engine:
         self.metrics = metrics
         self._queue: queue.Queue[GenerationRequest] = queue.Queue(maxsize=config.max_queue)
         self._closed = threading.Event()
+        self._submitting = threading.Lock()  # a request is queued before close starts, or refused
         self._held = 0  # decode steps run while requests waited to join (continuous batching)
         self._credit = 0.0  # seconds of prefill the running rows allow now (ServerConfig.prefill_share)
         loop = self._continuous if config.batching == "continuous" else self._static
@@ -50,6 +51,10 @@ class Engine:
         self._thread.start()
 
     def submit(self, request: GenerationRequest) -> Future:
+        with self._submitting:
+            return self._submit(request)
+
+    def _submit(self, request: GenerationRequest) -> Future:
         if self._closed.is_set():
             raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
         try:
@@ -80,8 +85,26 @@ class Engine:
         return dropped
 
     def close(self, timeout: float = 30.0) -> None:
-        self._closed.set()
+        """Stop taking requests: the running batch ends at its next step, and every request not done gets a
+        503, those still queued too (the worker, if it is still busy after ``timeout``, answers its own)."""
+        with self._submitting:
+            self._closed.set()
         self._thread.join(timeout)
+        self._refuse_queued()
+
+    def _refuse_queued(self, *taken: GenerationRequest) -> None:
+        """Answer ``taken`` and the requests still in the queue with 503 (the server is shutting down)."""
+        gone = APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+        while True:
+            try:
+                r = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if r.future.set_running_or_notify_cancel():  # not if its client went away meanwhile
+                r.future.set_exception(gone)
+        for r in taken:
+            if not r.future.done():
+                r.future.set_exception(gone)
 
     # ------------------------------------------------------------------ continuous batching
     def _continuous(self) -> None:
@@ -106,10 +129,7 @@ class Engine:
                 if batch is not None:
                     batch.fail(err)
                 batch = None
-        gone = APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
-        for r in [*waiting, *(row.request for row in (batch.rows if batch is not None else []))]:
-            if not r.future.done():
-                r.future.set_exception(gone)
+        self._refuse_queued(*waiting, *(row.request for row in (batch.rows if batch is not None else [])))
 
     def _take(self, waiting: deque[GenerationRequest], running: int) -> None:
         """Move arrived requests from the queue while the batch has room for them (the rest stay queued, so the
@@ -193,6 +213,7 @@ class Engine:
                 for r in batch:
                     if not r.future.done():
                         r.future.set_exception(err)
+        self._refuse_queued()
 
     def _serve(self, batch: list[GenerationRequest]) -> None:
         """Static batching of ``batch``: validated, grouped by sampling settings (a streaming request alone),
