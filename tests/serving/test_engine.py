@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future
 
 import pytest
@@ -369,3 +370,28 @@ def test_a_request_submitted_while_the_engine_closes_is_answered(untrained, monk
         engine.close()
     error = late.future.exception(timeout=10)  # generated before the close, or refused by it: never left waiting
     assert error is None or "shutting down" in str(error)
+
+
+def test_requests_that_cannot_be_admitted_are_answered_and_the_worker_goes_on(untrained, monkeypatch):
+    calls = [0]
+    init = continuous.RunningBatch.__init__
+
+    def broken(self, *args):
+        calls[0] += 1
+        raise RuntimeError("no batch today")
+
+    monkeypatch.setattr(continuous.RunningBatch, "__init__", broken)
+    engine = Engine(untrained, ServerConfig(), Metrics())
+    try:
+        first = requests(("1+1=", 2, ()))[0]
+        engine.submit(first)
+        with pytest.raises(RuntimeError, match="no batch today"):
+            first.future.result(timeout=10)
+        time.sleep(0.3)
+        assert calls[0] <= 2  # no retrying in a tight loop
+        monkeypatch.setattr(continuous.RunningBatch, "__init__", init)
+        later = requests(("2+2=", 2, ()))[0]
+        engine.submit(later)
+        assert later.future.result(timeout=60).completion_tokens >= 1
+    finally:
+        engine.close()

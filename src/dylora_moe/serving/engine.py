@@ -117,8 +117,10 @@ class Engine:
                 except queue.Empty:
                     continue
             self._take(waiting, batch.size if batch is not None else 0)
+            admitting, before = True, len(waiting)
             try:
                 batch = self._admit(batch, waiting)
+                admitting = False
                 if batch.size:
                     start = time.perf_counter()
                     batch.step()
@@ -129,6 +131,13 @@ class Engine:
                 if batch is not None:
                     batch.fail(err)
                 batch = None
+                # admitting failed before taking a request: trying again at once would fail the same way, in a
+                # loop, so the requests waiting to join get the error
+                if admitting and len(waiting) == before:
+                    while waiting:
+                        r = waiting.popleft()
+                        if r.future.set_running_or_notify_cancel():
+                            r.future.set_exception(err)
         self._refuse_queued(*waiting, *(row.request for row in (batch.rows if batch is not None else [])))
 
     def _take(self, waiting: deque[GenerationRequest], running: int) -> None:
@@ -156,22 +165,24 @@ class Engine:
         decoding = batch.size > 0
         self._held = 0
         # a request with more choices than max_batch runs when the batch is empty, rather than never
-        while waiting and (waiting[0].n <= free or not (batch.size or joining)):
-            r = waiting.popleft()
-            if r.future.set_running_or_notify_cancel() and self._prepare(model, r):
-                joining.append(r)
-                free -= r.n
-        if joining:
-            start = time.perf_counter()
-            try:
+        taken: list[GenerationRequest] = []
+        try:
+            while waiting and (waiting[0].n <= free or not (batch.size or joining)):
+                r = waiting.popleft()
+                taken.append(r)
+                if r.future.set_running_or_notify_cancel() and self._prepare(model, r):
+                    joining.append(r)
+                    free -= r.n
+            if joining:
+                start = time.perf_counter()
                 batch.join(joining)
-            except Exception as err:  # the rows already running are failed by the caller
-                for r in joining:
-                    if not r.future.done():
-                        r.future.set_exception(err)
-                raise
-            # a pass that stalled running rows spends their budget; the first rows of an idle batch stall none
-            self._credit = self._credit - (time.perf_counter() - start) if decoding else 0.0
+                # a pass that stalled running rows spends their budget; the first rows of an idle batch stall none
+                self._credit = self._credit - (time.perf_counter() - start) if decoding else 0.0
+        except Exception as err:  # the rows already running and the requests still waiting: the caller's
+            for r in taken:
+                if not r.future.done():
+                    r.future.set_exception(err)
+            raise
         return batch
 
     def _earn(self, seconds: float) -> None:
