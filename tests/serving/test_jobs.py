@@ -270,3 +270,32 @@ def test_reconcile_drops_registry_rows_of_experts_no_longer_on_disk(tmp_path):
     assert len(changes) == 2 and "removed expert 7" in changes[1] and "maturity" in changes[0]
     assert [e.expert_id for e in store.experts()] == [0]
     assert store.expert(0).maturity_state == int(model.router.expert_maturity[0])
+
+
+def test_an_upload_submitted_while_the_manager_closes_is_not_left_queued(run_dir):
+    import dylora_moe.serving.jobs as jobs
+    from dylora_moe.data.sources import Example
+    from dylora_moe.serving.errors import APIError
+    from dylora_moe.serving.metrics import Metrics
+    from dylora_moe.serving.uploads import Upload
+
+    manager = jobs.JobManager(ServedSystem(run_dir), server_config(), Metrics())
+    manager._run = lambda job: setattr(job, "status", jobs.SUCCEEDED)  # a job the worker takes ends at once
+    closer = threading.Thread(target=manager.close)
+    forget = manager._forget_old
+
+    def closing_meanwhile() -> None:  # close runs between submit's checks and its queueing of the job
+        closer.start()
+        closer.join(0.5)
+        forget()
+
+    manager._forget_old = closing_meanwhile
+    try:
+        job = manager.submit(Upload("late", [Example("p", "r")], False))
+    except APIError:  # refused outright: not left queued either
+        return
+    finally:
+        closer.join(30)  # the one close: a second one would drain the queue again
+    assert job.status != jobs.QUEUED  # run before the close, or failed by it: never waiting for a worker gone
+    if job.status == jobs.FAILED:
+        assert job.error["code"] == "shutting_down"

@@ -144,17 +144,20 @@ class JobManager:
         return self.jobs[job_id]
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop taking jobs; queued ones are failed (the running one finishes if it can within ``timeout``)."""
-        self._closed = True
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.status, job.finished, job.examples = FAILED, time.time(), []
-                job.error = {"code": "shutting_down", "message": "the server stopped before this job ran: upload again"}
-        self._queue.put(None)
+        """Stop taking jobs; queued ones are failed (the running one finishes if it can within ``timeout``). Under
+        the submit lock: an upload is queued before the queue is drained, or refused."""
+        with self._submitting:
+            self._closed = True
+            while True:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    job.status, job.finished, job.examples = FAILED, time.time(), []
+                    job.error = {"code": "shutting_down",
+                                 "message": "the server stopped before this job ran: upload again"}
+            self._queue.put(None)
         self._thread.join(timeout)
 
     def _forget_old(self) -> None:
