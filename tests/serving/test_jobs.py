@@ -299,3 +299,21 @@ def test_an_upload_submitted_while_the_manager_closes_is_not_left_queued(run_dir
     assert job.status != jobs.QUEUED  # run before the close, or failed by it: never waiting for a worker gone
     if job.status == jobs.FAILED:
         assert job.error["code"] == "shutting_down"
+
+
+def test_a_failure_after_the_swap_does_not_fail_the_job_or_lose_its_events(tmp_path, monkeypatch):
+    from dylora_moe.serving.metrics import Metrics
+
+    run = learned_run(tmp_path)
+    created = event_names(run).count("expert_created")
+
+    def broken(self, model):
+        raise RuntimeError("metrics broke")
+
+    with TestClient(create_app(run, server_config())) as client:
+        monkeypatch.setattr(Metrics, "observe_system", broken)  # after the start: only the job's call fails
+        job = wait(client, upload(client, "letters", letters())["id"])
+        assert job["status"] == "succeeded", job  # the skill is saved and served
+        assert [e["expert_id"] for e in client.get("/experts").json()["data"]] == [0, 1]
+    assert event_names(run).count("expert_created") == created + 1  # its events were committed
+    assert [e.expert_id for e in SkillStore(run / "store.db").experts()] == [0, 1]

@@ -206,13 +206,12 @@ class JobManager:
                 train_log = learner.train_expert(len(model.library) - 1, data, result)
             learner.fit_router()
             model.mark_mature(result.expert_id)
+        loss = next((e.get("loss", e.get("task_loss")) for e in reversed(train_log)), None)
         stage(job, "saving")
         self.system.save(model, memory)
         stage(job, "swapping")  # right after the save: the folder always holds what is served
         self.system.swap(model, memory)
-        self.metrics.swaps.inc()
-        self.metrics.observe_system(model)
-        loss = next((e.get("loss", e.get("task_loss")) for e in reversed(train_log)), None)
+        # the skill is learned, saved and served from here: what follows records it, and cannot fail the job
         store_error = None
         try:
             model.events.commit()  # events.jsonl and the store's event table, now that the change is on disk
@@ -226,8 +225,14 @@ class JobManager:
             self.metrics.error("store_write_failed", 500)
             logger.exception("skill learned but not registered", extra={"fields": {
                 "event": "error", "job": job.id, "skill": job.skill, "kind": type(err).__name__}})
-        self.metrics.acquisitions.labels("novel" if result.is_novel else "recognised").inc()
-        self.metrics.jobs.labels(SUCCEEDED).inc()
+        try:
+            self.metrics.swaps.inc()
+            self.metrics.observe_system(model)
+            self.metrics.acquisitions.labels("novel" if result.is_novel else "recognised").inc()
+            self.metrics.jobs.labels(SUCCEEDED).inc()
+        except Exception as err:
+            logger.exception("skill learned but not counted in the metrics", extra={"fields": {
+                "event": "error", "job": job.id, "skill": job.skill, "kind": type(err).__name__}})
         job.result = {"novel": result.is_novel, "expert_id": result.expert_id, "skill_id": result.skill_id,
                       "nearest_skill": result.nearest_skill, "similarity": result.similarity, "rank": result.rank,
                       "experts": model.num_experts, "routing_strategy": model.router.strategy,
