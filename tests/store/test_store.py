@@ -118,3 +118,60 @@ def test_a_file_that_is_not_a_database_is_refused_untouched(tmp_path):
     with pytest.raises(ValueError, match=r"is not a database.*restore the store"):
         SkillStore(path)
     assert path.read_bytes() == b"not sqlite at all\n" * 64
+
+
+def test_a_creation_cut_short_leaves_an_empty_file_that_opens_as_a_new_store(tmp_path, monkeypatch):
+    from dylora_moe.store.schema import Base
+
+    path = tmp_path / "store.db"
+    create_all = Base.metadata.create_all
+
+    def killed(conn, **kwargs):  # the process dies after the tables, before the schema row
+        create_all(conn, **kwargs)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Base.metadata, "create_all", killed)
+        with pytest.raises(KeyboardInterrupt):
+            SkillStore(path)
+    assert SkillStore(path).schema_version == SCHEMA_VERSION
+
+
+def test_two_first_opens_at_once_both_open_the_store(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from dylora_moe.store.schema import Base
+
+    path = tmp_path / "store.db"
+    create_all, created = Base.metadata.create_all, threading.Event()
+
+    def slow(conn, **kwargs):  # the first open is between its tables and its schema row while the second starts
+        create_all(conn, **kwargs)
+        created.set()
+        time.sleep(0.5)
+
+    monkeypatch.setattr(Base.metadata, "create_all", slow)
+    results: list[object] = []
+
+    def open_store() -> None:
+        try:
+            results.append(SkillStore(path).schema_version)
+        except Exception as err:
+            results.append(err)
+
+    first = threading.Thread(target=open_store)
+    first.start()
+    assert created.wait(10)
+    open_store()
+    first.join(10)
+    assert results == [SCHEMA_VERSION, SCHEMA_VERSION]
+
+
+def test_a_store_left_without_its_schema_row_is_refused_with_a_message(tmp_path):
+    path = tmp_path / "store.db"
+    SkillStore(path)
+    with sqlite3.connect(path) as conn:
+        conn.execute("DELETE FROM dylora_schema")
+    with pytest.raises(ValueError, match="no schema version"):
+        SkillStore(path)

@@ -7,9 +7,10 @@ written by a newer schema, or a database that is not a store, fails with a messa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,23 +59,41 @@ class SkillStore:
             raise ValueError(f"{self.url} is not a database ({err.orig}); restore the store from a copy, or "
                              "move it aside and `dylora train --resume` rebuilds it from the system folder") from err
         if not tables:
-            with self.engine.begin() as conn:
-                Base.metadata.create_all(conn)
-                conn.execute(SchemaInfo.__table__.insert().values(id=1, version=SCHEMA_VERSION))
-            return
+            with self._begin() as conn:
+                tables = set(inspect(conn).get_table_names())  # another process may have created it meanwhile
+                if not tables:
+                    Base.metadata.create_all(conn)
+                    conn.execute(SchemaInfo.__table__.insert().values(id=1, version=SCHEMA_VERSION))
+                    return
         if SchemaInfo.__tablename__ not in tables:
             raise ValueError(f"{self.url} is not a dylora-moe store (it has tables {sorted(tables)} but no "
                              f"{SchemaInfo.__tablename__}); give a new file or the store a run wrote")
         with self.engine.connect() as conn:
-            version = conn.execute(select(SchemaInfo.version)).scalar_one()
+            version = conn.execute(select(SchemaInfo.version)).scalar_one_or_none()
+        if version is None:
+            raise ValueError(f"{self.url} has no schema version in {SchemaInfo.__tablename__} (its creation was cut "
+                             "short); move it aside and `dylora train --resume` rebuilds it from the system folder")
         if version > SCHEMA_VERSION:
             raise ValueError(f"{self.url} was written by a newer dylora-moe (schema {version}; this one reads up "
                              f"to {SCHEMA_VERSION}): upgrade dylora-moe to open it")
-        with self.engine.begin() as conn:
+        if version == SCHEMA_VERSION:
+            return
+        with self._begin() as conn:
+            version = conn.execute(select(SchemaInfo.version)).scalar_one()  # another process may have migrated it
             for v in range(version, SCHEMA_VERSION):
                 MIGRATIONS[v](conn)
-            if version != SCHEMA_VERSION:
+            if version < SCHEMA_VERSION:
                 conn.execute(SchemaInfo.__table__.update().values(version=SCHEMA_VERSION))
+
+    @contextlib.contextmanager
+    def _begin(self) -> Iterator[Connection]:
+        """A transaction that holds schema changes too, with the database's write lock from its start. The
+        SQLite driver begins a transaction only before a data change, so each CREATE or ALTER TABLE would be
+        committed on its own; BEGIN IMMEDIATE holds them, and makes a concurrent opener wait for this one."""
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            yield conn
 
     @property
     def schema_version(self) -> int:
