@@ -196,3 +196,22 @@ def test_a_stale_answer_reloads_the_save_off_the_event_loop_and_routes_again():
     with pytest.raises(Exception, match="teapot"):
         asyncio.run(generate())
     assert len(routed) == 2 and len(refreshed_in) == 1 and refreshed_in[0] is not loop_thread[0]
+
+
+@pytest.mark.parametrize("failure", ["timeout", "died"])
+def test_a_skill_job_actor_that_does_not_answer_gets_a_retryable_503(monkeypatch, failure):
+    from ray.exceptions import ActorDiedError, GetTimeoutError
+
+    from dylora_moe.serving import ray_ingress
+    from dylora_moe.serving.errors import APIError
+
+    def get(ref, timeout=None):
+        raise GetTimeoutError(f"no answer in {timeout}s") if failure == "timeout" else ActorDiedError()
+
+    monkeypatch.setattr(ray_ingress.ray, "get", get)
+    call = SimpleNamespace(remote=lambda *args: "ref")
+    jobs = ray_ingress.RemoteJobs(SimpleNamespace(submit=call, get=call, list=call), timeout=0.5)
+    for ask in (lambda: jobs.submit("upload"), lambda: jobs.get("job-1"), lambda: jobs.jobs):
+        with pytest.raises(APIError) as err:
+            ask()
+        assert err.value.status == 503 and "Retry-After" in err.value.headers

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import ray
 import torch
 from prometheus_client import Counter, Gauge
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.concurrency import run_in_threadpool
 
@@ -300,7 +300,16 @@ class RemoteJobs:
     def _call(self, method: str, *args):
         if self.actor is None:
             raise APIError(403, "this deployment has no API key: skill uploads are off", code="api_key_not_configured")
-        answer = ray.get(getattr(self.actor, method).remote(*args), timeout=self.timeout)
+        try:
+            answer = ray.get(getattr(self.actor, method).remote(*args), timeout=self.timeout)
+        except GetTimeoutError as err:
+            raise APIError(503, f"the skill-job worker did not answer within {self.timeout:g}s: retry in a moment "
+                                "(GET /jobs lists the jobs it has accepted)", type="server_error",
+                           code="skill_jobs_unavailable", headers={"Retry-After": "5"}) from err
+        except RayActorError as err:
+            raise APIError(503, "the skill-job worker is unavailable (its actor stopped or is restarting): retry in "
+                                "a moment", type="server_error", code="skill_jobs_unavailable",
+                           headers={"Retry-After": "5"}) from err
         if isinstance(answer, dict) and "error" in answer:
             raise error_from_wire(answer["error"])
         return answer
