@@ -257,3 +257,34 @@ def test_a_client_that_leaves_before_its_stream_starts_cancels_it(client):
         asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout=10))
     status = next(m["status"] for m in sent if m["type"] == "http.response.start")
     assert status == 499
+
+
+def send_raw(app, headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[int, dict]:
+    """The status and JSON answer of the app to a POST /v1/completions with exactly these headers."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+             "scheme": "http", "server": ("test", 80), "client": ("test", 1),
+             "headers": [(b"content-type", b"application/json"), *headers]}
+    messages = iter([{"type": "http.request", "body": body, "more_body": False}])
+    sent = []
+
+    async def receive():
+        return next(messages, {"type": "http.disconnect"})
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+
+
+def test_a_content_length_that_is_not_a_number_is_a_400_and_a_huge_one_a_413(client):
+    body = json.dumps({"model": MODEL, "prompt": "1+1=", "max_tokens": 1}).encode()
+    for declared in (b"abc", b"-5", b"1e3", b""):
+        status, answer = send_raw(client.app, [(b"content-length", declared)], body)
+        assert status == 400 and answer["error"]["code"] == "invalid_content_length", declared
+    status, answer = send_raw(client.app, [(b"content-length", BIG.encode())], body)  # beyond int()'s limit
+    assert status == 413 and answer["error"]["code"] == "request_too_large"
+    status, _ = send_raw(client.app, [(b"content-length", b"0" * 50 + str(len(body)).encode())], body)
+    assert status == 200

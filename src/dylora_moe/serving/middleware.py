@@ -53,7 +53,7 @@ class Observe:
             receive = self._deadline(receive, start + self.config.body_timeout)
             try:  # a body without a declared length is read here, outside the app and its error handlers
                 receive = await self._limited(scope, receive, limit, upload)
-            except APIError as error:  # 408: the body did not arrive in time
+            except APIError as error:  # 408: the body did not arrive in time; 400: its declared length is no number
                 self.metrics.error(error.code or error.type, error.status)
                 await _send_json(observed_send, error.status, error.body(), error.headers)
                 return
@@ -99,12 +99,17 @@ class Observe:
 
     @staticmethod
     async def _limited(scope, receive, limit: int, upload: bool):
-        """``receive`` when the declared length fits; ``None`` when the body is too large. A body without a
-        declared length is read here up to the limit and replayed."""
+        """``receive`` when the declared length fits; ``None`` when the body is too large; a 400 when the
+        declared length is not a number. A body without a declared length is read here up to the limit and
+        replayed."""
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None:
-            return receive if declared.isdigit() and int(declared) <= limit else None
+            if not declared.isdigit():
+                raise APIError(400, f"Content-Length {declared.decode('latin-1')!r} is not a number of bytes: send "
+                                    "the body's length in bytes, or no Content-Length", code="invalid_content_length")
+            digits = declared.lstrip(b"0") or b"0"  # int() refuses more than 4300 digits: so many are too large
+            return receive if len(digits) <= len(str(limit)) and int(digits) <= limit else None
         if scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
             return receive
         chunks, size, more = [], 0, True
