@@ -318,6 +318,26 @@ def test_the_serve_config_builder_refuses_unknown_settings_by_name(tmp_path):
         app_builder({"system": str(tmp_path), "ray": {"min_replicas": 2, "max_replicas": 1}})
 
 
+def test_the_serve_config_builder_checks_the_types_of_settings(tmp_path, monkeypatch):
+    from dylora_moe.serving import ray_app
+
+    built = []
+    monkeypatch.setattr(ray_app, "build_app", lambda path, config, ray_config, overrides: built.append(
+        (config, ray_config)))
+    ray_app.app_builder({"system": str(tmp_path), "server": {"max_batch": "8", "body_timeout": "2.5"},
+                         "ray": {"replicas": "3"}})  # numbers written as text, as YAML may give them
+    (config, ray_config), = built
+    assert (config.max_batch, config.body_timeout, ray_config.replicas) == (8, 2.5, 3)
+    with pytest.raises(ValueError, match=r"ServerConfig.max_batch must be a number, got 'eight'"):
+        ray_app.app_builder({"system": str(tmp_path), "server": {"max_batch": "eight"}})
+    with pytest.raises(ValueError, match=r"ServerConfig.max_queue must be a whole number"):
+        ray_app.app_builder({"system": str(tmp_path), "server": {"max_queue": 1.5}})
+    with pytest.raises(ValueError, match=r"ServerConfig.batching must be text"):
+        ray_app.app_builder({"system": str(tmp_path), "server": {"batching": 1}})
+    with pytest.raises(ValueError, match=r"RayServeConfig.replica_cpus must be a number"):
+        ray_app.app_builder({"system": str(tmp_path), "ray": {"replica_cpus": "two"}})
+
+
 def test_the_folder_has_one_writer_while_uploads_are_on(url, run):
     from dylora_moe.checkpoint import FolderBusy, writer_lock
 

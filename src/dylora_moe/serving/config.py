@@ -6,6 +6,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from ..config import check_types
 from ..training.config import TrainingConfig
 
 API_KEY_ENV = "DYLORA_API_KEY"
@@ -85,6 +86,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.api_key is None:
             self.api_key = os.environ.get(API_KEY_ENV) or None
+        check_types(self)  # a serve config file's "8" becomes 8; "eight" is refused by name
         for name in ("max_body_bytes", "max_upload_bytes", "max_tokens_cap", "default_max_tokens",
                      "max_prompt_tokens", "max_batch", "max_upload_examples", "max_example_chars",
                      "max_pending_jobs", "max_queue", "routing_top", "join_batch"):

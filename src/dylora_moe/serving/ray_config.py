@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..config import check_types
+
 
 @dataclass
 class RayServeConfig:
@@ -45,6 +47,7 @@ class RayServeConfig:
     route_prefix: str = "/"
 
     def __post_init__(self) -> None:
+        check_types(self)
         for name in ("replicas", "experts_per_replica", "min_replicas", "max_ongoing_requests", "ingress_replicas",
                      "attempts"):
             if getattr(self, name) < 1:
