@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,20 @@ def test_every_spider_gold_query_runs_and_matching_is_strict(tmp_path):
     reversed_rows = "SELECT Hometown, count(Teacher_ID) AS n FROM teacher GROUP BY Hometown ORDER BY Hometown DESC"
     assert execution_match(teachers, reversed_rows, unordered["gold"])
     assert not execution_match(teachers, "SELECT Hometown, 2 FROM teacher GROUP BY Hometown", unordered["gold"])
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("USE `shop`;\n/*!40101 SET NAMES utf8", r"a /\* comment opened at character \d+ is never closed"),
+    ("USE `shop`;\nINSERT INTO `item` VALUES (1,'cut\\", "the text ends inside a '-quoted string"),
+    ("USE `shop`;\nINSERT INTO `item` VALUES (1,'cut", "the text ends inside a '-quoted string"),
+    ("USE;\nCREATE TABLE `item` (`id` int);", r"a USE statement names no database: write `USE name;`"),
+    ("USE `shop`;\nCREATE TABLE `item` (`id` int, `name` text);\nINSERT INTO `item` VALUES (1,\"it's\");",
+     r"in the statement starting 'INSERT INTO `item` VALUES \(1,\"it\\'s\"\)': the string literal opened at"),
+], ids=["open-comment", "backslash-at-end", "open-string", "bare-use", "open-literal"])
+def test_a_malformed_dump_is_named_not_an_index_error(tmp_path, text, problem):
+    """A dump cut short (an unclosed comment or string) or with a bare USE raised ValueError("substring not
+    found") or IndexError, naming neither the file nor the problem."""
+    dump = tmp_path / "d.sql"
+    dump.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(f"{dump}: ") + problem):
+        mysql_dump_to_sqlite(dump, tmp_path / "db")

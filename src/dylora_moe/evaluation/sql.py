@@ -28,13 +28,14 @@ _TABLE_TAIL = re.compile(r"\)\s*ENGINE=.*$", re.IGNORECASE | re.DOTALL)
 
 
 def split_statements(sql: str) -> list[str]:
-    """Split on semicolons outside quoted strings; comments and MySQL ``/*! ... */`` directives dropped."""
+    """Split on semicolons outside quoted strings; comments and MySQL ``/*! ... */`` directives dropped. Text
+    ending inside a quoted string or a ``/*`` comment (a dump cut short) is a ValueError."""
     statements, current, quote, i = [], [], None, 0
     while i < len(sql):
         ch = sql[i]
         if quote:
             current.append(ch)
-            if ch == "\\":
+            if ch == "\\" and i + 1 < len(sql):
                 current.append(sql[i + 1])
                 i += 1
             elif ch == quote:
@@ -43,7 +44,10 @@ def split_statements(sql: str) -> list[str]:
             quote = ch
             current.append(ch)
         elif sql.startswith("/*", i):
-            i = sql.index("*/", i) + 1
+            end = sql.find("*/", i + 2)
+            if end < 0:
+                raise ValueError(f"a /* comment opened at character {i} is never closed")
+            i = end + 1
         elif sql.startswith("--", i) and (i + 2 >= len(sql) or sql[i + 2] in " \t\n"):
             i = sql.find("\n", i)
             i = len(sql) if i < 0 else i
@@ -54,12 +58,15 @@ def split_statements(sql: str) -> list[str]:
         else:
             current.append(ch)
         i += 1
+    if quote:
+        raise ValueError(f"the text ends inside a {quote}-quoted string")
     statements.append("".join(current).strip())
     return [s for s in statements if s]
 
 
 def _sqlite_literals(statement: str) -> str:
-    """MySQL string literals (backslash escapes) -> SQLite ones (doubled single quotes)."""
+    """MySQL string literals (backslash escapes) -> SQLite ones (doubled single quotes); an unclosed literal is a
+    ValueError."""
     out, i = [], 0
     while i < len(statement):
         ch = statement[i]
@@ -67,10 +74,10 @@ def _sqlite_literals(statement: str) -> str:
             out.append(ch)
             i += 1
             continue
-        i += 1
+        start, i = i, i + 1
         chars = []
-        while statement[i] != "'" or (i + 1 < len(statement) and statement[i + 1] == "'"):
-            if statement[i] == "\\":
+        while i < len(statement) and (statement[i] != "'" or (i + 1 < len(statement) and statement[i + 1] == "'")):
+            if statement[i] == "\\" and i + 1 < len(statement):
                 nxt = statement[i + 1]
                 chars.append({"n": "\n", "t": "\t", "r": "\r", "0": "\0"}.get(nxt, nxt))
                 i += 2
@@ -81,6 +88,8 @@ def _sqlite_literals(statement: str) -> str:
                 continue
             chars.append(statement[i])
             i += 1
+        if i >= len(statement):
+            raise ValueError(f"the string literal opened at character {start} is never closed")
         i += 1
         out.append("'" + "".join(chars).replace("'", "''") + "'")
     return "".join(out)
@@ -120,9 +129,16 @@ def _convert(dump: Path, out_dir: Path) -> dict[str, Path]:
     """Write one SQLite file per database of the dump into ``out_dir``; returns database name -> file."""
     files: dict[str, Path] = {}
     conn = None
-    for statement in split_statements(Path(dump).read_text(encoding="utf-8")):
+    try:
+        statements = split_statements(Path(dump).read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(f"{dump}: {err}: the dump is cut short or not a MySQL dump; put the published file "
+                         "there") from None
+    for statement in statements:
         head = statement.split(None, 2)
         keyword = head[0].upper()
+        if keyword == "USE" and len(head) < 2:
+            raise ValueError(f"{dump}: a USE statement names no database: write `USE name;` before its tables")
         if keyword == "USE":
             if conn is not None:
                 conn.commit()
@@ -136,7 +152,11 @@ def _convert(dump: Path, out_dir: Path) -> dict[str, Path]:
         elif keyword == "CREATE" and statement.upper().startswith("CREATE TABLE"):
             conn.execute(convert_create(statement))
         elif keyword in ("INSERT", "DROP"):
-            conn.execute(_sqlite_literals(statement))
+            try:
+                conn.execute(_sqlite_literals(statement))
+            except ValueError as err:
+                raise ValueError(f"{dump}: in the statement starting {statement[:60]!r}: {err}: the dump is not "
+                                 "MySQL's own; put the published file there") from None
         # anything else (SET, LOCK/UNLOCK, CREATE DATABASE/USER, GRANT, FLUSH) means nothing to SQLite
     if conn is not None:
         conn.commit()
