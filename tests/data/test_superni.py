@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dylora_moe.data.stream import SkillSource, load_examples, load_stream, split_examples
+from dylora_moe.data.stream import SkillSource, SkillSpec, load_examples, load_stream, split_examples
 from dylora_moe.data.superni import cut_input, superni, superni_orders, superni_prompt, superni_tasks
 from tests.conftest import write_superni
 
@@ -105,3 +105,24 @@ def test_the_stream_files_follow_the_published_orders(order):
     if not (SHARED / "superni-cl" / "orders.json").is_file():
         pytest.skip("no ../shared/data/superni-cl: the published orders are not here to compare with")
     assert tasks == superni_orders(SHARED)[order]
+
+
+@pytest.mark.parametrize(("data", "problem"), [
+    ({"task": "task9_x", "definition": "D.", "train": [{"id": "a", "input": "i", "output": ["o"]}]},
+     r"task9_x\.json\.gz has no test: a task file holds \{task, definition, train: \[\{id, input, output\}\], "
+     r"test: \[\.\.\.\]\} \(an empty list for a split with no instance\); put the published file there"),
+    ({"task": "task9_x", "definition": "D.", "train": [{"id": "a", "input": "i", "output": []}], "test": []},
+     r"task9_x\.json\.gz: train instance 'a' has an empty `output`: give it a reference output or remove"),
+])
+def test_a_task_file_without_a_split_or_an_output_is_named(tmp_path, data, problem):
+    """A task file without ``test`` raised a bare KeyError, an instance with ``output: []`` an IndexError."""
+    import gzip
+    import json
+
+    (tmp_path / "superni-cl").mkdir()
+    with gzip.open(tmp_path / "superni-cl" / "task9_x.json.gz", "wt", encoding="utf-8") as fh:
+        json.dump(data, fh)
+    with pytest.raises(ValueError, match=problem):
+        superni(tmp_path, "task9_x")
+    with pytest.raises(ValueError, match=problem):  # as a stream step reads it
+        load_examples(SkillSpec("x", source={"type": "builtin", "name": "superni", "task": "task9_x"}), tmp_path)

@@ -82,12 +82,21 @@ def superni(data_dir: str | Path, task: str | None, max_input_chars: int = MAX_I
     if task not in tasks:
         known = ", ".join(tasks) or "none"
         raise ValueError(f"SuperNI task {task!r} is not in {Path(data_dir) / FOLDER}; the tasks there are: {known}")
-    with gzip.open(Path(data_dir) / FOLDER / f"{task}.json.gz", "rt", encoding="utf-8") as fh:
+    path = Path(data_dir) / FOLDER / f"{task}.json.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
         data = json.load(fh)
+    missing = [key for key in ("definition", "train", "test") if key not in data]
+    if missing:
+        raise ValueError(f"{path} has no {', '.join(missing)}: a task file holds {{task, definition, train: [{{id, "
+                         "input, output}], test: [...]} (an empty list for a split with no instance); put the "
+                         "published file there")
     examples = []
     for split in ("train", "test"):
         for row in data[split]:
             references = row["output"] if isinstance(row["output"], list) else [row["output"]]
+            if not references:
+                raise ValueError(f"{path}: {split} instance {row['id']!r} has an empty `output`: give it a "
+                                 "reference output or remove the instance")
             examples.append(Example(superni_prompt(data["definition"], row["input"], max_input_chars, cut),
                                     references[0].strip(),
                                     {"split": split, "id": row["id"], "task": task, "references": references}))
