@@ -126,3 +126,16 @@ def test_a_task_file_without_a_split_or_an_output_is_named(tmp_path, data, probl
         superni(tmp_path, "task9_x")
     with pytest.raises(ValueError, match=problem):  # as a stream step reads it
         load_examples(SkillSpec("x", source={"type": "builtin", "name": "superni", "task": "task9_x"}), tmp_path)
+
+
+def test_a_slice_inside_the_train_part_names_the_caps_to_use_instead(tmp_path):
+    """``stop`` within the 12 training instances leaves no test side; the error said so but not the way out."""
+    skill = SkillSpec("s", source={"type": "builtin", "name": "superni", "task": "task001_double", "stop": 5})
+    examples = load_examples(skill, write_superni(tmp_path))
+    with pytest.raises(ValueError, match=r"the published split of 5 examples leaves no test side: .* leave the slice "
+                                         r"out and cap the step with `max_train`/`max_eval`"):
+        split_examples(examples, skill.eval_share)
+    capped = SkillSpec("s", source={"type": "builtin", "name": "superni", "task": "task001_double"},
+                       max_train=5, max_eval=2)
+    train, held = split_examples(load_examples(capped, tmp_path), capped.eval_share)
+    assert len(train[: capped.max_train]) == 5 and len(held[: capped.max_eval]) == 2

@@ -543,7 +543,10 @@ def split_examples(examples: list[Example], eval_share: float) -> tuple[list[Exa
         train = [e for e in examples if e.meta["split"] == "train"]
         held = [e for e in examples if e.meta["split"] == "test"]
         if not train or not held:
-            raise ValueError(f"the published split of {len(examples)} examples leaves an empty train or test side")
+            side = "test" if train else "train"
+            raise ValueError(f"the published split of {len(examples)} examples leaves no {side} side: a source "
+                             "slice (`start`/`stop`) takes the train instances first, then the test ones; to use "
+                             "fewer examples leave the slice out and cap the step with `max_train`/`max_eval`")
         return train, held
     train, held = [], []
     for e in examples:
