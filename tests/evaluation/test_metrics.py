@@ -43,6 +43,16 @@ def test_average_accuracy_of_an_empty_or_unmeasured_last_row_is_a_clear_error():
         average_accuracy([[1.0, None], [1.0, None]])
 
 
+def test_forward_transfer_without_a_base_score_or_a_cell_above_the_diagonal_is_a_clear_error():
+    """It was an IndexError (a base row shorter than the matrix) or a TypeError (an unmeasured cell)."""
+    with pytest.raises(ValueError, match="the base model's score on every skill: 2 base scores for 3 skills"):
+        forward_transfer(ACC, [0.0, 0.05])
+    with pytest.raises(ValueError, match=r"skill\(s\) \[1, 2\] were not measured: evaluate the skills ahead"):
+        forward_transfer(LOSS, [1.0, 2.0, 3.0], higher_is_better=False)
+    with pytest.raises(ValueError, match=r"skill\(s\) \[2\] were not measured"):
+        forward_transfer(ACC, [0.0, 0.05, None])
+
+
 def test_loss_metrics_share_the_sign_convention():
     # skill 0: 1.5 - 1.0 = +0.5 nats worse; skill 1: 1.9 - 2.0 = -0.1 (better) -> mean +0.2 nats of forgetting
     assert bwt_loss(LOSS) == pytest.approx(0.2)

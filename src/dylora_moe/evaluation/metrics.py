@@ -68,10 +68,18 @@ def forward_transfer(matrix: Matrix, base: Sequence[float], higher_is_better: bo
     """FWT (Lopez-Paz & Ranzato 2017): mean over j >= 1 of R[j-1][j] - b[j], with b the untrained base
     model's score on skill j (oriented). Needs the entries above the diagonal. With ``labels``, only the steps
     that bring a new skill count (``first_steps``): before a returning skill's step the model has already
-    learned it, which is retention, not forward transfer."""
+    learned it, which is retention, not forward transfer. A missing base score or cell is a ValueError."""
     r = _oriented(matrix, higher_is_better)
-    b = [v if higher_is_better else -v for v in base]
-    deltas = [r[j - 1][j] - b[j] for j in first_steps(labels, len(r)) if j >= 1]
+    if len(base) < len(r):
+        raise ValueError(f"FWT needs the base model's score on every skill: {len(base)} base scores for {len(r)} "
+                         "skills")
+    b = [None if v is None else v if higher_is_better else -v for v in base]
+    columns = [j for j in first_steps(labels, len(r)) if j >= 1]
+    unmeasured = [j for j in columns if j >= len(r[j - 1]) or r[j - 1][j] is None or b[j] is None]
+    if unmeasured:
+        raise ValueError(f"FWT needs each skill's score before its step (above the diagonal) and the base model's; "
+                         f"skill(s) {unmeasured} were not measured: evaluate the skills ahead or leave FWT out")
+    deltas = [r[j - 1][j] - b[j] for j in columns]
     return sum(deltas) / len(deltas) if deltas else 0.0
 
 
