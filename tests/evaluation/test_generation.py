@@ -91,6 +91,14 @@ def test_javascript_program_completes_the_last_function_of_a_prompt_with_a_helpe
     assert javascript_program(ex, both) == both  # the model rewrote the helper too: not defined twice
 
 
+def test_a_whole_javascript_function_is_cut_where_it_closes_when_the_prompt_indents_its_declaration():
+    """The cut looked for the prompt's declaration line as written, indentation included, in the model's whole
+    function: written at the margin, it was never found, and a cut-off call after the function was kept."""
+    ex = Example("/* Add x and y. */\n  const add = (x, y) => {\n", "", {"test": JS_TEST})
+    program = javascript_program(ex, "const add = (x, y) => {\n  return x + y;\n}\nconsole.log(add(1, 2));\nadd(")
+    assert program == "/* Add x and y. */\nconst add = (x, y) => {\n  return x + y;\n}\n"
+
+
 @pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js")
 def test_a_whole_javascript_function_can_call_the_prompts_helper():
     prompt = ("const isSame = (s) => {\n  return s == s.split('').reverse().join('');\n}\n\n"

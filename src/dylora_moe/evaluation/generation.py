@@ -135,8 +135,8 @@ def javascript_program(example: Example, completion: str) -> str:
     code = extract_code(completion, "javascript")
     lines = example.prompt.splitlines()
     at = next((i for i in range(len(lines) - 1, -1, -1) if re.match(r"\s*(const|function) ", lines[i])), None)
-    declaration = lines[at] if at is not None else None
-    whole = declaration is not None and declaration.strip() in code  # the model wrote the whole function
+    declaration = lines[at].strip() if at is not None else None  # the model may indent it otherwise
+    whole = declaration is not None and declaration in code  # the model wrote the whole function
     if whole:
         before = lines[:at]
         rewritten = any(line.strip() in code for line in before if re.match(r"\s*(const|function|let|var) ", line))
