@@ -169,6 +169,16 @@ def test_trim_python_keeps_what_black_and_modules_write_and_drops_usage():
     assert trim_python("    return x + 1\n\nprint(") == "    return x + 1\n"
 
 
+def test_trim_python_reads_a_line_at_the_margin_inside_brackets_as_part_of_its_statement():
+    """``2]`` at the margin, closing a list opened on the line before, began a new statement: the one before it
+    then did not parse, and it and everything after were dropped."""
+    constant = "PRIMES = [2, 3,\n5, 7]\n\ndef f(x):\n    return x in PRIMES\n"
+    assert trim_python(constant + "print(f(3))\n") == constant
+    body = "    return [1,\n2]\n\ndef g():\n    return 3\n"
+    assert trim_python(body + "print(g())\n") == body
+    assert trim_python("x = 1 + \\\n2\ndef f():\n    pass\nf(") == "x = 1 + \\\n2\ndef f():\n    pass\n"
+
+
 def test_trim_python_reads_the_lines_of_a_multi_line_string_as_part_of_its_statement():
     # the inner and closing lines of a string sit at the margin, but they are not statements
     module_doc = '"""\nSquares of numbers.\n"""\ndef square(x):\n    return x * x\n'

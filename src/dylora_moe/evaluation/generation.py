@@ -70,15 +70,15 @@ def extract_code(completion: str, language: str | None = None) -> str:
 def trim_python(code: str) -> str:
     """Drop what follows the program: the first top-level statement that is not a definition, an import, a
     docstring or comment, or an assignment without calls (a module constant), such as example calls, prints,
-    asserts or a half-written line at the token limit. A statement's continuation lines (indented, closing a
-    bracket at the margin, as black writes long signatures and imports, or inside a multi-line string, whatever
-    their indentation) belong to it."""
+    asserts or a half-written line at the token limit. A statement's continuation lines (indented, or at the
+    margin inside brackets, as black closes long signatures and imports, after a backslash or inside a
+    multi-line string) belong to it."""
     kept: list[str] = []
     statement: list[str] = []  # the top-level statement being read
-    in_string = string_lines(code)
+    continued = continuation_lines(code)
     for index, line in enumerate(code.splitlines()):
         top = (bool(line.strip()) and not line[0].isspace() and not line.startswith((")", "]", "}"))
-               and index not in in_string)
+               and index not in continued)
         if top and statement:
             if not _kept_statement(statement):
                 statement = []
@@ -91,17 +91,25 @@ def trim_python(code: str) -> str:
     return "\n".join(kept).rstrip() + "\n"
 
 
-def string_lines(code: str) -> set[int]:
-    """Indices (from 0) of the lines that continue a string begun on an earlier line: a multi-line string's
-    inner and closing lines, and every line after one left open at the end. Lines after a tokenizing error
-    (such as an inconsistent dedent) are not examined."""
+def continuation_lines(code: str) -> set[int]:
+    """Indices (from 0) of the lines that continue a statement begun on an earlier line: inside brackets, after
+    a backslash or inside a multi-line string (its inner and closing lines), and every line after a bracket or
+    string left open at the end. Lines after a tokenizing error (such as an inconsistent dedent) are not
+    examined."""
     inside: set[int] = set()
+    first = None  # the row (from 1) of the current statement's first token
     try:
         for token in tokenize.generate_tokens(io.StringIO(code).readline):
-            inside.update(range(token.start[0], token.end[0]))  # rows from 1: those after the token's first
-    except tokenize.TokenError as err:
-        if "string" in str(err.args[0]):  # EOF in multi-line string: it runs to the end
-            inside.update(range(err.args[1][0], len(code.splitlines())))
+            if first is None and token.type not in (tokenize.NL, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT,
+                                                    tokenize.NEWLINE, tokenize.ENDMARKER):
+                first = token.start[0]
+            if first is not None:
+                inside.update(range(first, token.end[0]))  # rows from 1: those after the statement's first
+            if token.type == tokenize.NEWLINE:
+                first = None
+    except tokenize.TokenError as err:  # EOF in a multi-line statement or string: it runs to the end
+        start = first if first is not None else err.args[1][0]
+        inside.update(range(start, len(code.splitlines())))
     except SyntaxError:
         pass
     return inside
