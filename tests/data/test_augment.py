@@ -48,6 +48,21 @@ def test_block_comments_and_one_line_docstrings():
     assert instruction_view(one).prompt == "Return one."
 
 
+def test_code_after_a_closed_block_comment_on_its_line_is_code():
+    """``/* desc */ module top(...);`` counted as a header line of prose: the module header was dropped from the
+    view (with ``comments=True`` the request was answered by the body alone), or there was no view."""
+    body = "  assign out = a & b;\nendmodule\n"
+    one = Example("/* Build an AND gate. */ module top_module(input a, input b, output out);\n", body)
+    for comments in (False, True):
+        view = instruction_view(one, comments=comments)
+        assert view.prompt == "Build an AND gate." and view.response == one.prompt + body
+    two = Example("// Gates.\n\n/* Build\n   an AND gate. */ module top_module(input a, output out);\n", body)
+    view = instruction_view(two)
+    assert view.prompt == "Gates. Build an AND gate."
+    assert view.response == "/* Build\n   an AND gate. */ module top_module(input a, output out);\n" + body
+    assert instruction_view(Example("/* Add. */ // two numbers\n", "x"), comments=True).prompt == "Add."
+
+
 def test_prompts_that_are_already_requests_or_hold_no_prose_have_no_view():
     assert instruction_view(Example("Write a function to add two numbers.", "def add(a, b): return a + b")) is None
     assert instruction_view(Example("How many singers are there?", "SELECT count(*) FROM singer")) is None

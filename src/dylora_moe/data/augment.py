@@ -51,13 +51,21 @@ OPENERS = (("/*", "*/"), ('"""', '"""'), ("'''", "'''"))  # block comments and d
 DOCTEST = re.compile(r"^\s*(>>>|[A-Za-z_]\w*\(.*\)\s*(==|=>|->|➞)\s*\S)")
 
 
+def is_code(text: str) -> bool:
+    """Whether what follows a closed block comment or docstring on its line is code (not blank or a comment)."""
+    text = text.strip()
+    return bool(text) and COMMENT.match(text) is None and not text.startswith("/*")
+
+
 def prose_and_code(prompt: str) -> tuple[list[str], list[str], int]:
     """The prompt's prose lines (comment and docstring text; doctests and the output line after each left
     out), its code lines, and how many of its first lines are prose or blank (the header a completion-style
-    prompt puts before its code). A prompt with no line of code outside its comments and docstrings (MBPP's
-    task in a docstring) has no code lines: its docstring documents no code, it is the request."""
+    prompt puts before its code). A line with code after a block comment closed on it (``/* desc */ module
+    top(...);``) is code, and the comment goes with it. A prompt with no line of code outside its comments and
+    docstrings (MBPP's task in a docstring) has no code lines: its docstring documents no code, it is the
+    request."""
     prose, code, lead = [], [], 0
-    leading, closer, skip_output, proper = True, None, False, False
+    leading, closer, skip_output, proper, opened_at = True, None, False, False, 0
 
     def take(text: str) -> None:
         nonlocal skip_output
@@ -74,6 +82,9 @@ def prose_and_code(prompt: str) -> tuple[list[str], list[str], int]:
         if closer is not None:  # inside a block comment or docstring
             closes = closer in text
             take(text.split(closer)[0] if closes else text)
+            if closes and is_code(text.split(closer, 1)[1]):  # "*/ module top(...);": code after the comment
+                lead = opened_at if leading else lead  # the comment goes with the code, as a docstring does
+                leading, proper = False, True
             closer = None if closes else closer
             if leading:
                 lead += 1
@@ -89,8 +100,10 @@ def prose_and_code(prompt: str) -> tuple[list[str], list[str], int]:
                 take(rest.split(opener[1])[0])
             else:
                 take(rest)
-                closer = opener[1]
+                closer, opened_at = opener[1], lead
             leading = leading and opener[0] == "/*"  # a docstring belongs to the code it documents
+            if closer is None and is_code(rest.split(opener[1], 1)[1]):  # "/* desc */ module top(...);"
+                leading, proper = False, True
         elif comment is not None:  # "#include", "#!" are code: the pattern leaves them out
             take(comment.group(2))
         elif text:
