@@ -148,6 +148,16 @@ def test_recognised_skill_trains_its_expert_and_creates_none(tmp_path):
     assert max(steps) == 3  # consolidation only
 
 
+def test_a_recognised_skill_without_consolidation_steps_trains_nothing(tmp_path):
+    """A recognised skill gets the consolidation phase alone: with ``consolidation_steps=0`` its expert takes no
+    optimizer step (the Trainer, given ``max_steps=0``, would still take one)."""
+    model, learner, _, after_first = run_two_skills(tmp_path, second_recognised=True, consolidation_steps=0)
+    assert not learner.records[1].novelty.is_novel and learner.records[1].train_log == []
+    for n, p in model.backbone.named_parameters():
+        if "lora_" in n:
+            assert torch.equal(p, after_first[n]), n
+
+
 def test_report_files(tmp_path):
     model, learner, _, _ = run_two_skills(tmp_path)
     summary = write_report(tmp_path / "report", learner.records, stream="s", model="tiny",

@@ -315,6 +315,8 @@ class ContinualLearner:
         consolidation_steps = cfg.consolidation_steps
         if steps is not None:
             seed_steps, consolidation_steps = steps
+        if seed_steps + consolidation_steps == 0:  # the Trainer, given max_steps=0, would still take a step
+            return []
         self.model.set_trainable([result.expert_id], router=self.trains_router)
         self.model.train()
         args = TrainingArguments(
