@@ -328,6 +328,21 @@ def test_reference_mixing_reads_the_routing_once_per_forward_not_once_per_expert
     assert reads.count == 1
 
 
+def test_reference_mixing_without_an_expert_is_the_frozen_model():
+    """``force_expert(None)`` under output-level mixing weighs every expert 0: the output is the frozen model's,
+    as in the fused path (the teacher of the KL to the frozen model), not missing logits."""
+    model = grown()
+    model.config.mixing = "reference"
+    inputs = batch()
+    with torch.no_grad():
+        with model.force_expert(None):
+            nothing = model(**inputs, labels=inputs["input_ids"])
+        with model.routing.plain():
+            plain = model.backbone(**inputs, labels=inputs["input_ids"])
+    torch.testing.assert_close(nothing.logits, plain.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nothing.loss, plain.loss, rtol=1e-5, atol=1e-5)
+
+
 def test_a_backbone_folder_given_relative_is_found_again_from_another_directory(tmp_path, monkeypatch):
     """``DyLoRAConfig(model="models/x")`` resolves against the working directory of the build: the saved system
     records the folder absolute, so it loads from anywhere (as the CLI's systems do)."""

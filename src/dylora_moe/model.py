@@ -402,6 +402,10 @@ class DyLoRAMoE(nn.Module):
                                      **positions).logits
             w = w[:, None, None] if w.dim() == 1 else w[..., None]  # broadcast over [B, T, V]
             logits = w * part if logits is None else logits + w * part
+        if logits is None:  # no expert weighed anywhere (``force_expert(None)``): the frozen model's output
+            with self.routing.plain():
+                logits = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                       **positions).logits
         loss = None
         if labels is not None:
             loss = self.backbone.loss_function(logits=logits, labels=labels, vocab_size=self.backbone.config.vocab_size,

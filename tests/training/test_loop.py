@@ -467,10 +467,9 @@ def test_evaluation_runs_only_examples_whose_expert_changed(tmp_path, recognised
     reference = mixing == "reference"  # the spec's baseline: one pass per expert, gate on the frozen final states
     model = build(route_layer=None) if reference else build()
     model.config.mixing = mixing
-    cfg = {"kl_weight": 0.0} if reference else {}  # output-level mixing has no expert-free pass to distil from
     reads = []  # the gate's inputs are read once per step's held-out set, however often it is evaluated
     monkeypatch.setattr(loop, "gate_features", lambda m, d, b: reads.append(len(d)) or gate_features(m, d, b))
-    model, learner, _, _ = run_two_skills(tmp_path, second_recognised=recognised, model=model, **cfg)
+    model, learner, _, _ = run_two_skills(tmp_path, second_recognised=recognised, model=model)
     assert reads == [len(step.eval_set) for step in learner.steps]
     n0, n1 = (len(step.eval_set) for step in learner.steps)
     assert learner.records[-1].routing[0] == {0: 1.0}  # digits' prompts stay with expert 0
