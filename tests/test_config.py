@@ -65,3 +65,23 @@ def test_nan_is_refused_with_the_field_named(make):
     """NaN passes every range check (each comparison is false): refused where the type is checked."""
     with pytest.raises(ValueError, match=r"(RouterConfig.temperature|ExpertConfig.alpha) must be a number, got NaN"):
         make()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(rehearsal_per_skill=0), "rehearsal_per_skill must be >= 1"),
+    (dict(rehearsal_per_skill=-4), "rehearsal_per_skill must be >= 1"),
+    (dict(anchors_per_skill=-1), "anchors_per_skill must be >= 0"),
+    (dict(router_fit_steps=-1), "router_fit_steps must be >= 0"),
+    (dict(rehearsal_weight=-1.0), "rehearsal_weight must be >= 0"),
+    (dict(balance_weight=-0.5), "balance_weight must be >= 0"),
+    (dict(seed_lr=float("inf")), "seed_lr must be > 0 and finite"),
+])
+def test_training_counts_and_weights_out_of_range_are_refused(bad, match):
+    """Values accepted before and failing later: no stored routing example crashed the first step on an empty
+    feature batch, a slice by a negative count dropped examples from the end, a negative weight trained the gate
+    away from the stored rows or towards collapse, an infinite rate made the weights NaN."""
+    from dylora_moe.training.config import TrainingConfig
+
+    with pytest.raises(ValueError, match=match):
+        TrainingConfig(**bad)
+    TrainingConfig(anchors_per_skill=0, router_fit_steps=0, rehearsal_weight=0.0, balance_weight=0.0)  # off

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -131,16 +132,18 @@ class TrainingConfig:
         if self.seed_steps < 0 or self.consolidation_steps < 0 or self.seed_steps + self.consolidation_steps == 0:
             raise ValueError("seed_steps and consolidation_steps must be >= 0 and not both 0")
         for name in ("seed_lr", "consolidation_lr", "router_lr"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "logging_steps"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be > 0 and finite, got {getattr(self, name)}")
+        for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "logging_steps",
+                     "rehearsal_per_skill"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
         if self.router_weight_decay < 0:
             raise ValueError(f"router_weight_decay must be >= 0, got {self.router_weight_decay}")
-        for name in ("kl_weight", "retain_kl_weight", "empty_unlikelihood", "anchor_answers"):
+        for name in ("kl_weight", "retain_kl_weight", "empty_unlikelihood", "anchor_answers", "rehearsal_weight",
+                     "balance_weight", "anchors_per_skill", "router_fit_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if isinstance(self.report_to, str):
