@@ -481,6 +481,22 @@ def test_evaluation_runs_only_examples_whose_expert_changed(tmp_path, recognised
         assert learner.records[-1].losses[0] == learner.records[0].losses[0]
 
 
+def test_a_trained_output_head_scores_every_skill_again(tmp_path):
+    """``trainable_lm_head`` trains the shared head at every step: the loss of an example routed to an untrained
+    expert changes too, and a reused score would be stale."""
+    from dylora_moe import DyLoRAConfig, DyLoRAMoE, ExpertConfig
+    from dylora_moe.training.measure import eval_loss
+    from tests.conftest import char_tokenizer, tiny_llama
+
+    config = DyLoRAConfig(model="tiny", expert=ExpertConfig(rank=4, alpha=8, dropout=0.0), trainable_lm_head=True)
+    model = DyLoRAMoE(tiny_llama(), char_tokenizer(), config)
+    model, learner, _, _ = run_two_skills(tmp_path, model=model, seed_lr=5e-2)
+    assert [r.novelty.is_novel for r in learner.records] == [True, True]
+    for j, step in enumerate(learner.steps):
+        assert learner.records[-1].losses[j] == pytest.approx(eval_loss(model, step.eval_set), abs=1e-5)
+    assert learner.records[-1].losses[0] != learner.records[0].losses[0]  # the head moved under skill 0
+
+
 def drift_on_frozen_answers(tmp_path, answer_tokens):
     """KL(frozen || trained expert) on the tokens of the frozen model's greedy answers to the anchor prompts
     (the positions after each prompt's first answer token), after one skill trained with a strong KL."""

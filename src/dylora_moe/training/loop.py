@@ -408,9 +408,12 @@ class ContinualLearner:
         held-out examples, or ``None`` when no single expert does: once every expert is mature the gate routes
         each sequence top-1, and the loss depends on that expert's weights only (inside the one fused pass, or
         in the one expert pass of output-level mixing, weighted 1). The gate's inputs come from the frozen
-        backbone, so they are computed once per step's held-out set and routed by the current gate each time."""
+        backbone, so they are computed once per step's held-out set and routed by the current gate each time.
+        With ``trainable_lm_head`` the shared head trains at every step, and no expert alone decides a loss."""
         router, config = self.model.router, self.model.config
         if router.strategy != SPARSE or router.top_k != 1 or config.router.granularity != "sequence":
+            return None
+        if config.trainable_lm_head:
             return None
         if j not in self.eval_features:
             self.eval_features[j] = gate_features(self.model, step.eval_set, self.training.eval_batch_size)
