@@ -388,6 +388,26 @@ def test_saved_tensors_that_do_not_fit_the_backbone_name_the_file_and_the_fix(tm
         DyLoRAMoE.from_pretrained(folder, backbone=tiny_llama(), tokenizer=char_tokenizer())
 
 
+@pytest.mark.parametrize("damage", ["no gate weight", "a column too many"])
+def test_a_router_file_that_does_not_match_the_pool_is_refused_at_load(tmp_path, damage):
+    """A router file without its gate, or with a gate, bias and maturity of one pool size that is not the
+    manifest's: named at load (a KeyError, or a system whose gate routes to an expert it does not have)."""
+    from safetensors.torch import load_file, save_file
+
+    model = saved_system(tmp_path)
+    folder = tmp_path / "system"
+    router = load_file(str(folder / "router.safetensors"))
+    n = model.num_experts
+    if damage == "no gate weight":
+        del router["gate.weight"]
+    else:
+        router = {"gate.weight": torch.zeros(n + 1, 32), "gate.bias": torch.zeros(n + 1),
+                  "expert_maturity": torch.ones(n + 1, dtype=torch.long)}
+    save_file(router, str(folder / "router.safetensors"))
+    with pytest.raises(ValueError, match=r"router.safetensors does not fit .*restore the file from a copy"):
+        DyLoRAMoE.from_pretrained(folder, backbone=tiny_llama(), tokenizer=char_tokenizer())
+
+
 def test_a_config_field_of_a_newer_version_names_the_manifest_and_the_upgrade(tmp_path):
     """A system saved by a newer dylora-moe (a config field this version lacks) is refused with the manifest, the
     fields and the way out; one saved by an older version (fields missing) loads with their defaults."""

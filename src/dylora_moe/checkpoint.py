@@ -397,6 +397,8 @@ def _load(cls, path: Path, backbone, tokenizer, overrides: dict):
     router_state = load_tensors(path / "router.safetensors")
     with _fits(path / "router.safetensors", manifest):
         model.router.load_state_dict(router_state)
+        if model.router.num_experts != model.num_experts:
+            raise RuntimeError(f"the gate has {model.router.num_experts} columns for {model.num_experts} experts")
     if model.config.trainable_lm_head:
         head = model.backbone.get_output_embeddings()
         if (path / HEAD).is_file():

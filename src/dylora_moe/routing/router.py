@@ -201,7 +201,8 @@ class DynamicHybridRouter(nn.Module):
         self._mature = [False] * num_experts
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False):
-        n = state_dict["gate.weight"].shape[0]
+        # without a gate weight, the strict load below names the missing key (a KeyError here named nothing)
+        n = state_dict["gate.weight"].shape[0] if "gate.weight" in state_dict else self.num_experts
         if n != self.num_experts:
             self.resize(n)
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
