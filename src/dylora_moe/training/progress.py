@@ -51,6 +51,9 @@ def restore_progress(learner: ContinualLearner, path: str | Path) -> int:
     if state["stream"] != learner.stream.name or state["skills"][: len(names)] != names[: len(state["skills"])]:
         raise ValueError(f"{path} holds progress of stream {state['stream']!r} with skills {state['skills']}, "
                          f"not of {learner.stream.name!r} with {names}: resume with the same stream file")
+    if state["completed"] > len(names):  # the stream may grow after a checkpoint, never lose a completed step
+        raise ValueError(f"{path} holds {state['completed']} completed steps but the stream has {len(names)} "
+                         f"skill(s) ({names}): resume with the stream file the run was started with")
     learner.records = [record_from_dict(r) for r in state["records"]]
     learner.merges = {int(k): v for k, v in state.get("merges", {}).items()}
     learner.memory.load_tensors(load_tensors(path / MEMORY))
