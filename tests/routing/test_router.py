@@ -110,6 +110,19 @@ def test_fit_gate_learns_labelled_features_and_keeps_old_classes():
         fit_gate(r, feats, labels[:5])
 
 
+def test_fit_gate_of_no_steps_returns_no_losses_and_keeps_the_gate():
+    from dylora_moe.routing.fit import fit_gate
+
+    r = router_with(3)
+    before = {k: v.clone() for k, v in r.gate.state_dict().items()}
+    feats, labels = torch.randn(6, 16) + 50.0, torch.tensor([0, 1, 2, 0, 1, 2])
+    assert fit_gate(r, feats, labels, steps=0) == []
+    for k, v in r.gate.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(ValueError, match="steps must be >= 0"):
+        fit_gate(r, feats, labels, steps=-1)
+
+
 @pytest.mark.parametrize("offset", [0.0, 50.0, 500.0])
 def test_fit_gate_copes_with_features_far_from_the_origin(offset):
     # A fresh column's random weights times a large common offset gave logits of hundreds: a warm start that

@@ -25,17 +25,21 @@ def fit_gate(router: DynamicHybridRouter, features: Tensor, columns: Tensor, *, 
     """Minimise cross-entropy between ``gate(features) / temperature`` [N, E] and the targets: expert
     ``columns`` [N] (int), or target distributions [N, E] (float rows summing to 1, multi-label).
 
-    Returns the loss per step. Only the gate's parameters change. The fit starts from the gate as it is,
-    unless that fits the targets worse than the uniform gate (zero weights): a freshly initialised column's
-    random weights on features far from the origin give logits of hundreds, which Adam's steps of ``lr``
-    cannot undo in ``steps``.
+    Returns the loss per step (none, and the gate unchanged, for ``steps=0``). Only the gate's parameters
+    change. The fit starts from the gate as it is, unless that fits the targets worse than the uniform gate
+    (zero weights): a freshly initialised column's random weights on features far from the origin give logits
+    of hundreds, which Adam's steps of ``lr`` cannot undo in ``steps``.
     """
     if features.shape[0] != columns.shape[0] or features.shape[0] == 0:
         raise ValueError(f"need one target column per feature row, got {features.shape[0]} and {columns.shape[0]}")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
     gate = router.gate
     dtype = torch.promote_types(gate.weight.dtype, torch.float32)  # a bf16 gate is fitted in fp32
     features = features.to(gate.weight.device, dtype)
     columns = check_targets(columns, router.num_experts).to(gate.weight.device)
+    if steps == 0:  # no fit: the gate as it is (the uniform restart below is part of a fit)
+        return []
     # Standardising makes one learning rate work for hidden states of any scale; folded back afterwards.
     mean, std = features.mean(0), features.std(0).clamp(min=1e-6) if features.shape[0] > 1 else 1.0
     x = (features - mean) / std
