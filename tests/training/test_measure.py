@@ -55,3 +55,18 @@ def test_gate_features_keep_the_datasets_order(model):
     for k in range(len(examples)):
         alone = gate_features(model, data.select([k]), batch_size=1)
         torch.testing.assert_close(features[k], alone[0], rtol=1e-4, atol=1e-5)
+
+
+def test_token_losses_give_back_training_mode_when_a_batch_fails(model, monkeypatch):
+    """A failing forward (out of memory, an interrupt) leaves the model in the mode it was in: a learner that
+    catches the error and trains on must not train with dropout off."""
+    data = build_dataset(model.tokenizer, [Example("ab=", "cd")], max_length=64, chat=False)
+    model.train()
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(model, "forward", fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        token_losses(model, data)
+    assert model.training

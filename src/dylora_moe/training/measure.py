@@ -39,19 +39,21 @@ def token_losses(model: DyLoRAMoE, dataset: datasets.Dataset, batch_size: int = 
     rows: list[torch.Tensor | None] = [None] * len(dataset)
     was_training = model.training
     model.eval()
-    for indices in length_batches(dataset, batch_size):
-        batch = collate([dataset[k] for k in indices])
-        batch = {k: v.to(model.device) for k, v in batch.items()}
-        # The labels mark the prompt, so each sequence is routed as generation routes it (on its prompt).
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       labels=batch["labels"]).logits
-        labels = batch["labels"][:, 1:]  # [B, T-1]
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=-100, reduction="none")  # [B, T-1]
-        losses, keep = losses.cpu(), (labels != -100).cpu()  # one transfer per batch
-        for k, row, kept in zip(indices, losses, keep, strict=True):
-            rows[k] = row[kept]
-    model.train(was_training)
+    try:
+        for indices in length_batches(dataset, batch_size):
+            batch = collate([dataset[k] for k in indices])
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            # The labels mark the prompt, so each sequence is routed as generation routes it (on its prompt).
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           labels=batch["labels"]).logits
+            labels = batch["labels"][:, 1:]  # [B, T-1]
+            losses = torch.nn.functional.cross_entropy(
+                logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=-100, reduction="none")  # [B, T-1]
+            losses, keep = losses.cpu(), (labels != -100).cpu()  # one transfer per batch
+            for k, row, kept in zip(indices, losses, keep, strict=True):
+                rows[k] = row[kept]
+    finally:  # a failed batch (out of memory, an interrupt) leaves the model in the mode it was in
+        model.train(was_training)
     return rows
 
 
