@@ -89,9 +89,13 @@ def test_bad_checkpoints_fail_clearly_and_change_nothing(tmp_path):
     with pytest.raises(FileNotFoundError, match="incomplete"):
         load()
     weights.write_bytes(good)
-    # a JSON file cut short or a manifest missing its fields: named, with the way out
+    manifest = json.loads(original)
+    no_rank = {**manifest, "ranks": {k: v for k, v in manifest["ranks"].items() if k != "1"}}
+    # a JSON file cut short, a manifest missing its fields or an expert's rank: named, with the way out
     for name, text, message in (("dylora.json", "{", r"dylora.json is corrupt"),
                                 ("dylora.json", json.dumps({"format_version": 1}), "not a complete manifest"),
+                                ("dylora.json", json.dumps(no_rank),
+                                 r"dylora.json does not fit .*expert\(s\) 1\b.*restore the file from a copy"),
                                 ("library.json", "[1,", r"library.json is corrupt"),
                                 ("experts/expert_1/adapter_config.json", "{", r"adapter_config.json is corrupt")):
         before = (folder / name).read_text()

@@ -343,6 +343,10 @@ def read_manifest(path: str | Path) -> dict:
     if version != FORMAT_VERSION:
         raise ValueError(f"{path} has format version {version}; this dylora-moe reads version {FORMAT_VERSION}: "
                          "upgrade dylora-moe to load it")
+    unranked = [str(e) for e in data["expert_ids"] if str(e) not in data["ranks"]]
+    if unranked:
+        raise ValueError(f"{manifest} does not fit its experts (no rank for expert(s) {', '.join(unranked)}): it "
+                         "is corrupt; restore the file from a copy")
     return data
 
 
