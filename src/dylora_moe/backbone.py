@@ -238,9 +238,17 @@ def freeze(model: nn.Module) -> None:
 class TrainableHead(nn.Linear):
     """The untied output head: float32 weights (an optimizer's updates to a half-precision head round away, and
     fp16 training cannot unscale half-precision gradients); hidden states are cast to them, so the logits are
-    float32."""
+    float32. While ``frozen`` is set it gives the logits of the head it replaced (``untie_lm_head``): the frozen
+    model's, which the KL to the frozen model and its anchor answers are taken from."""
+
+    frozen = False
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.frozen:
+            original = self.__dict__["original"]
+            weight = original.weight.to(hidden.device)
+            bias = None if original.bias is None else original.bias.to(hidden.device)
+            return nn.functional.linear(hidden.to(weight.dtype), weight, bias)
         return super().forward(hidden.to(self.weight.dtype))
 
 
@@ -259,6 +267,9 @@ def untie_lm_head(model: PreTrainedModel) -> nn.Linear:
         if old.bias is not None:
             head.bias.copy_(old.bias)
     model.set_output_embeddings(head)
+    # The head it replaces, outside the module tree (neither trained, saved nor synchronised across processes;
+    # when tied, the embeddings' own weight): the frozen model's head, for ``TrainableHead.frozen``.
+    head.__dict__["original"] = old
     model.config.tie_word_embeddings = False
     head.weight.requires_grad_(True)
     return head

@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import generation
-from .backbone import absolute_if_local, load_backbone, untie_lm_head
+from .backbone import TrainableHead, absolute_if_local, load_backbone, untie_lm_head
 from .checkpoint import load_pretrained, save_pretrained
 from .config import DyLoRAConfig
 from .data.preprocess import bos_prefix
@@ -225,6 +225,21 @@ class DyLoRAMoE(nn.Module):
         expert at all (the frozen model's output, through the same path)."""
         with self.routing.force(NO_EXPERT if expert_id is None else self.column(expert_id)):
             yield
+
+    @contextlib.contextmanager
+    def frozen_head(self) -> Iterator[None]:
+        """With ``trainable_lm_head``: the backbone's own output head in place of the trained one, so that a pass
+        under ``force_expert(None)`` gives the frozen model's logits (``TrainableHead``). Otherwise nothing
+        changes: the head is the backbone's, frozen."""
+        head = self.backbone.get_output_embeddings()
+        if not isinstance(head, TrainableHead):
+            yield
+            return
+        outer, head.frozen = head.frozen, True
+        try:
+            yield
+        finally:
+            head.frozen = outer
 
     # ------------------------------------------------------------------ skills
     @torch.no_grad()

@@ -194,3 +194,44 @@ def test_anchor_batches_are_slices_of_one_copy_on_the_device(size, monkeypatch):
             anchors.batch(step, size)
             anchors.request_ends(step, size)
     assert built == [] and copies.count == 0
+
+
+def test_with_a_trained_output_head_the_frozen_teacher_keeps_the_backbones_head():
+    """With ``trainable_lm_head`` the head trains with the experts; the KL's teacher and the anchors' frozen
+    answers are still the frozen model's, its own head included (the trained head would make the KL pull the
+    expert towards a target that moves with it)."""
+    from dylora_moe import DyLoRAConfig, DyLoRAMoE, ExpertConfig
+    from dylora_moe.training.distill import Anchors, kl_on_anchors
+    from tests.conftest import char_tokenizer, randomise_experts, tiny_llama
+
+    config = DyLoRAConfig(model="tiny", expert=ExpertConfig(rank=4, alpha=8, dropout=0.0), trainable_lm_head=True)
+    model = DyLoRAMoE(tiny_llama(), char_tokenizer(), config)
+    model.create_expert()
+    randomise_experts(model)
+    head = model.backbone.get_output_embeddings()
+    with torch.no_grad():  # as training moves it
+        head.weight.add_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(1)))
+    frozen = tiny_llama()
+    anchors = Anchors(model.tokenizer, ["ab", "hello wor", "x+y="], expert_id=0, max_length=36)
+    ids, mask = anchors.batch(0, 3)
+    with torch.no_grad():
+        teacher = frozen(input_ids=ids, attention_mask=mask).logits
+    kl, logits = kl_on_anchors(model, ids, mask, 0)
+    torch.testing.assert_close(kl, kl_to_frozen(logits, teacher, mask))
+    prompts = [list(r) for r in anchors.ids]
+    anchors.answer_with_frozen(model, 6, batch_size=2)
+    eos = model.tokenizer.eos_token_id
+    with torch.no_grad():
+        for prompt, row in zip(prompts, anchors.ids, strict=True):
+            out = []
+            for _ in range(6):
+                token = int(frozen(input_ids=torch.tensor([prompt + out])).logits[0, -1].argmax())
+                if token == eos:
+                    break
+                out.append(token)
+            assert row == prompt + out
+    # outside the teacher's passes the trained head is the one that counts
+    with torch.no_grad(), model.force_expert(None):
+        trained = model(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(trained, teacher)
+    assert head.weight.requires_grad

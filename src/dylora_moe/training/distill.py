@@ -67,10 +67,11 @@ def kl_to_frozen(logits: Tensor, frozen_logits: Tensor, mask: Tensor, positions:
 def kl_on_anchors(model: DyLoRAMoE, ids: Tensor, mask: Tensor, expert_id: int,
                   positions: int | None = None) -> tuple[Tensor, Tensor]:
     """KL(frozen || ``model`` with ``expert_id`` forced) on anchor prompts ids, mask [B, T], and the expert's
-    logits [B, T, V]. The frozen logits come from the same backbone with no expert, without gradient; the expert
+    logits [B, T, V]. The frozen logits come from the same backbone with no expert (and, with
+    ``trainable_lm_head``, the backbone's own head: ``frozen_head``), without gradient; the expert
     is forced (the gate is not asked), so the anchors cost one pass of the frozen model and one of the expert
     whatever the pool's size. ``positions``: as in ``kl_to_frozen``."""
-    with torch.no_grad(), model.force_expert(None):
+    with torch.no_grad(), model.force_expert(None), model.frozen_head():
         frozen = model(input_ids=ids, attention_mask=mask).logits
     with model.force_expert(expert_id):
         logits = model(input_ids=ids, attention_mask=mask).logits
@@ -217,7 +218,7 @@ class Anchors:
         for start in range(0, len(missing), batch_size):
             chunk = missing[start : start + batch_size]
             input_ids, mask = left_pad([self.ids[r] for r in chunk], pad)
-            with model.force_expert(None):
+            with model.force_expert(None), model.frozen_head():
                 out = generate(model, input_ids.to(model.device), mask.to(model.device), do_sample=False,
                                max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=self.eos_id)
             for r, answer in zip(chunk, out[:, input_ids.shape[1]:].tolist(), strict=True):
