@@ -152,3 +152,38 @@ def test_grad_accumulation_gives_the_balance_loss_of_one_large_batch(tmp_path, g
     for a, b in zip(small, big, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-7)
     assert abs(small_loss - big_loss) < 1e-5
+
+
+@pytest.mark.parametrize("logging_steps", [1, 2])
+def test_the_trainers_own_evaluation_keeps_its_losses_out_of_the_training_logs(tmp_path, logging_steps):
+    """The Trainer's evaluation loop calls ``compute_loss`` too, and logs its metrics: its passes must not be
+    counted in the logged training terms, nor the training terms logged so far be logged as its metrics (and
+    so be missing from the next training log, when it evaluates between two)."""
+
+    def logs(evaluate: bool) -> list[dict]:
+        model = build()
+        model.create_expert()
+        randomise_experts(model)
+        model.set_trainable([0], router=True)
+        model.train()
+        memory = RoutingMemory()
+        memory.add(0, 0, torch.randn(6, 32, generator=torch.Generator().manual_seed(0)))
+        args = TrainingArguments(output_dir=str(tmp_path / str(evaluate)), max_steps=2, per_device_train_batch_size=2,
+                                 learning_rate=1e-2, report_to=[], logging_steps=logging_steps, save_strategy="no",
+                                 eval_strategy="steps" if evaluate else "no", eval_steps=1,
+                                 per_device_eval_batch_size=2, remove_unused_columns=False, use_cpu=True,
+                                 seed=0, data_seed=0, disable_tqdm=True)
+        trainer = DyLoRATrainer(model=model, args=args, train_dataset=examples(), data_collator=collator(model),
+                                eval_dataset=examples() if evaluate else None,
+                                training=TrainingConfig(kl_weight=0.0), seed_steps=1, memory=memory)
+        trainer.train()
+        return trainer.state.log_history
+
+    plain, evaluated = logs(False), logs(True)
+    train = [e for e in evaluated if "loss" in e]
+    assert [e["step"] for e in train] == list(range(logging_steps, 3, logging_steps))
+    for a, b in zip((e for e in plain if "loss" in e), train, strict=True):
+        for name in ("task_loss", "rehearsal_loss"):
+            assert abs(a[name] - b[name]) < 1e-6, (name, a[name], b[name])
+    evals = [e for e in evaluated if "eval_loss" in e]
+    assert len(evals) == 2 and not any("task_loss" in e or "rehearsal_loss" in e for e in evals)

@@ -61,6 +61,7 @@ class DyLoRATrainer(Trainer):
         self._extra: dict[str, torch.Tensor] = {}  # per loss term: its sum over the steps since the last log
         self._balance: tuple[torch.Tensor, torch.Tensor] | None = None  # the step's top-1 shares [E] and decisions
         self._logged_step = 0
+        self._evaluating = False  # inside ``evaluate``: its log holds its metrics, not the training terms
 
     def _core(self):
         return self.accelerator.unwrap_model(self.model)
@@ -111,11 +112,14 @@ class DyLoRATrainer(Trainer):
         if scaled and self.args.average_tokens_across_devices:
             # ``num_items_in_batch`` then counts every process's tokens, while DDP averages the gradients.
             loss = loss * self.accelerator.num_processes
-        self._note("task_loss", loss, 1.0 if scaled else 1.0 / steps)
+        # an evaluation pass (the Trainer's eval loop) is not part of the training terms ``log`` reports
+        if model.training:
+            self._note("task_loss", loss, 1.0 if scaled else 1.0 / steps)
         if outputs.rehearsal_loss is not None:
             loss = loss + share * self.training.rehearsal_weight * outputs.rehearsal_loss
-            self._note("rehearsal_loss", outputs.rehearsal_loss, 1.0 / steps)
-        if not model.training:  # an evaluation pass (the Trainer's eval loop): the task's loss alone
+            if model.training:
+                self._note("rehearsal_loss", outputs.rehearsal_loss, 1.0 / steps)
+        if not model.training:  # an evaluation pass: the task's loss alone
             return (loss, outputs) if return_outputs else loss
         index = self.anchor_index()
         if self.training.kl_weight > 0 and self.anchors is not None:
@@ -233,12 +237,22 @@ class DyLoRATrainer(Trainer):
         part = value.detach().float() * share
         self._extra[name] = part if name not in self._extra else self._extra[name] + part
 
+    def evaluate(self, *args, **kwargs):
+        """The Trainer's evaluation; its metrics are logged without the training terms, which stay for the next
+        training log."""
+        self._evaluating = True
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self._evaluating = False
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        steps = max(self.state.global_step - self._logged_step, 1)
-        for name, total in self._extra.items():
-            logs[name] = float(total) / steps
-        self._extra = {}
-        self._logged_step = self.state.global_step
+        if not self._evaluating:
+            steps = max(self.state.global_step - self._logged_step, 1)
+            for name, total in self._extra.items():
+                logs[name] = float(total) / steps
+            self._extra = {}
+            self._logged_step = self.state.global_step
         super().log(logs, *args, **kwargs)
 
 
