@@ -29,7 +29,8 @@ def save_progress(learner: ContinualLearner, path: str | Path) -> Path:
     def extra(folder: Path) -> None:
         state = {"stream": learner.stream.name, "skills": [s.name for s in learner.skills],
                  "completed": len(learner.records), "records": [asdict(r) for r in learner.records],
-                 "merges": {str(k): v for k, v in learner.merges.items()}}
+                 "merges": {str(k): v for k, v in learner.merges.items()},
+                 "examples_evaluated": learner.examples_evaluated}
         save_file(learner.memory.tensors() or {}, str(folder / MEMORY))
         (folder / PROGRESS).write_text(json.dumps(state, indent=2, default=str), encoding="utf-8")
 
@@ -56,6 +57,10 @@ def restore_progress(learner: ContinualLearner, path: str | Path) -> int:
                          f"skill(s) ({names}): resume with the stream file the run was started with")
     learner.records = [record_from_dict(r) for r in state["records"]]
     learner.merges = {int(k): v for k, v in state.get("merges", {}).items()}
+    # The cost counter goes on from the checkpoint. The scores evaluation may reuse are not kept: the experts of
+    # a paused run's folder may be trained meanwhile under the same ids (a recognised upload to a server), so
+    # every example is scored again at the first evaluation after a resume.
+    learner.examples_evaluated = state.get("examples_evaluated", 0)
     learner.memory.load_tensors(load_tensors(path / MEMORY))
     learner.steps = [learner.prepare(skill) for skill in learner.skills[: state["completed"]]]
     return state["completed"]
