@@ -8,6 +8,7 @@ import json
 import time
 
 import httpx
+import pytest
 
 from tests.serving.conftest import AUTH, MODEL
 from tests.serving.test_errors import error_of
@@ -164,9 +165,12 @@ def test_a_full_generation_queue_answers_429_with_retry_after(tmp_path):
             f.result(timeout=60)
 
 
-def test_a_client_that_leaves_cancels_its_waiting_completion(client):
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_cancels_its_waiting_completion(client, stream):
+    """A plain completion, or a stream before its first event: the request can only wait (the system is locked),
+    and without cancellation the call would not return."""
     app, engine = client.app, client.app.state.engine
-    body = json.dumps({"model": MODEL, "prompt": "1+1=", "max_tokens": 4}).encode()
+    body = json.dumps({"model": MODEL, "prompt": "1+1=", "max_tokens": 4, "stream": stream}).encode()
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
              "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
              "scheme": "http", "server": ("test", 80), "client": ("test", 1),
@@ -180,7 +184,7 @@ def test_a_client_that_leaves_cancels_its_waiting_completion(client):
     async def send(message):
         sent.append(message)
 
-    with engine.system.lock:  # the request can only wait: without cancellation the call would not return
+    with engine.system.lock:
         asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout=10))
     status = next(m["status"] for m in sent if m["type"] == "http.response.start")
     assert status == 499
@@ -235,28 +239,6 @@ def test_a_chunked_body_that_never_completes_gets_408_not_a_server_error(run_dir
             assert json.loads(reply.split("\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
         metrics = httpx.get(server.url + "/metrics").text
         assert 'dylora_errors_total{kind="internal_error"' not in metrics
-
-
-def test_a_client_that_leaves_before_its_stream_starts_cancels_it(client):
-    app, engine = client.app, client.app.state.engine
-    body = json.dumps({"model": MODEL, "prompt": "1+1=", "max_tokens": 4, "stream": True}).encode()
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
-             "scheme": "http", "server": ("test", 80), "client": ("test", 1),
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
-    messages = iter([{"type": "http.request", "body": body, "more_body": False}])
-    sent = []
-
-    async def receive():
-        return next(messages, {"type": "http.disconnect"})  # then the client is gone
-
-    async def send(message):
-        sent.append(message)
-
-    with engine.system.lock:  # the stream can only wait in the queue: nobody would ever read its events
-        asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout=10))
-    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
-    assert status == 499
 
 
 def send_raw(app, headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[int, dict]:
