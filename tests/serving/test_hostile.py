@@ -90,23 +90,28 @@ def test_job_status_needs_the_key(client):
         "invalid_api_key"
 
 
-def test_a_client_that_leaves_while_sending_its_body_is_no_server_error(client):
-    app = client.app
+def asgi_post(app, headers: list[tuple[bytes, bytes]], messages: list[dict]) -> list[dict]:
+    """What the app sends back to a POST /v1/completions with exactly these headers (after the JSON content
+    type) whose body arrives as ``messages``; then the client is gone (``http.disconnect``)."""
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
              "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
              "scheme": "http", "server": ("test", 80), "client": ("test", 1),
-             "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")]}
-    messages = iter([{"type": "http.request", "body": b'{"model": "dylora', "more_body": True},
-                     {"type": "http.disconnect"}])
-    sent = []
+             "headers": [(b"content-type", b"application/json"), *headers]}
+    queued, sent = iter(messages), []
 
     async def receive():
-        return next(messages, {"type": "http.disconnect"})
+        return next(queued, {"type": "http.disconnect"})
 
     async def send(message):
         sent.append(message)
 
-    asyncio.run(app(scope, receive, send))
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout=10))
+    return sent
+
+
+def test_a_client_that_leaves_while_sending_its_body_is_no_server_error(client):
+    sent = asgi_post(client.app, [(b"content-length", b"100")],
+                     [{"type": "http.request", "body": b'{"model": "dylora', "more_body": True}])
     status = next((m["status"] for m in sent if m["type"] == "http.response.start"), None)
     assert status is None or status < 500
     assert 'kind="internal_error"' not in client.get("/metrics").text
@@ -169,23 +174,10 @@ def test_a_full_generation_queue_answers_429_with_retry_after(tmp_path):
 def test_a_client_that_leaves_cancels_its_waiting_completion(client, stream):
     """A plain completion, or a stream before its first event: the request can only wait (the system is locked),
     and without cancellation the call would not return."""
-    app, engine = client.app, client.app.state.engine
     body = json.dumps({"model": MODEL, "prompt": "1+1=", "max_tokens": 4, "stream": stream}).encode()
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
-             "scheme": "http", "server": ("test", 80), "client": ("test", 1),
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
-    messages = iter([{"type": "http.request", "body": body, "more_body": False}])
-    sent = []
-
-    async def receive():
-        return next(messages, {"type": "http.disconnect"})  # then the client is gone
-
-    async def send(message):
-        sent.append(message)
-
-    with engine.system.lock:
-        asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout=10))
+    with client.app.state.engine.system.lock:
+        sent = asgi_post(client.app, [(b"content-length", str(len(body)).encode())],
+                         [{"type": "http.request", "body": body, "more_body": False}])
     status = next(m["status"] for m in sent if m["type"] == "http.response.start")
     assert status == 499
 
@@ -243,20 +235,7 @@ def test_a_chunked_body_that_never_completes_gets_408_not_a_server_error(run_dir
 
 def send_raw(app, headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[int, dict]:
     """The status and JSON answer of the app to a POST /v1/completions with exactly these headers."""
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
-             "scheme": "http", "server": ("test", 80), "client": ("test", 1),
-             "headers": [(b"content-type", b"application/json"), *headers]}
-    messages = iter([{"type": "http.request", "body": body, "more_body": False}])
-    sent = []
-
-    async def receive():
-        return next(messages, {"type": "http.disconnect"})
-
-    async def send(message):
-        sent.append(message)
-
-    asyncio.run(app(scope, receive, send))
+    sent = asgi_post(app, headers, [{"type": "http.request", "body": body, "more_body": False}])
     status = next(m["status"] for m in sent if m["type"] == "http.response.start")
     return status, json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
 
