@@ -18,6 +18,7 @@ from dylora_moe.evaluation.freeform import (
     FreeformSet,
     FrozenAnswers,
     as_asked,
+    check_exact,
     check_humaneval_request,
     check_mbpp_request,
     evaluate_set,
@@ -110,7 +111,9 @@ def test_humaneval_x_requests_are_asked_in_the_skills_language(tmp_path):
 
 
 def test_nl2bash_and_spider_requests():
-    assert nl2bash_request(Example("# Lists all files.\n", "ls -a\n")).prompt == "How do I lists all files in bash?"
+    request = nl2bash_request(Example("# Lists all files.\n", "ls -a\n", {"language": "bash"}))
+    assert request.prompt == "How do I lists all files in bash?"
+    assert check_exact(request, "```python\nimport os\n```\nIn bash:\n```bash\nls -a\n```")  # the bash block
     spider = Example("-- database: pets\n-- Pets(id, name)\n-- question: How many pets are there?\n",
                      "SELECT count(*) FROM Pets;\n", {"db": "pets"})
     assert spider_request(spider).prompt == ("The database pets has the tables Pets(id, name). Write an SQL query: "

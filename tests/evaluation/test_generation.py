@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
+from dylora_moe.data import sources
 from dylora_moe.data.sources import Example, humaneval
 from dylora_moe.data.stream import SkillSpec
 from dylora_moe.evaluation.generation import (
@@ -17,6 +20,7 @@ from dylora_moe.evaluation.generation import (
     extract_code,
     first_statement,
     javascript_program,
+    normalise,
     score_examples,
     trim_python,
 )
@@ -25,6 +29,7 @@ from tests.conftest import build
 JS_PROMPT = "/* Add two numbers.\n>>> add(2, 3)\n5\n*/\nconst add = (x, y) => {\n"
 JS_TEST = ("const testAdd = () => {\n  console.assert(add(2, 3) === 5)\n  console.assert(add(0, 0) === 0)\n}\n"
            "testAdd()\n")
+DATA_DIR = Path(os.environ.get("DYLORA_DATA_DIR", Path(__file__).resolve().parents[3] / "shared" / "data"))
 MBPP = Example('"""Write a function to square a number.\nassert square(3) == 9\n"""\n',
                "def square(x):\n    return x * x\n",
                {"test_list": ["assert square(3) == 9", "assert square(-2) == 4"], "test_setup_code": ""})
@@ -197,3 +202,32 @@ def test_extract_code_reads_a_spaced_tag_and_prefers_the_language_asked_for():
     assert extract_code(install, "python") == "import numpy\n"
     assert extract_code(install) == "pip install numpy\n"  # no language asked: the first block
     assert extract_code("```\nx = 1\n```\n```js\nlet a\n```", "javascript") == "x = 1\n"  # untagged counts
+
+
+def test_sql_and_exact_match_checkers_read_the_block_of_their_language():
+    """first_statement and exact_match took the first fenced block whatever its tag: a Python block before the
+    SQL (or a shell, Verilog) one was scored instead of the answer."""
+    sql = "```python\nimport sqlite3\nconn.execute(query)\n```\nThe query:\n```SQL\nSELECT count(*) FROM singer;\n```"
+    assert first_statement(sql) == "SELECT count(*) FROM singer"
+    assert first_statement("```python\nx = 1;\n```") == "x = 1"  # no SQL block: the first, as before
+    shell = Example("# list files\n", "ls -la\n", {"language": "bash"})
+    assert exact_match(shell, "```python\nimport os\n```\nIn a shell:\n```sh\nls   -la\n```")
+    assert not exact_match(shell, "```python\nls -la\n```\n```sh\nls\n```")
+    verilog = Example("module top_module(input a, output b);\n", "assign b = a;\n", {"language": "verilog"})
+    assert exact_match(verilog, "```python\nb = a\n```\n```verilog\nassign b = a;\nendmodule\n```")
+
+
+def test_benchmark_references_extract_as_they_are_in_their_language():
+    """A reference (HumanEval, VerilogEval and, with the data directory, MBPP, HumanEval-X, Spider, NL2Bash)
+    extracts to itself whether or not its language is asked for."""
+    sets = [humaneval(), sources.verilogeval("Human"), sources.verilogeval("Machine")]
+    if DATA_DIR.is_dir():
+        sets += [sources.mbpp(DATA_DIR), sources.spider(DATA_DIR), sources.nl2bash(DATA_DIR),
+                 *(sources.humaneval_x(DATA_DIR, language) for language in sources.HUMANEVAL_X_LANGUAGES)]
+    for examples in sets:
+        for e in examples:
+            language = e.meta["language"]
+            assert extract_code(e.response, language) == extract_code(e.response) == e.response, e.meta
+            assert normalise(e.response, language) == normalise(e.response)
+            if language == "sql":
+                assert first_statement(e.response) == e.response.strip().rstrip(";")

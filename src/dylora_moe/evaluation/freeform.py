@@ -163,7 +163,7 @@ def nl2bash_request(example: Example) -> Example:
 
 
 def check_exact(example: Example, completion: str) -> bool:
-    return normalise(completion) == normalise(example.response)
+    return normalise(completion, example.meta.get("language")) == normalise(example.response)
 
 
 def _outside(examples: Sequence[Example], seen: set[str], limit: int, *, from_end: bool = True) -> list[Example]:

@@ -26,8 +26,10 @@ from .rouge import rouge_l_example
 from .sql import execution_match, mysql_dump_to_sqlite
 
 FENCE = re.compile(r"```[ \t]*([\w+#-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
-FENCE_TAGS = {"python": {"python", "py", "python3"}, "javascript": {"javascript", "js", "node"},
-              "sql": {"sql", "sqlite", "mysql"}}
+# Fence tags naming one language; a language asked by any of its names (a source's ``meta["language"]``: js,
+# bash, ...) prefers a block tagged with any of them.
+FENCE_TAGS = ({"python", "py", "python3"}, {"javascript", "js", "node"}, {"sql", "sqlite", "mysql"},
+              {"bash", "sh", "shell", "zsh"}, {"verilog", "v", "systemverilog", "sv"}, {"cpp", "c++"}, {"java"})
 KEEP_TOP_LEVEL = ("def ", "class ", "import ", "from ", "@", "#", "async def ")
 STRING_START = ('"', "'", 'r"', "r'", 'b"', "b'", 'f"', "f'")
 # SQL text up to its first semicolon outside quotes ('' inside a literal is a quote); an unclosed quote is text
@@ -59,11 +61,12 @@ class GenerationScore:
 def extract_code(completion: str, language: str | None = None) -> str:
     """A completion's fenced code block when it has one (the first tagged ``language`` or untagged, when
     ``language`` is given and such a block exists; else the first), otherwise the completion itself. The tag may
-    follow the fence after spaces (```` ``` python ````)."""
+    follow the fence after spaces (```` ``` python ````) and names the language in any case or alias (``FENCE_TAGS``:
+    ``JS``, ``sh``)."""
     blocks = [(m.group(1).lower(), m.group(2)) for m in FENCE.finditer(completion)]
     if not blocks:
         return completion
-    tags = FENCE_TAGS.get(language or "", {language} if language else set())
+    tags = next((names for names in FENCE_TAGS if language in names), {language})
     return next((code for tag, code in blocks if language and (tag in tags or not tag)), blocks[0][1])
 
 
@@ -174,17 +177,19 @@ def check_javascript_example(example: Example, completion: str) -> bool:
 
 def first_statement(completion: str) -> str:
     """A SQL completion's first statement: up to its first semicolon outside a quoted string (``'a;b'`` is a
-    value, not the end of the query)."""
-    return STATEMENT.match(extract_code(completion).strip()).group().strip()
+    value, not the end of the query), from its SQL block when it has several (``extract_code``)."""
+    return STATEMENT.match(extract_code(completion, "sql").strip()).group().strip()
 
 
-def normalise(text: str) -> str:
-    lines = [line for line in extract_code(text).strip().splitlines() if line.strip()]
+def normalise(text: str, language: str | None = None) -> str:
+    lines = [line for line in extract_code(text, language).strip().splitlines() if line.strip()]
     return " ".join(lines[0].split()) if lines else ""
 
 
 def exact_match(example: Example, completion: str) -> bool:
-    return normalise(completion) == normalise(example.response)
+    """The completion's first line (from its block in the example's language, ``meta["language"]``, when it has
+    several) against the reference's."""
+    return normalise(completion, example.meta.get("language")) == normalise(example.response)
 
 
 def sql_checker(data_dir: str | Path, cache: str | Path) -> Checker:
