@@ -245,6 +245,33 @@ def test_a_save_rewrites_only_the_experts_that_changed(tmp_path):
     torch.testing.assert_close(next(again.experts.parameters(0)), next(loaded.experts.parameters(0)))
 
 
+def test_a_save_leaves_offloaded_experts_offloaded_and_writes_the_same_files(tmp_path):
+    """A save brought every offloaded expert back to write it and left it there: one save undid the offloading
+    of the whole pool."""
+    model = build()
+    model.experts.config.offload_device = "cpu"
+    for _ in range(3):
+        model.create_expert()
+    randomise_experts(model)
+    model.experts.onload(model.experts.expert_ids)
+    model.save_pretrained(tmp_path / "resident")
+    model.experts.offload([0, 2])
+    model.save_pretrained(tmp_path / "offloaded")
+    assert [model.experts.is_resident(e) for e in (0, 1, 2)] == [False, True, False]
+    assert all(p.device.type == "meta" for e in (0, 2) for p in model.experts.parameters(e))
+    files = sorted(f.relative_to(tmp_path / "resident") for f in (tmp_path / "resident").rglob("*") if f.is_file())
+    assert files == sorted(f.relative_to(tmp_path / "offloaded") for f in (tmp_path / "offloaded").rglob("*")
+                           if f.is_file())
+    for f in files:
+        assert (tmp_path / "offloaded" / f).read_bytes() == (tmp_path / "resident" / f).read_bytes(), f
+    loaded = DyLoRAMoE.from_pretrained(tmp_path / "offloaded", backbone=tiny_llama(), tokenizer=char_tokenizer())
+    model.experts.onload(model.experts.expert_ids)
+    loaded.experts.onload(loaded.experts.expert_ids)
+    for e in model.experts.expert_ids:
+        for mine, theirs in zip(model.experts.parameters(e), loaded.experts.parameters(e), strict=True):
+            torch.testing.assert_close(theirs, mine, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_trained_output_head_is_saved_and_loaded_in_float32(tmp_path, dtype):
     """With ``trainable_lm_head`` the head trains with the experts: it is part of the system, not of the

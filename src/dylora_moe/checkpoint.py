@@ -201,15 +201,22 @@ def _write(model, out: Path, dest: Path) -> None:
     """Write ``model`` into ``out``, the temporary folder of a save to ``dest``. An expert whose weights ``dest``
     already holds (loaded from there or saved there, and not trained or edited since) is hard-linked from it
     instead of written again, so a save costs what changed, not the pool size. A trainable expert is always
-    written: an optimizer may have stepped it since the last save (a user's loop saving every epoch)."""
+    written: an optimizer may have stepped it since the last save (a user's loop saving every epoch). An
+    offloaded expert is brought back to be written and offloaded again after: a save leaves every expert where
+    it was."""
     manager = model.experts
     dest = dest.resolve()
     kept = [e for e in manager.expert_ids
             if e not in manager.trainable_ids and manager.written.get(e) == dest and _link_expert(dest, out, e)]
     changed = [e for e in manager.expert_ids if e not in kept]
-    manager.onload(changed)
-    if manager.peft_model is not None and changed:
-        manager.peft_model.save_pretrained(str(out / "experts"), selected_adapters=[expert_name(e) for e in changed])
+    offloaded = [e for e in changed if not manager.is_resident(e)]
+    manager.onload(offloaded)
+    try:
+        if manager.peft_model is not None and changed:
+            manager.peft_model.save_pretrained(str(out / "experts"),
+                                               selected_adapters=[expert_name(e) for e in changed])
+    finally:
+        manager.offload(offloaded)
     router = model.router
     save_file({"gate.weight": router.gate.weight.detach().cpu().contiguous(),
                "gate.bias": router.gate.bias.detach().cpu().contiguous(),
