@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from dylora_moe.data.augment import instruction_view, language_request, normalise_example, strip_leading_blank_lines
-from dylora_moe.data.sources import Example
+from dylora_moe.data.sources import Example, humaneval
 
 
 def test_strip_leading_blank_lines():
@@ -38,6 +38,19 @@ def test_a_docstring_becomes_a_request_for_the_whole_function_without_its_doctes
     view = instruction_view(PYTHON)
     assert view.prompt == "Return the sum of xs. Empty lists sum to 0."
     assert view.response == PYTHON.prompt + PYTHON.response  # the docstring stays in the program
+
+
+def test_the_line_after_an_example_with_its_result_on_its_line_is_kept():
+    """``f(x) -> y`` holds its result, but the line after it was dropped as its output: HumanEval/46 lost its
+    request ("Please write a function ...") after the sequence's definition, HumanEval/110 a constraint."""
+    problems = humaneval()
+    fib4 = instruction_view(problems[46]).prompt
+    assert "Please write a function to efficiently compute the n-th element of the fib4 number sequence." in fib4
+    assert "fib4(5)" not in fib4 and not fib4.endswith(" 4")  # a >>> doctest and its output are still left out
+    assert "It is assumed that the input lists will be non-empty." in instruction_view(problems[110]).prompt
+    plain = Example('def f(xs):\n    """Sort xs.\n    f([2, 1]) == [1, 2]\n    Keep xs unchanged.\n    """\n',
+                    "    return sorted(xs)\n")
+    assert instruction_view(plain).prompt == "Sort xs. Keep xs unchanged."
 
 
 def test_block_comments_and_one_line_docstrings():

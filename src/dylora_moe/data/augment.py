@@ -58,12 +58,12 @@ def is_code(text: str) -> bool:
 
 
 def prose_and_code(prompt: str) -> tuple[list[str], list[str], int]:
-    """The prompt's prose lines (comment and docstring text; doctests and the output line after each left
-    out), its code lines, and how many of its first lines are prose or blank (the header a completion-style
-    prompt puts before its code). A line with code after a block comment closed on it (``/* desc */ module
-    top(...);``) is code, and the comment goes with it. A prompt with no line of code outside its comments and
-    docstrings (MBPP's task in a docstring) has no code lines: its docstring documents no code, it is the
-    request."""
+    """The prompt's prose lines (comment and docstring text; doctests, ``>>> f(x)`` with the output line after
+    it and ``f(x) -> y`` (or ``==``, ``=>``, ``➞``) alone, left out), its code lines, and how many of its first
+    lines are prose or blank (the header a completion-style prompt puts before its code). A line with code after
+    a block comment closed on it (``/* desc */ module top(...);``) is code, and the comment goes with it. A
+    prompt with no line of code outside its comments and docstrings (MBPP's task in a docstring) has no code
+    lines: its docstring documents no code, it is the request."""
     prose, code, lead = [], [], 0
     leading, closer, skip_output, proper, opened_at = True, None, False, False, 0
 
@@ -71,7 +71,7 @@ def prose_and_code(prompt: str) -> tuple[list[str], list[str], int]:
         nonlocal skip_output
         text = text.strip().lstrip("*").strip()
         if DOCTEST.match(text):
-            skip_output = True
+            skip_output = text.startswith(">>>")  # "f(x) -> y" holds its result: the next line is no output
         elif skip_output:
             skip_output = False
         elif text:
