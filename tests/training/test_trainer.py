@@ -187,3 +187,26 @@ def test_the_trainers_own_evaluation_keeps_its_losses_out_of_the_training_logs(t
             assert abs(a[name] - b[name]) < 1e-6, (name, a[name], b[name])
     evals = [e for e in evaluated if "eval_loss" in e]
     assert len(evals) == 2 and not any("task_loss" in e or "rehearsal_loss" in e for e in evals)
+
+
+def test_the_trainers_own_evaluation_loss_is_the_task_loss_alone(tmp_path):
+    """An evaluation pass of the Trainer's eval loop reports the task's loss on the held-out rows: the gate's
+    rehearsal term is a training term, not a loss of the evaluated data."""
+    model = build()
+    model.create_expert()
+    model.create_expert()
+    randomise_experts(model)
+    model.set_trainable([1], router=True)
+    memory = RoutingMemory()
+    memory.add(0, 0, torch.randn(6, 32, generator=torch.Generator().manual_seed(0)))
+    memory.add(1, 1, torch.randn(6, 32, generator=torch.Generator().manual_seed(1)))
+    data = examples()
+    model.eval()
+    with torch.no_grad():
+        expected = float(model(**collator(model)(list(data))).loss)  # one batch of all four rows
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=len(data), report_to=[],
+                             save_strategy="no", remove_unused_columns=False, use_cpu=True, disable_tqdm=True)
+    trainer = DyLoRATrainer(model=model, args=args, eval_dataset=data, data_collator=collator(model),
+                            training=TrainingConfig(kl_weight=0.0, rehearsal_weight=1.0), seed_steps=1, memory=memory)
+    metrics = trainer.evaluate()
+    assert abs(metrics["eval_loss"] - expected) < 1e-5, (metrics["eval_loss"], expected)

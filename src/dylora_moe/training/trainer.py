@@ -97,7 +97,8 @@ class DyLoRATrainer(Trainer):
         rehearsal and unlikelihood losses, means over rows every micro-batch has as many of, are divided by the
         steps here, so every term of ``grad_accum`` micro-batches adds up to the term of one large batch."""
         core = self._core()
-        if self.memory is not None and self.training.rehearsal_weight > 0:
+        # an evaluation pass (the Trainer's eval loop) reports the task's loss alone: the gate rehearses in training
+        if model.training and self.memory is not None and self.training.rehearsal_weight > 0:
             if self._rehearsal is None:
                 self._rehearsal = self.memory.batch(core.experts.expert_ids, core.device)
             inputs = {**inputs, "rehearsal": self._rehearsal}
@@ -117,8 +118,7 @@ class DyLoRATrainer(Trainer):
             self._note("task_loss", loss, 1.0 if scaled else 1.0 / steps)
         if outputs.rehearsal_loss is not None:
             loss = loss + share * self.training.rehearsal_weight * outputs.rehearsal_loss
-            if model.training:
-                self._note("rehearsal_loss", outputs.rehearsal_loss, 1.0 / steps)
+            self._note("rehearsal_loss", outputs.rehearsal_loss, 1.0 / steps)
         if not model.training:  # an evaluation pass: the task's loss alone
             return (loss, outputs) if return_outputs else loss
         index = self.anchor_index()
