@@ -210,3 +210,31 @@ def test_the_trainers_own_evaluation_loss_is_the_task_loss_alone(tmp_path):
                             training=TrainingConfig(kl_weight=0.0, rehearsal_weight=1.0), seed_steps=1, memory=memory)
     metrics = trainer.evaluate()
     assert abs(metrics["eval_loss"] - expected) < 1e-5, (metrics["eval_loss"], expected)
+
+
+def test_a_failed_frozen_answer_leaves_the_model_as_it_was(tmp_path, monkeypatch):
+    """The anchors' frozen answers are generated when the trainer is built, in eval mode, with no expert and the
+    backbone's head: when generating them fails, the model is back in training mode, routed by its gate and with
+    its trained head (the trainer is not built, but the caller may go on with the model)."""
+    from dylora_moe import DyLoRAConfig, DyLoRAMoE, ExpertConfig
+    from dylora_moe.training import distill
+    from tests.conftest import char_tokenizer, tiny_llama
+
+    config = DyLoRAConfig(model="tiny", expert=ExpertConfig(rank=4, alpha=8, dropout=0.0), trainable_lm_head=True)
+    model = DyLoRAMoE(tiny_llama(), char_tokenizer(), config)
+    model.create_expert()
+    model.set_trainable([0], router=True)
+    model.train()
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(distill, "generate", fail)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], save_strategy="no", remove_unused_columns=False,
+                             use_cpu=True, disable_tqdm=True)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        DyLoRATrainer(model=model, args=args, train_dataset=examples(), data_collator=collator(model),
+                      training=TrainingConfig(kl_weight=1.0, anchor_answers=4), seed_steps=1,
+                      anchors=Anchors(model.tokenizer, ["abcd", "efgh"], 0))
+    assert model.training and all(m.training for m in model.modules())
+    assert model.routing.forced is None and not model.backbone.get_output_embeddings().frozen

@@ -46,9 +46,11 @@ class DyLoRATrainer(Trainer):
             core = self._core()
             was_training = core.training
             core.eval()
-            anchors.answer_with_frozen(core, training.anchor_answers, batch_size=training.eval_batch_size,
-                                       cache=frozen_answers)
-            core.train(was_training)
+            try:
+                anchors.answer_with_frozen(core, training.anchor_answers, batch_size=training.eval_batch_size,
+                                           cache=frozen_answers)
+            finally:  # a failed generation leaves the model in the mode it was given in
+                core.train(was_training)
         self.retained = retained if training.retain_kl_weight > 0 else None
         self._before = None  # the retained expert's weights as the step starts (the teacher)
         if self.retained is not None:
