@@ -272,3 +272,26 @@ def test_routed_to_routes_a_left_padded_request_as_generation_does(router):
         alone = [int(model.route(*prompt_batch(model, as_asked([p], "raw"), chat=False)).weights.argmax())
                  for p in prompts]
     assert routed_to(model, prompts, "raw") == [model.experts.expert_ids[c] for c in alone]
+
+
+def test_with_a_trained_output_head_the_frozen_answers_are_the_backbones():
+    """With ``trainable_lm_head`` the head trains with the experts: the frozen model's answers are still the
+    backbone's, its own head included, with or without experts in the pool."""
+    from dylora_moe import DyLoRAConfig, DyLoRAMoE, ExpertConfig
+    from tests.conftest import tiny_llama
+
+    fset = FreeformSet("digits", "hand-written", [Example("1+1=", "2"), Example("2+2=", "4")], max_new_tokens=6,
+                       quotable=True)  # answers as written: none redacted
+    backbone = evaluate_set(build(), fset, forms=("chat",))[0]  # no expert: the system is the frozen model
+    config = DyLoRAConfig(model="tiny", expert=ExpertConfig(rank=4, alpha=8, dropout=0.0), trainable_lm_head=True)
+    model = DyLoRAMoE(tiny_llama(), char_tokenizer(), config)
+    head = model.backbone.get_output_embeddings()
+    with torch.no_grad():  # as training moves it
+        head.weight.add_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(1)))
+    frozen = [s["frozen"] for s in backbone.samples]
+    alone = evaluate_set(model, fset, forms=("chat",))[0]
+    assert [s["routed"] for s in alone.samples] != frozen  # the trained head answers otherwise
+    assert [s["frozen"] for s in alone.samples] == frozen
+    model.create_expert()
+    randomise_experts(model)
+    assert [s["frozen"] for s in evaluate_set(model, fset, forms=("chat",))[0].samples] == frozen

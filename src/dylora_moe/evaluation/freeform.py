@@ -251,11 +251,12 @@ def routed_to(model: DyLoRAMoE, prompts: Sequence[str], form: str) -> list[int]:
 
 def answer(model: DyLoRAMoE, prompts: Sequence[str], *, form: str, frozen: bool, max_new_tokens: int,
            batch_size: int) -> list[str]:
-    """Greedy answers of the routed system, or of the frozen model (no expert) through the same path."""
+    """Greedy answers of the routed system, or of the frozen model (no expert and, with ``trainable_lm_head``, the
+    backbone's own head: ``frozen_head``) through the same path."""
     chat = form == "chat"
     texts = as_asked(prompts, form)
-    if frozen and model.num_experts:
-        with model.force_expert(None):
+    if frozen:
+        with model.force_expert(None), model.frozen_head():
             return model.complete(texts, chat=chat, max_new_tokens=max_new_tokens, batch_size=batch_size)
     return model.complete(texts, chat=chat, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
@@ -290,7 +291,8 @@ def evaluate_set(model: DyLoRAMoE, fset: FreeformSet, *, forms: Sequence[str] = 
     each (all by default, so that another detector or checker can be applied later) are kept, redacted, with
     their degenerate kinds (``sample``). ``frozen_answers`` caches the
     frozen model's answers across calls (they do not change while experts train), by set, form, generation
-    length and prompts; a system without experts is the frozen model and answers once."""
+    length and prompts; a system without experts is the frozen model and answers once (unless its head trains:
+    ``trainable_lm_head``)."""
     results = []
     prompts = [e.prompt for e in fset.examples]
     for form in forms:
@@ -299,7 +301,8 @@ def evaluate_set(model: DyLoRAMoE, fset: FreeformSet, *, forms: Sequence[str] = 
         key = (fset.skill, fset.source, form, fset.max_new_tokens, tuple(prompts))
         frozen = frozen_answers.get(key) if frozen_answers is not None else None
         if frozen is None:
-            frozen = routed if not model.num_experts else answer(
+            unchanged = not model.num_experts and not model.config.trainable_lm_head  # the frozen model itself
+            frozen = routed if unchanged else answer(
                 model, prompts, form=form, frozen=True, max_new_tokens=fset.max_new_tokens, batch_size=batch_size)
             if frozen_answers is not None:
                 frozen_answers[key] = frozen
