@@ -238,3 +238,39 @@ def test_a_failed_frozen_answer_leaves_the_model_as_it_was(tmp_path, monkeypatch
                       anchors=Anchors(model.tokenizer, ["abcd", "efgh"], 0))
     assert model.training and all(m.training for m in model.modules())
     assert model.routing.forced is None and not model.backbone.get_output_embeddings().frozen
+
+
+def test_with_a_trained_output_head_the_retained_teacher_keeps_the_head_of_the_steps_start(tmp_path):
+    """With ``trainable_lm_head`` the head trains with the expert: the teacher of the retained prompts is the
+    expert as the step started, its head included (the current head would let the head's drift go unchecked:
+    the teacher would move with it), and the trained head is back in place after the teacher's pass."""
+    from dylora_moe import DyLoRAConfig, DyLoRAMoE, ExpertConfig
+    from dylora_moe.training.distill import kl_to_frozen
+    from tests.conftest import char_tokenizer, tiny_llama
+
+    config = DyLoRAConfig(model="tiny", expert=ExpertConfig(rank=4, alpha=8, dropout=0.0), trainable_lm_head=True)
+    model = DyLoRAMoE(tiny_llama(), char_tokenizer(), config)
+    model.create_expert()
+    randomise_experts(model)
+    model.set_trainable([0], router=False)
+    model.train()
+    retained = Anchors(model.tokenizer, ["abcd", "efghij"], 0)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, report_to=[],
+                             save_strategy="no", remove_unused_columns=False, use_cpu=True, disable_tqdm=True)
+    trainer = DyLoRATrainer(model=model, args=args, train_dataset=examples(), data_collator=collator(model),
+                            training=TrainingConfig(kl_weight=0.0, retain_kl_weight=1.0), seed_steps=1,
+                            retained=retained)
+    ids, mask = retained.batch(0, 2)
+    with torch.no_grad(), model.force_expert(0):
+        teacher = model(input_ids=ids, attention_mask=mask).logits  # [B, T, V] as the step starts
+    head = model.backbone.get_output_embeddings()
+    with torch.no_grad():  # as the step's updates move it (the expert's have not moved yet)
+        head.weight.add_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(1)))
+    moved = head.weight.detach().clone()
+    kl = trainer.retained_kl(trainer.anchor_index())
+    with torch.no_grad(), model.force_expert(0):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    expected = kl_to_frozen(logits, teacher, mask, retained.positions(0, 2))
+    assert float(expected) > 0.1
+    torch.testing.assert_close(kl, expected)
+    assert torch.equal(head.weight, moved) and kl.requires_grad

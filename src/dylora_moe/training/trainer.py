@@ -9,7 +9,11 @@ running means).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
+
 import torch
+from torch import nn
 from transformers import Trainer
 
 from ..routing.losses import load_balancing_loss, top1_counts
@@ -31,7 +35,8 @@ class DyLoRATrainer(Trainer):
             ``training.anchor_answers`` the frozen model's answers to them are generated when the trainer is built
             (those not already in ``frozen_answers``, a cache the learner keeps across its steps).
         retained: prompts of earlier skills the trained expert serves, on which it is pulled towards itself as
-            it is when the trainer is built (its weights are copied then), when ``training.retain_kl_weight`` > 0.
+            it is when the trainer is built (its weights are copied then, and the output head's with
+            ``trainable_lm_head``, which trains with it), when ``training.retain_kl_weight`` > 0.
     """
 
     def __init__(self, *args, training: TrainingConfig, seed_steps: int, memory: RoutingMemory | None = None,
@@ -53,9 +58,11 @@ class DyLoRATrainer(Trainer):
                 core.train(was_training)
         self.retained = retained if training.retain_kl_weight > 0 else None
         self._before = None  # the retained expert's weights as the step starts (the teacher)
+        self._head_before = None  # and the trained output head's (none unless ``trainable_lm_head``)
         if self.retained is not None:
-            experts = self._core().experts
-            self._before = [p.detach().clone() for p in experts.parameters(self.retained.expert_id)]
+            core = self._core()
+            self._before = [p.detach().clone() for p in core.experts.parameters(self.retained.expert_id)]
+            self._head_before = [p.detach().clone() for p in trained_head(core)]
         self._rehearsal = None  # the memory does not change while one skill trains: batch it once
         self._micro_batches = 0  # training micro-batches so far: which anchor batch the next one takes
         self._step_start = (-1, 0)  # (optimizer step, micro-batches before its first one)
@@ -224,14 +231,22 @@ class DyLoRATrainer(Trainer):
     def retained_kl(self, index: int) -> torch.Tensor:
         """KL(the expert as the step started || the expert) on batch ``index`` of the retained prompts, the
         expert forced, divided by the optimizer step's positions as ``frozen_kl``; the teacher is the same expert
-        with its copied weights swapped in, without gradient."""
+        with its copied weights swapped in (and the output head's, when it trains), without gradient."""
         core, expert = self._core(), self.retained.expert_id
         ids, mask = self.retained.batch(index, self.args.per_device_train_batch_size, core.device)
-        with torch.no_grad(), core.experts.weights(expert, self._before), core.force_expert(expert):
+        with torch.no_grad(), self.retained_teacher(), core.force_expert(expert):
             before = core(input_ids=ids, attention_mask=mask).logits
         with core.force_expert(expert):
             logits = core(input_ids=ids, attention_mask=mask).logits
         return kl_to_frozen(logits, before, mask, self.step_positions(self.retained)) * self.kl_scale()
+
+    @contextlib.contextmanager
+    def retained_teacher(self) -> Iterator[None]:
+        """The retained expert's weights and the trained output head's as the step started, swapped in."""
+        core = self._core()
+        head = swapped(trained_head(core), self._head_before)
+        with core.experts.weights(self.retained.expert_id, self._before), head:
+            yield
 
     def _note(self, name: str, value: torch.Tensor, share: float) -> None:
         """Accumulate this micro-batch's part of an optimizer step's loss term; kept on the device (a host read
@@ -256,6 +271,24 @@ class DyLoRATrainer(Trainer):
             self._extra = {}
             self._logged_step = self.state.global_step
         super().log(logs, *args, **kwargs)
+
+
+def trained_head(core) -> list[nn.Parameter]:
+    """The output head's weights that train with the experts (``trainable_lm_head``); none when it is frozen."""
+    return [p for p in core.backbone.get_output_embeddings().parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def swapped(params: Sequence[nn.Parameter], values: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Run with ``values`` as the data of ``params`` (swapped, not copied) and their own data back after."""
+    own = [p.data for p in params]
+    for p, v in zip(params, values, strict=True):
+        p.data = v
+    try:
+        yield
+    finally:
+        for p, v in zip(params, own, strict=True):
+            p.data = v
 
 
 def decisions(router_logits: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
