@@ -255,3 +255,20 @@ def test_an_offloaded_expert_follows_a_dtype_change_of_the_model():
     assert {p.dtype for e in (0, 1) for p in model.experts.parameters(e)} == {torch.bfloat16}
     with torch.no_grad(), model.force_expert(0):
         assert torch.isfinite(model(**batch()).logits).all()
+
+
+def test_counting_an_experts_parameters_leaves_an_offloaded_expert_offloaded():
+    """``num_parameters`` brought an offloaded expert back to count its weights and left it there: the
+    benchmark's count of the pool's parameters undid the offloading of the whole pool. The placeholders keep the
+    weights' shapes, so the count moves nothing and is the same."""
+    model = build()
+    model.experts.config.offload_device = "cpu"
+    for rank in (4, 8, 2):
+        model.create_expert(rank)
+    model.experts.onload(model.experts.expert_ids)
+    resident = [model.experts.num_parameters(e) for e in model.experts.expert_ids]
+    assert resident[1] == 2 * resident[0] == 4 * resident[2] > 0
+    model.experts.offload([0, 2])
+    assert [model.experts.num_parameters(e) for e in model.experts.expert_ids] == resident
+    assert [model.experts.is_resident(e) for e in (0, 1, 2)] == [False, True, False]
+    assert all(p.device.type == "meta" for e in (0, 2) for p in model.experts.parameters(e))

@@ -340,7 +340,8 @@ class ExpertManager:
             self.touch(trained_only=expert_id in self.trainable_ids)
 
     def num_parameters(self, expert_id: int) -> int:
-        self.onload([expert_id])
+        """The expert's weight count; an offloaded expert's ``meta`` placeholders have its weights' shapes, so
+        it is counted where it is, without moving it."""
         return sum(p.numel() for p in self.parameters(expert_id))
 
     # ---------------------------------------------------------------- state
