@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dylora_moe.events import EXPERTS_MERGED
+from dylora_moe.experts.manager import merge_weights
 from dylora_moe.training.rehearsal import RoutingMemory
 from tests.conftest import batch, decide_by_cosine, randomise_experts, tiny_llama
 from tests.experts.test_fused import grown, naive_logits
@@ -212,3 +213,28 @@ def test_a_merge_leaves_every_expert_outside_the_trainable_set_frozen():
     model.set_trainable([], router=False)
     model.merge_experts(2, 3)
     assert not [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("method", ["cat", "svd"])
+def test_a_merge_leaves_offloaded_experts_offloaded_and_merges_the_same_weights(method):
+    """A merge brought its offloaded sources back for peft to read them and left them there, and the new expert
+    stayed resident: every merge undid offloading. The sources stay where they were (also when the merge fails),
+    the merged expert is offloaded as a created one, and its weights are those of the merge of a resident pool."""
+    model = grown(n_experts=3)
+    manager = model.experts
+    manager.config.offload_device = "cpu"
+    reference = manager.merge_experts([0, 1], merge_weights(method), method)  # every expert resident
+    manager.offload([0, 2])
+    merged = manager.merge_experts([0, 1], merge_weights(method), method)
+    assert [manager.is_resident(e) for e in (0, 1, 2, merged)] == [False, True, False, False]
+    assert all(p.device.type == "meta" for e in (0, 2, merged) for p in manager.parameters(e))
+    manager.onload([reference, merged])
+    assert not any(p.requires_grad for p in manager.parameters(merged))
+    for mine, theirs in zip(manager.parameters(reference), manager.parameters(merged), strict=True):
+        torch.testing.assert_close(theirs, mine, rtol=0, atol=0)
+    with torch.no_grad():
+        next(iter(manager.parameters(1))).fill_(float("nan"))
+    manager.touch()
+    with pytest.raises(ValueError, match="non-finite"):
+        manager.merge_experts([0, 1], merge_weights("svd"), "svd")
+    assert [manager.is_resident(e) for e in (0, 1, 2)] == [False, True, False]

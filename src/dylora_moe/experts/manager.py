@@ -169,58 +169,67 @@ class ExpertManager:
         """A new expert combining ``expert_ids`` with peft's ``add_weighted_adapter`` (``cat`` is exact: its
         delta is the weighted sum of theirs, at the sum of their ranks; ``svd`` and the ``*_svd`` methods
         approximate that sum at ``rank``, by default the largest source rank; ``ties``/``dare_*`` need
-        ``density``; ``merge_weights`` gives the weights that average). The sources stay in the pool; returns
-        the new id."""
+        ``density``; ``merge_weights`` gives the weights that average). The sources stay in the pool, resident or
+        offloaded as they were; the new expert is offloaded when offloading is on, as a created one. Returns the
+        new id."""
         for expert_id in expert_ids:
             self._check(expert_id)
         if len(expert_ids) < 2 or len(weights) != len(expert_ids):
             raise ValueError(f"merge needs two or more experts and one weight each, got {expert_ids} and {weights}")
         self._check_merge_options(method, rank, density, expert_ids)
-        self.onload(expert_ids)
         expert_id, name = self.next_id, expert_name(self.next_id)
         extra = {"svd_rank": rank or max(self.ranks[e] for e in expert_ids)} if "svd" in method else {}
         if density is not None:
             extra["density"] = density
         grads = {n: p.requires_grad for n, p in self.backbone.named_parameters()}
+        # Offloaded sources come back for peft to read them and go again after (also when the merge fails): a
+        # merge leaves every expert where it was.
+        offloaded = [e for e in expert_ids if not self.is_resident(e)]
+        self.onload(offloaded)
         try:
-            self.peft_model.add_weighted_adapter([expert_name(e) for e in expert_ids], list(weights), name,
-                                                 combination_type=method, **extra)
-        except BaseException as err:
-            # peft registers the new adapter before it fills it, and a later add_weighted_adapter under the same
-            # name returns at once: a half-made adapter left behind would become the next merge's expert
-            if name in self.peft_model.peft_config:
-                self.peft_model.delete_adapter(name)
-            if isinstance(err, torch.linalg.LinAlgError):  # the svd of the combined delta did not converge
-                raise ValueError(f"merging experts {expert_ids} with {method!r} failed in its SVD ({err}): an expert "
-                                 "holds non-finite or degenerate weights; check them, or merge with 'cat' (no SVD)") \
-                    from err
-            raise
+            try:
+                self.peft_model.add_weighted_adapter([expert_name(e) for e in expert_ids], list(weights), name,
+                                                     combination_type=method, **extra)
+            except BaseException as err:
+                # peft registers the new adapter before it fills it, and a later add_weighted_adapter under the same
+                # name returns at once: a half-made adapter left behind would become the next merge's expert
+                if name in self.peft_model.peft_config:
+                    self.peft_model.delete_adapter(name)
+                if isinstance(err, torch.linalg.LinAlgError):  # the svd of the combined delta did not converge
+                    raise ValueError(f"merging experts {expert_ids} with {method!r} failed in its SVD ({err}): an "
+                                     "expert holds non-finite or degenerate weights; check them, or merge with 'cat' "
+                                     "(no SVD)") from err
+                raise
+            finally:
+                for n, p in self.backbone.named_parameters():
+                    p.requires_grad_(grads.get(n, False))
+            # peft keeps the adapters of a half-precision backbone in float32, but writes a merged one in the
+            # backbone's dtype: the merged expert takes its sources' dtype, as a new expert would. A cat merge was
+            # rounded to the backbone's dtype on the way (the other methods hand over tensors in their sources'), so
+            # it is filled again in the sources' dtype, as peft fills it, and stays exact.
+            sources = [expert_name(e) for e in expert_ids]
+            for layer in self.layers():
+                if name in layer.lora_A and sources[0] in layer.lora_A:
+                    dtype = layer.lora_A[sources[0]].weight.dtype
+                    rounded = layer.lora_A[name].weight.dtype != dtype
+                    layer.lora_A[name].to(dtype)
+                    layer.lora_B[name].to(dtype)
+                    if method == "cat" and rounded:
+                        parts = [(s, w) for s, w in zip(sources, weights, strict=True) if s in layer.lora_A]
+                        with torch.no_grad():
+                            a = torch.cat([layer.lora_A[s].weight * w * layer.scaling[s] for s, w in parts])
+                            b = torch.cat([layer.lora_B[s].weight for s, _ in parts], dim=1)
+                            layer.lora_A[name].weight[: a.shape[0]].copy_(a)
+                            layer.lora_B[name].weight[:, : b.shape[1]].copy_(b)
         finally:
-            for n, p in self.backbone.named_parameters():
-                p.requires_grad_(grads.get(n, False))
-        # peft keeps the adapters of a half-precision backbone in float32, but writes a merged one in the
-        # backbone's dtype: the merged expert takes its sources' dtype, as a new expert would. A cat merge was
-        # rounded to the backbone's dtype on the way (the other methods hand over tensors in their sources'), so
-        # it is filled again in the sources' dtype, as peft fills it, and stays exact.
-        sources = [expert_name(e) for e in expert_ids]
-        for layer in self.layers():
-            if name in layer.lora_A and sources[0] in layer.lora_A:
-                dtype = layer.lora_A[sources[0]].weight.dtype
-                rounded = layer.lora_A[name].weight.dtype != dtype
-                layer.lora_A[name].to(dtype)
-                layer.lora_B[name].to(dtype)
-                if method == "cat" and rounded:
-                    parts = [(s, w) for s, w in zip(sources, weights, strict=True) if s in layer.lora_A]
-                    with torch.no_grad():
-                        a = torch.cat([layer.lora_A[s].weight * w * layer.scaling[s] for s, w in parts])
-                        b = torch.cat([layer.lora_B[s].weight for s, _ in parts], dim=1)
-                        layer.lora_A[name].weight[: a.shape[0]].copy_(a)
-                        layer.lora_B[name].weight[:, : b.shape[1]].copy_(b)
+            self.offload(offloaded)
         self.next_id += 1
         self.expert_ids.append(expert_id)
         self.ranks[expert_id] = self.peft_model.peft_config[name].r
         self._refresh()
         self._apply_trainable()
+        if self.config.offload_device is not None:  # a new expert, offloaded as a created or loaded one is
+            self.offload([expert_id])
         return expert_id
 
     def _check_merge_options(self, method: str, rank: int | None, density: float | None,
