@@ -343,6 +343,37 @@ def test_reference_mixing_without_an_expert_is_the_frozen_model():
     torch.testing.assert_close(nothing.loss, plain.loss, rtol=1e-5, atol=1e-5)
 
 
+def test_reference_mixing_offloads_the_experts_a_batch_does_not_use():
+    """Output-level mixing brought each expert a batch weighs back for its pass (``single_expert``) and never
+    offloaded it: every expert some batch had used stayed on the device. The batch's experts are made resident
+    and the others offloaded, the residency the fused forward leaves, with the same logits."""
+    model = grown(top_k=1)
+    ids = model.experts.expert_ids
+    for e in ids:
+        model.mark_mature(e)
+    model.config.mixing = "reference"
+    inputs = batch()
+    with torch.no_grad():
+        expected = {}
+        for e in ids:
+            with model.force_expert(e):
+                expected[e] = model(**inputs).logits
+        routed = model(**inputs).logits
+        model.experts.config.offload_device = "cpu"
+        model.experts.offload(ids)
+        for e in ids:
+            with model.force_expert(e):
+                torch.testing.assert_close(model(**inputs).logits, expected[e], rtol=0, atol=0)
+            assert [model.experts.is_resident(x) for x in ids] == [x == e for x in ids]
+        out = model(**inputs)
+        torch.testing.assert_close(out.logits, routed, rtol=0, atol=0)
+        residency = [model.experts.is_resident(x) for x in ids]
+        assert residency == [x in {ids[c] for c in out.routing_weights.argmax(-1).tolist()} for x in ids]
+        model.config.mixing = "fused"
+        model(**inputs)
+    assert [model.experts.is_resident(x) for x in ids] == residency
+
+
 def test_a_backbone_folder_given_relative_is_found_again_from_another_directory(tmp_path, monkeypatch):
     """``DyLoRAConfig(model="models/x")`` resolves against the working directory of the build: the saved system
     records the folder absolute, so it loads from anywhere (as the CLI's systems do)."""

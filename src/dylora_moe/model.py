@@ -211,7 +211,9 @@ class DyLoRAMoE(nn.Module):
 
     @contextlib.contextmanager
     def single_expert(self, expert_id: int) -> Iterator[None]:
-        """Run the backbone with exactly one expert, through peft's own adapter path."""
+        """Run the backbone with exactly one expert, through peft's own adapter path. An offloaded expert is
+        brought back for it and stays resident after, as one a routed forward used: the next routed forward
+        offloads it if its batch does not use it."""
         self.experts.set_active_expert(expert_id)
         try:
             yield
@@ -408,6 +410,9 @@ class DyLoRAMoE(nn.Module):
         logits = None
         # One host read per forward (not one per expert): the experts some sample or token weighs.
         used = (weights.reshape(-1, weights.shape[-1]) != 0).any(0).tolist()  # [E]
+        # The manager's policy, as the fused forward applies it: the experts the batch weighs resident, the others
+        # offloaded (``single_expert`` brings an expert back for its pass but sends none away).
+        self.experts.ensure_resident([e for e, u in zip(self.experts.expert_ids, used, strict=True) if u])
         for column, expert_id in enumerate(list(self.experts.expert_ids)):
             if not used[column]:
                 continue
