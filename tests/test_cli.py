@@ -31,3 +31,17 @@ def test_train_dry_run_validates_a_stream(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("skills:\n  - name: a\n    source: {type: file, path: missing.jsonl}\n")
     assert main(["train", "--stream", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "o"), "--dry-run"]) == 2
     assert "missing.jsonl not found" in capsys.readouterr().err
+
+
+def test_a_model_that_cannot_be_loaded_leaves_no_run_to_resume(tmp_path, capsys):
+    """The fix for an unknown --model is the same command with another one: the folder must not hold a run (whose
+    --resume would keep the bad model and whose new run would be refused)."""
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"prompt": f"p{i}", "response": f"r{i}"})
+                                                for i in range(30)))
+    (tmp_path / "s.yaml").write_text("skills:\n  - name: a\n    source: {type: file, path: a.jsonl}\n")
+    argv = ["train", "--stream", str(tmp_path / "s.yaml"), "--model", str(tmp_path / "missing"),
+            "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert not (tmp_path / "out" / "run.json").exists()
+    assert main(argv) == 2  # the same mistake again: named again, not "already holds a run"
+    assert "cannot load model" in capsys.readouterr().err

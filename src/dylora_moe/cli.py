@@ -125,7 +125,8 @@ def resolve_run(args: argparse.Namespace) -> None:
 
     ``--resume DIR`` reuses the stream and options the run in DIR was started with; a new run records them. What
     goes into the run folder (``stream.yaml``, ``run.json``) is left in ``args.run_files`` and written by
-    ``run_training`` once it holds the folder's writer lock: a second writer that is refused changes nothing."""
+    ``train_loop`` once it holds the folder's writer lock and the model has loaded: a second writer that is refused,
+    or a model that cannot be loaded, changes nothing."""
     args.run_files = {}
     if args.resume is not None:
         if args.params is not None:
@@ -259,7 +260,6 @@ def run_training(args, stream, system, training, console: Console) -> int:
     if not main_process:
         return train_loop(args, stream, system, training, console, state)
     with writer_lock(args.out / "system", who="dylora train"):  # one writer per system folder
-        write_run_files(args.run_files)
         return train_loop(args, stream, system, training, console, state)
 
 
@@ -283,6 +283,8 @@ def train_loop(args, stream, system, training, console: Console, state) -> int:
     with console.status(f"loading {system.model} (the first run converts the default model, ~20 s)"):
         model = DyLoRAMoE.from_pretrained(checkpoint) if resuming else DyLoRAMoE.from_config(system)
     model.eval()
+    if main_process:  # once the model loads: a model that does not leaves no run to --resume, fixed by a rerun
+        write_run_files(args.run_files)
     store = SkillStore(args.out / "store.db") if main_process else None
     if main_process:
         model.events.attach_file(args.out / "events.jsonl")
