@@ -419,3 +419,22 @@ def test_a_resume_refused_by_a_live_writer_changes_nothing_in_its_folder(run, tm
         holder.kill()
         holder.wait()
     assert (out / "run.json").read_text() == before and not (fresh / "run.json").exists()
+
+
+@pytest.mark.parametrize("option", ["--stream", "--out"])
+def test_resume_refuses_another_stream_or_folder_rather_than_ignoring_it(run, tmp_path, capsys, option):
+    """`--resume DIR --stream other.yaml` (or `--out other`) would continue DIR's own stream into DIR: refused,
+    with nothing in either folder changed."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(run / "out", out)
+    other = tmp_path / "other.yaml"
+    other.write_text((run / "stream.yaml").read_text().replace("name: tiny", "name: other"))
+    before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file())
+    value = other if option == "--stream" else tmp_path / "elsewhere"
+    assert main(["train", "--resume", str(out), option, str(value)]) == 2
+    assert f"drop {option}" in " ".join(capsys.readouterr().err.split())
+    assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()) == before
+    assert not (tmp_path / "elsewhere").exists()
+    assert main(["train", "--resume", str(out), "--out", str(out)]) == 0  # naming the run's own folder is fine

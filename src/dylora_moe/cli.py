@@ -131,6 +131,11 @@ def resolve_run(args: argparse.Namespace) -> None:
     if args.resume is not None:
         if args.params is not None:
             raise ValueError("--params applies to a new run; a resumed run keeps the values it started with")
+        if args.stream is not None or (args.out is not None and args.out.resolve() != args.resume.resolve()):
+            given = "--stream" if args.stream is not None else "--out"
+            raise ValueError(f"--resume continues the run in {args.resume} with the stream it started with "
+                             f"({args.resume / 'stream.yaml'}) and writes there; drop {given} (another stream or "
+                             "folder is a new run: --stream and --out without --resume)")
         run_file = args.resume / "run.json"
         if not run_file.is_file():
             raise FileNotFoundError(f"{args.resume} has no run.json: it is not a `dylora train` output folder")
@@ -200,9 +205,10 @@ def train(args: argparse.Namespace, console: Console) -> int:
                                        ("consolidation_steps", args.consolidation_steps)) if v is not None}
         return system, TrainingConfig.from_dict({**stream.training, **overrides})
 
-    if args.stream is not None:  # a bad stream, params file or config value fails before anything is written
+    # a new run's bad stream, params file or config value fails before anything is written
+    if args.stream is not None and args.resume is None:
         configs(read_stream(args))
-        if args.resume is None and not args.dry_run:  # and so does data that cannot be read (the dry run shows it)
+        if not args.dry_run:  # and so does data that cannot be read (the dry run shows it)
             check_data(read_stream(args), args.data_dir, args.max_train)
     resolve_run(args)
     stream = read_stream(args) if args.resume is None else load_stream(args.stream)
