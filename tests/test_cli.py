@@ -45,3 +45,13 @@ def test_a_model_that_cannot_be_loaded_leaves_no_run_to_resume(tmp_path, capsys)
     assert not (tmp_path / "out" / "run.json").exists()
     assert main(argv) == 2  # the same mistake again: named again, not "already holds a run"
     assert "cannot load model" in capsys.readouterr().err
+
+
+def test_a_negative_freeform_limit_is_refused_before_anything_is_written(tmp_path, capsys):
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"prompt": f"p{i}", "response": f"r{i}"})
+                                                for i in range(30)))
+    (tmp_path / "s.yaml").write_text("skills:\n  - name: a\n    source: {type: file, path: a.jsonl}\n")
+    argv = ["train", "--stream", str(tmp_path / "s.yaml"), "--model", str(tmp_path / "missing"),
+            "--out", str(tmp_path / "out"), "--freeform-limit", "-1"]
+    assert main(argv) == 2
+    assert "--freeform-limit must be >= 0" in capsys.readouterr().err and not (tmp_path / "out").exists()

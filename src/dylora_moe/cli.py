@@ -159,6 +159,8 @@ def resolve_run(args: argparse.Namespace) -> None:
         raise ValueError("give --stream and --out for a new run, or --resume DIR to continue one")
     if args.max_train is not None and args.max_train < 1:
         raise ValueError(f"--max-train must be >= 1 (or left out for each skill's own cap), got {args.max_train}")
+    if args.freeform_limit < 0:  # a negative slice would drop the last requests instead of asking none
+        raise ValueError(f"--freeform-limit must be >= 0 (0: skip the free-form requests), got {args.freeform_limit}")
     if args.freeform_tokens is not None and args.freeform_tokens < 1:  # refused before any training
         raise ValueError(f"--freeform-tokens must be >= 1 (or left out for each set's own), got "
                          f"{args.freeform_tokens}")
