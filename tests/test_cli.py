@@ -55,3 +55,12 @@ def test_a_negative_freeform_limit_is_refused_before_anything_is_written(tmp_pat
             "--out", str(tmp_path / "out"), "--freeform-limit", "-1"]
     assert main(argv) == 2
     assert "--freeform-limit must be >= 0" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text", ["{", "[]"])
+def test_resume_names_a_corrupt_run_json(tmp_path, capsys, text):
+    (tmp_path / "run.json").write_text(text)
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{tmp_path / 'run.json'} is corrupt" in err and "restore it from a copy" in err
+    assert (tmp_path / "run.json").read_text() == text

@@ -139,7 +139,12 @@ def resolve_run(args: argparse.Namespace) -> None:
         run_file = args.resume / "run.json"
         if not run_file.is_file():
             raise FileNotFoundError(f"{args.resume} has no run.json: it is not a `dylora train` output folder")
-        saved = json.loads(run_file.read_text(encoding="utf-8"))
+        from .checkpoint import read_json
+
+        saved = read_json(run_file)
+        if not isinstance(saved, dict):
+            raise ValueError(f"{run_file} is corrupt (not a mapping of the run's options); restore it from a copy, "
+                             "or start the stream again with a new --out")
         given = [k for k in RUN_OPTIONS if k != "data_dir" and getattr(args, k) not in (None, RESUME_DEFAULTS.get(k))
                  and getattr(args, k) != saved.get(k, getattr(args, k))]
         if given:
