@@ -9,13 +9,15 @@ import pytest
 from dylora_moe.cli import main
 
 
-def test_unknown_model_exits_2_with_a_message(tmp_path, capsys):
+def test_unknown_model_exits_2_with_a_message(tmp_path, capsys, caplog):
     (tmp_path / "s.yaml").write_text("skills:\n  - name: he\n    source: {type: builtin, name: humaneval}\n")
     argv = ["train", "--stream", str(tmp_path / "s.yaml"), "--model", str(tmp_path / "missing"), "--out", str(tmp_path)]
     assert main(argv) == 2
     assert "cannot load model" in capsys.readouterr().err
     events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "error" and "cannot load model" in events[-1]["error"]
+    # the file has the event; the console has the message once, not again as the event's JSON log line
+    assert not [r for r in caplog.records if r.name == "dylora_moe.events"]
 
 
 def test_a_command_is_required():

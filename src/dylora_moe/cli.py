@@ -111,13 +111,19 @@ def quiet_libraries() -> None:
 
 
 def record_error(args: argparse.Namespace, err: Exception) -> None:
-    """Append the error to the run's event log when the run has an output folder."""
+    """Append the error to the run's event log when the run has an output folder (to the file only: the console
+    has shown the error already)."""
     out = getattr(args, "out", None)
     if out is not None and Path(out).is_dir():
         from .events import ERROR, EventLog
+        from .events import logger as event_logger
 
-        EventLog(Path(out) / "events.jsonl").emit(ERROR, command=args.command, error=str(err),
-                                                   kind=type(err).__name__)
+        event_logger.disabled = True
+        try:
+            EventLog(Path(out) / "events.jsonl").emit(ERROR, command=args.command, error=str(err),
+                                                       kind=type(err).__name__)
+        finally:
+            event_logger.disabled = False
 
 
 def resolve_run(args: argparse.Namespace) -> None:
