@@ -325,3 +325,11 @@ def test_a_mixed_stream_is_refused_before_a_study_is_made(tmp_path, capsys):
     assert main(tune_argv(tmp_path)) == 2  # a trial would train the pools one after another, not the chunks
     assert "is a mixed stream (`chunks:`), which a trial cannot run" in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "out" / "store.db").exists()
+
+
+def test_data_that_cannot_be_read_fails_before_a_study_is_made(tmp_path, capsys):
+    tiny_stream(tmp_path, RESUME_SPACE)
+    (tmp_path / "letters.jsonl").write_text("")
+    assert main(tune_argv(tmp_path)) == 2  # not a study of failed trials, each with a traceback
+    assert "skill 'letters': the source gave no examples" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "store.db").exists()

@@ -58,6 +58,9 @@ def prepare(args: argparse.Namespace) -> tuple[StreamSpec, TuneConfig]:
             s.max_train = min(s.max_train or args.max_train, args.max_train)
     if not stream.active(args.data_dir):
         raise ValueError(f"every skill of {args.stream} needs a data directory: pass --data-dir")
+    from ..cli import check_data  # data that cannot be read would fail every trial, each with a traceback
+
+    check_data(stream, args.data_dir, None)  # --max-train is applied to the skills above
     section = stream.tune
     if args.space is not None:
         data = read_yaml(args.space, "search-space file") or {}
