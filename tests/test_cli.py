@@ -66,3 +66,14 @@ def test_resume_names_a_corrupt_run_json(tmp_path, capsys, text):
     err = " ".join(capsys.readouterr().err.split())
     assert f"{tmp_path / 'run.json'} is corrupt" in err and "restore it from a copy" in err
     assert (tmp_path / "run.json").read_text() == text
+
+
+def test_an_out_that_is_a_file_is_named_as_such(tmp_path, capsys):
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"prompt": f"p{i}", "response": f"r{i}"})
+                                                for i in range(30)))
+    (tmp_path / "s.yaml").write_text("skills:\n  - name: a\n    source: {type: file, path: a.jsonl}\n")
+    argv = ["train", "--stream", str(tmp_path / "s.yaml"), "--model", str(tmp_path / "missing"),
+            "--out", str(tmp_path / "a.jsonl")]
+    assert main(argv) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"--out {tmp_path / 'a.jsonl'} is a file: give a folder" in err and "free space" not in err

@@ -177,6 +177,8 @@ def resolve_run(args: argparse.Namespace) -> None:
                          f"{args.freeform_tokens}")
     if args.dry_run:
         return
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file: give a folder (a new one, or one without a run)")
     if (args.out / "run.json").is_file():
         raise ValueError(f"{args.out} already holds a run: continue it with --resume {args.out}, "
                          "or choose another --out")

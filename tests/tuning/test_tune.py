@@ -333,3 +333,12 @@ def test_data_that_cannot_be_read_fails_before_a_study_is_made(tmp_path, capsys)
     assert main(tune_argv(tmp_path)) == 2  # not a study of failed trials, each with a traceback
     assert "skill 'letters': the source gave no examples" in capsys.readouterr().err
     assert not (tmp_path / "out" / "store.db").exists()
+
+
+def test_an_out_that_is_a_file_is_named_as_such(tmp_path, capsys):
+    tiny_stream(tmp_path, RESUME_SPACE)
+    (tmp_path / "out").write_text("notes")
+    assert main(tune_argv(tmp_path)) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"--out {tmp_path / 'out'} is a file: give a folder" in err and "free space" not in err
+    assert (tmp_path / "out").read_text() == "notes"

@@ -85,6 +85,8 @@ def tune(args: argparse.Namespace, console: Console) -> int:
     from .study import enqueue_baseline, finished, open_study, run_study, stream_identity
 
     stream, config = prepare(args)
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file: give a folder (a new one, or the study's to continue it)")
     if args.storage:
         try:
             shown = make_url(args.storage).render_as_string(hide_password=True)
