@@ -77,3 +77,12 @@ def test_an_out_that_is_a_file_is_named_as_such(tmp_path, capsys):
     assert main(argv) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert f"--out {tmp_path / 'a.jsonl'} is a file: give a folder" in err and "free space" not in err
+
+
+def test_a_skill_too_small_to_split_is_named_with_the_fix(tmp_path, capsys):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"prompt": "p", "response": "r"}))
+    (tmp_path / "s.yaml").write_text("skills:\n  - name: tiny-skill\n    source: {type: file, path: a.jsonl}\n")
+    for extra in (["--dry-run"], ["--model", str(tmp_path / "missing")]):
+        assert main(["train", "--stream", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o"), *extra]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert "skill 'tiny-skill': 1 examples are too few to split" in err and "give the skill more examples" in err

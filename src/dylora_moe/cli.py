@@ -242,7 +242,7 @@ def train(args: argparse.Namespace, console: Console) -> int:
         available = {}
         for i, s in enumerate(skills):
             examples = load_examples(s, args.data_dir)
-            tr, ev = split_examples(examples, s.eval_share)
+            tr, ev = split_examples(examples, s.eval_share, s.name)
             available[s.name] = len(poolable(tr[: s.max_train]))
             table.add_row(str(i), s.name, s.source.name or s.source.path or "", str(len(examples)),
                           str(len(tr[: s.max_train])), str(len(ev[: s.max_eval])))
@@ -262,7 +262,7 @@ def check_data(stream: StreamSpec, data_dir: Path | None, max_train: int | None)
 
     available = {}
     for s in stream.active(data_dir):
-        train, _ = split_examples(load_examples(s, data_dir), s.eval_share)
+        train, _ = split_examples(load_examples(s, data_dir), s.eval_share, s.name)
         cap = min(s.max_train or max_train, max_train) if max_train is not None else s.max_train
         available[s.name] = len(poolable(train[:cap]))
     if stream.mixed:

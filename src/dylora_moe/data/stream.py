@@ -536,9 +536,11 @@ def read_hf(src: SkillSource) -> list[dict[str, Any]]:
     return [dict(r) for r in ds]
 
 
-def split_examples(examples: list[Example], eval_share: float) -> tuple[list[Example], list[Example]]:
+def split_examples(examples: list[Example], eval_share: float,
+                   skill: str | None = None) -> tuple[list[Example], list[Example]]:
     """Train/eval split by a hash of each example's content: stable across runs and slices, never leaking.
-    Examples of a source with a published split (``meta["split"]`` train/test, e.g. SuperNI) keep it."""
+    Examples of a source with a published split (``meta["split"]`` train/test, e.g. SuperNI) keep it. ``skill``
+    names the skill in an error."""
     if examples and all(e.meta.get("split") in ("train", "test") for e in examples):
         train = [e for e in examples if e.meta["split"] == "train"]
         held = [e for e in examples if e.meta["split"] == "test"]
@@ -553,5 +555,7 @@ def split_examples(examples: list[Example], eval_share: float) -> tuple[list[Exa
         h = int(hashlib.sha256(e.text.encode("utf-8")).hexdigest()[:8], 16) / 0xFFFFFFFF
         (held if h < eval_share else train).append(e)
     if not train or not held:
-        raise ValueError(f"{len(examples)} examples are too few to split with eval_share={eval_share}")
+        raise ValueError(f"{'' if skill is None else f'skill {skill!r}: '}{len(examples)} examples are too few to "
+                         f"split with eval_share={eval_share}: give the skill more examples (a wider source slice or "
+                         "another file) so that both the training and the held-out side get some")
     return train, held

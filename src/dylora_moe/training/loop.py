@@ -130,7 +130,7 @@ class ContinualLearner:
     # ------------------------------------------------------------------ data
     def prepare(self, skill: SkillSpec) -> StepData:
         examples = load_examples(skill, self.data_dir)
-        train, held = split_examples(examples, skill.eval_share)
+        train, held = split_examples(examples, skill.eval_share, skill.name)
         train, held = train[: skill.max_train], held[: skill.max_eval]
         cfg, tok = self.training, self.model.tokenizer
         chat = skill.format.chat
