@@ -86,3 +86,13 @@ def test_a_skill_too_small_to_split_is_named_with_the_fix(tmp_path, capsys):
         assert main(["train", "--stream", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o"), *extra]) == 2
         err = " ".join(capsys.readouterr().err.split())
         assert "skill 'tiny-skill': 1 examples are too few to split" in err and "give the skill more examples" in err
+
+
+def test_an_unknown_id_is_named_without_quotes(tmp_path, capsys):
+    from dylora_moe.store import SkillStore
+
+    SkillStore(tmp_path / "store.db")
+    assert main(["experts", "show", str(tmp_path), "9"]) == 2
+    assert capsys.readouterr().err.startswith("error: no expert with id 9 in ")
+    assert main(["skills", "history", str(tmp_path), "4"]) == 2
+    assert capsys.readouterr().err.startswith("error: no skill with id 4 in ")

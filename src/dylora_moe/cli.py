@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 
             return serve(args)
     except (ValueError, FileNotFoundError, KeyError, FolderBusy, RegistryBehind) as err:
-        console.print(f"[red]error:[/] {err}", soft_wrap=True, markup=True)
+        shown = err.args[0] if isinstance(err, KeyError) and err.args else err  # str(KeyError) is its repr
+        console.print(f"[red]error:[/] {shown}", soft_wrap=True, markup=True)
         record_error(args, err)
         return 2
     except OSError as err:  # the machine's, not the input's: a full disk, a folder without write permission
