@@ -49,6 +49,7 @@ skills:
     ("skills:\n  - name: a\n    source: {type: ftp}", "source type 'ftp'"),
     ("skills:\n  - name: a\n    sauce: 1", r"skill #0 \(a\).*sauce"),
     ("skills: []\nextra: 1", "unknown top-level key"),
+    ("skils:\n  - name: a", r"`skills` list .*unknown top-level key\(s\) skils \(a typo\?\)"),
     ("skills: []", "has no skills"),
 ])
 def test_bad_stream_files_are_named(tmp_path, text, match):

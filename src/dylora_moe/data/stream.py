@@ -353,7 +353,9 @@ def load_stream(path: str | Path) -> StreamSpec:
     path = Path(path)
     data = read_yaml(path, "stream file")
     if not isinstance(data, dict) or not isinstance(data.get("skills"), list):
-        raise ValueError(f"{path}: expected a mapping with a `skills` list (and optionally `name`)")
+        unknown = sorted(map(str, set(data) - set(TOP_LEVEL))) if isinstance(data, dict) else []
+        typo = f"; it has the unknown top-level key(s) {', '.join(unknown)} (a typo?)" if unknown else ""
+        raise ValueError(f"{path}: expected a mapping with a `skills` list (and optionally `name`){typo}")
     skills = []
     for i, raw in enumerate(data["skills"]):
         if not isinstance(raw, dict) or "name" not in raw:
