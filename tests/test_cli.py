@@ -96,3 +96,16 @@ def test_an_unknown_id_is_named_without_quotes(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: no expert with id 9 in ")
     assert main(["skills", "history", str(tmp_path), "4"]) == 2
     assert capsys.readouterr().err.startswith("error: no skill with id 4 in ")
+
+
+def test_a_library_deprecation_stays_off_the_console(recwarn):
+    """peft reads transformers' deprecated ``is_gradient_checkpointing`` whenever a system is loaded: two lines
+    of FutureWarning before every `experts`, `serve` or `--resume` output (and before its error message)."""
+    from peft import LoraConfig, get_peft_model
+
+    from dylora_moe.cli import quiet_libraries
+    from tests.conftest import tiny_llama
+
+    quiet_libraries()
+    get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert not [w for w in recwarn if "is_gradient_checkpointing" in str(w.message)]

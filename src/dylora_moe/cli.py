@@ -103,12 +103,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def quiet_libraries() -> None:
-    """Our own progress display replaces the libraries' per-file bars (tokenising, loading weights)."""
+    """Our own progress display replaces the libraries' per-file bars (tokenising, loading weights); a deprecation
+    one library hits in another (peft reading transformers' ``is_gradient_checkpointing`` on every expert pool it
+    builds) is no concern of the command's user."""
+    import warnings
+
     import datasets
     import transformers
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def record_error(args: argparse.Namespace, err: Exception) -> None:
