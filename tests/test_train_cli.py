@@ -438,3 +438,12 @@ def test_resume_refuses_another_stream_or_folder_rather_than_ignoring_it(run, tm
     assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()) == before
     assert not (tmp_path / "elsewhere").exists()
     assert main(["train", "--resume", str(out), "--out", str(out)]) == 0  # naming the run's own folder is fine
+
+
+@pytest.mark.parametrize("under", ["file/exported", "file/a/exported"])
+def test_export_under_a_file_names_the_path_not_the_disk(run, tmp_path, capsys, under):
+    (tmp_path / "file").write_text("notes")
+    assert main(["experts", "export", str(run / "out"), "1", str(tmp_path / under)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "a part of its path is a file" in err and "free space" not in err
+    assert (tmp_path / "file").read_text() == "notes"

@@ -154,7 +154,11 @@ def export(row, dest: Path, console: Console, *, base_model: str, source: Path) 
     check_adapter(source)
     if dest.exists():
         raise ValueError(f"{dest} already exists: choose a new folder")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as err:  # a file where a folder of the path should be
+        raise ValueError(f"cannot make {dest}: a part of its path is a file, not a folder; choose another "
+                         "destination") from err
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
     try:
         shutil.copy2(source / "adapter_model.safetensors", tmp / "adapter_model.safetensors")
