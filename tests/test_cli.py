@@ -72,11 +72,12 @@ def test_an_out_that_is_a_file_is_named_as_such(tmp_path, capsys):
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"prompt": f"p{i}", "response": f"r{i}"})
                                                 for i in range(30)))
     (tmp_path / "s.yaml").write_text("skills:\n  - name: a\n    source: {type: file, path: a.jsonl}\n")
-    argv = ["train", "--stream", str(tmp_path / "s.yaml"), "--model", str(tmp_path / "missing"),
-            "--out", str(tmp_path / "a.jsonl")]
-    assert main(argv) == 2
-    err = " ".join(capsys.readouterr().err.split())
-    assert f"--out {tmp_path / 'a.jsonl'} is a file: give a folder" in err and "free space" not in err
+    for out in (tmp_path / "a.jsonl", tmp_path / "a.jsonl" / "run"):
+        argv = ["train", "--stream", str(tmp_path / "s.yaml"), "--model", str(tmp_path / "missing"),
+                "--out", str(out)]
+        assert main(argv) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"--out {out} is a file or under one: give a folder" in err and "free space" not in err
 
 
 def test_a_skill_too_small_to_split_is_named_with_the_fix(tmp_path, capsys):

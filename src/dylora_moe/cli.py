@@ -183,12 +183,14 @@ def resolve_run(args: argparse.Namespace) -> None:
                          f"{args.freeform_tokens}")
     if args.dry_run:
         return
-    if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out {args.out} is a file: give a folder (a new one, or one without a run)")
     if (args.out / "run.json").is_file():
         raise ValueError(f"{args.out} already holds a run: continue it with --resume {args.out}, "
                          "or choose another --out")
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as err:
+        raise ValueError(f"--out {args.out} is a file or under one: give a folder (a new one, or one without a "
+                         "run)") from err
     # the stream as loaded (file paths made absolute), so --resume reads the same data from any folder; run.json
     # marks the folder as a run, so it is written last (dicts keep their order)
     args.run_files = {args.out / "stream.yaml": yaml.safe_dump(read_stream(args).to_dict(), sort_keys=False),

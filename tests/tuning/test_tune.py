@@ -340,5 +340,5 @@ def test_an_out_that_is_a_file_is_named_as_such(tmp_path, capsys):
     (tmp_path / "out").write_text("notes")
     assert main(tune_argv(tmp_path)) == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert f"--out {tmp_path / 'out'} is a file: give a folder" in err and "free space" not in err
+    assert f"--out {tmp_path / 'out'} is a file or under one: give a folder" in err and "free space" not in err
     assert (tmp_path / "out").read_text() == "notes"

@@ -85,15 +85,17 @@ def tune(args: argparse.Namespace, console: Console) -> int:
     from .study import enqueue_baseline, finished, open_study, run_study, stream_identity
 
     stream, config = prepare(args)
-    if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out {args.out} is a file: give a folder (a new one, or the study's to continue it)")
     if args.storage:
         try:
             shown = make_url(args.storage).render_as_string(hide_password=True)
         except ArgumentError as err:
             raise ValueError(f"--storage {args.storage!r} is not a SQLAlchemy URL ({err}); e.g. sqlite:///tune.db "
                              "or postgresql+psycopg://user@host/db") from err
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as err:
+        raise ValueError(f"--out {args.out} is a file or under one: give a folder (a new one, or the study's to "
+                         "continue it)") from err
     url = args.storage or SkillStore(args.out / "store.db").url  # the study lives beside the registry
     shown = shown if args.storage else str(args.out / "store.db")
     name = args.study_name or stream.name
