@@ -24,7 +24,7 @@ import torch
 from huggingface_hub import constants as hf_constants
 from safetensors import SafetensorError
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -185,25 +185,44 @@ def load_backbone(
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], **extra)
     except (OSError, ValueError, SafetensorError) as err:
-        if path != name and Path(path).is_relative_to(cache_dir()):
-            raise ValueError(
-                f"cannot load model {name!r}: its converted copy {path} is damaged ({err}).\nDelete that folder "
-                f"(`rm -r {path}`): the next load converts the GGUF file again."
-            ) from err
-        if not Path(path).is_dir() and hub_offline():
-            reason = str(err).strip().splitlines()[0]
-            raise ValueError(
-                f"cannot load model {name!r}: it is no local folder, so it is a Hugging Face hub id, and "
-                f"HF_HUB_OFFLINE is set: nothing can be downloaded ({reason}).\nGive a local folder with config.json "
-                f"and weights, 'default' for the embedded {DEFAULT_MODEL}, or fetch the model once on a machine with "
-                f"hub access (`huggingface-cli download {name}`) and give its folder."
-            ) from err
-        raise ValueError(f"cannot load model {name!r}: {err}\n{_WAY_OUT}") from err
+        raise _cannot_load(name, path, err) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.use_cache = True
     freeze(model)
     return model.to(target).eval(), tokenizer
+
+
+def check_model(name: str) -> None:
+    """Fail at once, with ``load_backbone``'s message, when the model ``name`` cannot be loaded: its tokenizer and
+    config are read (the default model or a ``.gguf`` file converted on first use), not its weights. For a command
+    that would otherwise fail the same way in every one of its runs (``dylora tune``'s trials)."""
+    path = resolve_model(name)
+    check_model_name(name, path)
+    try:
+        AutoTokenizer.from_pretrained(path)
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise _cannot_load(name, path, err) from err
+
+
+def _cannot_load(name: str, path: str, err: Exception) -> ValueError:
+    """The error of a model ``name`` (resolved to ``path``) that ``from_pretrained`` could not load, with the way
+    out."""
+    if path != name and Path(path).is_relative_to(cache_dir()):
+        return ValueError(
+            f"cannot load model {name!r}: its converted copy {path} is damaged ({err}).\nDelete that folder "
+            f"(`rm -r {path}`): the next load converts the GGUF file again."
+        )
+    if not Path(path).is_dir() and hub_offline():
+        reason = str(err).strip().splitlines()[0]
+        return ValueError(
+            f"cannot load model {name!r}: it is no local folder, so it is a Hugging Face hub id, and "
+            f"HF_HUB_OFFLINE is set: nothing can be downloaded ({reason}).\nGive a local folder with config.json "
+            f"and weights, 'default' for the embedded {DEFAULT_MODEL}, or fetch the model once on a machine with "
+            f"hub access (`huggingface-cli download {name}`) and give its folder."
+        )
+    return ValueError(f"cannot load model {name!r}: {err}\n{_WAY_OUT}")
 
 
 _WAY_OUT = (f"Give a local folder with config.json and weights, a Hugging Face model id reachable from this machine, "

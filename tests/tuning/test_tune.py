@@ -335,6 +335,17 @@ def test_data_that_cannot_be_read_fails_before_a_study_is_made(tmp_path, capsys)
     assert not (tmp_path / "out" / "store.db").exists()
 
 
+@pytest.mark.parametrize("model", ["no-such-model", "missing"])
+def test_a_model_that_cannot_be_loaded_fails_before_a_study_is_made(tmp_path, capsys, model):
+    tiny_stream(tmp_path, RESUME_SPACE)
+    argv = tune_argv(tmp_path)
+    argv[argv.index("--model") + 1] = model if model != "missing" else str(tmp_path / model)
+    assert main(argv) == 2  # not a study of failed trials, each with a traceback (HF_HUB_OFFLINE: conftest)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "cannot load model" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_out_that_is_a_file_is_named_as_such(tmp_path, capsys):
     tiny_stream(tmp_path, RESUME_SPACE)
     (tmp_path / "out").write_text("notes")

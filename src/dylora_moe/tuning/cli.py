@@ -79,6 +79,8 @@ def tune(args: argparse.Namespace, console: Console) -> int:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+    from ..backbone import check_model
+    from ..config import DyLoRAConfig
     from ..store import SkillStore
     from . import report
     from .objective import Objective
@@ -91,6 +93,8 @@ def tune(args: argparse.Namespace, console: Console) -> int:
         except ArgumentError as err:
             raise ValueError(f"--storage {args.storage!r} is not a SQLAlchemy URL ({err}); e.g. sqlite:///tune.db "
                              "or postgresql+psycopg://user@host/db") from err
+    # a model that cannot be loaded would fail every trial, each with a traceback, in a study made for nothing
+    check_model(DyLoRAConfig.from_dict(stream.system).model)
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as err:
