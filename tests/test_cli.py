@@ -80,6 +80,27 @@ def test_an_out_that_is_a_file_is_named_as_such(tmp_path, capsys):
         assert f"--out {out} is a file or under one: give a folder" in err and "free space" not in err
 
 
+def test_a_bad_value_is_named_with_the_file_or_option_it_came_from(tmp_path, capsys):
+    """--params overrides the stream, and --seed-steps both: the message names the source of the refused value."""
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"prompt": f"p{i}", "response": f"r{i}"})
+                                                for i in range(30)))
+    (tmp_path / "s.yaml").write_text("skills:\n  - name: a\n    source: {type: file, path: a.jsonl}\n"
+                                     "training: {seed_steps: lots}\n")
+    (tmp_path / "best.yaml").write_text("params: {training.seed_lr: fast, training.seed_steps: 3}\n")
+    argv = ["train", "--stream", str(tmp_path / "s.yaml"), "--model", str(tmp_path / "missing"),
+            "--out", str(tmp_path / "out")]
+    for extra, source, message in (
+            (["--params", str(tmp_path / "best.yaml")], tmp_path / "best.yaml",
+             "TrainingConfig.seed_lr must be a number, got 'fast'"),
+            ([], tmp_path / "s.yaml", "TrainingConfig.seed_steps must be a number, got 'lots'"),
+            (["--seed-steps", "-1"], "--seed-steps -1", "seed_steps and consolidation_steps must be >= 0")):
+        assert main([*argv, *extra]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert str(source) in err and message in err, err
+        assert "fix the value in this" in err or "leave the option out" in err, err  # and the way out
+        assert not (tmp_path / "out" / "run.json").exists()
+
+
 def test_a_skill_too_small_to_split_is_named_with_the_fix(tmp_path, capsys):
     (tmp_path / "a.jsonl").write_text(json.dumps({"prompt": "p", "response": "r"}))
     (tmp_path / "s.yaml").write_text("skills:\n  - name: tiny-skill\n    source: {type: file, path: a.jsonl}\n")

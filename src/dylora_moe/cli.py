@@ -221,21 +221,27 @@ def train(args: argparse.Namespace, console: Console) -> int:
     from .data.stream import check_pools, load_examples, poolable, split_examples
     from .training.config import TrainingConfig
 
-    def configs(stream: StreamSpec) -> tuple[DyLoRAConfig, TrainingConfig]:
+    def configs(stream: StreamSpec, options: bool = True) -> tuple[DyLoRAConfig, TrainingConfig]:
         system = DyLoRAConfig.from_dict({**stream.system, **({"model": args.model} if args.model else {})})
         system.model = absolute_if_local(system.model)  # a relative folder is recorded as found from here
         overrides = {k: v for k, v in (("seed_steps", args.seed_steps),
                                        ("consolidation_steps", args.consolidation_steps)) if v is not None}
-        return system, TrainingConfig.from_dict({**stream.training, **overrides})
+        return system, TrainingConfig.from_dict({**stream.training, **(overrides if options else {})})
+
+    def named_configs(stream: StreamSpec) -> tuple[DyLoRAConfig, TrainingConfig]:
+        try:
+            return configs(stream)
+        except ValueError as err:
+            raise ValueError(config_error(args, err, configs)) from err
 
     # a new run's bad stream, params file or config value fails before anything is written
     if args.stream is not None and args.resume is None:
-        configs(read_stream(args))
+        named_configs(read_stream(args))
         if not args.dry_run:  # and so does data that cannot be read (the dry run shows it)
             check_data(read_stream(args), args.data_dir, args.max_train)
     resolve_run(args)
     stream = read_stream(args) if args.resume is None else load_stream(args.stream)
-    system, training = configs(stream)
+    system, training = named_configs(stream)
     skills = stream.active(args.data_dir)
     skipped = [s.name for s in stream.skills if s not in skills]
     if skipped:
@@ -260,6 +266,32 @@ def train(args: argparse.Namespace, console: Console) -> int:
         console.print(f"model {system.model}; training {training}")
         return 0
     return run_training(args, stream, system, training, console)
+
+
+def config_error(args: argparse.Namespace, err: ValueError, configs) -> str:
+    """The message of a value ``configs(stream, options)`` refuses, with where it came from and the fix: the command's
+    ``--seed-steps``/``--consolidation-steps`` (which override both files), the ``--params`` file, or else the stream
+    file. A source is to blame when the configs build with its values at the library defaults."""
+    from .tuning.params import apply_params, defaults, load_params
+
+    def builds(params: dict, options: bool) -> bool:
+        stream = read_stream(args)
+        stream.system, stream.training = apply_params(stream.system, stream.training, params)
+        try:
+            configs(stream, options)
+        except ValueError:
+            return False
+        return True
+
+    given = {key: value for key in ("seed_steps", "consolidation_steps") if (value := getattr(args, key)) is not None}
+    if given and builds({f"training.{key}": defaults()[f"training.{key}"] for key in given}, options=False):
+        shown = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in given.items())
+        return f"{err} (given as {shown}): pass another value, or leave the option out to keep the stream's"
+    params = load_params(args.params) if getattr(args, "params", None) is not None else {}
+    if params and builds({name: defaults()[name] for name in params}, options=True):
+        return (f"{args.params}: {err}: fix the value in this params file's `params:` section (or drop its line to "
+                "keep the stream's value)")
+    return f"{args.stream}: {err}: fix the value in this stream file"
 
 
 def check_data(stream: StreamSpec, data_dir: Path | None, max_train: int | None) -> None:
