@@ -72,6 +72,19 @@ def test_missing_stream_file(tmp_path):
         load_stream(tmp_path / "none.yaml")
 
 
+def test_a_directory_given_as_a_stream_or_data_file_is_named_as_such(tmp_path):
+    """Not "not found": the path exists, it is the wrong kind of thing."""
+    (tmp_path / "streams").mkdir()
+    with pytest.raises(ValueError, match=r"stream file .*streams is a directory: give the stream file itself, a YAML"):
+        load_stream(tmp_path / "streams")
+    (tmp_path / "data").mkdir()
+    with pytest.raises(ValueError, match=r"data file .*data is a directory: .* \.jsonl, \.json, \.csv"):
+        read_records(tmp_path / "data")
+    write(tmp_path / "data" / "dataset_dict.json", "{}")  # a folder saved with save_to_disk: the hf source reads it
+    with pytest.raises(ValueError, match=r"read it with `source: \{type: hf, name: .*data\}`"):
+        read_records(tmp_path / "data")
+
+
 def test_every_file_format(tmp_path):
     rows = [{"prompt": "p1", "response": "r1"}, {"prompt": "p2", "response": "r2"}]
     write(tmp_path / "a.jsonl", "\n".join(json.dumps(r) for r in rows))

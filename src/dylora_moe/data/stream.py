@@ -335,8 +335,10 @@ class StreamSpec:
 
 def read_yaml(path: str | Path, what: str) -> Any:
     """The parsed content of the YAML file ``path`` (a ``what``: "stream file", "params file", ...); a missing file,
-    a file that is not text and a YAML syntax error are named with the file."""
+    a directory, a file that is not text and a YAML syntax error are named with the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a directory: give the {what} itself, a YAML file (.yaml)")
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} not found")
     try:
@@ -475,6 +477,12 @@ def format_record(skill: SkillSpec, record: dict[str, Any], index: int) -> Examp
 def read_records(path: Path) -> list[dict[str, Any]]:
     """Records of a local file: .jsonl/.jsonl.gz, .json (a list, or a dict holding one), .csv, .parquet, or .txt
     (one example per line, as ``response`` with an empty ``prompt``: plain text)."""
+    if path.is_dir():
+        saved = (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+        raise ValueError(f"data file {path} is a directory: a `type: file` source reads one file, .jsonl, .json, .csv, "
+                         ".parquet or .txt; give the path of such a file"
+                         + ("; this one is a dataset saved with save_to_disk: read it with `source: {type: hf, name: "
+                            f"{path}}}`" if saved else ""))
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} not found")
     name = path.name.lower()
