@@ -337,16 +337,12 @@ class ExpertManager:
         params = list(self.parameters(expert_id))
         if len(params) != len(values):
             raise ValueError(f"expert {expert_id} has {len(params)} weight tensors, {len(values)} given")
-        own = [p.data for p in params]
-        for p, v in zip(params, values, strict=True):
-            p.data = v
-        self.touch(trained_only=expert_id in self.trainable_ids)
-        try:
-            yield
-        finally:
-            for p, v in zip(params, own, strict=True):
-                p.data = v
+        with swapped(params, values):
             self.touch(trained_only=expert_id in self.trainable_ids)
+            try:
+                yield
+            finally:
+                self.touch(trained_only=expert_id in self.trainable_ids)
 
     def num_parameters(self, expert_id: int) -> int:
         """The expert's weight count; an offloaded expert's ``meta`` placeholders have its weights' shapes, so
@@ -454,3 +450,16 @@ class ExpertManager:
         self.onload(wanted)
         if self.config.offload_device is not None:
             self.offload([e for e in self.expert_ids if e not in wanted and self.is_resident(e)])
+
+
+@contextlib.contextmanager
+def swapped(params: Sequence[nn.Parameter], values: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Run with ``values`` as the data of ``params`` (swapped, not copied) and their own data back after."""
+    own = [p.data for p in params]
+    for p, v in zip(params, values, strict=True):
+        p.data = v
+    try:
+        yield
+    finally:
+        for p, v in zip(params, own, strict=True):
+            p.data = v

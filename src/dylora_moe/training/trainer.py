@@ -10,12 +10,13 @@ running means).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 from transformers import Trainer
 
+from ..experts.manager import swapped
 from ..routing.losses import load_balancing_loss, top1_counts
 from .config import TrainingConfig
 from .distill import Anchors, first_token_unlikelihood, kl_on_anchors, kl_to_frozen
@@ -276,19 +277,6 @@ class DyLoRATrainer(Trainer):
 def trained_head(core) -> list[nn.Parameter]:
     """The output head's weights that train with the experts (``trainable_lm_head``); none when it is frozen."""
     return [p for p in core.backbone.get_output_embeddings().parameters() if p.requires_grad]
-
-
-@contextlib.contextmanager
-def swapped(params: Sequence[nn.Parameter], values: Sequence[torch.Tensor]) -> Iterator[None]:
-    """Run with ``values`` as the data of ``params`` (swapped, not copied) and their own data back after."""
-    own = [p.data for p in params]
-    for p, v in zip(params, values, strict=True):
-        p.data = v
-    try:
-        yield
-    finally:
-        for p, v in zip(params, own, strict=True):
-            p.data = v
 
 
 def decisions(router_logits: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
